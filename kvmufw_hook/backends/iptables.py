@@ -1,0 +1,263 @@
+"""The iptables backend: render rules as ``iptables-save`` text, read the kernel's
+ruleset back, and move it to a target state with one ``iptables-restore --noflush``.
+
+Promises:
+- We only ever write inside our own ``KVMUFW-*`` chains, plus one jump from each
+  built-in chain at position 1. Nothing of UFW's or libvirt's is touched.
+- One read (``iptables-save``) and at most one write (``iptables-restore``) per change,
+  whatever the number of rules. A change that changes nothing writes nothing.
+- Rules are rendered exactly as ``iptables-save`` prints them back, so what is in
+  the kernel can be compared line by line with what we want.
+- The content of our chains is deterministic: rules without our tag first (never
+  ours to delete), then each owner's rules, owners in sorted order.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+from ..errors import ApplyError
+from ..names import JUMPS, TABLES, our_chains, parse_tag, tag
+from ..plan import Rule
+
+HOOK_CHAIN = {hook.lower(): (table, ours) for table, hook, ours in JUMPS}
+SEARCH_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
+_COMMENT = re.compile(r'--comment (?:"((?:[^"\\]|\\.)*)"|(\S+))')
+
+
+def _ports(ports, sep: str) -> str:
+    return str(ports.first) if ports.first == ports.last else f"{ports.first}{sep}{ports.last}"
+
+
+def render_rule(rule: Rule) -> tuple[str, str]:
+    """(table, ``-A CHAIN …`` line) in ``iptables-save``'s canonical form."""
+    table, chain = HOOK_CHAIN[rule.hook]
+    out = ["-A", chain]
+    if rule.src is not None:
+        out += ["-s", str(rule.src)]
+    if rule.dst is not None:
+        out += ["-d", str(rule.dst)]
+    if rule.not_dst is not None:
+        out += ["!", "-d", str(rule.not_dst)]
+    if rule.iif:
+        out += ["-i", rule.iif]
+    if rule.oif:
+        out += ["-o", rule.oif]
+    if rule.proto:
+        out += ["-p", rule.proto]
+    if rule.dst_local:
+        out += ["-m", "addrtype", "--dst-type", "LOCAL"]
+    if rule.not_bcast_mcast:
+        out += ["-m", "addrtype", "!", "--dst-type", "BROADCAST,MULTICAST"]
+    if rule.sport or rule.dport:
+        assert rule.proto, rule
+        out += ["-m", rule.proto]
+        if rule.sport:
+            out += ["--sport", _ports(rule.sport, ":")]
+        if rule.dport:
+            out += ["--dport", _ports(rule.dport, ":")]
+    if rule.ctstate:
+        out += ["-m", "conntrack", "--ctstate", rule.ctstate]
+    out += ["-m", "comment", "--comment", f'"{tag(rule.owner, rule.bridge, rule.subnet)}"']
+    out += ["-j", rule.verdict]
+    if rule.verdict == "DNAT":
+        dest = f"{rule.to_addr}:{_ports(rule.to_ports, '-')}"
+        if rule.to_base is not None:
+            dest += f"/{rule.to_base}"
+        out += ["--to-destination", dest]
+    elif rule.verdict == "MASQUERADE" and rule.to_ports is not None:
+        out += ["--to-ports", _ports(rule.to_ports, "-")]
+    return table, " ".join(out)
+
+
+def line_tag(line: str) -> dict[str, str] | None:
+    match = _COMMENT.search(line)
+    if not match:
+        return None
+    return parse_tag(match.group(1) if match.group(1) is not None else match.group(2))
+
+
+def line_owner(line: str) -> str | None:
+    parsed = line_tag(line)
+    return parsed["owner"] if parsed else None
+
+
+# --------------------------------------------------------------------------- snapshot
+
+@dataclass
+class Table:
+    chains: list[str] = field(default_factory=list)
+    rules: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    """What ``iptables-save`` printed, for the tables we use."""
+
+    tables: dict[str, Table]
+
+    @classmethod
+    def parse(cls, text: str) -> "Snapshot":
+        tables: dict[str, Table] = {t: Table() for t in TABLES}
+        current: Table | None = None
+        for raw in text.splitlines():
+            line = raw.strip()
+            if line.startswith("*"):
+                current = tables.get(line[1:])
+            elif current is None or not line or line.startswith("#"):
+                continue
+            elif line.startswith(":"):
+                name = line[1:].split()[0]
+                current.chains.append(name)
+                current.rules.setdefault(name, [])
+            elif line.startswith("-A "):
+                chain = line.split()[1]
+                current.rules.setdefault(chain, []).append(line)
+        return cls(tables)
+
+    def ours(self) -> dict[str, dict[str, list[str]]]:
+        """Our chains' content per table (absent chains as empty)."""
+        return {t: {c: list(self.tables[t].rules.get(c, [])) for c in our_chains(t)}
+                for t in TABLES}
+
+    def owners(self) -> set[str]:
+        return {o for chains in self.ours().values() for lines in chains.values()
+                for o in map(line_owner, lines) if o}
+
+    def jumps_ok(self, table: str) -> bool:
+        tab = self.tables[table]
+        for t, builtin, ours in JUMPS:
+            if t != table:
+                continue
+            rules = tab.rules.get(builtin, [])
+            jump = f"-A {builtin} -j {ours}"
+            if not rules or rules[0] != jump or rules.count(jump) != 1:
+                return False
+        return True
+
+
+Target = dict[str, dict[str, list[str]]]  # table -> our chain -> lines
+
+
+def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
+            drop: Callable[[dict[str, str]], bool] | None = None) -> Target:
+    """The target content of our chains: ``rules`` replaces each named owner's rules
+    (an empty sequence removes the owner); ``drop`` removes any other tagged line it
+    accepts (e.g. everything on a bridge). Other owners' lines are kept as they are."""
+    rendered: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for owner, owned in rules.items():
+        for rule in owned:
+            table, line = render_rule(rule)
+            rendered.setdefault((table, line.split(" ", 2)[1]), {}).setdefault(
+                owner, []).append(line)
+    target: Target = {}
+    for table, chains in snapshot.ours().items():
+        target[table] = {}
+        for chain, lines in chains.items():
+            foreign: list[str] = []
+            by_owner: dict[str, list[str]] = {}
+            for line in lines:
+                parsed = line_tag(line)
+                if parsed is None:
+                    foreign.append(line)
+                elif parsed["owner"] not in rules and not (drop and drop(parsed)):
+                    by_owner.setdefault(parsed["owner"], []).append(line)
+            by_owner.update(rendered.get((table, chain), {}))
+            target[table][chain] = foreign + [line for owner in sorted(by_owner)
+                                              for line in by_owner[owner]]
+    return target
+
+
+def transition(snapshot: Snapshot, target: Target) -> str:
+    """The ``iptables-restore --noflush`` payload that takes ``snapshot`` to ``target``;
+    empty when there is nothing to do."""
+    current = snapshot.ours()
+    out: list[str] = []
+    for table in TABLES:
+        tab = snapshot.tables[table]
+        wanted = target.get(table, {})
+        keep = any(wanted.get(c) for c in our_chains(table))
+        body: list[str] = []
+        if keep:
+            for chain in our_chains(table):
+                lines = wanted.get(chain, [])
+                if chain not in tab.chains or current[table][chain] != lines:
+                    body.append(f":{chain} - [0:0]")
+                    body.extend(lines)
+            if not snapshot.jumps_ok(table):
+                for t, builtin, ours in JUMPS:
+                    if t != table:
+                        continue
+                    jump = f"-A {builtin} -j {ours}"
+                    count = tab.rules.get(builtin, []).count(jump)
+                    body.extend([f"-D {builtin} -j {ours}"] * count)
+                    body.append(f"-I {builtin} 1 -j {ours}")
+        else:
+            present = [c for c in our_chains(table) if c in tab.chains]
+            for t, builtin, ours in JUMPS:
+                if t == table:
+                    count = tab.rules.get(builtin, []).count(f"-A {builtin} -j {ours}")
+                    body.extend([f"-D {builtin} -j {ours}"] * count)
+            body.extend(f":{c} - [0:0]" for c in present)
+            body.extend(f"-X {c}" for c in present)
+        if body:
+            out.append(f"*{table}")
+            out.extend(body)
+            out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+# --------------------------------------------------------------------------- kernel
+
+def find_tool(name: str) -> str:
+    found = shutil.which(name, path=SEARCH_PATH)
+    if found is None:
+        raise ApplyError(f"{name} not found: install the iptables package")
+    return found
+
+
+def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60) -> str:
+    """The one place that runs a firewall command. ApplyError with one line on failure."""
+    try:
+        proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
+                              timeout=timeout, close_fds=True)
+    except FileNotFoundError:
+        raise ApplyError(f"{argv[0]} not found") from None
+    except subprocess.TimeoutExpired:
+        raise ApplyError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
+    if proc.returncode != 0:
+        first = next((l for l in proc.stderr.splitlines() if l.strip()), "").strip()
+        raise ApplyError(f"{argv[0].rsplit('/', 1)[-1]} failed (exit {proc.returncode})"
+                         + (f": {first}" if first else ""))
+    return proc.stdout
+
+
+class IptablesBackend:
+    """IPv4 through whichever ``iptables`` the host selects (nf_tables or legacy) —
+    the one UFW uses. ``prefix`` runs the commands elsewhere, e.g. ``ip netns exec NS``."""
+
+    family = 4
+
+    def __init__(self, prefix: Iterable[str] = (), save: str = "iptables-save",
+                 restore: str = "iptables-restore"):
+        self.prefix = list(prefix)
+        self.save_cmd = save
+        self.restore_cmd = restore
+
+    def _tool(self, name: str) -> str:
+        return name if self.prefix or "/" in name else find_tool(name)
+
+    def read(self) -> Snapshot:
+        return Snapshot.parse(run([*self.prefix, self._tool(self.save_cmd)]))
+
+    def write(self, payload: str) -> None:
+        if payload:
+            run([*self.prefix, self._tool(self.restore_cmd), "--noflush", "-w"], stdin=payload)
+
+    def test(self, payload: str) -> None:
+        run([*self.prefix, self._tool(self.restore_cmd), "--test", "--noflush", "-w"],
+            stdin=payload)

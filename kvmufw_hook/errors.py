@@ -1,0 +1,15 @@
+"""The error types. ``InputError`` is the user's input being wrong: its message is the one
+line the user reads (naming the object, the forward and the reason); the CLI maps it to
+exit 2. ``ApplyError`` is the firewall refusing a change; exit 1."""
+
+
+class KvmufwError(Exception):
+    """Base of every error we raise on purpose."""
+
+
+class InputError(KvmufwError):
+    """Bad input: malformed XML, bad metadata, an unresolvable address, a conflict."""
+
+
+class ApplyError(KvmufwError):
+    """The firewall (iptables-save/-restore) failed or refused the change."""

@@ -1,0 +1,115 @@
+"""The libvirt hook entry: ``HOOK OBJECT OP SUBOP EXTRA`` with XML on stdin.
+
+This module is on the critical path of every guest start and stop, so it decides from
+argv (and a byte search of stdin) whether the call matters before importing anything
+heavy: lxml, the planner and the backends are imported only when there is work.
+
+Exit status follows libvirt's semantics: a failing validation or start op returns
+non-zero so libvirt refuses the start; ``stopped``, ``release`` and ``reconnect`` always
+return 0 (non-zero from ``reconnect`` kills the running guest); ``migrate`` and
+``restore`` return 0 and never write to stdout (stdout would replace the domain XML).
+"""
+
+import os
+import sys
+
+NAMESPACE = b"urn:kvmufw:1"
+
+NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
+QEMU_OPS = {"prepare", "start", "stopped", "release", "reconnect", "migrate", "restore"}
+# Ops whose failure must not reach libvirt as a non-zero exit.
+NEVER_FAIL = {("network", "stopped"), ("network", "port-created"),
+              ("network", "port-deleted"), ("network", "updated"),
+              ("qemu", "stopped"), ("qemu", "release"), ("qemu", "reconnect"),
+              ("qemu", "migrate"), ("qemu", "restore")}
+
+
+def log(message: str, error: bool = False) -> None:
+    """syslog (ident kvmufw_hook) always; stderr too when it is an error, so that
+    libvirt shows it (``virsh start`` prints the hook's stderr on failure)."""
+    line = " ".join(message.split())
+    try:
+        import syslog
+        syslog.openlog("kvmufw_hook", syslog.LOG_PID, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
+    except Exception:  # no syslog socket: stderr still has it
+        pass
+    if error or os.environ.get("KVMUFW_DEBUG"):
+        sys.stderr.write(f"kvmufw_hook: {line}\n")
+        sys.stderr.flush()
+
+
+def _has_domain_state(name: str) -> bool:
+    from .state import has_domain
+    return has_domain(name)
+
+
+def main(kind: str, argv=None, stdin=None) -> int:
+    """Run one hook call; returns the exit status. Never writes to stdout."""
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr  # nothing we call may write to libvirt's stdout
+    try:
+        return _main(kind, sys.argv[1:] if argv is None else argv, stdin)
+    finally:
+        sys.stdout = real_stdout
+
+
+def _main(kind: str, argv, stdin) -> int:
+    if len(argv) < 2:
+        return 0
+    name, op = argv[0], argv[1]
+    if kind == "network" and op not in NETWORK_OPS or kind == "qemu" and op not in QEMU_OPS:
+        return 0
+    if kind == "qemu" and op in ("stopped", "release"):
+        # Nothing on stdin matters: the rules are keyed by the name.
+        if not _has_domain_state(name):
+            return 0
+        data = b""
+    else:
+        data = stdin if stdin is not None else sys.stdin.buffer.read()
+        if kind == "qemu" and NAMESPACE not in data:
+            # A guest without our metadata: nothing to do, unless it had forwards
+            # before (metadata removed while running) that a reconnect must remove.
+            if not (op == "reconnect" and _has_domain_state(name)):
+                return 0
+    never_fail = (kind, op) in NEVER_FAIL
+    try:
+        _dispatch(kind, name, op, data)
+        return 0
+    except Exception as exc:  # noqa: BLE001 - every failure is logged, some must not fail
+        from .errors import ApplyError, InputError
+        if isinstance(exc, (InputError, ApplyError)):
+            message = str(exc)
+        else:
+            import traceback
+            log("".join(traceback.format_exception(exc)).replace("\n", " | "))
+            message = f"internal error: {type(exc).__name__}: {exc}"
+        log(f"{kind} {op} {name}: {message}", error=True)
+        if never_fail:
+            return 0
+        return 2 if isinstance(exc, InputError) else 1
+
+
+def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
+    from . import ops
+    if kind == "network":
+        from .parse import parse_hookdata
+        net, port = parse_hookdata(data)
+        if op == "start":
+            ops.validate_network(net)
+        elif op == "started":
+            ops.network_started(net, data, log=log)
+        elif op == "stopped":
+            ops.network_stopped(net, log=log)
+        else:  # port-created, port-deleted, updated
+            ops.network_port(net, data, port, deleted=op == "port-deleted", log=log)
+        return
+    if op in ("stopped", "release"):
+        ops.domain_stopped(name, log=log)
+        return
+    from .parse import parse_domain_xml
+    dom = parse_domain_xml(data)
+    if op in ("prepare", "migrate", "restore"):
+        ops.validate_domain(dom)
+    else:  # start, reconnect
+        ops.domain_started(dom, data, log=log)

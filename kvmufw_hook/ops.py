@@ -1,0 +1,268 @@
+"""Operations: what a hook call or a command does, from parsed model to applied rules.
+
+Each operation that changes rules holds the state lock for its whole
+read-check-write, so concurrent hooks cannot interleave or both claim a port.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Mapping, Sequence
+
+from . import state
+from .backends.iptables import IptablesBackend, compose, transition
+from .errors import ApplyError, InputError
+from .model import Domain, ForwardSpec, Network, NetworkPort
+from .names import domain_owner, network_owner
+from .parse import shown
+from .plan import (Rule, check_conflicts, plan_domain_owner, plan_network_owner,
+                   resolve_domain_forwards, resolve_network_forwards)
+
+Log = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@dataclass
+class Applied:
+    payload: str  # what was written; empty when nothing changed
+
+
+def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
+                log: Log = _quiet) -> Applied:
+    """Replace the named owners' rules (and drop matching others) in one write.
+
+    If the kernel refuses the write, our chains are put back as they were and
+    ApplyError is raised: a change is applied whole or not at all.
+    """
+    backend = backend or IptablesBackend()
+    before = backend.read()
+    payload = transition(before, compose(before, rules, drop))
+    if not payload:
+        return Applied("")
+    try:
+        backend.write(payload)
+    except ApplyError:
+        try:
+            backend.write(transition(backend.read(), before.ours()))
+        except ApplyError as exc:
+            log(f"rollback failed too: {exc}")
+        raise
+    return Applied(payload)
+
+
+def _label(owner: str) -> str:
+    kind, _, name = owner.partition("=")
+    return f"{'network' if kind == 'n' else 'domain'} {shown(name)}"
+
+
+def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain],
+           skip: str) -> list[tuple[str, Iterable[ForwardSpec]]]:
+    """Forwards of every owner but ``skip``, labelled for conflict messages."""
+    out = [(f"network {shown(n.name)}", n.forwards) for n in networks.values()
+           if network_owner(n.name) != skip and n.managed]
+    out += [(f"domain {shown(d.name)}", d.forwards) for d in domains.values()
+            if domain_owner(d.name) != skip]
+    return out
+
+
+# --------------------------------------------------------------------------- networks
+
+def validate_network(net: Network) -> None:
+    resolve_network_forwards(net)
+    if net.forwards:
+        doms = {name: dom for name, (dom, _raw) in state.load_domains().items()}
+        check_conflicts(f"network {shown(net.name)}", net.forwards,
+                        claims(state.load_networks(), doms, network_owner(net.name)))
+
+
+def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
+    """Add the network's rules and forwards; re-add forwards of running guests on it."""
+    if not net.managed:
+        return Applied("")
+    with state.locked():
+        networks = state.load_networks(log)
+        networks[net.name] = net
+        domains = state.load_domains(log)
+        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
+        if net.forwards:
+            check_conflicts(f"network {shown(net.name)}", net.forwards,
+                            claims(networks, {n: d for n, (d, _r) in domains.items()},
+                                   network_owner(net.name)))
+        for dom, _raw in domains.values():
+            if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
+                   for nic in dom.nics):
+                try:
+                    rules[domain_owner(dom.name)] = plan_domain_owner(dom, networks)
+                except InputError as exc:
+                    log(f"not re-adding forwards: {exc}")
+        state.save_network(net.name, raw)
+        applied = apply_rules(rules, backend=backend, log=log)
+    log(f"network {shown(net.name)} ({net.bridge}): rules for "
+        + ", ".join(sorted(rules)) + (" applied" if applied.payload else " already in place"))
+    return applied
+
+
+def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
+    """Remove everything that targets the network: its rules and guests' forwards to it."""
+    bridge = net.bridge
+    with state.locked():
+        state.forget_network(net.name)
+        if not net.managed:
+            return Applied("")
+        applied = apply_rules({network_owner(net.name): ()},
+                              drop=(lambda t: t.get("b") == bridge) if bridge else None,
+                              backend=backend, log=log)
+    log(f"network {shown(net.name)} ({bridge}): rules removed")
+    return applied
+
+
+def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bool,
+                 backend=None, log: Log = _quiet) -> Applied:
+    """port-created/-deleted/updated: keep the network's and the owner guest's rules
+    current (after a daemon restart libvirt re-creates every port, then reconnects)."""
+    if not net.managed:
+        return Applied("")
+    with state.locked():
+        state.save_network(net.name, raw)
+        networks = state.load_networks(log)
+        networks[net.name] = net
+        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
+        owner = port.owner_name if port else None
+        domains = state.load_domains(log)
+        if owner and owner in domains:
+            dom = domains[owner][0]
+            if deleted and port.mac:
+                dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
+            try:
+                rules[domain_owner(dom.name)] = plan_domain_owner(dom, networks)
+            except InputError as exc:
+                log(f"keeping the current rules: {exc}")
+        return apply_rules(rules, backend=backend, log=log)
+
+
+# --------------------------------------------------------------------------- domains
+
+def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
+    """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
+    reconnect, replay of one guest)."""
+    owner = domain_owner(dom.name)
+    with state.locked():
+        networks = state.load_networks(log)
+        rules = plan_domain_owner(dom, networks)
+        domains = {n: d for n, (d, _r) in state.load_domains(log).items()}
+        check_conflicts(f"domain {shown(dom.name)}", dom.forwards,
+                        claims(networks, domains, owner))
+        if dom.forwards:
+            state.save_domain(dom.name, raw)
+        else:
+            state.forget_domain(dom.name)
+        try:
+            applied = apply_rules({owner: rules}, backend=backend, log=log)
+        except ApplyError:
+            state.forget_domain(dom.name)
+            raise
+    if dom.forwards:
+        log(f"domain {shown(dom.name)}: {len(dom.forwards)} forward(s), "
+            + ("applied" if applied.payload else "already in place"))
+    return applied
+
+
+def domain_stopped(name: str, backend=None, log: Log = _quiet) -> Applied:
+    with state.locked():
+        state.forget_domain(name)
+        applied = apply_rules({domain_owner(name): ()}, backend=backend, log=log)
+    if applied.payload:
+        log(f"domain {shown(name)}: forwards removed")
+    return applied
+
+
+def validate_domain(dom: Domain) -> None:
+    """What can be checked without a network: the metadata parsed (done by the parser)
+    and no forward overlapping another of the same guest."""
+    check_conflicts(f"domain {shown(dom.name)}", dom.forwards, ())
+
+
+
+# --------------------------------------------------------------------------- whole host
+
+@dataclass
+class Replayed:
+    payload: str
+    problems: list[str]
+    owners: int
+
+
+def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
+           backend=None, log: Log = _quiet) -> Replayed:
+    """Re-derive every rule from the live XML of active networks and running guests:
+    add what is missing, remove our rules that no longer match, fix the jumps, and
+    rewrite the state files. An owner that fails keeps whatever rules it has."""
+    from .parse import parse_domain_xml, parse_network_xml
+    backend = backend or IptablesBackend()
+    problems: list[str] = []
+    keep: set[str] = set()
+    networks: dict[str, tuple[Network, bytes]] = {}
+    for raw in network_xmls:
+        try:
+            net = parse_network_xml(raw)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        networks[net.name] = (net, raw)
+    domains: dict[str, tuple[Domain, bytes]] = {}
+    for raw in domain_xmls:
+        try:
+            dom = parse_domain_xml(raw)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        domains[dom.name] = (dom, raw)
+
+    nets = {name: net for name, (net, _raw) in networks.items()}
+    rules: dict[str, Sequence[Rule]] = {}
+    claimed: list[tuple[str, Iterable[ForwardSpec]]] = []
+
+    def add(owner: str, label: str, forwards, planner) -> None:
+        try:
+            check_conflicts(label, forwards, claimed)
+            rules[owner] = planner()
+            claimed.append((label, forwards))
+        except InputError as exc:
+            problems.append(str(exc))
+            keep.add(owner)
+
+    for name, (net, _raw) in sorted(networks.items()):
+        if net.managed:
+            add(network_owner(name), f"network {shown(name)}", net.forwards,
+                lambda net=net: plan_network_owner(net))
+    for name, (dom, _raw) in sorted(domains.items()):
+        if dom.forwards:
+            add(domain_owner(name), f"domain {shown(name)}", dom.forwards,
+                lambda dom=dom: plan_domain_owner(dom, nets))
+
+    def drop(tagged: dict[str, str]) -> bool:
+        return tagged["owner"] not in keep
+
+    with state.locked():
+        if dry_run:
+            before = backend.read()
+            payload = transition(before, compose(before, rules, drop))
+        else:
+            payload = apply_rules(rules, drop=drop, backend=backend, log=log).payload
+            state.replace_all(
+                {name: raw for name, (net, raw) in networks.items() if net.managed},
+                {name: raw for name, (dom, raw) in domains.items() if dom.forwards})
+    return Replayed(payload, problems, len(rules))
+
+
+def flush(backend=None) -> Applied:
+    """Remove all our rules and chains."""
+    backend = backend or IptablesBackend()
+    with state.locked():
+        before = backend.read()
+        payload = transition(before, {})
+        backend.write(payload)
+    return Applied(payload)

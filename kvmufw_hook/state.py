@@ -1,0 +1,141 @@
+"""What later hooks need to know, kept as files: hooks must never call libvirt.
+
+``STATE/networks/NAME.xml`` holds the live ``<network>`` of each active network we saw
+(written on network start/started/updated/port ops, removed on stopped);
+``STATE/domains/NAME.xml`` holds the live ``<domain>`` of each running guest with our
+metadata (written on qemu start/reconnect, removed on stopped/release). libvirt's own
+``/run/libvirt/network/NAME.xml`` fills in networks we have not seen yet.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import InputError
+from .names import libvirt_network_dir, safe_name, state_dir
+
+
+def _path(kind: str, name: str) -> str:
+    return os.path.join(state_dir(), kind, safe_name(name) + ".xml")
+
+
+def network_path(name: str) -> str:
+    return _path("networks", name)
+
+
+def domain_path(name: str) -> str:
+    return _path("domains", name)
+
+
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def save_network(name: str, xml: bytes) -> None:
+    _write(network_path(name), xml)
+
+
+def forget_network(name: str) -> None:
+    _remove(network_path(name))
+
+
+def save_domain(name: str, xml: bytes) -> None:
+    _write(domain_path(name), xml)
+
+
+def forget_domain(name: str) -> None:
+    _remove(domain_path(name))
+
+
+def _files(directory: str) -> list[str]:
+    try:
+        return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                      if f.endswith(".xml"))
+    except FileNotFoundError:
+        return []
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def load_networks(log=None) -> dict:
+    """name -> Network of every active network we know of."""
+    from .parse import parse_network_xml
+    networks = {}
+    for path in _files(os.path.join(state_dir(), "networks")) + _files(libvirt_network_dir()):
+        data = _read(path)
+        if data is None:
+            continue
+        try:
+            net = parse_network_xml(data)
+        except InputError as exc:
+            if log:
+                log(f"ignoring {path}: {exc}")
+            continue
+        networks.setdefault(net.name, net)
+    return networks
+
+
+def load_domains(log=None) -> dict:
+    """name -> (Domain, raw XML) of every running guest we applied forwards for."""
+    from .parse import parse_domain_xml
+    domains = {}
+    for path in _files(os.path.join(state_dir(), "domains")):
+        data = _read(path)
+        if data is None:
+            continue
+        try:
+            dom = parse_domain_xml(data)
+        except InputError as exc:
+            if log:
+                log(f"ignoring {path}: {exc}")
+            continue
+        domains[dom.name] = (dom, data)
+    return domains
+
+
+def has_domain(name: str) -> bool:
+    return os.path.exists(domain_path(name))
+
+
+@contextmanager
+def locked() -> Iterator[None]:
+    """Serialise read-modify-write of state and rules across concurrent hooks."""
+    directory = state_dir()
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def replace_all(networks: dict[str, bytes], domains: dict[str, bytes]) -> None:
+    """Make the state files exactly these (``replay``)."""
+    for kind, wanted in (("networks", networks), ("domains", domains)):
+        paths = {_path(kind, name): raw for name, raw in wanted.items()}
+        for path in _files(os.path.join(state_dir(), kind)):
+            if path not in paths:
+                _remove(path)
+        for path, raw in paths.items():
+            _write(path, raw)

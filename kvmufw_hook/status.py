@@ -1,0 +1,94 @@
+"""``kvmufw_hook status``: each network and guest we know of, each forward with its
+resolved target, and whether its rules are in the kernel right now."""
+
+from __future__ import annotations
+
+from . import state
+from .backends.iptables import IptablesBackend, render_rule
+from .errors import ApplyError, InputError
+from .names import domain_owner, network_owner
+from .plan import (Target, plan_forwards, plan_network, resolve_domain_forwards,
+                   resolve_network_forwards)
+
+
+def _present(rules, lines: set[str]) -> bool:
+    return all(render_rule(r)[1] in lines for r in rules)
+
+
+def _forward(owner: str, target: Target | None, spec, error: str | None,
+             lines: set[str]) -> dict:
+    row = {
+        "proto": spec.proto,
+        "host_ip": str(spec.host_ip) if spec.host_ip else None,
+        "host_port": str(spec.host_port),
+        "guest_ip": str(target.guest_ip) if target else None,
+        "guest_port": str(spec.guest_port),
+        "network": target.network.name if target else None,
+        "sources": [str(s) for s in spec.sources],
+        "comment": spec.comment,
+        "present": bool(target) and _present(plan_forwards(owner, [target]), lines),
+    }
+    if error:
+        row["error"] = error
+    return row
+
+
+def collect(backend=None) -> dict:
+    backend = backend or IptablesBackend()
+    try:
+        snapshot = backend.read()
+        lines = {l for chains in snapshot.ours().values() for ls in chains.values() for l in ls}
+        kernel_error = None
+    except ApplyError as exc:
+        lines, kernel_error = set(), str(exc)
+    networks = state.load_networks()
+    report: dict = {"networks": [], "domains": [], "kernel_error": kernel_error}
+    for name, net in sorted(networks.items()):
+        if not net.managed:
+            continue
+        owner = network_owner(name)
+        entry = {"name": name, "bridge": net.bridge, "mode": net.mode,
+                 "subnets": [str(s) for s in net.subnets],
+                 "rules_present": _present(plan_network(net), lines), "forwards": []}
+        try:
+            targets = resolve_network_forwards(net)
+            entry["forwards"] = [_forward(owner, t, t.spec, None, lines) for t in targets]
+        except InputError as exc:
+            entry["forwards"] = [_forward(owner, None, s, str(exc), lines) for s in net.forwards]
+        report["networks"].append(entry)
+    for name, (dom, _raw) in sorted(state.load_domains().items()):
+        owner = domain_owner(name)
+        entry = {"name": name, "forwards": []}
+        try:
+            targets = resolve_domain_forwards(dom, networks)
+            entry["forwards"] = [_forward(owner, t, t.spec, None, lines) for t in targets]
+        except InputError as exc:
+            entry["forwards"] = [_forward(owner, None, s, str(exc), lines) for s in dom.forwards]
+        report["domains"].append(entry)
+    return report
+
+
+def format_table(report: dict) -> str:
+    rows = [("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "RULES", "COMMENT")]
+    for kind in ("networks", "domains"):
+        for entry in report[kind]:
+            owner = f"{kind[:-1]} {entry['name']}"
+            if kind == "networks":
+                rows.append((owner, "-", f"bridge {entry['bridge']}",
+                             ",".join(entry["subnets"]) or "-", "-",
+                             "ok" if entry["rules_present"] else "MISSING", entry["mode"]))
+            for f in entry["forwards"]:
+                host = f"{f['host_ip'] or '*'}:{f['host_port']}"
+                guest = f"{f['guest_ip'] or '?'}:{f['guest_port']}"
+                state_text = "ok" if f["present"] else ("ERROR" if f.get("error") else "MISSING")
+                rows.append((owner, f["proto"], host, guest, ",".join(f["sources"]) or "any",
+                             state_text, f.get("error") or f["comment"] or ""))
+    if len(rows) == 1:
+        text = "no networks or guests with kvmufw rules known\n"
+    else:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        text = "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n"
+                       for r in rows)
+    if report.get("kernel_error"):
+        text += f"cannot read the firewall: {report['kernel_error']}\n"
+    return text

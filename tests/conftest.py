@@ -1,0 +1,45 @@
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FIXTURES = ROOT / "tests" / "fixtures"
+SAMPLES = FIXTURES / "samples"
+
+
+def need_root_tools(*tools: str) -> None:
+    """Kernel and lab tests need root and real tools; CI installs and runs them."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces, iptables)")
+    missing = [t for t in tools if shutil.which(t, path="/usr/sbin:/sbin:/usr/bin:/bin") is None]
+    if missing:
+        pytest.skip("missing tools: " + ", ".join(missing) + " (tests/run installs them)")
+
+
+@pytest.fixture
+def state_env(tmp_path, monkeypatch):
+    """An empty state dir and libvirt network dir for ops/hooks run in this process."""
+    state = tmp_path / "state"
+    libvirt_net = tmp_path / "libvirt-network"
+    libvirt_net.mkdir()
+    monkeypatch.setenv("KVMUFW_STATE_DIR", str(state))
+    monkeypatch.setenv("KVMUFW_LIBVIRT_NETWORK_DIR", str(libvirt_net))
+    return {"KVMUFW_STATE_DIR": str(state), "KVMUFW_LIBVIRT_NETWORK_DIR": str(libvirt_net)}
+
+
+@pytest.fixture
+def netns():
+    """A fresh network namespace with iptables; removed afterwards."""
+    need_root_tools("ip", "iptables-restore", "iptables-save")
+    from netlab import Netns
+    ns = Netns.create("host")
+    try:
+        yield ns
+    finally:
+        ns.destroy()

@@ -1,0 +1,58 @@
+"""A packet peer for tests: ``serve PROTO PORT…`` answers every TCP connection or UDP
+datagram with the source address it saw; ``ask PROTO HOST PORT TIMEOUT`` prints that
+answer (exit 1 if nothing answered). A server stops by itself after two minutes."""
+
+import selectors
+import socket
+import sys
+import time
+
+LIFETIME = 120
+
+
+def serve(proto: str, ports: list[int]) -> None:
+    sel = selectors.DefaultSelector()
+    for port in ports:
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        sock = socket.socket(socket.AF_INET, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        if proto == "tcp":
+            sock.listen(16)
+        sel.register(sock, selectors.EVENT_READ)
+    print("ready", flush=True)
+    deadline = time.monotonic() + LIFETIME
+    while time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=1):
+            sock = key.fileobj
+            if proto == "tcp":
+                conn, addr = sock.accept()
+                with conn:
+                    conn.sendall(f"{addr[0]}\n".encode())
+            else:
+                _data, addr = sock.recvfrom(2048)
+                sock.sendto(f"{addr[0]}\n".encode(), addr)
+
+
+def ask(proto: str, host: str, port: int, timeout: float) -> int:
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.settimeout(timeout)
+        try:
+            if proto == "tcp":
+                sock.connect((host, port))
+                data = sock.recv(256)
+            else:
+                sock.sendto(b"hello", (host, port))
+                data, _ = sock.recvfrom(256)
+        except OSError:
+            return 1
+    print(data.decode().strip())
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2], [int(p) for p in sys.argv[3:]])
+    else:
+        sys.exit(ask(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])))
