@@ -220,18 +220,21 @@ def find_tool(name: str) -> str:
     return found
 
 
-def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60) -> str:
-    """The one place that runs a firewall command. ApplyError with one line on failure."""
+def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60,
+        name: str | None = None) -> str:
+    """The one place that runs a firewall command. ApplyError with one line on failure,
+    naming the tool (``name``, when argv starts with a wrapper such as ``ip netns exec``)."""
+    name = name or argv[0].rsplit("/", 1)[-1]
     try:
         proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
                               timeout=timeout, close_fds=True)
     except FileNotFoundError:
-        raise ApplyError(f"{argv[0]} not found") from None
+        raise ApplyError(f"{name} not found") from None
     except subprocess.TimeoutExpired:
-        raise ApplyError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
+        raise ApplyError(f"{name} did not finish within {timeout:.0f}s") from None
     if proc.returncode != 0:
         first = next((l for l in proc.stderr.splitlines() if l.strip()), "").strip()
-        raise ApplyError(f"{argv[0].rsplit('/', 1)[-1]} failed (exit {proc.returncode})"
+        raise ApplyError(f"{name} failed (exit {proc.returncode})"
                          + (f": {first}" if first else ""))
     return proc.stdout
 
@@ -252,12 +255,11 @@ class IptablesBackend:
         return name if self.prefix or "/" in name else find_tool(name)
 
     def read(self) -> Snapshot:
-        return Snapshot.parse(run([*self.prefix, self._tool(self.save_cmd)]))
+        return Snapshot.parse(run([*self.prefix, self._tool(self.save_cmd)],
+                                  name=self.save_cmd))
 
     def write(self, payload: str) -> None:
         if payload:
-            run([*self.prefix, self._tool(self.restore_cmd), "--noflush", "-w"], stdin=payload)
+            run([*self.prefix, self._tool(self.restore_cmd), "--noflush", "-w"], stdin=payload,
+                name=self.restore_cmd)
 
-    def test(self, payload: str) -> None:
-        run([*self.prefix, self._tool(self.restore_cmd), "--test", "--noflush", "-w"],
-            stdin=payload)
