@@ -1,0 +1,199 @@
+"""The hook entries as libvirt runs them: the real shims in hooks/, argv and stdin of
+a real libvirt 9.0 lifecycle, rules in a network namespace this test creates."""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import ROOT, SAMPLES
+
+HOOKS = ROOT / "hooks"
+
+
+def run_hook(kind, argv, stdin: bytes, env: dict, netns=None):
+    """Run hooks/KIND like libvirt does: argv, XML on stdin, a cleared environment."""
+    prefix = netns.prefix if netns else []
+    clean = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "LC_ALL": "C", **env}
+    return subprocess.run([*prefix, str(HOOKS / kind), *argv], input=stdin,
+                          capture_output=True, env=clean, timeout=60)
+
+
+def sample(name):
+    argv = (SAMPLES / f"{name}.argv").read_text().split()
+    kind = name.split("-", 1)[1].split(".")[0]
+    return kind, argv, (SAMPLES / f"{name}.xml").read_bytes()
+
+
+def kvmufw_lines(netns):
+    return [l for l in netns.save().splitlines() if "kvmufw:" in l]
+
+
+def owners(netns):
+    return {l.split('kvmufw:')[1].split(",")[0] for l in kvmufw_lines(netns)}
+
+
+def default_started_xml():
+    """The default network's hookData as at `started` (the port sample minus its port)."""
+    xml = (SAMPLES / "02-network.default.port-created.xml").read_text()
+    return (xml.split("<networkport>")[0] + "</hookData>").encode()
+
+
+def test_whole_lifecycle_of_the_samples(netns, state_env):
+    def hook(kind, argv, stdin):
+        proc = run_hook(kind, argv, stdin, state_env, netns)
+        assert proc.stdout == b"", (argv, proc.stdout)
+        assert proc.returncode == 0, (argv, proc.stderr)
+        return proc
+
+    # the networks were started long before the guest
+    hook("network", ["default", "started", "begin", "-"], default_started_xml())
+    hook(*sample("16-network.lab.started"))
+    assert owners(netns) == {"n=default", "n=lab"}
+    base = kvmufw_lines(netns)
+
+    steps = ["01-qemu.web1.prepare", "02-network.default.port-created",
+             "03-network.lab.port-created", "04-qemu.web1.start", "05-qemu.web1.started"]
+    for step in steps:
+        hook(*sample(step))
+    running = kvmufw_lines(netns)
+    assert owners(netns) == {"n=default", "n=lab", "d=web1"}
+    web1 = [l for l in running if "d=web1" in l]
+    assert len(web1) == 3 * 2 + 3 * 3  # 3 forwards x (pre, out) + 3 x (fwd, reply, hairpin)
+    assert all("b=virbr1" in l for l in web1)  # the NIC with the reservation
+
+    # daemon restart: port-created per NIC, then reconnect: nothing changes
+    for step in ["06-network.lab.port-created", "07-network.default.port-created",
+                 "08-qemu.web1.reconnect"]:
+        hook(*sample(step))
+    assert kvmufw_lines(netns) == running
+
+    for step in ["09-qemu.web1.stopped", "10-network.default.port-deleted",
+                 "11-network.lab.port-deleted", "12-qemu.web1.release"]:
+        hook(*sample(step))
+    assert kvmufw_lines(netns) == base
+
+    hook(*sample("13-network.routed.stopped"))  # never started here: nothing fails
+    hook(*sample("14-network.lab.stopped"))
+    assert owners(netns) == {"n=default"}
+    hook(*sample("15-network.lab.start"))
+    hook(*sample("16-network.lab.started"))
+    assert kvmufw_lines(netns) == base
+    hook("network", ["default", "stopped", "end", "-"], default_started_xml())
+    hook(*sample("14-network.lab.stopped"))
+    assert "KVMUFW" not in netns.save()
+
+
+def test_network_restart_re_adds_running_guests(netns, state_env):
+    for args in [("network", ["default", "started", "begin", "-"], default_started_xml()),
+                 sample("16-network.lab.started"), sample("04-qemu.web1.start")]:
+        assert run_hook(*args, state_env, netns).returncode == 0
+    running = kvmufw_lines(netns)
+    run_hook(*sample("14-network.lab.stopped"), state_env, netns)
+    assert owners(netns) == {"n=default"}  # the guest's forwards went with the network
+    run_hook(*sample("16-network.lab.started"), state_env, netns)
+    assert kvmufw_lines(netns) == running
+
+
+def _web1(forwards: str, name="web1") -> bytes:
+    xml = (SAMPLES / "04-qemu.web1.start.xml").read_text()
+    head, rest = xml.split("<kvmufw:forwards", 1)
+    tail = rest.split("</kvmufw:forwards>", 1)[1]
+    xml = (head + f'<kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1">{forwards}</kvmufw:forwards>'
+           + tail)
+    return xml.replace("<name>web1</name>", f"<name>{name}</name>").encode()
+
+
+def test_exit_status_per_op(netns, state_env):
+    run_hook("network", ["lab", "started", "begin", "-"],
+             (SAMPLES / "16-network.lab.started.xml").read_bytes(), state_env, netns)
+    before = netns.save()
+    bad = _web1('<kvmufw:forward host-port="22abc"/>')
+    unresolvable = _web1('<kvmufw:forward host-port="22" guest-ip="10.99.0.1"/>')
+    cases = [
+        ("prepare", bad, 2), ("start", bad, 2), ("start", unresolvable, 2),
+        ("reconnect", bad, 0), ("reconnect", unresolvable, 0),
+        ("migrate", bad, 0), ("restore", bad, 0),
+        ("stopped", b"garbage <", 0), ("release", b"", 0), ("started", bad, 0),
+        ("no-such-op", bad, 0),
+    ]
+    for op, xml, status in cases:
+        proc = run_hook("qemu", ["web1", op, "begin", "-"], xml, state_env, netns)
+        assert (op, proc.returncode) == (op, status), proc.stderr
+        assert proc.stdout == b""
+        if status:
+            err = proc.stderr.decode()
+            assert err.count("\n") == 1 and err.startswith(f"kvmufw_hook: qemu {op} web1: "
+                                                           "domain 'web1': forward #1")
+            assert "Traceback" not in err
+    assert netns.save() == before
+    proc = run_hook("network", ["broken", "start", "begin", "-"], b"<hookData><network>",
+                    state_env, netns)
+    assert proc.returncode == 2 and b"not well-formed" in proc.stderr
+    proc = run_hook("network", ["broken", "stopped", "end", "-"], b"<hookData>", state_env,
+                    netns)
+    assert proc.returncode == 0
+
+
+def test_conflicting_guest_is_refused_and_first_keeps_working(netns, state_env):
+    run_hook(*sample("16-network.lab.started"), state_env, netns)
+    assert run_hook(*sample("04-qemu.web1.start"), state_env, netns).returncode == 0
+    first = kvmufw_lines(netns)
+    other = _web1('<kvmufw:forward proto="udp" host-port="5001-5010" '
+                  'mac="52:54:00:00:00:20" guest-ip="10.0.0.9"/>', name="web2")
+    proc = run_hook("qemu", ["web2", "start", "begin", "-"], other, state_env, netns)
+    assert proc.returncode == 2
+    assert ("domain 'web2': forward udp 5001-5010: host port already forwarded by "
+            "domain 'web1' (forward udp 5000-5002)") in proc.stderr.decode()
+    assert kvmufw_lines(netns) == first
+    clash = _web1('<kvmufw:forward host-port="8080"/>', name="web3")
+    proc = run_hook("qemu", ["web3", "start", "begin", "-"], clash, state_env, netns)
+    assert proc.returncode == 2 and b"forwarded by network 'lab'" in proc.stderr
+
+
+def test_parallel_guest_starts_and_stops(netns, state_env):
+    run_hook(*sample("16-network.lab.started"), state_env, netns)
+    names = [f"g{i:02d}" for i in range(12)]
+
+    def start(i_name):
+        i, name = i_name
+        xml = _web1(f'<kvmufw:forward host-port="{3000 + i}" guest-port="22" '
+                    f'guest-ip="10.0.0.{50 + i}"/>', name=name)
+        return run_hook("qemu", [name, "start", "begin", "-"], xml, state_env, netns)
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(start, enumerate(names)))
+    assert [r.returncode for r in results] == [0] * 12, [r.stderr for r in results]
+    lines = kvmufw_lines(netns)
+    for name in names:
+        assert len([l for l in lines if f"kvmufw:d={name}," in l]) == 5
+    assert len(lines) == len(set(lines))
+
+    def stop(name):
+        return run_hook("qemu", [name, "stopped", "end", "-"], b"", state_env, netns)
+
+    with ThreadPoolExecutor(12) as pool:
+        assert [r.returncode for r in pool.map(stop, names)] == [0] * 12
+    assert owners(netns) == {"n=lab"}
+
+
+@pytest.mark.parametrize("kind,argv,stdin", [
+    ("qemu", ["web1", "started", "begin", "-"], "05-qemu.web1.started.xml"),
+    ("qemu", ["plain", "migrate", "begin", "-"], None),
+    ("qemu", ["plain", "start", "begin", "-"], None),
+    ("qemu", ["web1", "stopped", "end", "-"], "09-qemu.web1.stopped.xml"),
+    ("network", ["lab", "no-such-op", "begin", "-"], "16-network.lab.started.xml"),
+])
+def test_ops_that_need_nothing_import_nothing_heavy(kind, argv, stdin, tmp_path):
+    data = (SAMPLES / stdin).read_bytes() if stdin else b"<domain><name>plain</name></domain>"
+    code = ("import sys; sys.path.insert(0, %r); from kvmufw_hook.hook import main; "
+            "rc = main(%r, %r); heavy = [m for m in ('lxml', 'libvirt', 'kvmufw_hook.plan', "
+            "'subprocess') if m in sys.modules]; sys.stderr.write(repr((rc, heavy)))"
+            % (str(ROOT), kind, argv))
+    proc = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,
+                          env={**os.environ, "KVMUFW_STATE_DIR": str(tmp_path)})
+    assert proc.stdout == b""
+    assert proc.stderr.decode() == "(0, [])"
