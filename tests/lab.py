@@ -1,0 +1,270 @@
+"""A disposable KVM host inside a mount + network namespace (../shared/docs/lab-recipe.md).
+
+Real libvirtd and virtlogd, real QEMU (TCG) guests started with ``virsh start``, real
+UFW, an "internet" namespace behind the uplink eth0, and "guest" namespaces plugged
+into the libvirt bridges with the addresses the guests' MACs are reserved to. /etc,
+/opt, /usr/local, /var/lib and /var/log are overlays on a tmpfs and /run is a tmpfs,
+so nothing the lab (or install.sh inside it) writes reaches the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER = Path(__file__).resolve().parent / "peer.py"
+PACKAGES_TOOLS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "dnsmasq", "ufw",
+                  "iptables", "unshare", "nsenter", "ip")
+OVERLAID = ("etc", "opt", "usr/local", "var/lib", "var/log", "var/cache")
+
+QEMU_CONF = """\
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+namespaces = []
+cgroup_controllers = []
+"""
+
+SETUP = """
+set -eu
+mount -t tmpfs -o size=512m tmpfs "$LAB"
+for d in {overlaid}; do
+  mkdir -p "$LAB/up/$d" "$LAB/work/$d"
+  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$LAB/up/$d,workdir=$LAB/work/$d" "/$d"
+done
+mount -t tmpfs tmpfs /run
+mkdir -p /run/libvirt /run/lock /run/netns /var/log/libvirt /var/lib/libvirt
+ip link set lo up
+for g in kvm libvirt-qemu libvirt; do getent group $g >/dev/null || groupadd -r $g; done
+id libvirt-qemu >/dev/null 2>&1 || useradd -r -g kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+id libvirt-dnsmasq >/dev/null 2>&1 || useradd -r -d /var/lib/libvirt/dnsmasq -s /usr/sbin/nologin libvirt-dnsmasq
+mkdir -p /etc/libvirt
+cat > /etc/libvirt/qemu.conf <<'EOF'
+{qemu_conf}EOF
+rm -f /etc/libvirt/qemu/networks/autostart/*.xml
+# the "internet": eth0 203.0.113.1/24 <-> netns inet 203.0.113.2/24
+ip netns add inet
+ip link add eth0 type veth peer name inet0
+ip link set inet0 netns inet
+ip netns exec inet ip link set inet0 name eth0
+ip netns exec inet ip link set lo up
+ip netns exec inet ip link set eth0 up
+ip netns exec inet ip addr add 203.0.113.2/24 dev eth0
+ip link set eth0 up
+ip addr add 203.0.113.1/24 dev eth0
+ip route add default via 203.0.113.2
+sysctl -qw net.ipv4.ip_forward=1
+# UFW as a host has it: no kernel modules loaded from the lab
+sed -i 's/^IPT_MODULES=.*/IPT_MODULES=""/' /etc/default/ufw
+"""
+
+
+class LabError(AssertionError):
+    pass
+
+
+class Lab:
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="kvmufw-lab-")
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--net", "--propagation", "private", "sleep", "infinity"])
+        self.pid = self.holder.pid
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{self.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            if time.monotonic() > deadline:
+                raise LabError("unshare did not create the lab namespaces")
+            time.sleep(0.01)
+        self.mnt_ns = os.readlink(f"/proc/{self.pid}/ns/mnt")
+        self.guests: dict[str, str] = {}
+        self._served = 0
+        try:
+            self.sh(SETUP.format(overlaid=" ".join(OVERLAID), qemu_conf=QEMU_CONF),
+                    env={"LAB": self.dir})
+        except Exception:
+            self.destroy()
+            raise
+
+    # ------------------------------------------------------------------ running things
+    def run(self, *argv: str, check: bool = True, timeout: float = 120, input: str | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        full_env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "LC_ALL": "C", "HOME": "/root", **(env or {})}
+        proc = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-n", "--", *argv],
+                              capture_output=True, text=True, timeout=timeout, input=input,
+                              env=full_env)
+        if check and proc.returncode != 0:
+            raise LabError(f"lab: {' '.join(argv)[:200]} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip()[-2000:]}")
+        return proc
+
+    def sh(self, script: str, check: bool = True, timeout: float = 120,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+        return self.run("bash", "-c", script, check=check, timeout=timeout, env=env)
+
+    def virsh(self, *args: str, check: bool = True) -> str:
+        return self.run("virsh", "-q", "-c", "qemu:///system", *args, check=check).stdout
+
+    def save(self) -> str:
+        """iptables-save without timestamps and packet counters, for comparisons."""
+        out = self.run("iptables-save").stdout
+        return "\n".join(re.sub(r" \[\d+:\d+\]$", "", l) for l in out.splitlines()
+                         if not l.startswith("#")) + "\n"
+
+    # ------------------------------------------------------------------ daemons
+    def start_libvirt(self) -> None:
+        self.sh("pgrep -x virtlogd >/dev/null 2>&1 && [ -e /run/virtlogd.pid ] "
+                "|| virtlogd -d")
+        self.run("libvirtd", "-d")
+        deadline = time.monotonic() + 30
+        while self.run("virsh", "-c", "qemu:///system", "version", check=False).returncode:
+            if time.monotonic() > deadline:
+                raise LabError("libvirtd did not answer within 30s")
+            time.sleep(0.1)
+
+    def libvirtd_pid(self) -> int | None:
+        proc = self.run("cat", "/run/libvirtd.pid", check=False)
+        return int(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else None
+
+    def stop_libvirt(self) -> None:
+        pid = self.libvirtd_pid()
+        if pid is None:
+            return
+        self._kill(pid, 15)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}"):
+            if time.monotonic() > deadline:
+                self._kill(pid, 9)
+            time.sleep(0.05)
+        self.run("rm", "-f", "/run/libvirtd.pid", check=False)
+
+    def restart_libvirt(self) -> None:
+        self.stop_libvirt()
+        self.start_libvirt()
+
+    # ------------------------------------------------------------------ objects
+    def define_network(self, xml: str, start: bool = True) -> None:
+        path = f"{self.dir}/net.xml"
+        self.run("bash", "-c", f"cat > {path}", input=xml)
+        self.virsh("net-define", path)
+        if start:
+            name = xml.split("<name>")[1].split("</name>")[0]
+            self.virsh("net-start", name)
+
+    def define_domain(self, name: str, nics: list[tuple[str, str]], metadata: str = "") -> None:
+        """A 48 MiB TCG guest without a disk: it never boots, but it runs every qemu
+        hook op and its NICs' MACs are what the DHCP reservations name. Its NICs have no
+        boot ROM: iPXE would take the reserved address by DHCP and answer ARP for it,
+        in a race with the guest namespace that stands in for the guest."""
+        interfaces = "".join(
+            f"<interface type='network'><source network='{net}'/><mac address='{mac}'/>"
+            f"<model type='e1000'/><rom enabled='no'/></interface>" for net, mac in nics)
+        xml = textwrap.dedent(f"""\
+            <domain type='qemu'>
+              <name>{name}</name>
+              <memory unit='MiB'>48</memory>
+              <vcpu>1</vcpu>
+              <metadata>{metadata}</metadata>
+              <os><type arch='x86_64' machine='pc'>hvm</type></os>
+              <devices>{interfaces}<graphics type='vnc' autoport='yes' listen='127.0.0.1'/>
+              </devices>
+            </domain>""")
+        path = f"{self.dir}/dom.xml"
+        self.run("bash", "-c", f"cat > {path}", input=xml)
+        self.virsh("define", path)
+
+    def add_guest_ns(self, name: str, bridge: str, ip: str, prefix: int, gateway: str) -> str:
+        """A namespace on ``bridge`` answering for ``ip``: the packets a guest would send."""
+        port = f"gp{len(self.guests)}{name}"[:15]
+        self.sh(f"""
+            ip netns add {name}
+            ip link add {port} type veth peer name tmp-{name[:10]}
+            ip link set tmp-{name[:10]} netns {name}
+            ip netns exec {name} ip link set tmp-{name[:10]} name eth0
+            ip netns exec {name} ip link set lo up
+            ip netns exec {name} ip link set eth0 up
+            ip netns exec {name} ip addr add {ip}/{prefix} dev eth0
+            ip netns exec {name} ip route add default via {gateway}
+            ip link set {port} master {bridge}
+            ip link set {port} up
+        """)
+        # a bridge with STP on holds a new port in listening/learning for 2 x forward_delay
+        self.sh(f"for i in $(seq 200); do bridge link show dev {port} | grep -q 'state forwarding' "
+                f"&& exit 0; sleep 0.05; done; exit 1")
+        self.guests[name] = port
+        return name
+
+    def serve(self, ns: str | None, proto: str, *ports: int) -> None:
+        """Start a peer that answers with the address it saw (it stops by itself)."""
+        prefix = f"ip netns exec {ns} " if ns else ""
+        self._served += 1
+        out = f"{self.dir}/serve.{self._served}"
+        self.sh(f"{prefix}{sys.executable} {PEER} serve {proto} {' '.join(map(str, ports))} "
+                f"> {out} 2>&1 < /dev/null & "
+                f"for i in $(seq 200); do grep -q ready {out} && exit 0; sleep 0.05; done; "
+                f"cat {out} >&2; exit 1")
+
+    def ask(self, ns: str | None, proto: str, host: str, port: int,
+            timeout: float = 2.0) -> str | None:
+        argv = ["ip", "netns", "exec", ns] if ns else []
+        proc = self.run(*argv, sys.executable, str(PEER), "ask", proto, host, str(port),
+                        str(timeout), check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    # ------------------------------------------------------------------ teardown
+    def _kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def lab_pids(self) -> list[int]:
+        """Every process whose mount namespace is the lab's, except the holder."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == self.pid:
+                continue
+            try:
+                if os.readlink(f"/proc/{entry}/ns/mnt") == self.mnt_ns:
+                    pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
+    def processes_in_netns(self) -> list[int]:
+        """Processes started inside the lab's own netns (inet, guests): ip netns pids."""
+        proc = self.sh("for n in $(ip netns list | cut -d' ' -f1); do ip netns pids $n; done",
+                       check=False)
+        return [int(p) for p in proc.stdout.split() if p.isdigit()]
+
+    def destroy(self) -> None:
+        if self.holder.poll() is None:
+            for sig in (15, 9):
+                pids = set(self.lab_pids())
+                try:
+                    pids |= set(self.processes_in_netns())
+                except Exception:
+                    pass
+                for pid in pids:
+                    self._kill(pid, sig)
+                deadline = time.monotonic() + 5
+                while any(os.path.exists(f"/proc/{p}") for p in pids) and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.05)
+            self.holder.kill()
+            self.holder.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def missing_tools() -> list[str]:
+    path = "/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin"
+    return [t for t in PACKAGES_TOOLS if shutil.which(t, path=path) is None]
