@@ -14,12 +14,18 @@ SAMPLES = FIXTURES / "samples"
 
 
 def need_root_tools(*tools: str) -> None:
-    """Kernel and lab tests need root and real tools; CI installs and runs them."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, iptables)")
+    """Kernel and lab tests need root and real tools. Elsewhere they skip with the
+    reason; CI sets KVMUFW_REQUIRE_LAB=1, so there a missing tool is a failure."""
+    reason = None
     missing = [t for t in tools if shutil.which(t, path="/usr/sbin:/sbin:/usr/bin:/bin") is None]
-    if missing:
-        pytest.skip("missing tools: " + ", ".join(missing) + " (tests/run installs them)")
+    if os.geteuid() != 0:
+        reason = "needs root (network namespaces, iptables, libvirtd)"
+    elif missing:
+        reason = "missing tools: " + ", ".join(missing) + " (tests/run installs them)"
+    if reason and os.environ.get("KVMUFW_REQUIRE_LAB"):
+        pytest.fail(reason + "; KVMUFW_REQUIRE_LAB=1 forbids skipping", pytrace=False)
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture

@@ -138,9 +138,19 @@ def test_everything_survives_ufw_reload(lab, guest):
 # --------------------------------------------------------------------------- forwards
 
 def test_forward_from_domain_metadata(lab, guest):
+    """Written the way the README says: virsh metadata on the defined guest."""
     assert lab.ask("inet", "tcp", "203.0.113.1", 2222, 1.0) is None
-    guest("web1", [("lab", "52:54:00:00:00:05")], forwards('host-port="2222" guest-port="22"'))
-    assert lab.ask("inet", "tcp", "203.0.113.1", 2222) == "203.0.113.2"
+    lab.define_domain("meta1", [("lab", "52:54:00:00:00:05")])
+    try:
+        lab.virsh("metadata", "meta1", "urn:kvmufw:1", "--key", "kvmufw", "--config", "--set",
+                  '<forwards><forward host-port="2222" guest-port="22"/></forwards>')
+        assert "kvmufw:forwards" in lab.virsh("dumpxml", "--inactive", "meta1")
+        lab.virsh("start", "meta1")
+        assert lab.ask("inet", "tcp", "203.0.113.1", 2222) == "203.0.113.2"
+    finally:
+        lab.virsh("destroy", "meta1", check=False)
+        lab.virsh("undefine", "meta1", check=False)
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2222, 1.0) is None
 
 
 def test_forward_from_network_metadata(lab):
@@ -215,7 +225,8 @@ def test_conflicting_guest_does_not_start(lab, guest):
     try:
         proc = lab.run("virsh", "-c", "qemu:///system", "start", "web9", check=False)
         assert proc.returncode != 0
-        assert "host port already forwarded by domain 'web1'" in proc.stderr
+        assert ("kvmufw_hook: qemu start web9: domain 'web9': forward tcp 2222->22: host port "
+                "already forwarded by domain 'web1' (forward tcp 2222->22)") in proc.stderr
         assert lab.ask("inet", "tcp", "203.0.113.1", 2222) == "203.0.113.2"
     finally:
         lab.virsh("undefine", "web9", check=False)
