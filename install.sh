@@ -102,14 +102,22 @@ hook_paths() {
 }
 
 signal_libvirt() {
-    local pidfile pid
+    local pidfile pid pids=""
     for pidfile in /run/libvirtd.pid /run/virtnetworkd.pid /run/virtqemud.pid; do
         [ -r "$pidfile" ] || continue
         pid=$(cat "$pidfile" 2>/dev/null || true)
         case "$pid" in ''|*[!0-9]*) continue ;; esac
-        if [ -d "/proc/$pid" ]; then
-            kill -HUP "$pid" && say "sent SIGHUP to $(cat "/proc/$pid/comm" 2>/dev/null || echo libvirt) ($pid) so it sees the hooks"
-        fi
+        [ -d "/proc/$pid" ] && pids="$pids $pid"
+    done
+    [ -n "$pids" ] || return 0
+    # libvirt ignores a SIGHUP that arrives while it is still handling an earlier one
+    # ("Drivers are not initialized, reload ignored"), so send a second one after that
+    # reload has had time to finish.
+    for pid in $pids; do kill -HUP "$pid" 2>/dev/null || true; done
+    sleep "${KVMUFW_SIGHUP_GAP:-2}"
+    for pid in $pids; do
+        kill -HUP "$pid" 2>/dev/null \
+            && say "sent SIGHUP to $(cat "/proc/$pid/comm" 2>/dev/null || echo libvirt) ($pid) so it sees the hooks"
     done
 }
 

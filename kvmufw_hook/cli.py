@@ -23,37 +23,24 @@ def _err(message: str) -> None:
 
 def cmd_plan(args) -> int:
     """Print the iptables-restore payload that the given XML files would apply on a
-    host with none of our rules: networks first, then domains on them."""
-    from .backends.iptables import Snapshot, compose, transition
+    host with none of our rules."""
+    from .backends.iptables import IptablesBackend, Snapshot
     from .model import Network
-    from .names import domain_owner, network_owner
-    from .ops import check_conflicts, claims
+    from .ops import plan_host
     from .parse import parse_any
-    from .plan import plan_domain_owner, plan_network_owner
 
-    docs = []
+    networks, domains = {}, {}
     for path in args.files:
         try:
             with open(path, "rb") as fh:
-                docs.append(parse_any(fh.read(), path))
+                doc = parse_any(fh.read(), path)
         except OSError as exc:
             raise InputError(f"{path}: {exc.strerror}") from None
-    networks = {d.name: d for d in docs if isinstance(d, Network)}
-    domains = {d.name: d for d in docs if not isinstance(d, Network)}
-    rules = {}
-    for net in networks.values():
-        rules[network_owner(net.name)] = plan_network_owner(net)
-    seen_nets: dict = {}
-    seen_doms: dict = {}
-    for net in networks.values():
-        check_conflicts(f"network '{net.name}'", net.forwards, claims(seen_nets, {}, ""))
-        seen_nets[net.name] = net
-    for dom in domains.values():
-        check_conflicts(f"domain '{dom.name}'", dom.forwards, claims(seen_nets, seen_doms, ""))
-        seen_doms[dom.name] = dom
-        rules[domain_owner(dom.name)] = plan_domain_owner(dom, networks)
-    empty = Snapshot.parse("")
-    sys.stdout.write(transition(empty, compose(empty, rules)))
+        (networks if isinstance(doc, Network) else domains)[doc.name] = doc
+    host = plan_host(networks, domains)
+    if host.problems:
+        raise InputError(host.problems[0])
+    sys.stdout.write(IptablesBackend.change(Snapshot.parse(""), host.rules))
     return 0
 
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 from . import state
-from .backends.iptables import IptablesBackend, compose, transition
+from .backends import Backend, default_backend
 from .errors import ApplyError, InputError
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner
 from .parse import shown
 from .plan import (Rule, check_conflicts, plan_domain_owner, plan_network_owner,
-                   resolve_domain_forwards, resolve_network_forwards)
+                   resolve_network_forwards)
 
 Log = Callable[[str], None]
 
@@ -30,32 +30,27 @@ class Applied:
     payload: str  # what was written; empty when nothing changed
 
 
-def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
-                log: Log = _quiet) -> Applied:
+def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None,
+                backend: Backend | None = None, log: Log = _quiet) -> Applied:
     """Replace the named owners' rules (and drop matching others) in one write.
 
     If the kernel refuses the write, our chains are put back as they were and
     ApplyError is raised: a change is applied whole or not at all.
     """
-    backend = backend or IptablesBackend()
+    backend = backend or default_backend()
     before = backend.read()
-    payload = transition(before, compose(before, rules, drop))
+    payload = backend.change(before, rules, drop)
     if not payload:
         return Applied("")
     try:
         backend.write(payload)
     except ApplyError:
         try:
-            backend.write(transition(backend.read(), before.ours()))
+            backend.write(backend.revert(backend.read(), before))
         except ApplyError as exc:
             log(f"rollback failed too: {exc}")
         raise
     return Applied(payload)
-
-
-def _label(owner: str) -> str:
-    kind, _, name = owner.partition("=")
-    return f"{'network' if kind == 'n' else 'domain'} {shown(name)}"
 
 
 def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain],
@@ -189,6 +184,40 @@ def validate_domain(dom: Domain) -> None:
 # --------------------------------------------------------------------------- whole host
 
 @dataclass
+class HostPlan:
+    rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
+    problems: list[str]  # one line per owner that did not
+    failed: set[str]  # those owners: their current rules must be left alone
+
+
+def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain]) -> HostPlan:
+    """Every owner's rules for a whole host: networks first, then guests, each checked
+    against the forwards of those planned before it. An owner that fails is reported
+    and skipped; the others still plan."""
+    result = HostPlan({}, [], set())
+    claimed: list[tuple[str, Iterable[ForwardSpec]]] = []
+
+    def add(owner: str, label: str, forwards, planner) -> None:
+        try:
+            check_conflicts(label, forwards, claimed)
+            result.rules[owner] = planner()
+            claimed.append((label, forwards))
+        except InputError as exc:
+            result.problems.append(str(exc))
+            result.failed.add(owner)
+
+    for name, net in sorted(networks.items()):
+        if net.managed:
+            add(network_owner(name), f"network {shown(name)}", net.forwards,
+                lambda net=net: plan_network_owner(net))
+    for name, dom in sorted(domains.items()):
+        if dom.forwards:
+            add(domain_owner(name), f"domain {shown(name)}", dom.forwards,
+                lambda dom=dom: plan_domain_owner(dom, networks))
+    return result
+
+
+@dataclass
 class Replayed:
     payload: str
     problems: list[str]
@@ -196,73 +225,47 @@ class Replayed:
 
 
 def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
-           backend=None, log: Log = _quiet) -> Replayed:
+           backend: Backend | None = None, log: Log = _quiet) -> Replayed:
     """Re-derive every rule from the live XML of active networks and running guests:
     add what is missing, remove our rules that no longer match, fix the jumps, and
     rewrite the state files. An owner that fails keeps whatever rules it has."""
     from .parse import parse_domain_xml, parse_network_xml
-    backend = backend or IptablesBackend()
+    backend = backend or default_backend()
     problems: list[str] = []
-    keep: set[str] = set()
     networks: dict[str, tuple[Network, bytes]] = {}
-    for raw in network_xmls:
-        try:
-            net = parse_network_xml(raw)
-        except InputError as exc:
-            problems.append(str(exc))
-            continue
-        networks[net.name] = (net, raw)
     domains: dict[str, tuple[Domain, bytes]] = {}
-    for raw in domain_xmls:
-        try:
-            dom = parse_domain_xml(raw)
-        except InputError as exc:
-            problems.append(str(exc))
-            continue
-        domains[dom.name] = (dom, raw)
+    for raws, parse, into in ((network_xmls, parse_network_xml, networks),
+                              (domain_xmls, parse_domain_xml, domains)):
+        for raw in raws:
+            try:
+                obj = parse(raw)
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            into[obj.name] = (obj, raw)
 
-    nets = {name: net for name, (net, _raw) in networks.items()}
-    rules: dict[str, Sequence[Rule]] = {}
-    claimed: list[tuple[str, Iterable[ForwardSpec]]] = []
-
-    def add(owner: str, label: str, forwards, planner) -> None:
-        try:
-            check_conflicts(label, forwards, claimed)
-            rules[owner] = planner()
-            claimed.append((label, forwards))
-        except InputError as exc:
-            problems.append(str(exc))
-            keep.add(owner)
-
-    for name, (net, _raw) in sorted(networks.items()):
-        if net.managed:
-            add(network_owner(name), f"network {shown(name)}", net.forwards,
-                lambda net=net: plan_network_owner(net))
-    for name, (dom, _raw) in sorted(domains.items()):
-        if dom.forwards:
-            add(domain_owner(name), f"domain {shown(name)}", dom.forwards,
-                lambda dom=dom: plan_domain_owner(dom, nets))
+    host = plan_host({n: net for n, (net, _r) in networks.items()},
+                     {n: dom for n, (dom, _r) in domains.items()})
+    problems += host.problems
 
     def drop(tagged: dict[str, str]) -> bool:
-        return tagged["owner"] not in keep
+        return tagged["owner"] not in host.failed
 
     with state.locked():
         if dry_run:
-            before = backend.read()
-            payload = transition(before, compose(before, rules, drop))
+            payload = backend.change(backend.read(), host.rules, drop)
         else:
-            payload = apply_rules(rules, drop=drop, backend=backend, log=log).payload
+            payload = apply_rules(host.rules, drop=drop, backend=backend, log=log).payload
             state.replace_all(
                 {name: raw for name, (net, raw) in networks.items() if net.managed},
                 {name: raw for name, (dom, raw) in domains.items() if dom.forwards})
-    return Replayed(payload, problems, len(rules))
+    return Replayed(payload, problems, len(host.rules))
 
 
-def flush(backend=None) -> Applied:
+def flush(backend: Backend | None = None) -> Applied:
     """Remove all our rules and chains."""
-    backend = backend or IptablesBackend()
+    backend = backend or default_backend()
     with state.locked():
-        before = backend.read()
-        payload = transition(before, {})
+        payload = backend.clear(backend.read())
         backend.write(payload)
     return Applied(payload)

@@ -4,19 +4,14 @@ resolved target, and whether its rules are in the kernel right now."""
 from __future__ import annotations
 
 from . import state
-from .backends.iptables import IptablesBackend, render_rule
+from .backends import default_backend
 from .errors import ApplyError, InputError
 from .names import domain_owner, network_owner
 from .plan import (Target, plan_forwards, plan_network, resolve_domain_forwards,
                    resolve_network_forwards)
 
 
-def _present(rules, lines: set[str]) -> bool:
-    return all(render_rule(r)[1] in lines for r in rules)
-
-
-def _forward(owner: str, target: Target | None, spec, error: str | None,
-             lines: set[str]) -> dict:
+def _forward(owner: str, target: Target | None, spec, error: str | None, present) -> dict:
     row = {
         "proto": spec.proto,
         "host_ip": str(spec.host_ip) if spec.host_ip else None,
@@ -26,7 +21,7 @@ def _forward(owner: str, target: Target | None, spec, error: str | None,
         "network": target.network.name if target else None,
         "sources": [str(s) for s in spec.sources],
         "comment": spec.comment,
-        "present": bool(target) and _present(plan_forwards(owner, [target]), lines),
+        "present": bool(target) and present(plan_forwards(owner, [target])),
     }
     if error:
         row["error"] = error
@@ -34,13 +29,16 @@ def _forward(owner: str, target: Target | None, spec, error: str | None,
 
 
 def collect(backend=None) -> dict:
-    backend = backend or IptablesBackend()
+    backend = backend or default_backend()
     try:
         snapshot = backend.read()
-        lines = {l for chains in snapshot.ours().values() for ls in chains.values() for l in ls}
         kernel_error = None
     except ApplyError as exc:
-        lines, kernel_error = set(), str(exc)
+        snapshot, kernel_error = None, str(exc)
+
+    def present(rules) -> bool:
+        return snapshot is not None and backend.present(snapshot, rules)
+
     networks = state.load_networks()
     report: dict = {"networks": [], "domains": [], "kernel_error": kernel_error}
     for name, net in sorted(networks.items()):
@@ -49,21 +47,21 @@ def collect(backend=None) -> dict:
         owner = network_owner(name)
         entry = {"name": name, "bridge": net.bridge, "mode": net.mode,
                  "subnets": [str(s) for s in net.subnets],
-                 "rules_present": _present(plan_network(net), lines), "forwards": []}
+                 "rules_present": present(plan_network(net)), "forwards": []}
         try:
             targets = resolve_network_forwards(net)
-            entry["forwards"] = [_forward(owner, t, t.spec, None, lines) for t in targets]
+            entry["forwards"] = [_forward(owner, t, t.spec, None, present) for t in targets]
         except InputError as exc:
-            entry["forwards"] = [_forward(owner, None, s, str(exc), lines) for s in net.forwards]
+            entry["forwards"] = [_forward(owner, None, s, str(exc), present) for s in net.forwards]
         report["networks"].append(entry)
     for name, (dom, _raw) in sorted(state.load_domains().items()):
         owner = domain_owner(name)
         entry = {"name": name, "forwards": []}
         try:
             targets = resolve_domain_forwards(dom, networks)
-            entry["forwards"] = [_forward(owner, t, t.spec, None, lines) for t in targets]
+            entry["forwards"] = [_forward(owner, t, t.spec, None, present) for t in targets]
         except InputError as exc:
-            entry["forwards"] = [_forward(owner, None, s, str(exc), lines) for s in dom.forwards]
+            entry["forwards"] = [_forward(owner, None, s, str(exc), present) for s in dom.forwards]
         report["domains"].append(entry)
     return report
 
@@ -87,7 +85,7 @@ def format_table(report: dict) -> str:
         text = "no networks or guests with kvmufw rules known\n"
     else:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        text = "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n"
+        text = "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] + "\n"
                        for r in rows)
     if report.get("kernel_error"):
         text += f"cannot read the firewall: {report['kernel_error']}\n"

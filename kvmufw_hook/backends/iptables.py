@@ -245,6 +245,25 @@ class IptablesBackend:
 
     family = 4
 
+    # what a change is, in this backend's terms
+    @staticmethod
+    def change(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
+               drop: Callable[[dict[str, str]], bool] | None = None) -> str:
+        return transition(snapshot, compose(snapshot, rules, drop))
+
+    @staticmethod
+    def revert(now: Snapshot, before: Snapshot) -> str:
+        return transition(now, before.ours())
+
+    @staticmethod
+    def clear(snapshot: Snapshot) -> str:
+        return transition(snapshot, {})
+
+    @staticmethod
+    def present(snapshot: Snapshot, rules: Iterable[Rule]) -> bool:
+        lines = {l for chains in snapshot.ours().values() for ls in chains.values() for l in ls}
+        return all(render_rule(rule)[1] in lines for rule in rules)
+
     def __init__(self, prefix: Iterable[str] = (), save: str = "iptables-save",
                  restore: str = "iptables-restore"):
         self.prefix = list(prefix)
