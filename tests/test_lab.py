@@ -60,6 +60,7 @@ def make_lab(install: bool) -> "Lab":
             lab.serve(ns, "udp", 5000, 5001, 5002)
         lab.serve("inet", "tcp", 9000)
         lab.pre_install = files_digest(lab)
+        lab.pre_install_rules = not_ours(lab.save())
         if install:
             lab.run(str(ROOT / "install.sh"))
     except BaseException:
@@ -267,6 +268,7 @@ def test_install_twice_is_install_once_and_uninstall_leaves_nothing(lab):
         # the SIGHUP that tells libvirt the hooks are gone also makes it delete and
         # re-insert its own rules, networks in its own order: compare them as a multiset
         assert sorted(not_ours(save)) == sorted(before_uninstall)
+        assert sorted(not_ours(save)) == sorted(lab.pre_install_rules)
         # every file as before the install: UFW's after.init template back, content and mode
         assert files_digest(lab) == lab.pre_install
         assert "/etc/ufw/after.init 640 regular file" in lab.pre_install
