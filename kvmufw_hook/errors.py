@@ -13,3 +13,13 @@ class InputError(KvmufwError):
 
 class ApplyError(KvmufwError):
     """The firewall (iptables-save/-restore) failed or refused the change."""
+
+
+def shown(text: object, limit: int = 80) -> str:
+    """``text`` quoted for a one-line message: control and non-ASCII characters escaped."""
+    value = str(text)
+    escaped = value.encode("unicode_escape", "backslashreplace").decode("ascii")
+    escaped = escaped.replace("'", "\\'")
+    if len(escaped) > limit:
+        escaped = escaped[:limit] + "…"
+    return f"'{escaped}'"

@@ -44,6 +44,11 @@ def _has_domain_state(name: str) -> bool:
     return has_domain(name)
 
 
+def _network_unchanged(name: str, data: bytes) -> bool:
+    from .state import network_unchanged
+    return network_unchanged(name, data)
+
+
 def main(kind: str, argv=None, stdin=None) -> int:
     """Run one hook call; returns the exit status. Never writes to stdout."""
     real_stdout = sys.stdout
@@ -67,6 +72,8 @@ def _main(kind: str, argv, stdin) -> int:
         data = b""
     else:
         data = stdin if stdin is not None else sys.stdin.buffer.read()
+        if kind == "network" and op == "updated" and _network_unchanged(name, data):
+            return 0  # libvirt re-sent the definition we already applied
         if kind == "qemu" and NAMESPACE not in data:
             # A guest without our metadata: nothing to do, unless it had forwards
             # before (metadata removed while running) that a reconnect must remove.
@@ -90,7 +97,20 @@ def _main(kind: str, argv, stdin) -> int:
         return 2 if isinstance(exc, InputError) else 1
 
 
+def _enable_site_packages() -> None:
+    """The shims run python with -S; lxml lives in the distribution's site packages."""
+    if sys.flags.no_site:
+        import site
+        site.main()
+
+
 def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
+    _enable_site_packages()
+    if kind == "qemu" and op in ("prepare", "migrate", "restore"):
+        from .parse import parse_domain_xml
+        from .plan import validate_domain
+        validate_domain(parse_domain_xml(data))  # no state, no firewall: nothing else
+        return
     from . import ops
     if kind == "network":
         from .parse import parse_hookdata
@@ -108,8 +128,4 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         ops.domain_stopped(name, log=log)
         return
     from .parse import parse_domain_xml
-    dom = parse_domain_xml(data)
-    if op in ("prepare", "migrate", "restore"):
-        ops.validate_domain(dom)
-    else:  # start, reconnect
-        ops.domain_started(dom, data, log=log)
+    ops.domain_started(parse_domain_xml(data), data, log=log)  # start, reconnect

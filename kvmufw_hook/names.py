@@ -9,9 +9,7 @@ The tag is what makes removal exact: we only ever touch rules inside our own
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 
 PREFIX = "KVMUFW-"
 TAG_PREFIX = "kvmufw:"
@@ -33,7 +31,7 @@ def our_chains(table: str) -> tuple[str, ...]:
     return tuple(ours for t, _, ours in JUMPS if t == table)
 
 
-_SAFE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
 def safe_name(name: str) -> str:
@@ -42,9 +40,10 @@ def safe_name(name: str) -> str:
     Plain names stay readable; anything else (spaces, quotes, unicode, very long
     names) becomes a readable stem plus a hash, stable across runs.
     """
-    if _SAFE.fullmatch(name):
+    if 0 < len(name) <= 64 and _SAFE.issuperset(name):
         return name
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:24]
+    import hashlib  # only for unusual names: keeps it off the hooks' start-up path
+    stem = "".join(c if c in _SAFE else "_" for c in name[:24])
     digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
     return f"{stem}~{digest}"
 

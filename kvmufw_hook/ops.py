@@ -2,21 +2,26 @@
 
 Each operation that changes rules holds the state lock for its whole
 read-check-write, so concurrent hooks cannot interleave or both claim a port.
+``backend`` arguments are a ``backends.base.Backend``; None means the host's own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Mapping, Sequence
 
 from . import state
-from .backends import Backend, default_backend
-from .errors import ApplyError, InputError
+from .backends import default_backend
+from .errors import ApplyError, InputError, shown
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner
-from .parse import shown
-from .plan import (Rule, check_conflicts, plan_domain_owner, plan_network_owner,
-                   resolve_network_forwards)
+from .plan import (
+    Rule,
+    check_conflicts,
+    plan_domain_owner,
+    plan_network_owner,
+    resolve_network_forwards,
+)
 
 Log = Callable[[str], None]
 
@@ -31,7 +36,7 @@ class Applied:
 
 
 def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None,
-                backend: Backend | None = None, log: Log = _quiet) -> Applied:
+                backend=None, log: Log = _quiet) -> Applied:
     """Replace the named owners' rules (and drop matching others) in one write.
 
     If the kernel refuses the write, our chains are put back as they were and
@@ -174,13 +179,6 @@ def domain_stopped(name: str, backend=None, log: Log = _quiet) -> Applied:
     return applied
 
 
-def validate_domain(dom: Domain) -> None:
-    """What can be checked without a network: the metadata parsed (done by the parser)
-    and no forward overlapping another of the same guest."""
-    check_conflicts(f"domain {shown(dom.name)}", dom.forwards, ())
-
-
-
 # --------------------------------------------------------------------------- whole host
 
 @dataclass
@@ -225,7 +223,7 @@ class Replayed:
 
 
 def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
-           backend: Backend | None = None, log: Log = _quiet) -> Replayed:
+           backend=None, log: Log = _quiet) -> Replayed:
     """Re-derive every rule from the live XML of active networks and running guests:
     add what is missing, remove our rules that no longer match, fix the jumps, and
     rewrite the state files. An owner that fails keeps whatever rules it has."""
@@ -262,7 +260,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
     return Replayed(payload, problems, len(host.rules))
 
 
-def flush(backend: Backend | None = None) -> Applied:
+def flush(backend=None) -> Applied:
     """Remove all our rules and chains."""
     backend = backend or default_backend()
     with state.locked():

@@ -7,14 +7,28 @@ a document with a DOCTYPE is refused outright (libvirt never sends one).
 from __future__ import annotations
 
 import re
-from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Interface,
-                       ip_address, ip_network)
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Interface,
+    ip_address,
+    ip_network,
+)
 
 from lxml import etree
 
-from .errors import InputError
-from .model import (PROTOCOLS, DhcpHost, Domain, ForwardSpec, Network, NetworkPort,
-                    Nic, PortRange)
+from .errors import InputError, shown
+from .model import (
+    PROTOCOLS,
+    DhcpHost,
+    Domain,
+    ForwardSpec,
+    Network,
+    NetworkPort,
+    Nic,
+    PortRange,
+)
 from .names import NAMESPACE
 
 MAX_XML_BYTES = 16 * 1024 * 1024
@@ -32,16 +46,6 @@ NETWORK_ATTRS = frozenset({"proto", "host-port", "guest-port", "guest-ip", "gues
 _PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 _IFNAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,15}")
-
-
-def shown(text: object, limit: int = 80) -> str:
-    """``text`` quoted for a one-line message: control and non-ASCII characters escaped."""
-    value = str(text)
-    escaped = value.encode("unicode_escape", "backslashreplace").decode("ascii")
-    escaped = escaped.replace("'", "\\'")
-    if len(escaped) > limit:
-        escaped = escaped[:limit] + "…"
-    return f"'{escaped}'"
 
 
 def load(data: bytes | str, what: str = "input") -> etree._Element:

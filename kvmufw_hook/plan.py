@@ -8,14 +8,13 @@ it serves, so that removal is exact.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Iterable, Mapping
 
-from .errors import InputError
+from .errors import InputError, shown
 from .model import Domain, ForwardSpec, Network, PortRange
 from .names import domain_owner, network_owner
-from .parse import shown
 
 DEFAULT_NAT_PORTS = PortRange(1024, 65535)  # libvirt's default for <nat>
 LOOPBACK = IPv4Network("127.0.0.0/8")
@@ -244,20 +243,35 @@ def check_conflicts(owner_label: str, specs: Iterable[ForwardSpec],
                     others: Iterable[tuple[str, Iterable[ForwardSpec]]]) -> None:
     """InputError if a host port (proto, host-ip) is claimed twice.
 
-    ``others`` is (label, forwards) of every other owner currently applied.
+    ``others`` is (label, forwards) of every other owner currently applied. A sweep
+    over port ranges sorted by their start: O(n log n), so that a guest with thousands
+    of forwards is checked in milliseconds.
     """
-    mine = list(specs)
-    for i, spec in enumerate(mine):
-        for other in mine[:i]:
-            if _clash(spec, other):
-                raise InputError(f"{owner_label}: {spec.label} overlaps {other.label} "
-                                 "of the same owner")
-    for label, theirs in others:
-        for theirs_spec in theirs:
-            for spec in mine:
-                if _clash(spec, theirs_spec):
-                    raise InputError(f"{owner_label}: {spec.label}: host port already "
-                                     f"forwarded by {label} ({theirs_spec.label})")
+    entries = [(s.proto, s.host_port.first, i, s, None) for i, s in enumerate(specs)]
+    entries += [(s.proto, s.host_port.first, -1, s, label)
+                for label, theirs in others for s in theirs]
+    entries.sort(key=lambda e: (e[0], e[1], e[2]))
+    active: list[tuple] = []
+    for entry in entries:
+        proto, first, _i, spec, label = entry
+        active = [a for a in active if a[0] == proto and a[3].host_port.last >= first]
+        for other in active:
+            _p, _f, _j, other_spec, other_label = other
+            if (label is None or other_label is None) and _clash(spec, other_spec):
+                if label is None and other_label is None:
+                    raise InputError(f"{owner_label}: {spec.label} overlaps "
+                                     f"{other_spec.label} of the same owner")
+                mine, theirs, whose = ((spec, other_spec, other_label) if label is None
+                                       else (other_spec, spec, label))
+                raise InputError(f"{owner_label}: {mine.label}: host port already "
+                                 f"forwarded by {whose} ({theirs.label})")
+        active.append(entry)
+
+
+def validate_domain(dom: Domain) -> None:
+    """What ``prepare`` can check before any network is known: the metadata parsed
+    (the parser did that) and no forward overlapping another of the same guest."""
+    check_conflicts(f"domain {shown(dom.name)}", dom.forwards, ())
 
 
 def _subnets(net: Network) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-from contextlib import contextmanager
-from typing import Iterator
 
 from .errors import InputError
 from .names import libvirt_network_dir, safe_name, state_dir
@@ -45,8 +43,19 @@ def _remove(path: str) -> None:
         pass
 
 
+def network_element(xml: bytes) -> bytes:
+    """The ``<network>…</network>`` bytes of a hook's stdin, found without parsing: what
+    we keep, and what an ``updated`` call is compared with to skip a no-op quickly."""
+    start, end = xml.find(b"<network"), xml.rfind(b"</network>")
+    return xml[start:end + len(b"</network>")] if 0 <= start < end else xml
+
+
 def save_network(name: str, xml: bytes) -> None:
-    _write(network_path(name), xml)
+    _write(network_path(name), network_element(xml))
+
+
+def network_unchanged(name: str, xml: bytes) -> bool:
+    return _read(network_path(name)) == network_element(xml)
 
 
 def forget_network(name: str) -> None:
@@ -117,18 +126,19 @@ def has_domain(name: str) -> bool:
     return os.path.exists(domain_path(name))
 
 
-@contextmanager
-def locked() -> Iterator[None]:
-    """Serialise read-modify-write of state and rules across concurrent hooks."""
-    directory = state_dir()
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+class locked:
+    """``with locked():`` serialises read-modify-write of state and rules across
+    concurrent hooks (a class, not contextlib: this module is on the hooks' fast path)."""
 
+    def __enter__(self) -> None:
+        directory = state_dir()
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        self.fd = os.open(os.path.join(directory, "lock"),
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # closing releases the lock
 
 def replace_all(networks: dict[str, bytes], domains: dict[str, bytes]) -> None:
     """Make the state files exactly these (``replay``)."""

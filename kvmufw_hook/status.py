@@ -7,8 +7,13 @@ from . import state
 from .backends import default_backend
 from .errors import ApplyError, InputError
 from .names import domain_owner, network_owner
-from .plan import (Target, plan_forwards, plan_network, resolve_domain_forwards,
-                   resolve_network_forwards)
+from .plan import (
+    Target,
+    plan_forwards,
+    plan_network,
+    resolve_domain_forwards,
+    resolve_network_forwards,
+)
 
 
 def _forward(owner: str, target: Target | None, spec, error: str | None, present) -> dict:

@@ -2,15 +2,15 @@
 real packets through veth pairs. Root only; CI runs them."""
 
 import pytest
-
 from conftest import FIXTURES, SAMPLES
+from netlab import SEED, Topology
+
 from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot, compose, transition
 from kvmufw_hook.cli import main
 from kvmufw_hook.errors import ApplyError
 from kvmufw_hook.ops import apply_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
 from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
-from netlab import SEED, Topology
 
 LAB = parse_network_xml((SAMPLES / "net-lab.xml").read_bytes())
 DEFAULT = parse_network_xml((SAMPLES / "02-network.default.port-created.xml").read_bytes())
@@ -201,3 +201,16 @@ def test_packets_before_and_after(topo, state_env):
     assert stopped["network_forward"] == "203.0.113.2"
     ops.network_stopped(net, backend=backend)
     assert probes(topo) == before
+
+
+def test_a_guest_start_only_appends_and_a_stop_only_deletes(netns):
+    """Flushing a chain costs the kernel an RCU grace period (tens of ms on these
+    machines); appending does not. A guest start must not flush anything."""
+    backend = IptablesBackend(prefix=netns.prefix)
+    apply_rules({"n=lab": plan_network_owner(LAB)}, backend=backend)
+    start = apply_rules({"d=web1": plan_domain_owner(WEB1, NETS)}, backend=backend).payload
+    body = [l for l in start.splitlines() if l not in ("*filter", "*nat", "COMMIT")]
+    assert body and all(l.startswith("-A KVMUFW-") for l in body), start
+    stop = apply_rules({"d=web1": ()}, backend=backend).payload
+    body = [l for l in stop.splitlines() if l not in ("*filter", "*nat", "COMMIT")]
+    assert body and all(l.startswith("-D KVMUFW-") and "d=web1" in l for l in body), stop

@@ -8,7 +8,6 @@ probes on a lab where kvmufw_hook is not installed and shows them failing.
 import re
 
 import pytest
-
 from conftest import ROOT, need_root_tools
 
 lab_module = pytest.importorskip("lab")

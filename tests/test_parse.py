@@ -3,12 +3,17 @@
 from ipaddress import IPv4Address, IPv4Interface, IPv6Interface
 
 import pytest
-
 from conftest import FIXTURES, SAMPLES
+
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.model import PortRange
-from kvmufw_hook.parse import (load, parse_any, parse_domain_xml, parse_hookdata,
-                               parse_network_xml)
+from kvmufw_hook.parse import (
+    load,
+    parse_any,
+    parse_domain_xml,
+    parse_hookdata,
+    parse_network_xml,
+)
 
 NETWORK_SAMPLES = sorted(SAMPLES.glob("*-network.*.xml"))
 QEMU_SAMPLES = sorted(SAMPLES.glob("*-qemu.*.xml"))

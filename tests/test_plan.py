@@ -7,8 +7,8 @@ Regenerate the golden files after an intended change with
 import os
 
 import pytest
-
 from conftest import FIXTURES, ROOT, SAMPLES
+
 from kvmufw_hook.cli import main
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml

@@ -1,38 +1,11 @@
 """Firewall backends. A backend renders the planner's rules in its own terms, reads the
 kernel's ruleset back and applies a change with one write per address family. The
 iptables backend (``iptables.py``) is the one UFW uses; an nftables backend would be
-another module with the same methods, and nothing above this package would change.
+another module implementing ``base.Backend``, and nothing above this package would change.
 """
 
-from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
-
-from ..plan import Rule
-
-
-class Backend(Protocol):
-    family: int
-
-    def read(self): ...  # a snapshot of the kernel's ruleset
-
-    def write(self, payload: str) -> None: ...
-
-    def change(self, snapshot, rules: Mapping[str, Sequence[Rule]],
-               drop: Callable[[dict[str, str]], bool] | None = None) -> str:
-        """The payload that replaces the named owners' rules (and drops matching
-        tagged rules of others); empty when nothing would change."""
-
-    def revert(self, now, before) -> str:
-        """The payload that puts our rules back as they were in ``before``."""
-
-    def clear(self, snapshot) -> str:
-        """The payload that removes all our rules, chains and jumps."""
-
-    def present(self, snapshot, rules: Iterable[Rule]) -> bool:
-        """Whether every one of ``rules`` is in the snapshot."""
-
-
-def default_backend() -> Backend:
+def default_backend():
+    """The backend for this host: iptables, whichever variant the host selects."""
     from .iptables import IptablesBackend
     return IptablesBackend()

@@ -8,8 +8,8 @@ Promises:
   whatever the number of rules. A change that changes nothing writes nothing.
 - Rules are rendered exactly as ``iptables-save`` prints them back, so what is in
   the kernel can be compared line by line with what we want.
-- The content of our chains is deterministic: rules without our tag first (never
-  ours to delete), then each owner's rules, owners in sorted order.
+- A change deletes and appends only the lines that differ; rules without our tag
+  are never ours to delete.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import ApplyError
 from ..names import JUMPS, TABLES, our_chains, parse_tag, tag
@@ -147,10 +147,16 @@ def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
             drop: Callable[[dict[str, str]], bool] | None = None) -> Target:
     """The target content of our chains: ``rules`` replaces each named owner's rules
     (an empty sequence removes the owner); ``drop`` removes any other tagged line it
-    accepts (e.g. everything on a bridge). Other owners' lines are kept as they are."""
+    accepts (e.g. everything on a bridge). Other owners' lines are kept as they are.
+
+    Lines that stay keep their place and new lines go at the end (new owners in sorted
+    order), so that a change is a few deletions and appends: flushing a chain costs the
+    kernel an RCU grace period, appending does not. Order between owners carries no
+    meaning: each owner's rules match only its own bridge, subnet and ports.
+    """
     rendered: dict[tuple[str, str], dict[str, list[str]]] = {}
-    for owner, owned in rules.items():
-        for rule in owned:
+    for owner in sorted(rules):
+        for rule in rules[owner]:
             table, line = render_rule(rule)
             rendered.setdefault((table, line.split(" ", 2)[1]), {}).setdefault(
                 owner, []).append(line)
@@ -158,18 +164,37 @@ def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
     for table, chains in snapshot.ours().items():
         target[table] = {}
         for chain, lines in chains.items():
-            foreign: list[str] = []
-            by_owner: dict[str, list[str]] = {}
+            new = rendered.get((table, chain), {})
+            old: dict[str, list[str]] = {}
             for line in lines:
                 parsed = line_tag(line)
-                if parsed is None:
-                    foreign.append(line)
-                elif parsed["owner"] not in rules and not (drop and drop(parsed)):
-                    by_owner.setdefault(parsed["owner"], []).append(line)
-            by_owner.update(rendered.get((table, chain), {}))
-            target[table][chain] = foreign + [line for owner in sorted(by_owner)
-                                              for line in by_owner[owner]]
+                if parsed is not None:
+                    old.setdefault(parsed["owner"], []).append(line)
+            unchanged = {owner for owner, owned in new.items() if old.get(owner) == owned}
+            kept = []
+            for line in lines:
+                parsed = line_tag(line)
+                if parsed is None or parsed["owner"] in unchanged or (
+                        parsed["owner"] not in rules and not (drop and drop(parsed))):
+                    kept.append(line)
+            target[table][chain] = kept + [line for owner, owned in new.items()
+                                           if owner not in unchanged for line in owned]
     return target
+
+
+def _edit(chain: str, current: list[str], wanted: list[str]) -> list[str]:
+    """Deletions and appends that turn ``current`` into ``wanted`` (``compose`` keeps
+    what stays in order and appends the rest, so this is exact, not a heuristic)."""
+    deletes: list[str] = []
+    j = 0
+    for line in current:
+        if j < len(wanted) and line == wanted[j]:
+            j += 1
+        else:
+            deletes.append("-D" + line[2:])
+    if deletes and not wanted:
+        return [f":{chain} - [0:0]"]  # everything goes: one flush says it shorter
+    return deletes + wanted[j:]
 
 
 def transition(snapshot: Snapshot, target: Target) -> str:
@@ -180,14 +205,12 @@ def transition(snapshot: Snapshot, target: Target) -> str:
     for table in TABLES:
         tab = snapshot.tables[table]
         wanted = target.get(table, {})
-        keep = any(wanted.get(c) for c in our_chains(table))
         body: list[str] = []
-        if keep:
+        if any(wanted.get(c) for c in our_chains(table)):
             for chain in our_chains(table):
-                lines = wanted.get(chain, [])
-                if chain not in tab.chains or current[table][chain] != lines:
+                if chain not in tab.chains:
                     body.append(f":{chain} - [0:0]")
-                    body.extend(lines)
+                body.extend(_edit(chain, current[table][chain], wanted.get(chain, [])))
             if not snapshot.jumps_ok(table):
                 for t, builtin, ours in JUMPS:
                     if t != table:
@@ -196,13 +219,13 @@ def transition(snapshot: Snapshot, target: Target) -> str:
                     count = tab.rules.get(builtin, []).count(jump)
                     body.extend([f"-D {builtin} -j {ours}"] * count)
                     body.append(f"-I {builtin} 1 -j {ours}")
-        else:
+        else:  # nothing of ours left in this table: no jumps, no chains
             present = [c for c in our_chains(table) if c in tab.chains]
             for t, builtin, ours in JUMPS:
                 if t == table:
                     count = tab.rules.get(builtin, []).count(f"-A {builtin} -j {ours}")
                     body.extend([f"-D {builtin} -j {ours}"] * count)
-            body.extend(f":{c} - [0:0]" for c in present)
+            body.extend(f":{c} - [0:0]" for c in present if current[table][c])
             body.extend(f"-X {c}" for c in present)
         if body:
             out.append(f"*{table}")
