@@ -6,6 +6,7 @@ probes on a lab where kvmufw_hook is not installed and shows them failing.
 """
 
 import re
+import time
 
 import pytest
 from conftest import ROOT, need_root_tools
@@ -89,6 +90,16 @@ def guest(lab):
     for name in names:
         lab.virsh("destroy", name, check=False)
         lab.virsh("undefine", name, check=False)
+
+
+def settled(lab, expected_not_ours: list[str], timeout: float = 15) -> str:
+    """iptables-save once libvirt's background reload has put back all its rules."""
+    deadline = time.monotonic() + timeout
+    save = lab.save()
+    while sorted(not_ours(save)) != expected_not_ours and time.monotonic() < deadline:
+        time.sleep(0.2)
+        save = lab.save()
+    return save
 
 
 def ours(save: str) -> list[str]:
@@ -262,10 +273,11 @@ def test_install_twice_is_install_once_and_uninstall_leaves_nothing(lab):
     before_uninstall = not_ours(lab.save())
     lab.run(str(ROOT / "install.sh"), "--uninstall")
     try:
-        save = lab.save()
-        assert "KVMUFW" not in save and "kvmufw" not in save
         # the SIGHUP that tells libvirt the hooks are gone also makes it delete and
-        # re-insert its own rules, networks in its own order: compare them as a multiset
+        # re-insert its own rules, in the background and networks in its own order:
+        # wait for it, and compare them as a multiset
+        save = settled(lab, sorted(before_uninstall))
+        assert "KVMUFW" not in save and "kvmufw" not in save
         assert sorted(not_ours(save)) == sorted(before_uninstall)
         assert sorted(not_ours(save)) == sorted(lab.pre_install_rules)
         # every file as before the install: UFW's after.init template back, content and mode
