@@ -1,13 +1,15 @@
 """A packet peer for tests: ``serve PROTO PORT…`` answers every TCP connection or UDP
 datagram with the source address it saw; ``ask PROTO HOST PORT TIMEOUT`` prints that
-answer (exit 1 if nothing answered). A server stops by itself after two minutes."""
+answer (exit 1 if nothing answered). A server stops by itself after KVMUFW_PEER_LIFETIME
+seconds (default 1200): long enough for a whole lab module, bounded all the same."""
 
+import os
 import selectors
 import socket
 import sys
 import time
 
-LIFETIME = 120
+LIFETIME = float(os.environ.get("KVMUFW_PEER_LIFETIME", "1200"))
 
 
 def serve(proto: str, ports: list[int]) -> None:

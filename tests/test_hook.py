@@ -197,3 +197,24 @@ def test_ops_that_need_nothing_import_nothing_heavy(kind, argv, stdin, tmp_path)
                           env={**os.environ, "KVMUFW_STATE_DIR": str(tmp_path)})
     assert proc.stdout == b""
     assert proc.stderr.decode() == "(0, [])"
+
+
+def test_repeated_ops_change_nothing(netns, state_env):
+    def hook(name):
+        proc = run_hook(*sample(name), state_env, netns)
+        assert proc.returncode == 0, proc.stderr
+    hook("16-network.lab.started")
+    base = netns.save()
+    hook("04-qemu.web1.start")
+    started = netns.save()
+    for name in ("04-qemu.web1.start", "16-network.lab.started", "03-network.lab.port-created",
+                 "08-qemu.web1.reconnect"):
+        hook(name)
+        assert netns.save() == started, name
+    hook("09-qemu.web1.stopped")
+    assert netns.save() == base
+    for name in ("09-qemu.web1.stopped", "12-qemu.web1.release", "11-network.lab.port-deleted"):
+        hook(name)
+        assert netns.save() == base, name
+    hook("04-qemu.web1.start")  # a start after a stop brings back exactly the same rules
+    assert netns.save() == started

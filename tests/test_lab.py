@@ -243,48 +243,113 @@ def test_conflicting_guest_does_not_start(lab, guest):
         lab.virsh("undefine", "web9", check=False)
 
 
+def jumps_first_once(save: str) -> bool:
+    """Each of our jumps exactly once, at position 1 of its built-in chain."""
+    from kvmufw_hook.names import JUMPS
+    tables, table = {}, None
+    for line in save.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A "):
+            tables.setdefault((table, line.split()[1]), []).append(line)
+    return all(tables.get((t, b), [""])[0] == f"-A {b} -j {c}"
+               and tables[(t, b)].count(f"-A {b} -j {c}") == 1 for t, b, c in JUMPS)
+
+
+def healthy(lab, *ports: int) -> None:
+    """Forwards and egress work, our jumps come first once, no rule of ours twice."""
+    save = lab.save()
+    assert jumps_first_once(save), save
+    assert len(ours(save)) == len(set(ours(save)))
+    assert egress(lab) == {"g5": "203.0.113.1", "r5": "10.20.0.5", "o5": "10.40.0.5"}
+    for port in ports:
+        assert lab.ask("inet", "tcp", "203.0.113.1", port) == "203.0.113.2", port
+
+
 def test_daemon_restart_keeps_guests_and_rules(lab, guest):
     guest("web1", [("lab", "52:54:00:00:00:05")], forwards('host-port="2222" guest-port="22"'))
     before = ours(lab.save())
     lab.restart_libvirt()  # port-created per NIC, then reconnect
     assert "web1" in lab.virsh("list", "--name")
     assert ours(lab.save()) == before
+    healthy(lab, 2222)
+
+
+def test_recovery_after_an_external_flush_and_a_libvirt_restart(lab, guest):
+    guest("web1", [("lab", "52:54:00:00:00:05")], forwards('host-port="2222" guest-port="22"'))
+    lab.sh(f"iptables-save > {lab.dir}/before-flush")
+    # someone flushes the built-in chains: every jump is gone, ours, libvirt's and UFW's
+    lab.sh("iptables -F INPUT; iptables -F FORWARD; iptables -F OUTPUT; "
+           "for c in PREROUTING OUTPUT POSTROUTING; do iptables -t nat -F $c; done")
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2222, 1.0) is None
+    try:
+        # libvirt puts its own jumps back at position 1 (ours may already be repaired by
+        # the port-created and reconnect hooks the restart runs, in the background)
+        lab.restart_libvirt()
+        assert "LIBVIRT_FWX" in lab.save()
+        lab.run("kvmufw_hook", "replay")
+        healthy(lab, 2222)
+        assert lab.run("kvmufw_hook", "replay", "--dry-run").stdout == "# nothing to change\n"
+    finally:
+        # UFW does not put its jumps back by itself (ufw reload or enable see its chains
+        # and skip them); put the whole ruleset back as it was for the tests after this one
+        lab.sh(f"iptables-restore < {lab.dir}/before-flush")
+
+
+def test_replay_removes_what_a_guest_left_while_the_hooks_were_away(lab, guest):
+    guest("web1", [("lab", "52:54:00:00:00:05")], forwards('host-port="2222" guest-port="22"'))
+    guest("web2", [("lab", "52:54:00:00:00:06")], forwards('host-port="2223" guest-port="22"'))
+    lab.sh("mv /etc/libvirt/hooks /etc/libvirt/hooks.away")
+    try:
+        lab.restart_libvirt()  # the daemon now runs no hooks
+        lab.virsh("destroy", "web1")
+        assert any("d=web1" in l for l in ours(lab.save()))  # stale: nobody removed them
+    finally:
+        lab.sh("mv /etc/libvirt/hooks.away /etc/libvirt/hooks")
+        lab.restart_libvirt()
+    lab.run("kvmufw_hook", "replay")
+    save = lab.save()
+    assert not any("d=web1" in l for l in ours(save)) and any("d=web2" in l for l in ours(save))
+    assert lab.run("ls", "/run/kvmufw_hook/domains").stdout.split() == ["web2.xml"]
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2222, 1.0) is None
+    healthy(lab, 2223)
+    assert lab.run("kvmufw_hook", "replay", "--dry-run").stdout == "# nothing to change\n"
+
+
+def test_reconnect_never_kills_a_guest_with_broken_metadata(lab, guest):
+    guest("web1", [("lab", "52:54:00:00:00:05")], forwards('host-port="2222" guest-port="22"'))
+    before = ours(lab.save())
+    lab.virsh("metadata", "web1", "urn:kvmufw:1", "--key", "kvmufw", "--live", "--set",
+              '<forwards><forward host-port="22abc"/></forwards>')
+    lab.restart_libvirt()  # reconnect sees the broken live metadata: logs, exits 0
+    assert "web1" in lab.virsh("list", "--name")
+    assert ours(lab.save()) == before  # the rules it had stay until it stops
     assert lab.ask("inet", "tcp", "203.0.113.1", 2222) == "203.0.113.2"
 
 
-# --------------------------------------------------------------------------- install.sh
-
-TRACKED = "/etc/libvirt/hooks /etc/ufw/after.init /usr/local/lib/kvmufw_hook /usr/local/sbin"
-
-
-def files_digest(lab) -> str:
-    return lab.sh(f"find {TRACKED} -path '*__pycache__*' -prune -o -print 2>/dev/null | sort | "
-                  "while read f; do stat -c '%n %a %F' \"$f\"; "
-                  "[ -f \"$f\" ] && md5sum < \"$f\"; done; true").stdout
-
-
-def test_install_twice_is_install_once_and_uninstall_leaves_nothing(lab):
-    installed_files, installed_rules = files_digest(lab), ours(lab.save())
-    assert "/etc/libvirt/hooks/qemu.d/kvmufw_hook 755" in installed_files
-    out = lab.run(str(ROOT / "install.sh")).stdout
-    assert "wrote" not in out and "installed the package" not in out
-    assert files_digest(lab) == installed_files and ours(lab.save()) == installed_rules
-    assert "kvmufw_hook replay" in lab.run("cat", "/etc/ufw/after.init").stdout
-    before_uninstall = not_ours(lab.save())
-    lab.run(str(ROOT / "install.sh"), "--uninstall")
+def test_a_dozen_guests_started_and_stopped_at_once(lab):
+    names = [f"par{i:02d}" for i in range(12)]
+    for i, name in enumerate(names):
+        lab.define_domain(name, [("lab", f"52:54:00:00:01:{i:02x}")],
+                          forwards(f'host-port="{3100 + i}" guest-port="22" '
+                                   f'guest-ip="10.0.0.{150 + i}"'))
     try:
-        # the SIGHUP that tells libvirt the hooks are gone also makes it delete and
-        # re-insert its own rules, in the background and networks in its own order:
-        # wait for it, and compare them as a multiset
-        save = settled(lab, sorted(before_uninstall))
-        assert "KVMUFW" not in save and "kvmufw" not in save
-        assert sorted(not_ours(save)) == sorted(before_uninstall)
-        assert sorted(not_ours(save)) == sorted(lab.pre_install_rules)
-        # every file as before the install: UFW's after.init template back, content and mode
-        assert files_digest(lab) == lab.pre_install
-        assert "/etc/ufw/after.init 640 regular file" in lab.pre_install
+        lab.sh("for n in " + " ".join(names) + "; do virsh -q -c qemu:///system start $n "
+               ">/dev/null & done; wait")
+        running = lab.virsh("list", "--name").split()
+        assert set(names) <= set(running)
+        save = lab.save()
+        for name in names:
+            assert len([l for l in ours(save) if f"kvmufw:d={name}," in l]) == 5, name
+        assert len(ours(save)) == len(set(ours(save))) and jumps_first_once(save)
+        lab.sh("for n in " + " ".join(names) + "; do virsh -q -c qemu:///system destroy $n "
+               ">/dev/null & done; wait")
+        assert not [l for l in ours(lab.save()) if "kvmufw:d=par" in l]
+        assert lab.run("ls", "/run/kvmufw_hook/domains").stdout.split() == []
     finally:
-        lab.run(str(ROOT / "install.sh"))  # put it back for any test after this one
+        for name in names:
+            lab.virsh("destroy", name, check=False)
+            lab.virsh("undefine", name, check=False)
 
 
 # --------------------------------------------------------------------------- the proof
@@ -338,3 +403,38 @@ def test_status_flush_and_replay_from_the_command_line(lab, guest):
     assert status()[0][0]["present"] is True
     assert lab.ask("inet", "tcp", "203.0.113.1", 2222) == "203.0.113.2"
     assert lab.run("kvmufw_hook", "replay", "--dry-run").stdout == "# nothing to change\n"
+
+
+# --------------------------------------------------------------------------- install.sh
+
+TRACKED = "/etc/libvirt/hooks /etc/ufw/after.init /usr/local/lib/kvmufw_hook /usr/local/sbin"
+
+
+def files_digest(lab) -> str:
+    return lab.sh(f"find {TRACKED} -path '*__pycache__*' -prune -o -print 2>/dev/null | sort | "
+                  "while read f; do stat -c '%n %a %F' \"$f\"; "
+                  "[ -f \"$f\" ] && md5sum < \"$f\"; done; true").stdout
+
+
+def test_install_twice_is_install_once_and_uninstall_leaves_nothing(lab):
+    installed_files, installed_rules = files_digest(lab), ours(lab.save())
+    assert "/etc/libvirt/hooks/qemu.d/kvmufw_hook 755" in installed_files
+    out = lab.run(str(ROOT / "install.sh")).stdout
+    assert "wrote" not in out and "installed the package" not in out
+    assert files_digest(lab) == installed_files and ours(lab.save()) == installed_rules
+    assert "kvmufw_hook replay" in lab.run("cat", "/etc/ufw/after.init").stdout
+    before_uninstall = not_ours(lab.save())
+    lab.run(str(ROOT / "install.sh"), "--uninstall")
+    try:
+        # the SIGHUP that tells libvirt the hooks are gone also makes it delete and
+        # re-insert its own rules, in the background and networks in its own order:
+        # wait for it, and compare them as a multiset
+        save = settled(lab, sorted(before_uninstall))
+        assert "KVMUFW" not in save and "kvmufw" not in save
+        assert sorted(not_ours(save)) == sorted(before_uninstall)
+        assert sorted(not_ours(save)) == sorted(lab.pre_install_rules)
+        # every file as before the install: UFW's after.init template back, content and mode
+        assert files_digest(lab) == lab.pre_install
+        assert "/etc/ufw/after.init 640 regular file" in lab.pre_install
+    finally:
+        lab.run(str(ROOT / "install.sh"))  # put it back for any test after this one
