@@ -10,7 +10,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, need_root_tools
 
 CACHE = Path(os.environ.get("KVMUFW_TEST_CACHE", "/var/tmp/kvmufw-test-cache"))

@@ -5,15 +5,15 @@ import re
 import string
 
 import pytest
+from conftest import SAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_hook import run_hook
 
-from conftest import SAMPLES
 from kvmufw_hook.backends.iptables import render_rule
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata, parse_network_xml
 from kvmufw_hook.plan import check_conflicts, plan_domain_owner, plan_network_owner
-from test_hook import run_hook
 
 LAB = parse_network_xml((SAMPLES / "net-lab.xml").read_bytes())
 START = (SAMPLES / "04-qemu.web1.start.xml").read_text()

@@ -139,6 +139,9 @@ def test_everything_survives_ufw_reload(lab, guest):
         assert lab.ask("inet", "tcp", "203.0.113.1", 2222) == "203.0.113.2"
         assert [l for l in save.splitlines() if l.startswith("-A FORWARD")][0] == \
             "-A FORWARD -j KVMUFW-FORWARD"
+        healthy(lab, 2222)  # jumps once and first, nothing duplicated
+        lab.sh("ufw reload >/dev/null")  # and again: still exactly once
+        healthy(lab, 2222)
     finally:
         lab.sh("sed -i 's/^MANAGE_BUILTINS=.*/MANAGE_BUILTINS=no/' /etc/default/ufw; "
                "ufw reload >/dev/null")
