@@ -119,6 +119,8 @@ signal_libvirt() {
         kill -HUP "$pid" 2>/dev/null \
             && say "sent SIGHUP to $(cat "/proc/$pid/comm" 2>/dev/null || echo libvirt) ($pid) so it sees the hooks"
     done
+    # kvmufw_hook doctor compares this with the hooks' and the daemons' times
+    if [ "${1:-}" = record ]; then mkdir -p "$MANIFEST_DIR"; touch "$MANIFEST_DIR/sighup"; fi
 }
 
 libvirt_running() {
@@ -271,7 +273,7 @@ do_install() {
     install_hooks
     install_after_init
     install_systemd
-    signal_libvirt
+    signal_libvirt record
     if libvirt_running; then
         if "$BIN" replay; then
             say "done"

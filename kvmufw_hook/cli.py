@@ -13,7 +13,9 @@ from .errors import ApplyError, InputError
 EPILOG = """examples:
   kvmufw_hook plan /etc/libvirt/qemu/networks/default.xml web1.xml
   kvmufw_hook replay --dry-run
+  kvmufw_hook forward add web1 2222:22
   kvmufw_hook status --json
+  kvmufw_hook doctor
 """
 
 
@@ -44,30 +46,12 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _libvirt_xml(uri: str) -> tuple[list[bytes], list[bytes]]:
-    try:
-        import libvirt
-    except ImportError:
-        raise ApplyError("libvirt-python is not installed (apt install python3-libvirt)") \
-            from None
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    try:
-        conn = libvirt.openReadOnly(uri)
-        nets = [n.XMLDesc(0).encode() for n in conn.listAllNetworks(
-            libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE)]
-        doms = [d.XMLDesc(0).encode() for d in conn.listAllDomains(
-            libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
-        conn.close()
-    except libvirt.libvirtError as exc:
-        raise ApplyError(f"libvirt ({uri}): {exc}") from None
-    return nets, doms
-
-
 def cmd_replay(args) -> int:
+    from .log import log
     from .ops import replay
-    nets, doms = _libvirt_xml(args.connect)
-    result = replay(nets, doms, dry_run=args.dry_run,
-                    log=(lambda m: _err(m)) if args.verbose else (lambda m: None))
+    from .virt import live_xml
+    nets, doms = live_xml(args.connect)
+    result = replay(nets, doms, dry_run=args.dry_run, log=log)
     for problem in result.problems:
         _err(problem)
     if args.dry_run:
@@ -91,11 +75,83 @@ def cmd_status(args) -> int:
 
 
 def cmd_flush(args) -> int:
+    from .log import log
     from .ops import flush
     result = flush()
+    if result.payload:
+        log("flush: removed all kvmufw rules and chains")
     print("removed all kvmufw rules and chains" if result.payload
           else "no kvmufw rules or chains present")
     return 0
+
+
+def cmd_forward(args) -> int:
+    from . import edit
+    from .log import log
+    if args.action == "list":
+        if len(args.args) > 1 or (args.network and args.args):
+            raise InputError("usage: kvmufw_hook forward list [DOMAIN | --network NAME]")
+        rows = edit.list_forwards(args.connect, args.args[0] if args.args else None,
+                                  args.network)
+        if args.json:
+            json.dump(rows, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return 0
+        table = [("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "COMMENT")]
+        for r in rows:
+            guest = r.get("guest-ip") or r.get("guest-mac") or r.get("mac") or "(reservation)"
+            table.append((r["owner"] + ("" if r["active"] else " (inactive)"),
+                          r.get("proto", "tcp"), f"{r.get('host-ip', '*')}:{r['host-port']}",
+                          f"{guest}:{r.get('guest-port', r['host-port'])}",
+                          r.get("source", "any"), r.get("comment", "")))
+        widths = [max(len(row[i]) for row in table) for i in range(5)]
+        for row in table:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[5])
+        return 0
+    expected = 1 if args.network else 2
+    if len(args.args) != expected:
+        raise InputError(f"usage: kvmufw_hook forward {args.action} "
+                         + ("--network NAME SPEC" if args.network else "DOMAIN SPEC")
+                         + "  (SPEC: HOST_PORT[:GUEST_PORT][/PROTO])")
+    target, spec_text = (args.network, args.args[0]) if args.network else args.args
+    spec = edit.parse_spec(spec_text)
+    if args.action == "remove":
+        extra = [o for o in ("source", "host_ip", "mac", "comment", "guest_ip", "guest_mac")
+                 if getattr(args, o, None)]
+        if extra or ":" in spec_text:
+            raise InputError("forward remove takes only DOMAIN (or --network NAME) and "
+                             "HOST_PORT[/PROTO]")
+    else:
+        for option, attr in (("source", "source"), ("host_ip", "host-ip"),
+                             ("comment", "comment"), ("mac", "mac"),
+                             ("guest_ip", "guest-ip"), ("guest_mac", "guest-mac")):
+            if getattr(args, option, None):
+                spec[attr] = getattr(args, option)
+        if args.network and not (args.guest_ip or args.guest_mac):
+            raise InputError("a network forward needs --guest-ip or --guest-mac")
+        if args.network and args.mac:
+            raise InputError("--mac picks a domain's NIC; with --network use --guest-mac")
+        if not args.network and (args.guest_mac):
+            raise InputError("--guest-mac is for --network forwards; a domain forward "
+                             "picks its NIC with --mac")
+        label = f"{'network' if args.network else 'domain'} '{target}'"
+        edit.validate_spec(spec, bool(args.network), label)
+    change = edit.edit_network if args.network else edit.edit_domain
+    message = change(args.connect, target, args.action, spec, log=log)
+    log(message)
+    print(message)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from . import doctor
+    findings = doctor.run(args.connect)
+    if args.json:
+        json.dump(doctor.as_json(findings), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(doctor.format_findings(findings))
+    return 1 if any(f.level == "FAIL" for f in findings) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +190,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser(
+        "forward", help="add, remove or list port forwards (edits the metadata, applies now)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Edit the forwards metadata through libvirt and apply it at once: a "
+        "running guest keeps running; a network's persistent definition is updated and its "
+        "rules applied now. Everything is checked before anything is written.",
+        epilog="examples:\n"
+        "  kvmufw_hook forward add web1 2222:22\n"
+        "  kvmufw_hook forward add web1 6000-6002:5000-5002/udp --source 198.51.100.0/24\n"
+        "  kvmufw_hook forward add --network lab 8080:80 --guest-mac 52:54:00:00:00:20\n"
+        "  kvmufw_hook forward remove web1 2222/tcp\n"
+        "  kvmufw_hook forward list web1")
+    p.add_argument("action", choices=("add", "remove", "list"))
+    p.add_argument("args", nargs="*", metavar="DOMAIN SPEC",
+                   help="the domain (unless --network) and HOST_PORT[:GUEST_PORT][/PROTO]")
+    p.add_argument("--network", metavar="NAME", help="a network forward instead of a domain's")
+    p.add_argument("--source", metavar="CIDR[,CIDR…]", help="only from these addresses")
+    p.add_argument("--host-ip", metavar="IP", help="only to this host address")
+    p.add_argument("--mac", metavar="MAC", help="domain: which NIC")
+    p.add_argument("--guest-ip", metavar="IP", help="the guest's address")
+    p.add_argument("--guest-mac", metavar="MAC",
+                   help="network: resolve the guest through <dhcp><host>")
+    p.add_argument("--comment", metavar="TEXT", help="shown by status and list")
+    p.add_argument("--json", action="store_true", help="list: machine-readable output")
+    p.add_argument("-c", "--connect", default="qemu:///system", metavar="URI",
+                   help="libvirt URI (default: %(default)s)")
+    p.set_defaults(func=cmd_forward)
+
+    p = sub.add_parser("doctor", help="check the host; each finding with its fix",
+                       epilog="example:\n  kvmufw_hook doctor --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Check IP forwarding, UFW, libvirt's firewall backend and "
+                       "chains, our jumps, the hooks, and every forward. Exit 1 if anything "
+                       "FAILs.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-c", "--connect", default="qemu:///system", metavar="URI",
+                   help="libvirt URI (default: %(default)s)")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("flush", help="remove all our rules and chains",
                        epilog="example:\n  kvmufw_hook flush",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,12 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # `forward add --network lab 8080:80`: positionals after an option land in extra
+        if extra and getattr(args, "func", None) is cmd_forward \
+                and not any(e.startswith("-") for e in extra):
+            args.args += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse: --help/--version exit 0, bad usage exits 2
         return int(exc.code or 0)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    if args.verbose:
+        from . import log
+        log.VERBOSE = True
     try:
         return args.func(args)
     except InputError as exc:

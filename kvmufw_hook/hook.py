@@ -10,8 +10,9 @@ return 0 (non-zero from ``reconnect`` kills the running guest); ``migrate`` and
 ``restore`` return 0 and never write to stdout (stdout would replace the domain XML).
 """
 
-import os
 import sys
+
+from .log import log
 
 NAMESPACE = b"urn:kvmufw:1"
 
@@ -22,21 +23,6 @@ NEVER_FAIL = {("network", "stopped"), ("network", "port-created"),
               ("network", "port-deleted"), ("network", "updated"),
               ("qemu", "stopped"), ("qemu", "release"), ("qemu", "reconnect"),
               ("qemu", "migrate"), ("qemu", "restore")}
-
-
-def log(message: str, error: bool = False) -> None:
-    """syslog (ident kvmufw_hook) always; stderr too when it is an error, so that
-    libvirt shows it (``virsh start`` prints the hook's stderr on failure)."""
-    line = " ".join(message.split())
-    try:
-        import syslog
-        syslog.openlog("kvmufw_hook", syslog.LOG_PID, syslog.LOG_DAEMON)
-        syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
-    except Exception:  # no syslog socket: stderr still has it
-        pass
-    if error or os.environ.get("KVMUFW_DEBUG"):
-        sys.stderr.write(f"kvmufw_hook: {line}\n")
-        sys.stderr.flush()
 
 
 def _has_domain_state(name: str) -> bool:
@@ -113,8 +99,15 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         return
     from . import ops
     if kind == "network":
-        from .parse import parse_hookdata
+        from . import state
+        from .parse import parse_hookdata, parse_network_xml
         net, port = parse_hookdata(data)
+        if op in ("start", "started"):
+            state.forget_network_override(net.name)  # live XML = persistent definition now
+        elif op != "stopped":
+            override = state.network_override(net.name)
+            if override is not None:
+                net, data = parse_network_xml(override), override
         if op == "start":
             ops.validate_network(net)
         elif op == "started":

@@ -60,6 +60,25 @@ def network_unchanged(name: str, xml: bytes) -> bool:
 
 def forget_network(name: str) -> None:
     _remove(network_path(name))
+    forget_network_override(name)
+
+
+def _override_path(name: str) -> str:
+    return os.path.join(state_dir(), "overrides", safe_name(name) + ".xml")
+
+
+def save_network_override(name: str, xml: bytes) -> None:
+    """``forward add --network`` on an active network: libvirt keeps the running
+    network's XML until it restarts, so hooks take the network from here until then."""
+    _write(_override_path(name), xml)
+
+
+def network_override(name: str) -> bytes | None:
+    return _read(_override_path(name))
+
+
+def forget_network_override(name: str) -> None:
+    _remove(_override_path(name))
 
 
 def save_domain(name: str, xml: bytes) -> None:

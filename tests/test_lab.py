@@ -5,6 +5,7 @@ Every scenario asserts what packets did. ``test_without_the_product`` runs the s
 probes on a lab where kvmufw_hook is not installed and shows them failing.
 """
 
+import json
 import re
 import time
 
@@ -375,7 +376,6 @@ def test_without_the_product_the_same_probes_fail():
 
 
 def test_status_flush_and_replay_from_the_command_line(lab, guest):
-    import json
     guest("web1", [("lab", "52:54:00:00:00:05")],
           forwards('host-port="2222" guest-port="22" comment="ssh \'web\'"'))
 
@@ -406,6 +406,112 @@ def test_status_flush_and_replay_from_the_command_line(lab, guest):
     assert status()[0][0]["present"] is True
     assert lab.ask("inet", "tcp", "203.0.113.1", 2222) == "203.0.113.2"
     assert lab.run("kvmufw_hook", "replay", "--dry-run").stdout == "# nothing to change\n"
+
+
+# --------------------------------------------------------------------------- operators
+
+def kvmufw(lab, *argv, status=0):
+    proc = lab.run("kvmufw_hook", *argv, check=False)
+    assert proc.returncode == status, (argv, proc.stdout, proc.stderr)
+    return proc
+
+
+def test_forward_add_and_remove_on_a_running_guest(lab, guest):
+    guest("fa1", [("lab", "52:54:00:00:00:05")])
+    domid = lab.virsh("domid", "fa1").strip()
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2301, 1.0) is None
+    out = kvmufw(lab, "forward", "add", "fa1", "2301:22", "--comment", "ssh").stdout
+    assert out == "domain 'fa1': add tcp 2301: applied\n"
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2301) == "203.0.113.2"
+    assert lab.virsh("domid", "fa1").strip() == domid  # the guest was not restarted
+    assert 'host-port="2301"' in lab.virsh("dumpxml", "--inactive", "fa1")
+    assert 'host-port="2301"' in lab.virsh("dumpxml", "fa1")
+
+    guest("fa2", [("lab", "52:54:00:00:00:06")], forwards('host-port="2302" guest-port="22"'))
+    xml, rules = lab.virsh("dumpxml", "--inactive", "fa1"), lab.save()
+    for argv, message in [
+        (["fa1", "22abc"], "expected HOST_PORT[:GUEST_PORT][/PROTO]"),
+        (["fa1", "2303:22", "--source", "10.0.0.0/33"], "'10.0.0.0/33' is not an address"),
+        (["fa1", "70000"], "outside 1-65535"),
+        (["fa1", "2301:22"], "tcp 2301 is already forwarded"),
+        (["fa1", "2302:22"], "host port already forwarded by domain 'fa2'"),
+        (["fa1", "2304:22", "--guest-ip", "10.99.0.1"], "outside the subnets"),
+        (["nosuch", "2305"], "no domain named 'nosuch'"),
+    ]:
+        err = kvmufw(lab, "forward", "add", *argv, status=2).stderr
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert lab.virsh("dumpxml", "--inactive", "fa1") == xml and lab.save() == rules
+
+    listed = kvmufw(lab, "forward", "list", "fa1").stdout
+    assert re.search(r"domain fa1\s+tcp\s+\*:2301\s+\(reservation\):22\s+any\s+ssh", listed)
+    assert kvmufw(lab, "forward", "remove", "fa1", "2301/udp", status=2).stderr.count("\n") == 1
+    kvmufw(lab, "forward", "remove", "fa1", "2301/tcp")
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2301, 1.0) is None
+    assert "2301" not in lab.virsh("dumpxml", "--inactive", "fa1")
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2302) == "203.0.113.2"
+
+
+def test_forward_add_to_an_inactive_guest_and_to_a_network(lab):
+    lab.define_domain("fa3", [("lab", "52:54:00:00:00:05")])
+    try:
+        out = kvmufw(lab, "forward", "add", "fa3", "2310:22").stdout
+        assert "saved; applied when the guest starts" in out
+        assert lab.ask("inet", "tcp", "203.0.113.1", 2310, 1.0) is None
+        lab.virsh("start", "fa3")
+        assert lab.ask("inet", "tcp", "203.0.113.1", 2310) == "203.0.113.2"
+    finally:
+        lab.virsh("destroy", "fa3", check=False)
+        lab.virsh("undefine", "fa3", check=False)
+
+    err = kvmufw(lab, "forward", "add", "--network", "opennet", "8091:80", status=2).stderr
+    assert "needs --guest-ip or --guest-mac" in err
+    kvmufw(lab, "forward", "add", "--network", "opennet", "8091:80", "--guest-ip", "10.40.0.5")
+    assert lab.ask("inet", "tcp", "203.0.113.1", 8091) == "203.0.113.2"
+    assert 'host-port="8091"' in lab.virsh("net-dumpxml", "--inactive", "opennet")
+    status = json.loads(kvmufw(lab, "status", "--json").stdout)
+    [opennet] = [n for n in status["networks"] if n["name"] == "opennet"]
+    assert any(f["host_port"] == "8091" and f["present"] for f in opennet["forwards"])
+    # a guest starting on that network (port-created) keeps the added forward in place
+    lab.define_domain("fa4", [("opennet", "52:54:00:00:40:05")])
+    try:
+        lab.virsh("start", "fa4")
+        assert lab.ask("inet", "tcp", "203.0.113.1", 8091) == "203.0.113.2"
+    finally:
+        lab.virsh("destroy", "fa4", check=False)
+        lab.virsh("undefine", "fa4", check=False)
+    kvmufw(lab, "forward", "remove", "--network", "opennet", "8091")
+    assert lab.ask("inet", "tcp", "203.0.113.1", 8091, 1.0) is None
+    assert "8091" not in lab.virsh("net-dumpxml", "--inactive", "opennet")
+
+
+def test_doctor_on_a_healthy_host_and_after_a_reload_that_wiped_libvirt(lab, guest):
+    guest("web1", [("lab", "52:54:00:00:00:05")], forwards('host-port="2222" guest-port="22"'))
+    healthy_report = kvmufw(lab, "doctor").stdout
+    assert "FAIL" not in healthy_report.replace("0 FAIL", ""), healthy_report
+    findings = json.loads(kvmufw(lab, "doctor", "--json").stdout)
+    assert {f["level"] for f in findings} <= {"OK", "WARN"}
+    assert any(f["check"] == "forwards" and f["level"] == "OK" for f in findings)
+
+    lab.sh("sed -i 's/^MANAGE_BUILTINS=.*/MANAGE_BUILTINS=yes/' /etc/default/ufw; "
+           "ufw reload >/dev/null")
+    try:
+        proc = kvmufw(lab, "doctor", status=1)
+        assert re.search(r"FAIL  libvirt's chains: missing: LIBVIRT_INP, LIBVIRT_FWX", proc.stdout)
+        assert "fix: restart libvirtd (or virtnetworkd); guests keep running" in proc.stdout
+        assert "WARN  UFW MANAGE_BUILTINS" in proc.stdout
+        findings = json.loads(kvmufw(lab, "doctor", "--json", status=1).stdout)
+        assert [f["check"] for f in findings if f["level"] == "FAIL"] == ["libvirt's chains"]
+    finally:
+        lab.sh("sed -i 's/^MANAGE_BUILTINS=.*/MANAGE_BUILTINS=no/' /etc/default/ufw; "
+               "ufw reload >/dev/null")
+        lab.restart_libvirt()
+    # the restart re-creates libvirt's chains and runs our port-created and reconnect
+    # hooks in the background: give it those few seconds
+    deadline = time.monotonic() + 15
+    while (proc := lab.run("kvmufw_hook", "doctor", check=False)).returncode and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.returncode == 0 and "FAIL" not in proc.stdout.replace("0 FAIL", ""), proc.stdout
 
 
 # --------------------------------------------------------------------------- install.sh

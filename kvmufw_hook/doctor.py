@@ -1,0 +1,208 @@
+"""``kvmufw_hook doctor``: check the host, each finding OK / WARN / FAIL with its fix."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from . import state
+from .backends import default_backend
+from .errors import ApplyError, InputError
+from .names import JUMPS, TABLES
+
+HOOK_FILES = ("/etc/libvirt/hooks/network.d/kvmufw_hook", "/etc/libvirt/hooks/qemu.d/kvmufw_hook")
+DAEMON_PIDFILES = ("/run/libvirtd.pid", "/run/virtnetworkd.pid", "/run/virtqemud.pid")
+SIGHUP_STAMP = "/var/lib/kvmufw_hook/sighup"
+LIBVIRT_CHAINS = ("LIBVIRT_INP", "LIBVIRT_FWX", "LIBVIRT_FWI", "LIBVIRT_FWO")
+
+
+@dataclass
+class Finding:
+    level: str  # OK, WARN, FAIL
+    check: str
+    detail: str
+    fix: str = ""
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _setting(text: str | None, key: str) -> str | None:
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if line.startswith(f"{key}=") or line.startswith(f"{key} ="):
+            return line.split("=", 1)[1].strip().strip('"').strip("'")
+    return None
+
+
+def check_forwarding() -> Finding:
+    value = (_read("/proc/sys/net/ipv4/ip_forward") or "").strip()
+    if value == "1":
+        return Finding("OK", "IP forwarding", "net.ipv4.ip_forward = 1")
+    return Finding("FAIL", "IP forwarding", f"net.ipv4.ip_forward = {value or '?'}: guests "
+                   "cannot reach anything beyond the host",
+                   "sysctl -w net.ipv4.ip_forward=1 (libvirt sets it when a nat or route "
+                   "network starts)")
+
+
+def check_ufw() -> list[Finding]:
+    conf, default = _read("/etc/ufw/ufw.conf"), _read("/etc/default/ufw")
+    if conf is None:
+        return [Finding("OK", "UFW", "not installed: kvmufw_hook works beside any iptables "
+                        "firewall")]
+    out = []
+    enabled = (_setting(conf, "ENABLED") or "no").lower() == "yes"
+    out.append(Finding("OK" if enabled else "WARN", "UFW", "active" if enabled else
+                       "installed but not enabled", "" if enabled else "ufw enable"))
+    policy = _setting(default, "DEFAULT_FORWARD_POLICY") or "DROP"
+    out.append(Finding("OK", "UFW forward policy", f"{policy}: kvmufw_hook's rules come first, "
+                       "so guests work either way; keep it DROP"))
+    after = _read("/etc/ufw/after.init") or ""
+    if "kvmufw_hook replay" not in after or not os.access("/etc/ufw/after.init", os.X_OK):
+        out.append(Finding("FAIL", "UFW after.init", "no executable replay entry: a firewall "
+                           "reload can leave guests without rules", "sudo ./install.sh"))
+    else:
+        out.append(Finding("OK", "UFW after.init", "replays kvmufw_hook on every UFW start"))
+    if (_setting(default, "MANAGE_BUILTINS") or "no").lower() == "yes":
+        out.append(Finding("WARN", "UFW MANAGE_BUILTINS", "yes: every ufw reload flushes all "
+                           "chains, libvirt's included; ours come back through after.init, "
+                           "libvirt's only when libvirt restarts",
+                           "set MANAGE_BUILTINS=no in /etc/default/ufw"))
+    return out
+
+
+def check_libvirt_backend() -> Finding:
+    backend = _setting(_read("/etc/libvirt/network.conf"), "firewall_backend")
+    if backend == "nftables":
+        return Finding("FAIL", "libvirt firewall backend", "nftables: libvirt's rejects live in "
+                       "its own nftables table, where our iptables accepts cannot reach",
+                       'set firewall_backend = "iptables" in /etc/libvirt/network.conf and '
+                       "restart libvirt")
+    return Finding("OK", "libvirt firewall backend", f"{backend or 'iptables (default)'}")
+
+
+def check_rules(snapshot, active_networks: int) -> list[Finding]:
+    out = []
+    chains = set()
+    for table in TABLES:
+        chains |= set(snapshot.tables[table].chains)
+    missing = [c for c in LIBVIRT_CHAINS if c not in chains]
+    if active_networks and missing:
+        out.append(Finding("FAIL", "libvirt's chains", f"missing: {', '.join(missing)} (a "
+                           "firewall reload wiped them); libvirt cannot start networks "
+                           "until it restarts; running guests keep working through our rules",
+                           "restart libvirtd (or virtnetworkd); guests keep running"))
+    elif active_networks:
+        out.append(Finding("OK", "libvirt's chains", "present"))
+    ours = snapshot.ours()
+    tables = [t for t in TABLES if any(ours[t].values())]  # only these need our jumps
+    if tables:
+        bad = [f"{builtin} ({t})" for t in tables if not snapshot.jumps_ok(t)
+               for tt, builtin, _c in JUMPS if tt == t]
+        if bad:
+            out.append(Finding("FAIL", "our jumps", "not exactly once at position 1 in: "
+                               + ", ".join(bad), "kvmufw_hook replay"))
+        else:
+            out.append(Finding("OK", "our jumps", "once each, at position 1"))
+    elif active_networks:
+        out.append(Finding("FAIL", "our rules", "none in the kernel while networks are "
+                           "active", "kvmufw_hook replay"))
+    return out
+
+
+def _start_time(pid: int) -> float | None:
+    stat = _read(f"/proc/{pid}/stat")
+    boot = _read("/proc/stat")
+    if not stat or not boot:
+        return None
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    btime = next((int(l.split()[1]) for l in boot.splitlines() if l.startswith("btime")), 0)
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def check_hooks() -> list[Finding]:
+    out = []
+    for path in HOOK_FILES:
+        if not os.path.exists(path):
+            out.append(Finding("FAIL", "hooks", f"{path} is missing", "sudo ./install.sh"))
+        elif not os.access(path, os.X_OK):
+            out.append(Finding("FAIL", "hooks", f"{path} is not executable",
+                               f"chmod 755 {path}"))
+    if out:
+        return out
+    newest = max(os.stat(p).st_mtime for p in HOOK_FILES)
+    hup = os.stat(SIGHUP_STAMP).st_mtime if os.path.exists(SIGHUP_STAMP) else 0
+    for pidfile in DAEMON_PIDFILES:
+        pid = (_read(pidfile) or "").strip()
+        if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
+            continue
+        started = _start_time(int(pid)) or 0
+        name = (_read(f"/proc/{pid}/comm") or "libvirt").strip()
+        if newest > max(started, hup):
+            out.append(Finding("WARN", "hooks seen by the daemon", f"{name} ({pid}) started "
+                               "before the hooks were installed and has had no SIGHUP since",
+                               f"kill -HUP {pid}"))
+        else:
+            out.append(Finding("OK", "hooks seen by the daemon", f"{name} ({pid})"))
+    if not out:
+        out.append(Finding("OK", "hooks", "installed (no libvirt daemon running)"))
+    return out
+
+
+def check_forwards(uri: str, backend) -> list[Finding]:
+    from .ops import replay
+    from .virt import live_xml
+    try:
+        nets, doms = live_xml(uri)
+    except ApplyError as exc:
+        return [Finding("WARN", "forwards", f"not checked: {exc}", "start libvirt")]
+    result = replay(nets, doms, dry_run=True, backend=backend)
+    out = [Finding("FAIL", "forward", problem, "fix the metadata (virsh edit / net-edit, or "
+                   "kvmufw_hook forward remove)") for problem in result.problems]
+    if result.payload:
+        out.append(Finding("WARN", "rules in the kernel", "differ from what libvirt's live "
+                           "state asks for", "kvmufw_hook replay"))
+    elif not result.problems:
+        out.append(Finding("OK", "forwards", f"{result.owners} owner(s), every forward "
+                           "resolved and in place"))
+    return out
+
+
+def run(uri: str, backend=None) -> list[Finding]:
+    backend = backend or default_backend()
+    findings = [check_forwarding(), *check_ufw(), check_libvirt_backend()]
+    try:
+        snapshot = backend.read()
+    except ApplyError as exc:
+        return findings + [Finding("FAIL", "firewall", str(exc), "install iptables")]
+    try:
+        active = len(state.load_networks())
+    except InputError:
+        active = 0
+    findings += check_rules(snapshot, active)
+    findings += check_hooks()
+    findings += check_forwards(uri, backend)
+    return findings
+
+
+def as_json(findings: list[Finding]) -> list[dict]:
+    return [asdict(f) for f in findings]
+
+
+def format_findings(findings: list[Finding]) -> str:
+    lines = []
+    for f in findings:
+        lines.append(f"{f.level:<4}  {f.check}: {f.detail}")
+        if f.fix and f.level != "OK":
+            lines.append(f"      fix: {f.fix}")
+    fails = sum(f.level == "FAIL" for f in findings)
+    warns = sum(f.level == "WARN" for f in findings)
+    lines.append(f"{fails} FAIL, {warns} WARN, {len(findings) - fails - warns} OK"
+                 f" ({time.strftime('%Y-%m-%d %H:%M:%S')})")
+    return "\n".join(lines) + "\n"

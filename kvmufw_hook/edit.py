@@ -1,0 +1,244 @@
+"""``kvmufw_hook forward add/remove/list``: edit the forwards metadata through libvirt and
+apply the change at once, without restarting the guest or the network.
+
+Everything is validated before anything is written: the new metadata must parse, every
+forward must resolve to a guest address, and no host port may clash with another guest
+or network. Then the metadata is written (a running guest: live and persistent; an
+inactive one: persistent; a network: its persistent definition) and the rules applied.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from lxml import etree
+
+from . import ops, state
+from .errors import InputError, shown
+from .model import Domain, Network
+from .names import domain_owner, network_owner
+from .parse import (
+    DOMAIN_ATTRS,
+    NETWORK_ATTRS,
+    load,
+    parse_domain,
+    parse_forwards,
+    parse_network,
+)
+from .plan import check_conflicts, resolve_domain_forwards, resolve_network_forwards
+from .virt import KEY, NAMESPACE, connect, libvirt_module, lookup_domain, lookup_network
+
+Attrs = dict[str, str]
+_SPEC = re.compile(r"([0-9]+(?:-[0-9]+)?)(?::([0-9]+(?:-[0-9]+)?))?(?:/([A-Za-z]+))?")
+
+
+def parse_spec(spec: str) -> Attrs:
+    """``HOST_PORT[:GUEST_PORT][/PROTO]`` -> forward attributes."""
+    match = _SPEC.fullmatch(spec.strip())
+    if not match:
+        raise InputError(f"{shown(spec)}: expected HOST_PORT[:GUEST_PORT][/PROTO], "
+                         "e.g. 2222:22/tcp or 6000-6002:5000-5002/udp")
+    attrs = {"host-port": match.group(1)}
+    if match.group(2):
+        attrs["guest-port"] = match.group(2)
+    if match.group(3):
+        attrs["proto"] = match.group(3).lower()
+    return attrs
+
+
+def _forwards_of(root: etree._Element) -> list[Attrs]:
+    """The attributes of each ``<forward>`` in our metadata, as written."""
+    metadata = root.find("metadata")
+    if metadata is None:
+        return []
+    out = []
+    for el in metadata:
+        if isinstance(el.tag, str) and etree.QName(el).namespace == NAMESPACE:
+            for fwd in el:
+                if isinstance(fwd.tag, str):
+                    out.append({etree.QName(k).localname: v for k, v in fwd.attrib.items()})
+    return out
+
+
+def _forwards_element(forwards: list[Attrs]) -> etree._Element:
+    root = etree.Element(f"{{{NAMESPACE}}}forwards", nsmap={KEY: NAMESPACE})
+    for attrs in forwards:
+        fwd = etree.SubElement(root, f"{{{NAMESPACE}}}forward")
+        for key, value in attrs.items():
+            fwd.set(key, value)
+    return root
+
+
+def _plain_forwards(forwards: list[Attrs]) -> str:
+    """The same without a namespace: what ``virDomainSetMetadata`` takes (libvirt puts
+    the element in ``urn:kvmufw:1`` under the key itself, as ``virsh metadata`` does)."""
+    root = etree.Element("forwards")
+    for attrs in forwards:
+        fwd = etree.SubElement(root, "forward")
+        for key, value in attrs.items():
+            fwd.set(key, value)
+    return etree.tostring(root).decode()
+
+
+def _with_forwards(root: etree._Element, forwards: list[Attrs]) -> etree._Element:
+    """A copy of a domain/network element whose metadata holds exactly ``forwards``."""
+    copy = etree.fromstring(etree.tostring(root))
+    metadata = copy.find("metadata")
+    if metadata is None:
+        metadata = etree.Element("metadata")
+        anchor = copy.find("uuid") if copy.find("uuid") is not None else copy.find("name")
+        anchor.addnext(metadata)
+    for el in list(metadata):
+        if isinstance(el.tag, str) and etree.QName(el).namespace == NAMESPACE:
+            metadata.remove(el)
+    if forwards:
+        metadata.append(_forwards_element(forwards))
+    return copy
+
+
+def _same_port(attrs: Attrs, host_port: str, proto: str) -> bool:
+    return (attrs.get("host-port", "").strip() == host_port
+            and attrs.get("proto", "tcp").strip().lower() == proto)
+
+
+def _change(action: str, spec: Attrs, what: str) -> Callable[[list[Attrs]], list[Attrs]]:
+    host_port, proto = spec["host-port"], spec.get("proto", "tcp")
+
+    def change(forwards: list[Attrs]) -> list[Attrs]:
+        if action == "add":
+            if any(_same_port(f, host_port, proto) for f in forwards):
+                raise InputError(f"{what}: {proto} {host_port} is already forwarded; "
+                                 "remove it first")
+            return forwards + [spec]
+        kept = [f for f in forwards if not _same_port(f, host_port, proto)]
+        if len(kept) == len(forwards):
+            raise InputError(f"{what}: no forward of {proto} {host_port}")
+        return kept
+    return change
+
+
+# --------------------------------------------------------------------------- live state
+
+def _live(conn) -> tuple[dict[str, Network], dict[str, Domain]]:
+    libvirt = libvirt_module()
+    networks = {}
+    for net in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
+        model = parse_network(load(net.XMLDesc(0), f"network {net.name()}"))
+        override = state.network_override(model.name)
+        networks[model.name] = parse_network(load(override)) if override else model
+    domains = {}
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        try:
+            model = parse_domain(load(dom.XMLDesc(0), f"domain {dom.name()}"))
+        except InputError:
+            continue  # a guest with broken metadata claims nothing we could check
+        domains[model.name] = model
+    return networks, domains
+
+
+def _check(label: str, owner: str, forwards, networks, domains) -> None:
+    others = ops.claims(networks, domains, owner)
+    check_conflicts(label, forwards, others)
+
+
+# --------------------------------------------------------------------------- commands
+
+def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
+    libvirt = libvirt_module()
+    conn = connect(uri, readonly=False)
+    try:
+        dom = lookup_domain(conn, name)
+        running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+        what = f"domain {shown(name)}"
+        flags = 0 if running else libvirt.VIR_DOMAIN_XML_INACTIVE
+        root = load(dom.XMLDesc(flags), what)
+        forwards = _change(action, spec, what)(_forwards_of(root))
+        candidate = parse_domain(_with_forwards(root, forwards))
+        if running:
+            networks, domains = _live(conn)
+            resolve_domain_forwards(candidate, networks)
+            _check(what, domain_owner(name), candidate.forwards, networks, domains)
+        else:
+            check_conflicts(what, candidate.forwards, ())
+        write = (libvirt.VIR_DOMAIN_AFFECT_LIVE
+                 | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0)) if running \
+            else libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        meta = _plain_forwards(forwards) if forwards else None
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta, KEY if meta else None,
+                        NAMESPACE, write)
+        if running:
+            live = dom.XMLDesc(0).encode()
+            ops.domain_started(parse_domain(load(live)), live, log=log)
+        return (f"{what}: {action} {spec.get('proto', 'tcp')} {spec['host-port']}: "
+                + ("applied" if running else "saved; applied when the guest starts"))
+    except libvirt.libvirtError as exc:
+        raise InputError(f"domain {shown(name)}: libvirt refused the change: {exc}") from None
+    finally:
+        conn.close()
+
+
+def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
+    libvirt = libvirt_module()
+    conn = connect(uri, readonly=False)
+    try:
+        net = lookup_network(conn, name)
+        what = f"network {shown(name)}"
+        persistent = load(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE), what)
+        forwards = _change(action, spec, what)(_forwards_of(persistent))
+        new_persistent = _with_forwards(persistent, forwards)
+        candidate = parse_network(new_persistent)
+        resolve_network_forwards(candidate)
+        active = bool(net.isActive())
+        live = None
+        if active:
+            networks, domains = _live(conn)
+            live = _with_forwards(load(net.XMLDesc(0), what), forwards)
+            live_model = parse_network(live)
+            resolve_network_forwards(live_model)
+            _check(what, network_owner(name), live_model.forwards, networks, domains)
+        conn.networkDefineXML(etree.tostring(new_persistent).decode())
+        if live is not None:
+            # libvirt keeps the running network's XML until it restarts: the hooks take
+            # the forwards from this override until then
+            data = etree.tostring(live)
+            state.save_network_override(name, data)
+            ops.network_started(live_model, data, log=log)
+        return (f"{what}: {action} {spec.get('proto', 'tcp')} {spec['host-port']}: "
+                + ("applied" if active else "saved; applied when the network starts"))
+    except libvirt.libvirtError as exc:
+        raise InputError(f"network {shown(name)}: libvirt refused the change: {exc}") from None
+    finally:
+        conn.close()
+
+
+def validate_spec(spec: Attrs, network: bool, label: str) -> None:
+    """The attributes alone, before libvirt is asked anything."""
+    allowed = NETWORK_ATTRS if network else DOMAIN_ATTRS
+    element = etree.Element("metadata")
+    element.append(_forwards_element([spec]))
+    parse_forwards(element, label, allowed)
+
+
+def list_forwards(uri: str, domain: str | None, network: str | None) -> list[dict]:
+    libvirt = libvirt_module()
+    conn = connect(uri)
+    try:
+        rows = []
+        if network:
+            objs = [("network", lookup_network(conn, network))]
+        elif domain:
+            objs = [("domain", lookup_domain(conn, domain))]
+        else:
+            objs = [("network", n) for n in conn.listAllNetworks()] + \
+                   [("domain", d) for d in conn.listAllDomains()]
+        for kind, obj in objs:
+            inactive = (libvirt.VIR_NETWORK_XML_INACTIVE if kind == "network"
+                        else libvirt.VIR_DOMAIN_XML_INACTIVE)
+            xml = obj.XMLDesc(0 if obj.isActive() and kind == "domain" else inactive)
+            for attrs in _forwards_of(load(xml, f"{kind} {obj.name()}")):
+                rows.append({"owner": f"{kind} {obj.name()}", "active": bool(obj.isActive()),
+                             **attrs})
+        return rows
+    finally:
+        conn.close()

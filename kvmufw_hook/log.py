@@ -1,0 +1,21 @@
+"""Logging for hooks and commands: syslog with the ident ``kvmufw_hook`` (journald shows
+it), and stderr for errors, so that ``virsh`` shows why a hook refused, or for everything
+with ``-v``. Cheap to import: it is on every hook's path."""
+
+import os
+import sys
+
+VERBOSE = bool(os.environ.get("KVMUFW_DEBUG"))
+
+
+def log(message: str, error: bool = False) -> None:
+    line = " ".join(str(message).split())
+    try:
+        import syslog
+        syslog.openlog("kvmufw_hook", syslog.LOG_PID, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
+    except Exception:  # noqa: BLE001 - no syslog socket: stderr still has errors
+        pass
+    if error or VERBOSE:
+        sys.stderr.write(f"kvmufw_hook: {line}\n")
+        sys.stderr.flush()
