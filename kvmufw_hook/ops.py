@@ -167,6 +167,8 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     if dom.forwards:
         log(f"domain {shown(dom.name)}: {len(dom.forwards)} forward(s), "
             + ("applied" if applied.payload else "already in place"))
+    elif applied.payload:
+        log(f"domain {shown(dom.name)}: forwards removed")
     return applied
 
 
@@ -257,6 +259,10 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
             state.replace_all(
                 {name: raw for name, (net, raw) in networks.items() if net.managed},
                 {name: raw for name, (dom, raw) in domains.items() if dom.forwards})
+    if not dry_run:
+        log(f"replay: {len(host.rules)} owner(s) with rules, "
+            + ("changed" if payload else "nothing to change")
+            + (f", {len(problems)} problem(s)" if problems else ""))
     return Replayed(payload, problems, len(host.rules))
 
 

@@ -445,7 +445,8 @@ def test_forward_add_and_remove_on_a_running_guest(lab, guest):
     listed = kvmufw(lab, "forward", "list", "fa1").stdout
     assert re.search(r"domain fa1\s+tcp\s+\*:2301\s+\(reservation\):22\s+any\s+ssh", listed)
     assert kvmufw(lab, "forward", "remove", "fa1", "2301/udp", status=2).stderr.count("\n") == 1
-    kvmufw(lab, "forward", "remove", "fa1", "2301/tcp")
+    proc = kvmufw(lab, "-v", "forward", "remove", "fa1", "2301/tcp")
+    assert "kvmufw_hook: domain 'fa1': forwards removed" in proc.stderr  # -v: what it did
     assert lab.ask("inet", "tcp", "203.0.113.1", 2301, 1.0) is None
     assert "2301" not in lab.virsh("dumpxml", "--inactive", "fa1")
     assert lab.ask("inet", "tcp", "203.0.113.1", 2302) == "203.0.113.2"
