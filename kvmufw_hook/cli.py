@@ -154,6 +154,11 @@ def cmd_doctor(args) -> int:
     return 1 if any(f.level == "FAIL" for f in findings) else 0
 
 
+def _add_connect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--connect", default="qemu:///system", metavar="URI",
+                        help="libvirt URI (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmufw_hook", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -180,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true",
                    help="print the change instead of applying it")
-    p.add_argument("-c", "--connect", default="qemu:///system", metavar="URI",
-                   help="libvirt URI (default: %(default)s)")
+    _add_connect(p)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("status", help="each forward, its target and whether its rules are in",
@@ -214,8 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network: resolve the guest through <dhcp><host>")
     p.add_argument("--comment", metavar="TEXT", help="shown by status and list")
     p.add_argument("--json", action="store_true", help="list: machine-readable output")
-    p.add_argument("-c", "--connect", default="qemu:///system", metavar="URI",
-                   help="libvirt URI (default: %(default)s)")
+    _add_connect(p)
     p.set_defaults(func=cmd_forward)
 
     p = sub.add_parser("doctor", help="check the host; each finding with its fix",
@@ -225,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "chains, our jumps, the hooks, and every forward. Exit 1 if anything "
                        "FAILs.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-c", "--connect", default="qemu:///system", metavar="URI",
-                   help="libvirt URI (default: %(default)s)")
+    _add_connect(p)
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("flush", help="remove all our rules and chains",

@@ -10,7 +10,8 @@ inactive one: persistent; a network: its persistent definition) and the rules ap
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from lxml import etree
 
@@ -27,7 +28,7 @@ from .parse import (
     parse_network,
 )
 from .plan import check_conflicts, resolve_domain_forwards, resolve_network_forwards
-from .virt import KEY, NAMESPACE, connect, libvirt_module, lookup_domain, lookup_network
+from .virt import KEY, NAMESPACE, connect, libvirt_module, lookup
 
 Attrs = dict[str, str]
 _SPEC = re.compile(r"([0-9]+(?:-[0-9]+)?)(?::([0-9]+(?:-[0-9]+)?))?(?:/([A-Za-z]+))?")
@@ -144,13 +145,29 @@ def _check(label: str, owner: str, forwards, networks, domains) -> None:
 
 # --------------------------------------------------------------------------- commands
 
-def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
+@contextmanager
+def _editing(uri: str, kind: str, name: str) -> Iterator[tuple]:
+    """(libvirt module, connection, object) for a change; libvirt's refusals become one
+    line naming the object."""
     libvirt = libvirt_module()
     conn = connect(uri, readonly=False)
     try:
-        dom = lookup_domain(conn, name)
+        yield libvirt, conn, lookup(conn, kind, name)
+    except libvirt.libvirtError as exc:
+        raise InputError(f"{kind} {shown(name)}: libvirt refused the change: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _done(what: str, action: str, spec: Attrs, now: bool, later: str) -> str:
+    return (f"{what}: {action} {spec.get('proto', 'tcp')} {spec['host-port']}: "
+            + ("applied" if now else f"saved; applied when {later}"))
+
+
+def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
+    what = f"domain {shown(name)}"
+    with _editing(uri, "domain", name) as (libvirt, conn, dom):
         running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
-        what = f"domain {shown(name)}"
         flags = 0 if running else libvirt.VIR_DOMAIN_XML_INACTIVE
         root = load(dom.XMLDesc(flags), what)
         forwards = _change(action, spec, what)(_forwards_of(root))
@@ -170,27 +187,17 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: Non
         if running:
             live = dom.XMLDesc(0).encode()
             ops.domain_started(parse_domain(load(live)), live, log=log)
-        return (f"{what}: {action} {spec.get('proto', 'tcp')} {spec['host-port']}: "
-                + ("applied" if running else "saved; applied when the guest starts"))
-    except libvirt.libvirtError as exc:
-        raise InputError(f"domain {shown(name)}: libvirt refused the change: {exc}") from None
-    finally:
-        conn.close()
+        return _done(what, action, spec, running, "the guest starts")
 
 
 def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
-    libvirt = libvirt_module()
-    conn = connect(uri, readonly=False)
-    try:
-        net = lookup_network(conn, name)
-        what = f"network {shown(name)}"
+    what = f"network {shown(name)}"
+    with _editing(uri, "network", name) as (libvirt, conn, net):
         persistent = load(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE), what)
         forwards = _change(action, spec, what)(_forwards_of(persistent))
         new_persistent = _with_forwards(persistent, forwards)
-        candidate = parse_network(new_persistent)
-        resolve_network_forwards(candidate)
+        resolve_network_forwards(parse_network(new_persistent))
         active = bool(net.isActive())
-        live = None
         if active:
             networks, domains = _live(conn)
             live = _with_forwards(load(net.XMLDesc(0), what), forwards)
@@ -198,18 +205,13 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
             resolve_network_forwards(live_model)
             _check(what, network_owner(name), live_model.forwards, networks, domains)
         conn.networkDefineXML(etree.tostring(new_persistent).decode())
-        if live is not None:
+        if active:
             # libvirt keeps the running network's XML until it restarts: the hooks take
             # the forwards from this override until then
             data = etree.tostring(live)
             state.save_network_override(name, data)
             ops.network_started(live_model, data, log=log)
-        return (f"{what}: {action} {spec.get('proto', 'tcp')} {spec['host-port']}: "
-                + ("applied" if active else "saved; applied when the network starts"))
-    except libvirt.libvirtError as exc:
-        raise InputError(f"network {shown(name)}: libvirt refused the change: {exc}") from None
-    finally:
-        conn.close()
+        return _done(what, action, spec, active, "the network starts")
 
 
 def validate_spec(spec: Attrs, network: bool, label: str) -> None:
@@ -226,9 +228,9 @@ def list_forwards(uri: str, domain: str | None, network: str | None) -> list[dic
     try:
         rows = []
         if network:
-            objs = [("network", lookup_network(conn, network))]
+            objs = [("network", lookup(conn, "network", network))]
         elif domain:
-            objs = [("domain", lookup_domain(conn, domain))]
+            objs = [("domain", lookup(conn, "domain", domain))]
         else:
             objs = [("network", n) for n in conn.listAllNetworks()] + \
                    [("domain", d) for d in conn.listAllDomains()]

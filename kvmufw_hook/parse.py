@@ -204,16 +204,21 @@ def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> F
     )
 
 
+def _named(el: etree._Element, kind: str) -> tuple[str, str]:
+    """The object's name, and how messages call it: ``domain 'web1'``."""
+    if _local(el) != kind:
+        raise InputError(f"expected <{kind}>, found <{_local(el)}>")
+    name = _text(el, "name")
+    if not name:
+        raise InputError(f"{kind}: <name> is missing")
+    return name, f"{kind} {shown(name)}"
+
+
 # --------------------------------------------------------------------------- network
 
 def parse_network(el: etree._Element) -> Network:
     """A ``<network>`` element (live or persistent definition)."""
-    if _local(el) != "network":
-        raise InputError(f"expected <network>, found <{_local(el)}>")
-    name = _text(el, "name")
-    if not name:
-        raise InputError("network: <name> is missing")
-    what = f"network {shown(name)}"
+    name, what = _named(el, "network")
     fwd = el.find("forward")
     if fwd is None:
         mode = "isolated"
@@ -288,12 +293,7 @@ def parse_hookdata(data: bytes | str) -> tuple[Network, NetworkPort | None]:
 # --------------------------------------------------------------------------- domain
 
 def parse_domain(el: etree._Element) -> Domain:
-    if _local(el) != "domain":
-        raise InputError(f"expected <domain>, found <{_local(el)}>")
-    name = _text(el, "name")
-    if not name:
-        raise InputError("domain: <name> is missing")
-    what = f"domain {shown(name)}"
+    name, what = _named(el, "domain")
     nics: list[Nic] = []
     for iface in el.findall("devices/interface"):
         kind = iface.get("type", "")

@@ -105,20 +105,25 @@ def _read(path: str) -> bytes | None:
         return None
 
 
-def load_networks(log=None) -> dict:
-    """name -> Network of every active network we know of."""
-    from .parse import parse_network_xml
-    networks = {}
-    for path in _files(os.path.join(state_dir(), "networks")) + _files(libvirt_network_dir()):
+def _parsed(paths: list[str], parse, log):
+    """(object, raw bytes) of each file that parses; the others are logged and skipped."""
+    for path in paths:
         data = _read(path)
         if data is None:
             continue
         try:
-            net = parse_network_xml(data)
+            yield parse(data), data
         except InputError as exc:
             if log:
                 log(f"ignoring {path}: {exc}")
-            continue
+
+
+def load_networks(log=None) -> dict:
+    """name -> Network of every active network we know of."""
+    from .parse import parse_network_xml
+    networks: dict = {}
+    paths = _files(os.path.join(state_dir(), "networks")) + _files(libvirt_network_dir())
+    for net, _data in _parsed(paths, parse_network_xml, log):
         networks.setdefault(net.name, net)
     return networks
 
@@ -126,19 +131,8 @@ def load_networks(log=None) -> dict:
 def load_domains(log=None) -> dict:
     """name -> (Domain, raw XML) of every running guest we applied forwards for."""
     from .parse import parse_domain_xml
-    domains = {}
-    for path in _files(os.path.join(state_dir(), "domains")):
-        data = _read(path)
-        if data is None:
-            continue
-        try:
-            dom = parse_domain_xml(data)
-        except InputError as exc:
-            if log:
-                log(f"ignoring {path}: {exc}")
-            continue
-        domains[dom.name] = (dom, data)
-    return domains
+    paths = _files(os.path.join(state_dir(), "domains"))
+    return {dom.name: (dom, data) for dom, data in _parsed(paths, parse_domain_xml, log)}
 
 
 def has_domain(name: str) -> bool:

@@ -43,17 +43,10 @@ def live_xml(uri: str) -> tuple[list[bytes], list[bytes]]:
     return nets, doms
 
 
-def lookup_domain(conn, name: str):
+def lookup(conn, kind: str, name: str):
+    """The libvirt domain or network object of that name; InputError if there is none."""
     libvirt = libvirt_module()
     try:
-        return conn.lookupByName(name)
+        return conn.lookupByName(name) if kind == "domain" else conn.networkLookupByName(name)
     except libvirt.libvirtError:
-        raise InputError(f"no domain named '{name}'") from None
-
-
-def lookup_network(conn, name: str):
-    libvirt = libvirt_module()
-    try:
-        return conn.networkLookupByName(name)
-    except libvirt.libvirtError:
-        raise InputError(f"no network named '{name}'") from None
+        raise InputError(f"no {kind} named '{name}'") from None
