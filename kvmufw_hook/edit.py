@@ -138,11 +138,6 @@ def _live(conn) -> tuple[dict[str, Network], dict[str, Domain]]:
     return networks, domains
 
 
-def _check(label: str, owner: str, forwards, networks, domains) -> None:
-    others = ops.claims(networks, domains, owner)
-    check_conflicts(label, forwards, others)
-
-
 # --------------------------------------------------------------------------- commands
 
 @contextmanager
@@ -175,7 +170,7 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: Non
         if running:
             networks, domains = _live(conn)
             resolve_domain_forwards(candidate, networks)
-            _check(what, domain_owner(name), candidate.forwards, networks, domains)
+            ops.check_claims(what, domain_owner(name), candidate.forwards, networks, domains)
         else:
             check_conflicts(what, candidate.forwards, ())
         write = (libvirt.VIR_DOMAIN_AFFECT_LIVE
@@ -203,7 +198,8 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
             live = _with_forwards(load(net.XMLDesc(0), what), forwards)
             live_model = parse_network(live)
             resolve_network_forwards(live_model)
-            _check(what, network_owner(name), live_model.forwards, networks, domains)
+            ops.check_claims(what, network_owner(name), live_model.forwards, networks,
+                             domains)
         conn.networkDefineXML(etree.tostring(new_persistent).decode())
         if active:
             # libvirt keeps the running network's XML until it restarts: the hooks take

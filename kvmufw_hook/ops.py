@@ -68,14 +68,19 @@ def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     return out
 
 
+def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
+                 networks: Mapping[str, Network], domains: Mapping[str, Domain]) -> None:
+    """InputError if ``owner``'s forwards claim a host port another owner has."""
+    check_conflicts(label, forwards, claims(networks, domains, owner))
+
+
 # --------------------------------------------------------------------------- networks
 
 def validate_network(net: Network) -> None:
     resolve_network_forwards(net)
     if net.forwards:
-        doms = {name: dom for name, (dom, _raw) in state.load_domains().items()}
-        check_conflicts(f"network {shown(net.name)}", net.forwards,
-                        claims(state.load_networks(), doms, network_owner(net.name)))
+        check_claims(f"network {shown(net.name)}", network_owner(net.name), net.forwards,
+                     state.load_networks(), state.load_domains())
 
 
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
@@ -88,10 +93,9 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         domains = state.load_domains(log)
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
         if net.forwards:
-            check_conflicts(f"network {shown(net.name)}", net.forwards,
-                            claims(networks, {n: d for n, (d, _r) in domains.items()},
-                                   network_owner(net.name)))
-        for dom, _raw in domains.values():
+            check_claims(f"network {shown(net.name)}", network_owner(net.name), net.forwards,
+                         networks, domains)
+        for dom in domains.values():
             if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
                    for nic in dom.nics):
                 try:
@@ -133,7 +137,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         owner = port.owner_name if port else None
         domains = state.load_domains(log)
         if owner and owner in domains:
-            dom = domains[owner][0]
+            dom = domains[owner]
             if deleted and port.mac:
                 dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
             try:
@@ -152,9 +156,8 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     with state.locked():
         networks = state.load_networks(log)
         rules = plan_domain_owner(dom, networks)
-        domains = {n: d for n, (d, _r) in state.load_domains(log).items()}
-        check_conflicts(f"domain {shown(dom.name)}", dom.forwards,
-                        claims(networks, domains, owner))
+        check_claims(f"domain {shown(dom.name)}", owner, dom.forwards, networks,
+                     state.load_domains(log))
         if dom.forwards:
             state.save_domain(dom.name, raw)
         else:

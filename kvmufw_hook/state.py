@@ -106,13 +106,13 @@ def _read(path: str) -> bytes | None:
 
 
 def _parsed(paths: list[str], parse, log):
-    """(object, raw bytes) of each file that parses; the others are logged and skipped."""
+    """The object of each file that parses; the others are logged and skipped."""
     for path in paths:
         data = _read(path)
         if data is None:
             continue
         try:
-            yield parse(data), data
+            yield parse(data)
         except InputError as exc:
             if log:
                 log(f"ignoring {path}: {exc}")
@@ -123,16 +123,16 @@ def load_networks(log=None) -> dict:
     from .parse import parse_network_xml
     networks: dict = {}
     paths = _files(os.path.join(state_dir(), "networks")) + _files(libvirt_network_dir())
-    for net, _data in _parsed(paths, parse_network_xml, log):
+    for net in _parsed(paths, parse_network_xml, log):
         networks.setdefault(net.name, net)
     return networks
 
 
 def load_domains(log=None) -> dict:
-    """name -> (Domain, raw XML) of every running guest we applied forwards for."""
+    """name -> Domain of every running guest we applied forwards for."""
     from .parse import parse_domain_xml
     paths = _files(os.path.join(state_dir(), "domains"))
-    return {dom.name: (dom, data) for dom, data in _parsed(paths, parse_domain_xml, log)}
+    return {dom.name: dom for dom in _parsed(paths, parse_domain_xml, log)}
 
 
 def has_domain(name: str) -> bool:

@@ -33,6 +33,14 @@ def _forward(owner: str, target: Target | None, spec, error: str | None, present
     return row
 
 
+def _forwards(owner: str, specs, resolve, present) -> list[dict]:
+    """Rows for an owner's forwards: resolved, or each carrying the reason it is not."""
+    try:
+        return [_forward(owner, t, t.spec, None, present) for t in resolve()]
+    except InputError as exc:
+        return [_forward(owner, None, s, str(exc), present) for s in specs]
+
+
 def collect(backend=None) -> dict:
     backend = backend or default_backend()
     try:
@@ -52,22 +60,14 @@ def collect(backend=None) -> dict:
         owner = network_owner(name)
         entry = {"name": name, "bridge": net.bridge, "mode": net.mode,
                  "subnets": [str(s) for s in net.subnets],
-                 "rules_present": present(plan_network(net)), "forwards": []}
-        try:
-            targets = resolve_network_forwards(net)
-            entry["forwards"] = [_forward(owner, t, t.spec, None, present) for t in targets]
-        except InputError as exc:
-            entry["forwards"] = [_forward(owner, None, s, str(exc), present) for s in net.forwards]
+                 "rules_present": present(plan_network(net))}
+        entry["forwards"] = _forwards(owner, net.forwards,
+                                      lambda net=net: resolve_network_forwards(net), present)
         report["networks"].append(entry)
-    for name, (dom, _raw) in sorted(state.load_domains().items()):
-        owner = domain_owner(name)
-        entry = {"name": name, "forwards": []}
-        try:
-            targets = resolve_domain_forwards(dom, networks)
-            entry["forwards"] = [_forward(owner, t, t.spec, None, present) for t in targets]
-        except InputError as exc:
-            entry["forwards"] = [_forward(owner, None, s, str(exc), present) for s in dom.forwards]
-        report["domains"].append(entry)
+    for name, dom in sorted(state.load_domains().items()):
+        report["domains"].append({"name": name, "forwards": _forwards(
+            domain_owner(name), dom.forwards,
+            lambda dom=dom: resolve_domain_forwards(dom, networks), present)})
     return report
 
 

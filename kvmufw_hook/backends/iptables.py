@@ -165,15 +165,14 @@ def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
         target[table] = {}
         for chain, lines in chains.items():
             new = rendered.get((table, chain), {})
+            tagged = [(line, line_tag(line)) for line in lines]
             old: dict[str, list[str]] = {}
-            for line in lines:
-                parsed = line_tag(line)
+            for line, parsed in tagged:
                 if parsed is not None:
                     old.setdefault(parsed["owner"], []).append(line)
             unchanged = {owner for owner, owned in new.items() if old.get(owner) == owned}
             kept = []
-            for line in lines:
-                parsed = line_tag(line)
+            for line, parsed in tagged:
                 if parsed is None or parsed["owner"] in unchanged or (
                         parsed["owner"] not in rules and not (drop and drop(parsed))):
                     kept.append(line)
