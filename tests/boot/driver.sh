@@ -1,0 +1,321 @@
+#!/bin/bash
+# The boot test's driver, inside the VM (installed as /usr/local/sbin/kvmufw-boot-driver).
+#   kvmufw-boot-driver net   early at every boot (before libvirt): the "internet" namespace,
+#                            reached through eth0, the uplink of the NAT network
+#   kvmufw-boot-driver run   the phase of this boot: 1 installs and sets up, then reboots;
+#                            2 checks with packets after the reboot, reloads and restarts,
+#                            uninstalls, then powers off
+# Results: $STATE/results, one line per check: PHASE<TAB>CHECK<TAB>OK|FAIL|INFO<TAB>DETAIL.
+# The full output of every command goes to $STATE/log; short progress lines to the console.
+# All traffic stays inside this VM: the guest and the "internet" are network namespaces.
+set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export LC_ALL=C.UTF-8
+STATE=/var/lib/kvmufw-boot
+SRC=/root/kvmufw
+PEER="python3 $SRC/peer.py"
+NET=lab
+DOM=web1
+BRIDGE=virbr1
+HOST_WAN=203.0.113.1     # eth0, this host's side of the uplink
+INET_IP=203.0.113.2      # the "internet" namespace
+GUEST_IP=10.0.0.5
+GUEST_MAC=52:54:00:00:00:05
+BOOT_WAIT=${KVMUFW_BOOT_WAIT:-150}   # seconds a boot may take before we call it hung
+mkdir -p "$STATE"
+PHASE=$(cat "$STATE/phase" 2>/dev/null || echo 1)
+
+say() { echo "KVMUFW-BOOT phase $PHASE: $*"; echo "=== $(date +%T) $*" >> "$STATE/log"; }
+oneline() { tr '\n\t' '  ' | sed 's/  */ /g' | cut -c1-1500; }
+# record CHECK OK|FAIL DETAIL
+record() {
+    printf '%s\t%s\t%s\t%s\n' "$PHASE" "$1" "$2" "$(printf '%s' "$3" | oneline)" >> "$STATE/results"
+    say "$1: $2 $(printf '%s' "$3" | oneline | cut -c1-200)"
+    sync
+}
+# logged CMD...: run with a bound, output to the log; returns its status
+logged() {
+    echo "+ $*" >> "$STATE/log"
+    timeout 120 "$@" >> "$STATE/log" 2>&1
+}
+# check CHECK CMD...: record OK if the command succeeds, else FAIL with its last output
+check() {
+    local name=$1 out rc
+    shift
+    echo "+ $*" >> "$STATE/log"
+    out=$(timeout 120 "$@" 2>&1); rc=$?
+    printf '%s\n' "$out" >> "$STATE/log"
+    if [ $rc = 0 ]; then record "$name" OK "$(printf '%s' "$out" | tail -n 3)"
+    else record "$name" FAIL "exit $rc: $(printf '%s' "$out" | tail -n 8)"; fi
+    return $rc
+}
+us_now() { awk '{printf "%d", $1 * 1000000}' /proc/uptime; }
+
+# --------------------------------------------------------------------------- namespaces
+
+setup_internet() {
+    ip netns add inet
+    ip link add eth0 type veth peer name wan
+    ip link set wan netns inet
+    ip addr add "$HOST_WAN/24" dev eth0
+    ip link set eth0 up
+    ip -n inet link set lo up
+    ip -n inet addr add "$INET_IP/24" dev wan
+    ip -n inet link set wan up
+}
+
+# The namespace that plays the guest's services, on the network's bridge.
+setup_guest_ns() {
+    ip netns del guest 2>/dev/null
+    ip link del gport 2>/dev/null
+    ip netns add guest
+    ip link add gport type veth peer name geth
+    ip link set geth netns guest
+    ip -n guest link set lo up
+    ip -n guest link set geth name eth0
+    ip -n guest addr add "$GUEST_IP/24" dev eth0
+    ip -n guest link set eth0 up
+    ip -n guest route add default via 10.0.0.1
+    ip link set gport master "$BRIDGE"
+    ip link set gport up
+}
+
+start_peers() {
+    KVMUFW_PEER_LIFETIME=900 ip netns exec guest $PEER serve tcp 22 80 >/dev/null 2>&1 &
+    KVMUFW_PEER_LIFETIME=900 ip netns exec inet $PEER serve tcp 7000 >/dev/null 2>&1 &
+    sleep 1
+}
+
+# --------------------------------------------------------------------------- checks
+
+# ask NS HOST PORT EXPECTED: a TCP connection from namespace NS; the peer answers with the
+# source address it saw, which must be EXPECTED.
+ask() {
+    local ns=$1 host=$2 port=$3 want=$4 got
+    got=$(ip netns exec "$ns" $PEER ask tcp "$host" "$port" 3)
+    if [ "$got" = "$want" ]; then echo "$ns -> $host:$port answered, source seen $got"; return 0; fi
+    echo "$ns -> $host:$port: ${got:-no answer} (want the peer to see $want)"
+    return 1
+}
+
+# jumps_first: our jump is the first rule of each built-in chain we use.
+jumps_first() {
+    local table chain first bad=""
+    for tc in filter/INPUT filter/FORWARD nat/PREROUTING nat/OUTPUT nat/POSTROUTING; do
+        table=${tc%/*}; chain=${tc#*/}
+        first=$(iptables -w -t "$table" -S "$chain" | sed -n 2p)
+        [ "$first" = "-A $chain -j KVMUFW-$chain" ] || bad="$bad $table/$chain first is '${first:-none}';"
+    done
+    [ -z "$bad" ] && { echo "KVMUFW jumps first in INPUT FORWARD PREROUTING OUTPUT POSTROUTING"; return 0; }
+    echo "$bad"
+    return 1
+}
+
+# jumps_first_within WHEN SECONDS
+jumps_first_within() {
+    local i out
+    for i in $(seq "$2"); do
+        out=$(jumps_first) && { record "jumps-first-$1" OK "$out (after ${i}s)"; return 0; }
+        sleep 1
+    done
+    record "jumps-first-$1" FAIL "after $2 s: $out"
+}
+
+# packets WHEN [network]: the guest forward, egress, and (with "network") the network forward
+packets() {
+    check "dnat-2222-$1" ask inet "$HOST_WAN" 2222 "$INET_IP"
+    check "egress-masquerade-$1" ask guest "$INET_IP" 7000 "$HOST_WAN"
+    if [ "${2:-}" = network ]; then
+        check "network-forward-8080-$1" ask inet "$HOST_WAN" 8080 "$INET_IP"
+    fi
+    logged iptables-save
+}
+
+# wait_boot: bounded wait for the boot to finish; on a hang, record where it hung, then free
+# it (kill what of ours blocks ufw.service), so the later checks still say something.
+wait_boot() {
+    local state hung procs pid
+    state=$(timeout "$BOOT_WAIT" systemctl is-system-running --wait 2>&1)
+    if [ $? = 124 ]; then
+        hung="boot not finished after ${BOOT_WAIT}s (uptime $(cut -d' ' -f1 /proc/uptime)s); jobs: $(systemctl list-jobs --no-legend | head -n 8 | oneline)"
+        procs=$(ps -o pid,etimes,args --no-headers -p "$(tr '\n' ',' < /sys/fs/cgroup/system.slice/ufw.service/cgroup.procs 2>/dev/null)0" 2>/dev/null)
+        record boot-finished FAIL "$hung; ufw.service processes: $procs"
+        logged ps -eo pid,ppid,etimes,args --forest
+        for pid in $(cat /sys/fs/cgroup/system.slice/ufw.service/cgroup.procs 2>/dev/null); do
+            grep -q kvmufw_hook "/proc/$pid/cmdline" 2>/dev/null && kill "$pid" && say "freed the boot: killed $pid ($(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null))"
+        done
+        timeout 120 systemctl is-system-running --wait >/dev/null 2>&1
+    else
+        record boot-finished OK "$state at uptime $(cut -d' ' -f1 /proc/uptime)s"
+    fi
+    record systemd-analyze INFO "$(systemd-analyze 2>&1 | head -n 2)"
+    # ufw.service: did it finish, and how long did its start take?
+    local active enter leave secs
+    active=$(systemctl show -P ActiveState ufw.service)
+    leave=$(systemctl show -P InactiveExitTimestampMonotonic ufw.service)
+    enter=$(systemctl show -P ActiveEnterTimestampMonotonic ufw.service)
+    if [ "$active" = active ] && [ "${enter:-0}" -gt 0 ]; then
+        secs=$(( (enter - leave) / 1000000 ))
+        if [ $secs -le 10 ]; then record ufw-service-start OK "active; its start took ${secs}s"
+        else record ufw-service-start FAIL "active, but its start took ${secs}s (more than 10 s)"; fi
+    else
+        record ufw-service-start FAIL "ufw.service is $active, not started (start began at ${leave}us)"
+    fi
+    logged systemd-analyze blame
+    logged systemd-analyze critical-chain
+}
+
+# wait_for WHAT SECONDS CMD...: bounded poll until CMD succeeds
+wait_for() {
+    local what=$1 secs=$2 i
+    shift 2
+    for i in $(seq "$secs"); do
+        "$@" >/dev/null 2>&1 && { record "$what" OK "after ${i}s"; return 0; }
+        sleep 1
+    done
+    record "$what" FAIL "not within ${secs}s: $("$@" 2>&1 | oneline)"
+    return 1
+}
+net_active() { [ "$(timeout 20 virsh net-info "$NET" | awk '/^Active:/ {print $2}')" = yes ]; }
+dom_running() { [ "$(timeout 20 virsh domstate "$DOM")" = running ]; }
+
+# after_init_bounded: UFW's after.init must never wait on libvirt. At boot, libvirt's socket
+# listens but the daemon waits for ufw.service: a connect succeeds and no answer ever comes.
+# Replay that here, deterministically: a socket that listens and never answers, in a mount
+# namespace of its own, so the running libvirtd is left alone.
+after_init_bounded() {
+    local out rc start secs
+    start=$(date +%s)
+    out=$(unshare --mount --propagation private bash -c '
+        mount -t tmpfs none /run/libvirt
+        python3 -c "import socket, time
+s = socket.socket(socket.AF_UNIX); s.bind(\"/run/libvirt/libvirt-sock\"); s.listen(16)
+time.sleep(40)" &
+        sleep 1
+        timeout 30 /etc/ufw/after.init start; rc=$?
+        kill $! 2>/dev/null
+        exit $rc' 2>&1); rc=$?
+    secs=$(( $(date +%s) - start ))
+    printf '%s\n' "$out" >> "$STATE/log"
+    if [ $rc = 0 ] && [ $secs -le 10 ]; then
+        record after-init-never-waits-on-libvirt OK "after.init start took ${secs}s with a libvirt socket that never answers"
+    else
+        record after-init-never-waits-on-libvirt FAIL "after.init start with a libvirt socket that never answers: exit $rc after ${secs}s (124: still waiting at 30 s); $out"
+    fi
+}
+
+# --------------------------------------------------------------------------- phases
+
+NET_XML="<network><name>$NET</name><forward mode='nat' dev='eth0'/>
+  <bridge name='$BRIDGE' stp='off'/>
+  <ip address='10.0.0.1' prefix='24'><dhcp><range start='10.0.0.100' end='10.0.0.200'/>
+    <host mac='$GUEST_MAC' ip='$GUEST_IP'/></dhcp></ip></network>"
+DOM_XML="<domain type='qemu'><name>$DOM</name><memory unit='MiB'>48</memory><vcpu>1</vcpu>
+  <metadata><kvmufw:forwards xmlns:kvmufw=\"urn:kvmufw:1\">
+    <kvmufw:forward host-port=\"2222\" guest-port=\"22\"/></kvmufw:forwards></metadata>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <devices><interface type='network'><source network='$NET'/><mac address='$GUEST_MAC'/>
+    <model type='e1000'/><rom enabled='no'/></interface>
+    <graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices></domain>"
+
+phase1() {
+    wait_boot
+    check install "$SRC/install.sh"
+    check ufw-enable ufw --force enable
+    printf '%s\n' "$NET_XML" > "$STATE/net.xml"
+    printf '%s\n' "$DOM_XML" > "$STATE/dom.xml"
+    check net-define virsh net-define "$STATE/net.xml"
+    check net-autostart virsh net-autostart "$NET"
+    check net-start virsh net-start "$NET"
+    check dom-define virsh define "$STATE/dom.xml"
+    check dom-autostart virsh autostart "$DOM"
+    check dom-start virsh start "$DOM"
+    setup_guest_ns >> "$STATE/log" 2>&1
+    start_peers
+    packets phase1
+    logged kvmufw_hook status
+    # a diskless guest ignores ACPI: libvirt-guests would wait minutes for it at shutdown
+    check dom-destroy virsh destroy "$DOM"
+    echo 2 > "$STATE/phase"
+    say "rebooting"
+    sync
+    systemctl reboot
+}
+
+phase2() {
+    wait_boot
+    record uptime INFO "$(uptime)"
+    wait_for net-autostarted 120 net_active
+    wait_for dom-autostarted 120 dom_running
+    setup_guest_ns >> "$STATE/log" 2>&1
+    start_peers
+    packets after-boot
+    jumps_first_within after-boot 10
+    logged kvmufw_hook status
+    logged kvmufw_hook doctor
+
+    check forward-add-network kvmufw_hook forward add --network "$NET" 8080:80 --guest-ip "$GUEST_IP"
+    check network-forward-8080-after-add ask inet "$HOST_WAN" 8080 "$INET_IP"
+
+    check ufw-reload ufw reload
+    packets after-ufw-reload network
+    jumps_first_within after-ufw-reload 10
+
+    check libvirtd-restart systemctl restart libvirtd
+    jumps_first_within after-libvirtd-restart 10
+    packets after-libvirtd-restart network
+
+    check manage-builtins sed -i 's/^MANAGE_BUILTINS=.*/MANAGE_BUILTINS=yes/' /etc/default/ufw
+    check ufw-reload-builtins ufw reload
+    packets after-builtins-reload network
+    check libvirtd-restart-builtins systemctl restart libvirtd
+    jumps_first_within after-builtins-restart 10
+    packets after-builtins-restart network
+
+    # no guest with forwards runs: nothing but the daemon's start can put our jumps back
+    check dom-destroy virsh destroy "$DOM"
+    check libvirtd-restart-no-guest systemctl restart libvirtd
+    jumps_first_within after-restart-no-guest 10
+    check network-forward-8080-after-restart-no-guest ask inet "$HOST_WAN" 8080 "$INET_IP"
+    logged kvmufw_hook status
+    logged kvmufw_hook doctor
+
+    after_init_bounded
+    check uninstall "$SRC/install.sh" --uninstall
+    logged iptables-save
+    local left
+    left=$( { iptables-save; iptables-save -t nat; } | grep -i kvmufw | sort -u)
+    if [ -z "$left" ]; then record uninstall-rules-gone OK "no kvmufw in iptables-save"
+    else record uninstall-rules-gone FAIL "$left"; fi
+    left=$(ls -d /etc/libvirt/hooks/*/kvmufw_hook /etc/libvirt/hooks/network /etc/libvirt/hooks/qemu \
+        /usr/local/sbin/kvmufw_hook /usr/local/lib/kvmufw_hook /etc/systemd/system/*.d/kvmufw_hook* \
+        /run/kvmufw_hook /var/lib/kvmufw_hook 2>/dev/null; grep -l kvmufw /etc/ufw/*.init 2>/dev/null)
+    if [ -z "$left" ]; then record uninstall-files-gone OK "no hook, command, drop-in or after.init entry left"
+    else record uninstall-files-gone FAIL "left: $left"; fi
+}
+
+finish() {
+    trap - EXIT
+    say "powering off"
+    timeout 20 virsh destroy "$DOM" >/dev/null 2>&1
+    journalctl -b --no-pager > "$STATE/journal-phase$PHASE.txt" 2>&1
+    echo done > "$STATE/finished"
+    sync
+    systemctl poweroff
+}
+
+case "${1:-}" in
+    net) setup_internet ;;
+    run)
+        boots=$(( $(cat "$STATE/boots" 2>/dev/null || echo 0) + 1 ))
+        echo "$boots" > "$STATE/boots"
+        say "boot $boots starts, uptime $(cut -d' ' -f1 /proc/uptime)s"
+        if [ "$boots" -gt 2 ]; then say "more boots than phases: powering off"; finish; exit 0; fi
+        if [ "$PHASE" = 1 ]; then
+            phase1
+        else
+            trap finish EXIT
+            phase2
+        fi ;;
+    *) echo "usage: $0 net|run" >&2; exit 2 ;;
+esac
