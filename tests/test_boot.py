@@ -11,11 +11,10 @@ results are read back from the powered-off disk with debugfs; each check is one 
 
 Run it alone: /usr/bin/python3 -m pytest -q tests/test_boot.py (as root; about 10 minutes
 with the image cached, 10 more to build it once). The run's console, results and logs are
-kept in $KVMUFW_TEST_CACHE/boot/last-run/.
+kept in $KVMUFW_TEST_CACHE/boot/runs/<pid>/ (the disk copy is deleted).
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,11 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, need_root_tools
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "boot"))
-import image  # noqa: E402
+import image
 
 TIMEOUT = float(os.environ.get("KVMUFW_BOOT_TIMEOUT", "900"))  # both boots, all checks
 TOOLS = ("debootstrap", "mkfs.ext4", "debugfs", "unshare", "losetup", "mount",
@@ -81,23 +79,27 @@ def boot(disk: Path, kernel_dir: Path, console: Path, started: float) -> str | N
            "-append", "root=/dev/vda rw console=ttyS0 panic=10 systemd.show_status=1",
            "-drive", f"file={disk},format=raw,if=virtio", "-nic", "none",
            "-display", "none", "-monitor", "none", "-serial", f"file:{console}"]
-    vm = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          start_new_session=True)
+    errors = console.with_name("qemu.stderr")
+    with open(errors, "wb") as stderr:
+        vm = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr,
+                              start_new_session=True)
     deadline = time.monotonic() + TIMEOUT
     seen = 0
     try:
         while vm.poll() is None and time.monotonic() < deadline:
             time.sleep(2)
             seen = _report_progress(console, seen, started)
-    finally:
-        if vm.poll() is None:
+    finally:  # on a timeout, and on ^C too: never leave the VM behind
+        timed_out = vm.poll() is None
+        if timed_out:
             os.killpg(vm.pid, signal.SIGKILL)
             vm.wait()
-            return (f"the VM did not power off within {TIMEOUT:.0f} s (both boots and every "
-                    f"check); last console lines:\n{console_tail(console)}")
+    if timed_out:
+        return (f"the VM did not power off within {TIMEOUT:.0f} s (both boots and every "
+                f"check); last console lines:\n{console_tail(console)}")
     _report_progress(console, seen, started)
     if vm.returncode != 0:
-        return f"qemu exited with {vm.returncode}: {vm.stderr.read().decode(errors='replace')}"
+        return f"qemu exited with {vm.returncode}: {errors.read_text(errors='replace')}"
     return None
 
 
@@ -130,9 +132,7 @@ def boot_run():
     started = time.monotonic()
     base = image.ensure_base()
     progress(started, f"image ready: {base}")
-    run = image.CACHE / "last-run"
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
+    run = image.new_run_dir()
     disk = image.run_disk(base, run)
     image.inject(disk, ROOT)
     progress(started, f"copied {ROOT} into {disk}; booting (timeout {TIMEOUT:.0f} s)")

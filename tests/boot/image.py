@@ -135,6 +135,19 @@ def ensure_base() -> Path:
     return dest
 
 
+def new_run_dir() -> Path:
+    """A directory for one run's disk and logs; those of runs whose process is gone go."""
+    runs = CACHE / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    for old in runs.iterdir():
+        if old.name.isdigit() and not Path(f"/proc/{old.name}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    run = runs / str(os.getpid())
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir()
+    return run
+
+
 def run_disk(base: Path, dest: Path) -> Path:
     """A private copy of the base image for one run (sparse; a reflink where possible)."""
     disk = dest / "disk.raw"
@@ -174,7 +187,8 @@ def inject(disk: Path, tree: Path) -> None:
 
 def read_file(disk: Path, path: str) -> str | None:
     """A file of the (powered-off) disk, read with debugfs: no mount at all."""
-    proc = subprocess.run(["debugfs", "-R", f"cat {path}", str(disk)], capture_output=True,
+    proc = subprocess.run(["debugfs", "-R", f"cat {path}", str(disk)], check=False,
+                          capture_output=True,
                           text=True, errors="replace", timeout=60)
     if proc.returncode != 0 or "File not found" in proc.stderr:
         return None
