@@ -43,7 +43,8 @@ check() {
     local name=$1 out rc
     shift
     echo "+ $*" >> "$STATE/log"
-    out=$(timeout 120 "$@" 2>&1); rc=$?
+    if declare -F "$1" >/dev/null; then out=$("$@" 2>&1); rc=$?   # our functions are bounded
+    else out=$(timeout 120 "$@" 2>&1); rc=$?; fi
     printf '%s\n' "$out" >> "$STATE/log"
     if [ $rc = 0 ]; then record "$name" OK "$(printf '%s' "$out" | tail -n 3)"
     else record "$name" FAIL "exit $rc: $(printf '%s' "$out" | tail -n 8)"; fi
@@ -134,7 +135,7 @@ packets() {
 # wait_boot: bounded wait for the boot to finish; on a hang, record where it hung, then free
 # it (kill what of ours blocks ufw.service), so the later checks still say something.
 wait_boot() {
-    local state hung procs pid
+    local state hung procs pid args
     state=$(timeout "$BOOT_WAIT" systemctl is-system-running --wait 2>&1)
     if [ $? = 124 ]; then
         hung="boot not finished after ${BOOT_WAIT}s (uptime $(cut -d' ' -f1 /proc/uptime)s); jobs: $(systemctl list-jobs --no-legend | head -n 8 | oneline)"
@@ -142,7 +143,8 @@ wait_boot() {
         record boot-finished FAIL "$hung; ufw.service processes: $procs"
         logged ps -eo pid,ppid,etimes,args --forest
         for pid in $(cat /sys/fs/cgroup/system.slice/ufw.service/cgroup.procs 2>/dev/null); do
-            grep -q kvmufw_hook "/proc/$pid/cmdline" 2>/dev/null && kill "$pid" && say "freed the boot: killed $pid ($(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null))"
+            args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)
+            case "$args" in *kvmufw_hook*) kill "$pid" && say "freed the boot: killed $pid ($args)" ;; esac
         done
         timeout 120 systemctl is-system-running --wait >/dev/null 2>&1
     else
