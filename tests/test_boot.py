@@ -76,7 +76,7 @@ def boot(disk: Path, kernel_dir: Path, console: Path, started: float) -> str | N
     """Boot the VM until it powers itself off; None, or why it did not finish in time."""
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", "3072", "-smp", "2",
            "-kernel", str(kernel_dir / "vmlinuz"), "-initrd", str(kernel_dir / "initrd.img"),
-           "-append", "root=/dev/vda rw console=ttyS0 panic=10 systemd.show_status=1",
+           "-append", "root=/dev/vda rw console=ttyS0 panic=10 quiet systemd.show_status=1",
            "-drive", f"file={disk},format=raw,if=virtio", "-nic", "none",
            "-display", "none", "-monitor", "none", "-serial", f"file:{console}"]
     errors = console.with_name("qemu.stderr")

@@ -183,7 +183,7 @@ dom_running() { [ "$(timeout 20 virsh domstate "$DOM")" = running ]; }
 
 # after_init_bounded: UFW's after.init must never wait on libvirt. At boot, libvirt's socket
 # listens but the daemon waits for ufw.service: a connect succeeds and no answer ever comes.
-# Replay that here, deterministically: a socket that listens and never answers, in a mount
+# Replay that here, deterministically: sockets that listen and never answer, in a mount
 # namespace of its own, so the running libvirtd is left alone.
 after_init_bounded() {
     local out rc start secs
@@ -191,7 +191,10 @@ after_init_bounded() {
     out=$(unshare --mount --propagation private bash -c '
         mount -t tmpfs none /run/libvirt
         python3 -c "import socket, time
-s = socket.socket(socket.AF_UNIX); s.bind(\"/run/libvirt/libvirt-sock\"); s.listen(16)
+socks = []
+for name in (\"libvirt-sock\", \"libvirt-sock-ro\"):
+    s = socket.socket(socket.AF_UNIX); s.bind(\"/run/libvirt/\" + name); s.listen(16)
+    socks.append(s)
 time.sleep(40)" &
         sleep 1
         timeout 30 /etc/ufw/after.init start; rc=$?
@@ -204,6 +207,16 @@ time.sleep(40)" &
     else
         record after-init-never-waits-on-libvirt FAIL "after.init start with a libvirt socket that never answers: exit $rc after ${secs}s (124: still waiting at 30 s); $out"
     fi
+}
+
+# stop_guest: a diskless guest ignores ACPI, and libvirt-guests would wait minutes for it at
+# shutdown: destroy it (it may be gone already).
+stop_guest() {
+    local state
+    logged virsh destroy "$DOM"
+    state=$(timeout 20 virsh domstate "$DOM" 2>&1)
+    if [ "$state" = "shut off" ]; then record dom-destroy OK "$DOM is shut off"
+    else record dom-destroy FAIL "$DOM is '$state' after virsh destroy"; fi
 }
 
 # --------------------------------------------------------------------------- phases
@@ -236,8 +249,7 @@ phase1() {
     start_peers
     packets phase1
     logged kvmufw_hook status
-    # a diskless guest ignores ACPI: libvirt-guests would wait minutes for it at shutdown
-    check dom-destroy virsh destroy "$DOM"
+    stop_guest
     echo 2 > "$STATE/phase"
     say "rebooting"
     sync
@@ -275,7 +287,8 @@ phase2() {
     packets after-builtins-restart network
 
     # no guest with forwards runs: nothing but the daemon's start can put our jumps back
-    check dom-destroy virsh destroy "$DOM"
+    record dom-state-before-destroy INFO "$(timeout 20 virsh domstate "$DOM" 2>&1)"
+    stop_guest
     check libvirtd-restart-no-guest systemctl restart libvirtd
     jumps_first_within after-restart-no-guest 10
     check network-forward-8080-after-restart-no-guest ask inet "$HOST_WAN" 8080 "$INET_IP"
