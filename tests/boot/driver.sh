@@ -21,7 +21,7 @@ HOST_WAN=203.0.113.1     # eth0, this host's side of the uplink
 INET_IP=203.0.113.2      # the "internet" namespace
 GUEST_IP=10.0.0.5
 GUEST_MAC=52:54:00:00:00:05
-BOOT_WAIT=${KVMUFW_BOOT_WAIT:-150}   # seconds a boot may take before we call it hung
+BOOT_WAIT=${KVMUFW_BOOT_WAIT:-120}   # seconds a boot may take before we call it hung
 mkdir -p "$STATE"
 PHASE=$(cat "$STATE/phase" 2>/dev/null || echo 1)
 
@@ -164,7 +164,6 @@ wait_boot() {
         record ufw-service-start FAIL "ufw.service is $active, not started (start began at ${leave}us)"
     fi
     logged systemd-analyze blame
-    logged systemd-analyze critical-chain
 }
 
 # wait_for WHAT SECONDS CMD...: bounded poll until CMD succeeds
