@@ -132,7 +132,11 @@ def boot_run():
     """Build or reuse the image, boot it with this tree inside, and read the results."""
     need_root_tools(*TOOLS)
     started = time.monotonic()
-    base = image.ensure_base()
+    try:
+        base = image.ensure_base()
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"building the boot image failed ({exc}); see the debootstrap logs in "
+                    f"{image.CACHE}/*.tmp/", pytrace=False)
     progress(started, f"image ready: {base}")
     run = image.new_run_dir()
     disk = image.run_disk(base, run)

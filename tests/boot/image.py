@@ -122,6 +122,15 @@ def build(dest: Path) -> None:
     log(f"built {dest} in {time.monotonic() - started:.0f} s")
 
 
+def _remove_stale_images(keep: Path) -> None:
+    """Images built from another package list or VERSION: 1.5 GB each, never used again."""
+    for old in CACHE.iterdir():
+        name = old.name.removesuffix(".tmp")
+        if old != keep and len(name) == 16 and all(c in "0123456789abcdef" for c in name):
+            log(f"removing the stale image {old}")
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def ensure_base() -> Path:
     """The pristine base image's directory, built once (a lock serialises parallel runs)."""
     dest = image_dir()
@@ -129,6 +138,7 @@ def ensure_base() -> Path:
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (dest / "complete").exists():
+            _remove_stale_images(dest)
             build(dest)
         else:
             log(f"reusing {dest}")
