@@ -269,7 +269,7 @@ phase2() {
     setup_guest_ns >> "$STATE/log" 2>&1
     start_peers
     packets after-boot
-    jumps_first_within after-boot 10
+    jumps_first_within after-boot 20
     logged kvmufw_hook status
     logged kvmufw_hook doctor
 
@@ -278,17 +278,17 @@ phase2() {
 
     check ufw-reload ufw reload
     packets after-ufw-reload network
-    jumps_first_within after-ufw-reload 10
+    jumps_first_within after-ufw-reload 20
 
     check libvirtd-restart systemctl restart libvirtd
-    jumps_first_within after-libvirtd-restart 10
+    jumps_first_within after-libvirtd-restart 20
     packets after-libvirtd-restart network
 
     check manage-builtins sed -i 's/^MANAGE_BUILTINS=.*/MANAGE_BUILTINS=yes/' /etc/default/ufw
     check ufw-reload-builtins ufw reload
     packets after-builtins-reload network
     check libvirtd-restart-builtins systemctl restart libvirtd
-    jumps_first_within after-builtins-restart 10
+    jumps_first_within after-builtins-restart 20
     packets after-builtins-restart network
 
     # Issue 9, item 3: no guest with forwards runs, a reload wipes libvirt's jumps, and the
@@ -299,7 +299,7 @@ phase2() {
     check ufw-reload-no-guest ufw reload
     check network-forward-8080-after-reload-no-guest ask inet "$HOST_WAN" 8080 "$INET_IP"
     check libvirtd-restart-no-guest systemctl restart libvirtd
-    jumps_first_within after-restart-no-guest 10
+    jumps_first_within after-restart-no-guest 20
     check network-forward-8080-after-restart-no-guest ask inet "$HOST_WAN" 8080 "$INET_IP"
     logged kvmufw_hook status
     logged kvmufw_hook doctor
