@@ -27,7 +27,7 @@ from conftest import ROOT, need_root_tools
 sys.path.insert(0, str(Path(__file__).resolve().parent / "boot"))
 import image
 
-TIMEOUT = float(os.environ.get("KVMUFW_BOOT_TIMEOUT", "900"))  # both boots, all checks
+TIMEOUT = float(os.environ.get("KVMUFW_BOOT_TIMEOUT", "1200"))  # both boots, all checks
 TOOLS = ("debootstrap", "mkfs.ext4", "debugfs", "unshare", "losetup", "mount",
          "qemu-system-x86_64")
 STATE = "/var/lib/kvmufw-boot"
