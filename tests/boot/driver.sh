@@ -112,11 +112,20 @@ jumps_first() {
     return 1
 }
 
-# jumps_first_within WHEN SECONDS
+# jumps_first_within WHEN SECONDS: libvirt re-adds its own jumps (at position 1) a moment
+# after its start, when it reloads its networks' rules: first wait until the daemon answers
+# and its jumps are there, then ours must be first, and still first a few seconds later.
 jumps_first_within() {
-    local i out
+    local i out=""
+    timeout 60 virsh net-info "$NET" >/dev/null 2>&1
     for i in $(seq "$2"); do
-        out=$(jumps_first) && { record "jumps-first-$1" OK "$out (after ${i}s)"; return 0; }
+        if iptables -w -S FORWARD | grep -q -- '-j LIBVIRT_'; then
+            out=$(jumps_first) && sleep 3 && out=$(jumps_first) && {
+                record "jumps-first-$1" OK "$out (after ${i}s, and 3 s later; libvirt's jumps are in)"
+                return 0; }
+        else
+            out="libvirt's jumps are not in FORWARD"
+        fi
         sleep 1
     done
     record "jumps-first-$1" FAIL "after $2 s: $out"
