@@ -263,12 +263,16 @@ class locked:
         os.close(self.fd)  # closing releases the lock
 
 
-def replace_all(networks: dict[str, bytes], domains: dict[str, bytes]) -> None:
-    """Make the state files exactly these (``replay``)."""
+def replace_all(networks: dict[str, bytes], domains: dict[str, bytes],
+                keep: set[str] | frozenset[str] = frozenset()) -> None:
+    """Make the state files exactly these (``replay``), leaving alone the files of the
+    names in ``keep`` (owners whose XML did not parse: their rules stay, and so must
+    what lets their stop remove them)."""
     for kind, wanted in (("networks", networks), ("domains", domains)):
         paths = {_path(kind, name): raw for name, raw in wanted.items()}
+        kept = {_path(kind, name) for name in keep}
         for path in _files(os.path.join(state_dir(), kind)):
-            if path not in paths:
+            if path not in paths and path not in kept:
                 _remove(path)
         for path, raw in paths.items():
             _write(path, raw)
