@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from . import state
+from . import host, state
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
 from .model import Domain, ForwardSpec, Network, NetworkPort
@@ -101,10 +101,8 @@ def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
 
 def check_host(label: str, forwards: Sequence[ForwardSpec]) -> None:
     """InputError if a forward's host-ip is not the host's or it takes a host service's
-    port (``host.py``); reads /proc only when there are forwards."""
-    if forwards:
-        from .host import check_forwards
-        check_forwards(label, forwards)
+    port (``host.py``; /proc is read only when there are forwards)."""
+    host.check_forwards(label, forwards)
 
 
 # --------------------------------------------------------------------------- networks
@@ -255,18 +253,14 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     held = holders or {}
     result = HostPlan({}, [], set(broken))
     claimed: Claims = [(owner_label(o), held[o]) for o in result.failed if o in held]
-    facts = None
-    if host_check:
-        from .host import HostFacts
-        facts = HostFacts.read()
+    facts = host.HostFacts.read() if host_check else None
 
     def add(owner: str, label: str, forwards, planner) -> None:
         try:
             check_conflicts(label, forwards, claimed)
             rules = planner()
-            if facts is not None and forwards:
-                from .host import check_forwards
-                check_forwards(label, forwards, facts)
+            if facts is not None:
+                host.check_forwards(label, forwards, facts)
             result.rules[owner] = rules
             claimed.append((label, forwards))
         except InputError as exc:
