@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from . import host, state
 from .backends import default_backend
@@ -288,27 +289,40 @@ class Replayed:
     owners: int
 
 
+Parsed = TypeVar("Parsed", Network, Domain)
+
+
+def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
+                owner: Callable[[str], str], kind: str, problems: list[str],
+                broken: set[str], kept: set[tuple[str, str]]) -> dict[str, tuple[Parsed, bytes]]:
+    """name -> (model, raw) of each document that parses. One that does not is a
+    problem; if its name can still be read, that owner fails: its rules, ports and state
+    stay as they are."""
+    from .parse import object_name
+    out: dict[str, tuple[Parsed, bytes]] = {}
+    for raw in raws:
+        try:
+            obj = parse(raw)
+        except InputError as exc:
+            problems.append(str(exc))
+            name = object_name(raw)
+            if name is not None:
+                broken.add(owner(name))
+                kept.add((kind, name))
+            continue
+        out[obj.name] = (obj, raw)
+    return out
+
+
 def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
                problems: list[str]):
-    from .parse import object_name, parse_domain_xml, parse_network_xml
-    networks: dict[str, tuple[Network, bytes]] = {}
-    domains: dict[str, tuple[Domain, bytes]] = {}
+    from .parse import parse_domain_xml, parse_network_xml
     broken: set[str] = set()
-    kept: set[str] = set()
-    for raws, parse, into, owner in ((network_xmls, parse_network_xml, networks,
-                                      network_owner),
-                                     (domain_xmls, parse_domain_xml, domains, domain_owner)):
-        for raw in raws:
-            try:
-                obj = parse(raw)
-            except InputError as exc:
-                problems.append(str(exc))
-                name = object_name(raw)
-                if name is not None:  # it fails as an owner: its rules and state stay
-                    broken.add(owner(name))
-                    kept.add(name)
-                continue
-            into[obj.name] = (obj, raw)
+    kept: set[tuple[str, str]] = set()  # (state kind, name) whose files stay
+    networks = _parse_each(network_xmls, parse_network_xml, network_owner, "networks",
+                           problems, broken, kept)
+    domains = _parse_each(domain_xmls, parse_domain_xml, domain_owner, "domains",
+                          problems, broken, kept)
     # forward add --network on a running network: libvirt's live XML is stale until the
     # network restarts; the override is the truth (the hooks drop it at network start)
     for name in list(networks):

@@ -213,7 +213,7 @@ def test_state_is_private(netns, state_env):
     started_lab(netns, state_env)
     hook_ok(netns, state_env, *sample("04-qemu.web1.start"))
     top = state_env["KVMUFW_STATE_DIR"]
-    for root, dirs, files in os.walk(top):
+    for root, _dirs, files in os.walk(top):
         assert stat.S_IMODE(os.stat(root).st_mode) == 0o700, root
         for name in files:
             assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == 0o600, name
