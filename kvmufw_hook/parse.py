@@ -1,7 +1,8 @@
 """libvirt XML -> model. Pure: bytes in, frozen dataclasses out, InputError on bad input.
 
-The parser never resolves entities, never loads a DTD and never touches the network;
-a document with a DOCTYPE is refused outright (libvirt never sends one).
+Only UTF-8 is read; a document with a DOCTYPE is refused outright (libvirt never sends
+one); the parser never resolves entities, never loads a DTD, never touches the network,
+and is bounded in bytes, elements and time (see ``load``).
 """
 
 from __future__ import annotations
@@ -32,11 +33,21 @@ from .model import (
 from .names import NAMESPACE
 
 MAX_XML_BYTES = 16 * 1024 * 1024
+MAX_ELEMENTS = 200_000  # libvirt's largest documents hold a few thousand
+MAX_PARSE_SECONDS = 2.0  # a 16 MiB document of plain elements parses in a fraction
+_CHUNK = 16 * 1024  # fed piece by piece so that the time bound is checked often
+# libxml2 2.9 compares each attribute and namespace of a tag with all before it, and its
+# push parser takes a tag whole: one huge tag would run for minutes between two checks of
+# the time bound. So a tag may hold at most MAX_TAG_CHARS characters besides its
+# attribute values (at most ~11000 attributes: a quarter second); libvirt's hold dozens.
+# ('<' never occurs inside a tag, so the search is linear.)
+MAX_TAG_CHARS = 32 * 1024
+_HUGE_TAG = re.compile(rb"<[^\s<>!?/](?:[^<>\"']|\"[^<\"]*\"|'[^<']*'){%d}" % MAX_TAG_CHARS)
 MAX_FORWARDS = 4096
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                          dtd_validation=False, huge_tree=False, remove_comments=True,
-                          remove_pis=True)
+_PARSER_OPTIONS = dict(resolve_entities=False, no_network=True, load_dtd=False,
+                       dtd_validation=False, huge_tree=False, remove_comments=True,
+                       remove_pis=True)
 
 DOMAIN_ATTRS = frozenset({"proto", "host-port", "guest-port", "guest-ip", "mac",
                           "host-ip", "source", "comment"})
@@ -48,22 +59,79 @@ _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 _IFNAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,15}")
 
 
+_BOM_UTF8 = b"\xef\xbb\xbf"
+_OTHER_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")  # UTF-16/32, both orders
+_DECLARED = re.compile(rb"encoding\s*=\s*([\"'])(.*?)\1")
+_UTF8_NAMES = frozenset({b"utf-8", b"utf8", b"us-ascii", b"ascii"})
+
+
+def _utf8_only(data: bytes, what: str) -> bytes:
+    """The document as UTF-8 bytes, or InputError: libvirt sends UTF-8, and deciding the
+    encoding here (instead of letting the parser follow a BOM or a declaration) is what
+    makes the DOCTYPE search below see exactly the bytes the parser reads."""
+    if data.startswith(_BOM_UTF8):
+        data = data[len(_BOM_UTF8):]
+    if data.startswith(_OTHER_BOMS) or b"\x00" in data:
+        raise InputError(f"{what}: XML must be UTF-8 (UTF-16/32 and NUL bytes are refused)")
+    if data.startswith(b"<?xml"):
+        end = data.find(b"?>")
+        declared = _DECLARED.search(data[:end if end >= 0 else 200])
+        if declared and declared.group(2).lower() not in _UTF8_NAMES:
+            raise InputError(f"{what}: XML must be UTF-8, this one declares "
+                             f"{shown(declared.group(2).decode('ascii', 'replace'), 20)}")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what}: XML must be UTF-8 (invalid byte at offset "
+                         f"{exc.start})") from None
+    return data
+
+
 def load(data: bytes | str, what: str = "input") -> etree._Element:
-    """Parse XML safely; InputError with one line if it is not acceptable."""
+    """Parse XML safely; InputError with one line if it is not acceptable.
+
+    Refused before the parser sees a byte: more than MAX_XML_BYTES, anything but UTF-8,
+    a DOCTYPE or ENTITY declaration (libvirt never sends one; with the encoding fixed to
+    UTF-8 the byte search is exact). The parser itself loads no DTD, resolves no entity
+    and touches no network; it is fed in chunks and stopped past MAX_PARSE_SECONDS or
+    MAX_ELEMENTS, whatever a document does to libxml2's cost per byte.
+    """
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogateescape")
     if len(data) > MAX_XML_BYTES:
         raise InputError(f"{what}: XML larger than {MAX_XML_BYTES} bytes")
+    data = _utf8_only(data, what)
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise InputError(f"{what}: a DOCTYPE or entity declaration is not allowed")
+    if _HUGE_TAG.search(data):
+        raise InputError(f"{what}: an XML tag with more than {MAX_TAG_CHARS} characters "
+                         "besides its attribute values")
     try:
-        root = etree.fromstring(data, _PARSER)
+        root = _bounded_parse(data, what)
     except (etree.XMLSyntaxError, ValueError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{what}: not well-formed XML: {msg}") from None
     if root is None:
         raise InputError(f"{what}: empty XML document")
+    if root.getroottree().docinfo.internalDTD is not None:  # cannot happen: belt and braces
+        raise InputError(f"{what}: a DOCTYPE or entity declaration is not allowed")
     return root
+
+
+def _bounded_parse(data: bytes, what: str) -> etree._Element:
+    import time
+    parser = etree.XMLPullParser(events=("start",), **_PARSER_OPTIONS)
+    deadline = time.monotonic() + MAX_PARSE_SECONDS
+    elements = 0
+    for offset in range(0, len(data), _CHUNK):
+        parser.feed(data[offset:offset + _CHUNK])
+        elements += sum(1 for _ in parser.read_events())
+        if elements > MAX_ELEMENTS:
+            raise InputError(f"{what}: XML with more than {MAX_ELEMENTS} elements")
+        if time.monotonic() > deadline:
+            raise InputError(f"{what}: XML took more than {MAX_PARSE_SECONDS:g} s to "
+                             "parse; refused")
+    return parser.close()
 
 
 def _local(el: etree._Element) -> str:
