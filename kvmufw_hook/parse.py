@@ -147,6 +147,12 @@ def _text(el: etree._Element | None, path: str) -> str | None:
     return found.text.strip() or None
 
 
+def _exact_text(el: etree._Element, path: str) -> str | None:
+    """A name as libvirt keeps it: ``web1``, ``web1 `` and ``web1\t`` are three objects."""
+    found = el.find(path)
+    return found.text or None if found is not None else None
+
+
 def _mac(value: str | None, what: str) -> str | None:
     if value is None:
         return None
@@ -276,7 +282,7 @@ def _named(el: etree._Element, kind: str) -> tuple[str, str]:
     """The object's name, and how messages call it: ``domain 'web1'``."""
     if _local(el) != kind:
         raise InputError(f"expected <{kind}>, found <{_local(el)}>")
-    name = _text(el, "name")
+    name = _exact_text(el, "name")
     if not name:
         raise InputError(f"{kind}: <name> is missing")
     return name, f"{kind} {shown(name)}"
@@ -337,7 +343,7 @@ def parse_networkport(el: etree._Element) -> NetworkPort:
     plug = el.find("plug")
     mac_el = el.find("mac")
     return NetworkPort(
-        owner_name=_text(el, "owner/name"),
+        owner_name=_exact_text(el, "owner/name"),
         owner_uuid=_text(el, "owner/uuid"),
         mac=_mac(mac_el.get("address") if mac_el is not None else None, "networkport mac"),
         bridge=_ifname(plug.get("bridge") if plug is not None else None, "networkport bridge"),

@@ -110,3 +110,85 @@ def test_the_parse_stops_at_its_time_bound(monkeypatch):
 def test_too_many_elements_are_refused():
     with pytest.raises(InputError, match="more than 200000 elements"):
         load(b"<domain>" + b"<a/>" * 300000 + b"</domain>", "domain XML")
+
+
+# --------------------------------------------------------------------------- item 3: names
+
+WHITESPACE_TWINS = ["victim", "victim ", "victim\t", "victim\u00a0", " victim", "victim\n"]
+
+
+def _xml_text(name: str) -> str:
+    return "".join(f"&#{ord(c)};" if c in "\t\n\r" else c for c in name)
+
+
+def test_names_are_read_exactly_as_libvirt_keeps_them():
+    from kvmufw_hook.parse import parse_network_xml
+    net = (SAMPLES / "net-lab.xml").read_text()
+    for name in WHITESPACE_TWINS:
+        assert parse_domain_xml(START.replace("<name>web1</name>",
+                                              f"<name>{_xml_text(name)}</name>")).name == name
+        assert parse_network_xml(net.replace("<name>lab</name>",
+                                             f"<name>{_xml_text(name)}</name>")).name == name
+
+
+def test_whitespace_twins_get_different_owner_tags_and_state_files(state_env):
+    from kvmufw_hook import state
+    from kvmufw_hook.names import domain_owner, network_owner
+    for owner in (domain_owner, network_owner, state.domain_path, state.network_path):
+        assert len({owner(n) for n in WHITESPACE_TWINS}) == len(WHITESPACE_TWINS)
+
+
+# names that look like an encoded or hashed form of another, and long ones
+LOOKALIKES = ["victim~20", "victim~7e20", "victim_", "victim~~", "~", "~~", "~2", "a" * 64,
+              "a" * 65, "a" * 300, "a" * 299 + "b", "a" * 64 + " ", "\udcff", "é", "e\u0301"]
+
+
+def test_safe_name_is_injective_and_reversible():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kvmufw_hook.names import safe_name, unsafe_name
+    names = WHITESPACE_TWINS + LOOKALIKES
+    tokens = [safe_name(n) for n in names]
+    assert len(set(tokens)) == len(names), tokens
+    alphabet = st.sampled_from("aZ09._-~ \t\n\u00a0é☃,=\"'/\\") | st.characters()
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.text(alphabet, min_size=1, max_size=80))
+    def roundtrip(name):
+        token = safe_name(name)
+        assert set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                 "0123456789._-~") and len(token) <= 90
+        assert unsafe_name(token) in (name, None)  # decodes back, or is the full hash
+        if unsafe_name(token) is None:
+            assert token.endswith(__import__("hashlib").sha256(
+                name.encode("utf-8", "surrogatepass")).hexdigest())
+    roundtrip()
+
+
+def _start(name: str, port: int, netns, env):
+    from test_hook import run_hook
+    xml = START.replace("<name>web1</name>", f"<name>{_xml_text(name)}</name>")
+    head, rest = xml.split("<kvmufw:forwards", 1)
+    xml = (head + '<kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1">'
+           f'<kvmufw:forward host-port="{port}" guest-port="22"/></kvmufw:forwards>'
+           + rest.split("</kvmufw:forwards>", 1)[1])
+    return run_hook("qemu", [name, "start", "begin", "-"], xml.encode(), env, netns)
+
+
+def test_a_whitespace_twin_neither_replaces_nor_outlives_its_namesake(netns, state_env):
+    from test_hook import kvmufw_lines, run_hook, sample
+    assert run_hook(*sample("16-network.lab.started"), state_env, netns).returncode == 0
+    assert _start("victim", 2222, netns, state_env).returncode == 0
+    victims = kvmufw_lines(netns)
+    # the same port: refused as a conflict, not a replacement of victim's rules
+    proc = _start("victim ", 2222, netns, state_env)
+    assert proc.returncode == 2 and b"already forwarded by domain 'victim'" in proc.stderr
+    assert kvmufw_lines(netns) == victims
+    # another port: both run; stopping the twin (by its argv name) removes exactly its own
+    assert _start("victim ", 3333, netns, state_env).returncode == 0
+    assert any("d=victim~20," in line for line in kvmufw_lines(netns))
+    for op in ("stopped", "release"):
+        proc = run_hook("qemu", ["victim ", op, "end", "-"], b"", state_env, netns)
+        assert proc.returncode == 0, proc.stderr
+    assert kvmufw_lines(netns) == victims
