@@ -56,7 +56,14 @@ NETWORK_ATTRS = frozenset({"proto", "host-port", "guest-port", "guest-ip", "gues
 
 _PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
-_IFNAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,15}")
+# What an interface name may be in our rules: the kernel refuses '/', ':', whitespace,
+# '.', '..' and more than 15 bytes; iptables reads a trailing '+' as a wildcard (vir+ is
+# every vir* bridge) and a leading '!' as "not"; quotes and the rest would need quoting
+# in iptables-restore text. libvirt's own names (virbr0, vnet3, br-lan, eth0.10) fit.
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
+_IFNAME_REASONS = (("+", "iptables reads '+' as a wildcard"),
+                   ("!", "iptables reads '!' as a negation"),
+                   ("/", "the kernel refuses '/'"), (":", "the kernel refuses ':'"))
 
 
 _BOM_UTF8 = b"\xef\xbb\xbf"
@@ -163,11 +170,19 @@ def _mac(value: str | None, what: str) -> str | None:
 
 
 def _ifname(value: str | None, what: str) -> str | None:
+    """An interface name as the kernel and iptables read it, or InputError."""
     if value is None or value == "":
         return None
-    if not _IFNAME.fullmatch(value):
-        raise InputError(f"{what}: {shown(value)} is not a valid interface name")
-    return value
+    if _IFNAME.fullmatch(value):
+        return value
+    reason = next((why for ch, why in _IFNAME_REASONS if ch in value), None)
+    if reason is None and len(value.encode("utf-8", "surrogatepass")) > 15:
+        reason = "longer than 15 bytes"
+    if reason is None and any(ch.isspace() for ch in value):
+        reason = "whitespace"
+    raise InputError(f"{what}: {shown(value)} is not a usable interface name ("
+                     + (reason or "only letters, digits, '_', '.' and '-', "
+                        "not starting with '.' or '-'") + ")")
 
 
 def _ipv4(value: str, what: str) -> IPv4Address:

@@ -192,3 +192,52 @@ def test_a_whitespace_twin_neither_replaces_nor_outlives_its_namesake(netns, sta
         proc = run_hook("qemu", ["victim ", op, "end", "-"], b"", state_env, netns)
         assert proc.returncode == 0, proc.stderr
     assert kvmufw_lines(netns) == victims
+
+
+# --------------------------------------------------------------------------- item 7: ifnames
+
+BAD_IFNAMES = ["vir+", "virbr+", "+", "!virbr0", "a/b", "eth0:1", "br 0", "br\t0", ".", "..",
+               "x" * 16, "vir'0", 'vir"0', "vir#0", "-i", "brü"]
+
+
+@pytest.mark.parametrize("bad", BAD_IFNAMES)
+def test_interface_names_iptables_or_the_kernel_would_misread_are_refused(bad):
+    from kvmufw_hook.parse import parse_network_xml
+    net = (SAMPLES / "net-lab.xml").read_text()
+    value = bad.replace("'", "&apos;").replace('"', "&quot;").replace("\t", "&#9;")
+    for xml in (net.replace("<bridge name='virbr1'", f"<bridge name='{value}'"),
+                net.replace("mode='nat' dev='eth0'", f"mode='nat' dev='{value}'")):
+        assert xml != net
+        with pytest.raises(InputError) as exc:
+            parse_network_xml(xml)
+        assert str(exc.value).startswith("network 'lab': ")
+        assert "not a usable interface name" in str(exc.value) and "\n" not in str(exc.value)
+    dom = START.replace("<interface type='network'>", "<interface type='bridge'>"
+                        f"<source bridge='{value}'/></interface><interface type='network'>", 1)
+    with pytest.raises(InputError, match="domain 'web1': NIC bridge"):
+        parse_domain_xml(dom)
+
+
+def test_wildcard_reason_is_named():
+    from kvmufw_hook.parse import parse_network_xml
+    xml = (SAMPLES / "net-lab.xml").read_text().replace("name='virbr1'", "name='vir+'")
+    with pytest.raises(InputError, match=r"'vir\+' is not a usable interface name "
+                                         r"\(iptables reads '\+' as a wildcard\)"):
+        parse_network_xml(xml)
+
+
+@pytest.mark.parametrize("good", ["virbr0", "br-lan", "eth0.10", "vnet_3", "x" * 15, "0br"])
+def test_ordinary_interface_names_are_kept(good):
+    from kvmufw_hook.parse import parse_network_xml
+    xml = (SAMPLES / "net-lab.xml").read_text().replace("name='virbr1'", f"name='{good}'")
+    assert parse_network_xml(xml).bridge == good
+
+
+def test_network_hook_refuses_a_wildcard_bridge(netns, state_env):
+    from test_hook import kvmufw_lines, run_hook
+    xml = (SAMPLES / "16-network.lab.started.xml").read_bytes().replace(
+        b"name='virbr1'", b"name='vir+'")
+    for op in ("start", "started"):
+        proc = run_hook("network", ["lab", op, "begin", "-"], xml, state_env, netns)
+        assert proc.returncode == 2 and b"iptables reads '+' as a wildcard" in proc.stderr
+    assert kvmufw_lines(netns) == []
