@@ -241,3 +241,90 @@ def test_network_hook_refuses_a_wildcard_bridge(netns, state_env):
         proc = run_hook("network", ["lab", op, "begin", "-"], xml, state_env, netns)
         assert proc.returncode == 2 and b"iptables reads '+' as a wildcard" in proc.stderr
     assert kvmufw_lines(netns) == []
+
+
+# --------------------------------------------------------------------------- items 5, 9: guests
+
+LAB_XML = (SAMPLES / "net-lab.xml").read_text()
+# lab 10.0.0.0/24 (gateway .1): web1's NIC 52:54:00:00:00:20 holds .5; db2 holds .7
+LAB_WITH_DB2 = LAB_XML.replace(
+    "</dhcp>", "<host mac='52:54:00:00:00:77' name='db2' ip='10.0.0.7'/>"
+    "<host name='named-only' ip='10.0.0.8'/></dhcp>")
+
+
+def _lab(xml=LAB_WITH_DB2):
+    from kvmufw_hook.parse import parse_network_xml
+    return parse_network_xml(xml)
+
+
+def _web1_forward(forward: str):
+    head, rest = START.split("<kvmufw:forwards", 1)
+    return parse_domain_xml(head + '<kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1">' + forward
+                            + "</kvmufw:forwards>" + rest.split("</kvmufw:forwards>", 1)[1])
+
+
+@pytest.mark.parametrize("guest_ip,reason", [
+    ("10.0.0.7", "is reserved for another guest (MAC 52:54:00:00:00:77 in network 'lab')"),
+    ("10.0.0.8", "is reserved for another guest (host 'named-only' in network 'lab')"),
+    ("10.0.0.0", "is the network address of 10.0.0.0/24"),
+    ("10.0.0.255", "is the broadcast address of 10.0.0.0/24"),
+    ("10.0.0.1", "is the address of network 'lab' on its bridge (the host itself)"),
+])
+def test_a_domain_forward_reaches_only_its_own_guest(guest_ip, reason):
+    from kvmufw_hook.plan import resolve_domain_forwards
+    dom = _web1_forward(f'<kvmufw:forward host-port="3306" guest-ip="{guest_ip}" '
+                        'mac="52:54:00:00:00:20"/>')
+    with pytest.raises(InputError) as exc:
+        resolve_domain_forwards(dom, {"lab": _lab()})
+    assert str(exc.value).startswith("domain 'web1': forward #1 (forward tcp 3306): "
+                                     f"guest-ip {guest_ip} " if "reserved" in reason
+                                     else "domain 'web1': forward #1 (forward tcp 3306): ")
+    assert reason in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("guest_ip", ["10.0.0.5", "10.0.0.9", "10.0.0.254"])
+def test_own_reservation_or_a_free_address_is_fine(guest_ip):
+    from kvmufw_hook.plan import resolve_domain_forwards
+    dom = _web1_forward(f'<kvmufw:forward host-port="3306" guest-ip="{guest_ip}"/>')
+    assert str(resolve_domain_forwards(dom, {"lab": _lab()})[0].guest_ip) == guest_ip
+
+
+def test_a_reservation_at_the_gateway_is_not_a_guest():
+    from kvmufw_hook.plan import resolve_domain_forwards
+    net = _lab(LAB_XML.replace("ip='10.0.0.5'", "ip='10.0.0.1'"))
+    with pytest.raises(InputError, match="the address of network 'lab' on its bridge"):
+        resolve_domain_forwards(_web1_forward('<kvmufw:forward host-port="22"/>'),
+                                {"lab": net})
+
+
+@pytest.mark.parametrize("attrs,reason", [
+    ('guest-ip="10.0.0.0"', "network address"), ('guest-ip="10.0.0.255"', "broadcast address"),
+    ('guest-ip="10.0.0.1"', "on its bridge (the host itself)"),
+    ('guest-mac="52:54:00:00:00:99"', "on its bridge (the host itself)"),
+])
+def test_a_network_forward_never_targets_network_broadcast_or_gateway(attrs, reason):
+    from kvmufw_hook.plan import resolve_network_forwards
+    xml = LAB_XML.replace('guest-ip="10.0.0.5"', attrs).replace(
+        "</dhcp>", "<host mac='52:54:00:00:00:99' ip='10.0.0.1'/></dhcp>")
+    with pytest.raises(InputError) as exc:
+        resolve_network_forwards(_lab(xml))
+    assert str(exc.value).startswith("network 'lab': forward #1 (forward tcp 8080->80): ")
+    assert reason in str(exc.value)
+
+
+def test_the_hook_refuses_a_forward_to_another_guests_reservation(netns, state_env):
+    from test_hook import kvmufw_lines, run_hook
+    started = (SAMPLES / "16-network.lab.started.xml").read_text()
+    xml = started.replace("</dhcp>", "<host mac='52:54:00:00:00:77' name='db2' "
+                                     "ip='10.0.0.7'/></dhcp>").encode()
+    assert run_hook("network", ["lab", "started", "begin", "-"], xml, state_env,
+                    netns).returncode == 0
+    before = kvmufw_lines(netns)
+    head, rest = START.split("<kvmufw:forwards", 1)
+    dom = (head + '<kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1"><kvmufw:forward '
+           'host-port="3306" guest-ip="10.0.0.7"/></kvmufw:forwards>'
+           + rest.split("</kvmufw:forwards>", 1)[1])
+    proc = run_hook("qemu", ["web1", "start", "begin", "-"], dom.encode(), state_env, netns)
+    assert proc.returncode == 2
+    assert b"guest-ip 10.0.0.7 is reserved for another guest" in proc.stderr
+    assert kvmufw_lines(netns) == before
