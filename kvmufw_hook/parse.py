@@ -45,14 +45,14 @@ MAX_TAG_CHARS = 32 * 1024
 _HUGE_TAG = re.compile(rb"<[^\s<>!?/](?:[^<>\"']|\"[^<\"]*\"|'[^<']*'){%d}" % MAX_TAG_CHARS)
 MAX_FORWARDS = 4096
 
-_PARSER_OPTIONS = dict(resolve_entities=False, no_network=True, load_dtd=False,
-                       dtd_validation=False, huge_tree=False, remove_comments=True,
-                       remove_pis=True)
+_PARSER_OPTIONS = {"resolve_entities": False, "no_network": True, "load_dtd": False,
+                   "dtd_validation": False, "huge_tree": False, "remove_comments": True,
+                   "remove_pis": True}
 
 DOMAIN_ATTRS = frozenset({"proto", "host-port", "guest-port", "guest-ip", "mac",
-                          "host-ip", "source", "comment"})
+                          "host-ip", "source", "comment", "allow-host-service"})
 NETWORK_ATTRS = frozenset({"proto", "host-port", "guest-port", "guest-ip", "guest-mac",
-                           "host-ip", "source", "comment"})
+                           "host-ip", "source", "comment", "allow-host-service"})
 
 _PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
@@ -76,8 +76,7 @@ def _utf8_only(data: bytes, what: str) -> bytes:
     """The document as UTF-8 bytes, or InputError: libvirt sends UTF-8, and deciding the
     encoding here (instead of letting the parser follow a BOM or a declaration) is what
     makes the DOCTYPE search below see exactly the bytes the parser reads."""
-    if data.startswith(_BOM_UTF8):
-        data = data[len(_BOM_UTF8):]
+    data = data.removeprefix(_BOM_UTF8)
     if data.startswith(_OTHER_BOMS) or b"\x00" in data:
         raise InputError(f"{what}: XML must be UTF-8 (UTF-16/32 and NUL bytes are refused)")
     if data.startswith(b"<?xml"):
@@ -211,6 +210,8 @@ def _ports(value: str, what: str) -> PortRange:
 
 def _sources(value: str, what: str) -> tuple[IPv4Network, ...]:
     out: list[IPv4Network] = []
+    if not value.strip():  # not "anyone": that is what leaving source out says
+        raise InputError(f"{what}: empty; leave source out to allow anyone")
     for part in value.split(","):
         part = part.strip()
         if not part:
@@ -259,6 +260,15 @@ def parse_forwards(metadata: etree._Element | None, owner: str,
     return tuple(specs)
 
 
+def parse_forward_attrs(attrs: dict[str, str], where: str,
+                        allowed: frozenset[str]) -> ForwardSpec:
+    """One forward from its attributes (``forward add/remove``), checked as in XML."""
+    el = etree.Element("forward")
+    for key, value in attrs.items():
+        el.set(key, value)
+    return _parse_forward(el, where, allowed)
+
+
 def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> ForwardSpec:
     if el.get("host-port") is not None:
         where = f"{where} (host-port {shown(el.get('host-port'), 20)})"
@@ -290,7 +300,15 @@ def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> F
         host_ip=_ipv4(attrs["host-ip"], f"{where}: host-ip") if "host-ip" in attrs else None,
         sources=_sources(attrs["source"], f"{where}: source") if "source" in attrs else (),
         comment=attrs.get("comment"),
+        allow_host_service=_yes_no(attrs.get("allow-host-service", "no"),
+                                   f"{where}: allow-host-service"),
     )
+
+
+def _yes_no(value: str, what: str) -> bool:
+    if value.strip().lower() not in ("yes", "no"):
+        raise InputError(f"{what}: {shown(value)} is not yes or no")
+    return value.strip().lower() == "yes"
 
 
 def _named(el: etree._Element, kind: str) -> tuple[str, str]:

@@ -45,7 +45,7 @@ def _refused_fast(data: bytes) -> str:
             "print(time.monotonic() - t0)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     proc = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,
-                          timeout=10, cwd=ROOT)
+                          timeout=10, cwd=ROOT, check=False)
     lines = proc.stdout.decode().splitlines()
     assert proc.returncode == 0 and len(lines) == 3, proc.stderr.decode()[-500:]
     verdict, seconds, peak_kib = lines[0], float(lines[1]), int(lines[2])
@@ -74,7 +74,7 @@ def test_dtd_in_utf8_is_refused_fast(template):
 @pytest.mark.parametrize("data", [
     '<?xml version="1.0" encoding="ISO-8859-1"?><domain><name>x\xe9</name></domain>'
     .encode("latin-1"),
-    '<?xml version="1.0" encoding="EBCDIC-US"?><domain><name>x</name></domain>'.encode(),
+    b'<?xml version="1.0" encoding="EBCDIC-US"?><domain><name>x</name></domain>',
     b"<domain><name>\xff\xfe</name></domain>",
 ])
 def test_anything_but_utf8_is_refused(data):
@@ -328,3 +328,97 @@ def test_the_hook_refuses_a_forward_to_another_guests_reservation(netns, state_e
     assert proc.returncode == 2
     assert b"guest-ip 10.0.0.7 is reserved for another guest" in proc.stderr
     assert kvmufw_lines(netns) == before
+
+
+# --------------------------------------------------------------------------- item 14: source
+
+@pytest.mark.parametrize("value", ["", " ", ","])
+def test_an_empty_source_is_an_error_not_anyone(value):
+    with pytest.raises(InputError, match="source: empty"):
+        _web1_forward(f'<kvmufw:forward host-port="22" source="{value}"/>')
+
+
+def test_cli_source_empty_is_refused_before_libvirt(capsys):
+    from kvmufw_hook.cli import main
+    assert main(["forward", "add", "web1", "2222:22", "--source", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "source: empty; leave source out to allow anyone" in err
+
+
+# --------------------------------------------------------------------------- allow-host-service
+
+def test_allow_host_service_is_parsed_for_domains_and_networks():
+    from kvmufw_hook.parse import parse_network_xml
+    dom = _web1_forward('<kvmufw:forward host-port="22" allow-host-service="yes"/>'
+                        '<kvmufw:forward host-port="23" allow-host-service="no"/>'
+                        '<kvmufw:forward host-port="24"/>')
+    assert [f.allow_host_service for f in dom.forwards] == [True, False, False]
+    net = parse_network_xml(LAB_XML.replace('guest-port="80"',
+                                            'guest-port="80" allow-host-service="yes"'))
+    assert net.forwards[0].allow_host_service is True
+    with pytest.raises(InputError, match="allow-host-service: 'maybe' is not yes or no"):
+        _web1_forward('<kvmufw:forward host-port="22" allow-host-service="maybe"/>')
+
+
+def test_cli_allow_host_service_maps_to_the_attribute(monkeypatch):
+    from kvmufw_hook import edit
+    from kvmufw_hook.cli import main
+    seen = {}
+    monkeypatch.setattr(edit, "edit_domain",
+                        lambda uri, name, action, spec, log: seen.update(spec) or "ok")
+    assert main(["forward", "add", "web1", "2222:22", "--allow-host-service"]) == 0
+    assert seen == {"host-port": "2222", "guest-port": "22", "allow-host-service": "yes"}
+
+
+# --------------------------------------------------------------------------- the same forward
+
+def _edited(action, spec, existing):
+    from kvmufw_hook.edit import _change
+    from kvmufw_hook.parse import DOMAIN_ATTRS
+    return _change(action, spec, "domain 'web1'", DOMAIN_ATTRS)(existing)
+
+
+A = {"host-port": "80", "host-ip": "192.0.2.1"}
+B = {"host-port": "80", "host-ip": "192.0.2.2"}
+
+
+def test_add_agrees_with_the_planner_on_the_same_forward():
+    from kvmufw_hook.parse import DOMAIN_ATTRS, parse_forward_attrs
+    from kvmufw_hook.plan import check_conflicts
+
+    def spec(attrs):
+        return parse_forward_attrs(attrs, "", DOMAIN_ATTRS)
+    # another host-ip: not the same forward, for the planner nor for add
+    check_conflicts("domain 'web1'", [spec(A), spec(B)], ())
+    assert _edited("add", B, [A]) == [A, B]
+    for clash in ({"host-port": "80"}, {"host-port": "79-81", "host-ip": "192.0.2.1"},
+                  {"host-port": "80", "proto": "tcp", "host-ip": "192.0.2.1"}):
+        with pytest.raises(InputError, match="is already forwarded .*remove it first"):
+            _edited("add", clash, [A])
+        with pytest.raises(InputError, match="overlaps"):
+            check_conflicts("domain 'web1'", [spec(A), spec(clash)], ())
+    assert _edited("add", {"host-port": "80", "proto": "udp"}, [A]) == [
+        A, {"host-port": "80", "proto": "udp"}]
+
+
+def test_remove_picks_one_by_host_ip_and_refuses_an_ambiguous_remove():
+    with pytest.raises(InputError) as exc:
+        _edited("remove", {"host-port": "80"}, [A, B])
+    assert str(exc.value) == ("domain 'web1': 2 forwards match tcp 80 (forward tcp "
+                              "192.0.2.1:80, forward tcp 192.0.2.2:80); say which with --host-ip")
+    assert _edited("remove", {"host-port": "80", "host-ip": "192.0.2.2"}, [A, B]) == [A]
+    assert _edited("remove", {"host-port": "80"}, [A]) == []
+    with pytest.raises(InputError, match="no forward of tcp 192.0.2.3:80"):
+        _edited("remove", {"host-port": "80", "host-ip": "192.0.2.3"}, [A, B])
+    broken = {"host-port": "80", "source": "nonsense"}  # still removable as typed
+    assert _edited("remove", {"host-port": "80"}, [broken]) == []
+
+
+def test_cli_remove_takes_host_ip(monkeypatch):
+    from kvmufw_hook import edit
+    from kvmufw_hook.cli import main
+    seen = {}
+    monkeypatch.setattr(edit, "edit_domain",
+                        lambda uri, name, action, spec, log: seen.update(spec) or "ok")
+    assert main(["forward", "remove", "web1", "80", "--host-ip", "192.0.2.2"]) == 0
+    assert seen == {"host-port": "80", "host-ip": "192.0.2.2"}
