@@ -20,7 +20,8 @@ EPILOG = """examples:
 
 
 def _err(message: str) -> None:
-    sys.stderr.write(f"kvmufw_hook: {' '.join(str(message).split())}\n")
+    from .errors import printable
+    sys.stderr.write(f"kvmufw_hook: {printable(' '.join(str(message).split()))}\n")
 
 
 def cmd_plan(args) -> int:
@@ -97,13 +98,18 @@ def cmd_forward(args) -> int:
             json.dump(rows, sys.stdout, indent=2)
             sys.stdout.write("\n")
             return 0
+        from .errors import printable
+        from .status import shown_name
         table = [("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "COMMENT")]
         for r in rows:
             guest = r.get("guest-ip") or r.get("guest-mac") or r.get("mac") or "(reservation)"
-            table.append((r["owner"] + ("" if r["active"] else " (inactive)"),
+            kind, _, name = r["owner"].partition(" ")
+            table.append((f"{kind} {shown_name(name)}"
+                          + ("" if r["active"] else " (inactive)"),
                           r.get("proto", "tcp"), f"{r.get('host-ip', '*')}:{r['host-port']}",
                           f"{guest}:{r.get('guest-port', r['host-port'])}",
                           r.get("source", "any"), r.get("comment", "")))
+        table = [tuple(printable(cell) for cell in row) for row in table]  # JSON: exact
         widths = [max(len(row[i]) for row in table) for i in range(5)]
         for row in table:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[5])

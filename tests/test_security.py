@@ -422,3 +422,74 @@ def test_cli_remove_takes_host_ip(monkeypatch):
                         lambda uri, name, action, spec, log: seen.update(spec) or "ok")
     assert main(["forward", "remove", "web1", "80", "--host-ip", "192.0.2.2"]) == 0
     assert seen == {"host-port": "80", "host-ip": "192.0.2.2"}
+
+
+# --------------------------------------------------------------------------- item 11: output
+
+EVIL = "db\n domain victim     tcp  *:22  10.0.0.5:22  any  ok\x1b[2J\x9b2J\u202e"
+
+
+def _report():
+    fwd = {"proto": "tcp", "host_ip": None, "host_port": "2222", "guest_ip": "10.0.0.5",
+           "guest_port": "22", "network": "lab", "sources": [], "comment": EVIL,
+           "present": True}
+    return {"networks": [], "kernel_error": None,
+            "domains": [{"name": "victim ", "forwards": [fwd]},
+                        {"name": "victim", "forwards": []}]}
+
+
+def _no_raw_control(text: str):
+    import unicodedata
+    lines = text.splitlines()
+    for line in lines:
+        assert not any(unicodedata.category(c) in ("Cc", "Cf") for c in line), ascii(line)
+    return lines
+
+
+def test_status_table_escapes_comments_and_shows_whitespace_twins_apart(monkeypatch, capsys):
+    import json
+
+    from kvmufw_hook import status
+    from kvmufw_hook.cli import main
+    monkeypatch.setattr(status, "collect", lambda backend=None: _report())
+    assert main(["status"]) == 0
+    lines = _no_raw_control(capsys.readouterr().out)
+    assert len(lines) == 2  # header and the one forward: the comment drew no row
+    assert lines[1].startswith("domain 'victim '  tcp")
+    assert lines[1].endswith(" ok     db\\n domain victim     tcp  *:22  10.0.0.5:22  any  "
+                             "ok\\x1b[2J\\x9b2J\\u202e")
+    assert main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == _report()  # JSON: the exact text
+
+
+def test_forward_list_table_escapes_and_json_is_exact(monkeypatch, capsys):
+    import json
+
+    from kvmufw_hook import edit
+    from kvmufw_hook.cli import main
+    rows = [{"owner": "domain victim\x1b[1A", "active": True, "host-port": "2222",
+             "comment": EVIL, "source": "10.0.0.0/8"}]
+    monkeypatch.setattr(edit, "list_forwards", lambda uri, dom, net: rows)
+    assert main(["forward", "list"]) == 0
+    lines = _no_raw_control(capsys.readouterr().out)
+    assert len(lines) == 2 and lines[1].startswith("domain victim\\x1b[1A  tcp")
+    assert main(["forward", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == rows
+
+
+def test_error_lines_escape_control_characters(monkeypatch, capsys):
+    from kvmufw_hook import edit
+    from kvmufw_hook.cli import main
+
+    def refuse(*_args, **_kw):
+        raise InputError("libvirt refused: name\x1b]0;pwned\x07 \x9bx")
+    monkeypatch.setattr(edit, "list_forwards", refuse)
+    assert main(["forward", "list"]) == 2
+    err = capsys.readouterr().err
+    assert _no_raw_control(err) == ["kvmufw_hook: libvirt refused: name\\x1b]0;pwned\\x07 \\x9bx"]
+
+
+def test_printable_keeps_ordinary_text():
+    from kvmufw_hook.errors import printable
+    assert printable("café ☃ web-1 (ssh)") == "café ☃ web-1 (ssh)"
+    assert printable("a\u00a0b\u2028c\td") == "a\\xa0b\\u2028c\\td"
