@@ -21,7 +21,8 @@ EPILOG = """examples:
 
 
 def _err(message: str) -> None:
-    sys.stderr.write(f"kvmufw_hook: {' '.join(str(message).split())}\n")
+    from .errors import printable
+    sys.stderr.write(f"kvmufw_hook: {printable(' '.join(str(message).split()))}\n")
 
 
 def cmd_plan(args) -> int:
@@ -116,13 +117,18 @@ def cmd_forward(args) -> int:
             json.dump(rows, sys.stdout, indent=2)
             sys.stdout.write("\n")
             return 0
+        from .errors import printable
+        from .status import shown_name
         table = [("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "COMMENT")]
         for r in rows:
             guest = r.get("guest-ip") or r.get("guest-mac") or r.get("mac") or "(reservation)"
-            table.append((r["owner"] + ("" if r["active"] else " (inactive)"),
+            kind, _, name = r["owner"].partition(" ")
+            table.append((f"{kind} {shown_name(name)}"
+                          + ("" if r["active"] else " (inactive)"),
                           r.get("proto", "tcp"), f"{r.get('host-ip', '*')}:{r['host-port']}",
                           f"{guest}:{r.get('guest-port', r['host-port'])}",
                           r.get("source", "any"), r.get("comment", "")))
+        table = [tuple(printable(cell) for cell in row) for row in table]  # JSON: exact
         widths = [max(len(row[i]) for row in table) for i in range(5)]
         for row in table:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[5])
@@ -135,17 +141,23 @@ def cmd_forward(args) -> int:
     target, spec_text = (args.network, args.args[0]) if args.network else args.args
     spec = edit.parse_spec(spec_text)
     if args.action == "remove":
-        extra = [o for o in ("source", "host_ip", "mac", "comment", "guest_ip", "guest_mac")
-                 if getattr(args, o, None)]
+        extra = [o for o in ("source", "mac", "comment", "guest_ip", "guest_mac")
+                 if getattr(args, o, None) is not None] + \
+            (["allow_host_service"] if args.allow_host_service else [])
         if extra or ":" in spec_text:
-            raise InputError("forward remove takes only DOMAIN (or --network NAME) and "
-                             "HOST_PORT[/PROTO]")
+            raise InputError("forward remove takes only DOMAIN (or --network NAME), "
+                             "HOST_PORT[/PROTO] and --host-ip")
+        if args.host_ip is not None:
+            spec["host-ip"] = args.host_ip
     else:
+        # `is not None`: an empty value (--source '') is checked, and refused, as typed
         for option, attr in (("source", "source"), ("host_ip", "host-ip"),
                              ("comment", "comment"), ("mac", "mac"),
                              ("guest_ip", "guest-ip"), ("guest_mac", "guest-mac")):
-            if getattr(args, option, None):
+            if getattr(args, option, None) is not None:
                 spec[attr] = getattr(args, option)
+        if args.allow_host_service:
+            spec["allow-host-service"] = "yes"
         if args.network and not (args.guest_ip or args.guest_mac):
             raise InputError("a network forward needs --guest-ip or --guest-mac")
         if args.network and args.mac:
@@ -236,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  kvmufw_hook forward add web1 2222:22\n"
         "  kvmufw_hook forward add web1 6000-6002:5000-5002/udp --source 198.51.100.0/24\n"
         "  kvmufw_hook forward add --network lab 8080:80 --guest-mac 52:54:00:00:00:20\n"
-        "  kvmufw_hook forward remove web1 2222/tcp\n"
+        "  kvmufw_hook forward remove web1 2222/tcp [--host-ip IP]\n"
         "  kvmufw_hook forward list web1")
     p.add_argument("action", choices=("add", "remove", "list"))
     p.add_argument("args", nargs="*", metavar="DOMAIN SPEC",
@@ -249,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guest-mac", metavar="MAC",
                    help="network: resolve the guest through <dhcp><host>")
     p.add_argument("--comment", metavar="TEXT", help="shown by status and list")
+    p.add_argument("--allow-host-service", action="store_true",
+                   help="forward the port even where a host service listens on it")
     p.add_argument("--json", action="store_true", help="list: machine-readable output")
     _add_connect(p)
     p.set_defaults(func=cmd_forward)
