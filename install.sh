@@ -223,7 +223,7 @@ block_lines() {
     echo "$b $e"
 }
 
-block_sha() { sed -n "$2,$3p" "$1" | sha_of_stdin; }
+block_sha() { sed -n "${2% *},${2#* }p" "$1" | sha_of_stdin; }  # block_sha FILE "BEGIN END"
 
 # known_block SHA: the block is one we wrote (now, earlier, or as recorded).
 known_block() {
@@ -247,7 +247,7 @@ check_after_init() {
     fi
     lines=$(block_lines "$AFTER_INIT") \
         || die "$AFTER_INIT has a '$BEGIN' or '$END' line without the other (or several): remove what is left of the kvmufw_hook block by hand and run install.sh again"
-    if [ "$lines" != "0 0" ] && ! known_block "$(block_sha "$AFTER_INIT" $lines)"; then
+    if [ "$lines" != "0 0" ] && ! known_block "$(block_sha "$AFTER_INIT" "$lines")"; then
         die "the kvmufw_hook block in $AFTER_INIT (lines ${lines/ /-}) was changed since install.sh wrote it; not overwriting it: remove those lines and run install.sh again"
     fi
 }
@@ -269,8 +269,9 @@ tool_paths() {
 
 preflight_install() {
     local unit foreign drv
-    [ -f "$SRC/kvmufw_hook/__init__.py" ] && [ -d "$SRC/hooks" ] \
-        || die "run install.sh from the kvmufw_hook source tree"
+    if [ ! -f "$SRC/kvmufw_hook/__init__.py" ] || [ ! -d "$SRC/hooks" ]; then
+        die "run install.sh from the kvmufw_hook source tree"
+    fi
     if [ -x "$PY" ]; then
         "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
             || die "$PY is older than 3.10; kvmufw_hook needs Python 3.10 or newer"
@@ -504,7 +505,7 @@ install_after_init() {
         fi
         say "added the restore entry to $AFTER_INIT"
         CHANGED=1
-    elif [ "$(block_sha "$AFTER_INIT" $lines)" != "$(after_init_block | sha_of_stdin)" ]; then
+    elif [ "$(block_sha "$AFTER_INIT" "$lines")" != "$(after_init_block | sha_of_stdin)" ]; then
         undo "mv -f -T $(q "$BACKUP/after.init") $(q "$AFTER_INIT")"
         rewrite_after_init < <(sed -n "1,$(( ${lines% *} - 1 ))p" "$AFTER_INIT"; after_init_block
                                sed -n "$(( ${lines#* } + 1 )),\$p" "$AFTER_INIT")
@@ -543,6 +544,7 @@ write_manifest() {
         mkdir -m 700 "$MANIFEST_DIR"
         undo "rm -rf $(q "$MANIFEST_DIR")"
     fi
+    sort -u -o "$MANIFEST_NEW" "$MANIFEST_NEW"  # one order, so an unchanged install rewrites nothing
     cmp -s "$MANIFEST_NEW" "$MANIFEST" 2>/dev/null && return 0
     [ -e "$MANIFEST" ] && { cp -p "$MANIFEST" "$BACKUP/manifest"
                             undo "mv -f $(q "$BACKUP/manifest") $(q "$MANIFEST")"; }
@@ -601,7 +603,6 @@ signal_where_needed() {
         else
             say "sent one SIGHUP to $name ($pid) (no${missing} hook existed when it started); it does not answer within ${DAEMON_WAIT}s: check it"
         fi
-        HUPPED=1
     done < <(running_daemons)
 }
 
@@ -614,10 +615,10 @@ do_install() {
     for drv in network qemu; do
         if hooks_found "$drv"; then found="$found $drv"; fi
     done
-    BACKUP=$(mktemp -d)
+    BACKUP=$(mktemp -d /run/kvmufw_hook-install.XXXXXX)  # root-only, gone at reboot
     MANIFEST_NEW=$BACKUP/manifest.new
     if [ -f "$MANIFEST" ]; then cp "$MANIFEST" "$MANIFEST_NEW"; else : > "$MANIFEST_NEW"; fi
-    CHANGED=0; HUPPED=0
+    CHANGED=0
     WRITING=1
     install_package
     install_hooks
@@ -674,7 +675,7 @@ uninstall_after_init() {
         return 0
     fi
     if [ "$lines" != "0 0" ]; then
-        if ! known_block "$(block_sha "$AFTER_INIT" $lines)"; then
+        if ! known_block "$(block_sha "$AFTER_INIT" "$lines")"; then
             say "left $AFTER_INIT unchanged: its kvmufw_hook block (lines ${lines/ /-}) was changed since install; remove it by hand"
             return 0
         fi

@@ -1,0 +1,267 @@
+"""install.sh in a private host (tests/lab.py): what it writes, what it refuses, what it
+leaves behind, and when it signals libvirt.
+
+Most tests need no libvirt daemon: a fresh lab (namespaces and overlays, 0.2 s) per test,
+so each starts from the machine's own, untouched files. The SIGHUP tests run a real
+libvirtd and real guests.
+"""
+
+import hashlib
+import subprocess
+import time
+
+import pytest
+from conftest import ROOT, need_root_tools
+
+lab_module = pytest.importorskip("lab")
+Lab = lab_module.Lab
+
+INSTALL = str(ROOT / "install.sh")
+LIB = "/usr/local/lib/kvmufw_hook"
+BIN = "/usr/local/sbin/kvmufw_hook"
+QEMU_HOOK = "/etc/libvirt/hooks/qemu.d/kvmufw_hook"
+AFTER_INIT = "/etc/ufw/after.init"
+TRACKED = ("/etc/libvirt/hooks /etc/ufw /usr/local/lib /usr/local/sbin /var/lib/kvmufw_hook "
+           "/etc/systemd/system /etc/hookstarget")
+MARK = "# kvmufw_hook: written by kvmufw_hook install.sh; removed by install.sh --uninstall"
+# the after.init block that install.sh wrote up to commit 16cd8a7
+LEGACY_BLOCK = """\
+# BEGIN kvmufw_hook
+# Re-applies kvmufw_hook's rules whenever UFW starts or reloads (see install.sh).
+if [ "${1:-}" = start ] && [ -x /usr/local/sbin/kvmufw_hook ]; then
+    /usr/local/sbin/kvmufw_hook replay >/dev/null 2>&1 || true
+fi
+# END kvmufw_hook
+"""
+
+
+@pytest.fixture
+def host():
+    """A private host without libvirtd running: its own /etc, /usr/local, /var/lib, /run."""
+    need_root_tools(*lab_module.PACKAGES_TOOLS)
+    the_lab = Lab()
+    yield the_lab
+    the_lab.destroy()
+
+
+def install(lab, *args, status=0):
+    proc = lab.run(INSTALL, *args, check=False)
+    assert proc.returncode == status, (args, proc.stdout, proc.stderr)
+    return proc
+
+
+def digest(lab) -> str:
+    """Every file and directory install.sh may touch: name, mode, owner, type, content,
+    symlink target; byte-exact (the package's bytecode aside)."""
+    return lab.sh(f"find {TRACKED} -path '*__pycache__*' -prune -o -print 2>/dev/null | sort | "
+                  "while read f; do stat -c '%n %a %U %F' \"$f\"; "
+                  "[ -L \"$f\" ] && readlink \"$f\"; "
+                  "[ -f \"$f\" ] && [ ! -L \"$f\" ] && sha256sum < \"$f\"; done; true").stdout
+
+
+def content(lab, path: str) -> str:
+    return lab.run("cat", path).stdout
+
+
+def mode(lab, path: str) -> str:
+    return lab.run("stat", "-c", "%a %F", path).stdout.strip()
+
+
+def one_line(text: str) -> str:
+    assert text.count("\n") == 1, text
+    return text
+
+
+def uninstalled_the_rest(lab) -> None:
+    """What --uninstall removes whatever it had to leave alone."""
+    assert lab.run("test", "-e", LIB, check=False).returncode == 1
+    assert lab.run("test", "-e", BIN, check=False).returncode == 1
+    assert lab.run("test", "-e", "/etc/libvirt/hooks/network.d/kvmufw_hook",
+                   check=False).returncode == 1
+    assert lab.run("test", "-e", "/var/lib/kvmufw_hook", check=False).returncode == 1
+
+
+# --------------------------------------------------------------------------- after.init
+
+def test_a_symlinked_after_init_is_never_written_through(host):
+    """Issue 10 item 4: install refuses to edit it (one line, nothing written); uninstall
+    leaves a link and its target as they are, and removes the rest."""
+    host.sh(f"mv {AFTER_INIT} /etc/ufw/after.init.real; ln -s after.init.real {AFTER_INIT}")
+    before = digest(host)
+    err = install(host, status=1).stderr
+    assert "is a symlink" in one_line(err) and "after.init" in err
+    assert digest(host) == before  # nothing written, the package included
+
+    # the admin puts the link in after the install: uninstall must not follow it either
+    host.sh(f"rm {AFTER_INIT}; mv /etc/ufw/after.init.real {AFTER_INIT}")
+    install(host)
+    host.sh(f"mv {AFTER_INIT} /etc/ufw/after.init.real; ln -s after.init.real {AFTER_INIT}")
+    target, target_mode = content(host, "/etc/ufw/after.init.real"), \
+        mode(host, "/etc/ufw/after.init.real")
+    out = install(host, "--uninstall").stdout
+    assert f"left {AFTER_INIT} alone: it is a symlink" in out
+    assert mode(host, AFTER_INIT) == "777 symbolic link"
+    assert host.run("readlink", AFTER_INIT).stdout.strip() == "after.init.real"
+    assert content(host, "/etc/ufw/after.init.real") == target
+    assert mode(host, "/etc/ufw/after.init.real") == target_mode == "740 regular file"
+    uninstalled_the_rest(host)
+
+
+@pytest.mark.parametrize("broken", ["END", "BEGIN"])
+def test_uninstall_leaves_after_init_byte_for_byte_when_the_block_is_not_whole(host, broken):
+    """Issue 10 item 8: a BEGIN without its END (or the reverse) is said in one line, the
+    file stays as it was, and everything else is uninstalled."""
+    install(host)
+    host.sh(f"sed -i '/^# {broken} kvmufw_hook$/d' {AFTER_INIT}")
+    before = host.sh(f"sha256sum {AFTER_INIT}; stat -c '%a %i' {AFTER_INIT}").stdout
+    out = install(host, "--uninstall").stdout
+    assert f"left {AFTER_INIT} unchanged: its kvmufw_hook block is not whole" in out
+    assert host.sh(f"sha256sum {AFTER_INIT}; stat -c '%a %i' {AFTER_INIT}").stdout == before
+    uninstalled_the_rest(host)
+    # and install refuses to add a second block beside what is left of the first
+    before = digest(host)
+    assert "without the other" in one_line(install(host, status=1).stderr)
+    assert digest(host) == before
+
+
+def test_an_entry_of_an_earlier_install_is_replaced_by_the_bounded_restore(host):
+    """Issue 9: after.init must never run `replay` (it connects to libvirt, which waits for
+    UFW at boot); an older install's block is ours and the next install replaces it."""
+    template = content(host, AFTER_INIT)
+    host.sh(f"sed -i '1r /dev/stdin' {AFTER_INIT} <<'EOF'\n{LEGACY_BLOCK}EOF")
+    assert "replay >/dev/null 2>&1" in content(host, AFTER_INIT)
+    out = install(host).stdout
+    assert "replaced the kvmufw_hook entry" in out
+    text = content(host, AFTER_INIT)
+    assert text.count("# BEGIN kvmufw_hook") == 1 and "replay" not in text
+    assert "timeout -k 2 20 /usr/local/sbin/kvmufw_hook restore" in text
+    assert "2>&1" not in text  # restore's refusals stay visible
+    install(host, "--uninstall")
+    assert content(host, AFTER_INIT) == template
+
+
+def test_an_upgrade_from_the_previous_install_sh(host, tmp_path):
+    """Everything the previous install.sh wrote (hooks, command, package, after.init block)
+    is recognised as ours: the new install replaces it without a refusal, and uninstall
+    then leaves the host as it was before either."""
+    subprocess.run(f"git -C {ROOT} archive 16cd8a7 | tar -x -C {tmp_path}", shell=True,
+                   check=True)
+    pristine = digest(host)
+    host.run(f"{tmp_path}/install.sh")
+    assert "replay >/dev/null 2>&1" in content(host, AFTER_INIT)
+    out = install(host).stdout
+    assert "replaced the kvmufw_hook entry" in out
+    assert "restore" in content(host, AFTER_INIT)
+    assert install(host).stdout.startswith("kvmufw_hook install: already installed")
+    install(host, "--uninstall")
+    assert digest(host) == pristine
+
+
+# --------------------------------------------------------------------------- ownership
+
+def test_an_admin_edited_hook_is_never_overwritten_nor_deleted(host):
+    """Issue 10 item 16: ours only if exactly what we wrote (the sha256 we recorded)."""
+    install(host)
+    host.sh(f"echo '# my own line' >> {QEMU_HOOK}")
+    edited = content(host, QEMU_HOOK)
+    before = digest(host)
+    err = install(host, status=1).stderr
+    assert f"{QEMU_HOOK} exists and is not as kvmufw_hook wrote it" in one_line(err)
+    assert digest(host) == before
+    out = install(host, "--uninstall").stdout
+    assert f"left {QEMU_HOOK} alone: not as kvmufw_hook wrote it" in out
+    assert content(host, QEMU_HOOK) == edited
+    uninstalled_the_rest(host)
+
+
+def test_a_script_that_quotes_the_marker_is_not_ours(host):
+    script = f"#!/bin/sh\n# not kvmufw_hook's, it only quotes it:\n{MARK}\necho mine\n"
+    host.run("bash", "-c", f"cat > {BIN}; chmod 755 {BIN}", input=script)
+    before = digest(host)
+    err = install(host, status=1).stderr
+    assert f"{BIN} exists and is not as kvmufw_hook wrote it" in one_line(err)
+    assert digest(host) == before
+    out = install(host, "--uninstall").stdout
+    assert f"left {BIN} alone" in out
+    assert content(host, BIN) == script
+
+
+@pytest.mark.parametrize("link", [BIN, "/etc/libvirt/hooks/qemu.d", LIB])
+def test_install_never_writes_through_a_symlink(host, link):
+    host.sh(f"mkdir -p /etc/hookstarget /etc/libvirt/hooks $(dirname {link}); "
+            f"ln -s /etc/hookstarget {link}")
+    before = digest(host)
+    err = install(host, status=1).stderr
+    assert f"{link} is a symlink" in one_line(err)
+    assert digest(host) == before
+    assert host.run("ls", "-A", "/etc/hookstarget").stdout == ""
+
+
+def test_a_failed_install_leaves_nothing_behind(host):
+    """A write that fails after others succeeded (here /etc/ufw is full) rolls back
+    everything this run wrote: the package, the command, the hooks and their directories."""
+    host.sh(f"""
+        cp -a /etc/ufw {host.dir}/ufw
+        mount -t tmpfs -o size=64k tmpfs /etc/ufw
+        cp -a {host.dir}/ufw/. /etc/ufw/
+        dd if=/dev/zero of=/etc/ufw/filler bs=4k 2>/dev/null || true
+    """)
+    before = digest(host)
+    proc = install(host, status=1)
+    assert "rolled back what this run wrote" in proc.stderr
+    assert "wrote /etc/libvirt/hooks/qemu.d/kvmufw_hook" in proc.stdout  # it had started
+    assert digest(host) == before
+    assert host.run("test", "-e", "/etc/libvirt/hooks", check=False).returncode == 1
+    leftovers = host.sh("find /usr/local /etc /var/lib /run -name '.kvmufw_hook.*' "
+                        "-o -name '.after.init.*' -o -name 'kvmufw_hook-install.*'").stdout
+    assert leftovers == ""
+
+
+# --------------------------------------------------------------------------- what is written
+
+def test_the_whole_package_tree_with_safe_modes(host):
+    """Every module, subpackages included; package files root's 0644/0755; state 0700."""
+    src = f"{host.dir}/src"
+    host.sh(f"mkdir -p {src} && cp -a {ROOT}/install.sh {ROOT}/hooks {ROOT}/kvmufw_hook {src}/ "
+            f"&& mkdir -p {src}/kvmufw_hook/extra/deeper "
+            f"&& echo 'X = 1' > {src}/kvmufw_hook/extra/__init__.py "
+            f"&& echo 'Y = 2' > {src}/kvmufw_hook/extra/deeper/mod.py")
+    host.run(f"{src}/install.sh")
+    sources = sorted(host.sh(f"cd {src} && find kvmufw_hook -name '*.py'").stdout.split())
+    installed = sorted(host.sh(f"cd {LIB} && find kvmufw_hook -name '*.py' "
+                               "-not -path '*__pycache__*'").stdout.split())
+    assert "kvmufw_hook/extra/deeper/mod.py" in installed and installed == sources
+    modes = set(host.sh(f"find {LIB} -path '*__pycache__*' -prune -o -printf '%y %m %u\\n' "
+                        "| sort -u").stdout.splitlines())
+    assert modes == {"d 755 root", "f 644 root"}
+    assert host.sh(f"stat -c '%a %U' {BIN} {QEMU_HOOK} /var/lib/kvmufw_hook "
+                   "/var/lib/kvmufw_hook/install.manifest").stdout.split("\n")[:4] == \
+        ["755 root", "755 root", "700 root", "600 root"]
+    manifest = content(host, "/var/lib/kvmufw_hook/install.manifest")
+    for path in (BIN, QEMU_HOOK, f"{LIB}/kvmufw_hook/extra/deeper/mod.py"):
+        sha = hashlib.sha256(host.run("cat", path).stdout.encode()).hexdigest()
+        assert f"file {sha} {path}\n" in manifest
+
+
+def test_systemd_drop_ins_repair_our_jumps_after_each_daemon_start(host):
+    """Where systemd runs: libvirt after UFW, and our jumps first again after every start
+    (bounded, never failing the unit); uninstall removes them and their directories."""
+    host.sh("mkdir -p /run/systemd/system")
+    install(host)
+    for unit in ("libvirtd", "virtnetworkd", "virtqemud"):
+        dropin = content(host, f"/etc/systemd/system/{unit}.service.d/kvmufw_hook.conf")
+        assert "After=ufw.service" in dropin
+        assert ("ExecStartPost=-/usr/bin/timeout 10 /usr/local/sbin/kvmufw_hook restore "
+                "--jumps-only") in dropin
+    install(host, "--uninstall")
+    for unit in ("libvirtd", "virtnetworkd", "virtqemud"):
+        path = f"/etc/systemd/system/{unit}.service.d"
+        assert host.run("test", "-e", path, check=False).returncode == 1, path
+
+
+def test_install_twice_is_install_once_without_a_daemon(host):
+    install(host)
+    installed = digest(host)
+    out = install(host).stdout
+    assert "wrote" not in out and "SIGHUP" not in out
+    assert digest(host) == installed
