@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -46,21 +47,39 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _refusals(what: str, problems: list[str]) -> int:
+    """Each refusal on stderr and in syslog; exit status 1 if there was any."""
+    from .log import log
+    for problem in problems:
+        log(f"{what}: refused: {problem}", error=True)
+    return 1 if problems else 0
+
+
 def cmd_replay(args) -> int:
     from .log import log
     from .ops import replay
     from .virt import live_xml
     nets, doms = live_xml(args.connect)
     result = replay(nets, doms, dry_run=args.dry_run, log=log)
-    for problem in result.problems:
-        _err(problem)
     if args.dry_run:
         sys.stdout.write(result.payload or "# nothing to change\n")
     else:
         changed = "changed" if result.payload else "already up to date"
         print(f"replayed {len(nets)} network(s), {len(doms)} running domain(s): "
               f"{result.owners} owner(s) with rules, {changed}")
-    return 1 if result.problems else 0
+    return _refusals("replay", result.problems)
+
+
+def cmd_restore(args) -> int:
+    from .log import log
+    from .ops import restore
+    result = restore(jumps_only=args.jumps_only, log=log, lock_timeout=args.wait)
+    if args.jumps_only:
+        print("our jumps put back first" if result.payload else "our jumps are in place")
+    else:
+        changed = "changed" if result.payload else "already up to date"
+        print(f"restored {result.owners} owner(s) from kvmufw_hook's state: {changed}")
+    return _refusals("restore", result.problems)
 
 
 def cmd_status(args) -> int:
@@ -188,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connect(p)
     p.set_defaults(func=cmd_replay)
 
+    p = sub.add_parser("restore", help="put our rules back from our own state (no libvirt)",
+                       description="Re-apply the rules of the networks and guests that the "
+                       "hooks recorded, and put our jumps first, without connecting to "
+                       "libvirt: safe from UFW's after.init and from libvirt's own unit at "
+                       "boot. Rules of owners the state does not know are left alone (replay "
+                       "decides those).", epilog="example:\n  kvmufw_hook restore",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jumps-only", action="store_true",
+                   help="only put our jumps back at position 1 (after a libvirt start)")
+    p.add_argument("--wait", type=float, default=10, metavar="SECONDS",
+                   help="how long to wait for a running hook to finish (default: %(default)s)")
+    p.set_defaults(func=cmd_restore)
+
     p = sub.add_parser("status", help="each forward, its target and whether its rules are in",
                        epilog="example:\n  kvmufw_hook status --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NEEDS_ROOT = (cmd_replay, cmd_restore, cmd_status, cmd_flush, cmd_doctor)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -256,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         from . import log
         log.VERBOSE = True
+    if os.geteuid() != 0 and (args.func in NEEDS_ROOT or args.func is cmd_forward
+                               and args.action != "list"):
+        _err(f"{args.command} needs root (it reads and changes the firewall): "
+             f"sudo kvmufw_hook {args.command} ...")
+        return 1
     try:
         return args.func(args)
     except InputError as exc:

@@ -170,7 +170,9 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: Non
         if running:
             networks, domains = _live(conn)
             resolve_domain_forwards(candidate, networks)
-            ops.check_claims(what, domain_owner(name), candidate.forwards, networks, domains)
+            ops.check_claims(what, domain_owner(name), candidate.forwards, networks, domains,
+                             ops.kernel_claims())
+            ops.check_host(what, candidate.forwards)
         else:
             check_conflicts(what, candidate.forwards, ())
         write = (libvirt.VIR_DOMAIN_AFFECT_LIVE
@@ -199,7 +201,8 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
             live_model = parse_network(live)
             resolve_network_forwards(live_model)
             ops.check_claims(what, network_owner(name), live_model.forwards, networks,
-                             domains)
+                             domains, ops.kernel_claims())
+            ops.check_host(what, live_model.forwards)
         conn.networkDefineXML(etree.tostring(new_persistent).decode())
         if active:
             # libvirt keeps the running network's XML until it restarts: the hooks take

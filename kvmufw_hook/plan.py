@@ -205,13 +205,15 @@ def plan_forwards(owner: str, targets: Iterable[Target]) -> tuple[Rule, ...]:
         dnat = dict(verdict="DNAT", dport=spec.host_port, to_addr=t.guest_ip,
                     to_ports=spec.guest_port, to_base=spec.host_port.first if shifted else None)
         host = IPv4Network(spec.host_ip) if spec.host_ip is not None else None
+        # --dst-type LOCAL always, host-ip or not: a forward never matches traffic that
+        # is not addressed to this host (a host-ip that stops being local matches nothing)
         for src in spec.sources or (None,):
-            rules.append(Rule("prerouting", src=src, dst=host, dst_local=host is None,
+            rules.append(Rule("prerouting", src=src, dst=host, dst_local=True,
                               **dnat, **common))
         for src in spec.sources or (None,):
             rules.append(Rule("output", src=src, dst=host,
                               not_dst=LOOPBACK if host is None else None,
-                              dst_local=host is None, **dnat, **common))
+                              dst_local=True, **dnat, **common))
         rules.append(Rule("forward", dst=guest, oif=bridge, dport=spec.guest_port,
                           ctstate="DNAT", verdict="ACCEPT", **common))
         rules.append(Rule("forward", src=guest, iif=bridge, sport=spec.guest_port,
