@@ -265,3 +265,95 @@ def test_install_twice_is_install_once_without_a_daemon(host):
     out = install(host).stdout
     assert "wrote" not in out and "SIGHUP" not in out
     assert digest(host) == installed
+
+
+def test_after_init_start_is_bounded_and_says_why(host):
+    """Issue 9: UFW's start runs after.init; ours must return within seconds whatever
+    holds it up (here a stuck holder of our state lock), never fail UFW, and not hide
+    why it did nothing."""
+    install(host)
+    host.sh("mkdir -p -m 700 /run/kvmufw_hook; "
+            "flock /run/kvmufw_hook/lock sleep 120 >/dev/null 2>&1 </dev/null & "
+            "for i in $(seq 100); do flock -n /run/kvmufw_hook/lock true || exit 0; "
+            "sleep 0.05; done; exit 1")
+    started = time.monotonic()
+    proc = host.run(AFTER_INIT, "start", check=False, timeout=60)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0 and elapsed < 25, (proc.returncode, elapsed)
+    assert "'kvmufw_hook restore' from /etc/ufw/after.init exited with status" in proc.stderr
+    assert "replay" not in content(host, AFTER_INIT)
+
+
+# --------------------------------------------------------------------------- SIGHUP
+
+NET = """<network><name>n1</name><forward mode='nat'/><bridge name='virbr7' stp='off'/>
+  <ip address='10.77.0.1' prefix='24'><dhcp><range start='10.77.0.100' end='10.77.0.200'/>
+  </dhcp></ip></network>"""
+LIBVIRTD_LOG = "/var/log/libvirt/libvirtd.log"
+
+
+@pytest.fixture
+def libvirt_host(host):
+    """The private host with a libvirtd that logs its SIGHUPs and its errors."""
+    host.sh(f"cat >> /etc/libvirt/libvirtd.conf <<'EOF'\n"
+            f"log_filters=\"2:daemon.libvirtd 4:*\"\nlog_outputs=\"2:file:{LIBVIRTD_LOG}\"\nEOF")
+    host.start_libvirt()
+    return host
+
+
+def sighups(lab) -> int:
+    return int(lab.sh(f"grep -c 'Reloading configuration on SIGHUP' {LIBVIRTD_LOG}; true").stdout)
+
+
+def network_rules(lab) -> list[str]:
+    return [line for line in lab.save().splitlines() if "KVMUFW" in line and "10.77.0." in line]
+
+
+def hooks_seen_by_doctor(lab) -> str:
+    import json
+    findings = json.loads(lab.run("kvmufw_hook", "doctor", "--json", check=False).stdout)
+    return " ".join(f["level"] for f in findings if f["check"] == "hooks seen by the daemon")
+
+
+def test_one_sighup_only_where_libvirt_needs_it_and_none_on_uninstall(libvirt_host):
+    lab = libvirt_host
+    pid = lab.libvirtd_pid()
+    # started without /etc/libvirt/hooks: libvirt runs no hook until one SIGHUP
+    out = install(lab).stdout
+    assert out.count("SIGHUP") == 1 and f"sent one SIGHUP to libvirtd ({pid})" in out, out
+    assert "it answers again" in out
+    assert sighups(lab) == 1
+    lab.define_network(NET)  # net-start runs our network hook: the daemon sees it
+    assert network_rules(lab)
+    assert hooks_seen_by_doctor(lab) == "OK"
+    # a second install changes nothing and signals nothing
+    out = install(lab).stdout
+    assert "SIGHUP" not in out and "already installed: nothing to change" in out
+    assert sighups(lab) == 1
+
+    # uninstall sends none: the daemon looks for hooks that are gone and runs nothing
+    out = install(lab, "--uninstall").stdout
+    assert "SIGHUP" not in out and "sees the hooks" not in out
+    lab.virsh("net-destroy", "n1")
+    lab.virsh("net-start", "n1")
+    lab.define_domain("g1", [("n1", "52:54:00:00:77:05")])
+    proc = lab.run("virsh", "-c", "qemu:///system", "start", "g1", check=False)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lab.virsh("destroy", "g1")
+    assert sighups(lab) == 1 and not network_rules(lab)
+    assert "hook" not in content(lab, LIBVIRTD_LOG).lower()
+
+    # a daemon that found hooks of both kinds when it started runs ours without a SIGHUP
+    lab.sh("mkdir -p /etc/libvirt/hooks/network.d /etc/libvirt/hooks/qemu.d; "
+           "for d in network qemu; do printf '#!/bin/sh\\nexit 0\\n' "
+           "> /etc/libvirt/hooks/$d.d/00-admin; chmod 755 /etc/libvirt/hooks/$d.d/00-admin; done")
+    lab.restart_libvirt()
+    pid = lab.libvirtd_pid()
+    out = install(lab).stdout
+    assert f"libvirtd ({pid}) runs the hooks in /etc/libvirt/hooks already: no SIGHUP needed" \
+        in out and "sent" not in out
+    assert sighups(lab) == 1  # the log goes on: still only the first install's
+    lab.virsh("net-destroy", "n1")
+    lab.virsh("net-start", "n1")
+    assert network_rules(lab)
+    assert hooks_seen_by_doctor(lab) == "OK"
