@@ -571,6 +571,18 @@ running_daemons() {
     done
 }
 
+# libvirt_reachable: a daemon runs, or systemd starts one on the first connection (a
+# socket-activated daemon exits when idle, while its networks keep running).
+libvirt_reachable() {
+    local unit
+    [ -n "$(running_daemons)" ] && return 0
+    [ -d /run/systemd/system ] || return 1
+    for unit in libvirtd.socket virtqemud.socket; do
+        systemctl is-active --quiet "$unit" 2>/dev/null && return 0
+    done
+    return 1
+}
+
 # answers URI: the daemon takes a call again within DAEMON_WAIT seconds.
 answers() {
     local deadline=$((SECONDS + DAEMON_WAIT))
@@ -634,8 +646,9 @@ do_install() {
         chmod 600 "$SIGHUP_STAMP"
     fi
     [ "$CHANGED" = 1 ] || say "already installed: nothing to change"
-    if [ -n "$(running_daemons)" ]; then
-        if "$BIN" replay; then
+    if libvirt_reachable; then
+        # bounded: a libvirt that does not answer must not hang the install
+        if "$TIMEOUT" 120 "$BIN" replay; then
             say "done"
         else
             say "installed, but replay reported problems (see above); run: kvmufw_hook replay"

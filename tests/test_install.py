@@ -186,10 +186,12 @@ def test_a_script_that_quotes_the_marker_is_not_ours(host):
     assert content(host, BIN) == script
 
 
-@pytest.mark.parametrize("link", [BIN, "/etc/libvirt/hooks/qemu.d", LIB])
-def test_install_never_writes_through_a_symlink(host, link):
+@pytest.mark.parametrize("link, target", [(BIN, "/etc/hookstarget/kvmufw_hook"),
+                                          ("/etc/libvirt/hooks/qemu.d", "/etc/hookstarget"),
+                                          (LIB, "/etc/hookstarget")])
+def test_install_never_writes_through_a_symlink(host, link, target):
     host.sh(f"mkdir -p /etc/hookstarget /etc/libvirt/hooks $(dirname {link}); "
-            f"ln -s /etc/hookstarget {link}")
+            f"ln -s {target} {link}")
     before = digest(host)
     err = install(host, status=1).stderr
     assert f"{link} is a symlink" in one_line(err)
