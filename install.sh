@@ -268,7 +268,7 @@ tool_paths() {
 }
 
 preflight_install() {
-    local unit foreign drv
+    local unit foreign drv path
     if [ ! -f "$SRC/kvmufw_hook/__init__.py" ] || [ ! -d "$SRC/hooks" ]; then
         die "run install.sh from the kvmufw_hook source tree"
     fi
@@ -609,7 +609,10 @@ signal_where_needed() {
             continue
         fi
         answers "$uri" || say "$name ($pid) does not answer on $uri; sending the SIGHUP anyway"
-        kill -HUP "$pid"
+        if ! kill -HUP "$pid" 2>/dev/null; then
+            say "$name ($pid) exited before the SIGHUP: it finds the hooks when it starts again"
+            continue
+        fi
         if answers "$uri"; then
             say "sent one SIGHUP to $name ($pid): it started while no${missing} hook existed and would not have run ours; it answers again"
         else

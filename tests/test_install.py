@@ -248,7 +248,11 @@ def test_the_whole_package_tree_with_safe_modes(host):
 def test_systemd_drop_ins_repair_our_jumps_after_each_daemon_start(host):
     """Where systemd runs: libvirt after UFW, and our jumps first again after every start
     (bounded, never failing the unit); uninstall removes them and their directories."""
-    host.sh("mkdir -p /run/systemd/system")
+    host.sh("mkdir -p /run/systemd/system /etc/systemd/system/libvirtd.service.d")
+    # the drop-in of an earlier install.sh is ours: the new one replaces it
+    host.run("bash", "-c", "cat > /etc/systemd/system/libvirtd.service.d/kvmufw_hook.conf",
+             input=f"{MARK}\n# Start libvirt after UFW, so that UFW's rules are in place "
+                   "before networks start.\n[Unit]\nAfter=ufw.service\n")
     install(host)
     for unit in ("libvirtd", "virtnetworkd", "virtqemud"):
         dropin = content(host, f"/etc/systemd/system/{unit}.service.d/kvmufw_hook.conf")
