@@ -190,7 +190,7 @@ def run(uri: str, backend=None) -> list[Finding]:
     try:
         snapshot = backend.read()
     except ApplyError as exc:
-        return findings + [Finding("FAIL", "firewall", str(exc), "install iptables")]
+        return [*findings, Finding("FAIL", "firewall", str(exc), "install iptables")]
     findings += check_rules(backend, snapshot, len(networks))
     findings += check_hooks()
     findings += check_forwards(uri, backend)

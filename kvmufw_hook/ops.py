@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
-from . import state
+from . import host, state
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
 from .model import Domain, ForwardSpec, Network, NetworkPort
@@ -73,18 +74,16 @@ def owner_label(owner: str) -> str:
 
 def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip: str,
            kernel: Mapping[str, list[ForwardSpec]] | None = None) -> Claims:
-    """Forwards of every owner but ``skip``, labelled for conflict messages: what the
-    kernel holds, plus what our state says of owners the kernel shows nothing of."""
-    out: Claims = []
-    seen = set()
-    for owner, specs in (kernel or {}).items():
-        if owner != skip:
-            out.append((owner_label(owner), specs))
-            seen.add(owner)
-    out += [(f"network {shown(n.name)}", n.forwards) for n in networks.values()
-            if n.managed and network_owner(n.name) not in seen | {skip}]
+    """Forwards of every owner but ``skip``, labelled for conflict messages: what our
+    state says (the forwards as declared), and what the kernel holds for every owner
+    the state does not know (a lost or corrupt state file hides no holder)."""
+    out: Claims = [(f"network {shown(n.name)}", n.forwards) for n in networks.values()
+                   if n.managed and network_owner(n.name) != skip]
     out += [(f"domain {shown(d.name)}", d.forwards) for d in domains.values()
-            if domain_owner(d.name) not in seen | {skip}]
+            if domain_owner(d.name) != skip]
+    known = {network_owner(n) for n in networks} | {domain_owner(d) for d in domains}
+    out += [(owner_label(owner), specs) for owner, specs in (kernel or {}).items()
+            if owner != skip and owner not in known]
     return out
 
 
@@ -103,10 +102,8 @@ def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
 
 def check_host(label: str, forwards: Sequence[ForwardSpec]) -> None:
     """InputError if a forward's host-ip is not the host's or it takes a host service's
-    port (``host.py``); reads /proc only when there are forwards."""
-    if forwards:
-        from .host import check_forwards
-        check_forwards(label, forwards)
+    port (``host.py``; /proc is read only when there are forwards)."""
+    host.check_forwards(label, forwards)
 
 
 # --------------------------------------------------------------------------- networks
@@ -243,35 +240,36 @@ class HostPlan:
 
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
-              holders: Iterable[str] = (), host_check: bool = False) -> HostPlan:
+              holders: Mapping[str, list[ForwardSpec]] | None = None,
+              host_check: bool = False, broken: Iterable[str] = ()) -> HostPlan:
     """Every owner's rules for a whole host, each checked against the forwards of
-    those planned before it. The current holders of ports (``holders``: owners with
-    rules in the kernel) are planned first, so a newcomer never takes a port from the
-    guest or network that has it; then networks before guests, in name order. An
-    owner that fails is reported and skipped; the others still plan. ``host_check``
+    those planned before it. The current holders of ports (``holders``: owner -> the
+    ports its rules in the kernel hold) are planned first, so a newcomer never takes a
+    port from the guest or network that has it; then networks before guests, in name
+    order. An owner that fails is reported and skipped, its rules stay as they are (and
+    so do the ports they hold); the others still plan. ``host_check``
     checks forwards against the host itself (``host.py``): not for ``plan``, which
-    describes XML files, not this host."""
-    result = HostPlan({}, [], set())
-    claimed: Claims = []
-    facts = None
-    if host_check:
-        from .host import HostFacts
-        facts = HostFacts.read()
+    describes XML files, not this host. ``broken``: owners whose XML did not even
+    parse; they fail too, keeping their rules and ports."""
+    held = holders or {}
+    result = HostPlan({}, [], set(broken))
+    claimed: Claims = [(owner_label(o), held[o]) for o in result.failed if o in held]
+    facts = host.HostFacts.read() if host_check else None
 
     def add(owner: str, label: str, forwards, planner) -> None:
         try:
             check_conflicts(label, forwards, claimed)
             rules = planner()
-            if facts is not None and forwards:
-                from .host import check_forwards
-                check_forwards(label, forwards, facts)
+            if facts is not None:
+                host.check_forwards(label, forwards, facts)
             result.rules[owner] = rules
             claimed.append((label, forwards))
         except InputError as exc:
             result.problems.append(str(exc))
             result.failed.add(owner)
+            if owner in held:  # its rules stay in the kernel: so do its ports
+                claimed.append((label, held[owner]))
 
-    held = set(holders)
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: plan_network_owner(net))
               for name, net in sorted(networks.items()) if net.managed]
@@ -291,20 +289,40 @@ class Replayed:
     owners: int
 
 
+Parsed = TypeVar("Parsed", Network, Domain)
+
+
+def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
+                owner: Callable[[str], str], kind: str, problems: list[str],
+                broken: set[str], kept: set[tuple[str, str]]) -> dict[str, tuple[Parsed, bytes]]:
+    """name -> (model, raw) of each document that parses. One that does not is a
+    problem; if its name can still be read, that owner fails: its rules, ports and state
+    stay as they are."""
+    from .parse import object_name
+    out: dict[str, tuple[Parsed, bytes]] = {}
+    for raw in raws:
+        try:
+            obj = parse(raw)
+        except InputError as exc:
+            problems.append(str(exc))
+            name = object_name(raw)
+            if name is not None:
+                broken.add(owner(name))
+                kept.add((kind, name))
+            continue
+        out[obj.name] = (obj, raw)
+    return out
+
+
 def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
                problems: list[str]):
     from .parse import parse_domain_xml, parse_network_xml
-    networks: dict[str, tuple[Network, bytes]] = {}
-    domains: dict[str, tuple[Domain, bytes]] = {}
-    for raws, parse, into in ((network_xmls, parse_network_xml, networks),
-                              (domain_xmls, parse_domain_xml, domains)):
-        for raw in raws:
-            try:
-                obj = parse(raw)
-            except InputError as exc:
-                problems.append(str(exc))
-                continue
-            into[obj.name] = (obj, raw)
+    broken: set[str] = set()
+    kept: set[tuple[str, str]] = set()  # (state kind, name) whose files stay
+    networks = _parse_each(network_xmls, parse_network_xml, network_owner, "networks",
+                           problems, broken, kept)
+    domains = _parse_each(domain_xmls, parse_domain_xml, domain_owner, "domains",
+                          problems, broken, kept)
     # forward add --network on a running network: libvirt's live XML is stale until the
     # network restarts; the override is the truth (the hooks drop it at network start)
     for name in list(networks):
@@ -314,7 +332,8 @@ def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
                 networks[name] = (parse_network_xml(override), override)
         except InputError as exc:
             problems.append(f"network {shown(name)}: override: {exc}")
-    return networks, domains
+            broken.add(network_owner(name))
+    return networks, domains, broken, kept
 
 
 def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
@@ -324,12 +343,12 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
     rewrite the state files. An owner that fails keeps whatever rules it has."""
     backend = backend or default_backend()
     problems: list[str] = []
-    networks, domains = _parse_all(network_xmls, domain_xmls, problems)
+    networks, domains, broken, kept = _parse_all(network_xmls, domain_xmls, problems)
     with state.locked():
         before = backend.read()
         host = plan_host({n: net for n, (net, _r) in networks.items()},
                          {n: dom for n, (dom, _r) in domains.items()},
-                         holders=backend.claims(before), host_check=True)
+                         holders=backend.claims(before), host_check=True, broken=broken)
         problems += host.problems
 
         def drop(tagged: dict[str, str]) -> bool:
@@ -342,7 +361,8 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                                   before=before).payload
             state.replace_all(
                 {name: raw for name, (net, raw) in networks.items() if net.managed},
-                {name: raw for name, (dom, raw) in domains.items() if dom.forwards})
+                {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
+                keep=kept)
     _report("replay", host, payload, problems, dry_run, log)
     return Replayed(payload, problems, len(host.rules))
 

@@ -344,3 +344,13 @@ def parse_any(data: bytes | str, what: str) -> Network | Domain:
     if kind == "domain":
         return parse_domain(root)
     raise InputError(f"{what}: expected <network> or <domain>, found <{kind}>")
+
+
+def object_name(data: bytes | str) -> str | None:
+    """The ``<name>`` of a network or domain document whose content is otherwise bad
+    (so that ``replay`` can keep that owner's rules), or None."""
+    try:
+        root = _unwrap(load(data, "XML"), "XML")
+        return _text(root, "name") if _local(root) in ("network", "domain") else None
+    except InputError:
+        return None

@@ -104,7 +104,7 @@ def _read(path: str) -> bytes | None:
             raise InputError(f"{path} is a symlink; not following it") from None
         raise InputError(f"{path}: {exc.strerror}") from None
     try:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
@@ -263,12 +263,16 @@ class locked:
         os.close(self.fd)  # closing releases the lock
 
 
-def replace_all(networks: dict[str, bytes], domains: dict[str, bytes]) -> None:
-    """Make the state files exactly these (``replay``)."""
+def replace_all(networks: dict[str, bytes], domains: dict[str, bytes],
+                keep: set[tuple[str, str]] | None = None) -> None:
+    """Make the state files exactly these (``replay``), leaving alone the files in
+    ``keep`` ((kind, name) of owners whose XML did not parse: their rules stay, and so
+    must what lets their stop remove them)."""
     for kind, wanted in (("networks", networks), ("domains", domains)):
         paths = {_path(kind, name): raw for name, raw in wanted.items()}
+        kept = {_path(k, name) for k, name in keep or () if k == kind}
         for path in _files(os.path.join(state_dir(), kind)):
-            if path not in paths:
+            if path not in paths and path not in kept:
                 _remove(path)
         for path, raw in paths.items():
             _write(path, raw)

@@ -179,6 +179,19 @@ def test_replay_keeps_the_current_holder_of_a_port(netns, state_env):
     assert len(result.problems) == 1 and "domain 'aaa'" in result.problems[0]
 
 
+def test_a_holder_whose_metadata_broke_keeps_its_rules_and_its_ports(netns, state_env):
+    started_lab(netns, state_env)
+    victim = domain_xml("victim", "52:54:00:00:00:21", 'host-port="8088" guest-port="80"')
+    hook_ok(netns, state_env, "qemu", ["victim", "start", "begin", "-"], victim)
+    broken = domain_xml("victim", "52:54:00:00:00:21", 'host-port="8088" bogus="1"')
+    aaa = domain_xml("aaa", "52:54:00:00:00:22", 'host-port="8088" guest-port="80"')
+    from kvmufw_hook.backends.iptables import IptablesBackend
+    from kvmufw_hook.ops import replay
+    result = replay([lab_network()], [aaa, broken], backend=IptablesBackend(netns.prefix))
+    assert dnat_owners(netns, 8088) == {"d=victim"}
+    assert any("domain 'aaa'" in p and "victim" in p for p in result.problems), result.problems
+
+
 def test_a_corrupt_state_file_does_not_blind_the_conflict_check(netns, state_env):
     started_lab(netns, state_env)
     web5 = domain_xml("web5", "52:54:00:00:00:21", 'host-port="8088" guest-port="80"')
@@ -200,7 +213,7 @@ def test_state_is_private(netns, state_env):
     started_lab(netns, state_env)
     hook_ok(netns, state_env, *sample("04-qemu.web1.start"))
     top = state_env["KVMUFW_STATE_DIR"]
-    for root, dirs, files in os.walk(top):
+    for root, _dirs, files in os.walk(top):
         assert stat.S_IMODE(os.stat(root).st_mode) == 0o700, root
         for name in files:
             assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == 0o600, name
