@@ -363,3 +363,16 @@ def test_one_sighup_only_where_libvirt_needs_it_and_none_on_uninstall(libvirt_ho
     lab.virsh("net-start", "n1")
     assert network_rules(lab)
     assert hooks_seen_by_doctor(lab) == "OK"
+
+
+def test_empty_hook_directories_at_daemon_start_still_need_the_sighup(host):
+    """libvirt 9.0 records at start (and SIGHUP) which drivers have an executable hook;
+    an empty network.d/qemu.d is not enough (seen: a drop-in added later never ran).
+    So install.sh decides on executable hooks, not on directories, and signals once."""
+    host.sh("mkdir -p /etc/libvirt/hooks/network.d /etc/libvirt/hooks/qemu.d")
+    host.start_libvirt()
+    pid = host.libvirtd_pid()
+    out = install(host).stdout
+    assert out.count("SIGHUP") == 1 and f"sent one SIGHUP to libvirtd ({pid})" in out
+    host.define_network(NET)
+    assert network_rules(host)
