@@ -608,15 +608,16 @@ signal_where_needed() {
             [ "$CHANGED" = 1 ] && say "$name ($pid) runs the hooks in $HOOKS already: no SIGHUP needed"
             continue
         fi
+        missing=${missing# }; missing=${missing// / or }   # "network or qemu"
         answers "$uri" || say "$name ($pid) does not answer on $uri; sending the SIGHUP anyway"
         if ! kill -HUP "$pid" 2>/dev/null; then
             say "$name ($pid) exited before the SIGHUP: it finds the hooks when it starts again"
             continue
         fi
         if answers "$uri"; then
-            say "sent one SIGHUP to $name ($pid): it started while no${missing} hook existed and would not have run ours; it answers again"
+            say "sent one SIGHUP to $name ($pid): it started while no $missing hook existed and would not have run ours; it answers again"
         else
-            say "sent one SIGHUP to $name ($pid) (no${missing} hook existed when it started); it does not answer within ${DAEMON_WAIT}s: check it"
+            say "sent one SIGHUP to $name ($pid) (no $missing hook existed when it started); it does not answer within ${DAEMON_WAIT}s: check it"
         fi
     done < <(running_daemons)
 }
