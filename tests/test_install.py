@@ -7,7 +7,6 @@ libvirtd and real guests.
 """
 
 import hashlib
-import subprocess
 import time
 
 import pytest
@@ -140,14 +139,16 @@ def test_an_entry_of_an_earlier_install_is_replaced_by_the_bounded_restore(host)
     assert content(host, AFTER_INIT) == template
 
 
-def test_an_upgrade_from_the_previous_install_sh(host, tmp_path):
+def test_an_upgrade_from_the_previous_install_sh(host):
     """Everything the previous install.sh wrote (hooks, command, package, after.init block)
     is recognised as ours: the new install replaces it without a refusal, and uninstall
-    then leaves the host as it was before either."""
-    subprocess.run(f"git -C {ROOT} archive 16cd8a7 | tar -x -C {tmp_path}", shell=True,
-                   check=True)
+    then leaves the host as it was before either. (tests/fixtures/install-16cd8a7.sh is
+    install.sh as of commit 16cd8a7, run here beside today's package and hooks.)"""
+    old = f"{host.dir}/old"
+    host.sh(f"mkdir -p {old} && cp -a {ROOT}/kvmufw_hook {ROOT}/hooks {old}/ && "
+            f"cp {ROOT}/tests/fixtures/install-16cd8a7.sh {old}/install.sh")
     pristine = digest(host)
-    host.run(f"{tmp_path}/install.sh")
+    host.run(f"{old}/install.sh")
     assert "replay >/dev/null 2>&1" in content(host, AFTER_INIT)
     out = install(host).stdout
     assert "replaced the kvmufw_hook entry" in out
