@@ -70,11 +70,13 @@ def check_ufw() -> list[Finding]:
     out.append(Finding("OK", "UFW forward policy", f"{policy}: kvmufw_hook's rules come first, "
                        "so guests work either way; keep it DROP"))
     after = _read("/etc/ufw/after.init") or ""
-    if "kvmufw_hook replay" not in after or not os.access("/etc/ufw/after.init", os.X_OK):
-        out.append(Finding("FAIL", "UFW after.init", "no executable replay entry: a firewall "
+    # an older install's entry runs replay, which waits for libvirt and can hang a boot
+    if "kvmufw_hook restore" not in after or not os.access("/etc/ufw/after.init", os.X_OK):
+        out.append(Finding("FAIL", "UFW after.init", "no executable restore entry: a firewall "
                            "reload can leave guests without rules", "sudo ./install.sh"))
     else:
-        out.append(Finding("OK", "UFW after.init", "replays kvmufw_hook on every UFW start"))
+        out.append(Finding("OK", "UFW after.init", "restores kvmufw_hook's rules on every UFW "
+                           "start"))
     if (_setting(default, "MANAGE_BUILTINS") or "no").lower() == "yes":
         out.append(Finding("WARN", "UFW MANAGE_BUILTINS", "yes: every ufw reload flushes all "
                            "chains, libvirt's included; ours come back through after.init, "
