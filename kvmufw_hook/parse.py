@@ -458,6 +458,6 @@ def object_name(data: bytes | str) -> str | None:
     (so that ``replay`` can keep that owner's rules), or None."""
     try:
         root = _unwrap(load(data, "XML"), "XML")
-        return _text(root, "name") if _local(root) in ("network", "domain") else None
+        return _exact_text(root, "name") if _local(root) in ("network", "domain") else None
     except InputError:
         return None
