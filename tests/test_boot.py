@@ -42,20 +42,21 @@ def _packets(when: str, network: bool = True) -> list[str]:
     return names + ([f"network-forward-8080-{when}"] if network else [])
 
 
-PHASE2 = (["boot-finished", "ufw-service-start", "net-autostarted", "dom-autostarted"]
-          + _packets("after-boot", network=False)
-          + ["jumps-first-after-boot", "forward-add-network", "network-forward-8080-after-add",
-             "ufw-reload"] + _packets("after-ufw-reload") + ["jumps-first-after-ufw-reload",
-             "libvirtd-restart", "jumps-first-after-libvirtd-restart"]
-          + _packets("after-libvirtd-restart")
-          + ["manage-builtins", "ufw-reload-builtins"] + _packets("after-builtins-reload")
-          + ["libvirtd-restart-builtins", "jumps-first-after-builtins-restart"]
-          + _packets("after-builtins-restart")
-          + ["dom-destroy", "ufw-reload-no-guest", "network-forward-8080-after-reload-no-guest",
-             "libvirtd-restart-no-guest", "jumps-first-after-restart-no-guest",
-             "network-forward-8080-after-restart-no-guest",
-             "after-init-never-waits-on-libvirt", "uninstall", "uninstall-rules-gone",
-             "uninstall-files-gone"])
+PHASE2 = [
+    "boot-finished", "ufw-service-start", "net-autostarted", "dom-autostarted",
+    *_packets("after-boot", network=False), "jumps-first-after-boot",
+    "forward-add-network", "network-forward-8080-after-add",
+    "ufw-reload", *_packets("after-ufw-reload"), "jumps-first-after-ufw-reload",
+    "libvirtd-restart", "jumps-first-after-libvirtd-restart", *_packets("after-libvirtd-restart"),
+    "manage-builtins", "ufw-reload-builtins", *_packets("after-builtins-reload"),
+    "libvirtd-restart-builtins", "jumps-first-after-builtins-restart",
+    *_packets("after-builtins-restart"),
+    "dom-destroy", "ufw-reload-no-guest", "network-forward-8080-after-reload-no-guest",
+    "libvirtd-restart-no-guest", "jumps-first-after-restart-no-guest",
+    "network-forward-8080-after-restart-no-guest",
+    "after-init-never-waits-on-libvirt",
+    "uninstall", "uninstall-rules-gone", "uninstall-files-gone",
+]
 CHECKS = [(1, name) for name in PHASE1] + [(2, name) for name in PHASE2]
 
 
@@ -173,7 +174,8 @@ def test_boot_completes(boot_run):
 def test_boot_check(boot_run, phase, name):
     result = boot_run["results"].get((phase, name))
     if result is None:
-        why = boot_run["stuck"].splitlines()[0] if boot_run["stuck"] else "the driver did not get there"
+        stuck = boot_run["stuck"]
+        why = stuck.splitlines()[0] if stuck else "the driver did not get there"
         pytest.fail(f"phase {phase} {name}: no result ({why}); see {boot_run['run']}",
                     pytrace=False)
     verdict, detail = result

@@ -51,7 +51,7 @@ def image_dir() -> Path:
 
 def mirror() -> str:
     """The Debian mirror this machine's apt uses (deb.debian.org when none is found)."""
-    sources = list(Path("/etc/apt").glob("sources.list.d/*")) + [Path("/etc/apt/sources.list")]
+    sources = [*Path("/etc/apt").glob("sources.list.d/*"), Path("/etc/apt/sources.list")]
     for path in sources:
         try:
             text = path.read_text()
