@@ -129,6 +129,8 @@ jumps_first_within() {
         sleep 1
     done
     record "jumps-first-$1" FAIL "after $2 s: $out"
+    logged iptables-save
+    logged journalctl -b --no-pager --since=-2min
 }
 
 # packets WHEN [network]: the guest forward, egress, and (with "network") the network forward
