@@ -9,9 +9,9 @@ hang), then packets after the boot, after `ufw reload`, after `systemctl restart
 with MANAGE_BUILTINS=yes, with no guest running, and that uninstall leaves nothing. The
 results are read back from the powered-off disk with debugfs; each check is one test here.
 
-Run it alone: /usr/bin/python3 -m pytest -q tests/test_boot.py (as root; about 10 minutes
-with the image cached, 10 more to build it once). The run's console, results and logs are
-kept in $KVMUFW_TEST_CACHE/boot/runs/<pid>/ (the disk copy is deleted).
+Run it alone: /usr/bin/python3 -m pytest -q tests/test_boot.py (as root): 7-8 minutes with
+the image cached on a 2-core machine, 2-4 more to build the image once. The run's console,
+results and logs stay in $KVMUFW_TEST_CACHE/boot/runs/<pid>/ (the disk copy is deleted).
 """
 
 import os
