@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from . import state
+from .apply import Applied, apply_rules, domain_stopped  # noqa: F401 - the stop path lives there
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
 from .model import Domain, ForwardSpec, Network, NetworkPort
@@ -28,34 +29,6 @@ Log = Callable[[str], None]
 
 def _quiet(_msg: str) -> None:
     pass
-
-
-@dataclass
-class Applied:
-    payload: str  # what was written; empty when nothing changed
-
-
-def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None,
-                backend=None, log: Log = _quiet) -> Applied:
-    """Replace the named owners' rules (and drop matching others) in one write.
-
-    If the kernel refuses the write, our chains are put back as they were and
-    ApplyError is raised: a change is applied whole or not at all.
-    """
-    backend = backend or default_backend()
-    before = backend.read()
-    payload = backend.change(before, rules, drop)
-    if not payload:
-        return Applied("")
-    try:
-        backend.write(payload)
-    except ApplyError:
-        try:
-            backend.write(backend.revert(backend.read(), before))
-        except ApplyError as exc:
-            log(f"rollback failed too: {exc}")
-        raise
-    return Applied(payload)
 
 
 def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain],
@@ -172,15 +145,6 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
             + ("applied" if applied.payload else "already in place"))
     elif applied.payload:
         log(f"domain {shown(dom.name)}: forwards removed")
-    return applied
-
-
-def domain_stopped(name: str, backend=None, log: Log = _quiet) -> Applied:
-    with state.locked():
-        state.forget_domain(name)
-        applied = apply_rules({domain_owner(name): ()}, backend=backend, log=log)
-    if applied.payload:
-        log(f"domain {shown(name)}: forwards removed")
     return applied
 
 
