@@ -7,6 +7,7 @@ read-check-write, so concurrent hooks cannot interleave or both claim a port.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -152,9 +153,38 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
 
 @dataclass
 class HostPlan:
+    """Every owner's rules for a whole host, and the owners that failed."""
+
     rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
     failed: set[str]  # those owners: their current rules must be left alone
+
+
+class _Claimed:
+    """Forwards claimed so far, by protocol and first host port: each owner is checked
+    against the few that could overlap its own, not against all (a replay of hundreds
+    of guests would be quadratic). Same answers and messages as checking against all."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
+        self.entries: list[tuple[str, ForwardSpec]] = []
+        self.widest = 0
+
+    def near(self, forwards: Iterable[ForwardSpec]) -> list[tuple[str, tuple[ForwardSpec]]]:
+        found = []
+        for spec in forwards:  # an overlap starts within [first - widest, last]
+            starts = self.starts.get(spec.proto, [])
+            lo = bisect_left(starts, (spec.host_port.first - self.widest, -1))
+            hi = bisect_right(starts, (spec.host_port.last, len(self.entries)))
+            found += [self.entries[i] for _first, i in starts[lo:hi]]
+        return [(label, (spec,)) for label, spec in found]
+
+    def add(self, label: str, forwards: Iterable[ForwardSpec]) -> None:
+        for spec in forwards:
+            insort(self.starts.setdefault(spec.proto, []),
+                   (spec.host_port.first, len(self.entries)))
+            self.entries.append((label, spec))
+            self.widest = max(self.widest, spec.host_port.last - spec.host_port.first)
 
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain]) -> HostPlan:
@@ -162,13 +192,13 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain]) ->
     against the forwards of those planned before it. An owner that fails is reported
     and skipped; the others still plan."""
     result = HostPlan({}, [], set())
-    claimed: list[tuple[str, Iterable[ForwardSpec]]] = []
+    claimed = _Claimed()
 
     def add(owner: str, label: str, forwards, planner) -> None:
         try:
-            check_conflicts(label, forwards, claimed)
+            check_conflicts(label, forwards, claimed.near(forwards))
             result.rules[owner] = planner()
-            claimed.append((label, forwards))
+            claimed.add(label, forwards)
         except InputError as exc:
             result.problems.append(str(exc))
             result.failed.add(owner)
@@ -186,6 +216,8 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain]) ->
 
 @dataclass
 class Replayed:
+    """What ``replay`` wrote and the problems it found."""
+
     payload: str
     problems: list[str]
     owners: int
