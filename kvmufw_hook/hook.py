@@ -92,11 +92,12 @@ def _main(kind: str, argv, stdin) -> int:
         return 2 if isinstance(exc, InputError) else 1
 
 
-def _find_lxml() -> None:
-    """Put the directory that holds lxml on sys.path (the shims run python with -S):
-    the distribution's own when it has lxml, else whatever site finds."""
+def _prepare_lxml() -> None:
+    """In the shims' process (python -S): put the directory that holds lxml on sys.path,
+    the distribution's own when it has lxml, else whatever site finds; and defer inspect."""
     if not sys.flags.no_site or "lxml" in sys.modules:
         return
+    _defer_inspect()
     import os
     for directory in DIST_PACKAGES:
         if os.path.isdir(os.path.join(directory, "lxml")):
@@ -107,12 +108,48 @@ def _find_lxml() -> None:
     site.main()
 
 
+class _DeferredInspect(type(sys)):
+    """Stands in for the inspect module until something really uses it.
+
+    lxml (``from inspect import getfullargspec``, and Cython wraps ``isgenerator``) and
+    dataclasses (``import inspect``) import it when they load, and a hook never calls
+    it; loading it (ast, dis, tokenize, enum, ...) costs about a third of the
+    interpreter's own start-up. Any attribute but those two loads the real module and
+    answers from it, so a use nobody foresaw is slower, never wrong.
+    """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # the import system asks for __path__, __spec__, ...
+            raise AttributeError(name)
+        return getattr(_real_inspect(), name)
+
+    @staticmethod
+    def getfullargspec(func):
+        return _real_inspect().getfullargspec(func)
+
+    @staticmethod
+    def isgenerator(obj) -> bool:
+        return _real_inspect().isgenerator(obj)
+
+
+def _real_inspect():
+    if isinstance(sys.modules.get("inspect"), _DeferredInspect):
+        del sys.modules["inspect"]
+    import inspect
+    return inspect
+
+
+def _defer_inspect() -> None:
+    if "inspect" not in sys.modules:
+        sys.modules["inspect"] = _DeferredInspect("inspect")
+
+
 def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
     if kind == "qemu" and op in ("stopped", "release"):
         from .apply import domain_stopped
         domain_stopped(name, log=log)
         return
-    _find_lxml()
+    _prepare_lxml()
     if kind == "qemu" and op in ("migrate", "restore"):
         from .parse import parse_domain_xml
         from .plan import validate_domain
