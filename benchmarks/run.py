@@ -275,9 +275,9 @@ def bulk(bench: Bench, report) -> None:
     from kvmufw_hook import ops
     from kvmufw_hook.parse import parse_domain_xml
 
-    net, doms = network(), guests()
+    net, doms = network(GUESTS + 1), guests()  # one reservation more: crowded_stop's guest
     Path(bench.env["KVMUFW_LIBVIRT_NETWORK_DIR"], "bench.xml").write_bytes(net)
-    reps = max(3, bench.reps // 4)
+    reps = max(5, bench.reps // 3)
     ours, raw, payload, spawned = [], [], "", []
     for _ in range(reps):
         ops.flush()
@@ -318,6 +318,7 @@ def bulk(bench: Bench, report) -> None:
     ops.flush()
     ops.replay([net], doms)
     status(bench, report)
+    crowded_stop(bench, report)
 
 
 def per_rule_sample(bench: Bench, report, payload: str, ours: float, sample: int = 200) -> None:
@@ -370,6 +371,32 @@ def status(bench: Bench, report) -> None:
                f" + reads {ms(medians['reads'])})", "<= 2x", ratio <= 2,
                seconds=medians[label], save_seconds=medians["iptables-save"],
                reads_seconds=medians["reads"], ratio=ratio)
+
+
+def crowded_stop(bench: Bench, report) -> None:
+    """A guest's stop amid the 200 guests' 10,000 rules, against its floor: a bare
+    interpreter, one iptables-save and one raw iptables-restore of the same payload."""
+    from kvmufw_hook.backends.iptables import IptablesBackend
+    xml = domain("crowd", 10, first_port=40000, nic=GUESTS)
+    start = hook("qemu", "crowd", "start", "begin", "-")
+    stop = [hook("qemu", "crowd", op, "end", "-") for op in ("stopped", "release")]
+    ours, floor = [], []
+    for _ in range(max(5, bench.reps // 3)):
+        bench.once(start, xml)
+        assert len(our_lines("d=crowd")) == 50
+        ours.append(sum(bench.once(argv) for argv in stop))
+        assert not our_lines("d=crowd")
+        bench.once(start, xml)
+        payload = IptablesBackend.change(IptablesBackend().read(), {"d=crowd": ()}).encode()
+        floor.append(bench.once(BARE) + bench.once(["iptables-save"], stdout_ok=True)
+                     + bench.once(["iptables-restore", "--noflush", "-w"], payload))
+        bench.once(stop[0])  # forgets the state; the rules are gone already
+    ours_med, floor_med = statistics.median(ours), statistics.median(floor)
+    ratio = ours_med / floor_med
+    report("guest stop amid 10,000 rules (stopped+release)",
+           f"{ms(ours_med)} = {ratio:.2f}x its floor {ms(floor_med)} (bare + iptables-save "
+           "+ iptables-restore of the same payload)", "<= 1.5x", ratio <= 1.5,
+           seconds=ours_med, floor_seconds=floor_med, ratio=ratio)
 
 
 def memory(bench: Bench, report) -> None:
