@@ -36,14 +36,16 @@ class Applied:
 
 
 def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
-                log: Callable[[str], None] = _quiet) -> Applied:
-    """Replace the named owners' rules (and drop matching others) in one write.
+                log: Callable[[str], None] = _quiet, before=None) -> Applied:
+    """Replace the named owners' rules (and drop matching others) in one write;
+    ``before``: the snapshot already read under the lock, if any.
 
     If the kernel refuses the write, our chains are put back as they were and
     ApplyError is raised: a change is applied whole or not at all.
     """
     backend = backend or default_backend()
-    before = backend.read()
+    if before is None:
+        before = backend.read()
     payload = backend.change(before, rules, drop)
     if not payload:
         return Applied("")
@@ -61,8 +63,8 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
 def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet) -> Applied:
     """Remove the guest's forwards (qemu stopped, release): found by their owner tag."""
     with state.locked():
-        state.forget_domain(name)
         applied = apply_rules({domain_owner(name): ()}, backend=backend, log=log)
+        state.forget_domain(name)  # after the rules: a failed removal keeps the state
     if applied.payload:
         log(f"domain {shown(name)}: forwards removed")
     return applied

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -20,7 +21,8 @@ EPILOG = """examples:
 
 
 def _err(message: str) -> None:
-    sys.stderr.write(f"kvmufw_hook: {' '.join(str(message).split())}\n")
+    from .errors import printable
+    sys.stderr.write(f"kvmufw_hook: {printable(' '.join(str(message).split()))}\n")
 
 
 def cmd_plan(args) -> int:
@@ -46,21 +48,39 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _refusals(what: str, problems: list[str]) -> int:
+    """Each refusal on stderr and in syslog; exit status 1 if there was any."""
+    from .log import log
+    for problem in problems:
+        log(f"{what}: refused: {problem}", error=True)
+    return 1 if problems else 0
+
+
 def cmd_replay(args) -> int:
     from .log import log
     from .ops import replay
     from .virt import live_xml
     nets, doms = live_xml(args.connect)
     result = replay(nets, doms, dry_run=args.dry_run, log=log)
-    for problem in result.problems:
-        _err(problem)
     if args.dry_run:
         sys.stdout.write(result.payload or "# nothing to change\n")
     else:
         changed = "changed" if result.payload else "already up to date"
         print(f"replayed {len(nets)} network(s), {len(doms)} running domain(s): "
               f"{result.owners} owner(s) with rules, {changed}")
-    return 1 if result.problems else 0
+    return _refusals("replay", result.problems)
+
+
+def cmd_restore(args) -> int:
+    from .log import log
+    from .ops import restore
+    result = restore(jumps_only=args.jumps_only, log=log, lock_timeout=args.wait)
+    if args.jumps_only:
+        print("our jumps put back first" if result.payload else "our jumps are in place")
+    else:
+        changed = "changed" if result.payload else "already up to date"
+        print(f"restored {result.owners} owner(s) from kvmufw_hook's state: {changed}")
+    return _refusals("restore", result.problems)
 
 
 def cmd_status(args) -> int:
@@ -97,13 +117,18 @@ def cmd_forward(args) -> int:
             json.dump(rows, sys.stdout, indent=2)
             sys.stdout.write("\n")
             return 0
+        from .errors import printable
+        from .status import shown_name
         table = [("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "COMMENT")]
         for r in rows:
             guest = r.get("guest-ip") or r.get("guest-mac") or r.get("mac") or "(reservation)"
-            table.append((r["owner"] + ("" if r["active"] else " (inactive)"),
+            kind, _, name = r["owner"].partition(" ")
+            table.append((f"{kind} {shown_name(name)}"
+                          + ("" if r["active"] else " (inactive)"),
                           r.get("proto", "tcp"), f"{r.get('host-ip', '*')}:{r['host-port']}",
                           f"{guest}:{r.get('guest-port', r['host-port'])}",
                           r.get("source", "any"), r.get("comment", "")))
+        table = [tuple(printable(cell) for cell in row) for row in table]  # JSON: exact
         widths = [max(len(row[i]) for row in table) for i in range(5)]
         for row in table:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[5])
@@ -116,17 +141,23 @@ def cmd_forward(args) -> int:
     target, spec_text = (args.network, args.args[0]) if args.network else args.args
     spec = edit.parse_spec(spec_text)
     if args.action == "remove":
-        extra = [o for o in ("source", "host_ip", "mac", "comment", "guest_ip", "guest_mac")
-                 if getattr(args, o, None)]
+        extra = [o for o in ("source", "mac", "comment", "guest_ip", "guest_mac")
+                 if getattr(args, o, None) is not None] + \
+            (["allow_host_service"] if args.allow_host_service else [])
         if extra or ":" in spec_text:
-            raise InputError("forward remove takes only DOMAIN (or --network NAME) and "
-                             "HOST_PORT[/PROTO]")
+            raise InputError("forward remove takes only DOMAIN (or --network NAME), "
+                             "HOST_PORT[/PROTO] and --host-ip")
+        if args.host_ip is not None:
+            spec["host-ip"] = args.host_ip
     else:
+        # `is not None`: an empty value (--source '') is checked, and refused, as typed
         for option, attr in (("source", "source"), ("host_ip", "host-ip"),
                              ("comment", "comment"), ("mac", "mac"),
                              ("guest_ip", "guest-ip"), ("guest_mac", "guest-mac")):
-            if getattr(args, option, None):
+            if getattr(args, option, None) is not None:
                 spec[attr] = getattr(args, option)
+        if args.allow_host_service:
+            spec["allow-host-service"] = "yes"
         if args.network and not (args.guest_ip or args.guest_mac):
             raise InputError("a network forward needs --guest-ip or --guest-mac")
         if args.network and args.mac:
@@ -188,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connect(p)
     p.set_defaults(func=cmd_replay)
 
+    p = sub.add_parser("restore", help="put our rules back from our own state (no libvirt)",
+                       description="Re-apply the rules of the networks and guests that the "
+                       "hooks recorded, and put our jumps first, without connecting to "
+                       "libvirt: safe from UFW's after.init and from libvirt's own unit at "
+                       "boot. Rules of owners the state does not know are left alone (replay "
+                       "decides those).", epilog="example:\n  kvmufw_hook restore",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jumps-only", action="store_true",
+                   help="only put our jumps back at position 1 (after a libvirt start)")
+    p.add_argument("--wait", type=float, default=10, metavar="SECONDS",
+                   help="how long to wait for a running hook to finish (default: %(default)s)")
+    p.set_defaults(func=cmd_restore)
+
     p = sub.add_parser("status", help="each forward, its target and whether its rules are in",
                        epilog="example:\n  kvmufw_hook status --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  kvmufw_hook forward add web1 2222:22\n"
         "  kvmufw_hook forward add web1 6000-6002:5000-5002/udp --source 198.51.100.0/24\n"
         "  kvmufw_hook forward add --network lab 8080:80 --guest-mac 52:54:00:00:00:20\n"
-        "  kvmufw_hook forward remove web1 2222/tcp\n"
+        "  kvmufw_hook forward remove web1 2222/tcp [--host-ip IP]\n"
         "  kvmufw_hook forward list web1")
     p.add_argument("action", choices=("add", "remove", "list"))
     p.add_argument("args", nargs="*", metavar="DOMAIN SPEC",
@@ -217,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guest-mac", metavar="MAC",
                    help="network: resolve the guest through <dhcp><host>")
     p.add_argument("--comment", metavar="TEXT", help="shown by status and list")
+    p.add_argument("--allow-host-service", action="store_true",
+                   help="forward the port even where a host service listens on it")
     p.add_argument("--json", action="store_true", help="list: machine-readable output")
     _add_connect(p)
     p.set_defaults(func=cmd_forward)
@@ -238,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NEEDS_ROOT = (cmd_replay, cmd_restore, cmd_status, cmd_flush, cmd_doctor)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -256,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         from . import log
         log.VERBOSE = True
+    if os.geteuid() != 0 and (args.func in NEEDS_ROOT or args.func is cmd_forward
+                               and args.action != "list"):
+        _err(f"{args.command} needs root (it reads and changes the firewall): "
+             f"sudo kvmufw_hook {args.command} ...")
+        return 1
     try:
         return args.func(args)
     except InputError as exc:

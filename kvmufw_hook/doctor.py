@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from . import state
 from .backends import default_backend
 from .errors import ApplyError, InputError
-from .names import JUMPS, TABLES
+from .names import TABLES
 
 HOOK_FILES = ("/etc/libvirt/hooks/network.d/kvmufw_hook", "/etc/libvirt/hooks/qemu.d/kvmufw_hook")
 DAEMON_PIDFILES = ("/run/libvirtd.pid", "/run/virtnetworkd.pid", "/run/virtqemud.pid")
@@ -41,14 +41,20 @@ def _setting(text: str | None, key: str) -> str | None:
     return None
 
 
-def check_forwarding() -> Finding:
+def check_forwarding(networks) -> Finding:
+    """ip_forward off is a failure only while a network that routes is active: libvirt
+    turns it on itself when a nat or route network starts."""
     value = (_read("/proc/sys/net/ipv4/ip_forward") or "").strip()
     if value == "1":
         return Finding("OK", "IP forwarding", "net.ipv4.ip_forward = 1")
-    return Finding("FAIL", "IP forwarding", f"net.ipv4.ip_forward = {value or '?'}: guests "
-                   "cannot reach anything beyond the host",
-                   "sysctl -w net.ipv4.ip_forward=1 (libvirt sets it when a nat or route "
-                   "network starts)")
+    routing = sorted(n.name for n in networks.values() if n.mode in ("nat", "route", "open"))
+    if not routing:
+        return Finding("WARN", "IP forwarding", f"net.ipv4.ip_forward = {value or '?'}; no "
+                       "nat, route or open network is active, and libvirt turns it on when "
+                       "one starts", "nothing to do unless guests cannot reach beyond the host")
+    return Finding("FAIL", "IP forwarding", f"net.ipv4.ip_forward = {value or '?'} while "
+                   f"{', '.join(routing)} is active: guests cannot reach anything beyond "
+                   "the host", "sysctl -w net.ipv4.ip_forward=1")
 
 
 def check_ufw() -> list[Finding]:
@@ -64,11 +70,13 @@ def check_ufw() -> list[Finding]:
     out.append(Finding("OK", "UFW forward policy", f"{policy}: kvmufw_hook's rules come first, "
                        "so guests work either way; keep it DROP"))
     after = _read("/etc/ufw/after.init") or ""
-    if "kvmufw_hook replay" not in after or not os.access("/etc/ufw/after.init", os.X_OK):
-        out.append(Finding("FAIL", "UFW after.init", "no executable replay entry: a firewall "
+    # an older install's entry runs replay, which waits for libvirt and can hang a boot
+    if "kvmufw_hook restore" not in after or not os.access("/etc/ufw/after.init", os.X_OK):
+        out.append(Finding("FAIL", "UFW after.init", "no executable restore entry: a firewall "
                            "reload can leave guests without rules", "sudo ./install.sh"))
     else:
-        out.append(Finding("OK", "UFW after.init", "replays kvmufw_hook on every UFW start"))
+        out.append(Finding("OK", "UFW after.init", "restores kvmufw_hook's rules on every UFW "
+                           "start"))
     if (_setting(default, "MANAGE_BUILTINS") or "no").lower() == "yes":
         out.append(Finding("WARN", "UFW MANAGE_BUILTINS", "yes: every ufw reload flushes all "
                            "chains, libvirt's included; ours come back through after.init, "
@@ -87,7 +95,7 @@ def check_libvirt_backend() -> Finding:
     return Finding("OK", "libvirt firewall backend", f"{backend or 'iptables (default)'}")
 
 
-def check_rules(snapshot, active_networks: int) -> list[Finding]:
+def check_rules(backend, snapshot, active_networks: int) -> list[Finding]:
     out = []
     chains = set()
     for table in TABLES:
@@ -101,13 +109,11 @@ def check_rules(snapshot, active_networks: int) -> list[Finding]:
     elif active_networks:
         out.append(Finding("OK", "libvirt's chains", "present"))
     ours = snapshot.ours()
-    tables = [t for t in TABLES if any(ours[t].values())]  # only these need our jumps
-    if tables:
-        bad = [f"{builtin} ({t})" for t in tables if not snapshot.jumps_ok(t)
-               for tt, builtin, _c in JUMPS if tt == t]
+    if any(any(ours[t].values()) for t in TABLES):
+        bad = backend.bad_jumps(snapshot)
         if bad:
             out.append(Finding("FAIL", "our jumps", "not exactly once at position 1 in: "
-                               + ", ".join(bad), "kvmufw_hook replay"))
+                               + ", ".join(bad), "kvmufw_hook restore --jumps-only"))
         else:
             out.append(Finding("OK", "our jumps", "once each, at position 1"))
     elif active_networks:
@@ -176,16 +182,16 @@ def check_forwards(uri: str, backend) -> list[Finding]:
 
 def run(uri: str, backend=None) -> list[Finding]:
     backend = backend or default_backend()
-    findings = [check_forwarding(), *check_ufw(), check_libvirt_backend()]
+    try:
+        networks = state.load_networks()
+    except (InputError, ApplyError):
+        networks = {}
+    findings = [check_forwarding(networks), *check_ufw(), check_libvirt_backend()]
     try:
         snapshot = backend.read()
     except ApplyError as exc:
-        return findings + [Finding("FAIL", "firewall", str(exc), "install iptables")]
-    try:
-        active = len(state.load_networks())
-    except InputError:
-        active = 0
-    findings += check_rules(snapshot, active)
+        return [*findings, Finding("FAIL", "firewall", str(exc), "install iptables")]
+    findings += check_rules(backend, snapshot, len(networks))
     findings += check_hooks()
     findings += check_forwards(uri, backend)
     return findings

@@ -17,17 +17,23 @@ from lxml import etree
 
 from . import ops, state
 from .errors import InputError, shown
-from .model import Domain, Network
+from .model import Domain, ForwardSpec, Network
 from .names import domain_owner, network_owner
 from .parse import (
     DOMAIN_ATTRS,
     NETWORK_ATTRS,
     load,
     parse_domain,
+    parse_forward_attrs,
     parse_forwards,
     parse_network,
 )
-from .plan import check_conflicts, resolve_domain_forwards, resolve_network_forwards
+from .plan import (
+    check_conflicts,
+    resolve_domain_forwards,
+    resolve_network_forwards,
+    same_host_port,
+)
 from .virt import KEY, NAMESPACE, connect, libvirt_module, lookup
 
 Attrs = dict[str, str]
@@ -98,24 +104,49 @@ def _with_forwards(root: etree._Element, forwards: list[Attrs]) -> etree._Elemen
     return copy
 
 
-def _same_port(attrs: Attrs, host_port: str, proto: str) -> bool:
-    return (attrs.get("host-port", "").strip() == host_port
-            and attrs.get("proto", "tcp").strip().lower() == proto)
+def _spec_of(attrs: Attrs, allowed: frozenset[str]) -> ForwardSpec | None:
+    try:
+        return parse_forward_attrs(attrs, "", allowed)
+    except InputError:
+        return None  # a broken entry: the new metadata as a whole is refused later
 
 
-def _change(action: str, spec: Attrs, what: str) -> Callable[[list[Attrs]], list[Attrs]]:
-    host_port, proto = spec["host-port"], spec.get("proto", "tcp")
+def _written_the_same(attrs: Attrs, spec: Attrs) -> bool:
+    """A forward that does not parse is still matched by what was typed, so that
+    ``forward remove`` can remove it."""
+    return (attrs.get("host-port", "").strip() == spec["host-port"]
+            and attrs.get("proto", "tcp").strip().lower() == spec.get("proto", "tcp"))
+
+
+def _change(action: str, spec: Attrs, what: str,
+            allowed: frozenset[str]) -> Callable[[list[Attrs]], list[Attrs]]:
+    """What ``add``/``remove`` make of the forwards. "The same forward" is the planner's
+    (``same_host_port``): the same proto, overlapping host ports, the same host-ip or
+    either one on every address; ``remove`` picks one by ``host-ip`` when several match."""
+    wanted = parse_forward_attrs(spec, what, allowed)
+    typed = f"{wanted.proto} " + (f"{wanted.host_ip}:" if wanted.host_ip else "") + \
+        str(wanted.host_port)
+
+    def matches(attrs: Attrs) -> bool:
+        old = _spec_of(attrs, allowed)
+        return same_host_port(old, wanted) if old else _written_the_same(attrs, spec)
 
     def change(forwards: list[Attrs]) -> list[Attrs]:
+        found = [f for f in forwards if matches(f)]
         if action == "add":
-            if any(_same_port(f, host_port, proto) for f in forwards):
-                raise InputError(f"{what}: {proto} {host_port} is already forwarded; "
-                                 "remove it first")
+            if found:
+                old = _spec_of(found[0], allowed)
+                raise InputError(f"{what}: {typed} is already forwarded"
+                                 + (f" ({old.label})" if old else "") + "; remove it first")
             return forwards + [spec]
-        kept = [f for f in forwards if not _same_port(f, host_port, proto)]
-        if len(kept) == len(forwards):
-            raise InputError(f"{what}: no forward of {proto} {host_port}")
-        return kept
+        if not found:
+            raise InputError(f"{what}: no forward of {typed}")
+        if len(found) > 1:
+            specs = [_spec_of(f, allowed) for f in found]
+            labels = ", ".join(s.label for s in specs if s) or f"{len(found)} entries"
+            raise InputError(f"{what}: {len(found)} forwards match {typed} ({labels}); "
+                             "say which with --host-ip")
+        return [f for f in forwards if f is not found[0]]
     return change
 
 
@@ -159,20 +190,35 @@ def _done(what: str, action: str, spec: Attrs, now: bool, later: str) -> str:
             + ("applied" if now else f"saved; applied when {later}"))
 
 
+def _resolve_if_networks_up(dom: Domain, conn) -> None:
+    """An inactive guest whose networks are all active: its addresses are checked now,
+    through the same planner path as at its start (a ``guest-ip`` that is another
+    guest's is refused now, not at the next boot)."""
+    wanted = {nic.network for nic in dom.nics if nic.network}
+    if not wanted:
+        return
+    networks, _domains = _live(conn)
+    if wanted <= set(networks):
+        resolve_domain_forwards(dom, networks)
+
+
 def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
     what = f"domain {shown(name)}"
     with _editing(uri, "domain", name) as (libvirt, conn, dom):
         running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
         flags = 0 if running else libvirt.VIR_DOMAIN_XML_INACTIVE
         root = load(dom.XMLDesc(flags), what)
-        forwards = _change(action, spec, what)(_forwards_of(root))
+        forwards = _change(action, spec, what, DOMAIN_ATTRS)(_forwards_of(root))
         candidate = parse_domain(_with_forwards(root, forwards))
         if running:
             networks, domains = _live(conn)
             resolve_domain_forwards(candidate, networks)
-            ops.check_claims(what, domain_owner(name), candidate.forwards, networks, domains)
+            ops.check_claims(what, domain_owner(name), candidate.forwards, networks, domains,
+                             ops.kernel_claims())
+            ops.check_host(what, candidate.forwards)
         else:
             check_conflicts(what, candidate.forwards, ())
+            _resolve_if_networks_up(candidate, conn)
         write = (libvirt.VIR_DOMAIN_AFFECT_LIVE
                  | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0)) if running \
             else libvirt.VIR_DOMAIN_AFFECT_CONFIG
@@ -189,7 +235,7 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
     what = f"network {shown(name)}"
     with _editing(uri, "network", name) as (libvirt, conn, net):
         persistent = load(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE), what)
-        forwards = _change(action, spec, what)(_forwards_of(persistent))
+        forwards = _change(action, spec, what, NETWORK_ATTRS)(_forwards_of(persistent))
         new_persistent = _with_forwards(persistent, forwards)
         resolve_network_forwards(parse_network(new_persistent))
         active = bool(net.isActive())
@@ -199,7 +245,8 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
             live_model = parse_network(live)
             resolve_network_forwards(live_model)
             ops.check_claims(what, network_owner(name), live_model.forwards, networks,
-                             domains)
+                             domains, ops.kernel_claims())
+            ops.check_host(what, live_model.forwards)
         conn.networkDefineXML(etree.tostring(new_persistent).decode())
         if active:
             # libvirt keeps the running network's XML until it restarts: the hooks take

@@ -1,6 +1,7 @@
-"""The error types. ``InputError`` is the user's input being wrong: its message is the one
-line the user reads (naming the object, the forward and the reason); the CLI maps it to
-exit 2. ``ApplyError`` is the firewall refusing a change; exit 1."""
+"""The error types, and how free text is shown to people. ``InputError`` is the user's input
+being wrong: its message is the one line the user reads (naming the object, the forward and
+the reason); the CLI maps it to exit 2. ``ApplyError`` is the firewall refusing a change;
+exit 1."""
 
 
 class KvmufwError(Exception):
@@ -13,6 +14,28 @@ class InputError(KvmufwError):
 
 class ApplyError(KvmufwError):
     """The firewall (iptables-save/-restore) failed or refused the change."""
+
+
+# Control (C0, DEL, C1 such as U+009B CSI), format (bidi overrides), line and paragraph
+# separators, surrogates, private use and unassigned characters: a terminal acts on them or
+# a reader cannot see them, so text from XML that reaches a person never carries them raw.
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _escape(ch: str) -> str:
+    return ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def printable(text: object) -> str:
+    """``text`` for a terminal or a log line: every character that is not visible text
+    (newline, ESC, U+009B, U+202E, …) escaped as ``\\n``, ``\\x1b``, ``\\x9b``, ``\\u202e``;
+    letters of any script kept. For people only: JSON output keeps the exact text."""
+    value = str(text)
+    if value.isprintable():  # the common case, and the hooks' fast path
+        return value
+    import unicodedata
+    return "".join(_escape(ch) if ch != " " and unicodedata.category(ch) in _HIDDEN
+                   or ch.isspace() and ch != " " else ch for ch in value)
 
 
 def shown(text: object, limit: int = 80) -> str:

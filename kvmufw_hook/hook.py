@@ -58,7 +58,7 @@ def _main(kind: str, argv, stdin) -> int:
     if len(argv) < 2:
         return 0
     name, op = argv[0], argv[1]
-    if kind == "network" and op not in NETWORK_OPS or kind == "qemu" and op not in QEMU_OPS:
+    if (kind == "network" and op not in NETWORK_OPS) or (kind == "qemu" and op not in QEMU_OPS):
         return 0
     if kind == "qemu" and op in ("stopped", "release"):
         # Nothing on stdin matters: the rules are keyed by the name.
@@ -78,7 +78,7 @@ def _main(kind: str, argv, stdin) -> int:
     try:
         _dispatch(kind, name, op, data)
         return 0
-    except Exception as exc:  # noqa: BLE001 - every failure is logged, some must not fail
+    except Exception as exc:  # every failure is logged, some must not fail
         from .errors import ApplyError, InputError
         if isinstance(exc, (InputError, ApplyError)):
             message = str(exc)

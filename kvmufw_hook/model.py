@@ -23,7 +23,7 @@ class PortRange:
     def width(self) -> int:
         return self.last - self.first + 1
 
-    def overlaps(self, other: "PortRange") -> bool:
+    def overlaps(self, other: PortRange) -> bool:
         return self.first <= other.last and other.first <= self.last
 
     def __str__(self) -> str:
@@ -43,6 +43,7 @@ class ForwardSpec:
     host_ip: IPv4Address | None = None
     sources: tuple[IPv4Network, ...] = ()
     comment: str | None = None
+    allow_host_service: bool = False  # yes: may shadow a port a host service listens on
 
     @property
     def label(self) -> str:

@@ -32,20 +32,58 @@ def our_chains(table: str) -> tuple[str, ...]:
 
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+MAX_ENCODED = 64
+_STEM = 24
+
+
+def _escaped(ch: str) -> str:
+    if ch in _SAFE:
+        return ch
+    # surrogatepass: every str has exactly one byte form, lone surrogates included
+    return "".join(f"~{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
 
 
 def safe_name(name: str) -> str:
-    """A token for ``name`` that survives iptables comments unquoted and unescaped.
+    """A token for ``name`` that survives iptables comments and file names unquoted:
+    different names always give different tokens (libvirt tells ``web1``, ``web1 `` and
+    ``web1\u00a0`` apart, so must we: the token is the owner tag and the state file name).
 
-    Plain names stay readable; anything else (spaces, quotes, unicode, very long
-    names) becomes a readable stem plus a hash, stable across runs.
+    Why it is injective: every character outside ``[A-Za-z0-9._-]`` becomes ``~`` and the
+    two hex digits of each of its UTF-8 bytes (``~`` itself included), so the token decodes
+    back to the one name it came from: a name that looks like a token (``web1~20``) is
+    encoded again (``web1~7e20``). A token longer than MAX_ENCODED characters is replaced
+    by a readable stem, ``~~`` (which an encoding never contains: ``~`` is always followed
+    by hex) and the whole SHA-256 of the name: two long names share a token only if they
+    share a SHA-256.
     """
-    if 0 < len(name) <= 64 and _SAFE.issuperset(name):
-        return name
-    import hashlib  # only for unusual names: keeps it off the hooks' start-up path
-    stem = "".join(c if c in _SAFE else "_" for c in name[:24])
-    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    return f"{stem}~{digest}"
+    parts = [_escaped(ch) for ch in name]
+    encoded = "".join(parts)
+    if 0 < len(encoded) <= MAX_ENCODED:
+        return encoded
+    import hashlib  # only for long names: keeps it off the hooks' start-up path
+    stem = ""
+    for part in parts:
+        if len(stem) + len(part) > _STEM:
+            break
+        stem += part
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{stem}~~{digest}"
+
+
+def unsafe_name(token: str) -> str | None:
+    """The name of a token that is not a hash; None for a hashed one (the inverse of
+    ``safe_name``, kept to prove and document that it is one)."""
+    if "~~" in token:
+        return None
+    out, i = bytearray(), 0
+    while i < len(token):
+        if token[i] == "~":
+            out.append(int(token[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out += token[i].encode()
+            i += 1
+    return out.decode("utf-8", "surrogatepass")
 
 
 def owner_key(kind: str, name: str) -> str:

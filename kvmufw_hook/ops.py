@@ -3,6 +3,11 @@
 Each operation that changes rules holds the state lock for its whole
 read-check-write, so concurrent hooks cannot interleave or both claim a port.
 ``backend`` arguments are a ``backends.base.Backend``; None means the host's own.
+
+Who holds a host port is what the kernel's owner-tagged rules say, completed by our
+state files (a network whose rules a firewall reload wiped still holds its ports):
+a newcomer never takes a port from its current holder, whatever order owners are
+planned in, and a lost or corrupt state file cannot hide a holder.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
-from . import state
+from . import host, state
 from .apply import Applied, apply_rules, domain_stopped  # noqa: F401 - the stop path lives there
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
@@ -26,26 +32,51 @@ from .plan import (
 )
 
 Log = Callable[[str], None]
+Claims = list[tuple[str, Iterable[ForwardSpec]]]
 
 
 def _quiet(_msg: str) -> None:
     pass
 
 
-def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain],
-           skip: str) -> list[tuple[str, Iterable[ForwardSpec]]]:
-    """Forwards of every owner but ``skip``, labelled for conflict messages."""
-    out = [(f"network {shown(n.name)}", n.forwards) for n in networks.values()
-           if network_owner(n.name) != skip and n.managed]
+def owner_label(owner: str) -> str:
+    """How messages name an owner known only by its tag: ``domain 'web1'``."""
+    kind, _, name = owner.partition("=")
+    return f"{'network' if kind == 'n' else 'domain'} {shown(name)}"
+
+
+def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip: str,
+           kernel: Mapping[str, list[ForwardSpec]] | None = None) -> Claims:
+    """Forwards of every owner but ``skip``, labelled for conflict messages: what our
+    state says (the forwards as declared), and what the kernel holds for every owner
+    the state does not know (a lost or corrupt state file hides no holder)."""
+    out: Claims = [(f"network {shown(n.name)}", n.forwards) for n in networks.values()
+                   if n.managed and network_owner(n.name) != skip]
     out += [(f"domain {shown(d.name)}", d.forwards) for d in domains.values()
             if domain_owner(d.name) != skip]
+    known = {network_owner(n) for n in networks} | {domain_owner(d) for d in domains}
+    out += [(owner_label(owner), specs) for owner, specs in (kernel or {}).items()
+            if owner != skip and owner not in known]
     return out
 
 
 def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
-                 networks: Mapping[str, Network], domains: Mapping[str, Domain]) -> None:
+                 networks: Mapping[str, Network], domains: Mapping[str, Domain],
+                 kernel: Mapping[str, list[ForwardSpec]] | None = None) -> None:
     """InputError if ``owner``'s forwards claim a host port another owner has."""
-    check_conflicts(label, forwards, claims(networks, domains, owner))
+    check_conflicts(label, forwards, claims(networks, domains, owner, kernel))
+
+
+def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
+    """owner -> the host ports its rules in the kernel hold right now."""
+    backend = backend or default_backend()
+    return backend.claims(backend.read())
+
+
+def check_host(label: str, forwards: Sequence[ForwardSpec]) -> None:
+    """InputError if a forward's host-ip is not the host's or it takes a host service's
+    port (``host.py``; /proc is read only when there are forwards)."""
+    host.check_forwards(label, forwards)
 
 
 # --------------------------------------------------------------------------- networks
@@ -53,22 +84,28 @@ def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
 def validate_network(net: Network) -> None:
     resolve_network_forwards(net)
     if net.forwards:
-        check_claims(f"network {shown(net.name)}", network_owner(net.name), net.forwards,
+        label = f"network {shown(net.name)}"
+        check_claims(label, network_owner(net.name), net.forwards,
                      state.load_networks(), state.load_domains())
+        check_host(label, net.forwards)
 
 
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
     """Add the network's rules and forwards; re-add forwards of running guests on it."""
     if not net.managed:
         return Applied("")
+    backend = backend or default_backend()
+    label = f"network {shown(net.name)}"
     with state.locked():
-        networks = state.load_networks(log)
+        networks = state.load_networks()
         networks[net.name] = net
-        domains = state.load_domains(log)
+        domains = state.load_domains()
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
+        before = backend.read()
         if net.forwards:
-            check_claims(f"network {shown(net.name)}", network_owner(net.name), net.forwards,
-                         networks, domains)
+            check_claims(label, network_owner(net.name), net.forwards, networks, domains,
+                         backend.claims(before))
+            check_host(label, net.forwards)
         for dom in domains.values():
             if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
                    for nic in dom.nics):
@@ -77,7 +114,7 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
                 except InputError as exc:
                     log(f"not re-adding forwards: {exc}")
         state.save_network(net.name, raw)
-        applied = apply_rules(rules, backend=backend, log=log)
+        applied = apply_rules(rules, backend=backend, log=log, before=before)
     log(f"network {shown(net.name)} ({net.bridge}): rules for "
         + ", ".join(sorted(rules)) + (" applied" if applied.payload else " already in place"))
     return applied
@@ -105,14 +142,14 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         return Applied("")
     with state.locked():
         state.save_network(net.name, raw)
-        networks = state.load_networks(log)
+        networks = state.load_networks()
         networks[net.name] = net
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
         owner = port.owner_name if port else None
-        domains = state.load_domains(log)
+        domains = state.load_domains()
         if owner and owner in domains:
             dom = domains[owner]
-            if deleted and port.mac:
+            if deleted and port and port.mac:
                 dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
             try:
                 rules[domain_owner(dom.name)] = plan_domain_owner(dom, networks)
@@ -127,20 +164,28 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
     reconnect, replay of one guest)."""
     owner = domain_owner(dom.name)
+    label = f"domain {shown(dom.name)}"
+    backend = backend or default_backend()
     with state.locked():
-        networks = state.load_networks(log)
+        networks = state.load_networks()
         rules = plan_domain_owner(dom, networks)
-        check_claims(f"domain {shown(dom.name)}", owner, dom.forwards, networks,
-                     state.load_domains(log))
+        before = backend.read()
+        held = backend.claims(before)
+        check_claims(label, owner, dom.forwards, networks, state.load_domains(), held)
+        check_host(label, dom.forwards)
+        # The state is written first and follows the kernel: if the write fails, the
+        # old rules are back (revert) and the state stays as long as any rule of the
+        # owner is in the kernel, so that stopped/release still remove them.
         if dom.forwards:
             state.save_domain(dom.name, raw)
-        else:
-            state.forget_domain(dom.name)
         try:
-            applied = apply_rules({owner: rules}, backend=backend, log=log)
+            applied = apply_rules({owner: rules}, backend=backend, log=log, before=before)
         except ApplyError:
-            state.forget_domain(dom.name)
+            if owner not in backend.claims(backend.read()):
+                state.forget_domain(dom.name)
             raise
+        if not dom.forwards:
+            state.forget_domain(dom.name)
     if dom.forwards:
         log(f"domain {shown(dom.name)}: {len(dom.forwards)} forward(s), "
             + ("applied" if applied.payload else "already in place"))
@@ -187,30 +232,49 @@ class _Claimed:
             self.widest = max(self.widest, spec.host_port.last - spec.host_port.first)
 
 
-def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain]) -> HostPlan:
-    """Every owner's rules for a whole host: networks first, then guests, each checked
-    against the forwards of those planned before it. An owner that fails is reported
-    and skipped; the others still plan."""
-    result = HostPlan({}, [], set())
+def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
+              holders: Mapping[str, list[ForwardSpec]] | None = None,
+              host_check: bool = False, broken: Iterable[str] = ()) -> HostPlan:
+    """Every owner's rules for a whole host, each checked against the forwards of
+    those planned before it. The current holders of ports (``holders``: owner -> the
+    ports its rules in the kernel hold) are planned first, so a newcomer never takes a
+    port from the guest or network that has it; then networks before guests, in name
+    order. An owner that fails is reported and skipped, its rules stay as they are (and
+    so do the ports they hold); the others still plan. ``host_check``
+    checks forwards against the host itself (``host.py``): not for ``plan``, which
+    describes XML files, not this host. ``broken``: owners whose XML did not even
+    parse; they fail too, keeping their rules and ports."""
+    held = holders or {}
+    result = HostPlan({}, [], set(broken))
     claimed = _Claimed()
+    for o in result.failed:
+        if o in held:
+            claimed.add(owner_label(o), held[o])
+    facts = host.HostFacts.read() if host_check else None
 
     def add(owner: str, label: str, forwards, planner) -> None:
         try:
             check_conflicts(label, forwards, claimed.near(forwards))
-            result.rules[owner] = planner()
+            rules = planner()
+            if facts is not None:
+                host.check_forwards(label, forwards, facts)
+            result.rules[owner] = rules
             claimed.add(label, forwards)
         except InputError as exc:
             result.problems.append(str(exc))
             result.failed.add(owner)
+            if owner in held:  # its rules stay in the kernel: so do its ports
+                claimed.add(label, held[owner])
 
-    for name, net in sorted(networks.items()):
-        if net.managed:
-            add(network_owner(name), f"network {shown(name)}", net.forwards,
-                lambda net=net: plan_network_owner(net))
-    for name, dom in sorted(domains.items()):
-        if dom.forwards:
-            add(domain_owner(name), f"domain {shown(name)}", dom.forwards,
+    owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
+               lambda net=net: plan_network_owner(net))
+              for name, net in sorted(networks.items()) if net.managed]
+    owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
                 lambda dom=dom: plan_domain_owner(dom, networks))
+               for name, dom in sorted(domains.items()) if dom.forwards]
+    owners.sort(key=lambda o: o[0] not in held)  # stable: holders first, order kept
+    for owner in owners:
+        add(*owner)
     return result
 
 
@@ -223,46 +287,116 @@ class Replayed:
     owners: int
 
 
+Parsed = TypeVar("Parsed", Network, Domain)
+
+
+def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
+                owner: Callable[[str], str], kind: str, problems: list[str],
+                broken: set[str], kept: set[tuple[str, str]]) -> dict[str, tuple[Parsed, bytes]]:
+    """name -> (model, raw) of each document that parses. One that does not is a
+    problem; if its name can still be read, that owner fails: its rules, ports and state
+    stay as they are."""
+    from .parse import object_name
+    out: dict[str, tuple[Parsed, bytes]] = {}
+    for raw in raws:
+        try:
+            obj = parse(raw)
+        except InputError as exc:
+            problems.append(str(exc))
+            name = object_name(raw)
+            if name is not None:
+                broken.add(owner(name))
+                kept.add((kind, name))
+            continue
+        out[obj.name] = (obj, raw)
+    return out
+
+
+def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
+               problems: list[str]):
+    from .parse import parse_domain_xml, parse_network_xml
+    broken: set[str] = set()
+    kept: set[tuple[str, str]] = set()  # (state kind, name) whose files stay
+    networks = _parse_each(network_xmls, parse_network_xml, network_owner, "networks",
+                           problems, broken, kept)
+    domains = _parse_each(domain_xmls, parse_domain_xml, domain_owner, "domains",
+                          problems, broken, kept)
+    # forward add --network on a running network: libvirt's live XML is stale until the
+    # network restarts; the override is the truth (the hooks drop it at network start)
+    for name in list(networks):
+        try:
+            override = state.network_override(name)
+            if override is not None:
+                networks[name] = (parse_network_xml(override), override)
+        except InputError as exc:
+            problems.append(f"network {shown(name)}: override: {exc}")
+            broken.add(network_owner(name))
+    return networks, domains, broken, kept
+
+
 def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
            backend=None, log: Log = _quiet) -> Replayed:
     """Re-derive every rule from the live XML of active networks and running guests:
     add what is missing, remove our rules that no longer match, fix the jumps, and
     rewrite the state files. An owner that fails keeps whatever rules it has."""
-    from .parse import parse_domain_xml, parse_network_xml
     backend = backend or default_backend()
     problems: list[str] = []
-    networks: dict[str, tuple[Network, bytes]] = {}
-    domains: dict[str, tuple[Domain, bytes]] = {}
-    for raws, parse, into in ((network_xmls, parse_network_xml, networks),
-                              (domain_xmls, parse_domain_xml, domains)):
-        for raw in raws:
-            try:
-                obj = parse(raw)
-            except InputError as exc:
-                problems.append(str(exc))
-                continue
-            into[obj.name] = (obj, raw)
-
-    host = plan_host({n: net for n, (net, _r) in networks.items()},
-                     {n: dom for n, (dom, _r) in domains.items()})
-    problems += host.problems
-
-    def drop(tagged: dict[str, str]) -> bool:
-        return tagged["owner"] not in host.failed
-
+    networks, domains, broken, kept = _parse_all(network_xmls, domain_xmls, problems)
     with state.locked():
+        before = backend.read()
+        host = plan_host({n: net for n, (net, _r) in networks.items()},
+                         {n: dom for n, (dom, _r) in domains.items()},
+                         holders=backend.claims(before), host_check=True, broken=broken)
+        problems += host.problems
+
+        def drop(tagged: dict[str, str]) -> bool:
+            return tagged["owner"] not in host.failed
+
         if dry_run:
-            payload = backend.change(backend.read(), host.rules, drop)
+            payload = backend.change(before, host.rules, drop)
         else:
-            payload = apply_rules(host.rules, drop=drop, backend=backend, log=log).payload
+            payload = apply_rules(host.rules, drop=drop, backend=backend, log=log,
+                                  before=before).payload
             state.replace_all(
                 {name: raw for name, (net, raw) in networks.items() if net.managed},
-                {name: raw for name, (dom, raw) in domains.items() if dom.forwards})
+                {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
+                keep=kept)
+    _report("replay", host, payload, problems, dry_run, log)
+    return Replayed(payload, problems, len(host.rules))
+
+
+def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
+            lock_timeout: float | None = None) -> Replayed:
+    """Put our rules back from our own state and the kernel, never asking libvirt (it
+    runs from UFW's after.init and from libvirt's own unit, where a call into libvirt
+    would deadlock a boot). Owners in the state are re-applied; rules of owners the
+    state knows nothing of are left alone (only ``replay``, which asks libvirt, may
+    call them stale). ``jumps_only``: just put our jumps back first."""
+    backend = backend or default_backend()
+    problems: list[str] = []
+    with state.locked(lock_timeout):
+        before = backend.read()
+        if jumps_only:
+            payload = apply_rules({}, backend=backend, log=log, before=before).payload
+            if payload:
+                log("restore: our jumps put back first")
+            return Replayed(payload, [], 0)
+        host = plan_host(state.load_networks(problems.append),
+                         state.load_domains(problems.append),
+                         holders=backend.claims(before), host_check=True)
+        problems += host.problems
+        payload = apply_rules(host.rules, backend=backend, log=log, before=before).payload
+    _report("restore", host, payload, problems, False, log)
+    return Replayed(payload, problems, len(host.rules))
+
+
+def _report(what: str, host: HostPlan, payload: str, problems: list[str], dry_run: bool,
+            log: Log) -> None:
+    """The outcome in one line (the problems themselves are the caller's to show)."""
     if not dry_run:
-        log(f"replay: {len(host.rules)} owner(s) with rules, "
+        log(f"{what}: {len(host.rules)} owner(s) with rules, "
             + ("changed" if payload else "nothing to change")
             + (f", {len(problems)} problem(s)" if problems else ""))
-    return Replayed(payload, problems, len(host.rules))
 
 
 def flush(backend=None) -> Applied:

@@ -1,7 +1,8 @@
 """libvirt XML -> model. Pure: bytes in, frozen dataclasses out, InputError on bad input.
 
-The parser never resolves entities, never loads a DTD and never touches the network;
-a document with a DOCTYPE is refused outright (libvirt never sends one).
+Only UTF-8 is read; a document with a DOCTYPE is refused outright (libvirt never sends
+one); the parser never resolves entities, never loads a DTD, never touches the network,
+and is bounded in bytes, elements and time (see ``load``).
 """
 
 from __future__ import annotations
@@ -32,38 +33,111 @@ from .model import (
 from .names import NAMESPACE
 
 MAX_XML_BYTES = 16 * 1024 * 1024
+MAX_ELEMENTS = 200_000  # libvirt's largest documents hold a few thousand
+MAX_PARSE_SECONDS = 2.0  # a 16 MiB document of plain elements parses in a fraction
+_CHUNK = 16 * 1024  # fed piece by piece so that the time bound is checked often
+# libxml2 2.9 compares each attribute and namespace of a tag with all before it, and its
+# push parser takes a tag whole: one huge tag would run for minutes between two checks of
+# the time bound. So a tag may hold at most MAX_TAG_CHARS characters besides its
+# attribute values (at most ~11000 attributes: a quarter second); libvirt's hold dozens.
+# ('<' never occurs inside a tag, so the search is linear.)
+MAX_TAG_CHARS = 32 * 1024
+_HUGE_TAG = re.compile(rb"<[^\s<>!?/](?:[^<>\"']|\"[^<\"]*\"|'[^<']*'){%d}" % MAX_TAG_CHARS)
 MAX_FORWARDS = 4096
 
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                          dtd_validation=False, huge_tree=False, remove_comments=True,
-                          remove_pis=True)
+_PARSER_OPTIONS = {"resolve_entities": False, "no_network": True, "load_dtd": False,
+                   "dtd_validation": False, "huge_tree": False, "remove_comments": True,
+                   "remove_pis": True}
 
 DOMAIN_ATTRS = frozenset({"proto", "host-port", "guest-port", "guest-ip", "mac",
-                          "host-ip", "source", "comment"})
+                          "host-ip", "source", "comment", "allow-host-service"})
 NETWORK_ATTRS = frozenset({"proto", "host-port", "guest-port", "guest-ip", "guest-mac",
-                           "host-ip", "source", "comment"})
+                           "host-ip", "source", "comment", "allow-host-service"})
 
 _PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
-_IFNAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,15}")
+# What an interface name may be in our rules: the kernel refuses '/', ':', whitespace,
+# '.', '..' and more than 15 bytes; iptables reads a trailing '+' as a wildcard (vir+ is
+# every vir* bridge) and a leading '!' as "not"; quotes and the rest would need quoting
+# in iptables-restore text. libvirt's own names (virbr0, vnet3, br-lan, eth0.10) fit.
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
+_IFNAME_REASONS = (("+", "iptables reads '+' as a wildcard"),
+                   ("!", "iptables reads '!' as a negation"),
+                   ("/", "the kernel refuses '/'"), (":", "the kernel refuses ':'"))
+
+
+_BOM_UTF8 = b"\xef\xbb\xbf"
+_OTHER_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")  # UTF-16/32, both orders
+_DECLARED = re.compile(rb"encoding\s*=\s*([\"'])(.*?)\1")
+_UTF8_NAMES = frozenset({b"utf-8", b"utf8", b"us-ascii", b"ascii"})
+
+
+def _utf8_only(data: bytes, what: str) -> bytes:
+    """The document as UTF-8 bytes, or InputError: libvirt sends UTF-8, and deciding the
+    encoding here (instead of letting the parser follow a BOM or a declaration) is what
+    makes the DOCTYPE search below see exactly the bytes the parser reads."""
+    data = data.removeprefix(_BOM_UTF8)
+    if data.startswith(_OTHER_BOMS) or b"\x00" in data:
+        raise InputError(f"{what}: XML must be UTF-8 (UTF-16/32 and NUL bytes are refused)")
+    if data.startswith(b"<?xml"):
+        end = data.find(b"?>")
+        declared = _DECLARED.search(data[:end if end >= 0 else 200])
+        if declared and declared.group(2).lower() not in _UTF8_NAMES:
+            raise InputError(f"{what}: XML must be UTF-8, this one declares "
+                             f"{shown(declared.group(2).decode('ascii', 'replace'), 20)}")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what}: XML must be UTF-8 (invalid byte at offset "
+                         f"{exc.start})") from None
+    return data
 
 
 def load(data: bytes | str, what: str = "input") -> etree._Element:
-    """Parse XML safely; InputError with one line if it is not acceptable."""
+    """Parse XML safely; InputError with one line if it is not acceptable.
+
+    Refused before the parser sees a byte: more than MAX_XML_BYTES, anything but UTF-8,
+    a DOCTYPE or ENTITY declaration (libvirt never sends one; with the encoding fixed to
+    UTF-8 the byte search is exact). The parser itself loads no DTD, resolves no entity
+    and touches no network; it is fed in chunks and stopped past MAX_PARSE_SECONDS or
+    MAX_ELEMENTS, whatever a document does to libxml2's cost per byte.
+    """
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogateescape")
     if len(data) > MAX_XML_BYTES:
         raise InputError(f"{what}: XML larger than {MAX_XML_BYTES} bytes")
+    data = _utf8_only(data, what)
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise InputError(f"{what}: a DOCTYPE or entity declaration is not allowed")
+    if _HUGE_TAG.search(data):
+        raise InputError(f"{what}: an XML tag with more than {MAX_TAG_CHARS} characters "
+                         "besides its attribute values")
     try:
-        root = etree.fromstring(data, _PARSER)
+        root = _bounded_parse(data, what)
     except (etree.XMLSyntaxError, ValueError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{what}: not well-formed XML: {msg}") from None
     if root is None:
         raise InputError(f"{what}: empty XML document")
+    if root.getroottree().docinfo.internalDTD is not None:  # cannot happen: belt and braces
+        raise InputError(f"{what}: a DOCTYPE or entity declaration is not allowed")
     return root
+
+
+def _bounded_parse(data: bytes, what: str) -> etree._Element:
+    import time
+    parser = etree.XMLPullParser(events=("start",), **_PARSER_OPTIONS)
+    deadline = time.monotonic() + MAX_PARSE_SECONDS
+    elements = 0
+    for offset in range(0, len(data), _CHUNK):
+        parser.feed(data[offset:offset + _CHUNK])
+        elements += sum(1 for _ in parser.read_events())
+        if elements > MAX_ELEMENTS:
+            raise InputError(f"{what}: XML with more than {MAX_ELEMENTS} elements")
+        if time.monotonic() > deadline:
+            raise InputError(f"{what}: XML took more than {MAX_PARSE_SECONDS:g} s to "
+                             "parse; refused")
+    return parser.close()
 
 
 def _local(el: etree._Element) -> str:
@@ -79,6 +153,12 @@ def _text(el: etree._Element | None, path: str) -> str | None:
     return found.text.strip() or None
 
 
+def _exact_text(el: etree._Element, path: str) -> str | None:
+    """A name as libvirt keeps it: ``web1``, ``web1 `` and ``web1\t`` are three objects."""
+    found = el.find(path)
+    return found.text or None if found is not None else None
+
+
 def _mac(value: str | None, what: str) -> str | None:
     if value is None:
         return None
@@ -89,11 +169,19 @@ def _mac(value: str | None, what: str) -> str | None:
 
 
 def _ifname(value: str | None, what: str) -> str | None:
+    """An interface name as the kernel and iptables read it, or InputError."""
     if value is None or value == "":
         return None
-    if not _IFNAME.fullmatch(value):
-        raise InputError(f"{what}: {shown(value)} is not a valid interface name")
-    return value
+    if _IFNAME.fullmatch(value):
+        return value
+    reason = next((why for ch, why in _IFNAME_REASONS if ch in value), None)
+    if reason is None and len(value.encode("utf-8", "surrogatepass")) > 15:
+        reason = "longer than 15 bytes"
+    if reason is None and any(ch.isspace() for ch in value):
+        reason = "whitespace"
+    raise InputError(f"{what}: {shown(value)} is not a usable interface name ("
+                     + (reason or "only letters, digits, '_', '.' and '-', "
+                        "not starting with '.' or '-'") + ")")
 
 
 def _ipv4(value: str, what: str) -> IPv4Address:
@@ -122,6 +210,8 @@ def _ports(value: str, what: str) -> PortRange:
 
 def _sources(value: str, what: str) -> tuple[IPv4Network, ...]:
     out: list[IPv4Network] = []
+    if not value.strip():  # not "anyone": that is what leaving source out says
+        raise InputError(f"{what}: empty; leave source out to allow anyone")
     for part in value.split(","):
         part = part.strip()
         if not part:
@@ -170,6 +260,15 @@ def parse_forwards(metadata: etree._Element | None, owner: str,
     return tuple(specs)
 
 
+def parse_forward_attrs(attrs: dict[str, str], where: str,
+                        allowed: frozenset[str]) -> ForwardSpec:
+    """One forward from its attributes (``forward add/remove``), checked as in XML."""
+    el = etree.Element("forward")
+    for key, value in attrs.items():
+        el.set(key, value)
+    return _parse_forward(el, where, allowed)
+
+
 def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> ForwardSpec:
     if el.get("host-port") is not None:
         where = f"{where} (host-port {shown(el.get('host-port'), 20)})"
@@ -201,14 +300,22 @@ def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> F
         host_ip=_ipv4(attrs["host-ip"], f"{where}: host-ip") if "host-ip" in attrs else None,
         sources=_sources(attrs["source"], f"{where}: source") if "source" in attrs else (),
         comment=attrs.get("comment"),
+        allow_host_service=_yes_no(attrs.get("allow-host-service", "no"),
+                                   f"{where}: allow-host-service"),
     )
+
+
+def _yes_no(value: str, what: str) -> bool:
+    if value.strip().lower() not in ("yes", "no"):
+        raise InputError(f"{what}: {shown(value)} is not yes or no")
+    return value.strip().lower() == "yes"
 
 
 def _named(el: etree._Element, kind: str) -> tuple[str, str]:
     """The object's name, and how messages call it: ``domain 'web1'``."""
     if _local(el) != kind:
         raise InputError(f"expected <{kind}>, found <{_local(el)}>")
-    name = _text(el, "name")
+    name = _exact_text(el, "name")
     if not name:
         raise InputError(f"{kind}: <name> is missing")
     return name, f"{kind} {shown(name)}"
@@ -269,7 +376,7 @@ def parse_networkport(el: etree._Element) -> NetworkPort:
     plug = el.find("plug")
     mac_el = el.find("mac")
     return NetworkPort(
-        owner_name=_text(el, "owner/name"),
+        owner_name=_exact_text(el, "owner/name"),
         owner_uuid=_text(el, "owner/uuid"),
         mac=_mac(mac_el.get("address") if mac_el is not None else None, "networkport mac"),
         bridge=_ifname(plug.get("bridge") if plug is not None else None, "networkport bridge"),
@@ -344,3 +451,13 @@ def parse_any(data: bytes | str, what: str) -> Network | Domain:
     if kind == "domain":
         return parse_domain(root)
     raise InputError(f"{what}: expected <network> or <domain>, found <{kind}>")
+
+
+def object_name(data: bytes | str) -> str | None:
+    """The ``<name>`` of a network or domain document whose content is otherwise bad
+    (so that ``replay`` can keep that owner's rules), or None."""
+    try:
+        root = _unwrap(load(data, "XML"), "XML")
+        return _exact_text(root, "name") if _local(root) in ("network", "domain") else None
+    except InputError:
+        return None

@@ -124,8 +124,39 @@ def resolve_network_forwards(net: Network) -> tuple[Target, ...]:
         if subnet is None:
             raise InputError(f"{where}: guest-ip {guest} is outside the subnets of network "
                              f"{shown(net.name)} ({_subnets(net)})")
+        _check_guest_address(where, guest, net, subnet)
         targets.append(Target(spec, guest, net, subnet))
     return tuple(targets)
+
+
+def _check_guest_address(where: str, ip: IPv4Address, net: Network,
+                         subnet: IPv4Network) -> None:
+    """A forward's guest is a guest: never the subnet's network or broadcast address (a
+    packet to them reaches every guest, or none), nor the network's own address on the
+    bridge (that is the host: a forward there is a way into the host's services)."""
+    if subnet.prefixlen < 31 and ip in (subnet.network_address, subnet.broadcast_address):
+        which = "network" if ip == subnet.network_address else "broadcast"
+        raise InputError(f"{where}: guest {ip} is the {which} address of {subnet} "
+                         f"(network {shown(net.name)}), not a guest")
+    if any(iface.ip == ip for iface in net.ipv4):
+        raise InputError(f"{where}: guest {ip} is the address of network {shown(net.name)} "
+                         "on its bridge (the host itself), not a guest")
+
+
+def _reserved_by_another(dom: Domain, ip: IPv4Address,
+                         attached: list[tuple[str, Network]]) -> str | None:
+    """Who else holds ``ip`` by a <dhcp><host> reservation in the domain's networks:
+    a MAC that is none of the domain's NICs (or a name-only entry not named as it)."""
+    own = {nic.mac for nic in dom.nics if nic.mac}
+    for net in {id(n): n for _m, n in attached}.values():
+        for host in net.hosts:
+            if host.ip != ip:
+                continue
+            if host.mac is not None and host.mac not in own:
+                return f"MAC {host.mac} in network {shown(net.name)}"
+            if host.mac is None and host.name != dom.name:
+                return f"host {shown(host.name)} in network {shown(net.name)}"
+    return None
 
 
 # --------------------------------------------------------------------------- domains
@@ -174,6 +205,11 @@ def resolve_domain_forwards(dom: Domain, networks: Mapping[str, Network]) -> tup
                 nets = ", ".join(f"{net.name} ({_subnets(net)})" for _m, net in candidates)
                 raise InputError(f"{where}: guest-ip {spec.guest_ip} is outside the subnets "
                                  f"of the networks the guest is attached to: {nets}")
+            holder = _reserved_by_another(dom, spec.guest_ip, attached)
+            if holder is not None:
+                raise InputError(f"{where}: guest-ip {spec.guest_ip} is reserved for "
+                                 f"another guest ({holder}); a domain forwards only to "
+                                 "its own addresses")
         else:
             for mac, net in candidates:
                 ip = net.reservation(mac)
@@ -185,6 +221,7 @@ def resolve_domain_forwards(dom: Domain, networks: Mapping[str, Network]) -> tup
                 macs = ", ".join(f"{mac} on {net.name}" for mac, net in candidates)
                 raise InputError(f"{where}: cannot resolve the guest address: no <dhcp><host> "
                                  f"reservation for {macs}; add one or set guest-ip")
+        _check_guest_address(where, target.guest_ip, target.network, target.subnet)
         targets.append(target)
     return tuple(targets)
 
@@ -205,13 +242,15 @@ def plan_forwards(owner: str, targets: Iterable[Target]) -> tuple[Rule, ...]:
         dnat = dict(verdict="DNAT", dport=spec.host_port, to_addr=t.guest_ip,
                     to_ports=spec.guest_port, to_base=spec.host_port.first if shifted else None)
         host = IPv4Network(spec.host_ip) if spec.host_ip is not None else None
+        # --dst-type LOCAL always, host-ip or not: a forward never matches traffic that
+        # is not addressed to this host (a host-ip that stops being local matches nothing)
         for src in spec.sources or (None,):
-            rules.append(Rule("prerouting", src=src, dst=host, dst_local=host is None,
+            rules.append(Rule("prerouting", src=src, dst=host, dst_local=True,
                               **dnat, **common))
         for src in spec.sources or (None,):
             rules.append(Rule("output", src=src, dst=host,
                               not_dst=LOOPBACK if host is None else None,
-                              dst_local=host is None, **dnat, **common))
+                              dst_local=True, **dnat, **common))
         rules.append(Rule("forward", dst=guest, oif=bridge, dport=spec.guest_port,
                           ctstate="DNAT", verdict="ACCEPT", **common))
         rules.append(Rule("forward", src=guest, iif=bridge, sport=spec.guest_port,
@@ -234,7 +273,10 @@ def plan_domain_owner(dom: Domain, networks: Mapping[str, Network]) -> tuple[Rul
 
 # --------------------------------------------------------------------------- conflicts
 
-def _clash(a: ForwardSpec, b: ForwardSpec) -> bool:
+def same_host_port(a: ForwardSpec, b: ForwardSpec) -> bool:
+    """The one definition of "the same forward": both would catch a connection (the
+    same proto, overlapping host ports, the same host-ip or either on every address).
+    Conflicts between owners, and ``forward add/remove``, all use it."""
     return (a.proto == b.proto and a.host_port.overlaps(b.host_port)
             and (a.host_ip is None or b.host_ip is None or a.host_ip == b.host_ip))
 
@@ -257,7 +299,7 @@ def check_conflicts(owner_label: str, specs: Iterable[ForwardSpec],
         active = [a for a in active if a[0] == proto and a[3].host_port.last >= first]
         for other in active:
             _p, _f, _j, other_spec, other_label = other
-            if (label is None or other_label is None) and _clash(spec, other_spec):
+            if (label is None or other_label is None) and same_host_port(spec, other_spec):
                 if label is None and other_label is None:
                     raise InputError(f"{owner_label}: {spec.label} overlaps "
                                      f"{other_spec.label} of the same owner")

@@ -3,17 +3,32 @@
 ``STATE/networks/NAME.xml`` holds the live ``<network>`` of each active network we saw
 (written on network start/started/updated/port ops, removed on stopped);
 ``STATE/domains/NAME.xml`` holds the live ``<domain>`` of each running guest with our
-metadata (written on qemu start/reconnect, removed on stopped/release). libvirt's own
-``/run/libvirt/network/NAME.xml`` fills in networks we have not seen yet.
+metadata (written on qemu start/reconnect, removed on stopped/release);
+``STATE/overrides/NAME.xml`` holds a running network as ``forward add --network`` left it
+(libvirt keeps the running network's XML until it restarts; until then this is the truth).
+libvirt's own ``/run/libvirt/network/NAME.xml`` fills in networks we have not seen yet.
+
+These are copies of XML that libvirt keeps private: the directory is 0700 and every file
+0600, and nothing here is opened through a symlink (a planted ``lock`` or ``domains``
+link must not make root write elsewhere). A file that cannot be read or parsed is
+reported, never silently skipped; who holds a port is taken from the kernel's
+owner-tagged rules as well (``ops``), so a corrupt file cannot blind the conflict check.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
+import time
 
-from .errors import InputError
+from .errors import ApplyError, InputError
 from .names import libvirt_network_dir, safe_name, state_dir
+
+KINDS = ("networks", "domains", "overrides")
+LOCK_TIMEOUT = float(os.environ.get("KVMUFW_LOCK_TIMEOUT", "30"))
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _path(kind: str, name: str) -> str:
@@ -28,12 +43,47 @@ def domain_path(name: str) -> str:
     return _path("domains", name)
 
 
+def _private_dir(path: str) -> None:
+    """Make ``path`` a real directory of ours, mode 0700 (tightened, never loosened):
+    refuse a symlink or a directory someone else owns."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        _private_dir(os.path.dirname(path))
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ApplyError(f"state directory {path} is not a directory (a symlink?); "
+                         "remove it and retry")
+    if info.st_uid != os.geteuid():
+        raise ApplyError(f"state directory {path} is owned by uid {info.st_uid}, not us")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, stat.S_IMODE(info.st_mode) & 0o700)
+
+
+def _ensure(kind: str | None = None) -> str:
+    top = state_dir()
+    _private_dir(top)
+    if kind is None:
+        return top
+    directory = os.path.join(top, kind)
+    _private_dir(directory)
+    return directory
+
+
 def _write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    _ensure(os.path.basename(os.path.dirname(path)))
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)  # replaces a planted symlink itself, never its target
 
 
 def _remove(path: str) -> None:
@@ -41,6 +91,27 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _read(path: str) -> bytes | None:
+    """The file's bytes; None if it does not exist. A symlink is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{path} is a symlink; not following it") from None
+        raise InputError(f"{path}: {exc.strerror}") from None
+    try:
+        chunks: list[bytes] = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def network_element(xml: bytes) -> bytes:
@@ -55,7 +126,10 @@ def save_network(name: str, xml: bytes) -> None:
 
 
 def network_unchanged(name: str, xml: bytes) -> bool:
-    return _read(network_path(name)) == network_element(xml)
+    try:
+        return _read(network_path(name)) == network_element(xml)
+    except InputError:
+        return False
 
 
 def forget_network(name: str) -> None:
@@ -64,12 +138,13 @@ def forget_network(name: str) -> None:
 
 
 def _override_path(name: str) -> str:
-    return os.path.join(state_dir(), "overrides", safe_name(name) + ".xml")
+    return _path("overrides", name)
 
 
 def save_network_override(name: str, xml: bytes) -> None:
     """``forward add --network`` on an active network: libvirt keeps the running
-    network's XML until it restarts, so hooks take the network from here until then."""
+    network's XML until it restarts, so hooks, ``replay``, ``restore``, ``status`` and
+    ``doctor`` take the network from here until then."""
     _write(_override_path(name), xml)
 
 
@@ -91,41 +166,58 @@ def forget_domain(name: str) -> None:
 
 def _files(directory: str) -> list[str]:
     try:
-        return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                      if f.endswith(".xml"))
+        info = os.lstat(directory)
     except FileNotFoundError:
         return []
+    if not stat.S_ISDIR(info.st_mode):
+        raise ApplyError(f"state directory {directory} is not a directory (a symlink?)")
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                  if f.endswith(".xml"))
 
 
-def _read(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        return None
+def _default_log(message: str) -> None:
+    from .log import log
+    log(message, error=True)
 
 
 def _parsed(paths: list[str], parse, log):
-    """The object of each file that parses; the others are logged and skipped."""
+    """The object of each file that parses. Each one that does not is reported (as an
+    error: it is never skipped in silence); callers take the owner's claims from the
+    kernel, and ``replay`` rewrites the file from libvirt."""
+    report = log or _default_log
     for path in paths:
-        data = _read(path)
-        if data is None:
-            continue
         try:
+            data = _read(path)
+            if data is None:
+                continue
             yield parse(data)
         except InputError as exc:
-            if log:
-                log(f"ignoring {path}: {exc}")
+            report(f"state file {path} is unreadable or corrupt ({exc}); its owner's "
+                   "ports are taken from the kernel's rules; kvmufw_hook replay rewrites it")
+
+
+def apply_overrides(networks: dict) -> dict:
+    """Each running network as ``forward add --network`` left it, where it did."""
+    from .parse import parse_network_xml
+    for name in list(networks):
+        override = network_override(name)
+        if override is not None:
+            networks[name] = parse_network_xml(override)
+    return networks
 
 
 def load_networks(log=None) -> dict:
-    """name -> Network of every active network we know of."""
+    """name -> Network of every active network we know of (overrides applied)."""
     from .parse import parse_network_xml
     networks: dict = {}
     paths = _files(os.path.join(state_dir(), "networks")) + _files(libvirt_network_dir())
     for net in _parsed(paths, parse_network_xml, log):
         networks.setdefault(net.name, net)
-    return networks
+    try:
+        return apply_overrides(networks)
+    except InputError as exc:
+        (log or _default_log)(f"network override: {exc}")
+        return networks
 
 
 def load_domains(log=None) -> dict:
@@ -136,29 +228,51 @@ def load_domains(log=None) -> dict:
 
 
 def has_domain(name: str) -> bool:
-    return os.path.exists(domain_path(name))
+    return os.path.lexists(domain_path(name))
 
 
 class locked:
     """``with locked():`` serialises read-modify-write of state and rules across
-    concurrent hooks (a class, not contextlib: this module is on the hooks' fast path)."""
+    concurrent hooks (a class, not contextlib: this module is on the hooks' fast path).
+    Waits at most ``LOCK_TIMEOUT`` seconds: nothing of ours may hang a boot or a daemon
+    start behind a stuck holder."""
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = LOCK_TIMEOUT if timeout is None else timeout
 
     def __enter__(self) -> None:
-        directory = state_dir()
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        directory = _ensure()
         self.fd = os.open(os.path.join(directory, "lock"),
-                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+                          os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            deadline = time.monotonic() + self.timeout
+            while True:
+                time.sleep(0.02)
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        os.close(self.fd)
+                        raise ApplyError(f"{directory}/lock is held by another kvmufw_hook "
+                                         f"for more than {self.timeout:.0f}s") from None
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)  # closing releases the lock
 
-def replace_all(networks: dict[str, bytes], domains: dict[str, bytes]) -> None:
-    """Make the state files exactly these (``replay``)."""
+
+def replace_all(networks: dict[str, bytes], domains: dict[str, bytes],
+                keep: set[tuple[str, str]] | None = None) -> None:
+    """Make the state files exactly these (``replay``), leaving alone the files in
+    ``keep`` ((kind, name) of owners whose XML did not parse: their rules stay, and so
+    must what lets their stop remove them)."""
     for kind, wanted in (("networks", networks), ("domains", domains)):
         paths = {_path(kind, name): raw for name, raw in wanted.items()}
+        kept = {_path(k, name) for k, name in keep or () if k == kind}
         for path in _files(os.path.join(state_dir(), kind)):
-            if path not in paths:
+            if path not in paths and path not in kept:
                 _remove(path)
         for path, raw in paths.items():
             _write(path, raw)

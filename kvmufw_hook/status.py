@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import state
 from .backends import default_backend
-from .errors import ApplyError, InputError
+from .errors import ApplyError, InputError, printable, shown
 from .names import domain_owner, network_owner
 from .plan import (
     Target,
@@ -71,11 +71,19 @@ def collect(backend=None) -> dict:
     return report
 
 
+def shown_name(name: str) -> str:
+    """A name in a table: quoted when a space at either end would hide what it is
+    (``domain 'victim '`` beside ``domain victim``), and never with raw control text."""
+    return printable(name) if name == name.strip() and name else shown(name)
+
+
 def format_table(report: dict) -> str:
+    """The report for people: every cell escaped (a comment may not draw a row of its
+    own or move the cursor); ``--json`` keeps the exact text."""
     rows = [("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "RULES", "COMMENT")]
     for kind in ("networks", "domains"):
         for entry in report[kind]:
-            owner = f"{kind[:-1]} {entry['name']}"
+            owner = f"{kind[:-1]} {shown_name(entry['name'])}"
             if kind == "networks":
                 rows.append((owner, "-", f"bridge {entry['bridge']}",
                              ",".join(entry["subnets"]) or "-", "-",
@@ -86,6 +94,7 @@ def format_table(report: dict) -> str:
                 state_text = "ok" if f["present"] else ("ERROR" if f.get("error") else "MISSING")
                 rows.append((owner, f["proto"], host, guest, ",".join(f["sources"]) or "any",
                              state_text, f.get("error") or f["comment"] or ""))
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     if len(rows) == 1:
         text = "no networks or guests with kvmufw rules known\n"
     else:
@@ -93,5 +102,5 @@ def format_table(report: dict) -> str:
         text = "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] + "\n"
                        for r in rows)
     if report.get("kernel_error"):
-        text += f"cannot read the firewall: {report['kernel_error']}\n"
+        text += f"cannot read the firewall: {printable(report['kernel_error'])}\n"
     return text

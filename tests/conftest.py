@@ -49,3 +49,21 @@ def netns():
         yield ns
     finally:
         ns.destroy()
+
+
+TIERS = {"test_lab": "lab", "test_lab_nft": "lab", "test_boot": "boot",
+         "test_corpus": "corpus", "test_debian13": "lab"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tiers: ``lab``/``boot``/``corpus`` by module, ``kernel`` for tests that use a
+    network namespace, ``unit`` for the rest (no root, milliseconds: the quick loop is
+    ``pytest -m unit``)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        tier = TIERS.get(module)
+        if tier is None:
+            uses_kernel = {"netns", "topo", "hook_ns"} & set(getattr(item, "fixturenames", ()))
+            tier = "kernel" if uses_kernel or module in ("test_kernel", "test_hook") \
+                else "unit"
+        item.add_marker(getattr(pytest.mark, tier))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
+from ..model import ForwardSpec
 from ..plan import Rule
 
 
@@ -28,3 +29,9 @@ class Backend(Protocol):
 
     def present(self, snapshot, rules: Iterable[Rule]) -> bool:
         """Whether every one of ``rules`` is in the snapshot."""
+
+    def claims(self, snapshot) -> dict[str, list[ForwardSpec]]:
+        """owner -> the host ports its rules in the kernel hold."""
+
+    def bad_jumps(self, snapshot) -> list[str]:
+        """The built-in chains whose jump to ours is missing, repeated or not first."""

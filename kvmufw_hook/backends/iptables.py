@@ -26,6 +26,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
+    from ..model import ForwardSpec
     from ..plan import Rule
 
 HOOK_CHAIN = {hook.lower(): (table, ours) for table, hook, ours in JUMPS}
@@ -157,16 +158,22 @@ class Snapshot:
         return {o for chains in self.ours().values() for lines in chains.values()
                 for o in map(line_owner, lines) if o}
 
-    def jumps_ok(self, table: str) -> bool:
+    def bad_jumps(self, table: str) -> list[str]:
+        """The built-in chains of ``table`` whose jump to ours is not there exactly
+        once at position 1."""
         tab = self.tables[table]
+        bad = []
         for t, builtin, ours in JUMPS:
             if t != table:
                 continue
             rules = tab.rules.get(builtin, [])
             jump = f"-A {builtin} -j {ours}"
             if not rules or rules[0] != jump or rules.count(jump) != 1:
-                return False
-        return True
+                bad.append(builtin)
+        return bad
+
+    def jumps_ok(self, table: str) -> bool:
+        return not self.bad_jumps(table)
 
 
 Target = dict[str, dict[str, list[str]]]  # table -> our chain -> lines
@@ -320,6 +327,18 @@ class IptablesBackend:
         return transition(snapshot, {})
 
     @staticmethod
+    def claims(snapshot: Snapshot) -> dict[str, list[ForwardSpec]]:
+        return kernel_claims(snapshot)
+
+    @staticmethod
+    def bad_jumps(snapshot: Snapshot) -> list[str]:
+        """``FORWARD (filter)`` for each built-in chain whose jump is wrong, in tables
+        where we have rules (elsewhere no jump is expected)."""
+        ours = snapshot.ours()
+        return [f"{chain} ({table})" for table in TABLES if any(ours[table].values())
+                for chain in snapshot.bad_jumps(table)]
+
+    @staticmethod
     def present(snapshot: Snapshot, rules: Iterable[Rule]) -> bool:
         lines = snapshot.our_lines()
         return all(render_rule(rule)[1] in lines for rule in rules)
@@ -342,3 +361,38 @@ class IptablesBackend:
             run([*self.prefix, self._tool(self.restore_cmd), "--noflush", "-w"], stdin=payload,
                 name=self.restore_cmd)
 
+
+
+# --------------------------------------------------------------------------- readings
+
+def _tokens_after(tokens: list[str], flag: str) -> str | None:
+    try:
+        return tokens[tokens.index(flag) + 1]
+    except (ValueError, IndexError):
+        return None
+
+
+def kernel_claims(snapshot: Snapshot) -> dict[str, list[ForwardSpec]]:
+    """owner -> the host ports its DNAT rules in the kernel hold right now (proto, port
+    range, host address): who holds a port is what the kernel says, whatever our state
+    files say (they can be lost or corrupt)."""
+    from ipaddress import IPv4Address  # here: a guest's stop never needs them
+
+    from ..model import ForwardSpec, PortRange
+    out: dict[str, list[ForwardSpec]] = {}
+    for line in snapshot.tables["nat"].rules.get(HOOK_CHAIN["prerouting"][1], []):
+        if " -j DNAT " not in line:
+            continue
+        owner = line_owner(line)
+        tokens = line.split()
+        proto, dport = _tokens_after(tokens, "-p"), _tokens_after(tokens, "--dport")
+        if owner is None or proto is None or dport is None:
+            continue
+        first, _, last = dport.partition(":")
+        ports = PortRange(int(first), int(last or first))
+        dst = _tokens_after(tokens, "-d")
+        host_ip = IPv4Address(dst.split("/")[0]) if dst else None
+        spec = ForwardSpec(proto=proto, host_port=ports, guest_port=ports, host_ip=host_ip)
+        if spec not in out.setdefault(owner, []):
+            out[owner].append(spec)
+    return out

@@ -1,0 +1,82 @@
+"""iptables in memory, for the fast tier (``pytest -m unit``): the ruleset as
+``iptables-save`` text, changed by the very payloads ``iptables-restore --noflush`` takes,
+with its rules: a table is committed whole or not at all, tables before it stay committed,
+``-D`` of a rule that is not there and ``-A`` to a chain that does not exist fail.
+
+It stands in for the kernel only where the kernel is not what a test is about (ops,
+compose/transition, the revert path); the kernel tests prove the same payloads against a
+real iptables-restore.
+"""
+
+from __future__ import annotations
+
+from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot
+from kvmufw_hook.errors import ApplyError
+
+BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"),
+           "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")}
+
+
+class FakeBackend(IptablesBackend):
+    def __init__(self, fail_tables: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.fail_tables = set(fail_tables)
+        self.tables: dict[str, dict[str, list[str]]] = {
+            t: {c: [] for c in chains} for t, chains in BUILTIN.items()}
+        self.writes: list[str] = []
+
+    def save(self) -> str:
+        out = []
+        for table, chains in self.tables.items():
+            out.append(f"*{table}")
+            out += [f":{c} {'ACCEPT' if c in BUILTIN[table] else '-'} [0:0]" for c in chains]
+            out += [line for lines in chains.values() for line in lines]
+            out.append("COMMIT")
+        return "\n".join(out) + "\n"
+
+    def read(self) -> Snapshot:
+        return Snapshot.parse(self.save())
+
+    def write(self, payload: str) -> None:
+        if not payload:
+            return
+        self.writes.append(payload)
+        table, work = None, None
+        for line in payload.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+                work = {c: list(ls) for c, ls in self.tables[table].items()}
+            elif line == "COMMIT":
+                if table in self.fail_tables:
+                    raise ApplyError(f"iptables-restore failed (exit 1): line COMMIT of {table}")
+                self.tables[table] = work
+            else:
+                self._apply(work, line)
+
+    @staticmethod
+    def _apply(chains: dict[str, list[str]], line: str) -> None:
+        op, chain, *rest = line.split(" ", 2)
+        if op.startswith(":"):
+            chains[op[1:]] = []  # declared: created, or flushed if it exists
+            return
+        if chain not in chains:
+            raise ApplyError(f"iptables-restore failed (exit 1): {line}: no chain {chain}")
+        text = rest[0] if rest else ""
+        if op == "-A":
+            chains[chain].append(f"-A {chain} {text}")
+        elif op == "-D":
+            try:
+                chains[chain].remove(f"-A {chain} {text}")
+            except ValueError:
+                raise ApplyError(f"iptables-restore failed (exit 1): {line}: no such rule") \
+                    from None
+        elif op == "-I":
+            position, _, rule = text.partition(" ")
+            chains[chain].insert(int(position) - 1, f"-A {chain} {rule}")
+        elif op == "-X":
+            if chains[chain] or any(l.endswith(f" -j {chain}") for ls in chains.values()
+                                    for l in ls):
+                raise ApplyError(f"iptables-restore failed (exit 1): {line}: not empty")
+            del chains[chain]
+        else:
+            raise ApplyError(f"iptables-restore failed (exit 1): {line}: unknown")
