@@ -159,3 +159,27 @@ def test_a_snapshot_builds_its_set_of_our_lines_once():
     snap = Snapshot.parse(text)
     assert snap.our_lines() is snap.our_lines()
     assert snap.our_lines() == {"-A KVMUFW-OUTPUT -j ACCEPT"}
+
+
+def test_sock_diag_lists_the_listeners_proc_lists(netns):
+    """host.py asks sock_diag for listening TCP sockets (/proc/net/tcp* walks every
+    connection): the same sockets as /proc, connected ones left out."""
+    from conftest import ROOT
+    code = """
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook import host, sockdiag
+v4 = socket.socket(); v4.bind(("127.0.0.1", 2222)); v4.listen()
+dual = socket.socket(socket.AF_INET6); dual.bind(("::", 8080)); dual.listen()
+v6 = socket.socket(socket.AF_INET6)
+v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); v6.bind(("::1", 9090)); v6.listen()
+client = socket.socket(); client.connect(("127.0.0.1", 2222)); peer = v4.accept()
+# "/proc/self/.." is /proc, but not the default: read_listeners parses the files then
+proc = sorted((str(l.addr), l.port, l.inode) for l in host.read_listeners("/proc/self/..")
+              if l.proto == "tcp")
+diag = sorted((str(host.ip_address(a)), p, i) for a, p, i in sockdiag.tcp_listeners())
+used = sorted((str(l.addr), l.port) for l in host.read_listeners() if l.proto == "tcp")
+print(proc == diag, used)
+"""
+    out = netns.run(sys.executable, "-c", code, str(ROOT)).stdout
+    assert out == "True [('127.0.0.1', 2222), ('::', 8080), ('::1', 9090)]\n"
