@@ -15,7 +15,6 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
 
 from . import host, state
 from .apply import Applied, apply_rules, domain_stopped  # noqa: F401 - the stop path lives there
@@ -287,7 +286,10 @@ class Replayed:
     owners: int
 
 
-Parsed = TypeVar("Parsed", Network, Domain)
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
+    from typing import TypeVar
+    Parsed = TypeVar("Parsed", Network, Domain)
 
 
 def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
