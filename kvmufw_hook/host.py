@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from .errors import InputError, shown
 from .model import ForwardSpec
+from .sockdiag import tcp_listeners
 
 _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"
@@ -24,6 +25,8 @@ _UDP_UNCONNECTED = "07"
 
 @dataclass(frozen=True)
 class Listener:
+    """A socket a host service listens on (tcp) or is bound to (udp)."""
+
     proto: str  # tcp or udp
     addr: IPv4Address | IPv6Address  # unspecified (0.0.0.0, ::) = every address
     port: int
@@ -56,6 +59,13 @@ def read_listeners(proc: str = "/proc") -> tuple[Listener, ...]:
     out = []
     for proto, files, wanted in (("tcp", ("tcp", "tcp6"), _TCP_LISTEN),
                                  ("udp", ("udp", "udp6"), _UDP_UNCONNECTED)):
+        if proto == "tcp" and proc == "/proc":
+            try:  # the same sockets, without walking every connection (sockdiag.py)
+                out += [Listener("tcp", ip_address(addr), port, inode)
+                        for addr, port, inode in tcp_listeners()]
+                continue
+            except OSError:
+                pass  # no sock_diag in this kernel: /proc/net/tcp*
         for name in files:
             try:
                 with open(f"{proc}/net/{name}", encoding="ascii") as fh:
@@ -104,6 +114,8 @@ def process_of(inode: int, proc: str = "/proc") -> str:
 
 @dataclass(frozen=True)
 class HostFacts:
+    """The host's local addresses and listening sockets, read once."""
+
     local: frozenset[IPv4Address]
     listeners: tuple[Listener, ...]
 

@@ -12,11 +12,12 @@ planned in, and a lost or corrupt state file cannot hide a holder.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
 
 from . import host, state
+from .apply import Applied, apply_rules, domain_stopped  # noqa: F401 - the stop path lives there
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
 from .model import Domain, ForwardSpec, Network, NetworkPort
@@ -35,35 +36,6 @@ Claims = list[tuple[str, Iterable[ForwardSpec]]]
 
 def _quiet(_msg: str) -> None:
     pass
-
-
-@dataclass
-class Applied:
-    payload: str  # what was written; empty when nothing changed
-
-
-def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None,
-                backend=None, log: Log = _quiet, before=None) -> Applied:
-    """Replace the named owners' rules (and drop matching others) in one write.
-
-    If the kernel refuses the write, our chains are put back as they were and
-    ApplyError is raised: a change is applied whole or not at all.
-    """
-    backend = backend or default_backend()
-    if before is None:
-        before = backend.read()
-    payload = backend.change(before, rules, drop)
-    if not payload:
-        return Applied("")
-    try:
-        backend.write(payload)
-    except ApplyError:
-        try:
-            backend.write(backend.revert(backend.read(), before))
-        except ApplyError as exc:
-            log(f"rollback failed too: {exc}")
-        raise
-    return Applied(payload)
 
 
 def owner_label(owner: str) -> str:
@@ -221,22 +193,42 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     return applied
 
 
-def domain_stopped(name: str, backend=None, log: Log = _quiet) -> Applied:
-    with state.locked():
-        applied = apply_rules({domain_owner(name): ()}, backend=backend, log=log)
-        state.forget_domain(name)  # after the rules: a failed removal keeps the state
-    if applied.payload:
-        log(f"domain {shown(name)}: forwards removed")
-    return applied
-
-
 # --------------------------------------------------------------------------- whole host
 
 @dataclass
 class HostPlan:
+    """Every owner's rules for a whole host, and the owners that failed."""
+
     rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
     failed: set[str]  # those owners: their current rules must be left alone
+
+
+class _Claimed:
+    """Forwards claimed so far, by protocol and first host port: each owner is checked
+    against the few that could overlap its own, not against all (a replay of hundreds
+    of guests would be quadratic). Same answers and messages as checking against all."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
+        self.entries: list[tuple[str, ForwardSpec]] = []
+        self.widest = 0
+
+    def near(self, forwards: Iterable[ForwardSpec]) -> list[tuple[str, tuple[ForwardSpec]]]:
+        found = []
+        for spec in forwards:  # an overlap starts within [first - widest, last]
+            starts = self.starts.get(spec.proto, [])
+            lo = bisect_left(starts, (spec.host_port.first - self.widest, -1))
+            hi = bisect_right(starts, (spec.host_port.last, len(self.entries)))
+            found += [self.entries[i] for _first, i in starts[lo:hi]]
+        return [(label, (spec,)) for label, spec in found]
+
+    def add(self, label: str, forwards: Iterable[ForwardSpec]) -> None:
+        for spec in forwards:
+            insort(self.starts.setdefault(spec.proto, []),
+                   (spec.host_port.first, len(self.entries)))
+            self.entries.append((label, spec))
+            self.widest = max(self.widest, spec.host_port.last - spec.host_port.first)
 
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
@@ -253,22 +245,25 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     parse; they fail too, keeping their rules and ports."""
     held = holders or {}
     result = HostPlan({}, [], set(broken))
-    claimed: Claims = [(owner_label(o), held[o]) for o in result.failed if o in held]
+    claimed = _Claimed()
+    for o in result.failed:
+        if o in held:
+            claimed.add(owner_label(o), held[o])
     facts = host.HostFacts.read() if host_check else None
 
     def add(owner: str, label: str, forwards, planner) -> None:
         try:
-            check_conflicts(label, forwards, claimed)
+            check_conflicts(label, forwards, claimed.near(forwards))
             rules = planner()
             if facts is not None:
                 host.check_forwards(label, forwards, facts)
             result.rules[owner] = rules
-            claimed.append((label, forwards))
+            claimed.add(label, forwards)
         except InputError as exc:
             result.problems.append(str(exc))
             result.failed.add(owner)
             if owner in held:  # its rules stay in the kernel: so do its ports
-                claimed.append((label, held[owner]))
+                claimed.add(label, held[owner])
 
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: plan_network_owner(net))
@@ -284,12 +279,17 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
 
 @dataclass
 class Replayed:
+    """What ``replay`` wrote and the problems it found."""
+
     payload: str
     problems: list[str]
     owners: int
 
 
-Parsed = TypeVar("Parsed", Network, Domain)
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
+    from typing import TypeVar
+    Parsed = TypeVar("Parsed", Network, Domain)
 
 
 def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
