@@ -52,8 +52,9 @@ HOST_ONLY = ("debootstrap",)          # builds this root; not needed inside it
 BUILD_VERSION = "1"                   # bump to rebuild every root
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Runs as PID 1 of the new PID namespace: bash reaps orphans (libvirtd -d daemonises), and
-# when it exits the kernel kills whatever is left in the namespace.
+# Runs as PID 1 of the new PID namespace: bash reaps orphans (libvirtd -d daemonises; a zombie
+# would keep /proc/PID and the lab waits for that to vanish), so it must not exec the command
+# (bash execs a -c script's last command). When it exits, the kernel kills whatever is left.
 ENTER = r"""
 set -eu
 R=$1 SRC=$2 NETWORK=$3; shift 3
@@ -74,7 +75,10 @@ cd "$R"
 pivot_root . .oldroot
 umount -l /.oldroot
 cd /
+set +e
 "$@"
+status=$?
+exit $status
 """
 
 
@@ -97,7 +101,7 @@ def host_mirror() -> str:
     sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for path in sources:
         text = path.read_text(errors="replace") if path.is_file() else ""
-        for uri in re.findall(r"^(?:URIs:|deb(?:\s+\[[^]]*\])?)\s+(\S+)", text, re.M):
+        for uri in re.findall(r"^(?:URIs:|deb(?:\s+\[[^]]*\])?)\s+(\S+)", text, re.MULTILINE):
             if uri.rstrip("/").endswith("/debian"):
                 return uri.rstrip("/")
     return "http://deb.debian.org/debian"
@@ -119,11 +123,13 @@ def root_env(env: dict | None = None) -> dict:
 
 
 def run_in_root(argv: list[str], *, network: bool = False, cwd: str = "/src",
-                env: dict | None = None, src: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
+                env: dict | None = None, src: Path = REPO, check: bool = False,
+                **kwargs) -> subprocess.CompletedProcess:
     """Run argv inside the Debian 13 root (ensure_root() first); returns subprocess.run's
     result. cwd is a path inside the root (the checkout is at /src)."""
     inner = ["bash", "-c", 'cd "$1" && shift && exec "$@"', "cd", cwd, *argv]
-    return subprocess.run(root_command(inner, network, src), env=root_env(env), **kwargs)
+    return subprocess.run(root_command(inner, network, src), env=root_env(env), check=check,
+                          **kwargs)
 
 
 def _step(title: str, argv: list[str], network: bool, log) -> None:
@@ -144,7 +150,8 @@ def _debootstrap(mirror: str, log) -> None:
     # a mount namespace of its own: the proc/sys debootstrap mounts inside go with it
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "debootstrap",
                            "--variant=minbase", "--components=main", SUITE, str(ROOT), mirror],
-                          capture_output=True, text=True, env={"PATH": PATH, "LANG": "C"})
+                          capture_output=True, text=True, env={"PATH": PATH, "LANG": "C"},
+                          check=False)
     if proc.returncode:
         raise RuntimeError(f"debian13 root: debootstrap failed ({proc.returncode}):\n"
                            f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
