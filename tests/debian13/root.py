@@ -23,7 +23,8 @@ onto itself, proc, sysfs, /dev (rbind), tmpfs on /run and /tmp, this checkout bo
 at /src, then ``pivot_root`` and the host's tree unmounted. Nothing of the host's mounts stays
 visible, so ``nsenter -m`` (tests/lab.py) lands in the root, not on the host. The namespaces
 die with the command: every process left in them is killed. Keyword arguments go to
-``subprocess.run``; KVMUFW_* variables of the caller are passed in.
+``subprocess.run``; KVMUFW_* variables of the caller are passed in, and
+KVMUFW_DEBIAN13_ROOT=1 tells code inside that it runs there.
 
 Command line: ``python3 tests/debian13/root.py build | shell | run [--network] CMD... |
 pytest [ARGS...]`` (pytest runs the suite inside, as tests/run does natively).
@@ -116,7 +117,8 @@ def root_command(argv: list[str], network: bool = False, src: Path = REPO) -> li
 
 def root_env(env: dict | None = None) -> dict:
     base = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb"),
-            "PYTHONDONTWRITEBYTECODE": "1", "DEBIAN_FRONTEND": "noninteractive"}
+            "PYTHONDONTWRITEBYTECODE": "1", "DEBIAN_FRONTEND": "noninteractive",
+            "KVMUFW_DEBIAN13_ROOT": "1"}
     base.update({k: v for k, v in os.environ.items() if k.startswith("KVMUFW_")
                  and k != "KVMUFW_TEST_CACHE"})
     return {**base, **(env or {})}
