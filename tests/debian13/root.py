@@ -110,7 +110,8 @@ def host_mirror() -> str:
 
 def root_command(argv: list[str], network: bool = False, src: Path = REPO) -> list[str]:
     """The host command that runs argv inside the root (see the module docstring)."""
-    namespaces = ["--mount", "--pid", "--fork"] + ([] if network else ["--net"])
+    # --kill-child: if unshare is killed (a timeout), the namespace's PID 1 and all in it die
+    namespaces = ["--mount", "--pid", "--fork", "--kill-child"] + ([] if network else ["--net"])
     return ["unshare", *namespaces, "--propagation", "private", "bash", "-c", ENTER,
             "enter", str(ROOT), str(src), "1" if network else "0", *argv]
 
