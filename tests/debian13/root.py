@@ -119,7 +119,8 @@ def root_command(argv: list[str], network: bool = False, src: Path = REPO) -> li
 def root_env(env: dict | None = None) -> dict:
     base = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb"),
             "PYTHONDONTWRITEBYTECODE": "1", "DEBIAN_FRONTEND": "noninteractive",
-            "KVMUFW_DEBIAN13_ROOT": "1"}
+            "KVMUFW_DEBIAN13_ROOT": "1",
+            "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis"}  # /src is read-only
     base.update({k: v for k, v in os.environ.items() if k.startswith("KVMUFW_")
                  and k != "KVMUFW_TEST_CACHE"})
     return {**base, **(env or {})}
