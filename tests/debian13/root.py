@@ -5,7 +5,7 @@ in a lab").
 API (run as root on the host, with the host's Python):
 
     from debian13.root import ensure_root, run_in_root   # tests/ on sys.path
-    root = ensure_root()          # Path; built once, then reused (a few seconds)
+    root = ensure_root()          # Path; first build about 2 minutes, then at once
     run_in_root(["python3", "-m", "pytest", "-q", "tests/test_lab.py"],
                 capture_output=True, text=True)
 
@@ -50,7 +50,7 @@ BOOTSTRAPPED = ROOT / ".kvmufw-debootstrapped"
 SUITE = "trixie"
 EXTRA_PACKAGES = ("nftables",)        # the nftables lab needs nft
 HOST_ONLY = ("debootstrap",)          # builds this root; not needed inside it
-BUILD_VERSION = "1"                   # bump to rebuild every root
+BUILD_VERSION = "1"                   # bump to redo the package steps in every root
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Runs as PID 1 of the new PID namespace: bash reaps orphans (libvirtd -d daemonises; a zombie
