@@ -23,7 +23,8 @@ def os_release() -> dict[str, str]:
 def need_debian13_root() -> None:
     release = os_release()
     if release.get("ID") != "debian":
-        pytest.skip(f"the Debian 13 root is built from Debian's archive; this is {release.get('ID')}")
+        pytest.skip("the Debian 13 root is built from Debian's archive; "
+                    f"this is {release.get('ID')}")
     if release.get("VERSION_ID") == "13":
         pytest.skip("this machine is Debian 13: the suite ran natively")
     need_root_tools("debootstrap", "unshare", "pivot_root")

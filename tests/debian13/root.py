@@ -117,7 +117,8 @@ def root_command(argv: list[str], network: bool = False, src: Path = REPO) -> li
 
 
 def root_env(env: dict | None = None) -> dict:
-    base = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb"),
+    base = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8",
+            "TERM": os.environ.get("TERM", "dumb"),
             "PYTHONDONTWRITEBYTECODE": "1", "DEBIAN_FRONTEND": "noninteractive",
             "KVMUFW_DEBIAN13_ROOT": "1",
             "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis"}  # /src is read-only
@@ -197,7 +198,8 @@ def ensure_root(log=sys.stderr) -> Path:
         _step("install packages", install, False, log)
         _step("apt-get clean", ["apt-get", "clean"], False, log)
         # the corpus test's own fetch of libvirt's source, into the root's /var/tmp cache
-        fetch = "import sys; sys.path[:0] = ['/src/tests']; import test_corpus as t; t.libvirt_corpus()"
+        fetch = ("import sys; sys.path[:0] = ['/src/tests']; import test_corpus; "
+                 "test_corpus.libvirt_corpus()")
         _step("fetch libvirt's source for the corpus test", ["python3", "-c", fetch], True, log)
         STAMP.write_text(stamp_text())
         print(f"debian13 root: ready in {time.monotonic() - started:.0f}s", file=log, flush=True)
