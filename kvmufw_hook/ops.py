@@ -32,30 +32,37 @@ def _quiet(_msg: str) -> None:
 
 @dataclass
 class Applied:
-    payload: str  # what was written; empty when nothing changed
+    payload: str  # what was written (iptables, then any nft script); empty: nothing changed
 
 
 def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None,
                 backend=None, log: Log = _quiet) -> Applied:
     """Replace the named owners' rules (and drop matching others) in one write.
 
-    If the kernel refuses the write, our chains are put back as they were and
+    Where libvirt uses its nftables backend, the forwards' accepts inside libvirt's table
+    follow in one ``nft -f`` after the iptables write, even when iptables has nothing to
+    change (libvirt rebuilt its table: the hooks that run after that put them back).
+    If the kernel refuses either write, our chains are put back as they were and
     ApplyError is raised: a change is applied whole or not at all.
     """
+    from .backends.libvirt_nft import plan_accepts
     backend = backend or default_backend()
     before = backend.read()
     payload = backend.change(before, rules, drop)
-    if not payload:
+    accepts = plan_accepts(backend, before, rules, drop)
+    if not payload and not accepts.script:
         return Applied("")
     try:
         backend.write(payload)
+        accepts.write()  # last: one transaction, so if it fails nothing of it is in
     except ApplyError:
         try:
-            backend.write(backend.revert(backend.read(), before))
+            if payload:
+                backend.write(backend.revert(backend.read(), before))
         except ApplyError as exc:
             log(f"rollback failed too: {exc}")
         raise
-    return Applied(payload)
+    return Applied(payload + accepts.text)
 
 
 def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain],
@@ -256,7 +263,10 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
 
     with state.locked():
         if dry_run:
-            payload = backend.change(backend.read(), host.rules, drop)
+            from .backends.libvirt_nft import plan_accepts
+            before = backend.read()
+            payload = (backend.change(before, host.rules, drop)
+                       + plan_accepts(backend, before, host.rules, drop).text)
         else:
             payload = apply_rules(host.rules, drop=drop, backend=backend, log=log).payload
             state.replace_all(
@@ -270,9 +280,11 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
 
 
 def flush(backend=None) -> Applied:
-    """Remove all our rules and chains."""
+    """Remove all our rules and chains, and our accepts in libvirt's nftables table."""
+    from .backends.libvirt_nft import clear_accepts
     backend = backend or default_backend()
     with state.locked():
         payload = backend.clear(backend.read())
         backend.write(payload)
+        payload += clear_accepts(backend)
     return Applied(payload)
