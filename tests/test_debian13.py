@@ -1,0 +1,42 @@
+"""The whole suite again on Debian 13 (libvirt 11.3, iptables 1.8.11, Python 3.13), inside a
+debootstrapped root entered with unshare + pivot_root (tests/debian13/root.py), when this
+machine runs another Debian release. On Debian 13 the suite already runs natively and this
+test skips. The inner run's summary is printed; on failure its whole output is the message."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import need_root_tools
+
+INNER_TIMEOUT = 40 * 60
+
+
+def os_release() -> dict[str, str]:
+    text = Path("/etc/os-release").read_text()
+    return dict(l.split("=", 1) for l in text.splitlines() if "=" in l) | {}
+
+
+def test_whole_suite_passes_in_a_debian13_root(capsys):
+    release = {k: v.strip('"') for k, v in os_release().items()}
+    if release.get("ID") != "debian":
+        pytest.skip(f"the Debian 13 root is built from Debian's archive; this is {release.get('ID')}")
+    if release.get("VERSION_ID") == "13":
+        pytest.skip("this machine is Debian 13: the suite ran natively")
+    need_root_tools("debootstrap", "unshare", "pivot_root")
+    from debian13.root import ensure_root, pytest_in_root
+    started = time.monotonic()
+    ensure_root()
+    built = time.monotonic()
+    proc = pytest_in_root(["-q", "-ra", "--ignore=tests/test_debian13.py", "tests"],
+                          capture_output=True, text=True, timeout=INNER_TIMEOUT,
+                          env={"KVMUFW_REQUIRE_LAB": os.environ.get("KVMUFW_REQUIRE_LAB", "")})
+    lines = proc.stdout.rstrip().splitlines()
+    summary = lines[-1] if lines else "(no output)"
+    with capsys.disabled():
+        print(f"\nDebian 13 root: root ready in {built - started:.0f}s, inner suite "
+              f"{time.monotonic() - built:.0f}s: {summary}")
+    assert proc.returncode == 0, (f"the suite failed inside the Debian 13 root "
+                                  f"(exit {proc.returncode}):\n{proc.stdout[-30000:]}\n"
+                                  f"{proc.stderr[-5000:]}")
