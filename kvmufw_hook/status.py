@@ -49,11 +49,23 @@ def collect(backend=None) -> dict:
     except ApplyError as exc:
         snapshot, kernel_error = None, str(exc)
 
+    # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
+    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall
+    nft, accepts = LibvirtNft.beside(backend), None
+    firewall = libvirt_firewall(snapshot, nft)
+    if snapshot is not None and firewall.table:
+        try:
+            accepts = nft.read()
+        except ApplyError as exc:
+            kernel_error = str(exc)
+
     def present(rules) -> bool:
-        return snapshot is not None and backend.present(snapshot, rules)
+        return snapshot is not None and backend.present(snapshot, rules) and (
+            accepts is None or nft.present(accepts, rules))
 
     networks = state.load_networks()
-    report: dict = {"networks": [], "domains": [], "kernel_error": kernel_error}
+    report: dict = {"networks": [], "domains": [], "kernel_error": kernel_error,
+                    "libvirt_firewall": firewall.backend}
     for name, net in sorted(networks.items()):
         if not net.managed:
             continue
