@@ -15,16 +15,46 @@ INNER_TIMEOUT = 40 * 60
 
 def os_release() -> dict[str, str]:
     text = Path("/etc/os-release").read_text()
-    return dict(l.split("=", 1) for l in text.splitlines() if "=" in l) | {}
+    pairs = (l.split("=", 1) for l in text.splitlines() if "=" in l)
+    return {key: value.strip('"') for key, value in pairs}
 
 
-def test_whole_suite_passes_in_a_debian13_root(capsys):
-    release = {k: v.strip('"') for k, v in os_release().items()}
+def need_debian13_root() -> None:
+    release = os_release()
     if release.get("ID") != "debian":
         pytest.skip(f"the Debian 13 root is built from Debian's archive; this is {release.get('ID')}")
     if release.get("VERSION_ID") == "13":
         pytest.skip("this machine is Debian 13: the suite ran natively")
     need_root_tools("debootstrap", "unshare", "pivot_root")
+
+
+# What tests/lab.py does: a holder in new mount + net namespaces, then nsenter -m -n into it.
+# After a plain chroot that would land on the host's root and run the host's binaries.
+NSENTER_PROBE = """
+unshare --mount --net --propagation private sleep 60 &
+holder=$!
+while [ "$(readlink /proc/$holder/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do sleep 0.01; done
+nsenter -t $holder -m -n -- sh -c 'cat /etc/debian_version; libvirtd --version; iptables --version'
+python3 -c 'import sys; print(sys.version_info[:2])'
+kill $holder
+"""
+
+
+def test_the_lab_entered_with_nsenter_inside_the_root_is_debian13():
+    need_debian13_root()
+    from debian13.root import ensure_root, run_in_root
+    ensure_root()
+    proc = run_in_root(["bash", "-c", NSENTER_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    release, libvirtd, iptables, python = proc.stdout.splitlines()
+    assert release.startswith("13.")
+    assert libvirtd.startswith("libvirtd (libvirt) 11.")
+    assert iptables.startswith("iptables v1.8.11")
+    assert python == "(3, 13)"
+
+
+def test_whole_suite_passes_in_a_debian13_root(capsys):
+    need_debian13_root()
     from debian13.root import ensure_root, pytest_in_root
     started = time.monotonic()
     ensure_root()

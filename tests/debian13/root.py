@@ -23,7 +23,8 @@ onto itself, proc, sysfs, /dev (rbind), tmpfs on /run and /tmp, this checkout bo
 at /src, then ``pivot_root`` and the host's tree unmounted. Nothing of the host's mounts stays
 visible, so ``nsenter -m`` (tests/lab.py) lands in the root, not on the host. The namespaces
 die with the command: every process left in them is killed. Keyword arguments go to
-``subprocess.run``; KVMUFW_* variables of the caller are passed in.
+``subprocess.run``; KVMUFW_* variables of the caller are passed in, and
+KVMUFW_DEBIAN13_ROOT=1 tells code inside that it runs there.
 
 Command line: ``python3 tests/debian13/root.py build | shell | run [--network] CMD... |
 pytest [ARGS...]`` (pytest runs the suite inside, as tests/run does natively).
@@ -52,8 +53,9 @@ HOST_ONLY = ("debootstrap",)          # builds this root; not needed inside it
 BUILD_VERSION = "1"                   # bump to rebuild every root
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Runs as PID 1 of the new PID namespace: bash reaps orphans (libvirtd -d daemonises), and
-# when it exits the kernel kills whatever is left in the namespace.
+# Runs as PID 1 of the new PID namespace: bash reaps orphans (libvirtd -d daemonises; a zombie
+# would keep /proc/PID and the lab waits for that to vanish), so it must not exec the command
+# (bash execs a -c script's last command). When it exits, the kernel kills whatever is left.
 ENTER = r"""
 set -eu
 R=$1 SRC=$2 NETWORK=$3; shift 3
@@ -74,7 +76,10 @@ cd "$R"
 pivot_root . .oldroot
 umount -l /.oldroot
 cd /
+set +e
 "$@"
+status=$?
+exit $status
 """
 
 
@@ -97,7 +102,7 @@ def host_mirror() -> str:
     sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for path in sources:
         text = path.read_text(errors="replace") if path.is_file() else ""
-        for uri in re.findall(r"^(?:URIs:|deb(?:\s+\[[^]]*\])?)\s+(\S+)", text, re.M):
+        for uri in re.findall(r"^(?:URIs:|deb(?:\s+\[[^]]*\])?)\s+(\S+)", text, re.MULTILINE):
             if uri.rstrip("/").endswith("/debian"):
                 return uri.rstrip("/")
     return "http://deb.debian.org/debian"
@@ -112,18 +117,21 @@ def root_command(argv: list[str], network: bool = False, src: Path = REPO) -> li
 
 def root_env(env: dict | None = None) -> dict:
     base = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": os.environ.get("TERM", "dumb"),
-            "PYTHONDONTWRITEBYTECODE": "1", "DEBIAN_FRONTEND": "noninteractive"}
+            "PYTHONDONTWRITEBYTECODE": "1", "DEBIAN_FRONTEND": "noninteractive",
+            "KVMUFW_DEBIAN13_ROOT": "1"}
     base.update({k: v for k, v in os.environ.items() if k.startswith("KVMUFW_")
                  and k != "KVMUFW_TEST_CACHE"})
     return {**base, **(env or {})}
 
 
 def run_in_root(argv: list[str], *, network: bool = False, cwd: str = "/src",
-                env: dict | None = None, src: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
+                env: dict | None = None, src: Path = REPO, check: bool = False,
+                **kwargs) -> subprocess.CompletedProcess:
     """Run argv inside the Debian 13 root (ensure_root() first); returns subprocess.run's
     result. cwd is a path inside the root (the checkout is at /src)."""
     inner = ["bash", "-c", 'cd "$1" && shift && exec "$@"', "cd", cwd, *argv]
-    return subprocess.run(root_command(inner, network, src), env=root_env(env), **kwargs)
+    return subprocess.run(root_command(inner, network, src), env=root_env(env), check=check,
+                          **kwargs)
 
 
 def _step(title: str, argv: list[str], network: bool, log) -> None:
@@ -144,7 +152,8 @@ def _debootstrap(mirror: str, log) -> None:
     # a mount namespace of its own: the proc/sys debootstrap mounts inside go with it
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "debootstrap",
                            "--variant=minbase", "--components=main", SUITE, str(ROOT), mirror],
-                          capture_output=True, text=True, env={"PATH": PATH, "LANG": "C"})
+                          capture_output=True, text=True, env={"PATH": PATH, "LANG": "C"},
+                          check=False)
     if proc.returncode:
         raise RuntimeError(f"debian13 root: debootstrap failed ({proc.returncode}):\n"
                            f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
