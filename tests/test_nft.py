@@ -579,3 +579,20 @@ def test_the_real_hooks_sync_the_accepts_in_their_namespace(topo, state_env):
     assert probes(topo) == WORKING
     proc = run_hook("qemu", ["g5", "stopped", "end", "-"], b"", env, host)
     assert proc.returncode == 0 and len(ours(listing(host))) == 2
+
+
+def test_longest_owner_tag_fits_an_nft_comment():
+    """nft keeps at most 128 bytes of a comment; our longest tag stays under it."""
+    from ipaddress import IPv4Network
+
+    from kvmufw_hook.model import PortRange
+    from kvmufw_hook.names import domain_owner
+    from kvmufw_hook.plan import Rule
+    for name in ("x" * 64, "é" * 200):
+        rule = Rule("forward", owner=domain_owner(name), bridge="b" * 15,
+                    subnet="255.255.255.255/32", verdict="ACCEPT", proto="sctp",
+                    dst=IPv4Network("10.0.0.5/32"), oif="b" * 15,
+                    dport=PortRange(65534, 65535), ctstate="DNAT")
+        text = render_accept(rule)[1]
+        assert len(text.split('comment "')[1][:-1].encode()) <= 128, text
+        assert "ip daddr 10.0.0.5 sctp dport 65534-65535" in text  # a host: no /32

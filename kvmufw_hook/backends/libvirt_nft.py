@@ -24,9 +24,9 @@ Promises:
 
 from __future__ import annotations
 
+import _socket  # not socket: 2 ms less on every hook call that applies rules
 import re
 import shutil
-import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,16 +61,21 @@ def table_in_kernel() -> bool:
     name = TABLE.encode() + b"\0"
     attr = struct.pack("=HH", 4 + len(name), 1) + name  # NFTA_TABLE_NAME
     attr += b"\0" * (-len(attr) % 4)
-    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + attr  # nfgenmsg: family ip
+    body = struct.pack("=BBH", _socket.AF_INET, 0, 0) + attr  # nfgenmsg: family ip
     msg_type = (10 << 8) | 1  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE
     header = struct.pack("=IHHII", 16 + len(body), msg_type, 1, 1, 0)  # NLM_F_REQUEST
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12) as sock:  # NETFILTER
-            sock.settimeout(2)
-            sock.send(header + body)
-            reply = sock.recv(65536)
+        sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
     except OSError:
         return False
+    try:
+        sock.settimeout(2)
+        sock.send(header + body)
+        reply = sock.recv(65536)
+    except OSError:
+        return False
+    finally:
+        sock.close()
     if len(reply) < 16:
         return False
     _length, rtype = struct.unpack_from("=IH", reply)
