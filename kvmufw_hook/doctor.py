@@ -111,8 +111,8 @@ def check_libvirt_firewall(snapshot, active_networks: int, backend):
                            "rejects those forwards", "kvmufw_hook replay"))
     else:
         count = sum(len(accepts.ours(chain)) for chain in CHAINS)
-        out.append(Finding("OK", "our accepts in libvirt's table", f"{count} for "
-                           f"{len(host.rules)} owner(s), ahead of libvirt's rejects"))
+        out.append(Finding("OK", "our accepts in libvirt's table", f"{count}: every "
+                           "forward's, ahead of libvirt's rejects"))
     return firewall, out
 
 
