@@ -163,9 +163,7 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         if op in ("start", "started"):
             state.forget_network_override(net.name)  # live XML = persistent definition now
         elif op != "stopped":
-            override = state.network_override(net.name)
-            if override is not None:
-                net, data = parse_network_xml(override), override
+            net = state.with_override(net)  # forward add --network, until it restarts
         if op == "start":
             ops.validate_network(net)
         elif op == "started":

@@ -72,10 +72,16 @@ def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
     return backend.claims(backend.read())
 
 
-def check_host(label: str, forwards: Sequence[ForwardSpec]) -> None:
+def check_host(label: str, forwards: Sequence[ForwardSpec], backend=None,
+               held: Iterable[ForwardSpec] = ()) -> None:
     """InputError if a forward's host-ip is not the host's or it takes a host service's
-    port (``host.py``; /proc is read only when there are forwards)."""
-    host.check_forwards(label, forwards)
+    port (``host.py``; read only when there are forwards, in the backend's namespace);
+    ``held``: what the owner's rules take now, which a later socket does not take away."""
+    host.check_forwards(label, forwards, held=held, prefix=_prefix(backend))
+
+
+def _prefix(backend) -> Sequence[str]:
+    return getattr(backend, "prefix", None) or ()
 
 
 # --------------------------------------------------------------------------- networks
@@ -102,9 +108,10 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
         before = backend.read()
         if net.forwards:
+            held = backend.claims(before)
             check_claims(label, network_owner(net.name), net.forwards, networks, domains,
-                         backend.claims(before))
-            check_host(label, net.forwards)
+                         held)
+            check_host(label, net.forwards, backend, held.get(network_owner(net.name), ()))
         for dom in domains.values():
             if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
                    for nic in dom.nics):
@@ -171,7 +178,7 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
         before = backend.read()
         held = backend.claims(before)
         check_claims(label, owner, dom.forwards, networks, state.load_domains(), held)
-        check_host(label, dom.forwards)
+        check_host(label, dom.forwards, backend, held.get(owner, ()))
         # The state is written first and follows the kernel: if the write fails, the
         # old rules are back (revert) and the state stays as long as any rule of the
         # owner is in the kernel, so that stopped/release still remove them.
@@ -233,15 +240,15 @@ class _Claimed:
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
               holders: Mapping[str, list[ForwardSpec]] | None = None,
-              host_check: bool = False, broken: Iterable[str] = ()) -> HostPlan:
+              facts: host.HostFacts | None = None, broken: Iterable[str] = ()) -> HostPlan:
     """Every owner's rules for a whole host, each checked against the forwards of
     those planned before it. The current holders of ports (``holders``: owner -> the
     ports its rules in the kernel hold) are planned first, so a newcomer never takes a
     port from the guest or network that has it; then networks before guests, in name
     order. An owner that fails is reported and skipped, its rules stay as they are (and
-    so do the ports they hold); the others still plan. ``host_check``
-    checks forwards against the host itself (``host.py``): not for ``plan``, which
-    describes XML files, not this host. ``broken``: owners whose XML did not even
+    so do the ports they hold); the others still plan. With ``facts`` forwards are
+    checked against the host itself (``host.py``): not for ``plan``, which describes XML
+    files, not this host. ``broken``: owners whose XML did not even
     parse; they fail too, keeping their rules and ports."""
     held = holders or {}
     result = HostPlan({}, [], set(broken))
@@ -249,14 +256,13 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     for o in result.failed:
         if o in held:
             claimed.add(owner_label(o), held[o])
-    facts = host.HostFacts.read() if host_check else None
 
     def add(owner: str, label: str, forwards, planner) -> None:
         try:
             check_conflicts(label, forwards, claimed.near(forwards))
             rules = planner()
             if facts is not None:
-                host.check_forwards(label, forwards, facts)
+                host.check_forwards(label, forwards, facts, held.get(owner, ()))
             result.rules[owner] = rules
             claimed.add(label, forwards)
         except InputError as exc:
@@ -325,11 +331,9 @@ def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
                           problems, broken, kept)
     # forward add --network on a running network: libvirt's live XML is stale until the
     # network restarts; the override is the truth (the hooks drop it at network start)
-    for name in list(networks):
+    for name, (net, raw) in list(networks.items()):
         try:
-            override = state.network_override(name)
-            if override is not None:
-                networks[name] = (parse_network_xml(override), override)
+            networks[name] = (state.with_override(net), raw)
         except InputError as exc:
             problems.append(f"network {shown(name)}: override: {exc}")
             broken.add(network_owner(name))
@@ -346,25 +350,28 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
     networks, domains, broken, kept = _parse_all(network_xmls, domain_xmls, problems)
     with state.locked():
         before = backend.read()
-        host = plan_host({n: net for n, (net, _r) in networks.items()},
+        planned = plan_host({n: net for n, (net, _r) in networks.items()},
                          {n: dom for n, (dom, _r) in domains.items()},
-                         holders=backend.claims(before), host_check=True, broken=broken)
-        problems += host.problems
+                         holders=backend.claims(before), broken=broken,
+                         facts=host.HostFacts.read(_prefix(backend)))
+        problems += planned.problems
 
         def drop(tagged: dict[str, str]) -> bool:
-            return tagged["owner"] not in host.failed
+            return tagged["owner"] not in planned.failed
 
         if dry_run:
-            payload = backend.change(before, host.rules, drop)
+            from .backends.libvirt_nft import plan_accepts
+            payload = (backend.change(before, planned.rules, drop)
+                       + plan_accepts(backend, before, planned.rules, drop).text)
         else:
-            payload = apply_rules(host.rules, drop=drop, backend=backend, log=log,
+            payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
                                   before=before).payload
             state.replace_all(
                 {name: raw for name, (net, raw) in networks.items() if net.managed},
                 {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
                 keep=kept)
-    _report("replay", host, payload, problems, dry_run, log)
-    return Replayed(payload, problems, len(host.rules))
+    _report("replay", planned, payload, problems, dry_run, log)
+    return Replayed(payload, problems, len(planned.rules))
 
 
 def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
@@ -383,28 +390,31 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
             if payload:
                 log("restore: our jumps put back first")
             return Replayed(payload, [], 0)
-        host = plan_host(state.load_networks(problems.append),
+        planned = plan_host(state.load_networks(problems.append),
                          state.load_domains(problems.append),
-                         holders=backend.claims(before), host_check=True)
-        problems += host.problems
-        payload = apply_rules(host.rules, backend=backend, log=log, before=before).payload
-    _report("restore", host, payload, problems, False, log)
-    return Replayed(payload, problems, len(host.rules))
+                         holders=backend.claims(before),
+                         facts=host.HostFacts.read(_prefix(backend)))
+        problems += planned.problems
+        payload = apply_rules(planned.rules, backend=backend, log=log, before=before).payload
+    _report("restore", planned, payload, problems, False, log)
+    return Replayed(payload, problems, len(planned.rules))
 
 
-def _report(what: str, host: HostPlan, payload: str, problems: list[str], dry_run: bool,
-            log: Log) -> None:
+def _report(what: str, planned: HostPlan, payload: str, problems: list[str],
+            dry_run: bool, log: Log) -> None:
     """The outcome in one line (the problems themselves are the caller's to show)."""
     if not dry_run:
-        log(f"{what}: {len(host.rules)} owner(s) with rules, "
+        log(f"{what}: {len(planned.rules)} owner(s) with rules, "
             + ("changed" if payload else "nothing to change")
             + (f", {len(problems)} problem(s)" if problems else ""))
 
 
 def flush(backend=None) -> Applied:
-    """Remove all our rules and chains."""
+    """Remove all our rules and chains, and our accepts in libvirt's nftables table."""
+    from .backends.libvirt_nft import clear_accepts
     backend = backend or default_backend()
     with state.locked():
         payload = backend.clear(backend.read())
         backend.write(payload)
+        payload += clear_accepts(backend)
     return Applied(payload)

@@ -4,7 +4,8 @@
 (written on network start/started/updated/port ops, removed on stopped);
 ``STATE/domains/NAME.xml`` holds the live ``<domain>`` of each running guest with our
 metadata (written on qemu start/reconnect, removed on stopped/release);
-``STATE/overrides/NAME.xml`` holds a running network as ``forward add --network`` left it
+``STATE/overrides/NAME.xml`` holds our ``<forwards>`` of a running network as ``forward
+add --network`` left them
 (libvirt keeps the running network's XML until it restarts; until then this is the truth).
 libvirt's own ``/run/libvirt/network/NAME.xml`` fills in networks we have not seen yet.
 
@@ -196,13 +197,22 @@ def _parsed(paths: list[str], parse, log):
                    "ports are taken from the kernel's rules; kvmufw_hook replay rewrites it")
 
 
+def with_override(net):
+    """The running network as ``forward add --network`` left it: its forwards from the
+    override, everything else as libvirt has it live. InputError if the override is bad."""
+    data = network_override(net.name)
+    if data is None:
+        return net
+    from dataclasses import replace
+
+    from .parse import parse_override
+    return replace(net, forwards=parse_override(data, f"{net.name}: override"))
+
+
 def apply_overrides(networks: dict) -> dict:
     """Each running network as ``forward add --network`` left it, where it did."""
-    from .parse import parse_network_xml
     for name in list(networks):
-        override = network_override(name)
-        if override is not None:
-            networks[name] = parse_network_xml(override)
+        networks[name] = with_override(networks[name])
     return networks
 
 

@@ -83,7 +83,8 @@ def collect(backend=None) -> dict:
         checks.append((row, key, rules))
 
     networks = state.load_networks()
-    report: dict = {"networks": [], "domains": [], "kernel_error": None}
+    report: dict = {"networks": [], "domains": [], "kernel_error": None,
+                    "libvirt_firewall": None}
     for name, net in sorted(networks.items()):
         if not net.managed:
             continue
@@ -99,8 +100,19 @@ def collect(backend=None) -> dict:
             domain_owner(name), dom.forwards,
             lambda dom=dom: resolve_domain_forwards(dom, networks), check)})
     snapshot, report["kernel_error"] = reading.result()
+    # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
+    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall
+    nft, accepts = LibvirtNft.beside(backend), None
+    firewall = libvirt_firewall(snapshot, nft)
+    report["libvirt_firewall"] = firewall.backend
+    if snapshot is not None and firewall.table:
+        try:
+            accepts = nft.read()
+        except ApplyError as exc:
+            report["kernel_error"] = str(exc)
     for row, key, rules in checks:
-        row[key] = snapshot is not None and backend.present(snapshot, rules)
+        row[key] = snapshot is not None and backend.present(snapshot, rules) and (
+            accepts is None or nft.present(accepts, rules))
     return report
 
 
