@@ -493,3 +493,15 @@ def test_printable_keeps_ordinary_text():
     from kvmufw_hook.errors import printable
     assert printable("café ☃ web-1 (ssh)") == "café ☃ web-1 (ssh)"
     assert printable("a\u00a0b\u2028c\td") == "a\\xa0b\\u2028c\\td"
+
+
+def test_hook_error_lines_escape_control_characters(netns, state_env):
+    from test_hook import run_hook
+    name = "evil\x1b[2J\x9b1A"
+    xml = START.replace("<name>web1</name>", f"<name>{name}</name>").replace(
+        'host-port="2222"', 'host-port="22abc"')
+    proc = run_hook("qemu", [name, "start", "begin", "-"], xml.encode(), state_env, netns)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert "\x1b" not in err and "\x9b" not in err and err.count("\n") == 1
+    assert err.startswith("kvmufw_hook: qemu start evil\\x1b[2J\\x9b1A: domain ")
