@@ -16,8 +16,6 @@ return 0 (non-zero from ``reconnect`` kills the running guest); ``migrate`` and
 
 import sys
 
-from .log import log
-
 NAMESPACE = b"urn:kvmufw:1"
 
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
@@ -80,6 +78,7 @@ def _main(kind: str, argv, stdin) -> int:
         return 0
     except Exception as exc:  # every failure is logged, some must not fail
         from .errors import ApplyError, InputError
+        from .log import log
         if isinstance(exc, (InputError, ApplyError)):
             message = str(exc)
         else:
@@ -145,6 +144,7 @@ def _defer_inspect() -> None:
 
 
 def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
+    from .log import log  # here: calls that need nothing import nothing, not even os
     if kind == "qemu" and op in ("stopped", "release"):
         from .apply import domain_stopped
         domain_stopped(name, log=log)

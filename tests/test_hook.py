@@ -298,3 +298,21 @@ print(deferred, inspect.getfullargspec(f).args, inspect.isgenerator(f(1)),
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.stderr == ""  # no warning from Cython patching it either
     assert proc.stdout == "True ['a', 'b'] True (a, b=1) module True\n"
+
+
+@pytest.mark.parametrize("argv", [["web1", "prepare", "begin", "-"],
+                                  ["web1", "started", "begin", "-"]])
+def test_an_installed_hook_that_needs_nothing_imports_nothing(argv, tmp_path):
+    """install.sh writes LIB as a constant: a call that needs nothing then loads the
+    hook entry and nothing else, not even os (libvirt waits for each call)."""
+    shim = tmp_path / "qemu"
+    shim.write_text("".join(f'LIB = "{ROOT}"\n' if line.startswith("LIB = ") else line
+                            for line in (HOOKS / "qemu").read_text().splitlines(True)))
+    proc = subprocess.run(["/usr/bin/python3", "-IS", "-X", "importtime", str(shim), *argv],
+                          input=(SAMPLES / "01-qemu.web1.prepare.xml").read_bytes(),
+                          capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout == b""
+    imported = {l.rsplit("|", 1)[1].strip() for l in proc.stderr.decode().splitlines()
+                if l.startswith("import time:") and "|" in l}
+    assert "kvmufw_hook.hook" in imported
+    assert not imported & {"os", "kvmufw_hook.log", "kvmufw_hook.state"}, imported
