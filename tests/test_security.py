@@ -510,10 +510,10 @@ def test_hook_error_lines_escape_control_characters(netns, state_env):
 # --------------------------------------------------------------------------- the lab: real
 # libvirtd, QEMU guests, UFW and packets (tests/lab.py); g5/g6 answer for 10.0.0.5/.6
 
-from test_lab import forwards, guest, kvmufw, lab  # noqa: E402,F401  (fixtures)
+from test_lab import forwards, guest, kvmufw, lab  # noqa: F401  (fixtures)
 
 
-def test_lab_whitespace_twin_cannot_take_or_keep_a_port(lab, guest):
+def test_lab_whitespace_twin_cannot_take_or_keep_a_port(lab, guest):  # noqa: F811
     guest("victim", [("lab", "52:54:00:00:00:06")], forwards('host-port="2240" guest-port="22"'))
     assert lab.ask("inet", "tcp", "203.0.113.1", 2240) == "203.0.113.2"
     lab.define_domain("victim ", [("lab", "52:54:00:00:00:07")],
@@ -535,7 +535,7 @@ def test_lab_whitespace_twin_cannot_take_or_keep_a_port(lab, guest):
         lab.virsh("undefine", "victim ", check=False)
 
 
-def test_lab_forward_to_another_guests_reservation_is_refused(lab, guest):
+def test_lab_forward_to_another_guests_reservation_is_refused(lab, guest):  # noqa: F811
     # attacker on .5; .6 is another guest's reservation, and g6 answers there
     guest("atk", [("lab", "52:54:00:00:00:05")])
     before = lab.save()
@@ -549,7 +549,7 @@ def test_lab_forward_to_another_guests_reservation_is_refused(lab, guest):
     assert lab.ask("inet", "tcp", "203.0.113.1", 3306, 1.0) is None
 
 
-def test_lab_two_host_ips_one_port_and_remove_by_host_ip(lab, guest):
+def test_lab_two_host_ips_one_port_and_remove_by_host_ip(lab, guest):  # noqa: F811
     guest("hip", [("lab", "52:54:00:00:00:05")])
     kvmufw(lab, "forward", "add", "hip", "3307:22", "--host-ip", "203.0.113.1")
     kvmufw(lab, "forward", "add", "hip", "3307:80", "--host-ip", "10.0.0.1")
