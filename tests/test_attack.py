@@ -11,15 +11,15 @@ import re
 import subprocess
 import sys
 
+from test_hook import run_hook
 from test_host_safety import (
-    cli,
     dnat_owners,
     domain_xml,
     hook_ok,
     lab_network,
     started_lab,
 )
-from test_hook import run_hook
+from test_install import AFTER_INIT, INSTALL, content, host, install
 
 VICTIM_MAC = "52:54:00:00:00:21"  # lab_network(): reserved 10.0.0.21
 
@@ -146,4 +146,21 @@ def test_issue10_item2_an_ipv6_only_listener_does_not_refuse_an_ipv4_forward(net
         server.wait(5)
 
 
-__all__ = ["cli"]
+
+# --------------------------------------------------------------------------- issue 10 item 16
+
+def test_issue10_item16_an_after_init_without_a_final_newline_stays_runnable(host):
+    """A careless admin's after.init that is only a shebang without a newline
+    (``printf '#!/bin/sh' > after.init``): install.sh glues the block to the shebang
+    (``#!/bin/sh# BEGIN kvmufw_hook``), so after.init can no longer be executed at all
+    (UFW's start then fails) and ``--uninstall`` cannot find the block to remove it."""
+    host.sh(f"mkdir -p /etc/ufw && printf '#!/bin/sh' > {AFTER_INIT} && chmod 755 {AFTER_INIT}")
+    install(host)
+    assert content(host, AFTER_INIT).splitlines()[0] == "#!/bin/sh"
+    ran = host.sh(f"{AFTER_INIT} start", check=False)
+    assert ran.returncode == 0, ran.stderr
+    install(host, "--uninstall")
+    assert content(host, AFTER_INIT).strip() == "#!/bin/sh"
+
+
+__all__ = ["INSTALL", "host"]
