@@ -8,7 +8,6 @@ not a behaviour to keep.
 """
 
 import re
-import subprocess
 import sys
 
 from test_hook import run_hook
@@ -134,16 +133,38 @@ def test_issue10_item2_an_ipv6_only_listener_does_not_refuse_an_ipv4_forward(net
     is refused for a port the host does not use (false refusal). /proc/net/tcp6 does not
     show V6ONLY; sock_diag (INET_DIAG_SKV6ONLY, what ``ss`` reads) does."""
     started_lab(netns, state_env)
-    server = subprocess.Popen([*netns.prefix, sys.executable, "-c", V6ONLY_LISTENER],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout.readline().strip() == "ready"
-        dom = domain_xml("web7", "52:54:00:00:00:22", 'host-port="8443" guest-port="443"')
-        proc = run_hook("qemu", ["web7", "start", "begin", "-"], dom, state_env, netns)
-        assert proc.returncode == 0, proc.stderr.decode()
-    finally:
-        server.terminate()
-        server.wait(5)
+    server = netns.spawn(sys.executable, "-c", V6ONLY_LISTENER)  # ended by the fixture
+    assert server.stdout.readline().strip() == "ready"
+    dom = domain_xml("web7", "52:54:00:00:00:22", 'host-port="8443" guest-port="443"')
+    proc = run_hook("qemu", ["web7", "start", "begin", "-"], dom, state_env, netns)
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+USER_LISTENER = """
+import socket, time
+s = socket.socket(); s.bind(("0.0.0.0", 8088)); s.listen()
+print("ready", flush=True); time.sleep(120)
+"""
+
+
+def test_issue10_item2_an_unprivileged_user_cannot_stop_a_guest_from_starting(
+        netns, state_env):
+    """``victim`` holds 8088. Any local user (here uid 65534) may listen on a port above
+    1023: ``nc -l 8088``, or a ``@reboot`` cron job that wins the race with libvirt's
+    autostart. The socket never sees a packet (our DNAT comes first), yet the victim's
+    next start is refused with "used by a host service": libvirt does not start the
+    guest at all. An unprivileged user vetoes what root configured; the holder of a port
+    loses it to a socket that came later."""
+    started_lab(netns, state_env)
+    victim = domain_xml("victim", VICTIM_MAC, 'host-port="8088" guest-port="80"')
+    hook_ok(netns, state_env, "qemu", ["victim", "start", "begin", "-"], victim)
+    user = netns.spawn("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                       sys.executable, "-c", USER_LISTENER)
+    assert user.stdout.readline().strip() == "ready"
+    hook_ok(netns, state_env, "qemu", ["victim", "stopped", "end", "-"], b"")
+    proc = run_hook("qemu", ["victim", "start", "begin", "-"], victim, state_env, netns)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert dnat_owners(netns, 8088) == {"d=victim"}
 
 
 
