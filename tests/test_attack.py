@@ -10,6 +10,7 @@ not a behaviour to keep.
 import re
 import sys
 
+import test_lab
 from test_hook import run_hook
 from test_host_safety import (
     dnat_owners,
@@ -19,6 +20,7 @@ from test_host_safety import (
     started_lab,
 )
 from test_install import AFTER_INIT, INSTALL, content, host, install
+from test_lab import forwards, kvmufw
 
 VICTIM_MAC = "52:54:00:00:00:21"  # lab_network(): reserved 10.0.0.21
 
@@ -185,3 +187,35 @@ def test_issue10_item16_an_after_init_without_a_final_newline_stays_runnable(hos
 
 
 __all__ = ["INSTALL", "host"]
+
+
+# --------------------------------------------------------------------------- lab (libvirt)
+# A real libvirtd (tests/lab.py), module-scoped, with test_lab's networks and guests.
+lab, guest = test_lab.lab, test_lab.guest
+
+
+def test_lab_issue10_item5_a_copied_mac_publishes_another_guests_service(lab, guest):
+    """With a real libvirtd: ``victim`` (no forwards) has the MAC of the 10.0.0.5
+    reservation; ``evil`` is defined with the same MAC (libvirt starts it: MACs are not
+    unique across guests) and a forward 2501 -> 22. A connection from the internet to
+    the host's 2501 reaches the victim's sshd (the namespace g5 answers for 10.0.0.5)."""
+    guest("victim5", [("lab", "52:54:00:00:00:05")])
+    guest("evil5", [("lab", "52:54:00:00:00:05")], forwards('host-port="2501" guest-port="22"'))
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2501, 1.0) is None, \
+        "evil5's forward reaches victim5's address"
+
+
+def test_lab_issue9_forward_add_on_a_running_guest_keeps_its_next_boot_forwards(lab, guest):
+    """The admin prepared a forward for the next boot (persistent definition only:
+    ``virsh metadata --config`` or ``virsh edit``), then adds another on the running
+    guest with ``forward add``. edit_domain writes the LIVE list (+ the new one) to the
+    live AND the persistent definition: the prepared forward is silently lost."""
+    guest("fa9", [("lab", "52:54:00:00:00:06")], forwards('host-port="2401" guest-port="22"'))
+    lab.virsh("metadata", "fa9", "urn:kvmufw:1", "--key", "kvmufw", "--config", "--set",
+              '<forwards><forward host-port="2401" guest-port="22"/>'
+              '<forward host-port="2402" guest-port="22"/></forwards>')
+    assert 'host-port="2402"' in lab.virsh("dumpxml", "--inactive", "fa9")
+    kvmufw(lab, "forward", "add", "fa9", "2403:22")
+    persistent = lab.virsh("dumpxml", "--inactive", "fa9")
+    assert 'host-port="2403"' in persistent
+    assert 'host-port="2402"' in persistent, "the next-boot forward 2402 was dropped"
