@@ -219,3 +219,24 @@ def test_lab_issue9_forward_add_on_a_running_guest_keeps_its_next_boot_forwards(
     persistent = lab.virsh("dumpxml", "--inactive", "fa9")
     assert 'host-port="2403"' in persistent
     assert 'host-port="2402"' in persistent, "the next-boot forward 2402 was dropped"
+
+
+def test_lab_issue9_a_live_net_update_after_forward_add_is_seen_by_the_hooks(lab):
+    """With a real libvirtd: ``forward add --network lab`` (an override), then the admin
+    adds a reservation live (``virsh net-update lab add ip-dhcp-host ... --live``). A guest
+    with that MAC and a forward by reservation must start; the hooks take the stale
+    override instead of libvirt's updated live network, and refuse its start."""
+    host_xml = "<host mac='52:54:00:00:00:09' ip='10.0.0.9'/>"
+    kvmufw(lab, "forward", "add", "--network", "lab", "8095:80", "--guest-ip", "10.0.0.6")
+    try:
+        lab.virsh("net-update", "lab", "add", "ip-dhcp-host", host_xml, "--live")
+        lab.define_domain("nu9", [("lab", "52:54:00:00:00:09")],
+                          forwards('host-port="2409" guest-port="22"'))
+        started = lab.run("virsh", "-q", "-c", "qemu:///system", "start", "nu9", check=False)
+        assert started.returncode == 0, started.stderr
+    finally:
+        lab.virsh("destroy", "nu9", check=False)
+        lab.virsh("undefine", "nu9", check=False)
+        lab.virsh("net-update", "lab", "delete", "ip-dhcp-host", host_xml, "--live",
+                  check=False)
+        kvmufw(lab, "forward", "remove", "--network", "lab", "8095")
