@@ -107,15 +107,17 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         domains = state.load_domains()
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
         before = backend.read()
+        held = backend.claims(before)
         if net.forwards:
-            held = backend.claims(before)
             check_claims(label, network_owner(net.name), net.forwards, networks, domains,
                          held)
             check_host(label, net.forwards, backend, held.get(network_owner(net.name), ()))
         for dom in domains.values():
             if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
                    for nic in dom.nics):
-                try:
+                try:  # a port taken meanwhile (replay while this network was down) stays
+                    check_claims(f"domain {shown(dom.name)}", domain_owner(dom.name),
+                                 dom.forwards, {}, {}, held)
                     rules[domain_owner(dom.name)] = plan_domain_owner(dom, networks)
                 except InputError as exc:
                     log(f"not re-adding forwards: {exc}")
@@ -148,6 +150,8 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         return Applied("")
     with state.locked():
         state.save_network(net.name, raw)
+        if port and port.mac and port.owner_name is not None:
+            state.record_port(net.name, port.mac, port.owner_name, deleted)
         networks = state.load_networks()
         networks[net.name] = net
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
@@ -166,6 +170,25 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
 
 # --------------------------------------------------------------------------- domains
 
+def check_own_macs(dom: Domain, networks: Mapping[str, Network],
+                   ports: Callable[[str], list[tuple[str, str]]]) -> None:
+    """InputError if a NIC of a guest with forwards has the MAC of another guest's port
+    on that network (libvirt starts two guests with one MAC): its reservation, and so
+    the address its forwards would reach, is not this guest's."""
+    if not dom.forwards:
+        return
+    by_bridge = {n.bridge: n for n in networks.values() if n.bridge}
+    for nic in dom.nics:
+        net = networks.get(nic.network or "") or by_bridge.get(nic.bridge)
+        if net is None or not nic.mac:
+            continue
+        others = sorted({o for mac, o in ports(net.name) if mac == nic.mac and o != dom.name})
+        if others:
+            raise InputError(f"domain {shown(dom.name)}: NIC {nic.mac} on network "
+                             f"{shown(net.name)} has the MAC of the port of domain "
+                             f"{shown(others[0])}: that guest's address is not this one's")
+
+
 def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
     reconnect, replay of one guest)."""
@@ -174,6 +197,7 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     backend = backend or default_backend()
     with state.locked():
         networks = state.load_networks()
+        check_own_macs(dom, networks, state.network_ports)
         rules = plan_domain_owner(dom, networks)
         before = backend.read()
         held = backend.claims(before)
@@ -240,7 +264,9 @@ class _Claimed:
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
               holders: Mapping[str, list[ForwardSpec]] | None = None,
-              facts: host.HostFacts | None = None, broken: Iterable[str] = ()) -> HostPlan:
+              facts: host.HostFacts | None = None, broken: Iterable[str] = (),
+              reserved: Iterable[str] = (),
+              ports: Callable[[str], list[tuple[str, str]]] | None = None) -> HostPlan:
     """Every owner's rules for a whole host, each checked against the forwards of
     those planned before it. The current holders of ports (``holders``: owner -> the
     ports its rules in the kernel hold) are planned first, so a newcomer never takes a
@@ -248,9 +274,13 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     order. An owner that fails is reported and skipped, its rules stay as they are (and
     so do the ports they hold); the others still plan. With ``facts`` forwards are
     checked against the host itself (``host.py``): not for ``plan``, which describes XML
-    files, not this host. ``broken``: owners whose XML did not even
-    parse; they fail too, keeping their rules and ports."""
+    files, not this host. ``broken``: owners whose XML did not even parse; they fail
+    too, keeping their rules and ports. ``reserved``: owners whose forwards were applied
+    and who still run (our state says so): planned right after the holders, and if they
+    fail (their network is down, say) their ports stay theirs. ``ports``: the MACs of
+    each network's ports as libvirt reported them (``check_own_macs``)."""
     held = holders or {}
+    kept = set(reserved)
     result = HostPlan({}, [], set(broken))
     claimed = _Claimed()
     for o in result.failed:
@@ -270,14 +300,22 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
             result.failed.add(owner)
             if owner in held:  # its rules stay in the kernel: so do its ports
                 claimed.add(label, held[owner])
+            if owner in kept:  # still running with them: its ports wait for it
+                claimed.add(label, forwards)
+
+    def plan_domain(dom: Domain) -> tuple[Rule, ...]:
+        if ports is not None:
+            check_own_macs(dom, networks, ports)
+        return plan_domain_owner(dom, networks)
 
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: plan_network_owner(net))
               for name, net in sorted(networks.items()) if net.managed]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
-                lambda dom=dom: plan_domain_owner(dom, networks))
+                lambda dom=dom: plan_domain(dom))
                for name, dom in sorted(domains.items()) if dom.forwards]
-    owners.sort(key=lambda o: o[0] not in held)  # stable: holders first, order kept
+    # stable: holders first, then owners still running with theirs, order kept
+    owners.sort(key=lambda o: 0 if o[0] in held else 1 if o[0] in kept else 2)
     for owner in owners:
         add(*owner)
     return result
@@ -353,7 +391,10 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
         planned = plan_host({n: net for n, (net, _r) in networks.items()},
                          {n: dom for n, (dom, _r) in domains.items()},
                          holders=backend.claims(before), broken=broken,
-                         facts=host.HostFacts.read(_prefix(backend)))
+                         facts=host.HostFacts.read(_prefix(backend)),
+                         reserved=[domain_owner(n) for n in state.load_domains()
+                                   if n in domains],
+                         ports=state.network_ports)
         problems += planned.problems
 
         def drop(tagged: dict[str, str]) -> bool:
@@ -390,10 +431,12 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
             if payload:
                 log("restore: our jumps put back first")
             return Replayed(payload, [], 0)
-        planned = plan_host(state.load_networks(problems.append),
-                         state.load_domains(problems.append),
-                         holders=backend.claims(before),
-                         facts=host.HostFacts.read(_prefix(backend)))
+        domains = state.load_domains(problems.append)
+        planned = plan_host(state.load_networks(problems.append), domains,
+                            holders=backend.claims(before),
+                            facts=host.HostFacts.read(_prefix(backend)),
+                            reserved=[domain_owner(n) for n in domains],
+                            ports=state.network_ports)
         problems += planned.problems
         payload = apply_rules(planned.rules, backend=backend, log=log, before=before).payload
     _report("restore", planned, payload, problems, False, log)

@@ -3,8 +3,8 @@ or a careless admin, can still make the hooks, replay and the CLI do. Each test 
 issue item it belongs to. The real shims in hooks/ (and ops with the real iptables) run in
 a network namespace this test creates, as in test_host_safety.py.
 
-Each test here failed on main when it was written (attack branch): it shows a hole,
-not a behaviour to keep.
+Each test here failed on main when it was written (attack branch) and passes since the
+hole it shows was closed.
 """
 
 import re
@@ -200,9 +200,17 @@ def test_lab_issue10_item5_a_copied_mac_publishes_another_guests_service(lab, gu
     unique across guests) and a forward 2501 -> 22. A connection from the internet to
     the host's 2501 reaches the victim's sshd (the namespace g5 answers for 10.0.0.5)."""
     guest("victim5", [("lab", "52:54:00:00:00:05")])
-    guest("evil5", [("lab", "52:54:00:00:00:05")], forwards('host-port="2501" guest-port="22"'))
-    assert lab.ask("inet", "tcp", "203.0.113.1", 2501, 1.0) is None, \
-        "evil5's forward reaches victim5's address"
+    lab.define_domain("evil5", [("lab", "52:54:00:00:00:05")],
+                      forwards('host-port="2501" guest-port="22"'))
+    try:
+        proc = lab.run("virsh", "-c", "qemu:///system", "start", "evil5", check=False)
+        assert proc.returncode != 0
+        assert "has the MAC of the port of domain 'victim5'" in proc.stderr, proc.stderr
+        assert lab.ask("inet", "tcp", "203.0.113.1", 2501, 1.0) is None, \
+            "evil5's forward reaches victim5's address"
+    finally:
+        lab.virsh("destroy", "evil5", check=False)
+        lab.virsh("undefine", "evil5", check=False)
 
 
 def test_lab_issue9_forward_add_on_a_running_guest_keeps_its_next_boot_forwards(lab, guest):
