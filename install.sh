@@ -499,7 +499,9 @@ install_after_init() {
     if [ "$lines" = "0 0" ]; then
         undo "mv -f -T $(q "$BACKUP/after.init") $(q "$AFTER_INIT")"
         if head -n1 "$AFTER_INIT" | grep -q '^#!'; then
-            rewrite_after_init < <(head -n1 "$AFTER_INIT"; after_init_block; tail -n +2 "$AFTER_INIT")
+            # the shebang on a line of its own, even in a file without a final newline
+            rewrite_after_init < <(head -n1 "$AFTER_INIT" | sed '$a\'; after_init_block
+                                   tail -n +2 "$AFTER_INIT")
         else
             rewrite_after_init < <(after_init_block; cat "$AFTER_INIT")
         fi

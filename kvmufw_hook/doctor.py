@@ -85,28 +85,60 @@ def check_ufw() -> list[Finding]:
     return out
 
 
-def check_libvirt_backend() -> Finding:
-    backend = _setting(_read("/etc/libvirt/network.conf"), "firewall_backend")
-    if backend == "nftables":
-        return Finding("FAIL", "libvirt firewall backend", "nftables: libvirt's rejects live in "
-                       "its own nftables table, where our iptables accepts cannot reach",
-                       'set firewall_backend = "iptables" in /etc/libvirt/network.conf and '
-                       "restart libvirt")
-    return Finding("OK", "libvirt firewall backend", f"{backend or 'iptables (default)'}")
+def check_libvirt_firewall(snapshot, active_networks: int, backend):
+    """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
+    and our accepts in it (one per forward and direction, ahead of libvirt's rejects)."""
+    from .backends.libvirt_nft import CHAINS, LibvirtNft, libvirt_firewall
+    from .ops import plan_host
+    nft = LibvirtNft.beside(backend)
+    firewall = libvirt_firewall(snapshot, nft)
+    out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]
+    if firewall.backend != "nftables":
+        return firewall, out
+    if not firewall.table:
+        if active_networks:
+            out.append(Finding("FAIL", "libvirt's table", "table ip libvirt_network is missing "
+                               "while networks are active (an nftables flush removed it?): "
+                               "libvirt's network rules are gone",
+                               "restart libvirtd (or virtnetworkd); guests keep running"))
+        return firewall, out
+    out.append(Finding("OK", "libvirt's table", "table ip libvirt_network present"))
+    try:
+        accepts = nft.read()
+    except ApplyError as exc:
+        return firewall, out + [Finding("FAIL", "our accepts in libvirt's table", str(exc),
+                                        "install nftables")]
+    try:
+        host = plan_host(state.load_networks(), state.load_domains())
+    except InputError:
+        return firewall, out
+    missing = sorted(o for o, rules in host.rules.items() if not nft.present(accepts, rules))
+    if missing:
+        out.append(Finding("FAIL", "our accepts in libvirt's table", "missing, or behind "
+                           "libvirt's rejects, for " + ", ".join(missing) + ": libvirt "
+                           "rejects those forwards", "kvmufw_hook replay"))
+    else:
+        count = sum(len(accepts.ours(chain)) for chain in CHAINS)
+        out.append(Finding("OK", "our accepts in libvirt's table", f"{count}: every "
+                           "forward's, ahead of libvirt's rejects"))
+    return firewall, out
 
 
-def check_rules(backend, snapshot, active_networks: int) -> list[Finding]:
+def check_rules(backend, snapshot, active_networks: int,
+                libvirt_backend: str = "iptables") -> list[Finding]:
     out = []
     chains = set()
     for table in TABLES:
         chains |= set(snapshot.tables[table].chains)
     missing = [c for c in LIBVIRT_CHAINS if c not in chains]
-    if active_networks and missing:
+    # with its nftables backend libvirt has no iptables chains: check_libvirt_firewall
+    libvirt_chains_expected = active_networks and libvirt_backend == "iptables"
+    if libvirt_chains_expected and missing:
         out.append(Finding("FAIL", "libvirt's chains", f"missing: {', '.join(missing)} (a "
                            "firewall reload wiped them); libvirt cannot start networks "
                            "until it restarts; running guests keep working through our rules",
                            "restart libvirtd (or virtnetworkd); guests keep running"))
-    elif active_networks:
+    elif libvirt_chains_expected:
         out.append(Finding("OK", "libvirt's chains", "present"))
     ours = snapshot.ours()
     if any(any(ours[t].values()) for t in TABLES):
@@ -186,12 +218,14 @@ def run(uri: str, backend=None) -> list[Finding]:
         networks = state.load_networks()
     except (InputError, ApplyError):
         networks = {}
-    findings = [check_forwarding(networks), *check_ufw(), check_libvirt_backend()]
+    findings = [check_forwarding(networks), *check_ufw()]
     try:
         snapshot = backend.read()
     except ApplyError as exc:
         return [*findings, Finding("FAIL", "firewall", str(exc), "install iptables")]
-    findings += check_rules(backend, snapshot, len(networks))
+    firewall, found = check_libvirt_firewall(snapshot, len(networks), backend)
+    findings += found
+    findings += check_rules(backend, snapshot, len(networks), firewall.backend)
     findings += check_hooks()
     findings += check_forwards(uri, backend)
     return findings

@@ -118,6 +118,27 @@ def _written_the_same(attrs: Attrs, spec: Attrs) -> bool:
             and attrs.get("proto", "tcp").strip().lower() == spec.get("proto", "tcp"))
 
 
+class _Unchanged(InputError):
+    """This list of forwards already is as the change wants it (added, or removed)."""
+
+
+def _change_each(change: Callable[[list[Attrs]], list[Attrs]],
+                 lists: list[list[Attrs] | None]) -> list[list[Attrs] | None]:
+    """The change made to each list of forwards there is (the running guest's, its next
+    boot's): each keeps what only it has. Refused only if no list needs it."""
+    out: list[list[Attrs] | None] = []
+    unchanged: list[_Unchanged] = []
+    for forwards in lists:
+        try:
+            out.append(None if forwards is None else change(forwards))
+        except _Unchanged as exc:
+            out.append(forwards)
+            unchanged.append(exc)
+    if len(unchanged) == sum(f is not None for f in lists):
+        raise unchanged[0]
+    return out
+
+
 def _change(action: str, spec: Attrs, what: str,
             allowed: frozenset[str]) -> Callable[[list[Attrs]], list[Attrs]]:
     """What ``add``/``remove`` make of the forwards. "The same forward" is the planner's
@@ -136,11 +157,11 @@ def _change(action: str, spec: Attrs, what: str,
         if action == "add":
             if found:
                 old = _spec_of(found[0], allowed)
-                raise InputError(f"{what}: {typed} is already forwarded"
+                raise _Unchanged(f"{what}: {typed} is already forwarded"
                                  + (f" ({old.label})" if old else "") + "; remove it first")
-            return forwards + [spec]
+            return [*forwards, spec]
         if not found:
-            raise InputError(f"{what}: no forward of {typed}")
+            raise _Unchanged(f"{what}: no forward of {typed}")
         if len(found) > 1:
             specs = [_spec_of(f, allowed) for f in found]
             labels = ", ".join(s.label for s in specs if s) or f"{len(found)} entries"
@@ -157,8 +178,7 @@ def _live(conn) -> tuple[dict[str, Network], dict[str, Domain]]:
     networks = {}
     for net in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
         model = parse_network(load(net.XMLDesc(0), f"network {net.name()}"))
-        override = state.network_override(model.name)
-        networks[model.name] = parse_network(load(override)) if override else model
+        networks[model.name] = state.with_override(model)
     domains = {}
     for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         try:
@@ -203,58 +223,92 @@ def _resolve_if_networks_up(dom: Domain, conn) -> None:
 
 
 def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
+    """The running guest's forwards (live) and its next boot's (persistent) are changed
+    each as they are: a forward prepared for the next boot (``virsh edit``, ``metadata
+    --config``) is not lost by an add on the running guest, nor started early."""
     what = f"domain {shown(name)}"
     with _editing(uri, "domain", name) as (libvirt, conn, dom):
         running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
-        flags = 0 if running else libvirt.VIR_DOMAIN_XML_INACTIVE
-        root = load(dom.XMLDesc(flags), what)
-        forwards = _change(action, spec, what, DOMAIN_ATTRS)(_forwards_of(root))
-        candidate = parse_domain(_with_forwards(root, forwards))
-        if running:
+        live_root = load(dom.XMLDesc(0), what) if running else None
+        config_root = (load(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), what)
+                       if persistent else None)
+        live, config = _change_each(
+            _change(action, spec, what, DOMAIN_ATTRS),
+            [_forwards_of(r) if r is not None else None for r in (live_root, config_root)])
+        if live_root is not None and live is not None:
+            candidate = parse_domain(_with_forwards(live_root, live))
             networks, domains = _live(conn)
             resolve_domain_forwards(candidate, networks)
-            ops.check_claims(what, domain_owner(name), candidate.forwards, networks, domains,
-                             ops.kernel_claims())
-            ops.check_host(what, candidate.forwards)
-        else:
-            check_conflicts(what, candidate.forwards, ())
-            _resolve_if_networks_up(candidate, conn)
-        write = (libvirt.VIR_DOMAIN_AFFECT_LIVE
-                 | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0)) if running \
-            else libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        meta = _plain_forwards(forwards) if forwards else None
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta, KEY if meta else None,
-                        NAMESPACE, write)
-        if running:
-            live = dom.XMLDesc(0).encode()
-            ops.domain_started(parse_domain(load(live)), live, log=log)
+            held = ops.kernel_claims()
+            owner = domain_owner(name)
+            ops.check_claims(what, owner, candidate.forwards, networks, domains, held)
+            ops.check_host(what, candidate.forwards, held=held.get(owner, ()))
+        if config_root is not None and config is not None:
+            later = parse_domain(_with_forwards(config_root, config))
+            check_conflicts(what, later.forwards, ())
+            if not running:
+                _resolve_if_networks_up(later, conn)
+        if config is not None:  # first: it changes no rule, and it is put back if live fails
+            _set_forwards(libvirt, dom, config, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        if live is not None:
+            try:
+                _set_forwards(libvirt, dom, live, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError:
+                if config is not None and config_root is not None:
+                    _set_forwards(libvirt, dom, _forwards_of(config_root),
+                                  libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+                raise
+            raw = dom.XMLDesc(0).encode()
+            ops.domain_started(parse_domain(load(raw)), raw, log=log)
         return _done(what, action, spec, running, "the guest starts")
 
 
+def _set_forwards(libvirt, dom, forwards: list[Attrs], flags: int) -> None:
+    meta = _plain_forwards(forwards) if forwards else None
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta, KEY if meta else None,
+                    NAMESPACE, flags)
+
+
 def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
+    """The persistent definition and, for an active network, its running forwards (libvirt
+    keeps the running XML until the network restarts: ours go in an override that the
+    hooks, replay, status and doctor apply until then) are changed each as they are."""
     what = f"network {shown(name)}"
     with _editing(uri, "network", name) as (libvirt, conn, net):
         persistent = load(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE), what)
-        forwards = _change(action, spec, what, NETWORK_ATTRS)(_forwards_of(persistent))
-        new_persistent = _with_forwards(persistent, forwards)
+        live_root = load(net.XMLDesc(0), what) if net.isActive() else None
+        live, config = _change_each(
+            _change(action, spec, what, NETWORK_ATTRS),
+            [_running_forwards(name, live_root) if live_root is not None else None,
+             _forwards_of(persistent)])
+        new_persistent = _with_forwards(persistent, config or [])
         resolve_network_forwards(parse_network(new_persistent))
-        active = bool(net.isActive())
-        if active:
-            networks, domains = _live(conn)
-            live = _with_forwards(load(net.XMLDesc(0), what), forwards)
-            live_model = parse_network(live)
+        if live_root is not None and live is not None:
+            live_model = parse_network(_with_forwards(live_root, live))
             resolve_network_forwards(live_model)
-            ops.check_claims(what, network_owner(name), live_model.forwards, networks,
-                             domains, ops.kernel_claims())
-            ops.check_host(what, live_model.forwards)
+            networks, domains = _live(conn)
+            held = ops.kernel_claims()
+            owner = network_owner(name)
+            ops.check_claims(what, owner, live_model.forwards, networks, domains, held)
+            ops.check_host(what, live_model.forwards, held=held.get(owner, ()))
         conn.networkDefineXML(etree.tostring(new_persistent).decode())
-        if active:
-            # libvirt keeps the running network's XML until it restarts: the hooks take
-            # the forwards from this override until then
-            data = etree.tostring(live)
-            state.save_network_override(name, data)
-            ops.network_started(live_model, data, log=log)
-        return _done(what, action, spec, active, "the network starts")
+        if live_root is not None and live is not None:
+            state.save_network_override(name, etree.tostring(_forwards_element(live)))
+            ops.network_started(live_model, etree.tostring(live_root), log=log)
+        return _done(what, action, spec, live_root is not None, "the network starts")
+
+
+def _running_forwards(name: str, live_root: etree._Element) -> list[Attrs]:
+    """The running network's forwards: the override's, if ``forward add`` left one."""
+    data = state.network_override(name)
+    if data is None:
+        return _forwards_of(live_root)
+    root = load(data, f"network {shown(name)}: override")
+    if etree.QName(root).localname == "forwards":
+        holder = etree.Element("network")
+        etree.SubElement(holder, "metadata").append(root)
+        root = holder
+    return _forwards_of(root)
 
 
 def validate_spec(spec: Attrs, network: bool, label: str) -> None:

@@ -2,7 +2,11 @@
 
 This module is on the critical path of every guest start and stop, so it decides from
 argv (and a byte search of stdin) whether the call matters before importing anything
-heavy: lxml, the planner and the backends are imported only when there is work.
+heavy: lxml, the planner and the backends are imported only when there is work. qemu
+``prepare`` does nothing: ``start`` runs before QEMU is launched, validates everything
+``prepare`` could (and more: the bridge is known by then) and refuses the start just the
+same. A guest's stop needs only its name: no XML, no lxml, one iptables-save and one
+iptables-restore.
 
 Exit status follows libvirt's semantics: a failing validation or start op returns
 non-zero so libvirt refuses the start; ``stopped``, ``release`` and ``reconnect`` always
@@ -12,12 +16,15 @@ return 0 (non-zero from ``reconnect`` kills the running guest); ``migrate`` and
 
 import sys
 
-from .log import log
-
 NAMESPACE = b"urn:kvmufw:1"
 
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
-QEMU_OPS = {"prepare", "start", "stopped", "release", "reconnect", "migrate", "restore"}
+QEMU_OPS = {"start", "stopped", "release", "reconnect", "migrate", "restore"}
+# Where distributions install python3-lxml. The shims run python with -S, and site.main()
+# (every .pth file, sitecustomize) costs more than the interpreter's own start-up.
+DIST_PACKAGES = ("/usr/lib/python3/dist-packages",
+                 f"/usr/lib/python3.{sys.version_info[1]}/site-packages",
+                 f"/usr/lib64/python3.{sys.version_info[1]}/site-packages")
 # Ops whose failure must not reach libvirt as a non-zero exit.
 NEVER_FAIL = {("network", "stopped"), ("network", "port-created"),
               ("network", "port-deleted"), ("network", "updated"),
@@ -49,7 +56,7 @@ def _main(kind: str, argv, stdin) -> int:
     if len(argv) < 2:
         return 0
     name, op = argv[0], argv[1]
-    if kind == "network" and op not in NETWORK_OPS or kind == "qemu" and op not in QEMU_OPS:
+    if (kind == "network" and op not in NETWORK_OPS) or (kind == "qemu" and op not in QEMU_OPS):
         return 0
     if kind == "qemu" and op in ("stopped", "release"):
         # Nothing on stdin matters: the rules are keyed by the name.
@@ -60,17 +67,18 @@ def _main(kind: str, argv, stdin) -> int:
         data = stdin if stdin is not None else sys.stdin.buffer.read()
         if kind == "network" and op == "updated" and _network_unchanged(name, data):
             return 0  # libvirt re-sent the definition we already applied
-        if kind == "qemu" and NAMESPACE not in data:
+        if kind == "qemu" and NAMESPACE not in data and not (
+                op == "reconnect" and _has_domain_state(name)):
             # A guest without our metadata: nothing to do, unless it had forwards
             # before (metadata removed while running) that a reconnect must remove.
-            if not (op == "reconnect" and _has_domain_state(name)):
-                return 0
+            return 0
     never_fail = (kind, op) in NEVER_FAIL
     try:
         _dispatch(kind, name, op, data)
         return 0
-    except Exception as exc:  # noqa: BLE001 - every failure is logged, some must not fail
+    except Exception as exc:  # every failure is logged, some must not fail
         from .errors import ApplyError, InputError
+        from .log import log
         if isinstance(exc, (InputError, ApplyError)):
             message = str(exc)
         else:
@@ -83,16 +91,66 @@ def _main(kind: str, argv, stdin) -> int:
         return 2 if isinstance(exc, InputError) else 1
 
 
-def _enable_site_packages() -> None:
-    """The shims run python with -S; lxml lives in the distribution's site packages."""
-    if sys.flags.no_site:
-        import site
-        site.main()
+def _prepare_lxml() -> None:
+    """In the shims' process (python -S): put the directory that holds lxml on sys.path,
+    the distribution's own when it has lxml, else whatever site finds; and defer inspect."""
+    if not sys.flags.no_site or "lxml" in sys.modules:
+        return
+    _defer_inspect()
+    import os
+    for directory in DIST_PACKAGES:
+        if os.path.isdir(os.path.join(directory, "lxml")):
+            if directory not in sys.path:
+                sys.path.append(directory)
+            return
+    import site
+    site.main()
+
+
+class _DeferredInspect(type(sys)):
+    """Stands in for the inspect module until something really uses it.
+
+    lxml (``from inspect import getfullargspec``, and Cython wraps ``isgenerator``) and
+    dataclasses (``import inspect``) import it when they load, and a hook never calls
+    it; loading it (ast, dis, tokenize, enum, ...) costs about a third of the
+    interpreter's own start-up. Any attribute but those two loads the real module and
+    answers from it, so a use nobody foresaw is slower, never wrong.
+    """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # the import system asks for __path__, __spec__, ...
+            raise AttributeError(name)
+        return getattr(_real_inspect(), name)
+
+    @staticmethod
+    def getfullargspec(func):
+        return _real_inspect().getfullargspec(func)
+
+    @staticmethod
+    def isgenerator(obj) -> bool:
+        return _real_inspect().isgenerator(obj)
+
+
+def _real_inspect():
+    if isinstance(sys.modules.get("inspect"), _DeferredInspect):
+        del sys.modules["inspect"]
+    import inspect
+    return inspect
+
+
+def _defer_inspect() -> None:
+    if "inspect" not in sys.modules:
+        sys.modules["inspect"] = _DeferredInspect("inspect")
 
 
 def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
-    _enable_site_packages()
-    if kind == "qemu" and op in ("prepare", "migrate", "restore"):
+    from .log import log  # here: calls that need nothing import nothing, not even os
+    if kind == "qemu" and op in ("stopped", "release"):
+        from .apply import domain_stopped
+        domain_stopped(name, log=log)
+        return
+    _prepare_lxml()
+    if kind == "qemu" and op in ("migrate", "restore"):
         from .parse import parse_domain_xml
         from .plan import validate_domain
         validate_domain(parse_domain_xml(data))  # no state, no firewall: nothing else
@@ -105,9 +163,7 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         if op in ("start", "started"):
             state.forget_network_override(net.name)  # live XML = persistent definition now
         elif op != "stopped":
-            override = state.network_override(net.name)
-            if override is not None:
-                net, data = parse_network_xml(override), override
+            net = state.with_override(net)  # forward add --network, until it restarts
         if op == "start":
             ops.validate_network(net)
         elif op == "started":
@@ -116,9 +172,6 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
             ops.network_stopped(net, log=log)
         else:  # port-created, port-deleted, updated
             ops.network_port(net, data, port, deleted=op == "port-deleted", log=log)
-        return
-    if op in ("stopped", "release"):
-        ops.domain_stopped(name, log=log)
         return
     from .parse import parse_domain_xml
     ops.domain_started(parse_domain_xml(data), data, log=log)  # start, reconnect

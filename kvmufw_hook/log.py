@@ -9,7 +9,8 @@ VERBOSE = bool(os.environ.get("KVMUFW_DEBUG"))
 
 
 def log(message: str, error: bool = False) -> None:
-    line = " ".join(str(message).split())
+    from .errors import printable  # names and XML text reach here: no raw ESC or CSI
+    line = printable(" ".join(str(message).split()))
     try:
         import syslog
         syslog.openlog("kvmufw_hook", syslog.LOG_PID, syslog.LOG_DAEMON)

@@ -14,6 +14,8 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 
 @dataclass(frozen=True)
 class PortRange:
+    """A port or an inclusive range of ports."""
+
     first: int
     last: int
 
@@ -57,6 +59,8 @@ class ForwardSpec:
 
 @dataclass(frozen=True)
 class DhcpHost:
+    """A ``<dhcp><host>`` reservation."""
+
     mac: str | None
     ip: IPv4Address
     name: str | None = None
@@ -64,6 +68,8 @@ class DhcpHost:
 
 @dataclass(frozen=True)
 class Network:
+    """A libvirt ``<network>``: what we need of it."""
+
     name: str
     uuid: str | None
     mode: str  # 'nat', 'route', 'open', 'isolated', or an unmanaged libvirt mode
@@ -98,6 +104,8 @@ class Network:
 
 @dataclass(frozen=True)
 class Nic:
+    """A guest's ``<interface>``."""
+
     mac: str | None
     network: str | None  # <source network=…> for type='network'
     bridge: str | None  # known from qemu `start` on
@@ -106,6 +114,8 @@ class Nic:
 
 @dataclass(frozen=True)
 class Domain:
+    """A libvirt ``<domain>``: its NICs and our forwards."""
+
     name: str
     uuid: str | None
     nics: tuple[Nic, ...] = ()

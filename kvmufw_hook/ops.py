@@ -12,11 +12,12 @@ planned in, and a lost or corrupt state file cannot hide a holder.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
 
 from . import host, state
+from .apply import Applied, apply_rules, domain_stopped  # noqa: F401 - the stop path lives there
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
 from .model import Domain, ForwardSpec, Network, NetworkPort
@@ -35,35 +36,6 @@ Claims = list[tuple[str, Iterable[ForwardSpec]]]
 
 def _quiet(_msg: str) -> None:
     pass
-
-
-@dataclass
-class Applied:
-    payload: str  # what was written; empty when nothing changed
-
-
-def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None,
-                backend=None, log: Log = _quiet, before=None) -> Applied:
-    """Replace the named owners' rules (and drop matching others) in one write.
-
-    If the kernel refuses the write, our chains are put back as they were and
-    ApplyError is raised: a change is applied whole or not at all.
-    """
-    backend = backend or default_backend()
-    if before is None:
-        before = backend.read()
-    payload = backend.change(before, rules, drop)
-    if not payload:
-        return Applied("")
-    try:
-        backend.write(payload)
-    except ApplyError:
-        try:
-            backend.write(backend.revert(backend.read(), before))
-        except ApplyError as exc:
-            log(f"rollback failed too: {exc}")
-        raise
-    return Applied(payload)
 
 
 def owner_label(owner: str) -> str:
@@ -100,10 +72,16 @@ def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
     return backend.claims(backend.read())
 
 
-def check_host(label: str, forwards: Sequence[ForwardSpec]) -> None:
+def check_host(label: str, forwards: Sequence[ForwardSpec], backend=None,
+               held: Iterable[ForwardSpec] = ()) -> None:
     """InputError if a forward's host-ip is not the host's or it takes a host service's
-    port (``host.py``; /proc is read only when there are forwards)."""
-    host.check_forwards(label, forwards)
+    port (``host.py``; read only when there are forwards, in the backend's namespace);
+    ``held``: what the owner's rules take now, which a later socket does not take away."""
+    host.check_forwards(label, forwards, held=held, prefix=_prefix(backend))
+
+
+def _prefix(backend) -> Sequence[str]:
+    return getattr(backend, "prefix", None) or ()
 
 
 # --------------------------------------------------------------------------- networks
@@ -129,14 +107,17 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         domains = state.load_domains()
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
         before = backend.read()
+        held = backend.claims(before)
         if net.forwards:
             check_claims(label, network_owner(net.name), net.forwards, networks, domains,
-                         backend.claims(before))
-            check_host(label, net.forwards)
+                         held)
+            check_host(label, net.forwards, backend, held.get(network_owner(net.name), ()))
         for dom in domains.values():
             if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
                    for nic in dom.nics):
-                try:
+                try:  # a port taken meanwhile (replay while this network was down) stays
+                    check_claims(f"domain {shown(dom.name)}", domain_owner(dom.name),
+                                 dom.forwards, {}, {}, held)
                     rules[domain_owner(dom.name)] = plan_domain_owner(dom, networks)
                 except InputError as exc:
                     log(f"not re-adding forwards: {exc}")
@@ -169,6 +150,8 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         return Applied("")
     with state.locked():
         state.save_network(net.name, raw)
+        if port and port.mac and port.owner_name is not None:
+            state.record_port(net.name, port.mac, port.owner_name, deleted)
         networks = state.load_networks()
         networks[net.name] = net
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
@@ -187,6 +170,25 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
 
 # --------------------------------------------------------------------------- domains
 
+def check_own_macs(dom: Domain, networks: Mapping[str, Network],
+                   ports: Callable[[str], list[tuple[str, str]]]) -> None:
+    """InputError if a NIC of a guest with forwards has the MAC of another guest's port
+    on that network (libvirt starts two guests with one MAC): its reservation, and so
+    the address its forwards would reach, is not this guest's."""
+    if not dom.forwards:
+        return
+    by_bridge = {n.bridge: n for n in networks.values() if n.bridge}
+    for nic in dom.nics:
+        net = networks.get(nic.network or "") or by_bridge.get(nic.bridge)
+        if net is None or not nic.mac:
+            continue
+        others = sorted({o for mac, o in ports(net.name) if mac == nic.mac and o != dom.name})
+        if others:
+            raise InputError(f"domain {shown(dom.name)}: NIC {nic.mac} on network "
+                             f"{shown(net.name)} has the MAC of the port of domain "
+                             f"{shown(others[0])}: that guest's address is not this one's")
+
+
 def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
     reconnect, replay of one guest)."""
@@ -195,11 +197,12 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     backend = backend or default_backend()
     with state.locked():
         networks = state.load_networks()
+        check_own_macs(dom, networks, state.network_ports)
         rules = plan_domain_owner(dom, networks)
         before = backend.read()
         held = backend.claims(before)
         check_claims(label, owner, dom.forwards, networks, state.load_domains(), held)
-        check_host(label, dom.forwards)
+        check_host(label, dom.forwards, backend, held.get(owner, ()))
         # The state is written first and follows the kernel: if the write fails, the
         # old rules are back (revert) and the state stays as long as any rule of the
         # owner is in the kernel, so that stopped/release still remove them.
@@ -221,62 +224,98 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     return applied
 
 
-def domain_stopped(name: str, backend=None, log: Log = _quiet) -> Applied:
-    with state.locked():
-        applied = apply_rules({domain_owner(name): ()}, backend=backend, log=log)
-        state.forget_domain(name)  # after the rules: a failed removal keeps the state
-    if applied.payload:
-        log(f"domain {shown(name)}: forwards removed")
-    return applied
-
-
 # --------------------------------------------------------------------------- whole host
 
 @dataclass
 class HostPlan:
+    """Every owner's rules for a whole host, and the owners that failed."""
+
     rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
     failed: set[str]  # those owners: their current rules must be left alone
 
 
+class _Claimed:
+    """Forwards claimed so far, by protocol and first host port: each owner is checked
+    against the few that could overlap its own, not against all (a replay of hundreds
+    of guests would be quadratic). Same answers and messages as checking against all."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
+        self.entries: list[tuple[str, ForwardSpec]] = []
+        self.widest = 0
+
+    def near(self, forwards: Iterable[ForwardSpec]) -> list[tuple[str, tuple[ForwardSpec]]]:
+        found = []
+        for spec in forwards:  # an overlap starts within [first - widest, last]
+            starts = self.starts.get(spec.proto, [])
+            lo = bisect_left(starts, (spec.host_port.first - self.widest, -1))
+            hi = bisect_right(starts, (spec.host_port.last, len(self.entries)))
+            found += [self.entries[i] for _first, i in starts[lo:hi]]
+        return [(label, (spec,)) for label, spec in found]
+
+    def add(self, label: str, forwards: Iterable[ForwardSpec]) -> None:
+        for spec in forwards:
+            insort(self.starts.setdefault(spec.proto, []),
+                   (spec.host_port.first, len(self.entries)))
+            self.entries.append((label, spec))
+            self.widest = max(self.widest, spec.host_port.last - spec.host_port.first)
+
+
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
               holders: Mapping[str, list[ForwardSpec]] | None = None,
-              host_check: bool = False, broken: Iterable[str] = ()) -> HostPlan:
+              facts: host.HostFacts | None = None, broken: Iterable[str] = (),
+              reserved: Iterable[str] = (),
+              ports: Callable[[str], list[tuple[str, str]]] | None = None) -> HostPlan:
     """Every owner's rules for a whole host, each checked against the forwards of
     those planned before it. The current holders of ports (``holders``: owner -> the
     ports its rules in the kernel hold) are planned first, so a newcomer never takes a
     port from the guest or network that has it; then networks before guests, in name
     order. An owner that fails is reported and skipped, its rules stay as they are (and
-    so do the ports they hold); the others still plan. ``host_check``
-    checks forwards against the host itself (``host.py``): not for ``plan``, which
-    describes XML files, not this host. ``broken``: owners whose XML did not even
-    parse; they fail too, keeping their rules and ports."""
+    so do the ports they hold); the others still plan. With ``facts`` forwards are
+    checked against the host itself (``host.py``): not for ``plan``, which describes XML
+    files, not this host. ``broken``: owners whose XML did not even parse; they fail
+    too, keeping their rules and ports. ``reserved``: owners whose forwards were applied
+    and who still run (our state says so): planned right after the holders, and if they
+    fail (their network is down, say) their ports stay theirs. ``ports``: the MACs of
+    each network's ports as libvirt reported them (``check_own_macs``)."""
     held = holders or {}
+    kept = set(reserved)
     result = HostPlan({}, [], set(broken))
-    claimed: Claims = [(owner_label(o), held[o]) for o in result.failed if o in held]
-    facts = host.HostFacts.read() if host_check else None
+    claimed = _Claimed()
+    for o in result.failed:
+        if o in held:
+            claimed.add(owner_label(o), held[o])
 
     def add(owner: str, label: str, forwards, planner) -> None:
         try:
-            check_conflicts(label, forwards, claimed)
+            check_conflicts(label, forwards, claimed.near(forwards))
             rules = planner()
             if facts is not None:
-                host.check_forwards(label, forwards, facts)
+                host.check_forwards(label, forwards, facts, held.get(owner, ()))
             result.rules[owner] = rules
-            claimed.append((label, forwards))
+            claimed.add(label, forwards)
         except InputError as exc:
             result.problems.append(str(exc))
             result.failed.add(owner)
             if owner in held:  # its rules stay in the kernel: so do its ports
-                claimed.append((label, held[owner]))
+                claimed.add(label, held[owner])
+            if owner in kept:  # still running with them: its ports wait for it
+                claimed.add(label, forwards)
+
+    def plan_domain(dom: Domain) -> tuple[Rule, ...]:
+        if ports is not None:
+            check_own_macs(dom, networks, ports)
+        return plan_domain_owner(dom, networks)
 
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: plan_network_owner(net))
               for name, net in sorted(networks.items()) if net.managed]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
-                lambda dom=dom: plan_domain_owner(dom, networks))
+                lambda dom=dom: plan_domain(dom))
                for name, dom in sorted(domains.items()) if dom.forwards]
-    owners.sort(key=lambda o: o[0] not in held)  # stable: holders first, order kept
+    # stable: holders first, then owners still running with theirs, order kept
+    owners.sort(key=lambda o: 0 if o[0] in held else 1 if o[0] in kept else 2)
     for owner in owners:
         add(*owner)
     return result
@@ -284,12 +323,17 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
 
 @dataclass
 class Replayed:
+    """What ``replay`` wrote and the problems it found."""
+
     payload: str
     problems: list[str]
     owners: int
 
 
-Parsed = TypeVar("Parsed", Network, Domain)
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
+    from typing import TypeVar
+    Parsed = TypeVar("Parsed", Network, Domain)
 
 
 def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
@@ -325,11 +369,9 @@ def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
                           problems, broken, kept)
     # forward add --network on a running network: libvirt's live XML is stale until the
     # network restarts; the override is the truth (the hooks drop it at network start)
-    for name in list(networks):
+    for name, (net, raw) in list(networks.items()):
         try:
-            override = state.network_override(name)
-            if override is not None:
-                networks[name] = (parse_network_xml(override), override)
+            networks[name] = (state.with_override(net), raw)
         except InputError as exc:
             problems.append(f"network {shown(name)}: override: {exc}")
             broken.add(network_owner(name))
@@ -346,25 +388,31 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
     networks, domains, broken, kept = _parse_all(network_xmls, domain_xmls, problems)
     with state.locked():
         before = backend.read()
-        host = plan_host({n: net for n, (net, _r) in networks.items()},
+        planned = plan_host({n: net for n, (net, _r) in networks.items()},
                          {n: dom for n, (dom, _r) in domains.items()},
-                         holders=backend.claims(before), host_check=True, broken=broken)
-        problems += host.problems
+                         holders=backend.claims(before), broken=broken,
+                         facts=host.HostFacts.read(_prefix(backend)),
+                         reserved=[domain_owner(n) for n in state.load_domains()
+                                   if n in domains],
+                         ports=state.network_ports)
+        problems += planned.problems
 
         def drop(tagged: dict[str, str]) -> bool:
-            return tagged["owner"] not in host.failed
+            return tagged["owner"] not in planned.failed
 
         if dry_run:
-            payload = backend.change(before, host.rules, drop)
+            from .backends.libvirt_nft import plan_accepts
+            payload = (backend.change(before, planned.rules, drop)
+                       + plan_accepts(backend, before, planned.rules, drop).text)
         else:
-            payload = apply_rules(host.rules, drop=drop, backend=backend, log=log,
+            payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
                                   before=before).payload
             state.replace_all(
                 {name: raw for name, (net, raw) in networks.items() if net.managed},
                 {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
                 keep=kept)
-    _report("replay", host, payload, problems, dry_run, log)
-    return Replayed(payload, problems, len(host.rules))
+    _report("replay", planned, payload, problems, dry_run, log)
+    return Replayed(payload, problems, len(planned.rules))
 
 
 def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
@@ -383,28 +431,33 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
             if payload:
                 log("restore: our jumps put back first")
             return Replayed(payload, [], 0)
-        host = plan_host(state.load_networks(problems.append),
-                         state.load_domains(problems.append),
-                         holders=backend.claims(before), host_check=True)
-        problems += host.problems
-        payload = apply_rules(host.rules, backend=backend, log=log, before=before).payload
-    _report("restore", host, payload, problems, False, log)
-    return Replayed(payload, problems, len(host.rules))
+        domains = state.load_domains(problems.append)
+        planned = plan_host(state.load_networks(problems.append), domains,
+                            holders=backend.claims(before),
+                            facts=host.HostFacts.read(_prefix(backend)),
+                            reserved=[domain_owner(n) for n in domains],
+                            ports=state.network_ports)
+        problems += planned.problems
+        payload = apply_rules(planned.rules, backend=backend, log=log, before=before).payload
+    _report("restore", planned, payload, problems, False, log)
+    return Replayed(payload, problems, len(planned.rules))
 
 
-def _report(what: str, host: HostPlan, payload: str, problems: list[str], dry_run: bool,
-            log: Log) -> None:
+def _report(what: str, planned: HostPlan, payload: str, problems: list[str],
+            dry_run: bool, log: Log) -> None:
     """The outcome in one line (the problems themselves are the caller's to show)."""
     if not dry_run:
-        log(f"{what}: {len(host.rules)} owner(s) with rules, "
+        log(f"{what}: {len(planned.rules)} owner(s) with rules, "
             + ("changed" if payload else "nothing to change")
             + (f", {len(problems)} problem(s)" if problems else ""))
 
 
 def flush(backend=None) -> Applied:
-    """Remove all our rules and chains."""
+    """Remove all our rules and chains, and our accepts in libvirt's nftables table."""
+    from .backends.libvirt_nft import clear_accepts
     backend = backend or default_backend()
     with state.locked():
         payload = backend.clear(backend.read())
         backend.write(payload)
+        payload += clear_accepts(backend)
     return Applied(payload)

@@ -461,3 +461,16 @@ def object_name(data: bytes | str) -> str | None:
         return _exact_text(root, "name") if _local(root) in ("network", "domain") else None
     except InputError:
         return None
+
+
+def parse_override(data: bytes | str, what: str) -> tuple[ForwardSpec, ...]:
+    """The forwards ``forward add --network`` gave a running network: our ``<forwards>``
+    element, or (as earlier versions kept it) a whole network holding one. Only the
+    forwards: everything else of the network is libvirt's live XML, ``net-update``s
+    included."""
+    root = load(data, what)
+    if _local(root) == "forwards" and etree.QName(root).namespace == NAMESPACE:
+        holder = etree.Element("metadata")
+        holder.append(root)
+        return parse_forwards(holder, what, NETWORK_ATTRS)
+    return parse_network(_unwrap(root, what)).forwards

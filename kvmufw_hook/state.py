@@ -4,8 +4,10 @@
 (written on network start/started/updated/port ops, removed on stopped);
 ``STATE/domains/NAME.xml`` holds the live ``<domain>`` of each running guest with our
 metadata (written on qemu start/reconnect, removed on stopped/release);
-``STATE/overrides/NAME.xml`` holds a running network as ``forward add --network`` left it
-(libvirt keeps the running network's XML until it restarts; until then this is the truth).
+``STATE/overrides/NAME.xml`` holds our ``<forwards>`` of a running network as ``forward
+add --network`` left them
+(libvirt keeps the running network's XML until it restarts; until then this is the truth);
+``STATE/ports/NAME.tsv`` holds the MAC and owner of each port libvirt created on a network.
 libvirt's own ``/run/libvirt/network/NAME.xml`` fills in networks we have not seen yet.
 
 These are copies of XML that libvirt keeps private: the directory is 0700 and every file
@@ -26,7 +28,7 @@ import time
 from .errors import ApplyError, InputError
 from .names import libvirt_network_dir, safe_name, state_dir
 
-KINDS = ("networks", "domains", "overrides")
+KINDS = ("networks", "domains", "overrides", "ports")
 LOCK_TIMEOUT = float(os.environ.get("KVMUFW_LOCK_TIMEOUT", "30"))
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -135,6 +137,7 @@ def network_unchanged(name: str, xml: bytes) -> bool:
 def forget_network(name: str) -> None:
     _remove(network_path(name))
     forget_network_override(name)
+    forget_ports(name)
 
 
 def _override_path(name: str) -> str:
@@ -154,6 +157,33 @@ def network_override(name: str) -> bytes | None:
 
 def forget_network_override(name: str) -> None:
     _remove(_override_path(name))
+
+
+def _ports_path(network: str) -> str:
+    return os.path.join(state_dir(), "ports", safe_name(network) + ".tsv")
+
+
+def network_ports(network: str) -> list[tuple[str, str]]:
+    """(MAC, owner name) of every port libvirt created on the network (port-created),
+    as libvirt told us: who really has which MAC, whatever a domain's XML claims."""
+    import json
+    try:
+        data = _read(_ports_path(network))
+        return [tuple(json.loads(line)) for line in (data or b"").splitlines()]
+    except (InputError, ValueError, TypeError):
+        return []
+
+
+def record_port(network: str, mac: str, owner: str, deleted: bool) -> None:
+    import json
+    ports = [p for p in network_ports(network) if p != (mac, owner)]
+    if not deleted:
+        ports.append((mac, owner))
+    _write(_ports_path(network), "".join(json.dumps(p) + "\n" for p in ports).encode())
+
+
+def forget_ports(network: str) -> None:
+    _remove(_ports_path(network))
 
 
 def save_domain(name: str, xml: bytes) -> None:
@@ -196,13 +226,22 @@ def _parsed(paths: list[str], parse, log):
                    "ports are taken from the kernel's rules; kvmufw_hook replay rewrites it")
 
 
+def with_override(net):
+    """The running network as ``forward add --network`` left it: its forwards from the
+    override, everything else as libvirt has it live. InputError if the override is bad."""
+    data = network_override(net.name)
+    if data is None:
+        return net
+    from dataclasses import replace
+
+    from .parse import parse_override
+    return replace(net, forwards=parse_override(data, f"{net.name}: override"))
+
+
 def apply_overrides(networks: dict) -> dict:
     """Each running network as ``forward add --network`` left it, where it did."""
-    from .parse import parse_network_xml
     for name in list(networks):
-        override = network_override(name)
-        if override is not None:
-            networks[name] = parse_network_xml(override)
+        networks[name] = with_override(networks[name])
     return networks
 
 

@@ -3,6 +3,8 @@ resolved target, and whether its rules are in the kernel right now."""
 
 from __future__ import annotations
 
+import threading
+
 from . import state
 from .backends import default_backend
 from .errors import ApplyError, InputError, printable, shown
@@ -16,7 +18,7 @@ from .plan import (
 )
 
 
-def _forward(owner: str, target: Target | None, spec, error: str | None, present) -> dict:
+def _forward(owner: str, target: Target | None, spec, error: str | None, check) -> dict:
     row = {
         "proto": spec.proto,
         "host_ip": str(spec.host_ip) if spec.host_ip else None,
@@ -26,48 +28,91 @@ def _forward(owner: str, target: Target | None, spec, error: str | None, present
         "network": target.network.name if target else None,
         "sources": [str(s) for s in spec.sources],
         "comment": spec.comment,
-        "present": bool(target) and present(plan_forwards(owner, [target])),
+        "present": False,
     }
+    if target:
+        check(row, "present", plan_forwards(owner, [target]))
     if error:
         row["error"] = error
     return row
 
 
-def _forwards(owner: str, specs, resolve, present) -> list[dict]:
+def _forwards(owner: str, specs, resolve, check) -> list[dict]:
     """Rows for an owner's forwards: resolved, or each carrying the reason it is not."""
     try:
-        return [_forward(owner, t, t.spec, None, present) for t in resolve()]
+        return [_forward(owner, t, t.spec, None, check) for t in resolve()]
     except InputError as exc:
-        return [_forward(owner, None, s, str(exc), present) for s in specs]
+        return [_forward(owner, None, s, str(exc), check) for s in specs]
+
+
+class _Reading(threading.Thread):
+    """The firewall read in the background: iptables-save takes about as long as loading
+    and planning the state, and while it runs the waiting is in another process."""
+
+    def __init__(self, backend) -> None:
+        super().__init__(name="iptables-save", daemon=True)
+        self.backend = backend
+        self.snapshot = None
+        self.error: str | None = None
+        self.failure: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.snapshot = self.backend.read()
+        except ApplyError as exc:
+            self.error = str(exc)
+        except BaseException as exc:  # raised again in the caller's thread
+            self.failure = exc
+
+    def result(self):
+        self.join()
+        if self.failure is not None:
+            raise self.failure
+        return self.snapshot, self.error
 
 
 def collect(backend=None) -> dict:
+    """Every network and guest of the state with its forwards; whether each one's rules
+    are in the kernel is decided once the snapshot is in, from one set of its lines."""
     backend = backend or default_backend()
-    try:
-        snapshot = backend.read()
-        kernel_error = None
-    except ApplyError as exc:
-        snapshot, kernel_error = None, str(exc)
+    reading = _Reading(backend)
+    checks: list[tuple[dict, str, tuple]] = []  # (row, key, rules) to look up
 
-    def present(rules) -> bool:
-        return snapshot is not None and backend.present(snapshot, rules)
+    def check(row: dict, key: str, rules) -> None:
+        checks.append((row, key, rules))
 
     networks = state.load_networks()
-    report: dict = {"networks": [], "domains": [], "kernel_error": kernel_error}
+    report: dict = {"networks": [], "domains": [], "kernel_error": None,
+                    "libvirt_firewall": None}
     for name, net in sorted(networks.items()):
         if not net.managed:
             continue
         owner = network_owner(name)
         entry = {"name": name, "bridge": net.bridge, "mode": net.mode,
-                 "subnets": [str(s) for s in net.subnets],
-                 "rules_present": present(plan_network(net))}
+                 "subnets": [str(s) for s in net.subnets], "rules_present": False}
+        check(entry, "rules_present", plan_network(net))
         entry["forwards"] = _forwards(owner, net.forwards,
-                                      lambda net=net: resolve_network_forwards(net), present)
+                                      lambda net=net: resolve_network_forwards(net), check)
         report["networks"].append(entry)
     for name, dom in sorted(state.load_domains().items()):
         report["domains"].append({"name": name, "forwards": _forwards(
             domain_owner(name), dom.forwards,
-            lambda dom=dom: resolve_domain_forwards(dom, networks), present)})
+            lambda dom=dom: resolve_domain_forwards(dom, networks), check)})
+    snapshot, report["kernel_error"] = reading.result()
+    # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
+    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall
+    nft, accepts = LibvirtNft.beside(backend), None
+    firewall = libvirt_firewall(snapshot, nft)
+    report["libvirt_firewall"] = firewall.backend
+    if snapshot is not None and firewall.table:
+        try:
+            accepts = nft.read()
+        except ApplyError as exc:
+            report["kernel_error"] = str(exc)
+    for row, key, rules in checks:
+        row[key] = snapshot is not None and backend.present(snapshot, rules) and (
+            accepts is None or nft.present(accepts, rules))
     return report
 
 

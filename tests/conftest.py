@@ -51,7 +51,8 @@ def netns():
         ns.destroy()
 
 
-TIERS = {"test_lab": "lab", "test_lab_nft": "lab", "test_boot": "boot",
+TIERS = {"test_lab": "lab", "test_lab_nft": "lab", "test_install": "lab", "test_attack": "lab",
+         "test_boot": "boot",
          "test_corpus": "corpus", "test_debian13": "lab"}
 
 

@@ -62,11 +62,13 @@ def libvirt_corpus() -> tuple[Path, Path]:
         for argv in steps:
             proc = subprocess.run(argv, cwd=download, capture_output=True, text=True,
                                   timeout=600)
-            if proc.returncode:
-                pytest.skip(f"cannot fetch libvirt {version}'s source with apt: "
-                            f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        [orig] = [p for p in download.glob(f"libvirt_{version}.orig.tar.*")
-                  if not p.name.endswith(".asc")]
+        # only the upstream tarball is read: a mirror without the .dsc or .asc still serves
+        origs = [p for p in download.glob(f"libvirt_{version}.orig.tar.*")
+                 if not p.name.endswith(".asc")]
+        if proc.returncode and not origs:
+            pytest.skip(f"cannot fetch libvirt {version}'s source with apt: "
+                        f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        [orig] = origs
         with tarfile.open(orig) as tar:
             wanted = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".xml")
                       and any(f"/{d}/" in m.name for d in (*DOMAIN_DIRS, NETWORK_DIR))]

@@ -18,7 +18,7 @@ def run_hook(kind, argv, stdin: bytes, env: dict, netns=None):
     clean = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              "LC_ALL": "C", **env}
     return subprocess.run([*prefix, str(HOOKS / kind), *argv], input=stdin,
-                          capture_output=True, env=clean, timeout=60)
+                          capture_output=True, env=clean, timeout=60, check=False)
 
 
 def sample(name):
@@ -114,7 +114,7 @@ def test_exit_status_per_op(netns, state_env):
     bad = _web1('<kvmufw:forward host-port="22abc"/>')
     unresolvable = _web1('<kvmufw:forward host-port="22" guest-ip="10.99.0.1"/>')
     cases = [
-        ("prepare", bad, 2), ("start", bad, 2), ("start", unresolvable, 2),
+        ("prepare", bad, 0), ("start", bad, 2), ("start", unresolvable, 2),
         ("reconnect", bad, 0), ("reconnect", unresolvable, 0),
         ("migrate", bad, 0), ("restore", bad, 0),
         ("stopped", b"garbage <", 0), ("release", b"", 0), ("started", bad, 0),
@@ -181,6 +181,7 @@ def test_parallel_guest_starts_and_stops(netns, state_env):
 
 
 @pytest.mark.parametrize("kind,argv,stdin", [
+    ("qemu", ["web1", "prepare", "begin", "-"], "01-qemu.web1.prepare.xml"),
     ("qemu", ["web1", "started", "begin", "-"], "05-qemu.web1.started.xml"),
     ("qemu", ["plain", "migrate", "begin", "-"], None),
     ("qemu", ["plain", "start", "begin", "-"], None),
@@ -189,12 +190,12 @@ def test_parallel_guest_starts_and_stops(netns, state_env):
 ])
 def test_ops_that_need_nothing_import_nothing_heavy(kind, argv, stdin, tmp_path):
     data = (SAMPLES / stdin).read_bytes() if stdin else b"<domain><name>plain</name></domain>"
-    code = ("import sys; sys.path.insert(0, %r); from kvmufw_hook.hook import main; "
-            "rc = main(%r, %r); heavy = [m for m in ('lxml', 'libvirt', 'kvmufw_hook.plan', "
-            "'subprocess') if m in sys.modules]; sys.stderr.write(repr((rc, heavy)))"
-            % (str(ROOT), kind, argv))
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from kvmufw_hook.hook import main; "
+            f"rc = main({kind!r}, {argv!r}); heavy = [m for m in ('lxml', 'libvirt', "
+            "'kvmufw_hook.plan', 'subprocess') if m in sys.modules]; "
+            "sys.stderr.write(repr((rc, heavy)))")
     proc = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,
-                          env={**os.environ, "KVMUFW_STATE_DIR": str(tmp_path)})
+                          env={**os.environ, "KVMUFW_STATE_DIR": str(tmp_path)}, check=False)
     assert proc.stdout == b""
     assert proc.stderr.decode() == "(0, [])"
 
@@ -218,3 +219,100 @@ def test_repeated_ops_change_nothing(netns, state_env):
         assert netns.save() == base, name
     hook("04-qemu.web1.start")  # a start after a stop brings back exactly the same rules
     assert netns.save() == started
+
+
+def shim_imports(kind, argv, stdin: bytes, env: dict, netns) -> set[str]:
+    """The modules the real shim imports for one call, run as libvirt runs it (the
+    shebang's ``-IS`` and ``-X importtime``); asserts that the call succeeds."""
+    clean = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "LC_ALL": "C", **env}
+    proc = subprocess.run([*netns.prefix, "/usr/bin/python3", "-IS", "-X", "importtime",
+                           str(HOOKS / kind), *argv], input=stdin, capture_output=True,
+                          env=clean, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout == b"", proc.stderr[-2000:]
+    lines = proc.stderr.decode().splitlines()
+    return {l.rsplit("|", 1)[1].strip() for l in lines if l.startswith("import time:")}
+
+
+HEAVY = {"lxml", "lxml.etree", "xml", "kvmufw_hook.parse", "kvmufw_hook.model",
+         "kvmufw_hook.plan", "kvmufw_hook.ops", "dataclasses", "subprocess", "re", "typing",
+         "site", "libvirt"}
+
+
+def test_a_guest_stop_parses_nothing(netns, state_env):
+    """stopped: the rules go by the guest's name, with no XML, lxml or planner."""
+    run_hook(*sample("16-network.lab.started"), state_env, netns)
+    base = kvmufw_lines(netns)
+    assert run_hook(*sample("04-qemu.web1.start"), state_env, netns).returncode == 0
+    assert kvmufw_lines(netns) != base
+    stopped = (SAMPLES / "09-qemu.web1.stopped.xml").read_bytes()
+    imported = shim_imports("qemu", ["web1", "stopped", "end", "-"], stopped, state_env, netns)
+    assert "kvmufw_hook.backends.iptables" in imported  # it did remove rules, and
+    assert not imported & HEAVY, imported & HEAVY  # with nothing heavy
+    assert kvmufw_lines(netns) == base
+    imported = shim_imports("qemu", ["web1", "release", "end", "-"], b"", state_env, netns)
+    assert not {m for m in imported if m.startswith("kvmufw_hook.backends")}, imported
+
+
+def test_a_guest_start_finds_lxml_without_site(netns, state_env):
+    """lxml from the distribution's directory, not through site; inspect deferred."""
+    run_hook(*sample("16-network.lab.started"), state_env, netns)
+    imported = shim_imports(*sample("04-qemu.web1.start"), state_env, netns)
+    assert {"lxml.etree", "kvmufw_hook.ops"} <= imported
+    assert not imported & {"site", "sitecustomize", "subprocess", "inspect", "ast", "typing",
+                            "socket"}, imported
+    assert len([l for l in kvmufw_lines(netns) if "d=web1" in l]) == 15
+
+
+def test_prepare_reads_no_stdin(state_env):
+    """libvirt writes the XML to a pipe and ignores EPIPE when the hook exits without
+    reading it (virCommandProcessIO): prepare must return at once, here with a pipe
+    that never ends."""
+    clean = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", **state_env}
+    proc = subprocess.Popen([str(HOOKS / "qemu"), "web1", "prepare", "begin", "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=clean)
+    try:
+        proc.stdin.write((SAMPLES / "01-qemu.web1.prepare.xml").read_bytes())
+        proc.stdin.flush()  # and never closed: a read to the end would wait for ever
+        assert proc.wait(timeout=30) == 0
+        assert proc.stdout.read() == b"" and proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
+        proc.wait()
+
+
+def test_deferred_inspect_becomes_the_real_one_when_used():
+    code = """
+import sys; sys.path.insert(0, sys.argv[1]); from kvmufw_hook import hook
+hook._prepare_lxml(); import lxml.etree, dataclasses, inspect
+deferred = 'ast' not in sys.modules
+def f(a, b=1): yield a
+print(deferred, inspect.getfullargspec(f).args, inspect.isgenerator(f(1)),
+      inspect.signature(f), type(sys.modules['inspect']).__name__,
+      dataclasses.inspect.Parameter is sys.modules['inspect'].Parameter)
+"""
+    proc = subprocess.run(["/usr/bin/python3", "-IS", "-c", code, str(ROOT)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.stderr == ""  # no warning from Cython patching it either
+    assert proc.stdout == "True ['a', 'b'] True (a, b=1) module True\n"
+
+
+@pytest.mark.parametrize("argv", [["web1", "prepare", "begin", "-"],
+                                  ["web1", "started", "begin", "-"]])
+def test_an_installed_hook_that_needs_nothing_imports_nothing(argv, tmp_path):
+    """install.sh writes LIB as a constant: a call that needs nothing then loads the
+    hook entry and nothing else, not even os (libvirt waits for each call)."""
+    shim = tmp_path / "qemu"
+    shim.write_text("".join(f'LIB = "{ROOT}"\n' if line.startswith("LIB = ") else line
+                            for line in (HOOKS / "qemu").read_text().splitlines(True)))
+    proc = subprocess.run(["/usr/bin/python3", "-IS", "-X", "importtime", str(shim), *argv],
+                          input=(SAMPLES / "01-qemu.web1.prepare.xml").read_bytes(),
+                          capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout == b""
+    imported = {l.rsplit("|", 1)[1].strip() for l in proc.stderr.decode().splitlines()
+                if l.startswith("import time:") and "|" in l}
+    assert "kvmufw_hook.hook" in imported
+    assert not imported & {"os", "kvmufw_hook.log", "kvmufw_hook.state"}, imported

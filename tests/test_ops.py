@@ -16,7 +16,7 @@ def quiet_host(monkeypatch, state_env):
     """A host with one address and no services: what /proc would say is not the test."""
     from ipaddress import IPv4Address
     facts = host.HostFacts(frozenset({IPv4Address("203.0.113.1")}), ())
-    monkeypatch.setattr(host.HostFacts, "read", classmethod(lambda cls: facts))
+    monkeypatch.setattr(host.HostFacts, "read", classmethod(lambda cls, prefix=(): facts))
 
 
 def lab_started(backend):

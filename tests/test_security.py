@@ -493,3 +493,70 @@ def test_printable_keeps_ordinary_text():
     from kvmufw_hook.errors import printable
     assert printable("café ☃ web-1 (ssh)") == "café ☃ web-1 (ssh)"
     assert printable("a\u00a0b\u2028c\td") == "a\\xa0b\\u2028c\\td"
+
+
+def test_hook_error_lines_escape_control_characters(netns, state_env):
+    from test_hook import run_hook
+    name = "evil\x1b[2J\x9b1A"
+    xml = START.replace("<name>web1</name>", f"<name>{name}</name>").replace(
+        'host-port="2222"', 'host-port="22abc"')
+    proc = run_hook("qemu", [name, "start", "begin", "-"], xml.encode(), state_env, netns)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert "\x1b" not in err and "\x9b" not in err and err.count("\n") == 1
+    assert err.startswith("kvmufw_hook: qemu start evil\\x1b[2J\\x9b1A: domain ")
+
+
+# --------------------------------------------------------------------------- the lab: real
+# libvirtd, QEMU guests, UFW and packets (tests/lab.py); g5/g6 answer for 10.0.0.5/.6
+
+from test_lab import forwards, guest, kvmufw, lab  # noqa: F401  (fixtures)
+
+
+def test_lab_whitespace_twin_cannot_take_or_keep_a_port(lab, guest):  # noqa: F811
+    guest("victim", [("lab", "52:54:00:00:00:06")], forwards('host-port="2240" guest-port="22"'))
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2240) == "203.0.113.2"
+    lab.define_domain("victim ", [("lab", "52:54:00:00:00:07")],
+                      forwards('host-port="2240" guest-port="22"'))
+    try:
+        proc = lab.run("virsh", "-q", "-c", "qemu:///system", "start", "victim ", check=False)
+        assert proc.returncode != 0 and "already forwarded by domain 'victim'" in proc.stderr
+        assert lab.ask("inet", "tcp", "203.0.113.1", 2240) == "203.0.113.2"
+        kvmufw(lab, "forward", "remove", "victim ", "2240")
+        kvmufw(lab, "forward", "add", "victim ", "2241:22")
+        lab.virsh("start", "victim ")
+        assert "d=victim~20," in lab.save()
+        lab.virsh("destroy", "victim ")
+        save = lab.save()
+        assert "d=victim~20," not in save and "d=victim," in save
+        assert lab.ask("inet", "tcp", "203.0.113.1", 2240) == "203.0.113.2"
+    finally:
+        lab.virsh("destroy", "victim ", check=False)
+        lab.virsh("undefine", "victim ", check=False)
+
+
+def test_lab_forward_to_another_guests_reservation_is_refused(lab, guest):  # noqa: F811
+    # attacker on .5; .6 is another guest's reservation, and g6 answers there
+    guest("atk", [("lab", "52:54:00:00:00:05")])
+    before = lab.save()
+    err = kvmufw(lab, "forward", "add", "atk", "3306:22", "--guest-ip", "10.0.0.6",
+                 status=2).stderr
+    assert err.count("\n") == 1 and "guest-ip 10.0.0.6 is reserved for another guest" in err
+    for gateway_or_bcast in ("10.0.0.1", "10.0.0.255"):
+        kvmufw(lab, "forward", "add", "atk", "3306:22", "--guest-ip", gateway_or_bcast,
+               status=2)
+    assert lab.save() == before
+    assert lab.ask("inet", "tcp", "203.0.113.1", 3306, 1.0) is None
+
+
+def test_lab_two_host_ips_one_port_and_remove_by_host_ip(lab, guest):  # noqa: F811
+    guest("hip", [("lab", "52:54:00:00:00:05")])
+    kvmufw(lab, "forward", "add", "hip", "3307:22", "--host-ip", "203.0.113.1")
+    kvmufw(lab, "forward", "add", "hip", "3307:80", "--host-ip", "10.0.0.1")
+    err = kvmufw(lab, "forward", "add", "hip", "3307:443", status=2).stderr
+    assert "tcp 3307 is already forwarded" in err
+    err = kvmufw(lab, "forward", "remove", "hip", "3307", status=2).stderr
+    assert err.count("\n") == 1 and "2 forwards match tcp 3307" in err
+    kvmufw(lab, "forward", "remove", "hip", "3307", "--host-ip", "10.0.0.1")
+    assert lab.ask("inet", "tcp", "203.0.113.1", 3307) == "203.0.113.2"
+    assert 'host-ip="10.0.0.1"' not in lab.virsh("dumpxml", "hip")

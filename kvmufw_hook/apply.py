@@ -1,0 +1,90 @@
+"""Applying a change: one read and one write of the firewall, put back if the write fails.
+
+A guest's stop runs through here on libvirt's critical path, so this module imports no
+parser, planner or dataclasses: removing a guest's rules needs its name, not its XML.
+``backend`` arguments are a ``backends.base.Backend``; None means the host's own.
+"""
+
+from __future__ import annotations
+
+from . import state
+from .backends import default_backend
+from .errors import ApplyError, shown
+from .names import domain_owner
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: typing and collections cost milliseconds to import
+    from collections.abc import Callable, Mapping, Sequence
+
+    from .plan import Rule
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+class Applied:
+    """What a change wrote: ``payload`` is empty when nothing changed."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: str):
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return f"Applied({self.payload!r})"
+
+
+def _libvirt_table(backend) -> bool:
+    """Whether libvirt's nftables table may be there (then our accepts go in it too):
+    one netlink request here; a backend that runs elsewhere (``prefix``, tests in a
+    namespace) lets ``libvirt_nft`` ask with ``nft`` in that namespace."""
+    if getattr(backend, "prefix", None):
+        return True
+    from .backends.nftprobe import table_in_kernel
+    return table_in_kernel()
+
+
+def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
+                log: Callable[[str], None] = _quiet, before=None) -> Applied:
+    """Replace the named owners' rules (and drop matching others) in one write;
+    ``before``: the snapshot already read under the lock, if any.
+
+    Where libvirt uses its nftables backend, the forwards' accepts inside libvirt's table
+    follow in one ``nft -f`` after the iptables write, even when iptables has nothing to
+    change (libvirt rebuilt its table: the hooks that run after that put them back).
+    If the kernel refuses either write, our chains are put back as they were and
+    ApplyError is raised: a change is applied whole or not at all.
+    """
+    backend = backend or default_backend()
+    if before is None:
+        before = backend.read()
+    payload = backend.change(before, rules, drop)
+    accepts = None
+    if _libvirt_table(backend):
+        from .backends.libvirt_nft import plan_accepts
+        accepts = plan_accepts(backend, before, rules, drop)
+    if not payload and not (accepts and accepts.script):
+        return Applied("")
+    try:
+        backend.write(payload)
+        if accepts:
+            accepts.write()  # last: one transaction, so if it fails nothing of it is in
+    except ApplyError:
+        try:
+            if payload:
+                backend.write(backend.revert(backend.read(), before))
+        except ApplyError as exc:
+            log(f"rollback failed too: {exc}")
+        raise
+    return Applied(payload + (accepts.text if accepts else ""))
+
+
+def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet) -> Applied:
+    """Remove the guest's forwards (qemu stopped, release): found by their owner tag."""
+    with state.locked():
+        applied = apply_rules({domain_owner(name): ()}, backend=backend, log=log)
+        state.forget_domain(name)  # after the rules: a failed removal keeps the state
+    if applied.payload:
+        log(f"domain {shown(name)}: forwards removed")
+    return applied

@@ -1,0 +1,346 @@
+"""libvirt's own firewall: which backend libvirt uses, and our accepts inside its nftables
+table, the one place where our rules live in a table that is not ours.
+
+Since libvirt 10.4 the network driver can keep its rules in nftables, in ``table ip
+libvirt_network``. Its chain ``guest_input`` ends in ``oif BRIDGE reject`` (``guest_output``
+in ``iif BRIDGE reject`` for isolated networks). In nftables an accept in one table does not
+stop another table's base chain on the same hook, so no iptables rule of ours can let a
+DNAT'd connection past that reject: each forward also needs an accept inside libvirt's chain,
+ahead of the reject.
+
+Promises:
+- Inside libvirt's table we only ever insert accepts carrying our owner tag as their nft
+  comment (``comment "kvmufw:d=web1,b=virbr1,s=10.0.0.0/24"``), in ``guest_input`` for
+  the forwarded (bridge, guest address, protocol, guest port) with ``ct status dnat``, and
+  in ``guest_output`` for its replies. Only rules with our tag are ever deleted, by handle.
+  Nothing of libvirt's is touched.
+- Our accepts sit at the top of each chain, ahead of every rule of libvirt's. libvirt
+  inserts its rules at the top when it rebuilds them (daemon restart, network restart), so
+  any change moves ours that ended up behind a rule of libvirt's back to the top.
+- One ``nft -a list table`` read and at most one ``nft -f`` write per change, the write one
+  transaction. Where libvirt's table is not in the kernel, no process at all: whether it is
+  there is asked with one netlink request.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+from ..errors import ApplyError
+from ..names import parse_tag, tag
+from ..plan import Rule
+from .iptables import SEARCH_PATH, run
+from .nftprobe import TABLE, table_in_kernel
+
+FAMILY = "ip"
+INPUT, OUTPUT = "guest_input", "guest_output"  # into the bridge, out of the bridge
+CHAINS = (INPUT, OUTPUT)
+NETWORK_CONF = "/etc/libvirt/network.conf"
+BACKENDS = ("nftables", "iptables")
+TOOLS = {"nftables": "nft", "iptables": "iptables"}
+NFT_SECTION = f"# nft -f: our accepts in libvirt's table {FAMILY} {TABLE}\n"
+
+_HANDLE = re.compile(r"^(.*) # handle (\d+)$")
+_COMMENT = re.compile(r' comment "((?:[^"\\]|\\.)*)"$')
+_PRIORITY = re.compile(r"^#\s*\[\s*([a-z]+(?:\s*,\s*[a-z]+)*)\s*\]\s*$", re.MULTILINE)
+
+
+# --------------------------------------------------------------------------- the kernel
+
+@dataclass(frozen=True)
+class LibvirtFirewall:
+    """Which firewall backend libvirt uses, how we know, and whether its nftables table
+    (where our accepts go) is in the kernel."""
+
+    backend: str  # "nftables" or "iptables"
+    reason: str
+    table: bool
+
+
+def build_order(conf_text: str | None) -> tuple[str, ...]:
+    """The backends in the order this libvirt build tries them: libvirt >= 10.4 ships a
+    network.conf whose comments list them (``#     [iptables, nftables]`` on Debian,
+    nftables first upstream). Without that list libvirt predates the nftables backend."""
+    match = _PRIORITY.search(conf_text or "")
+    if not match:
+        return ("iptables",)
+    order = tuple(b.strip() for b in match.group(1).split(","))
+    return tuple(b for b in order if b in BACKENDS) or ("iptables",)
+
+
+def configured(conf_text: str | None) -> str | None:
+    """``firewall_backend = "…"`` from network.conf, if set."""
+    for line in (conf_text or "").splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key.strip() == "firewall_backend":
+            return value.strip().strip('"').strip("'") or None
+    return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def libvirt_firewall(iptables_snapshot=None, nft: LibvirtNft | None = None,
+                     conf: str = NETWORK_CONF) -> LibvirtFirewall:
+    """The backend libvirt really uses, from the running host first: its nftables table in
+    the kernel, else its LIBVIRT_* chains in iptables, else ``firewall_backend`` in
+    network.conf, else the first backend of the build's order whose tool is installed.
+    Hooks, replay, status and doctor all decide through this one function."""
+    table = (nft or LibvirtNft()).table_present()
+    if table:
+        return LibvirtFirewall("nftables", f"kernel: table {FAMILY} {TABLE}", True)
+    if iptables_snapshot is not None and any(
+            chain.startswith("LIBVIRT_") for t in iptables_snapshot.tables.values()
+            for chain in t.chains):
+        return LibvirtFirewall("iptables", "kernel: libvirt's LIBVIRT_* iptables chains", False)
+    text = _read(conf)
+    chosen = configured(text)
+    if chosen in BACKENDS:
+        return LibvirtFirewall(chosen, f'{conf}: firewall_backend = "{chosen}"', False)
+    order = build_order(text)
+    for backend in order:
+        if shutil.which(TOOLS[backend], path=SEARCH_PATH):
+            return LibvirtFirewall(backend, "the build's order (" + ", ".join(order)
+                                   + "), first installed", False)
+    return LibvirtFirewall(order[0], "the build's order (" + ", ".join(order) + ")", False)
+
+
+# --------------------------------------------------------------------------- render
+
+def _addr(net: IPv4Network) -> str:
+    return str(net.network_address) if net.prefixlen == 32 else str(net)
+
+
+def _ports(ports) -> str:
+    return str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
+
+
+def render_accept(rule: Rule) -> tuple[str, str] | None:
+    """(chain, rule text as ``nft list`` prints it) for a forward's FORWARD accept of
+    DNAT'd connections, or None for every other rule (those need nothing in libvirt's
+    table). Bridge names are interface names, checked by the parser ([A-Za-z0-9_.:@+-])."""
+    if rule.hook != "forward" or rule.ctstate != "DNAT" or rule.verdict != "ACCEPT":
+        return None
+    if rule.oif and rule.dst is not None and rule.dport:
+        chain = INPUT
+        match = [f'oif "{rule.oif}"', f"ip daddr {_addr(rule.dst)}",
+                 f"{rule.proto} dport {_ports(rule.dport)}"]
+    elif rule.iif and rule.src is not None and rule.sport:
+        chain = OUTPUT
+        match = [f'iif "{rule.iif}"', f"ip saddr {_addr(rule.src)}",
+                 f"{rule.proto} sport {_ports(rule.sport)}"]
+    else:
+        return None
+    text = " ".join(match + ["ct status dnat accept",
+                             f'comment "{tag(rule.owner, rule.bridge, rule.subnet)}"'])
+    return chain, text
+
+
+# --------------------------------------------------------------------------- snapshot
+
+@dataclass(frozen=True)
+class NftRule:
+    handle: int
+    text: str  # as ``nft list`` prints it, without the handle
+    tag: dict | None  # our owner tag, or None: not ours
+
+
+@dataclass
+class NftSnapshot:
+    """libvirt's chains as ``nft -a list table ip libvirt_network`` printed them."""
+
+    table: bool = False
+    chains: dict[str, list[NftRule]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> NftSnapshot:
+        snap = cls(table=False)
+        chain = None
+        for raw in text.splitlines():
+            line = raw.strip()
+            if line.startswith(f"table {FAMILY} {TABLE} "):
+                snap.table = True
+            elif line.startswith("chain "):
+                chain = line.split()[1]
+                snap.chains[chain] = []
+            elif line == "}":
+                chain = None
+            elif chain is not None and (match := _HANDLE.match(line)):
+                body, handle = match.group(1), int(match.group(2))
+                comment = _COMMENT.search(body)
+                snap.chains[chain].append(
+                    NftRule(handle, body, parse_tag(comment.group(1)) if comment else None))
+        return snap
+
+    def ours(self, chain: str) -> list[tuple[NftRule, bool]]:
+        """Our rules in ``chain``, each with whether it sits ahead of all of libvirt's."""
+        out, ahead = [], True
+        for rule in self.chains.get(chain, []):
+            if rule.tag is None:
+                ahead = False
+            else:
+                out.append((rule, ahead))
+        return out
+
+
+Target = dict[str, list[str]]  # chain -> our rule texts
+
+
+def compose(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
+            drop: Callable[[dict[str, str]], bool] | None = None) -> Target:
+    """Our accepts as they should be: ``rules`` replaces each named owner's (an empty
+    sequence removes the owner), ``drop`` removes any other owner's it accepts; the rest
+    stay. Mirrors ``iptables.compose``."""
+    target: Target = {chain: [] for chain in CHAINS}
+    for chain in CHAINS:
+        for rule, _ahead in snapshot.ours(chain):
+            owner = rule.tag["owner"]
+            if owner not in rules and not (drop and drop(rule.tag)):
+                target[chain].append(rule.text)
+    seen: set[tuple[str, str]] = set()  # two forwards to one guest port need one accept
+    for owner in sorted(rules):
+        for rule in rules[owner]:
+            rendered = render_accept(rule)
+            if rendered and rendered not in seen:
+                seen.add(rendered)
+                target[rendered[0]].append(rendered[1])
+    return target
+
+
+def transition(snapshot: NftSnapshot, target: Target) -> str:
+    """The ``nft -f`` script that takes our accepts in ``snapshot`` to ``target``: deletes
+    (by handle, only rules with our tag) what is not wanted, duplicated or behind a rule of
+    libvirt's, and inserts at the top what is missing. Empty when nothing changes, or when
+    libvirt's table is not there (then it rejects nothing either)."""
+    if not snapshot.table:
+        return ""
+    out: list[str] = []
+    for chain in CHAINS:
+        if chain not in snapshot.chains:
+            continue
+        wanted = Counter(target.get(chain, []))
+        for rule, ahead in snapshot.ours(chain):
+            if ahead and wanted[rule.text] > 0:
+                wanted[rule.text] -= 1
+            else:
+                out.append(f"delete rule {FAMILY} {TABLE} {chain} handle {rule.handle}")
+        missing = []
+        for text in target.get(chain, []):
+            if wanted[text] > 0:  # not in place yet
+                wanted[text] -= 1
+                missing.append(text)
+        # insert puts each rule first: reversed, they end up in target order
+        out.extend(f"insert rule {FAMILY} {TABLE} {chain} {text}" for text in reversed(missing))
+    return "\n".join(out) + "\n" if out else ""
+
+
+# --------------------------------------------------------------------------- backend
+
+class LibvirtNft:
+    """Our accepts in libvirt's nftables table. ``prefix`` runs the commands elsewhere,
+    e.g. ``ip netns exec NS`` (then whether the table exists is asked with ``nft`` too)."""
+
+    @staticmethod
+    def change(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
+               drop: Callable[[dict[str, str]], bool] | None = None) -> str:
+        return transition(snapshot, compose(snapshot, rules, drop))
+
+    @staticmethod
+    def clear(snapshot: NftSnapshot) -> str:
+        return transition(snapshot, {})
+
+    @staticmethod
+    def present(snapshot: NftSnapshot, rules: Iterable[Rule]) -> bool:
+        """Every accept ``rules`` need is in, ahead of libvirt's rules."""
+        placed = {(c, r.text) for c in CHAINS for r, ahead in snapshot.ours(c) if ahead}
+        return all(r in placed for r in map(render_accept, rules) if r is not None)
+
+    def __init__(self, prefix: Iterable[str] = ()):
+        self.prefix = list(prefix)
+
+    @classmethod
+    def beside(cls, backend) -> LibvirtNft:
+        """The one in the same network namespace as an iptables backend."""
+        return cls(getattr(backend, "prefix", ()))
+
+    def _nft(self) -> str:
+        if self.prefix:
+            return "nft"
+        found = shutil.which("nft", path=SEARCH_PATH)
+        if found is None:
+            raise ApplyError("nft not found: install the nftables package")
+        return found
+
+    def table_present(self) -> bool:
+        if not self.prefix:
+            return table_in_kernel()
+        try:
+            run([*self.prefix, "nft", "list", "table", FAMILY, TABLE], name="nft")
+        except ApplyError:
+            return False
+        return True
+
+    def read(self, table: bool = True) -> NftSnapshot:
+        """libvirt's table (``table``: whether it is there, as ``table_present`` said)."""
+        if not table:
+            return NftSnapshot()
+        try:
+            text = run([*self.prefix, self._nft(), "-a", "list", "table", FAMILY, TABLE],
+                       name="nft")
+        except ApplyError:
+            if not self.table_present():  # libvirt removed it meanwhile
+                return NftSnapshot()
+            raise
+        return NftSnapshot.parse(text)
+
+    def write(self, script: str) -> None:
+        if script:
+            run([*self.prefix, self._nft(), "-f", "-"], stdin=script, name="nft")
+
+
+# --------------------------------------------------------------------------- one change
+
+@dataclass
+class Accepts:
+    """The libvirt-table side of one change: planned beside an iptables change, written
+    after it (``nft -f`` is one transaction: if it fails, nothing of it is in)."""
+
+    nft: LibvirtNft
+    before: NftSnapshot
+    script: str
+
+    @property
+    def text(self) -> str:
+        """The script as shown with an iptables payload (dry runs, logs)."""
+        return NFT_SECTION + self.script if self.script else ""
+
+    def write(self) -> None:
+        self.nft.write(self.script)
+
+
+def plan_accepts(backend, iptables_snapshot, rules: Mapping[str, Sequence[Rule]],
+                 drop: Callable[[dict[str, str]], bool] | None = None) -> Accepts:
+    """Our accepts in libvirt's table for this change, when libvirt's table is there."""
+    nft = LibvirtNft.beside(backend)
+    firewall = libvirt_firewall(iptables_snapshot, nft)
+    before = nft.read(firewall.table)
+    return Accepts(nft, before, nft.change(before, rules, drop))
+
+
+def clear_accepts(backend) -> str:
+    """Remove every accept of ours from libvirt's table (flush, uninstall); the script."""
+    nft = LibvirtNft.beside(backend)
+    before = nft.read(nft.table_present())
+    script = nft.clear(before)
+    nft.write(script)
+    return NFT_SECTION + script if script else ""
