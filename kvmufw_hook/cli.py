@@ -20,7 +20,7 @@ EPILOG = """examples:
 """
 
 
-def _err(message: str) -> None:
+def _err(message: object) -> None:
     from .errors import printable
     sys.stderr.write(f"kvmufw_hook: {printable(' '.join(str(message).split()))}\n")
 
@@ -29,18 +29,22 @@ def cmd_plan(args) -> int:
     """Print the iptables-restore payload that the given XML files would apply on a
     host with none of our rules."""
     from .backends.iptables import IptablesBackend, Snapshot
-    from .model import Network
+    from .model import Domain, Network
     from .ops import plan_host
     from .parse import parse_any
 
-    networks, domains = {}, {}
+    networks: dict[str, Network] = {}
+    domains: dict[str, Domain] = {}
     for path in args.files:
         try:
             with open(path, "rb") as fh:
                 doc = parse_any(fh.read(), path)
         except OSError as exc:
             raise InputError(f"{path}: {exc.strerror}") from None
-        (networks if isinstance(doc, Network) else domains)[doc.name] = doc
+        if isinstance(doc, Network):
+            networks[doc.name] = doc
+        else:
+            domains[doc.name] = doc
     host = plan_host(networks, domains)
     if host.problems:
         raise InputError(host.problems[0])
@@ -128,7 +132,8 @@ def cmd_forward(args) -> int:
                           r.get("proto", "tcp"), f"{r.get('host-ip', '*')}:{r['host-port']}",
                           f"{guest}:{r.get('guest-port', r['host-port'])}",
                           r.get("source", "any"), r.get("comment", "")))
-        table = [tuple(printable(cell) for cell in row) for row in table]  # JSON: exact
+        table = [tuple(printable(cell) for cell in row)  # type: ignore[misc]
+                 for row in table]  # JSON: exact
         widths = [max(len(row[i]) for row in table) for i in range(5)]
         for row in table:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[5])
@@ -305,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         from . import log
         log.VERBOSE = True
-    if os.geteuid() != 0 and (args.func in NEEDS_ROOT or args.func is cmd_forward
-                               and args.action != "list"):
+    if os.geteuid() != 0 and (args.func in NEEDS_ROOT or (args.func is cmd_forward
+                               and args.action != "list")):
         _err(f"{args.command} needs root (it reads and changes the firewall): "
              f"sudo kvmufw_hook {args.command} ...")
         return 1

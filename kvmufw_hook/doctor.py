@@ -106,7 +106,7 @@ def check_libvirt_firewall(snapshot, active_networks: int, backend):
     try:
         accepts = nft.read()
     except ApplyError as exc:
-        return firewall, out + [Finding("FAIL", "our accepts in libvirt's table", str(exc),
+        return firewall, [*out, Finding("FAIL", "our accepts in libvirt's table", str(exc),
                                         "install nftables")]
     try:
         host = plan_host(state.load_networks(), state.load_domains())

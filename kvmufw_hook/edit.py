@@ -64,7 +64,8 @@ def _forwards_of(root: etree._Element) -> list[Attrs]:
         if isinstance(el.tag, str) and etree.QName(el).namespace == NAMESPACE:
             for fwd in el:
                 if isinstance(fwd.tag, str):
-                    out.append({etree.QName(k).localname: v for k, v in fwd.attrib.items()})
+                    out.append({etree.QName(k).localname: str(v)
+                                for k, v in fwd.attrib.items()})
     return out
 
 
@@ -95,7 +96,10 @@ def _with_forwards(root: etree._Element, forwards: list[Attrs]) -> etree._Elemen
     if metadata is None:
         metadata = etree.Element("metadata")
         anchor = copy.find("uuid") if copy.find("uuid") is not None else copy.find("name")
-        anchor.addnext(metadata)
+        if anchor is None:
+            copy.insert(0, metadata)
+        else:
+            anchor.addnext(metadata)
     for el in list(metadata):
         if isinstance(el.tag, str) and etree.QName(el).namespace == NAMESPACE:
             metadata.remove(el)
@@ -175,17 +179,17 @@ def _change(action: str, spec: Attrs, what: str,
 
 def _live(conn) -> tuple[dict[str, Network], dict[str, Domain]]:
     libvirt = libvirt_module()
-    networks = {}
+    networks: dict[str, Network] = {}
     for net in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
-        model = parse_network(load(net.XMLDesc(0), f"network {net.name()}"))
-        networks[model.name] = state.with_override(model)
-    domains = {}
+        network = parse_network(load(net.XMLDesc(0), f"network {net.name()}"))
+        networks[network.name] = state.with_override(network)
+    domains: dict[str, Domain] = {}
     for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         try:
-            model = parse_domain(load(dom.XMLDesc(0), f"domain {dom.name()}"))
+            domain = parse_domain(load(dom.XMLDesc(0), f"domain {dom.name()}"))
         except InputError:
             continue  # a guest with broken metadata claims nothing we could check
-        domains[model.name] = model
+        domains[domain.name] = domain
     return networks, domains
 
 

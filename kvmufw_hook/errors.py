@@ -34,8 +34,8 @@ def printable(text: object) -> str:
     if value.isprintable():  # the common case, and the hooks' fast path
         return value
     import unicodedata
-    return "".join(_escape(ch) if ch != " " and unicodedata.category(ch) in _HIDDEN
-                   or ch.isspace() and ch != " " else ch for ch in value)
+    return "".join(_escape(ch) if (ch != " " and unicodedata.category(ch) in _HIDDEN)
+                   or (ch.isspace() and ch != " ") else ch for ch in value)
 
 
 def shown(text: object, limit: int = 80) -> str:

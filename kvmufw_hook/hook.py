@@ -107,7 +107,7 @@ def _prepare_lxml() -> None:
     site.main()
 
 
-class _DeferredInspect(type(sys)):
+class _DeferredInspect(type(sys)):  # type: ignore[misc]
     """Stands in for the inspect module until something really uses it.
 
     lxml (``from inspect import getfullargspec``, and Cython wraps ``isgenerator``) and
@@ -158,7 +158,7 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
     from . import ops
     if kind == "network":
         from . import state
-        from .parse import parse_hookdata, parse_network_xml
+        from .parse import parse_hookdata
         net, port = parse_hookdata(data)
         if op in ("start", "started"):
             state.forget_network_override(net.name)  # live XML = persistent definition now

@@ -15,7 +15,7 @@ def log(message: str, error: bool = False) -> None:
         import syslog
         syslog.openlog("kvmufw_hook", syslog.LOG_PID, syslog.LOG_DAEMON)
         syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, line)
-    except Exception:  # noqa: BLE001 - no syslog socket: stderr still has errors
+    except Exception:
         pass
     if error or VERBOSE:
         sys.stderr.write(f"kvmufw_hook: {line}\n")

@@ -53,8 +53,9 @@ def safe_name(name: str) -> str:
     back to the one name it came from: a name that looks like a token (``web1~20``) is
     encoded again (``web1~7e20``). A token longer than MAX_ENCODED characters is replaced
     by a readable stem, ``~~`` (which an encoding never contains: ``~`` is always followed
-    by hex) and the whole SHA-256 of the name: two long names share a token only if they
-    share a SHA-256.
+    by hex) and the first 128 bits of the name's SHA-256: two long names share a token
+    only if they share those (no one finds such a pair). 128 bits, not 256, so that the
+    longest owner tag fits the 128 bytes nft keeps of a rule's comment.
     """
     parts = [_escaped(ch) for ch in name]
     encoded = "".join(parts)
@@ -66,7 +67,7 @@ def safe_name(name: str) -> str:
         if len(stem) + len(part) > _STEM:
             break
         stem += part
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return f"{stem}~~{digest}"
 
 

@@ -179,7 +179,7 @@ def check_own_macs(dom: Domain, networks: Mapping[str, Network],
         return
     by_bridge = {n.bridge: n for n in networks.values() if n.bridge}
     for nic in dom.nics:
-        net = networks.get(nic.network or "") or by_bridge.get(nic.bridge)
+        net = networks.get(nic.network or "") or by_bridge.get(nic.bridge or "")
         if net is None or not nic.mac:
             continue
         others = sorted({o for mac, o in ports(net.name) if mac == nic.mac and o != dom.name})

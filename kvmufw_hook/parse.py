@@ -126,7 +126,7 @@ def load(data: bytes | str, what: str = "input") -> etree._Element:
 
 def _bounded_parse(data: bytes, what: str) -> etree._Element:
     import time
-    parser = etree.XMLPullParser(events=("start",), **_PARSER_OPTIONS)
+    parser = etree.XMLPullParser(events=("start",), **_PARSER_OPTIONS)  # type: ignore[arg-type]
     deadline = time.monotonic() + MAX_PARSE_SECONDS
     elements = 0
     for offset in range(0, len(data), _CHUNK):
@@ -277,7 +277,7 @@ def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> F
         qname = etree.QName(key)
         if qname.namespace not in (None, NAMESPACE) or qname.localname not in allowed:
             raise InputError(f"{where}: unknown attribute {shown(qname.localname)}")
-        attrs[qname.localname] = value
+        attrs[qname.localname] = str(value)
     if "host-port" not in attrs:
         raise InputError(f"{where}: host-port is required")
     proto = attrs.get("proto", "tcp").strip().lower()
@@ -361,10 +361,11 @@ def parse_network(el: etree._Element) -> Network:
             raise InputError(f"{what}: bad <ip address={shown(address)}>") from None
         ipv4.append(iface)
         for host in ip_el.findall("dhcp/host"):
-            if not host.get("ip"):
+            host_ip = host.get("ip")
+            if not host_ip:
                 continue
             hosts.append(DhcpHost(mac=_mac(host.get("mac"), f"{what}: dhcp host mac"),
-                                  ip=_ipv4(host.get("ip"), f"{what}: dhcp host ip"),
+                                  ip=_ipv4(host_ip, f"{what}: dhcp host ip"),
                                   name=host.get("name")))
     forwards = parse_forwards(el.find("metadata"), what, NETWORK_ATTRS)
     return Network(name=name, uuid=_text(el, "uuid"), mode=mode, bridge=bridge, dev=dev,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network
 
 from .errors import InputError, shown
@@ -70,32 +71,32 @@ def plan_network(net: Network) -> tuple[Rule, ...]:
     first = str(net.subnets[0]) if net.subnets else "-"
     rules: list[Rule] = []
     for subnet in net.subnets:
-        common = dict(owner=owner, bridge=bridge, subnet=str(subnet))
+        rule = partial(Rule, owner=owner, bridge=bridge, subnet=str(subnet))
         if net.mode == "nat":
-            rules.append(Rule("forward", src=subnet, iif=bridge, oif=net.dev,
-                              verdict="ACCEPT", **common))
-            rules.append(Rule("forward", dst=subnet, iif=net.dev, oif=bridge,
-                              ctstate="RELATED,ESTABLISHED", verdict="ACCEPT", **common))
+            rules.append(rule("forward", src=subnet, iif=bridge, oif=net.dev,
+                              verdict="ACCEPT"))
+            rules.append(rule("forward", dst=subnet, iif=net.dev, oif=bridge,
+                              ctstate="RELATED,ESTABLISHED", verdict="ACCEPT"))
             ports = net.nat_ports or DEFAULT_NAT_PORTS
             for proto in ("tcp", "udp", None):
-                rules.append(Rule("postrouting", src=subnet, not_dst=subnet, oif=net.dev,
+                rules.append(rule("postrouting", src=subnet, not_dst=subnet, oif=net.dev,
                                   proto=proto, not_bcast_mcast=True, verdict="MASQUERADE",
-                                  to_ports=ports if proto else None, **common))
+                                  to_ports=ports if proto else None))
         elif net.mode in ("route", "open"):
             dev = net.dev if net.mode == "route" else None
-            rules.append(Rule("forward", src=subnet, iif=bridge, oif=dev,
-                              verdict="ACCEPT", **common))
-            rules.append(Rule("forward", dst=subnet, iif=dev, oif=bridge,
-                              verdict="ACCEPT", **common))
-    common = dict(owner=owner, bridge=bridge, subnet=first)
-    rules.append(Rule("forward", iif=bridge, oif=bridge, verdict="ACCEPT", **common))
+            rules.append(rule("forward", src=subnet, iif=bridge, oif=dev,
+                              verdict="ACCEPT"))
+            rules.append(rule("forward", dst=subnet, iif=dev, oif=bridge,
+                              verdict="ACCEPT"))
+    rule = partial(Rule, owner=owner, bridge=bridge, subnet=first)
+    rules.append(rule("forward", iif=bridge, oif=bridge, verdict="ACCEPT"))
     if net.subnets:  # libvirt runs dnsmasq for it: DHCP and DNS to the host
-        rules.append(Rule("input", iif=bridge, proto="udp", dport=PortRange(67, 67),
-                          verdict="ACCEPT", **common))
-        rules.append(Rule("input", iif=bridge, proto="udp", dport=PortRange(53, 53),
-                          verdict="ACCEPT", **common))
-        rules.append(Rule("input", iif=bridge, proto="tcp", dport=PortRange(53, 53),
-                          verdict="ACCEPT", **common))
+        rules.append(rule("input", iif=bridge, proto="udp", dport=PortRange(67, 67),
+                          verdict="ACCEPT"))
+        rules.append(rule("input", iif=bridge, proto="udp", dport=PortRange(53, 53),
+                          verdict="ACCEPT"))
+        rules.append(rule("input", iif=bridge, proto="tcp", dport=PortRange(53, 53),
+                          verdict="ACCEPT"))
     return tuple(rules)
 
 
@@ -167,7 +168,7 @@ def domain_networks(dom: Domain, networks: Mapping[str, Network]) -> list[tuple[
     by_bridge = {n.bridge: n for n in networks.values() if n.bridge}
     out = []
     for nic in dom.nics:
-        net = networks.get(nic.network) if nic.network else by_bridge.get(nic.bridge)
+        net = networks.get(nic.network) if nic.network else by_bridge.get(nic.bridge or "")
         if net is not None and net.managed and nic.mac:
             out.append((nic.mac, net))
     return out
@@ -218,7 +219,7 @@ def resolve_domain_forwards(dom: Domain, networks: Mapping[str, Network]) -> tup
             for mac, net in candidates:
                 ip = net.reservation(mac)
                 subnet = net.subnet_of(ip) if ip is not None else None
-                if subnet is not None:
+                if ip is not None and subnet is not None:
                     target = Target(spec, ip, net, subnet)
                     break
             if target is None:
@@ -241,27 +242,25 @@ def plan_forwards(owner: str, targets: Iterable[Target]) -> tuple[Rule, ...]:
         spec, bridge = t.spec, t.network.bridge
         assert bridge is not None
         guest = IPv4Network(int(t.guest_ip))  # /32; from an int: no text round trip (5x)
-        common = dict(owner=owner, bridge=bridge, subnet=str(t.subnet), proto=spec.proto)
+        rule = partial(Rule, owner=owner, bridge=bridge, subnet=str(t.subnet), proto=spec.proto)
         shifted = spec.guest_port.width > 1 and spec.guest_port != spec.host_port
-        dnat = dict(verdict="DNAT", dport=spec.host_port, to_addr=t.guest_ip,
-                    to_ports=spec.guest_port, to_base=spec.host_port.first if shifted else None)
+        dnat = partial(rule, verdict="DNAT", dport=spec.host_port, to_addr=t.guest_ip,
+                       to_ports=spec.guest_port,
+                       to_base=spec.host_port.first if shifted else None)
         host = IPv4Network(spec.host_ip) if spec.host_ip is not None else None
         # --dst-type LOCAL always, host-ip or not: a forward never matches traffic that
         # is not addressed to this host (a host-ip that stops being local matches nothing)
         for src in spec.sources or (None,):
-            rules.append(Rule("prerouting", src=src, dst=host, dst_local=True,
-                              **dnat, **common))
+            rules.append(dnat("prerouting", src=src, dst=host, dst_local=True))
         for src in spec.sources or (None,):
-            rules.append(Rule("output", src=src, dst=host,
-                              not_dst=LOOPBACK if host is None else None,
-                              dst_local=True, **dnat, **common))
-        rules.append(Rule("forward", dst=guest, oif=bridge, dport=spec.guest_port,
-                          ctstate="DNAT", verdict="ACCEPT", **common))
-        rules.append(Rule("forward", src=guest, iif=bridge, sport=spec.guest_port,
-                          ctstate="DNAT", verdict="ACCEPT", **common))
-        rules.append(Rule("postrouting", src=t.subnet, dst=guest, oif=bridge,
-                          dport=spec.guest_port, ctstate="DNAT", verdict="MASQUERADE",
-                          **common))
+            rules.append(dnat("output", src=src, dst=host,
+                              not_dst=LOOPBACK if host is None else None, dst_local=True))
+        rules.append(rule("forward", dst=guest, oif=bridge, dport=spec.guest_port,
+                          ctstate="DNAT", verdict="ACCEPT"))
+        rules.append(rule("forward", src=guest, iif=bridge, sport=spec.guest_port,
+                          ctstate="DNAT", verdict="ACCEPT"))
+        rules.append(rule("postrouting", src=t.subnet, dst=guest, oif=bridge,
+                          dport=spec.guest_port, ctstate="DNAT", verdict="MASQUERADE"))
     return tuple(rules)
 
 
@@ -293,7 +292,8 @@ def check_conflicts(owner_label: str, specs: Iterable[ForwardSpec],
     over port ranges sorted by their start: O(n log n), so that a guest with thousands
     of forwards is checked in milliseconds.
     """
-    entries = [(s.proto, s.host_port.first, i, s, None) for i, s in enumerate(specs)]
+    entries: list[tuple[str, int, int, ForwardSpec, str | None]] = [
+        (s.proto, s.host_port.first, i, s, None) for i, s in enumerate(specs)]
     entries += [(s.proto, s.host_port.first, -1, s, label)
                 for label, theirs in others for s in theirs]
     entries.sort(key=lambda e: (e[0], e[1], e[2]))

@@ -56,7 +56,7 @@ def _v6only(data: bytes, start: int, end: int) -> bool:
 
 
 def _dump(sock, seq: int, size: int) -> list[Listening]:
-    found = []
+    found: list[Listening] = []
     while True:
         data, (sender, _groups) = sock.recvfrom(1 << 17)
         if sender != 0:

@@ -139,13 +139,13 @@ def format_table(report: dict) -> str:
                 state_text = "ok" if f["present"] else ("ERROR" if f.get("error") else "MISSING")
                 rows.append((owner, f["proto"], host, guest, ",".join(f["sources"]) or "any",
                              state_text, f.get("error") or f["comment"] or ""))
-    rows = [tuple(printable(cell) for cell in row) for row in rows]
+    rows = [tuple(printable(cell) for cell in row) for row in rows]  # type: ignore[misc]
     if len(rows) == 1:
         text = "no networks or guests with kvmufw rules known\n"
     else:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        text = "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] + "\n"
-                       for r in rows)
+        text = "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
+                       + "  " + r[-1] + "\n" for r in rows)
     if report.get("kernel_error"):
         text += f"cannot read the firewall: {printable(report['kernel_error'])}\n"
     return text

@@ -44,7 +44,7 @@ def call(fn, *args):
     sys.stdout, sys.stderr = out, err
     try:
         status = fn(*args)
-    except BaseException as exc:  # noqa: BLE001 - the point is to see anything escape
+    except BaseException as exc:
         status = f"exception {type(exc).__name__}: {exc}"
     finally:
         sys.stdout, sys.stderr = real

@@ -23,7 +23,7 @@ class Netns:
         self.procs: list[subprocess.Popen] = []
 
     @classmethod
-    def create(cls, role: str) -> "Netns":
+    def create(cls, role: str) -> Netns:
         name = f"kvmufw-{os.getpid()}-{next(_counter)}-{role}"[:40]
         subprocess.run(["ip", "netns", "add", name], check=True)
         ns = cls(name)

@@ -420,16 +420,23 @@ def test_flush_removes_our_accepts_and_nothing_of_libvirts(nftns):
 
 
 PROCESSES = """
-import subprocess, sys, time
+import os, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
 from kvmufw_hook import ops
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 count = [0]
-real = subprocess.Popen.__init__
+def counted(real):
+    def spawn(*a, **k):
+        count[0] += 1
+        return real(*a, **k)
+    return spawn
+# every way a process can start: process.py uses posix_spawn, anything else Popen
+real_init = subprocess.Popen.__init__
 def counting(self, *a, **k):
     count[0] += 1
-    real(self, *a, **k)
+    real_init(self, *a, **k)
 subprocess.Popen.__init__ = counting
+os.posix_spawn, os.posix_spawnp = counted(os.posix_spawn), counted(os.posix_spawnp)
 raw = sys.stdin.buffer.read()
 net, _ = parse_hookdata(raw)
 ops.network_started(net, raw)
@@ -453,6 +460,7 @@ def processes(ns, state) -> dict:
 
 def test_no_extra_process_unless_libvirts_table_is_there(nftns, state_env, tmp_path):
     nftns.run("ip", "link", "add", "virbr1", "type", "bridge")
+    nftns.run("ip", "addr", "add", "203.0.113.1/32", "dev", "lo")  # the forwards' host-ip
     without = processes(nftns, state_env)
     assert without == {"start": 2, "again": 1, "stop": 2}  # iptables-save, -restore: as before
     nftns.run("ip", "link", "del", "virbr1")

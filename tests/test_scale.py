@@ -177,7 +177,7 @@ client = socket.socket(); client.connect(("127.0.0.1", 2222)); peer = v4.accept(
 # "/proc/self/.." is /proc, but not the default: read_listeners parses the files then
 proc = sorted((str(l.addr), l.port, l.inode) for l in host.read_listeners("/proc/self/..")
               if l.proto == "tcp")
-diag = sorted((str(host.ip_address(a)), p, i) for a, p, i in sockdiag.tcp_listeners())
+diag = sorted((str(host.ip_address(a)), p, i) for a, p, i, *_ in sockdiag.tcp_listeners())
 used = sorted((str(l.addr), l.port) for l in host.read_listeners() if l.proto == "tcp")
 print(proc == diag, used)
 """

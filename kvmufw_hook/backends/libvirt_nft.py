@@ -141,8 +141,8 @@ def render_accept(rule: Rule) -> tuple[str, str] | None:
                  f"{rule.proto} sport {_ports(rule.sport)}"]
     else:
         return None
-    text = " ".join(match + ["ct status dnat accept",
-                             f'comment "{tag(rule.owner, rule.bridge, rule.subnet)}"'])
+    text = " ".join([*match, "ct status dnat accept",
+                     f'comment "{tag(rule.owner, rule.bridge, rule.subnet)}"'])
     return chain, text
 
 
@@ -203,10 +203,10 @@ def compose(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
     stay. Mirrors ``iptables.compose``."""
     target: Target = {chain: [] for chain in CHAINS}
     for chain in CHAINS:
-        for rule, _ahead in snapshot.ours(chain):
-            owner = rule.tag["owner"]
-            if owner not in rules and not (drop and drop(rule.tag)):
-                target[chain].append(rule.text)
+        for ours, _ahead in snapshot.ours(chain):
+            tagged = ours.tag or {}
+            if tagged.get("owner") not in rules and not (drop and drop(tagged)):
+                target[chain].append(ours.text)
     seen: set[tuple[str, str]] = set()  # two forwards to one guest port need one accept
     for owner in sorted(rules):
         for rule in rules[owner]:
