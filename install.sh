@@ -9,7 +9,7 @@
 #   4. an entry in /etc/ufw/after.init that runs `kvmufw_hook restore` (bounded by timeout)
 #      whenever UFW starts or reloads: from our own state and the kernel, never libvirt
 #   5. where systemd runs: drop-ins that start libvirt after UFW and put our jumps back
-#      first after each daemon start (`kvmufw_hook restore --jumps-only`)
+#      first after each daemon start (`kvmufw_hook restore --jumps-only --watch 30`)
 #   6. one SIGHUP to a running libvirt daemon, only if it started while no hook of that
 #      kind existed (it would not run ours without one), then `kvmufw_hook replay`
 #
@@ -113,13 +113,15 @@ dropin() {
     cat <<EOF
 $MARK
 # Start libvirt after UFW, and put kvmufw_hook's jumps back in first place after each
-# start: the daemon re-inserts its own jumps at position 1 when it starts (Debian's
-# libvirtd exits when idle and is started again by its socket). Never fails the unit.
+# start: the daemon re-inserts its own jumps at position 1 when it starts, and again when
+# it reloads its networks' rules a few seconds after it is ready (Debian's libvirtd exits
+# when idle and is started again by its socket). So the repair keeps watching for 30 s,
+# in the background: it never holds up the unit, and never fails it.
 [Unit]
 After=ufw.service
 
 [Service]
-ExecStartPost=-$TIMEOUT 10 $BIN restore --jumps-only
+ExecStartPost=-/bin/sh -c '$TIMEOUT 40 $BIN restore --jumps-only --watch 30 </dev/null >/dev/null 2>&1 &'
 EOF
 }
 

@@ -78,6 +78,13 @@ def cmd_replay(args) -> int:
 def cmd_restore(args) -> int:
     from .log import log
     from .ops import restore
+    if args.watch:
+        if not args.jumps_only:
+            raise InputError("--watch goes with --jumps-only")
+        from .ops import watch_jumps
+        repaired = watch_jumps(args.watch, log=log, lock_timeout=args.wait)
+        print(f"our jumps put back first {repaired} time(s) in {args.watch:g} s")
+        return 0
     result = restore(jumps_only=args.jumps_only, log=log, lock_timeout=args.wait)
     if args.jumps_only:
         print("our jumps put back first" if result.payload else "our jumps are in place")
@@ -233,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jumps-only", action="store_true",
                    help="only put our jumps back at position 1 (after a libvirt start)")
+    p.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                   help="with --jumps-only: keep putting them back for SECONDS (libvirt "
+                   "reloads its rules a few seconds after it starts)")
     p.add_argument("--wait", type=float, default=10, metavar="SECONDS",
                    help="how long to wait for a running hook to finish (default: %(default)s)")
     p.set_defaults(func=cmd_restore)

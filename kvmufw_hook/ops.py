@@ -443,6 +443,23 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
     return Replayed(payload, problems, len(planned.rules))
 
 
+def watch_jumps(seconds: float, interval: float = 1.0, backend=None, log: Log = _quiet,
+                lock_timeout: float | None = None) -> int:
+    """Put our jumps back first now, and again whenever they lose first place during the
+    next ``seconds``: libvirt reloads its networks' rules (and puts its jumps at position
+    1) a few seconds after its unit counts as started. The number of repairs."""
+    import time
+    deadline = time.monotonic() + seconds
+    repaired = 0
+    while True:
+        if restore(jumps_only=True, backend=backend, log=log,
+                   lock_timeout=lock_timeout).payload:
+            repaired += 1
+        if time.monotonic() + interval > deadline:
+            return repaired
+        time.sleep(interval)
+
+
 def _report(what: str, planned: HostPlan, payload: str, problems: list[str],
             dry_run: bool, log: Log) -> None:
     """The outcome in one line (the problems themselves are the caller's to show)."""

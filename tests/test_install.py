@@ -258,8 +258,8 @@ def test_systemd_drop_ins_repair_our_jumps_after_each_daemon_start(host):
     for unit in ("libvirtd", "virtnetworkd", "virtqemud"):
         dropin = content(host, f"/etc/systemd/system/{unit}.service.d/kvmufw_hook.conf")
         assert "After=ufw.service" in dropin
-        assert ("ExecStartPost=-/usr/bin/timeout 10 /usr/local/sbin/kvmufw_hook restore "
-                "--jumps-only") in dropin
+        assert ("ExecStartPost=-/bin/sh -c '/usr/bin/timeout 40 /usr/local/sbin/kvmufw_hook "
+                "restore --jumps-only --watch 30 </dev/null >/dev/null 2>&1 &'") in dropin
     install(host, "--uninstall")
     for unit in ("libvirtd", "virtnetworkd", "virtqemud"):
         path = f"/etc/systemd/system/{unit}.service.d"

@@ -102,3 +102,27 @@ def test_restore_jumps_only_and_network_stop():
     net, _ = parse_hookdata((SAMPLES / "14-network.lab.stopped.xml").read_bytes())
     ops.network_stopped(net, backend=backend)
     assert "KVMUFW" not in backend.save()
+
+
+class LibvirtRestarts(FakeBackend):
+    """libvirt's start as seen from iptables: a few reads after the unit started, its
+    network reload puts its jump at position 1 of FORWARD again."""
+
+    def __init__(self, reload_at: int) -> None:
+        super().__init__()
+        self.reads, self.reload_at = 0, reload_at
+
+    def read(self):
+        self.reads += 1
+        if self.reads == self.reload_at:
+            self.tables["filter"].setdefault("LIBVIRT_FWX", [])
+            self.tables["filter"]["FORWARD"].insert(0, "-A FORWARD -j LIBVIRT_FWX")
+        return super().read()
+
+
+def test_watch_puts_our_jumps_back_after_libvirts_late_reload():
+    backend = LibvirtRestarts(reload_at=4)
+    lab_started(backend)
+    assert ops.watch_jumps(1.0, interval=0.1, backend=backend) == 1
+    assert backend.tables["filter"]["FORWARD"][0] == "-A FORWARD -j KVMUFW-FORWARD"
+    assert backend.bad_jumps(backend.read()) == []
