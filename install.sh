@@ -745,9 +745,22 @@ uninstall_package() {
     fi
 }
 
+# end_watchers: stop the jump watchers libvirt's unit started (restore --jumps-only
+# --watch, at most 40 s old), so that none puts a jump or the state directory back.
+end_watchers() {
+    local pid args
+    for pid in $(pgrep -f -- "$BIN restore --jumps-only --watch" 2>/dev/null || true); do
+        args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null || true)
+        case $args in
+            *"$BIN restore --jumps-only --watch "*) kill "$pid" 2>/dev/null || true ;;
+        esac
+    done
+}
+
 do_uninstall() {
     local path unit drv
     tool_paths
+    end_watchers
     if ours "$BIN" "$(bin_script | sha_of_stdin)"; then
         "$BIN" flush || say "could not flush the rules; run: $BIN flush"
     else

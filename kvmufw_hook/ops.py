@@ -448,16 +448,18 @@ def watch_jumps(seconds: float, interval: float = 1.0, backend=None, log: Log = 
     """Put our jumps back first now, and again whenever they lose first place during the
     next ``seconds``: libvirt reloads its networks' rules (and puts its jumps at position
     1) a few seconds after its unit counts as started. The number of repairs."""
+    import os
     import time
     deadline = time.monotonic() + seconds
     repaired = 0
-    while True:
+    while os.path.exists(__file__):  # uninstalled meanwhile: nothing more to keep
         if restore(jumps_only=True, backend=backend, log=log,
                    lock_timeout=lock_timeout).payload:
             repaired += 1
         if time.monotonic() + interval > deadline:
-            return repaired
+            break
         time.sleep(interval)
+    return repaired
 
 
 def _report(what: str, planned: HostPlan, payload: str, problems: list[str],
