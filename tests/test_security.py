@@ -43,7 +43,9 @@ def _refused_fast(data: bytes) -> str:
             "except InputError as exc:\n"
             "    print('REFUSED', exc)\n"
             "print(time.monotonic() - t0)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            # VmHWM, not ru_maxrss: the latter keeps the parent's peak across exec
+            "print(next(l.split()[1] for l in open('/proc/self/status')"
+            " if l.startswith('VmHWM:')))\n")
     proc = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,
                           timeout=10, cwd=ROOT, check=False)
     lines = proc.stdout.decode().splitlines()
