@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from .errors import InputError, shown
@@ -29,16 +28,20 @@ UNPRIVILEGED_PORT = 1024  # net.ipv4.ip_unprivileged_port_start, the kernel's de
 FIRST_USER_UID = 1000  # Debian's UID_MIN: below it root and system accounts
 
 
-@dataclass(frozen=True)
 class Listener:
-    """A socket a host service listens on (tcp) or is bound to (udp)."""
+    """A socket a host service listens on (tcp) or is bound to (udp). A plain class: a
+    dataclass costs every guest start a millisecond to create."""
 
-    proto: str  # tcp or udp
-    addr: IPv4Address | IPv6Address  # unspecified (0.0.0.0, ::) = every address
-    port: int
-    inode: int
-    uid: int = 0
-    v6only: bool = False  # known for tcp (sock_diag); a udp ``::`` socket counts as both
+    __slots__ = ("addr", "inode", "port", "proto", "uid", "v6only")
+
+    def __init__(self, proto: str, addr: IPv4Address | IPv6Address, port: int, inode: int,
+                 uid: int = 0, v6only: bool = False) -> None:
+        self.proto = proto  # tcp or udp
+        self.addr = addr  # unspecified (0.0.0.0, ::) = every address
+        self.port = port
+        self.inode = inode
+        self.uid = uid
+        self.v6only = v6only  # known for tcp (sock_diag); a udp ``::`` socket takes both
 
     def is_service(self) -> bool:
         """Whether this is the host's own service: a privileged port (only privileged
@@ -127,12 +130,14 @@ def process_of(inode: int, proc: str = "/proc") -> str:
     return "a process"
 
 
-@dataclass(frozen=True)
 class HostFacts:
     """The host's local addresses and listening sockets, read once."""
 
-    local: frozenset[IPv4Address]
-    listeners: tuple[Listener, ...]
+    __slots__ = ("listeners", "local")
+
+    def __init__(self, local: frozenset[IPv4Address], listeners: tuple[Listener, ...]) -> None:
+        self.local = local
+        self.listeners = listeners
 
     @classmethod
     def read(cls, prefix: Sequence[str] = ()) -> HostFacts:

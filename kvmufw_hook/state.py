@@ -166,11 +166,16 @@ def _ports_path(network: str) -> str:
 def network_ports(network: str) -> list[tuple[str, str]]:
     """(MAC, owner name) of every port libvirt created on the network (port-created),
     as libvirt told us: who really has which MAC, whatever a domain's XML claims."""
-    import json
     try:
         data = _read(_ports_path(network))
-        return [tuple(json.loads(line)) for line in (data or b"").splitlines()]
-    except (InputError, ValueError, TypeError):
+    except InputError:
+        return []
+    if not data:
+        return []
+    import json  # only where ports were recorded: every guest start asks
+    try:
+        return [tuple(json.loads(line)) for line in data.splitlines()]
+    except (ValueError, TypeError):
         return []
 
 
