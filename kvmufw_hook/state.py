@@ -28,7 +28,6 @@ import time
 from .errors import ApplyError, InputError
 from .names import libvirt_network_dir, safe_name, state_dir
 
-KINDS = ("networks", "domains", "overrides", "ports")
 LOCK_TIMEOUT = float(os.environ.get("KVMUFW_LOCK_TIMEOUT", "30"))
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -243,13 +242,6 @@ def with_override(net):
     return replace(net, forwards=parse_override(data, f"{net.name}: override"))
 
 
-def apply_overrides(networks: dict) -> dict:
-    """Each running network as ``forward add --network`` left it, where it did."""
-    for name in list(networks):
-        networks[name] = with_override(networks[name])
-    return networks
-
-
 def load_networks(log=None) -> dict:
     """name -> Network of every active network we know of (overrides applied)."""
     from .parse import parse_network_xml
@@ -257,11 +249,12 @@ def load_networks(log=None) -> dict:
     paths = _files(os.path.join(state_dir(), "networks")) + _files(libvirt_network_dir())
     for net in _parsed(paths, parse_network_xml, log):
         networks.setdefault(net.name, net)
-    try:
-        return apply_overrides(networks)
-    except InputError as exc:
-        (log or _default_log)(f"network override: {exc}")
-        return networks
+    for name, net in networks.items():
+        try:
+            networks[name] = with_override(net)
+        except InputError as exc:  # that network keeps its live forwards; others theirs
+            (log or _default_log)(f"network override: {exc}")
+    return networks
 
 
 def load_domains(log=None) -> dict:
