@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 
 # Forward modes whose bridge and subnet this package manages. Other modes
 # (bridge, hostdev, passthrough, private, vepa, …) put guests on a host NIC or
 # bridge that libvirt does not route, so there is nothing for us to do.
 MANAGED_MODES = ("nat", "route", "open", "isolated")
 PROTOCOLS = ("tcp", "udp", "sctp")
+FAMILIES = (4, 6)  # IPv4, IPv6: an address's family is its ``version``, as in libvirt
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+IPInterface = IPv4Interface | IPv6Interface
 
 
 @dataclass(frozen=True)
@@ -37,13 +49,37 @@ class ForwardSpec:
     proto: str
     host_port: PortRange
     guest_port: PortRange
-    guest_ip: IPv4Address | None = None
+    guest_ips: tuple[IPAddress, ...] = ()  # guest-ip: at most one address per family
     mac: str | None = None  # domain metadata: which NIC
     guest_mac: str | None = None  # network metadata: resolve through <dhcp><host>
-    host_ip: IPv4Address | None = None
-    sources: tuple[IPv4Network, ...] = ()
+    host_ip: IPAddress | None = None
+    sources: tuple[IPNetwork, ...] = ()
     comment: str | None = None
     allow_host_service: bool = False  # yes: may shadow a port a host service listens on
+
+    def guest_ip(self, family: int) -> IPAddress | None:
+        """The ``guest-ip`` address of ``family``, if one is given."""
+        return next((ip for ip in self.guest_ips if ip.version == family), None)
+
+    def sources_in(self, family: int) -> tuple[IPNetwork, ...]:
+        return tuple(net for net in self.sources if net.version == family)
+
+    def allows(self, family: int) -> bool:
+        """Whether the forward may exist in ``family`` at all: its host-ip is of that
+        family (or there is none), and so is one of its sources (or there are none; a
+        forward limited to IPv6 sources must not open to everyone over IPv4)."""
+        if self.host_ip is not None and self.host_ip.version != family:
+            return False
+        if self.guest_ips and self.guest_ip(family) is None:
+            return False
+        return not self.sources or bool(self.sources_in(family))
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The families in which the forward may take a host port: known from the
+        metadata alone (a guest address from a reservation is learnt only later, so
+        without guest-ip, host-ip or source a forward may take both)."""
+        return tuple(f for f in FAMILIES if self.allows(f))
 
     @property
     def label(self) -> str:
@@ -52,7 +88,8 @@ class ForwardSpec:
         if self.guest_port != self.host_port:
             text += f"->{self.guest_port}"
         if self.host_ip is not None:
-            text = f"forward {self.proto} {self.host_ip}:{self.host_port}" + (
+            host = f"[{self.host_ip}]" if self.host_ip.version == 6 else str(self.host_ip)
+            text = f"forward {self.proto} {host}:{self.host_port}" + (
                 f"->{self.guest_port}" if self.guest_port != self.host_port else "")
         return text
 
@@ -61,8 +98,8 @@ class ForwardSpec:
 class DhcpHost:
     """A ``<dhcp><host>`` reservation."""
 
-    mac: str | None
-    ip: IPv4Address
+    mac: str | None  # IPv6 reservations have none: libvirt matches them by name or id
+    ip: IPAddress
     name: str | None = None
 
 
@@ -80,24 +117,38 @@ class Network:
     hosts: tuple[DhcpHost, ...] = ()
     forwards: tuple[ForwardSpec, ...] = ()
     nat_ports: PortRange | None = None
+    nat_ipv6: bool = False  # <nat ipv6='yes'/>: libvirt masquerades IPv6 too
 
     @property
     def managed(self) -> bool:
         return self.mode in MANAGED_MODES and self.bridge is not None
 
     @property
-    def subnets(self) -> tuple[IPv4Network, ...]:
-        return tuple(i.network for i in self.ipv4)
+    def interfaces(self) -> tuple[IPInterface, ...]:
+        """The network's own addresses on its bridge, IPv4 first."""
+        return (*self.ipv4, *self.ipv6)
 
-    def subnet_of(self, ip: IPv4Address) -> IPv4Network | None:
+    @property
+    def subnets(self) -> tuple[IPNetwork, ...]:
+        return tuple(i.network for i in self.interfaces)
+
+    def subnet_of(self, ip: IPAddress) -> IPNetwork | None:
         for net in self.subnets:
-            if ip in net:
+            if ip.version == net.version and ip in net:
                 return net
         return None
 
-    def reservation(self, mac: str) -> IPv4Address | None:
+    def reservation(self, mac: str) -> IPAddress | None:
+        """The IPv4 address reserved for ``mac`` (IPv6 reservations carry no MAC)."""
         for host in self.hosts:
             if host.mac == mac:
+                return host.ip
+        return None
+
+    def named_reservation(self, name: str, family: int) -> IPAddress | None:
+        """The address of ``family`` of the ``<host>`` entry named exactly ``name``."""
+        for host in self.hosts:
+            if host.name == name and host.ip.version == family:
                 return host.ip
         return None
 
