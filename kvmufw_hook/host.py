@@ -207,16 +207,18 @@ class HostFacts:
                          for p, a, port, inode, uid, v6 in listeners),
                    frozenset(IPv6Address(a) for a in duplicates))
 
-    def check(self, where: str, spec: ForwardSpec, held: Iterable[int] | bool = ()) -> None:
+    def check(self, where: str, spec: ForwardSpec, held: Iterable[int] | bool = (),
+              families: Iterable[int] | None = None) -> None:
         """InputError with one line if ``spec`` may not be applied on this host.
-        ``held``: the families in which the owner's rules already take this port (True:
-        every family): a socket that came later does not take it away there (it never
-        sees a packet: our DNAT comes first)."""
+        ``families``: those in which the forward takes its host port (None: what its
+        metadata allows, ``spec.families``). ``held``: the families in which the owner's
+        rules already take this port (True: every family): a socket that came later does
+        not take it away there (it never sees a packet: our DNAT comes first)."""
         self.check_host_ip(where, spec.host_ip)
         if spec.proto not in ("tcp", "udp") or spec.allow_host_service or held is True:
             return
         held = () if held is False else tuple(held)
-        for family in spec.families:
+        for family in spec.families if families is None else families:
             if family not in held:
                 self.check_port(where, spec, family)
 
@@ -251,10 +253,15 @@ class HostFacts:
 
 
 def check_forwards(label: str, specs, facts: HostFacts | None = None,
-                   held: Iterable[ForwardSpec] = (), prefix: Sequence[str] = ()) -> None:
-    """Every forward of one owner against the host (read once, only when needed);
-    ``held``: what the owner's rules in the kernel take now (``Backend.claims``), each in
-    the families its ``families`` names."""
+                   held: Iterable[ForwardSpec] = (), prefix: Sequence[str] = (),
+                   families: Sequence[Iterable[int]] | None = None) -> None:
+    """Every forward of one owner against the host (read once, only when needed).
+    ``families``: for each spec, in order, the families it takes its host port in once
+    planned (a guest address from a reservation is known only then: a forward without
+    guest-ip whose guest has only an IPv4 address never takes the IPv6 port); None:
+    ``spec.families``, what the metadata alone allows. ``held``: what the owner's rules
+    in the kernel take now (``Backend.claims``), each in the families its ``families``
+    names."""
     specs = tuple(specs)
     if not specs:
         return
@@ -264,4 +271,5 @@ def check_forwards(label: str, specs, facts: HostFacts | None = None,
         taken.setdefault((h.proto, h.host_port, h.host_ip), set()).update(h.families)
     for index, spec in enumerate(specs, start=1):
         facts.check(f"{label}: forward #{index} ({spec.label})", spec,
-                    taken.get((spec.proto, spec.host_port, spec.host_ip), ()))
+                    taken.get((spec.proto, spec.host_port, spec.host_ip), ()),
+                    None if families is None else families[index - 1])

@@ -37,10 +37,11 @@ def sock(addr, port=8443, proto="tcp", v6only=False):
     return Listener(proto, ip_address(addr), port, inode=0, uid=0, v6only=v6only)
 
 
-def refusal(facts, spec, held=()):
+def refusal(facts, spec, held=(), families=None):
     """The one line refusing ``spec``, or None if it may be applied."""
     try:
-        check_forwards("domain 'web7'", [spec], facts, held)
+        check_forwards("domain 'web7'", [spec], facts, held,
+                       families=None if families is None else [families])
     except InputError as exc:
         text = str(exc)
         assert "\n" not in text
@@ -145,6 +146,21 @@ def test_a_port_held_in_one_family_is_not_held_in_the_other():
     ipv4_service = HostFacts(FACTS.local, (sock("0.0.0.0", port=8443),))
     assert refusal(ipv4_service, dual, held=v4_held) is None
     assert "host port 8443/tcp" in refusal(ipv4_service, dual)
+
+
+def test_the_families_the_plan_resolved_decide():
+    """No guest-ip: the metadata allows both families, but the guest's address comes from
+    an IPv4 reservation, so the plan knows the forward takes only the IPv4 port; an
+    IPv6-only service on it refuses nothing (test_attack's issue 10 item 2)."""
+    spec = forward(8443)
+    assert spec.families == (4, 6)
+    assert refusal(FACTS, spec, families=(4,)) is None
+    assert "host port 8443/tcp" in refusal(FACTS, spec, families=(6,))
+    assert "host port 8080/tcp" in refusal(FACTS, forward(8080), families=(4,))
+    assert refusal(FACTS, forward(8080), families=(6,)) is None
+    facts = HostFacts(FACTS.local, (sock("::", port=8443, v6only=True),))
+    check_forwards("domain 'web7'", [forward(8443, guest_ips=[GUEST_V6]), spec], facts,
+                   families=[(), (4,)])  # aligned with the specs, in order
 
 
 def test_if_inet6_is_read_with_duplicates_apart(tmp_path):
@@ -262,6 +278,8 @@ def test_kernel_an_address_another_host_holds_is_refused(v6host):
 
 # port, the forward, whether a service of LISTENERS refuses it
 CONFLICTS = [
+    (8443, {"families": (4,)}, False),  # test_attack's issue 10 item 2: guest IPv4 only
+    (8443, {"families": (4, 6)}, True),
     (8443, {"guest_ips": [GUEST_V4]}, False),  # v6only: IPv4 is free
     (8443, {"guest_ips": [GUEST_V6]}, True),
     (8443, {"host_ip": V6}, True),
@@ -284,7 +302,9 @@ def test_kernel_listeners_conflict_per_family(v6host):
     facts = HostFacts.read(v6host.prefix)
     wrong = []
     for port, spec_args, refused in CONFLICTS:
-        line = refusal(facts, forward(port, **spec_args))
+        spec_args = dict(spec_args)
+        families = spec_args.pop("families", None)
+        line = refusal(facts, forward(port, **spec_args), families=families)
         if refused and not (line and f"host port {port}/" in line and "python3" in line):
             wrong.append(f"{port} {spec_args}: not refused ({line})")
         elif not refused and line is not None:
