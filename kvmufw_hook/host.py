@@ -6,8 +6,8 @@ uses: ``host-ip`` must be one of the host's addresses (never loopback, never IPv
 link-local, never an IPv6 address another host on the link holds), and a host port on
 which a host service listens (tcp) or is bound (udp) is refused unless the forward says
 ``allow-host-service="yes"``. Ports are per family: a forward takes a host port only in
-the families it may exist in (``ForwardSpec.families``), and a socket only takes the
-families it is bound in. Both are checked whenever rules are applied, because addresses
+the families the plan gives it (at most ``ForwardSpec.families``), and a socket only
+takes the families it is bound in. Both are checked whenever rules are applied, because addresses
 and services come and go.
 """
 
@@ -53,7 +53,7 @@ class Listener:
         ordinary user opened later (``nc -l 8080``) vetoes nothing root configured."""
         return self.port < UNPRIVILEGED_PORT or self.uid < FIRST_USER_UID
 
-    def families(self) -> tuple[IPAddress, tuple[int, ...]]:
+    def bound(self) -> tuple[IPAddress, tuple[int, ...]]:
         """The address this socket is bound to, and the families whose traffic it takes:
         an IPv4-mapped IPv6 address is that IPv4 address; ``::`` takes IPv4 too unless
         the socket is IPv6-only."""
@@ -70,7 +70,7 @@ class Listener:
         """Whether a connection of ``family`` that our forward would DNAT (addressed to
         ``host_ip``, or to any local address if None) could have reached this socket:
         the socket takes that family, and is not loopback-only."""
-        addr, families = self.families()
+        addr, families = self.bound()
         if family not in families or addr.is_loopback:
             return False  # forwards never DNAT loopback destinations
         return addr.is_unspecified or host_ip is None or addr == host_ip
@@ -133,11 +133,11 @@ def read_ipv6_addresses(proc: str = "/proc") -> tuple[frozenset[IPv6Address],
                                                       frozenset[IPv6Address]]:
     """(usable, duplicates): the IPv6 addresses of this host's interfaces, and those whose
     duplicate address detection failed (another host on the link holds them; the kernel
-    keeps them but never uses them). A tentative address (DAD still running, a second
-    after it is added, as at boot) counts as usable: refusing it would fail a guest's
-    autostart for a race, and our DNAT matches only what the kernel calls local anyway.
-    Both empty without IPv6 in this kernel."""
-    usable, duplicates = set(), set()
+    keeps them but never uses them). A tentative address (DAD still running, for a
+    second after it is added, as at boot) counts as usable: refusing it would fail a
+    guest's autostart for a race with DAD. Both empty without IPv6 in this kernel."""
+    usable: set[IPv6Address] = set()
+    duplicates: set[IPv6Address] = set()
     try:
         with open(f"{proc}/net/if_inet6", encoding="ascii") as fh:
             for line in fh:
