@@ -26,9 +26,9 @@ def _err(message: object) -> None:
 
 
 def cmd_plan(args) -> int:
-    """Print the iptables-restore payload that the given XML files would apply on a
-    host with none of our rules."""
-    from .backends.iptables import IptablesBackend, Snapshot
+    """Print what the given XML files would apply on a host with none of our rules, in
+    the host's firewall backend's terms (iptables: one restore payload per family)."""
+    from .backends import default_backend
     from .model import Domain, Network
     from .ops import plan_host
     from .parse import parse_any
@@ -48,7 +48,7 @@ def cmd_plan(args) -> int:
     host = plan_host(networks, domains)
     if host.problems:
         raise InputError(host.problems[0])
-    sys.stdout.write(IptablesBackend.change(Snapshot.parse(""), host.rules))
+    sys.stdout.write(default_backend().render(host.rules))
     return 0
 
 

@@ -9,12 +9,10 @@ from dataclasses import asdict, dataclass
 from . import state
 from .backends import default_backend
 from .errors import ApplyError, InputError
-from .names import TABLES
 
 HOOK_FILES = ("/etc/libvirt/hooks/network.d/kvmufw_hook", "/etc/libvirt/hooks/qemu.d/kvmufw_hook")
 DAEMON_PIDFILES = ("/run/libvirtd.pid", "/run/virtnetworkd.pid", "/run/virtqemud.pid")
 SIGHUP_STAMP = "/var/lib/kvmufw_hook/sighup"
-LIBVIRT_CHAINS = ("LIBVIRT_INP", "LIBVIRT_FWX", "LIBVIRT_FWI", "LIBVIRT_FWO")
 
 
 @dataclass
@@ -85,13 +83,13 @@ def check_ufw() -> list[Finding]:
     return out
 
 
-def check_libvirt_firewall(snapshot, active_networks: int, backend):
+def check_libvirt_firewall(ruleset, active_networks: int, backend):
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
     and our accepts in it (one per forward and direction, ahead of libvirt's rejects)."""
     from .backends.libvirt_nft import CHAINS, LibvirtNft, libvirt_firewall
     from .ops import plan_host
     nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(snapshot, nft)
+    firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
     out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]
     if firewall.backend != "nftables":
         return firewall, out
@@ -124,13 +122,14 @@ def check_libvirt_firewall(snapshot, active_networks: int, backend):
     return firewall, out
 
 
-def check_rules(backend, snapshot, active_networks: int,
+def check_rules(backend, ruleset, active_networks: int,
                 libvirt_backend: str = "iptables") -> list[Finding]:
+    """libvirt's chains (where it uses iptables), our rules and our jumps, through the
+    backend's interface (``libvirt_chains``, ``has_rules``, ``bad_jumps``)."""
+    from .backends.iptables import LIBVIRT_CHAINS
     out = []
-    chains = set()
-    for table in TABLES:
-        chains |= set(snapshot.tables[table].chains)
-    missing = [c for c in LIBVIRT_CHAINS if c not in chains]
+    present = backend.libvirt_chains(ruleset)
+    missing = [c for c in LIBVIRT_CHAINS if c not in present]
     # with its nftables backend libvirt has no iptables chains: check_libvirt_firewall
     libvirt_chains_expected = active_networks and libvirt_backend == "iptables"
     if libvirt_chains_expected and missing:
@@ -140,9 +139,8 @@ def check_rules(backend, snapshot, active_networks: int,
                            "restart libvirtd (or virtnetworkd); guests keep running"))
     elif libvirt_chains_expected:
         out.append(Finding("OK", "libvirt's chains", "present"))
-    ours = snapshot.ours()
-    if any(any(ours[t].values()) for t in TABLES):
-        bad = backend.bad_jumps(snapshot)
+    if backend.has_rules(ruleset):
+        bad = backend.bad_jumps(ruleset)
         if bad:
             out.append(Finding("FAIL", "our jumps", "not exactly once at position 1 in: "
                                + ", ".join(bad), "kvmufw_hook restore --jumps-only"))
@@ -151,6 +149,10 @@ def check_rules(backend, snapshot, active_networks: int,
     elif active_networks:
         out.append(Finding("FAIL", "our rules", "none in the kernel while networks are "
                            "active", "kvmufw_hook replay"))
+    for family, why in sorted(ruleset.unavailable.items()):
+        out.append(Finding("WARN", f"IPv{family} firewall", f"not read: {why}; IPv{family} "
+                           "rules are left out", "install ip6tables, or ignore on an "
+                           f"IPv{family}-less host"))
     return out
 
 
@@ -219,13 +221,14 @@ def run(uri: str, backend=None) -> list[Finding]:
     except (InputError, ApplyError):
         networks = {}
     findings = [check_forwarding(networks), *check_ufw()]
+    from .model import FAMILIES
     try:
-        snapshot = backend.read()
+        ruleset = backend.read(FAMILIES)
     except ApplyError as exc:
         return [*findings, Finding("FAIL", "firewall", str(exc), "install iptables")]
-    firewall, found = check_libvirt_firewall(snapshot, len(networks), backend)
+    firewall, found = check_libvirt_firewall(ruleset, len(networks), backend)
     findings += found
-    findings += check_rules(backend, snapshot, len(networks), firewall.backend)
+    findings += check_rules(backend, ruleset, len(networks), firewall.backend)
     findings += check_hooks()
     findings += check_forwards(uri, backend)
     return findings

@@ -10,7 +10,7 @@ from .backends import default_backend
 from .errors import ApplyError, InputError, printable, shown
 from .names import domain_owner, network_owner
 from .plan import (
-    Target,
+    Resolved,
     plan_forwards,
     plan_network,
     resolve_domain_forwards,
@@ -18,8 +18,10 @@ from .plan import (
 )
 
 
-def _forward(owner: str, target: Target | None, spec, error: str | None, check) -> dict:
+def _forward(owner: str, target: Resolved | None, spec, error: str | None, check) -> dict:
+    """One row per forward and family (a dual-stack forward has two)."""
     row = {
+        "family": f"ipv{target.family}" if target else None,
         "proto": spec.proto,
         "host_ip": str(spec.host_ip) if spec.host_ip else None,
         "host_port": str(spec.host_port),
@@ -58,8 +60,9 @@ class _Reading(threading.Thread):
         self.start()
 
     def run(self) -> None:
+        from .model import FAMILIES
         try:
-            self.snapshot = self.backend.read()
+            self.snapshot = self.backend.read(FAMILIES)
         except ApplyError as exc:
             self.error = str(exc)
         except BaseException as exc:  # raised again in the caller's thread
@@ -103,7 +106,7 @@ def collect(backend=None) -> dict:
     # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
     from .backends.libvirt_nft import LibvirtNft, libvirt_firewall
     nft, accepts = LibvirtNft.beside(backend), None
-    firewall = libvirt_firewall(snapshot, nft)
+    firewall = libvirt_firewall(backend.libvirt_chains(snapshot) if snapshot else (), nft)
     report["libvirt_firewall"] = firewall.backend
     if snapshot is not None and firewall.table:
         try:

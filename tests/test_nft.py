@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, SAMPLES, need_root_tools
 
 from kvmufw_hook.backends import libvirt_nft as nftmod
-from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot
+from kvmufw_hook.backends.iptables import IptablesBackend
 from kvmufw_hook.backends.libvirt_nft import (
     INPUT,
     OUTPUT,
@@ -34,7 +34,9 @@ from kvmufw_hook.backends.libvirt_nft import (
     render_accept,
     transition,
 )
+from kvmufw_hook.backends.tags import parse_comment
 from kvmufw_hook.errors import ApplyError
+from kvmufw_hook.names import Tag
 from kvmufw_hook.ops import apply_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata, parse_network_xml
 from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
@@ -132,7 +134,7 @@ def test_parse_finds_ours_by_tag_and_which_sit_behind_libvirts_rules():
     assert snap.table and set(snap.chains) == {"forward", INPUT, OUTPUT}
     ours = snap.ours(INPUT)
     assert [(r.handle, ahead) for r, ahead in ours] == [(21, True), (30, False)]
-    assert ours[0][0].tag == {"owner": "d=g5", "b": "virbr1", "s": "10.0.0.0/24"}
+    assert ours[0][0].tag == Tag("d=g5", "virbr1", "10.0.0.0/24")
     assert [r.tag for r in snap.chains[INPUT][1:3]] == [None, None]  # libvirt's
     assert snap.chains[INPUT][2].text == 'oif "virbr1" counter packets 1 bytes 60 reject'
     assert NftSnapshot.parse("") == NftSnapshot()
@@ -150,7 +152,7 @@ def test_a_change_moves_ours_ahead_of_libvirts_and_touches_nothing_else():
     # wanting it back re-inserts it at the top, never below the reject
     udp = [r for r in owners_rules()["d=g5"] if r.proto == "udp" and r.oif]
     tcp22 = [r for r in owners_rules()["d=g5"] if r.proto == "tcp" and r.oif and
-             r.dport.first == 22 and r.hook == "forward"]
+             r.dport.first == 22 and r.stage == "forward"]
     script = LibvirtNft.change(snap, {"d=g5": tcp22 + udp})
     assert script.splitlines() == [
         f"delete rule ip libvirt_network {INPUT} handle 30",
@@ -166,7 +168,7 @@ def test_other_owners_stay_drop_removes_a_bridge_and_clear_removes_only_ours():
     stop = LibvirtNft.change(snap, {"d=g5": ()})
     assert stop and all(l.startswith("delete rule") for l in stop.splitlines())
     assert len(stop.splitlines()) == 8  # g5's, not the network's own forward
-    by_bridge = LibvirtNft.change(snap, {}, drop=lambda t: t.get("b") == "virbr1")
+    by_bridge = LibvirtNft.change(snap, {}, drop=lambda t: t.bridge == "virbr1")
     assert len(by_bridge.splitlines()) == 10
     assert LibvirtNft.clear(snap) == by_bridge
     assert transition(NftSnapshot(), compose(NftSnapshot(), rules)) == ""  # no libvirt table
@@ -179,7 +181,7 @@ def fake_kernel(script: str) -> NftSnapshot:
     for line in script.splitlines():
         _i, _r, _f, _t, chain, text = line.split(" ", 5)
         handle += 1
-        tagged = nftmod.parse_tag(text.rsplit('comment "', 1)[1][:-1])
+        tagged = parse_comment(text.rsplit('comment "', 1)[1][:-1])
         snap.chains[chain].insert(0, NftRule(handle, text, tagged))
     return snap
 
@@ -207,8 +209,8 @@ class Kernel:
 def test_detection_order_kernel_then_chains_then_config_then_build(tmp_path):
     conf = tmp_path / "network.conf"
     conf.write_text(DEBIAN13_CONF)
-    with_chains = Snapshot.parse("*filter\n:INPUT ACCEPT [0:0]\n:LIBVIRT_FWI - [0:0]\nCOMMIT\n")
-    without = Snapshot.parse("")
+    with_chains = {"LIBVIRT_FWI"}  # what the iptables backend's libvirt_chains() found
+    without: set[str] = set()
     nft_table = libvirt_firewall(with_chains, Kernel(True), str(conf))
     assert (nft_table.backend, nft_table.table) == ("nftables", True)
     assert nft_table.reason == "kernel: table ip libvirt_network"
@@ -237,7 +239,7 @@ def test_first_installed_backend_of_the_build_order(tmp_path, monkeypatch):
     conf = tmp_path / "network.conf"
     conf.write_text(DEBIAN13_CONF)
     monkeypatch.setattr(nftmod.shutil, "which", lambda t, path=None: "/x" if t == "nft" else None)
-    found = libvirt_firewall(Snapshot.parse(""), Kernel(False), str(conf))
+    found = libvirt_firewall((), Kernel(False), str(conf))
     assert found.backend == "nftables" and found.reason.endswith("first installed")
 
 
@@ -597,7 +599,7 @@ def test_longest_owner_tag_fits_an_nft_comment():
     from kvmufw_hook.names import domain_owner
     from kvmufw_hook.plan import Rule
     for name in ("x" * 64, "é" * 200):
-        rule = Rule("forward", owner=domain_owner(name), bridge="b" * 15,
+        rule = Rule("forward", family=4, owner=domain_owner(name), bridge="b" * 15,
                     subnet="255.255.255.255/32", verdict="ACCEPT", proto="sctp",
                     dst=IPv4Network("10.0.0.5/32"), oif="b" * 15,
                     dport=PortRange(65534, 65535), ctstate="DNAT")

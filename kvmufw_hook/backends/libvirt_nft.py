@@ -29,13 +29,15 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from ..errors import ApplyError
-from ..names import parse_tag, tag
+from ..names import Tag
 from ..plan import Rule
 from .iptables import SEARCH_PATH, run
 from .nftprobe import TABLE, table_in_kernel
+from .tags import comment as tag_comment
+from .tags import parse_comment
 
 FAMILY = "ip"
 INPUT, OUTPUT = "guest_input", "guest_output"  # into the bridge, out of the bridge
@@ -90,7 +92,7 @@ def _read(path: str) -> str | None:
         return None
 
 
-def libvirt_firewall(iptables_snapshot=None, nft: LibvirtNft | None = None,
+def libvirt_firewall(libvirt_chains: Iterable[str] = (), nft: LibvirtNft | None = None,
                      conf: str = NETWORK_CONF) -> LibvirtFirewall:
     """The backend libvirt really uses, from the running host first: its nftables table in
     the kernel, else its LIBVIRT_* chains in iptables, else ``firewall_backend`` in
@@ -99,9 +101,7 @@ def libvirt_firewall(iptables_snapshot=None, nft: LibvirtNft | None = None,
     table = (nft or LibvirtNft()).table_present()
     if table:
         return LibvirtFirewall("nftables", f"kernel: table {FAMILY} {TABLE}", True)
-    if iptables_snapshot is not None and any(
-            chain.startswith("LIBVIRT_") for t in iptables_snapshot.tables.values()
-            for chain in t.chains):
+    if any(libvirt_chains):
         return LibvirtFirewall("iptables", "kernel: libvirt's LIBVIRT_* iptables chains", False)
     text = _read(conf)
     chosen = configured(text)
@@ -117,7 +117,7 @@ def libvirt_firewall(iptables_snapshot=None, nft: LibvirtNft | None = None,
 
 # --------------------------------------------------------------------------- render
 
-def _addr(net: IPv4Network) -> str:
+def _addr(net: IPv4Network | IPv6Network) -> str:
     return str(net.network_address) if net.prefixlen == 32 else str(net)
 
 
@@ -129,8 +129,10 @@ def render_accept(rule: Rule) -> tuple[str, str] | None:
     """(chain, rule text as ``nft list`` prints it) for a forward's FORWARD accept of
     DNAT'd connections, or None for every other rule (those need nothing in libvirt's
     table). Bridge names are interface names, checked by the parser ([A-Za-z0-9_.:@+-])."""
-    if rule.hook != "forward" or rule.ctstate != "DNAT" or rule.verdict != "ACCEPT":
+    if rule.stage != "forward" or rule.ctstate != "DNAT" or rule.verdict != "ACCEPT":
         return None
+    if rule.family != 4:
+        return None  # libvirt's IPv6 rules live in table ip6 libvirt_network: not here
     if rule.oif and rule.dst is not None and rule.dport:
         chain = INPUT
         match = [f'oif "{rule.oif}"', f"ip daddr {_addr(rule.dst)}",
@@ -142,7 +144,7 @@ def render_accept(rule: Rule) -> tuple[str, str] | None:
     else:
         return None
     text = " ".join([*match, "ct status dnat accept",
-                     f'comment "{tag(rule.owner, rule.bridge, rule.subnet)}"'])
+                     f'comment "{tag_comment(rule.tag)}"'])
     return chain, text
 
 
@@ -152,7 +154,7 @@ def render_accept(rule: Rule) -> tuple[str, str] | None:
 class NftRule:
     handle: int
     text: str  # as ``nft list`` prints it, without the handle
-    tag: dict | None  # our owner tag, or None: not ours
+    tag: Tag | None  # our owner tag, or None: not ours
 
 
 @dataclass
@@ -179,7 +181,7 @@ class NftSnapshot:
                 body, handle = match.group(1), int(match.group(2))
                 comment = _COMMENT.search(body)
                 snap.chains[chain].append(
-                    NftRule(handle, body, parse_tag(comment.group(1)) if comment else None))
+                    NftRule(handle, body, parse_comment(comment.group(1)) if comment else None))
         return snap
 
     def ours(self, chain: str) -> list[tuple[NftRule, bool]]:
@@ -197,15 +199,16 @@ Target = dict[str, list[str]]  # chain -> our rule texts
 
 
 def compose(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
-            drop: Callable[[dict[str, str]], bool] | None = None) -> Target:
+            drop: Callable[[Tag], bool] | None = None) -> Target:
     """Our accepts as they should be: ``rules`` replaces each named owner's (an empty
     sequence removes the owner), ``drop`` removes any other owner's it accepts; the rest
     stay. Mirrors ``iptables.compose``."""
     target: Target = {chain: [] for chain in CHAINS}
     for chain in CHAINS:
         for ours, _ahead in snapshot.ours(chain):
-            tagged = ours.tag or {}
-            if tagged.get("owner") not in rules and not (drop and drop(tagged)):
+            tagged = ours.tag
+            assert tagged is not None  # ours() yields tagged rules only
+            if tagged.owner not in rules and not (drop and drop(tagged)):
                 target[chain].append(ours.text)
     seen: set[tuple[str, str]] = set()  # two forwards to one guest port need one accept
     for owner in sorted(rules):
@@ -252,7 +255,7 @@ class LibvirtNft:
 
     @staticmethod
     def change(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
-               drop: Callable[[dict[str, str]], bool] | None = None) -> str:
+               drop: Callable[[Tag], bool] | None = None) -> str:
         return transition(snapshot, compose(snapshot, rules, drop))
 
     @staticmethod
@@ -328,11 +331,12 @@ class Accepts:
         self.nft.write(self.script)
 
 
-def plan_accepts(backend, iptables_snapshot, rules: Mapping[str, Sequence[Rule]],
-                 drop: Callable[[dict[str, str]], bool] | None = None) -> Accepts:
-    """Our accepts in libvirt's table for this change, when libvirt's table is there."""
+def plan_accepts(backend, ruleset, rules: Mapping[str, Sequence[Rule]],
+                 drop: Callable[[Tag], bool] | None = None) -> Accepts:
+    """Our accepts in libvirt's table for this change, when libvirt's table is there
+    (``ruleset``: the firewall backend's, read for this change)."""
     nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(iptables_snapshot, nft)
+    firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
     before = nft.read(firewall.table)
     return Accepts(nft, before, nft.change(before, rules, drop))
 
