@@ -18,7 +18,7 @@ from lxml import etree
 from . import ops, state
 from .errors import InputError, shown
 from .model import Domain, ForwardSpec, Network
-from .names import domain_owner, network_owner
+from .names import NAMESPACE, domain_owner, network_owner
 from .parse import (
     DOMAIN_ATTRS,
     NETWORK_ATTRS,
@@ -34,7 +34,7 @@ from .plan import (
     resolve_network_forwards,
     same_host_port,
 )
-from .virt import KEY, NAMESPACE, connect, libvirt_module, lookup
+from .virt import KEY, connect, libvirt_module, lookup
 
 Attrs = dict[str, str]
 _SPEC = re.compile(r"([0-9]+(?:-[0-9]+)?)(?::([0-9]+(?:-[0-9]+)?))?(?:/([A-Za-z]+))?")
@@ -80,7 +80,7 @@ def _forwards_element(forwards: list[Attrs]) -> etree._Element:
 
 def _plain_forwards(forwards: list[Attrs]) -> str:
     """The same without a namespace: what ``virDomainSetMetadata`` takes (libvirt puts
-    the element in ``urn:kvmufw:1`` under the key itself, as ``virsh metadata`` does)."""
+    the element in our namespace under the key itself, as ``virsh metadata`` does)."""
     root = etree.Element("forwards")
     for attrs in forwards:
         fwd = etree.SubElement(root, "forward")
