@@ -41,24 +41,55 @@ def _setting(text: str | None, key: str) -> str | None:
     return None
 
 
-def check_forwarding(networks) -> Finding:
-    """ip_forward off is a failure only while a network that routes is active: libvirt
-    turns it on itself when a nat or route network starts."""
-    value = (_read("/proc/sys/net/ipv4/ip_forward") or "").strip()
+# Each family's forwarding switch. Paths take a root prefix so tests can stand a temp
+# directory in for /proc and /etc.
+FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/all/forwarding"}
+SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+IPV6_PROC = "/proc/sys/net/ipv6"  # absent: the kernel has no IPv6 (ipv6.disable=1)
+UFW_CONF = "/etc/ufw/ufw.conf"
+UFW_DEFAULT = "/etc/default/ufw"
+UFW_AFTER_INIT = "/etc/ufw/after.init"
+ROUTING_MODES = ("nat", "route", "open")
+
+
+def _routing(networks, family: int) -> list[str]:
+    """The active networks that route guests of ``family`` beyond the host."""
+    return sorted(n.name for n in networks.values() if n.mode in ROUTING_MODES
+                  and any(i.version == family for i in n.interfaces))
+
+
+def _has_ipv6(networks) -> list[str]:
+    return sorted(n.name for n in networks.values() if n.managed and n.ipv6)
+
+
+def check_forwarding(networks, family: int = 4, root: str = "") -> Finding:
+    """Forwarding off is a failure only while a network that routes that family is
+    active: libvirt turns it on itself when such a network starts."""
+    check = "IP forwarding" if family == 4 else "IPv6 forwarding"
+    key = SYSCTL[family]
+    if family == 6 and not os.path.isdir(root + IPV6_PROC):
+        return Finding("OK", check, f"IPv6 is off in this kernel (no {IPV6_PROC}): "
+                       "guests get IPv4 only, and kvmufw_hook writes IPv4 rules only")
+    value = (_read(root + FORWARDING[family]) or "").strip()
     if value == "1":
-        return Finding("OK", "IP forwarding", "net.ipv4.ip_forward = 1")
-    routing = sorted(n.name for n in networks.values() if n.mode in ("nat", "route", "open"))
+        return Finding("OK", check, f"{key} = 1")
+    routing = _routing(networks, family)
     if not routing:
-        return Finding("WARN", "IP forwarding", f"net.ipv4.ip_forward = {value or '?'}; no "
-                       "nat, route or open network is active, and libvirt turns it on when "
-                       "one starts", "nothing to do unless guests cannot reach beyond the host")
-    return Finding("FAIL", "IP forwarding", f"net.ipv4.ip_forward = {value or '?'} while "
-                   f"{', '.join(routing)} is active: guests cannot reach anything beyond "
-                   "the host", "sysctl -w net.ipv4.ip_forward=1")
+        return Finding("WARN", check, f"{key} = {value or '?'}; no nat, route or open "
+                       f"network with an IPv{family} subnet is active, and libvirt turns it on "
+                       "when one starts", "nothing to do unless guests cannot reach beyond "
+                       "the host")
+    fix = f"sysctl -w {key}=1"
+    if family == 6:  # with forwarding on, Linux ignores router advertisements (accept_ra=1)
+        fix += (" (a host that learns its own IPv6 route from router advertisements: "
+                "first sysctl -w net.ipv6.conf.UPLINK.accept_ra=2)")
+    return Finding("FAIL", check, f"{key} = {value or '?'} while {', '.join(routing)} "
+                   f"{'is' if len(routing) == 1 else 'are'} active: guests cannot reach "
+                   f"anything beyond the host{' over IPv6' if family == 6 else ''}", fix)
 
 
-def check_ufw() -> list[Finding]:
-    conf, default = _read("/etc/ufw/ufw.conf"), _read("/etc/default/ufw")
+def check_ufw(networks=None, root: str = "") -> list[Finding]:
+    conf, default = _read(root + UFW_CONF), _read(root + UFW_DEFAULT)
     if conf is None:
         return [Finding("OK", "UFW", "not installed: kvmufw_hook works beside any iptables "
                         "firewall")]
@@ -69,9 +100,10 @@ def check_ufw() -> list[Finding]:
     policy = _setting(default, "DEFAULT_FORWARD_POLICY") or "DROP"
     out.append(Finding("OK", "UFW forward policy", f"{policy}: kvmufw_hook's rules come first, "
                        "so guests work either way; keep it DROP"))
-    after = _read("/etc/ufw/after.init") or ""
+    out.append(_ufw_ipv6(default, networks or {}))
+    after = _read(root + UFW_AFTER_INIT) or ""
     # an older install's entry runs replay, which waits for libvirt and can hang a boot
-    if "kvmufw_hook restore" not in after or not os.access("/etc/ufw/after.init", os.X_OK):
+    if "kvmufw_hook restore" not in after or not os.access(root + UFW_AFTER_INIT, os.X_OK):
         out.append(Finding("FAIL", "UFW after.init", "no executable restore entry: a firewall "
                            "reload can leave guests without rules", "sudo ./install.sh"))
     else:
@@ -83,6 +115,24 @@ def check_ufw() -> list[Finding]:
                            "libvirt's only when libvirt restarts",
                            "set MANAGE_BUILTINS=no in /etc/default/ufw"))
     return out
+
+
+def _ufw_ipv6(default: str | None, networks) -> Finding:
+    """UFW's IPV6 setting: with ``no`` UFW leaves ip6tables alone (ufw's backend uses
+    IPv6 only if it is ``yes``, so a missing line is ``no``)."""
+    setting = (_setting(default, "IPV6") or "no").lower()
+    if setting == "yes":
+        return Finding("OK", "UFW IPv6", "IPV6=yes: UFW filters IPv6 as it does IPv4, and "
+                       "kvmufw_hook's ip6tables rules let the guests' traffic through")
+    with_ipv6 = _has_ipv6(networks)
+    if not with_ipv6:
+        return Finding("OK", "UFW IPv6", f"IPV6={setting}: UFW leaves ip6tables alone; no "
+                       "active network has an IPv6 subnet")
+    return Finding("WARN", "UFW IPv6", f"IPV6={setting} while {', '.join(with_ipv6)} "
+                   f"{'has' if len(with_ipv6) == 1 else 'have'} an IPv6 subnet: UFW does not "
+                   "manage ip6tables at all, so the guests' IPv6 (and the host's) is governed "
+                   "only by ip6tables' own policies", "set IPV6=yes in /etc/default/ufw, then "
+                   "ufw reload")
 
 
 def check_libvirt_firewall(snapshot, active_networks: int, backend):
@@ -218,7 +268,8 @@ def run(uri: str, backend=None) -> list[Finding]:
         networks = state.load_networks()
     except (InputError, ApplyError):
         networks = {}
-    findings = [check_forwarding(networks), *check_ufw()]
+    findings = [check_forwarding(networks, 4), check_forwarding(networks, 6),
+                *check_ufw(networks)]
     try:
         snapshot = backend.read()
     except ApplyError as exc:
