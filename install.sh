@@ -14,7 +14,8 @@
 #      kind existed (it would not run ours without one), then `kvmufw_hook replay`
 #
 # Safety: a file is ours only if its content is exactly what we wrote (the sha256 of each
-# file we write is kept in /var/lib/kvmufw_hook/install.manifest). Anything else at a path
+# file we write is kept in /var/lib/kvmufw_hook/install.manifest, with a "hook DRIVER
+# PATH" line for each hook this install uses: `kvmufw_hook doctor` checks those). Anything else at a path
 # we use is never overwritten nor deleted; install refuses (before its first write) and
 # uninstall leaves it, each saying so in one line. Nothing is written through a symlink.
 # A failure after the first write rolls back what this run wrote.
@@ -472,6 +473,11 @@ install_hooks() {
     network=${paths% *}; qemu=${paths#* }
     put_file "$network" 755 < <(hook_script network)
     put_file "$qemu" 755 < <(hook_script qemu)
+    # the one record of which hooks are ours (`kvmufw_hook doctor` reads it): this run's
+    awk '$1 != "hook"' "$MANIFEST_NEW" > "$MANIFEST_NEW.tmp"
+    mv -f "$MANIFEST_NEW.tmp" "$MANIFEST_NEW"
+    manifest_add "hook network $network"
+    manifest_add "hook qemu $qemu"
 }
 
 # rewrite_after_init: stdin becomes after.init, with its owner and mode, atomically.

@@ -11,7 +11,10 @@ from .backends import default_backend
 from .errors import ApplyError, InputError
 from .names import TABLES
 
-HOOK_FILES = ("/etc/libvirt/hooks/network.d/kvmufw_hook", "/etc/libvirt/hooks/qemu.d/kvmufw_hook")
+# install.sh records what it wrote here, the hooks as ``hook DRIVER PATH`` (drop-ins in
+# network.d/qemu.d, or the plain hook files on libvirt < 6.5): the one list of our hooks.
+MANIFEST = "/var/lib/kvmufw_hook/install.manifest"
+HOOK_DRIVERS = ("network", "qemu")
 DAEMON_PIDFILES = ("/run/libvirtd.pid", "/run/virtnetworkd.pid", "/run/virtqemud.pid")
 SIGHUP_STAMP = "/var/lib/kvmufw_hook/sighup"
 LIBVIRT_CHAINS = ("LIBVIRT_INP", "LIBVIRT_FWX", "LIBVIRT_FWI", "LIBVIRT_FWO")
@@ -214,20 +217,58 @@ def _start_time(pid: int) -> float | None:
     return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def check_hooks() -> list[Finding]:
+def installed_hooks(root: str = "") -> tuple[dict[str, str], dict[str, str]]:
+    """(driver -> hook path, path -> sha256) as install.sh recorded them."""
+    hooks: dict[str, str] = {}
+    sha256: dict[str, str] = {}
+    for line in (_read(root + MANIFEST) or "").splitlines():
+        fields = line.split(" ", 2)
+        if len(fields) == 3 and fields[0] == "hook" and fields[1] in HOOK_DRIVERS:
+            hooks[fields[1]] = fields[2]
+        elif len(fields) == 3 and fields[0] == "file":
+            sha256[fields[2]] = fields[1]
+    return hooks, sha256
+
+
+def _file_sha256(path: str) -> str | None:
+    import hashlib
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _hook_files(root: str) -> tuple[list[str], list[Finding]]:
+    """The hook files install.sh wrote, and a finding for each that is not as written."""
+    hooks, sha256 = installed_hooks(root)
+    if set(hooks) != set(HOOK_DRIVERS):
+        return [], [Finding("FAIL", "hooks", "no record of installed hooks in " + MANIFEST
+                            + " (not installed, or by an install.sh older than this doctor)",
+                            "sudo ./install.sh")]
+    paths = [hooks[drv] for drv in HOOK_DRIVERS]
     out = []
-    for path in HOOK_FILES:
-        if not os.path.exists(path):
+    for path in paths:
+        if not os.path.exists(root + path):
             out.append(Finding("FAIL", "hooks", f"{path} is missing", "sudo ./install.sh"))
-        elif not os.access(path, os.X_OK):
+        elif not os.access(root + path, os.X_OK):
             out.append(Finding("FAIL", "hooks", f"{path} is not executable",
                                f"chmod 755 {path}"))
-    if out:
+        elif sha256.get(path) not in (None, _file_sha256(root + path)):
+            out.append(Finding("WARN", "hooks", f"{path} changed since install.sh wrote it",
+                               "sudo ./install.sh --uninstall and install again, or merge by "
+                               "hand"))
+    return paths, out
+
+
+def check_hooks(root: str = "") -> list[Finding]:
+    paths, out = _hook_files(root)
+    if any(f.level == "FAIL" for f in out) or not paths:
         return out
-    newest = max(os.stat(p).st_mtime for p in HOOK_FILES)
-    hup = os.stat(SIGHUP_STAMP).st_mtime if os.path.exists(SIGHUP_STAMP) else 0
+    newest = max(os.stat(root + p).st_mtime for p in paths)
+    hup = os.stat(root + SIGHUP_STAMP).st_mtime if os.path.exists(root + SIGHUP_STAMP) else 0
     for pidfile in DAEMON_PIDFILES:
-        pid = (_read(pidfile) or "").strip()
+        pid = (_read(root + pidfile) or "").strip()
         if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
             continue
         started = _start_time(int(pid)) or 0
@@ -238,8 +279,10 @@ def check_hooks() -> list[Finding]:
                                f"kill -HUP {pid}"))
         else:
             out.append(Finding("OK", "hooks seen by the daemon", f"{name} ({pid})"))
-    if not out:
-        out.append(Finding("OK", "hooks", "installed (no libvirt daemon running)"))
+    if not any(f.check == "hooks" for f in out):
+        daemons = any(f.check == "hooks seen by the daemon" for f in out)
+        out.insert(0, Finding("OK", "hooks", "installed: " + ", ".join(paths)
+                              + ("" if daemons else " (no libvirt daemon running)")))
     return out
 
 
