@@ -435,3 +435,37 @@ def test_doctor_without_an_install_says_so(host):
     [hooks] = [f for f in json.loads(proc.stdout) if f["check"] == "hooks"]
     assert hooks["level"] == "FAIL" and "no record of installed hooks" in hooks["detail"]
     assert hooks["fix"] == "sudo ./install.sh"
+
+
+def test_a_libvirt_upgrade_past_6_5_moves_our_hooks_into_the_drop_in_directories(host):
+    """libvirt >= 6.5 runs hooks/qemu and every qemu.d/ entry: the install after the
+    upgrade removes the plain hook files it wrote before (else each call ran twice),
+    doctor checks the drop-ins, and uninstall leaves the host as it was."""
+    pristine = digest(host)
+    pretend_libvirt(host, "6.0.0")
+    install(host)
+    host.sh("rm /usr/local/sbin/libvirtd")  # the upgrade: the lab's own libvirt, 9.x
+    out = install(host).stdout
+    for path in PLAIN_HOOKS:
+        assert f"removed {path}: kvmufw_hook's hooks are {DROPIN_HOOKS[0]} and " \
+               f"{DROPIN_HOOKS[1]} for this libvirt" in out
+        assert not exists(host, path)
+        manifest = content(host, "/var/lib/kvmufw_hook/install.manifest").splitlines()
+        assert not [line for line in manifest if line.endswith(f" {path}")], manifest
+    assert doctor_on_hooks(host) == [
+        ("OK", f"installed: {DROPIN_HOOKS[0]}, {DROPIN_HOOKS[1]} (no libvirt daemon running)")]
+    assert install(host).stdout.startswith("kvmufw_hook install: already installed")
+    install(host, "--uninstall")
+    assert digest(host) == pristine
+
+
+def test_an_admin_hook_file_stays_beside_our_drop_ins(host):
+    """/etc/libvirt/hooks/qemu that no install wrote is the admin's: never retired."""
+    script = "#!/bin/sh\nexit 0\n"
+    host.run("bash", "-c", "mkdir -p /etc/libvirt/hooks && cat > /etc/libvirt/hooks/qemu "
+             "&& chmod 755 /etc/libvirt/hooks/qemu", input=script)
+    out = install(host).stdout
+    assert "/etc/libvirt/hooks/qemu:" not in out and "left" not in out
+    assert content(host, "/etc/libvirt/hooks/qemu") == script
+    install(host, "--uninstall")
+    assert content(host, "/etc/libvirt/hooks/qemu") == script
