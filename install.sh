@@ -5,7 +5,9 @@
 # What it does (each step is idempotent):
 #   1. installs what the hooks need from the distribution: python3-lxml, python3-libvirt, iptables
 #   2. the package in /usr/local/lib/kvmufw_hook and the command /usr/local/sbin/kvmufw_hook
-#   3. the libvirt hooks as drop-ins in /etc/libvirt/hooks/{network,qemu}.d/ (libvirt >= 6.5)
+#   3. the libvirt hooks as drop-ins in /etc/libvirt/hooks/{network,qemu}.d/ (libvirt >= 6.5;
+#      older: the hook files /etc/libvirt/hooks/{network,qemu}, moved into the drop-in
+#      directories by the install after a libvirt upgrade)
 #   4. an entry in /etc/ufw/after.init that runs `kvmufw_hook restore` (bounded by timeout)
 #      whenever UFW starts or reloads: from our own state and the kernel, never libvirt
 #   5. where systemd runs: drop-ins that start libvirt after UFW and put our jumps back
