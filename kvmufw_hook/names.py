@@ -8,8 +8,6 @@ tables and jumps are the backend's vocabulary too (``backends/iptables.py``).
 
 from __future__ import annotations
 
-import os
-
 NAMESPACE = "urn:kvmufw:1"
 
 
@@ -111,8 +109,10 @@ class Tag:
 # Paths. Environment overrides exist for tests and labs; libvirt clears the
 # environment of hooks, so in production the defaults always apply.
 def state_dir() -> str:
+    import os  # here: a start without our metadata needs the namespace, not os
     return os.environ.get("KVMUFW_STATE_DIR", "/run/kvmufw_hook")
 
 
 def libvirt_network_dir() -> str:
+    import os
     return os.environ.get("KVMUFW_LIBVIRT_NETWORK_DIR", "/run/libvirt/network")

@@ -138,7 +138,7 @@ def test_run_reports_both_families(tmp_path, monkeypatch):
     monkeypatch.setattr(state, "load_networks", lambda: nets(network("lab6")))
 
     class NoFirewall:
-        def read(self):
+        def read(self, families=()):
             from kvmufw_hook.errors import ApplyError
             raise ApplyError("no iptables here")
 

@@ -330,8 +330,6 @@ def test_the_namespace_has_one_definition():
     assert holders == ["kvmufw_hook/names.py"]
 
 
-@pytest.mark.xfail(strict=True, reason="names.py imports os at module level (issue 11: the "
-                   "lead makes it import os where the paths are read)")
 def test_a_start_without_our_metadata_imports_only_the_namespace(tmp_path):
     """A guest without forwards is the common start: the hook reads stdin, looks for
     names.NAMESPACE and returns; it loads names for that, and nothing else (not os)."""
