@@ -41,8 +41,8 @@ def _libvirt_table(backend) -> bool:
     namespace) lets ``libvirt_nft`` ask with ``nft`` in that namespace."""
     if getattr(backend, "prefix", None):
         return True
-    from .backends.nftprobe import table_in_kernel
-    return table_in_kernel()
+    from .backends.nftprobe import IPV4, IPV6, table_in_kernel
+    return table_in_kernel(IPV4) or table_in_kernel(IPV6)
 
 
 def families_of(rules: Mapping[str, Sequence[Rule]]) -> set[int]:

@@ -139,7 +139,13 @@ def _ufw_ipv6(default: str | None, networks) -> Finding:
 def check_libvirt_firewall(ruleset, active_networks: int, backend):
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
     and our accepts in it (one per forward and direction, ahead of libvirt's rejects)."""
-    from .backends.libvirt_nft import CHAINS, LibvirtNft, libvirt_firewall
+    from .backends.libvirt_nft import (
+        CHAINS,
+        LibvirtNft,
+        libvirt_firewall,
+        read_tables,
+        tables_present,
+    )
     from .ops import plan_host
     nft = LibvirtNft.beside(backend)
     firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
@@ -155,7 +161,7 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend):
         return firewall, out
     out.append(Finding("OK", "libvirt's table", "table ip libvirt_network present"))
     try:
-        accepts = nft.read()
+        accepts = read_tables(backend, True)
     except ApplyError as exc:
         return firewall, [*out, Finding("FAIL", "our accepts in libvirt's table", str(exc),
                                         "install nftables")]
@@ -163,13 +169,13 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend):
         host = plan_host(state.load_networks(), state.load_domains())
     except InputError:
         return firewall, out
-    missing = sorted(o for o, rules in host.rules.items() if not nft.present(accepts, rules))
+    missing = sorted(o for o, rules in host.rules.items() if not tables_present(accepts, rules))
     if missing:
         out.append(Finding("FAIL", "our accepts in libvirt's table", "missing, or behind "
                            "libvirt's rejects, for " + ", ".join(missing) + ": libvirt "
                            "rejects those forwards", "kvmufw_hook replay"))
     else:
-        count = sum(len(accepts.ours(chain)) for chain in CHAINS)
+        count = sum(len(snap.ours(chain)) for snap in accepts.values() for chain in CHAINS)
         out.append(Finding("OK", "our accepts in libvirt's table", f"{count}: every "
                            "forward's, ahead of libvirt's rejects"))
     return firewall, out

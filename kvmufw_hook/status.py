@@ -104,18 +104,18 @@ def collect(backend=None) -> dict:
             lambda dom=dom: resolve_domain_forwards(dom, networks), check)})
     snapshot, report["kernel_error"] = reading.result()
     # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
-    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall
+    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present
     nft, accepts = LibvirtNft.beside(backend), None
     firewall = libvirt_firewall(backend.libvirt_chains(snapshot) if snapshot else (), nft)
     report["libvirt_firewall"] = firewall.backend
     if snapshot is not None and firewall.table:
         try:
-            accepts = nft.read()
+            accepts = read_tables(backend, True)
         except ApplyError as exc:
             report["kernel_error"] = str(exc)
     for row, key, rules in checks:
         row[key] = snapshot is not None and backend.present(snapshot, rules) and (
-            accepts is None or nft.present(accepts, rules))
+            accepts is None or tables_present(accepts, rules))
     return report
 
 
