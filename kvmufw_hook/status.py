@@ -125,6 +125,11 @@ def shown_name(name: str) -> str:
     return printable(name) if name == name.strip() and name else shown(name)
 
 
+def _bracketed(address: str | None) -> str | None:
+    """An IPv6 address in brackets, so that the port after it reads as a port."""
+    return f"[{address}]" if address and ":" in address else address
+
+
 def format_table(report: dict) -> str:
     """The report for people: every cell escaped (a comment may not draw a row of its
     own or move the cursor); ``--json`` keeps the exact text."""
@@ -137,8 +142,8 @@ def format_table(report: dict) -> str:
                              ",".join(entry["subnets"]) or "-", "-",
                              "ok" if entry["rules_present"] else "MISSING", entry["mode"]))
             for f in entry["forwards"]:
-                host = f"{f['host_ip'] or '*'}:{f['host_port']}"
-                guest = f"{f['guest_ip'] or '?'}:{f['guest_port']}"
+                host = f"{_bracketed(f['host_ip']) or '*'}:{f['host_port']}"
+                guest = f"{_bracketed(f['guest_ip']) or '?'}:{f['guest_port']}"
                 state_text = "ok" if f["present"] else ("ERROR" if f.get("error") else "MISSING")
                 rows.append((owner, f["proto"], host, guest, ",".join(f["sources"]) or "any",
                              state_text, f.get("error") or f["comment"] or ""))
