@@ -51,6 +51,15 @@ def families_of(rules: Mapping[str, Sequence[Rule]]) -> set[int]:
     return {rule.family for owned in rules.values() for rule in owned}
 
 
+def covering(backend, before, rules: Mapping[str, Sequence[Rule]]):
+    """``before``, or a fresh read when it lacks a family ``rules`` write to (a ruleset
+    read before planning holds IPv6 only where rules of ours already were)."""
+    wanted = families_of(rules)
+    if wanted <= set(before.snapshots) | set(before.unavailable):
+        return before
+    return backend.read(wanted | set(before.snapshots))
+
+
 def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
                 log: Callable[[str], None] = _quiet, before=None) -> Applied:
     """Replace the named owners' rules (and drop matching others) in one write per
@@ -64,8 +73,8 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
     ApplyError is raised: a change is applied whole or not at all.
     """
     backend = backend or default_backend()
-    if before is None:
-        before = backend.read(families_of(rules))
+    before = (backend.read(families_of(rules)) if before is None
+              else covering(backend, before, rules))
     change = backend.change(before, rules, drop)
     for family, why in sorted(change.skipped.items()):
         log(f"IPv{family} rules left out: {why}")

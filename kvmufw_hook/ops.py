@@ -20,12 +20,13 @@ from . import host, state
 from .apply import (  # noqa: F401 - the stop path lives there
     Applied,
     apply_rules,
+    covering,
     domain_stopped,
     families_of,
 )
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
-from .model import FAMILIES, Domain, ForwardSpec, Network, NetworkPort
+from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner
 from .plan import (
     Rule,
@@ -413,7 +414,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
     problems: list[str] = []
     networks, domains, broken, kept = _parse_all(network_xmls, domain_xmls, problems)
     with state.locked():
-        before = backend.read(FAMILIES)
+        before = backend.read()
         planned = plan_host({n: net for n, (net, _r) in networks.items()},
                          {n: dom for n, (dom, _r) in domains.items()},
                          holders=backend.claims(before), broken=broken,
@@ -428,6 +429,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
 
         if dry_run:
             from .backends.libvirt_nft import plan_accepts
+            before = covering(backend, before, planned.rules)
             payload = (backend.change(before, planned.rules, drop).text
                        + plan_accepts(backend, before, planned.rules, drop).text)
         else:
@@ -451,7 +453,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
     backend = backend or default_backend()
     problems: list[str] = []
     with state.locked(lock_timeout):
-        before = backend.read(() if jumps_only else FAMILIES)
+        before = backend.read()
         if jumps_only:
             payload = apply_rules({}, backend=backend, log=log, before=before).payload
             if payload:
@@ -502,7 +504,7 @@ def flush(backend=None) -> Applied:
     from .backends.libvirt_nft import clear_accepts
     backend = backend or default_backend()
     with state.locked():
-        change = backend.clear(backend.read(FAMILIES))
+        change = backend.clear(backend.read())
         backend.write(change)
         text = change.text + clear_accepts(backend)
     return Applied(text)

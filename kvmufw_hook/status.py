@@ -60,9 +60,8 @@ class _Reading(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        from .model import FAMILIES
-        try:
-            self.snapshot = self.backend.read(FAMILIES)
+        try:  # IPv6 where rules of ours are (none there: none present, nothing to read)
+            self.snapshot = self.backend.read()
         except ApplyError as exc:
             self.error = str(exc)
         except BaseException as exc:  # raised again in the caller's thread

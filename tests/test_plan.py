@@ -26,6 +26,8 @@ CASES = {
     "network-forwards-guest-mac": [FIXTURES / "net-mac.xml"],
     "domain-web1": [SAMPLES / "net-lab.xml", DEFAULT, SAMPLES / "dom-web1.xml"],
     "domain-every-kind": [SAMPLES / "net-lab.xml", DEFAULT, FIXTURES / "dom-all.xml"],
+    "dual-stack-nat66": [FIXTURES / "net-dual.xml"],
+    "dual-stack-domain": [FIXTURES / "net-dual.xml", FIXTURES / "dom-dual.xml"],
 }
 
 
