@@ -182,9 +182,10 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend):
 
 
 def check_rules(backend, ruleset, active_networks: int,
-                libvirt_backend: str = "iptables") -> list[Finding]:
+                libvirt_backend: str = "iptables", ipv6_networks: bool = True) -> list[Finding]:
     """libvirt's chains (where it uses iptables), our rules and our jumps, through the
-    backend's interface (``libvirt_chains``, ``has_rules``, ``bad_jumps``)."""
+    backend's interface (``libvirt_chains``, ``has_rules``, ``bad_jumps``); a family the
+    backend cannot reach, where a network needs it (``ipv6_networks``)."""
     from .backends.iptables import LIBVIRT_CHAINS
     out = []
     present = backend.libvirt_chains(ruleset)
@@ -209,6 +210,8 @@ def check_rules(backend, ruleset, active_networks: int,
         out.append(Finding("FAIL", "our rules", "none in the kernel while networks are "
                            "active", "kvmufw_hook replay"))
     for family, why in sorted(ruleset.unavailable.items()):
+        if family == 6 and not ipv6_networks:
+            continue
         out.append(Finding("WARN", f"IPv{family} firewall", f"not read: {why}; IPv{family} "
                            "rules are left out", "install ip6tables, or ignore on an "
                            f"IPv{family}-less host"))
@@ -328,7 +331,8 @@ def run(uri: str, backend=None) -> list[Finding]:
         return [*findings, Finding("FAIL", "firewall", str(exc), "install iptables")]
     firewall, found = check_libvirt_firewall(ruleset, len(networks), backend)
     findings += found
-    findings += check_rules(backend, ruleset, len(networks), firewall.backend)
+    findings += check_rules(backend, ruleset, len(networks), firewall.backend,
+                            bool(_has_ipv6(networks)))
     findings += check_hooks()
     findings += check_forwards(uri, backend)
     return findings

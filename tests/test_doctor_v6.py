@@ -144,3 +144,15 @@ def test_run_reports_both_families(tmp_path, monkeypatch):
 
     checks = [f.check for f in doctor.run("test:///default", backend=NoFirewall())]
     assert checks[:2] == ["IP forwarding", "IPv6 forwarding"]
+
+
+def test_a_host_without_ipv6_firewall_is_a_warn_only_where_a_network_needs_it():
+    from fakebackend import FakeBackend  # tests/ is on the path (conftest)
+    backend = FakeBackend(ipv6=False)
+    ruleset = backend.read((4, 6))
+    assert ruleset.unavailable == {6: "IPv6 is disabled in the kernel"}
+    found = doctor.check_rules(backend, ruleset, 1, ipv6_networks=True)
+    warn = [f for f in found if f.check == "IPv6 firewall"]
+    assert [f.level for f in warn] == ["WARN"] and "left out" in warn[0].detail
+    assert not [f for f in doctor.check_rules(backend, ruleset, 1, ipv6_networks=False)
+                if f.check == "IPv6 firewall"]
