@@ -261,13 +261,11 @@ def domain_networks(dom: Domain, networks: Mapping[str, Network]) -> list[tuple[
     return out
 
 
-def _booked_for(dom: Domain, mac: str, net: Network, spec: ForwardSpec) -> dict[int, IPAddress]:
+def _booked_for(dom: Domain, mac: str, net: Network) -> dict[int, IPAddress]:
     """family -> the guest's reserved address on one NIC: IPv4 by its MAC, IPv6 by the
-    domain's name (libvirt's IPv6 reservations carry no MAC), in the families the
-    forward allows."""
+    domain's name (libvirt's IPv6 reservations carry no MAC)."""
     out: dict[int, IPAddress] = {}
-    for family in spec.families:
-        ip = net.reservation(mac) if family == 4 else net.named_reservation(dom.name, 6)
+    for family, ip in ((4, net.reservation(mac)), (6, net.named_reservation(dom.name, 6))):
         if ip is not None and ip.version == family and net.subnet_of(ip) is not None:
             out[family] = ip
     return out
@@ -284,6 +282,7 @@ def resolve_domain_forwards(dom: Domain,
     what = f"domain {shown(dom.name)}"
     attached = domain_networks(dom, networks)
     others: dict | None = None
+    booked: dict[tuple[str, int], dict[int, IPAddress]] = {}  # once per NIC, not per forward
     out: list[Resolved] = []
     for index, spec in enumerate(dom.forwards, start=1):
         where = f"{what}: forward #{index} ({spec.label})"
@@ -318,11 +317,15 @@ def resolve_domain_forwards(dom: Domain,
                                      "to its own addresses")
                 targets.append(Resolved(spec, guest, *found))
         else:
+            allowed = spec.families
             for mac, net in candidates:
-                booked = _booked_for(dom, mac, net, spec)
-                if booked:
+                key = (mac, id(net))
+                if key not in booked:
+                    booked[key] = _booked_for(dom, mac, net)
+                found = [ip for family, ip in sorted(booked[key].items()) if family in allowed]
+                if found:
                     targets = [Resolved(spec, ip, net, net.subnet_of(ip))  # type: ignore[arg-type]
-                               for _f, ip in sorted(booked.items())]
+                               for ip in found]
                     break
             if not targets:
                 macs = ", ".join(f"{mac} on {net.name}" for mac, net in candidates)
