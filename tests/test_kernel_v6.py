@@ -248,3 +248,52 @@ def test_dual_stack_packets_before_and_after(topo, state_env):
 def ip6tables_listing(ns) -> str:
     """What the kernel holds, shown when a probe fails."""
     return ns.run("ip6tables-save", "-c").stdout
+
+
+# --------------------------------------------------------------------------- no IPv6
+
+# What ip6tables says on a host booted with ipv6.disable=1
+NO_IPV6 = "Cannot initialize: Address family not supported by protocol"
+
+
+def without_ip6tables(ns, tmp_path) -> list[str]:
+    """A prefix that runs commands in ``ns`` with a PATH whose ip6tables-save and
+    ip6tables-restore fail as on a host without IPv6 (iptables is the real one)."""
+    bin_dir = tmp_path / "no-ipv6-bin"
+    bin_dir.mkdir()
+    for tool in ("ip6tables-save", "ip6tables-restore"):
+        script = bin_dir / tool
+        script.write_text(f"#!/bin/sh\necho '{tool}: {NO_IPV6}' >&2\nexit 1\n")
+        script.chmod(0o755)
+    return [*ns.prefix, "env", f"PATH={bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin"]
+
+
+def test_a_host_without_ipv6_keeps_ipv4_and_says_once_what_it_left_out(topo, state_env,
+                                                                       tmp_path):
+    backend = IptablesBackend(prefix=without_ip6tables(topo.host, tmp_path))
+    g5, inet = topo.guests[5], topo.inet
+    seeded6 = saved(topo.host, 6)
+    assert inet.ask("tcp", HOST4, 2222) is None and g5.ask("tcp", "203.0.113.2", 9000) is None
+
+    logs: dict[str, list[str]] = {}
+    lab, _ = parse_hookdata(LAB)
+    ops.network_started(lab, LAB, backend=backend, log=logs.setdefault("net", []).append)
+    ops.domain_started(parse_domain_xml(G5), G5, backend=backend,
+                       log=logs.setdefault("dom", []).append)
+    for op in ("net", "dom"):
+        left_out = [line for line in logs[op] if "left out" in line]
+        assert left_out == [f"IPv6 rules left out: ip6tables-save failed (exit 1): "
+                            f"ip6tables-save: {NO_IPV6}"], (op, logs[op])
+    # IPv4 as on any host; nothing of ours in ip6tables (the real one, read directly)
+    assert g5.ask("tcp", "203.0.113.2", 9000) == HOST4
+    assert inet.ask("tcp", HOST4, 2222) == "203.0.113.2"
+    assert inet.ask("tcp", HOST4, 8080) == "203.0.113.2"
+    assert saved(topo.host, 6) == seeded6
+    assert inet.ask("tcp", HOST6, 2222) is None and g5.ask("tcp", INET6, 9000) is None
+
+    # stopping has nothing of IPv6 to leave out: it says nothing about it
+    ops.domain_stopped("g5", backend=backend, log=logs.setdefault("stop", []).append)
+    ops.network_stopped(lab, backend=backend, log=logs["stop"].append)
+    assert not [line for line in logs["stop"] if "IPv6" in line], logs["stop"]
+    assert inet.ask("tcp", HOST4, 2222) is None and g5.ask("tcp", "203.0.113.2", 9000) is None
+    assert "KVMUFW" not in topo.host.save(4)
