@@ -11,7 +11,9 @@ is reachable only masqueraded behind the host's address.
 """
 
 import re
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from netlab import SEED, Topology
@@ -89,6 +91,7 @@ LAB2 = b"""<network><name>lab2</name>
 G5 = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
     <forward host-port="2222" guest-port="22"/>
     <forward host-port="2223" guest-port="22" source="2001:db8:ff::2/128"/>
+    <forward host-port="2224" guest-port="22" host-ip="2001:db8:ff::1"/>
   </forwards></metadata><devices><interface type='network'>
     <source network='lab' bridge='virbr1'/><mac address='52:54:00:00:00:05'/>
   </interface></devices></domain>"""
@@ -168,34 +171,43 @@ def path_mtu(guest, dst: str) -> int | None:
 
 
 def probes(topo) -> dict:
+    """What each probe's server saw (None: no answer), the probes run side by side:
+    most of those that fail wait for their timeout."""
     g5, g6, g7, inet, host = (topo.guests[5], topo.guests[6], topo.guests[7], topo.inet,
                               topo.host)
-    return {
-        "egress_routed": g5.ask("tcp", INET6, 9000),
-        "egress_nat66": g7.ask("tcp", INET6, 9000),
-        "egress_v4": g5.ask("tcp", "203.0.113.2", 9000),
-        "dnat_v6": inet.ask("tcp", HOST6, 2222),
-        "dnat_v4": inet.ask("tcp", HOST4, 2222),
-        "network_forward_v6": inet.ask("tcp", HOST6, 8080),
-        "network_forward_v4": inet.ask("tcp", HOST4, 8080),
-        "source_v6": inet.ask("tcp", HOST6, 2223, source=INET6),
-        "source_other_v6": inet.ask("tcp", HOST6, 2223, 1.0, source=OTHER6),
-        "source_over_v4": inet.ask("tcp", HOST4, 2223, 1.0),
-        "hairpin_v6": g6.ask("tcp", HOST6, 2222),
-        "host_local_v6": host.ask("tcp", HOST6, 2222),
-        "dns_v6": g5.ask("udp", "fd00:10::1", 53, 1.0),
-        "dhcp_v6": g5.ask("udp", "fd00:10::1", 547, 1.0),
+    asks = {
+        "egress_routed": (g5, "tcp", INET6, 9000),
+        "egress_nat66": (g7, "tcp", INET6, 9000),
+        "egress_v4": (g5, "tcp", "203.0.113.2", 9000),
+        "dnat_v6": (inet, "tcp", HOST6, 2222),
+        "dnat_v4": (inet, "tcp", HOST4, 2222),
+        "network_forward_v6": (inet, "tcp", HOST6, 8080),
+        "network_forward_v4": (inet, "tcp", HOST4, 8080),
+        "source_v6": (inet, "tcp", HOST6, 2223, 2.0, INET6),
+        "source_other_v6": (inet, "tcp", HOST6, 2223, 2.0, OTHER6),
+        "source_over_v4": (inet, "tcp", HOST4, 2223),
+        "host_ip_v6": (inet, "tcp", HOST6, 2224),
+        "host_ip_other_address": (inet, "tcp", "fd00:10::1", 2224),
+        "host_ip_over_v4": (inet, "tcp", HOST4, 2224),
+        "hairpin_v6": (g6, "tcp", HOST6, 2222),
+        "host_local_v6": (host, "tcp", HOST6, 2222),
+        "dns_v6": (g5, "udp", "fd00:10::1", 53),
+        "dhcp_v6": (g5, "udp", "fd00:10::1", 547),
     }
+    with ThreadPoolExecutor(max_workers=len(asks)) as pool:
+        futures = {name: pool.submit(ns.ask, *args) for name, (ns, *args) in asks.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def packet_too_big(guest) -> int | None:
     """Send a datagram too big for the path to FAR6; the path MTU the guest learnt
-    from the packet-too-big inet answers with (None: it never arrived)."""
-    guest.ask("udp", FAR6, 9, 0.3)  # learns nothing by itself: a small packet
-    guest.run("python3", "-c", "import socket; s = socket.socket(socket.AF_INET6, "
+    from the packet-too-big inet answers with (None: none arrived)."""
+    guest.run(sys.executable, "-c", "import socket; s = socket.socket(socket.AF_INET6, "
               f"socket.SOCK_DGRAM); s.sendto(b'x' * {BIG}, ('{FAR6}', 9))")
-    time.sleep(0.3)
-    return path_mtu(guest, FAR6)
+    deadline = time.monotonic() + 2
+    while (mtu := path_mtu(guest, FAR6)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return mtu
 
 
 def test_dual_stack_packets_before_and_after(topo, state_env):
@@ -223,6 +235,9 @@ def test_dual_stack_packets_before_and_after(topo, state_env):
         "source_v6": INET6,  # source='2001:db8:ff::2/128'
         "source_other_v6": None,  # ::3 is not that source
         "source_over_v4": None,  # an IPv6 source: the forward exists only in IPv6
+        "host_ip_v6": INET6,  # host-ip='2001:db8:ff::1'
+        "host_ip_other_address": None,  # the host's, but not that host-ip
+        "host_ip_over_v4": None,  # an IPv6 host-ip: the forward exists only in IPv6
         "hairpin_v6": "fd00:10::1",  # g6 via the host's address, masqueraded
         "host_local_v6": HOST6,  # from the host itself, through nat OUTPUT
         "dns_v6": "fd00:10::5",
@@ -234,7 +249,8 @@ def test_dual_stack_packets_before_and_after(topo, state_env):
 
     ops.domain_stopped("g5", backend=backend)
     stopped = probes(topo)
-    for gone in ("dnat_v6", "dnat_v4", "source_v6", "hairpin_v6", "host_local_v6"):
+    for gone in ("dnat_v6", "dnat_v4", "source_v6", "host_ip_v6", "hairpin_v6",
+                 "host_local_v6"):
         assert stopped[gone] is None, gone
     assert stopped["egress_routed"] == "fd00:10::5"
     assert stopped["network_forward_v6"] == INET6
