@@ -115,6 +115,16 @@ def _settle(namespaces) -> None:
 def dual_stack(host) -> Topology:
     """test_kernel's topology with IPv6 added, and a second bridge for NAT66."""
     topo = Topology(host)
+    try:
+        _add_ipv6(topo)
+    except BaseException:
+        topo.destroy()  # the namespaces made so far: the fixture never gets them
+        raise
+    return topo
+
+
+def _add_ipv6(topo: Topology) -> None:
+    host = topo.host
     host.run("ip", "link", "add", "virbr2", "type", "bridge")
     host.run("ip", "addr", "add", "10.0.2.1/24", "dev", "virbr2")
     host.run("ip", "link", "set", "virbr2", "up")
@@ -139,7 +149,6 @@ def dual_stack(host) -> Topology:
     topo.inet.run("ip", "-6", "route", "add", "2001:db8:ee::/64", "dev", "eth0",
                   "mtu", "lock", "1280")
     _settle([host, topo.inet, *topo.guests.values()])
-    return topo
 
 
 @pytest.fixture
