@@ -49,9 +49,10 @@ class Netns:
             if line:
                 self.run(*line.split())
 
-    def save(self) -> str:
-        """iptables-save without its timestamp comments or packet counters."""
-        out = self.run("iptables-save").stdout
+    def save(self, family: int = 4) -> str:
+        """iptables-save (ip6tables-save for family 6) without its timestamp comments
+        or packet counters."""
+        out = self.run("iptables-save" if family == 4 else "ip6tables-save").stdout
         return "\n".join(l for l in out.splitlines() if not l.startswith("#")) + "\n"
 
     def spawn(self, *argv: str) -> subprocess.Popen:
@@ -67,10 +68,12 @@ class Netns:
         assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() else "")
         return proc
 
-    def ask(self, proto: str, host: str, port: int, timeout: float = 2.0) -> str | None:
-        """The address the server saw, or None if nothing answered."""
+    def ask(self, proto: str, host: str, port: int, timeout: float = 2.0,
+            source: str | None = None) -> str | None:
+        """The address the server saw, or None if nothing answered; ``host`` and
+        ``source`` (the address to send from, if given) of either family."""
         proc = self.run(sys.executable, PEER, "ask", proto, host, str(port), str(timeout),
-                        check=False)
+                        *([source] if source else []), check=False)
         return proc.stdout.strip() if proc.returncode == 0 else None
 
     def destroy(self) -> None:
