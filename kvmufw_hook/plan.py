@@ -239,13 +239,27 @@ def _reserved_by_others(dom: Domain, attached: list[tuple[str, Network]]) -> dic
     own = {nic.mac for nic in dom.nics if nic.mac}
     held: dict[IPAddress, str] = {}
     for net in {id(n): n for _m, n in attached}.values():
+        slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
         for host in net.hosts:
             if host.mac is not None and host.mac not in own:
                 held.setdefault(host.ip, f"MAC {host.mac} in network {shown(net.name)}")
+                for subnet in slaac:  # the address that MAC's guest autoconfigures
+                    held.setdefault(eui64_address(subnet, host.mac),
+                                    f"the SLAAC address of MAC {host.mac} in network "
+                                    f"{shown(net.name)}")
             elif host.mac is None and host.name != dom.name:
                 held.setdefault(host.ip, f"host {shown(host.name)} in network "
                                          f"{shown(net.name)}")
     return held
+
+
+def eui64_address(subnet: IPNetwork, mac: str) -> IPAddress:
+    """The address a NIC with ``mac`` autoconfigures in a /64 by SLAAC with a modified
+    EUI-64 interface ID (RFC 4291, appendix A): ifupdown's and many appliances' default,
+    so as much that guest's as its reservation."""
+    raw = bytes.fromhex(mac.replace(":", ""))
+    iid = bytes([raw[0] ^ 0x02]) + raw[1:3] + b"\xff\xfe" + raw[3:6]
+    return IPv6Network(subnet)[int.from_bytes(iid, "big")]
 
 
 # --------------------------------------------------------------------------- domains
@@ -350,7 +364,7 @@ def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Rule, ...]:
         dnat = partial(rule, verdict="DNAT", dport=spec.host_port, to_addr=t.guest_ip,
                        to_ports=spec.guest_port)
         host = host_network(spec.host_ip) if spec.host_ip is not None else None
-        sources = spec.sources_in(family) or (None,)
+        sources = _source_matches(spec, family)
         # dst_local always, host-ip or not: a forward never matches traffic that is not
         # addressed to this host (a host-ip that stops being local matches nothing)
         for src in sources:
@@ -366,6 +380,17 @@ def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Rule, ...]:
         rules.append(rule("postrouting", src=t.subnet, dst=guest, oif=bridge,
                           dport=spec.guest_port, ctstate="DNAT", verdict="MASQUERADE"))
     return tuple(rules)
+
+
+def _source_matches(spec: ForwardSpec, family: int) -> tuple[IPNetwork | None, ...]:
+    """The ``-s`` of each DNAT rule in ``family``: one per source, or one matching every
+    source (None) when there is none or one is a whole family (``::/0``, ``0.0.0.0/0``:
+    iptables-save prints no ``-s`` for those, so a rule written with one would never be
+    seen in place again, and every apply would delete and re-add it)."""
+    sources = spec.sources_in(family)
+    if not sources or any(net.prefixlen == 0 for net in sources):
+        return (None,)
+    return sources
 
 
 def forward_families(specs: Iterable[ForwardSpec],
