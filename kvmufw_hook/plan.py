@@ -152,10 +152,12 @@ def _family_name(family: int) -> str:
     return f"IPv{family}"
 
 
-def resolve_network_forwards(net: Network) -> tuple[Resolved, ...]:
+def resolve_network_forwards(net: Network,
+                             others: Mapping[str, Network] | None = None) -> tuple[Resolved, ...]:
     """Each forward of a network's own metadata, in each family it has a guest address
     in: ``guest-ip`` (one per family), or ``guest-mac``'s IPv4 reservation and the IPv6
-    reservation of the same host name."""
+    reservation of the same host name. ``others``: the other networks (active), whose
+    subnets a guest address must not lie in (``_routed_elsewhere``)."""
     what = f"network {shown(net.name)}"
     if net.forwards and not net.managed:
         raise InputError(f"{what}: forwards need a nat, route, open or isolated network "
@@ -183,7 +185,7 @@ def resolve_network_forwards(net: Network) -> tuple[Resolved, ...]:
                 raise InputError(f"{where}: guest-ip {guest} is outside the subnets of "
                                  f"network {shown(net.name)} ({_subnets(net)})")
             targets.append(Resolved(spec, guest, net, subnet))
-        out += _checked(where, spec, targets)
+        out += _checked(where, spec, targets, others)
     return tuple(out)
 
 
@@ -200,16 +202,34 @@ def _booked_by_mac(net: Network, mac: str) -> dict[int, IPAddress]:
     return {}
 
 
-def _checked(where: str, spec: ForwardSpec, targets: list[Resolved]) -> list[Resolved]:
-    """The resolved targets, each a real guest; InputError when none is left in a family
-    the forward is limited to (host-ip or sources of one family)."""
+def _checked(where: str, spec: ForwardSpec, targets: list[Resolved],
+             networks: Mapping[str, Network] | None = None) -> list[Resolved]:
+    """The resolved targets, each a real guest of its own network; InputError when none
+    is left in a family the forward is limited to (host-ip or sources of one family)."""
     if not targets:
         wanted = " or ".join(map(_family_name, spec.families)) or "any family"
         raise InputError(f"{where}: the guest has no {wanted} address to forward to "
                          "(host-ip and source limit the family)")
     for t in targets:
         _check_guest_address(where, t.guest_ip, t.network, t.subnet)
+        _routed_elsewhere(where, t, networks or {})
     return targets
+
+
+def _routed_elsewhere(where: str, t: Resolved, networks: Mapping[str, Network]) -> None:
+    """A guest address that lies in another network's subnet at least as specific as
+    its own is that network's: the kernel routes it there (the longest prefix wins),
+    where that network's rules may let it in (IPv6 of a nat network is routed: all of it
+    passes), and this network's reservations know nothing of its guests. libvirt refuses
+    a network whose route exists already, not one whose subnet holds another's."""
+    for other in networks.values():
+        if other.name == t.network.name or not other.managed:
+            continue
+        theirs = other.subnet_of(t.guest_ip)
+        if theirs is not None and theirs.prefixlen >= t.subnet.prefixlen:
+            raise InputError(f"{where}: guest {t.guest_ip} is in {theirs} of network "
+                             f"{shown(other.name)}, not a guest of network "
+                             f"{shown(t.network.name)} ({t.subnet})")
 
 
 def _check_guest_address(where: str, ip: IPAddress, net: Network,
@@ -343,7 +363,7 @@ def resolve_domain_forwards(dom: Domain,
                 raise InputError(f"{where}: cannot resolve the guest address: no <dhcp><host> "
                                  f"reservation for {macs} (IPv4: by MAC; IPv6: by the name "
                                  f"{shown(dom.name)}); add one or set guest-ip")
-        out += _checked(where, spec, targets)
+        out += _checked(where, spec, targets, networks)
     return tuple(out)
 
 
