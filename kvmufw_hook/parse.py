@@ -185,9 +185,20 @@ def _ip(value: str, what: str, family: int | None = None) -> IPAddress:
         addr = ip_address(value.strip())
     except ValueError:
         raise InputError(f"{what}: {shown(value)} is not an IP address") from None
+    _no_zone(addr, value, what)
     if family is not None and addr.version != family:
         raise InputError(f"{what}: {shown(value)} is not an IPv{family} address")
     return addr
+
+
+def _no_zone(addr: IPAddress | IPNetwork, value: str, what: str) -> None:
+    """InputError for an IPv6 zone index (``fe80::1%eth0``): Python keeps it and counts
+    the address unequal to the same one without it (so every check of whose address it
+    is would pass), and iptables refuses it, failing the whole write it is in."""
+    where = addr.network_address if hasattr(addr, "network_address") else addr
+    if getattr(where, "scope_id", None):
+        raise InputError(f"{what}: {shown(value)} has a zone index (%…); give the "
+                         "address alone")
 
 
 def _forward_ip(value: str, what: str) -> IPAddress:
@@ -236,6 +247,7 @@ def _sources(value: str, what: str) -> tuple[IPNetwork, ...]:
             net = ip_network(part, strict=False)
         except ValueError:
             raise InputError(f"{what}: {shown(part)} is not an address or CIDR") from None
+        _no_zone(net, part, what)
         net = _unmapped(net)
         if net not in out:
             out.append(net)

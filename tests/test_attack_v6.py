@@ -613,3 +613,30 @@ def test_a_network_started_with_a_forward_into_another_networks_subnet_is_refuse
     with pytest.raises(InputError, match="network 'lab'"):
         start_net(netns, wide_with_forward())
     assert not [l for l in ours6(netns) if "n=wide" in l]
+
+
+# --------------------------------------------------------------------------- zone indexes
+
+@pytest.mark.parametrize("attr", ['guest-ip="fd00:10::20%evil"', 'guest-ip="fd00:10::%x"',
+                                  'guest-ip="fd00:10::1%virbr1"', 'host-ip="fd00:10::1%lo"',
+                                  'source="2001:db8::%eth0/32"'])
+def test_a_zone_index_is_refused_where_the_address_is_read(attr):
+    """Python reads fd00:10::20%evil as an address unequal to fd00:10::20: the checks for
+    another guest's reservation, the subnet-router anycast and the bridge's own address
+    all passed, and ip6tables-restore refused the result ("Bad IP address")."""
+    with pytest.raises(InputError, match="zone") as exc:
+        parse_domain_xml(dom_xml("evil", EVIL_MAC, f'host-port="2222" {attr}'))
+    assert "\n" not in str(exc.value)
+
+
+def test_one_owners_bad_address_does_not_stop_replay_for_everyone(netns, state_env):
+    """A running guest's live metadata is written without a hook (virsh metadata --live):
+    the next replay (UFW's reload runs it) planned the zone index, ip6tables-restore
+    refused the whole payload, and no owner got its rules back."""
+    good = dom_xml("web1", WEB1_MAC, 'host-port="2222" guest-port="22"')
+    evil = dom_xml("evil", EVIL_MAC, 'host-port="2223" guest-port="22" '
+                   'guest-ip="fd00:10::20%evil"')
+    result = ops.replay([net_xml()], [good, evil], backend=ns_backend(netns))
+    assert any("evil" in p for p in result.problems), result.problems
+    assert any("d=web1" in l for l in ours6(netns)) and any("d=web1" in l for l in ours4(netns))
+
