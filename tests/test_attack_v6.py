@@ -640,3 +640,38 @@ def test_one_owners_bad_address_does_not_stop_replay_for_everyone(netns, state_e
     assert any("evil" in p for p in result.problems), result.problems
     assert any("d=web1" in l for l in ours6(netns)) and any("d=web1" in l for l in ours4(netns))
 
+
+
+# --------------------------------------------------------------------------- host services
+
+LISTEN = ("import socket,sys\n"
+          "fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
+          "s = socket.socket(fam)\n"
+          "if fam == socket.AF_INET6:\n"
+          "    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(sys.argv[3]))\n"
+          "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1)\n"
+          "print('ready', flush=True); import time; time.sleep(120)\n")
+
+
+@pytest.mark.parametrize("bind,v6only,refused,allowed", [
+    ("::", "1", 'guest-ip="fd00:10::20"', 'guest-ip="10.0.0.20"'),
+    ("0.0.0.0", "0", 'guest-ip="10.0.0.20"', 'guest-ip="fd00:10::20"'),
+    ("::", "0", 'guest-ip="fd00:10::20"', None),
+    ("::", "0", 'guest-ip="10.0.0.20"', None),
+    ("fd00:10::1", "1", 'guest-ip="fd00:10::20"', 'guest-ip="10.0.0.20"'),
+])
+def test_a_host_service_keeps_its_port_in_the_families_it_listens_in(netns, state_env, bind,
+                                                                     v6only, refused, allowed):
+    """A root service on port 8443: a forward is refused only in the families the socket
+    takes (``::`` without IPV6_V6ONLY takes IPv4 too)."""
+    netns.run("ip", "link", "add", "virbr1", "type", "bridge")
+    netns.run("ip", "addr", "add", "fd00:10::1/64", "dev", "virbr1", "nodad")
+    start_net(netns, net_xml())
+    server = netns.spawn("/usr/bin/python3", "-c", LISTEN, bind, "8443", v6only)
+    assert server.stdout.readline().strip() == "ready"
+    with pytest.raises(InputError, match="used by a host service"):
+        start_dom(netns, dom_xml("web1", WEB1_MAC, f'host-port="8443" {refused}'))
+    assert not [l for l in ours6(netns) + ours4(netns) if "d=web1" in l]
+    if allowed:
+        start_dom(netns, dom_xml("web1", WEB1_MAC, f'host-port="8443" {allowed}'))
+        assert [l for l in ours6(netns) + ours4(netns) if "d=web1" in l]
