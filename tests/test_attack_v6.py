@@ -404,7 +404,9 @@ LIBVIRT_IP6 = """table ip6 libvirt_network {
 LIBVIRT_IP = LIBVIRT_IP6.replace("ip6 ", "ip ").replace("fd00:10::/64", "10.0.0.0/24")
 
 
-@pytest.mark.xfail(strict=True, reason="hole: with libvirt's nftables backend and "
+# not strict: main's 100f6fb closes it (accepts in table ip6 libvirt_network); once merged
+# this test passes and the mark goes
+@pytest.mark.xfail(strict=False, reason="hole: with libvirt's nftables backend and "
                    "<nat ipv6='yes'/>, table ip6 libvirt_network rejects DNAT'd IPv6 "
                    "connections and no accept of ours goes there: every IPv6 forward is "
                    "silently dead")
