@@ -8,7 +8,7 @@ and is bounded in bytes, elements and time (see ``load``).
 from __future__ import annotations
 
 import re
-from ipaddress import IPv4Interface, IPv6Interface, ip_address, ip_network
+from ipaddress import IPv4Interface, IPv6Address, IPv6Interface, ip_address, ip_network
 
 from lxml import etree
 
@@ -185,16 +185,36 @@ def _ip(value: str, what: str, family: int | None = None) -> IPAddress:
         addr = ip_address(value.strip())
     except ValueError:
         raise InputError(f"{what}: {shown(value)} is not an IP address") from None
+    _no_zone(addr, value, what)
     if family is not None and addr.version != family:
         raise InputError(f"{what}: {shown(value)} is not an IPv{family} address")
     return addr
+
+
+def _no_zone(addr: IPAddress | IPNetwork, value: str, what: str) -> None:
+    """InputError for an IPv6 zone index (``fe80::1%eth0``): Python keeps it and counts
+    the address unequal to the same one without it (so every check of whose address it
+    is would pass), and iptables refuses it, failing the whole write it is in."""
+    where = addr.network_address if hasattr(addr, "network_address") else addr
+    if getattr(where, "scope_id", None):
+        raise InputError(f"{what}: {shown(value)} has a zone index (%…); give the "
+                         "address alone")
+
+
+def _forward_ip(value: str, what: str) -> IPAddress:
+    """A forward's address (guest-ip, host-ip). An IPv4-mapped IPv6 address
+    (``::ffff:192.0.2.7``, as ``ss`` shows the IPv4 peers of dual-stack sockets) is that
+    IPv4 address: no IPv6 packet carries one, so read as IPv6 it would match nothing."""
+    addr = _ip(value, what)
+    mapped = addr.ipv4_mapped if isinstance(addr, IPv6Address) else None
+    return addr if mapped is None else mapped
 
 
 def _guest_ips(value: str, what: str) -> tuple[IPAddress, ...]:
     """``guest-ip``: one address, or one of each family separated by a comma."""
     out: list[IPAddress] = []
     for part in value.split(","):
-        addr = _ip(part, what)
+        addr = _forward_ip(part, what)
         if any(a.version == addr.version for a in out):
             raise InputError(f"{what}: {shown(value)} has two IPv{addr.version} addresses; "
                              "give at most one of each family")
@@ -227,9 +247,23 @@ def _sources(value: str, what: str) -> tuple[IPNetwork, ...]:
             net = ip_network(part, strict=False)
         except ValueError:
             raise InputError(f"{what}: {shown(part)} is not an address or CIDR") from None
+        _no_zone(net, part, what)
+        net = _unmapped(net)
         if net not in out:
             out.append(net)
     return tuple(out)
+
+
+_MAPPED = ip_network("::ffff:0:0/96")
+
+
+def _unmapped(net: IPNetwork) -> IPNetwork:
+    """An IPv4-mapped IPv6 network (``::ffff:198.51.100.0/120``) as the IPv4 network it
+    names (``198.51.100.0/24``); any other network as it is. A source limited to mapped
+    addresses would match no packet at all and close the forward's IPv4 side."""
+    if net.version != 6 or not net.subnet_of(_MAPPED):  # type: ignore[arg-type]
+        return net
+    return ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
 
 
 # --------------------------------------------------------------------------- forwards
@@ -294,7 +328,7 @@ def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> F
     if guest_port.width != host_port.width:
         raise InputError(f"{where}: guest-port {guest_port} is not as wide as "
                          f"host-port {host_port}")
-    return ForwardSpec(
+    spec = ForwardSpec(
         proto=proto,
         host_port=host_port,
         guest_port=guest_port,
@@ -302,12 +336,27 @@ def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> F
         if "guest-ip" in attrs else (),
         mac=_mac(attrs.get("mac"), f"{where}: mac"),
         guest_mac=_mac(attrs.get("guest-mac"), f"{where}: guest-mac"),
-        host_ip=_ip(attrs["host-ip"], f"{where}: host-ip") if "host-ip" in attrs else None,
+        host_ip=(_forward_ip(attrs["host-ip"], f"{where}: host-ip")
+                 if "host-ip" in attrs else None),
         sources=_sources(attrs["source"], f"{where}: source") if "source" in attrs else (),
         comment=attrs.get("comment"),
         allow_host_service=_yes_no(attrs.get("allow-host-service", "no"),
                                    f"{where}: allow-host-service"),
     )
+    if not spec.families:
+        raise InputError(f"{where}: {_families_disagree(spec)} name no address family in "
+                         "common: the forward could never match a packet")
+    return spec
+
+
+def _families_disagree(spec: ForwardSpec) -> str:
+    """``host-ip (IPv4) and source (IPv6)``: the attributes that limit the family."""
+    def names(addrs) -> str:
+        return "/".join(f"IPv{f}" for f in sorted({a.version for a in addrs}))
+    parts = [(attr, names(addrs)) for attr, addrs in (
+        ("host-ip", [spec.host_ip] if spec.host_ip is not None else []),
+        ("guest-ip", spec.guest_ips), ("source", spec.sources)) if addrs]
+    return " and ".join(f"{attr} ({fams})" for attr, fams in parts)
 
 
 def _yes_no(value: str, what: str) -> bool:

@@ -152,10 +152,12 @@ def _family_name(family: int) -> str:
     return f"IPv{family}"
 
 
-def resolve_network_forwards(net: Network) -> tuple[Resolved, ...]:
+def resolve_network_forwards(net: Network,
+                             others: Mapping[str, Network] | None = None) -> tuple[Resolved, ...]:
     """Each forward of a network's own metadata, in each family it has a guest address
     in: ``guest-ip`` (one per family), or ``guest-mac``'s IPv4 reservation and the IPv6
-    reservation of the same host name."""
+    reservation of the same host name. ``others``: the other networks (active), whose
+    subnets a guest address must not lie in (``_routed_elsewhere``)."""
     what = f"network {shown(net.name)}"
     if net.forwards and not net.managed:
         raise InputError(f"{what}: forwards need a nat, route, open or isolated network "
@@ -183,7 +185,7 @@ def resolve_network_forwards(net: Network) -> tuple[Resolved, ...]:
                 raise InputError(f"{where}: guest-ip {guest} is outside the subnets of "
                                  f"network {shown(net.name)} ({_subnets(net)})")
             targets.append(Resolved(spec, guest, net, subnet))
-        out += _checked(where, spec, targets)
+        out += _checked(where, spec, targets, others)
     return tuple(out)
 
 
@@ -200,16 +202,34 @@ def _booked_by_mac(net: Network, mac: str) -> dict[int, IPAddress]:
     return {}
 
 
-def _checked(where: str, spec: ForwardSpec, targets: list[Resolved]) -> list[Resolved]:
-    """The resolved targets, each a real guest; InputError when none is left in a family
-    the forward is limited to (host-ip or sources of one family)."""
+def _checked(where: str, spec: ForwardSpec, targets: list[Resolved],
+             networks: Mapping[str, Network] | None = None) -> list[Resolved]:
+    """The resolved targets, each a real guest of its own network; InputError when none
+    is left in a family the forward is limited to (host-ip or sources of one family)."""
     if not targets:
         wanted = " or ".join(map(_family_name, spec.families)) or "any family"
         raise InputError(f"{where}: the guest has no {wanted} address to forward to "
                          "(host-ip and source limit the family)")
     for t in targets:
         _check_guest_address(where, t.guest_ip, t.network, t.subnet)
+        _routed_elsewhere(where, t, networks or {})
     return targets
+
+
+def _routed_elsewhere(where: str, t: Resolved, networks: Mapping[str, Network]) -> None:
+    """A guest address that lies in another network's subnet at least as specific as
+    its own is that network's: the kernel routes it there (the longest prefix wins),
+    where that network's rules may let it in (IPv6 of a nat network is routed: all of it
+    passes), and this network's reservations know nothing of its guests. libvirt refuses
+    a network whose route exists already, not one whose subnet holds another's."""
+    for other in networks.values():
+        if other.name == t.network.name or not other.managed:
+            continue
+        theirs = other.subnet_of(t.guest_ip)
+        if theirs is not None and theirs.prefixlen >= t.subnet.prefixlen:
+            raise InputError(f"{where}: guest {t.guest_ip} is in {theirs} of network "
+                             f"{shown(other.name)}, not a guest of network "
+                             f"{shown(t.network.name)} ({t.subnet})")
 
 
 def _check_guest_address(where: str, ip: IPAddress, net: Network,
@@ -239,13 +259,27 @@ def _reserved_by_others(dom: Domain, attached: list[tuple[str, Network]]) -> dic
     own = {nic.mac for nic in dom.nics if nic.mac}
     held: dict[IPAddress, str] = {}
     for net in {id(n): n for _m, n in attached}.values():
+        slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
         for host in net.hosts:
             if host.mac is not None and host.mac not in own:
                 held.setdefault(host.ip, f"MAC {host.mac} in network {shown(net.name)}")
+                for subnet in slaac:  # the address that MAC's guest autoconfigures
+                    held.setdefault(eui64_address(subnet, host.mac),
+                                    f"the SLAAC address of MAC {host.mac} in network "
+                                    f"{shown(net.name)}")
             elif host.mac is None and host.name != dom.name:
                 held.setdefault(host.ip, f"host {shown(host.name)} in network "
                                          f"{shown(net.name)}")
     return held
+
+
+def eui64_address(subnet: IPNetwork, mac: str) -> IPAddress:
+    """The address a NIC with ``mac`` autoconfigures in a /64 by SLAAC with a modified
+    EUI-64 interface ID (RFC 4291, appendix A): ifupdown's and many appliances' default,
+    so as much that guest's as its reservation."""
+    raw = bytes.fromhex(mac.replace(":", ""))
+    iid = bytes([raw[0] ^ 0x02]) + raw[1:3] + b"\xff\xfe" + raw[3:6]
+    return IPv6Network(subnet)[int.from_bytes(iid, "big")]
 
 
 # --------------------------------------------------------------------------- domains
@@ -332,7 +366,7 @@ def resolve_domain_forwards(dom: Domain,
                 raise InputError(f"{where}: cannot resolve the guest address: no <dhcp><host> "
                                  f"reservation for {macs} (IPv4: by MAC; IPv6: by the name "
                                  f"{shown(dom.name)}); add one or set guest-ip")
-        out += _checked(where, spec, targets)
+        out += _checked(where, spec, targets, networks)
     return tuple(out)
 
 
@@ -353,7 +387,7 @@ def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Rule, ...]:
         dnat = partial(rule, verdict="DNAT", dport=spec.host_port, to_addr=t.guest_ip,
                        to_ports=spec.guest_port)
         host = host_network(spec.host_ip) if spec.host_ip is not None else None
-        sources = spec.sources_in(family) or (None,)
+        sources = _source_matches(spec, family)
         # dst_local always, host-ip or not: a forward never matches traffic that is not
         # addressed to this host (a host-ip that stops being local matches nothing)
         for src in sources:
@@ -369,6 +403,17 @@ def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Rule, ...]:
         rules.append(rule("postrouting", src=t.subnet, dst=guest, oif=bridge,
                           dport=spec.guest_port, ctstate="DNAT", verdict="MASQUERADE"))
     return tuple(rules)
+
+
+def _source_matches(spec: ForwardSpec, family: int) -> tuple[IPNetwork | None, ...]:
+    """The ``-s`` of each DNAT rule in ``family``: one per source, or one matching every
+    source (None) when there is none or one is a whole family (``::/0``, ``0.0.0.0/0``:
+    iptables-save prints no ``-s`` for those, so a rule written with one would never be
+    seen in place again, and every apply would delete and re-add it)."""
+    sources = spec.sources_in(family)
+    if not sources or any(net.prefixlen == 0 for net in sources):
+        return (None,)
+    return sources
 
 
 def forward_families(specs: Iterable[ForwardSpec],
