@@ -247,9 +247,6 @@ def test_a_whole_family_source_is_present_and_not_rewritten(netns, state_env, so
     assert start_dom(netns, dom).payload == ""
 
 
-@pytest.mark.xfail(strict=True, reason="hole: IPv6 text rendered by Python (::a00:0) is "
-                   "not what ip6tables-save prints (::10.0.0.0): present() never sees the "
-                   "rule, every apply rewrites it")
 def test_ipv4_compatible_source_text_matches_ip6tables_save(netns, state_env):
     start_net(netns, net_xml())
     dom = dom_xml("web1", WEB1_MAC, 'host-port="2222" guest-port="22" '
@@ -404,12 +401,6 @@ LIBVIRT_IP6 = """table ip6 libvirt_network {
 LIBVIRT_IP = LIBVIRT_IP6.replace("ip6 ", "ip ").replace("fd00:10::/64", "10.0.0.0/24")
 
 
-# not strict: main's 100f6fb closes it (accepts in table ip6 libvirt_network); once merged
-# this test passes and the mark goes
-@pytest.mark.xfail(strict=False, reason="hole: with libvirt's nftables backend and "
-                   "<nat ipv6='yes'/>, table ip6 libvirt_network rejects DNAT'd IPv6 "
-                   "connections and no accept of ours goes there: every IPv6 forward is "
-                   "silently dead")
 def test_libvirt_nft_ip6_table_gets_our_accepts(netns, state_env):
     """libvirt's nftables backend keeps IPv6 in ``table ip6 libvirt_network`` (the same
     chains as its ``ip`` table). A NATed IPv6 subnet's guest_input accepts replies only,

@@ -60,8 +60,21 @@ def _ports(ports, sep: str) -> str:
     return str(ports.first) if ports.first == ports.last else f"{ports.first}{sep}{ports.last}"
 
 
+def ip_text(addr) -> str:
+    """An address as iptables prints it: IPv6 through inet_ntop, as ip6tables-save does
+    (Python writes ``::a00:1`` where inet_ntop writes ``::10.0.0.1``)."""
+    if addr.version == 4:
+        return str(addr)
+    from _socket import AF_INET6, inet_ntop
+    return inet_ntop(AF_INET6, addr.packed)
+
+
+def net_text(net) -> str:
+    return f"{ip_text(net.network_address)}/{net.prefixlen}"
+
+
 def _address(addr) -> str:
-    return f"[{addr}]" if addr.version == 6 else str(addr)
+    return f"[{ip_text(addr)}]" if addr.version == 6 else str(addr)
 
 
 def render_rule(rule: Rule) -> tuple[str, str]:
@@ -70,11 +83,11 @@ def render_rule(rule: Rule) -> tuple[str, str]:
     table, chain = STAGE_CHAIN[rule.stage]
     out = ["-A", chain]
     if rule.src is not None:
-        out += ["-s", str(rule.src)]
+        out += ["-s", net_text(rule.src)]
     if rule.dst is not None:
-        out += ["-d", str(rule.dst)]
+        out += ["-d", net_text(rule.dst)]
     if rule.not_dst is not None:
-        out += ["!", "-d", str(rule.not_dst)]
+        out += ["!", "-d", net_text(rule.not_dst)]
     if rule.iif:
         out += ["-i", rule.iif]
     if rule.oif:

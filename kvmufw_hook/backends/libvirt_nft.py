@@ -35,7 +35,7 @@ from ipaddress import IPv4Network, IPv6Network
 from ..errors import ApplyError
 from ..names import Tag
 from ..plan import Rule
-from .iptables import SEARCH_PATH, run
+from .iptables import SEARCH_PATH, ip_text, net_text, run
 from .nftprobe import IPV4, IPV6, TABLE, table_in_kernel
 from .tags import comment as tag_comment
 from .tags import parse_comment
@@ -123,7 +123,9 @@ def libvirt_firewall(libvirt_chains: Iterable[str] = (), nft: LibvirtNft | None 
 
 def _addr(net: IPv4Network | IPv6Network) -> str:
     """An address as nft prints it: a host without its /32 or /128."""
-    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+    if net.prefixlen == net.max_prefixlen:
+        return ip_text(net.network_address)
+    return net_text(net)
 
 
 def _ports(ports) -> str:
