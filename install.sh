@@ -5,7 +5,9 @@
 # What it does (each step is idempotent):
 #   1. installs what the hooks need from the distribution: python3-lxml, python3-libvirt, iptables
 #   2. the package in /usr/local/lib/kvmufw_hook and the command /usr/local/sbin/kvmufw_hook
-#   3. the libvirt hooks as drop-ins in /etc/libvirt/hooks/{network,qemu}.d/ (libvirt >= 6.5)
+#   3. the libvirt hooks as drop-ins in /etc/libvirt/hooks/{network,qemu}.d/ (libvirt >= 6.5;
+#      older: the hook files /etc/libvirt/hooks/{network,qemu}, moved into the drop-in
+#      directories by the install after a libvirt upgrade)
 #   4. an entry in /etc/ufw/after.init that runs `kvmufw_hook restore` (bounded by timeout)
 #      whenever UFW starts or reloads: from our own state and the kernel, never libvirt
 #   5. where systemd runs: drop-ins that start libvirt after UFW and put our jumps back
@@ -14,7 +16,8 @@
 #      kind existed (it would not run ours without one), then `kvmufw_hook replay`
 #
 # Safety: a file is ours only if its content is exactly what we wrote (the sha256 of each
-# file we write is kept in /var/lib/kvmufw_hook/install.manifest). Anything else at a path
+# file we write is kept in /var/lib/kvmufw_hook/install.manifest, with a "hook DRIVER
+# PATH" line for each hook this install uses: `kvmufw_hook doctor` checks those). Anything else at a path
 # we use is never overwritten nor deleted; install refuses (before its first write) and
 # uninstall leaves it, each saying so in one line. Nothing is written through a symlink.
 # A failure after the first write rolls back what this run wrote.
@@ -270,7 +273,7 @@ tool_paths() {
 }
 
 preflight_install() {
-    local unit foreign drv path
+    local unit foreign path
     if [ ! -f "$SRC/kvmufw_hook/__init__.py" ] || [ ! -d "$SRC/hooks" ]; then
         die "run install.sh from the kvmufw_hook source tree"
     fi
@@ -293,8 +296,7 @@ preflight_install() {
     free_path "$BIN" "$(bin_script | sha_of_stdin)"
     safe_dir "$HOOKS"
     for path in $(hook_paths); do
-        drv=$(basename "$path"); [ "$drv" = kvmufw_hook ] && drv=$(basename "$(dirname "$path")" .d)
-        free_path "$path" "$(hook_script "$drv" | sha_of_stdin)"
+        free_path "$path" "$(hook_script "$(hook_driver "$path")" | sha_of_stdin)"
     done
     check_after_init
     if [ -d /run/systemd/system ]; then
@@ -466,12 +468,58 @@ hooks_found() {
     [ -d "$HOOKS/$1.d" ] && [ -n "$(find -L "$HOOKS/$1.d" -mindepth 1 -maxdepth 1 -type f -perm /111 2>/dev/null | head -n1)" ]
 }
 
+# claimed_hook PATH: PATH is a drop-in of ours, or a plain hook file an install recorded
+# or marked (the main hook files are ours only where an install wrote them, libvirt < 6.5:
+# elsewhere they are the admin's).
+claimed_hook() {
+    case $1 in
+        */kvmufw_hook) return 0 ;;
+        *) [ -n "$(recorded_sha "$1")" ] || { [ -f "$1" ] && grep -qF "$MARK" "$1"; } ;;
+    esac
+}
+
+hook_driver() {  # hook_driver PATH: network or qemu
+    local drv
+    drv=$(basename "$1"); [ "$drv" = kvmufw_hook ] && drv=$(basename "$(dirname "$1")" .d)
+    echo "$drv"
+}
+
+# retire_hooks NETWORK QEMU: remove our hooks of the other layout. libvirt >= 6.5 runs
+# hooks/DRV and every DRV.d/ entry: after a libvirt upgrade both of ours would run.
+retire_hooks() {
+    local drv path backup
+    for drv in network qemu; do
+        for path in "$HOOKS/$drv" "$HOOKS/$drv.d/kvmufw_hook"; do
+            case $path in "$1"|"$2") continue ;; esac
+            if [ ! -e "$path" ] || ! claimed_hook "$path"; then continue; fi
+            if ! ours "$path" "$(hook_script "$drv" | sha_of_stdin)"; then
+                say "left $path alone: not as kvmufw_hook wrote it (an older hook of ours? then remove it by hand)"
+                continue
+            fi
+            backup="$BACKUP/$(echo "$path" | tr / _)"
+            cp -p "$path" "$backup"
+            undo "mv -f $(q "$backup") $(q "$path")"
+            rm -f "$path"
+            awk -v p="$path" '!($1 == "file" && $3 == p)' "$MANIFEST_NEW" > "$MANIFEST_NEW.tmp"
+            mv -f "$MANIFEST_NEW.tmp" "$MANIFEST_NEW"
+            say "removed $path: kvmufw_hook's hooks are $1 and $2 for this libvirt"
+            CHANGED=1
+        done
+    done
+}
+
 install_hooks() {
     local paths network qemu
     paths=$(hook_paths)
     network=${paths% *}; qemu=${paths#* }
     put_file "$network" 755 < <(hook_script network)
     put_file "$qemu" 755 < <(hook_script qemu)
+    retire_hooks "$network" "$qemu"
+    # the one record of which hooks are ours (`kvmufw_hook doctor` reads it): this run's
+    awk '$1 != "hook"' "$MANIFEST_NEW" > "$MANIFEST_NEW.tmp"
+    mv -f "$MANIFEST_NEW.tmp" "$MANIFEST_NEW"
+    manifest_add "hook network $network"
+    manifest_add "hook qemu $qemu"
 }
 
 # rewrite_after_init: stdin becomes after.init, with its owner and mode, atomically.
@@ -758,7 +806,7 @@ end_watchers() {
 }
 
 do_uninstall() {
-    local path unit drv
+    local path unit
     tool_paths
     end_watchers
     if ours "$BIN" "$(bin_script | sha_of_stdin)"; then
@@ -767,14 +815,8 @@ do_uninstall() {
         say "$BIN is missing or not as kvmufw_hook wrote it: our rules are left in place"
     fi
     for path in "$HOOKS/network.d/kvmufw_hook" "$HOOKS/qemu.d/kvmufw_hook" "$HOOKS/network" "$HOOKS/qemu"; do
-        drv=$(basename "$path"); [ "$drv" = kvmufw_hook ] && drv=$(basename "$(dirname "$path")" .d)
-        case $path in
-            */kvmufw_hook) remove_ours "$path" "$(hook_script "$drv" | sha_of_stdin)" ;;
-            # the main hook files are ours only where an install wrote them (libvirt < 6.5)
-            *) if [ -n "$(recorded_sha "$path")" ] || { [ -f "$path" ] && grep -qF "$MARK" "$path"; }; then
-                   remove_ours "$path" "$(hook_script "$drv" | sha_of_stdin)"
-               fi ;;
-        esac
+        claimed_hook "$path" || continue
+        remove_ours "$path" "$(hook_script "$(hook_driver "$path")" | sha_of_stdin)"
     done
     uninstall_after_init
     for unit in $SYSTEMD_UNITS; do

@@ -138,7 +138,7 @@ def ms(seconds: float) -> str:
 
 def our_lines(owner: str | None = None) -> list[str]:
     from kvmufw_hook.backends.iptables import IptablesBackend, line_owner
-    lines = IptablesBackend().read().our_lines()
+    lines = IptablesBackend().read()[4].our_lines()
     return [l for l in lines if owner is None or line_owner(l) == owner]
 
 
@@ -387,7 +387,8 @@ def crowded_stop(bench: Bench, report) -> None:
         ours.append(sum(bench.once(argv) for argv in stop))
         assert not our_lines("d=crowd")
         bench.once(start, xml)
-        payload = IptablesBackend.change(IptablesBackend().read(), {"d=crowd": ()}).encode()
+        change = IptablesBackend.change(IptablesBackend().read(), {"d=crowd": ()})
+        payload = change.parts.get(4, "").encode()
         floor.append(bench.once(BARE) + bench.once(["iptables-save"], stdout_ok=True)
                      + bench.once(["iptables-restore", "--noflush", "-w"], payload))
         bench.once(stop[0])  # forgets the state; the rules are gone already

@@ -41,14 +41,30 @@ def _libvirt_table(backend) -> bool:
     namespace) lets ``libvirt_nft`` ask with ``nft`` in that namespace."""
     if getattr(backend, "prefix", None):
         return True
-    from .backends.nftprobe import table_in_kernel
-    return table_in_kernel()
+    from .backends.nftprobe import IPV4, IPV6, table_in_kernel
+    return table_in_kernel(IPV4) or table_in_kernel(IPV6)
+
+
+def families_of(rules: Mapping[str, Sequence[Rule]]) -> set[int]:
+    """The address families ``rules`` write to (the backend reads those, and those where
+    rules of ours already are)."""
+    return {rule.family for owned in rules.values() for rule in owned}
+
+
+def covering(backend, before, rules: Mapping[str, Sequence[Rule]]):
+    """``before``, or a fresh read when it lacks a family ``rules`` write to (a ruleset
+    read before planning holds IPv6 only where rules of ours already were)."""
+    wanted = families_of(rules)
+    if wanted <= set(before.snapshots) | set(before.unavailable):
+        return before
+    return backend.read(wanted | set(before.snapshots))
 
 
 def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
                 log: Callable[[str], None] = _quiet, before=None) -> Applied:
-    """Replace the named owners' rules (and drop matching others) in one write;
-    ``before``: the snapshot already read under the lock, if any.
+    """Replace the named owners' rules (and drop matching others) in one write per
+    family; ``before``: the ruleset already read under the lock, if any (read with the
+    families of ``rules``).
 
     Where libvirt uses its nftables backend, the forwards' accepts inside libvirt's table
     follow in one ``nft -f`` after the iptables write, even when iptables has nothing to
@@ -57,27 +73,29 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
     ApplyError is raised: a change is applied whole or not at all.
     """
     backend = backend or default_backend()
-    if before is None:
-        before = backend.read()
-    payload = backend.change(before, rules, drop)
+    before = (backend.read(families_of(rules)) if before is None
+              else covering(backend, before, rules))
+    change = backend.change(before, rules, drop)
+    for family, why in sorted(change.skipped.items()):
+        log(f"IPv{family} rules left out: {why}")
     accepts = None
     if _libvirt_table(backend):
         from .backends.libvirt_nft import plan_accepts
         accepts = plan_accepts(backend, before, rules, drop)
-    if not payload and not (accepts and accepts.script):
+    if not change and not (accepts and accepts.script):
         return Applied("")
     try:
-        backend.write(payload)
+        backend.write(change)
         if accepts:
             accepts.write()  # last: one transaction, so if it fails nothing of it is in
     except ApplyError:
         try:
-            if payload:
-                backend.write(backend.revert(backend.read(), before))
+            if change:  # every family back as it was, those written before the failure too
+                backend.write(backend.revert(backend.read(before.snapshots), before))
         except ApplyError as exc:
             log(f"rollback failed too: {exc}")
         raise
-    return Applied(payload + (accepts.text if accepts else ""))
+    return Applied(change.text + (accepts.text if accepts else ""))
 
 
 def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet) -> Applied:

@@ -26,9 +26,9 @@ def _err(message: object) -> None:
 
 
 def cmd_plan(args) -> int:
-    """Print the iptables-restore payload that the given XML files would apply on a
-    host with none of our rules."""
-    from .backends.iptables import IptablesBackend, Snapshot
+    """Print what the given XML files would apply on a host with none of our rules, in
+    the host's firewall backend's terms (iptables: one restore payload per family)."""
+    from .backends import default_backend
     from .model import Domain, Network
     from .ops import plan_host
     from .parse import parse_any
@@ -48,7 +48,7 @@ def cmd_plan(args) -> int:
     host = plan_host(networks, domains)
     if host.problems:
         raise InputError(host.problems[0])
-    sys.stdout.write(IptablesBackend.change(Snapshot.parse(""), host.rules))
+    sys.stdout.write(default_backend().render(host.rules))
     return 0
 
 
@@ -128,22 +128,7 @@ def cmd_forward(args) -> int:
             json.dump(rows, sys.stdout, indent=2)
             sys.stdout.write("\n")
             return 0
-        from .errors import printable
-        from .status import shown_name
-        table = [("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "COMMENT")]
-        for r in rows:
-            guest = r.get("guest-ip") or r.get("guest-mac") or r.get("mac") or "(reservation)"
-            kind, _, name = r["owner"].partition(" ")
-            table.append((f"{kind} {shown_name(name)}"
-                          + ("" if r["active"] else " (inactive)"),
-                          r.get("proto", "tcp"), f"{r.get('host-ip', '*')}:{r['host-port']}",
-                          f"{guest}:{r.get('guest-port', r['host-port'])}",
-                          r.get("source", "any"), r.get("comment", "")))
-        table = [tuple(printable(cell) for cell in row)  # type: ignore[misc]
-                 for row in table]  # JSON: exact
-        widths = [max(len(row[i]) for row in table) for i in range(5)]
-        for row in table:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[5])
+        sys.stdout.write(edit.format_list(rows))
         return 0
     expected = 1 if args.network else 2
     if len(args.args) != expected:

@@ -9,12 +9,13 @@ from dataclasses import asdict, dataclass
 from . import state
 from .backends import default_backend
 from .errors import ApplyError, InputError
-from .names import TABLES
 
-HOOK_FILES = ("/etc/libvirt/hooks/network.d/kvmufw_hook", "/etc/libvirt/hooks/qemu.d/kvmufw_hook")
+# install.sh records what it wrote here, the hooks as ``hook DRIVER PATH`` (drop-ins in
+# network.d/qemu.d, or the plain hook files on libvirt < 6.5): the one list of our hooks.
+MANIFEST = "/var/lib/kvmufw_hook/install.manifest"
+HOOK_DRIVERS = ("network", "qemu")
 DAEMON_PIDFILES = ("/run/libvirtd.pid", "/run/virtnetworkd.pid", "/run/virtqemud.pid")
 SIGHUP_STAMP = "/var/lib/kvmufw_hook/sighup"
-LIBVIRT_CHAINS = ("LIBVIRT_INP", "LIBVIRT_FWX", "LIBVIRT_FWI", "LIBVIRT_FWO")
 
 
 @dataclass
@@ -41,24 +42,55 @@ def _setting(text: str | None, key: str) -> str | None:
     return None
 
 
-def check_forwarding(networks) -> Finding:
-    """ip_forward off is a failure only while a network that routes is active: libvirt
-    turns it on itself when a nat or route network starts."""
-    value = (_read("/proc/sys/net/ipv4/ip_forward") or "").strip()
+# Each family's forwarding switch. Paths take a root prefix so tests can stand a temp
+# directory in for /proc and /etc.
+FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/all/forwarding"}
+SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+IPV6_PROC = "/proc/sys/net/ipv6"  # absent: the kernel has no IPv6 (ipv6.disable=1)
+UFW_CONF = "/etc/ufw/ufw.conf"
+UFW_DEFAULT = "/etc/default/ufw"
+UFW_AFTER_INIT = "/etc/ufw/after.init"
+ROUTING_MODES = ("nat", "route", "open")
+
+
+def _routing(networks, family: int) -> list[str]:
+    """The active networks that route guests of ``family`` beyond the host."""
+    return sorted(n.name for n in networks.values() if n.mode in ROUTING_MODES
+                  and any(i.version == family for i in n.interfaces))
+
+
+def _has_ipv6(networks) -> list[str]:
+    return sorted(n.name for n in networks.values() if n.managed and n.ipv6)
+
+
+def check_forwarding(networks, family: int = 4, root: str = "") -> Finding:
+    """Forwarding off is a failure only while a network that routes that family is
+    active: libvirt turns it on itself when such a network starts."""
+    check = "IP forwarding" if family == 4 else "IPv6 forwarding"
+    key = SYSCTL[family]
+    if family == 6 and not os.path.isdir(root + IPV6_PROC):
+        return Finding("OK", check, f"IPv6 is off in this kernel (no {IPV6_PROC}): "
+                       "guests get IPv4 only, and kvmufw_hook writes IPv4 rules only")
+    value = (_read(root + FORWARDING[family]) or "").strip()
     if value == "1":
-        return Finding("OK", "IP forwarding", "net.ipv4.ip_forward = 1")
-    routing = sorted(n.name for n in networks.values() if n.mode in ("nat", "route", "open"))
+        return Finding("OK", check, f"{key} = 1")
+    routing = _routing(networks, family)
     if not routing:
-        return Finding("WARN", "IP forwarding", f"net.ipv4.ip_forward = {value or '?'}; no "
-                       "nat, route or open network is active, and libvirt turns it on when "
-                       "one starts", "nothing to do unless guests cannot reach beyond the host")
-    return Finding("FAIL", "IP forwarding", f"net.ipv4.ip_forward = {value or '?'} while "
-                   f"{', '.join(routing)} is active: guests cannot reach anything beyond "
-                   "the host", "sysctl -w net.ipv4.ip_forward=1")
+        return Finding("WARN", check, f"{key} = {value or '?'}; no nat, route or open "
+                       f"network with an IPv{family} subnet is active, and libvirt turns it on "
+                       "when one starts", "nothing to do unless guests cannot reach beyond "
+                       "the host")
+    fix = f"sysctl -w {key}=1"
+    if family == 6:  # with forwarding on, Linux ignores router advertisements (accept_ra=1)
+        fix += (" (a host that learns its own IPv6 route from router advertisements: "
+                "first sysctl -w net.ipv6.conf.UPLINK.accept_ra=2)")
+    return Finding("FAIL", check, f"{key} = {value or '?'} while {', '.join(routing)} "
+                   f"{'is' if len(routing) == 1 else 'are'} active: guests cannot reach "
+                   f"anything beyond the host{' over IPv6' if family == 6 else ''}", fix)
 
 
-def check_ufw() -> list[Finding]:
-    conf, default = _read("/etc/ufw/ufw.conf"), _read("/etc/default/ufw")
+def check_ufw(networks=None, root: str = "") -> list[Finding]:
+    conf, default = _read(root + UFW_CONF), _read(root + UFW_DEFAULT)
     if conf is None:
         return [Finding("OK", "UFW", "not installed: kvmufw_hook works beside any iptables "
                         "firewall")]
@@ -69,9 +101,10 @@ def check_ufw() -> list[Finding]:
     policy = _setting(default, "DEFAULT_FORWARD_POLICY") or "DROP"
     out.append(Finding("OK", "UFW forward policy", f"{policy}: kvmufw_hook's rules come first, "
                        "so guests work either way; keep it DROP"))
-    after = _read("/etc/ufw/after.init") or ""
+    out.append(_ufw_ipv6(default, networks or {}))
+    after = _read(root + UFW_AFTER_INIT) or ""
     # an older install's entry runs replay, which waits for libvirt and can hang a boot
-    if "kvmufw_hook restore" not in after or not os.access("/etc/ufw/after.init", os.X_OK):
+    if "kvmufw_hook restore" not in after or not os.access(root + UFW_AFTER_INIT, os.X_OK):
         out.append(Finding("FAIL", "UFW after.init", "no executable restore entry: a firewall "
                            "reload can leave guests without rules", "sudo ./install.sh"))
     else:
@@ -85,13 +118,37 @@ def check_ufw() -> list[Finding]:
     return out
 
 
-def check_libvirt_firewall(snapshot, active_networks: int, backend):
+def _ufw_ipv6(default: str | None, networks) -> Finding:
+    """UFW's IPV6 setting: with ``no`` UFW leaves ip6tables alone (ufw's backend uses
+    IPv6 only if it is ``yes``, so a missing line is ``no``)."""
+    setting = (_setting(default, "IPV6") or "no").lower()
+    if setting == "yes":
+        return Finding("OK", "UFW IPv6", "IPV6=yes: UFW filters IPv6 as it does IPv4, and "
+                       "kvmufw_hook's ip6tables rules let the guests' traffic through")
+    with_ipv6 = _has_ipv6(networks)
+    if not with_ipv6:
+        return Finding("OK", "UFW IPv6", f"IPV6={setting}: UFW leaves ip6tables alone; no "
+                       "active network has an IPv6 subnet")
+    return Finding("WARN", "UFW IPv6", f"IPV6={setting} while {', '.join(with_ipv6)} "
+                   f"{'has' if len(with_ipv6) == 1 else 'have'} an IPv6 subnet: UFW does not "
+                   "manage ip6tables at all, so the guests' IPv6 (and the host's) is governed "
+                   "only by ip6tables' own policies", "set IPV6=yes in /etc/default/ufw, then "
+                   "ufw reload")
+
+
+def check_libvirt_firewall(ruleset, active_networks: int, backend):
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
     and our accepts in it (one per forward and direction, ahead of libvirt's rejects)."""
-    from .backends.libvirt_nft import CHAINS, LibvirtNft, libvirt_firewall
+    from .backends.libvirt_nft import (
+        CHAINS,
+        LibvirtNft,
+        libvirt_firewall,
+        read_tables,
+        tables_present,
+    )
     from .ops import plan_host
     nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(snapshot, nft)
+    firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
     out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]
     if firewall.backend != "nftables":
         return firewall, out
@@ -104,7 +161,7 @@ def check_libvirt_firewall(snapshot, active_networks: int, backend):
         return firewall, out
     out.append(Finding("OK", "libvirt's table", "table ip libvirt_network present"))
     try:
-        accepts = nft.read()
+        accepts = read_tables(backend, True)
     except ApplyError as exc:
         return firewall, [*out, Finding("FAIL", "our accepts in libvirt's table", str(exc),
                                         "install nftables")]
@@ -112,25 +169,27 @@ def check_libvirt_firewall(snapshot, active_networks: int, backend):
         host = plan_host(state.load_networks(), state.load_domains())
     except InputError:
         return firewall, out
-    missing = sorted(o for o, rules in host.rules.items() if not nft.present(accepts, rules))
+    missing = sorted(o for o, rules in host.rules.items() if not tables_present(accepts, rules))
     if missing:
         out.append(Finding("FAIL", "our accepts in libvirt's table", "missing, or behind "
                            "libvirt's rejects, for " + ", ".join(missing) + ": libvirt "
                            "rejects those forwards", "kvmufw_hook replay"))
     else:
-        count = sum(len(accepts.ours(chain)) for chain in CHAINS)
+        count = sum(len(snap.ours(chain)) for snap in accepts.values() for chain in CHAINS)
         out.append(Finding("OK", "our accepts in libvirt's table", f"{count}: every "
                            "forward's, ahead of libvirt's rejects"))
     return firewall, out
 
 
-def check_rules(backend, snapshot, active_networks: int,
-                libvirt_backend: str = "iptables") -> list[Finding]:
+def check_rules(backend, ruleset, active_networks: int,
+                libvirt_backend: str = "iptables", ipv6_networks: bool = True) -> list[Finding]:
+    """libvirt's chains (where it uses iptables), our rules and our jumps, through the
+    backend's interface (``libvirt_chains``, ``has_rules``, ``bad_jumps``); a family the
+    backend cannot reach, where a network needs it (``ipv6_networks``)."""
+    from .backends.iptables import LIBVIRT_CHAINS
     out = []
-    chains = set()
-    for table in TABLES:
-        chains |= set(snapshot.tables[table].chains)
-    missing = [c for c in LIBVIRT_CHAINS if c not in chains]
+    present = backend.libvirt_chains(ruleset)
+    missing = [c for c in LIBVIRT_CHAINS if c not in present]
     # with its nftables backend libvirt has no iptables chains: check_libvirt_firewall
     libvirt_chains_expected = active_networks and libvirt_backend == "iptables"
     if libvirt_chains_expected and missing:
@@ -140,9 +199,8 @@ def check_rules(backend, snapshot, active_networks: int,
                            "restart libvirtd (or virtnetworkd); guests keep running"))
     elif libvirt_chains_expected:
         out.append(Finding("OK", "libvirt's chains", "present"))
-    ours = snapshot.ours()
-    if any(any(ours[t].values()) for t in TABLES):
-        bad = backend.bad_jumps(snapshot)
+    if backend.has_rules(ruleset):
+        bad = backend.bad_jumps(ruleset)
         if bad:
             out.append(Finding("FAIL", "our jumps", "not exactly once at position 1 in: "
                                + ", ".join(bad), "kvmufw_hook restore --jumps-only"))
@@ -151,6 +209,12 @@ def check_rules(backend, snapshot, active_networks: int,
     elif active_networks:
         out.append(Finding("FAIL", "our rules", "none in the kernel while networks are "
                            "active", "kvmufw_hook replay"))
+    for family, why in sorted(ruleset.unavailable.items()):
+        if family == 6 and not ipv6_networks:
+            continue
+        out.append(Finding("WARN", f"IPv{family} firewall", f"not read: {why}; IPv{family} "
+                           "rules are left out", "install ip6tables, or ignore on an "
+                           f"IPv{family}-less host"))
     return out
 
 
@@ -164,20 +228,58 @@ def _start_time(pid: int) -> float | None:
     return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def check_hooks() -> list[Finding]:
+def installed_hooks(root: str = "") -> tuple[dict[str, str], dict[str, str]]:
+    """(driver -> hook path, path -> sha256) as install.sh recorded them."""
+    hooks: dict[str, str] = {}
+    sha256: dict[str, str] = {}
+    for line in (_read(root + MANIFEST) or "").splitlines():
+        fields = line.split(" ", 2)
+        if len(fields) == 3 and fields[0] == "hook" and fields[1] in HOOK_DRIVERS:
+            hooks[fields[1]] = fields[2]
+        elif len(fields) == 3 and fields[0] == "file":
+            sha256[fields[2]] = fields[1]
+    return hooks, sha256
+
+
+def _file_sha256(path: str) -> str | None:
+    import hashlib
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _hook_files(root: str) -> tuple[list[str], list[Finding]]:
+    """The hook files install.sh wrote, and a finding for each that is not as written."""
+    hooks, sha256 = installed_hooks(root)
+    if set(hooks) != set(HOOK_DRIVERS):
+        return [], [Finding("FAIL", "hooks", "no record of installed hooks in " + MANIFEST
+                            + " (not installed, or by an install.sh older than this doctor)",
+                            "sudo ./install.sh")]
+    paths = [hooks[drv] for drv in HOOK_DRIVERS]
     out = []
-    for path in HOOK_FILES:
-        if not os.path.exists(path):
+    for path in paths:
+        if not os.path.exists(root + path):
             out.append(Finding("FAIL", "hooks", f"{path} is missing", "sudo ./install.sh"))
-        elif not os.access(path, os.X_OK):
+        elif not os.access(root + path, os.X_OK):
             out.append(Finding("FAIL", "hooks", f"{path} is not executable",
                                f"chmod 755 {path}"))
-    if out:
+        elif sha256.get(path) not in (None, _file_sha256(root + path)):
+            out.append(Finding("WARN", "hooks", f"{path} changed since install.sh wrote it",
+                               "sudo ./install.sh --uninstall and install again, or merge by "
+                               "hand"))
+    return paths, out
+
+
+def check_hooks(root: str = "") -> list[Finding]:
+    paths, out = _hook_files(root)
+    if any(f.level == "FAIL" for f in out) or not paths:
         return out
-    newest = max(os.stat(p).st_mtime for p in HOOK_FILES)
-    hup = os.stat(SIGHUP_STAMP).st_mtime if os.path.exists(SIGHUP_STAMP) else 0
+    newest = max(os.stat(root + p).st_mtime for p in paths)
+    hup = os.stat(root + SIGHUP_STAMP).st_mtime if os.path.exists(root + SIGHUP_STAMP) else 0
     for pidfile in DAEMON_PIDFILES:
-        pid = (_read(pidfile) or "").strip()
+        pid = (_read(root + pidfile) or "").strip()
         if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
             continue
         started = _start_time(int(pid)) or 0
@@ -188,8 +290,10 @@ def check_hooks() -> list[Finding]:
                                f"kill -HUP {pid}"))
         else:
             out.append(Finding("OK", "hooks seen by the daemon", f"{name} ({pid})"))
-    if not out:
-        out.append(Finding("OK", "hooks", "installed (no libvirt daemon running)"))
+    if not any(f.check == "hooks" for f in out):
+        daemons = any(f.check == "hooks seen by the daemon" for f in out)
+        out.insert(0, Finding("OK", "hooks", "installed: " + ", ".join(paths)
+                              + ("" if daemons else " (no libvirt daemon running)")))
     return out
 
 
@@ -218,14 +322,17 @@ def run(uri: str, backend=None) -> list[Finding]:
         networks = state.load_networks()
     except (InputError, ApplyError):
         networks = {}
-    findings = [check_forwarding(networks), *check_ufw()]
+    findings = [check_forwarding(networks, 4), check_forwarding(networks, 6),
+                *check_ufw(networks)]
+    from .model import FAMILIES
     try:
-        snapshot = backend.read()
+        ruleset = backend.read(FAMILIES)
     except ApplyError as exc:
         return [*findings, Finding("FAIL", "firewall", str(exc), "install iptables")]
-    firewall, found = check_libvirt_firewall(snapshot, len(networks), backend)
+    firewall, found = check_libvirt_firewall(ruleset, len(networks), backend)
     findings += found
-    findings += check_rules(backend, snapshot, len(networks), firewall.backend)
+    findings += check_rules(backend, ruleset, len(networks), firewall.backend,
+                            bool(_has_ipv6(networks)))
     findings += check_hooks()
     findings += check_forwards(uri, backend)
     return findings

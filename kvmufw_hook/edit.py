@@ -18,7 +18,7 @@ from lxml import etree
 from . import ops, state
 from .errors import InputError, shown
 from .model import Domain, ForwardSpec, Network
-from .names import domain_owner, network_owner
+from .names import NAMESPACE, domain_owner, network_owner
 from .parse import (
     DOMAIN_ATTRS,
     NETWORK_ATTRS,
@@ -34,7 +34,7 @@ from .plan import (
     resolve_network_forwards,
     same_host_port,
 )
-from .virt import KEY, NAMESPACE, connect, libvirt_module, lookup
+from .virt import KEY, connect, libvirt_module, lookup
 
 Attrs = dict[str, str]
 _SPEC = re.compile(r"([0-9]+(?:-[0-9]+)?)(?::([0-9]+(?:-[0-9]+)?))?(?:/([A-Za-z]+))?")
@@ -52,6 +52,20 @@ def parse_spec(spec: str) -> Attrs:
     if match.group(3):
         attrs["proto"] = match.group(3).lower()
     return attrs
+
+
+def _addresses(text: str) -> list[str]:
+    """The addresses of an attribute that may hold several (``guest-ip="10.0.0.5,
+    2001:db8::5"``, ``source``), as typed, without the spaces around each."""
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
+def endpoint(addresses: list[str], port: str) -> str:
+    """``10.0.0.5:22``, ``[2001:db8::5]:22``, ``10.0.0.5,[2001:db8::5]:22``: an IPv6
+    address in brackets, so the port after the last colon is every address's port."""
+    shown_addresses = [f"[{a}]" if ":" in a and not a.startswith("[") else a
+                       for a in addresses]
+    return f"{','.join(shown_addresses)}:{port}"
 
 
 def _forwards_of(root: etree._Element) -> list[Attrs]:
@@ -80,7 +94,7 @@ def _forwards_element(forwards: list[Attrs]) -> etree._Element:
 
 def _plain_forwards(forwards: list[Attrs]) -> str:
     """The same without a namespace: what ``virDomainSetMetadata`` takes (libvirt puts
-    the element in ``urn:kvmufw:1`` under the key itself, as ``virsh metadata`` does)."""
+    the element in our namespace under the key itself, as ``virsh metadata`` does)."""
     root = etree.Element("forwards")
     for attrs in forwards:
         fwd = etree.SubElement(root, "forward")
@@ -149,8 +163,8 @@ def _change(action: str, spec: Attrs, what: str,
     (``same_host_port``): the same proto, overlapping host ports, the same host-ip or
     either one on every address; ``remove`` picks one by ``host-ip`` when several match."""
     wanted = parse_forward_attrs(spec, what, allowed)
-    typed = f"{wanted.proto} " + (f"{wanted.host_ip}:" if wanted.host_ip else "") + \
-        str(wanted.host_port)
+    typed = f"{wanted.proto} " + (endpoint([str(wanted.host_ip)], str(wanted.host_port))
+                                  if wanted.host_ip else str(wanted.host_port))
 
     def matches(attrs: Attrs) -> bool:
         old = _spec_of(attrs, allowed)
@@ -210,7 +224,9 @@ def _editing(uri: str, kind: str, name: str) -> Iterator[tuple]:
 
 
 def _done(what: str, action: str, spec: Attrs, now: bool, later: str) -> str:
-    return (f"{what}: {action} {spec.get('proto', 'tcp')} {spec['host-port']}: "
+    host = (endpoint(_addresses(spec["host-ip"]), spec["host-port"]) if spec.get("host-ip")
+            else spec["host-port"])
+    return (f"{what}: {action} {spec.get('proto', 'tcp')} {host}: "
             + ("applied" if now else f"saved; applied when {later}"))
 
 
@@ -345,3 +361,35 @@ def list_forwards(uri: str, domain: str | None, network: str | None) -> list[dic
         return rows
     finally:
         conn.close()
+
+
+LIST_HEADER = ("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "COMMENT")
+
+
+def list_row(row: dict) -> tuple[str, ...]:
+    """One row of ``forward list``, as typed but readable in both families: HOST
+    ``*:8080`` or ``[2001:db8::1]:8080``; GUEST the guest-ip addresses joined by ","
+    (``10.0.0.5,[2001:db8::5]:22``), else the NIC or reservation it names."""
+    port = row.get("host-port", "?")
+    guest_port = row.get("guest-port", port)
+    host = endpoint(_addresses(row["host-ip"]), port) if "host-ip" in row else f"*:{port}"
+    if "guest-ip" in row:
+        guest = endpoint(_addresses(row["guest-ip"]), guest_port)
+    else:  # a MAC is no address: no brackets
+        guest = f"{row.get('guest-mac') or row.get('mac') or '(reservation)'}:{guest_port}"
+    kind, _, name = row["owner"].partition(" ")
+    from .status import shown_name
+    owner = f"{kind} {shown_name(name)}" + ("" if row["active"] else " (inactive)")
+    source = ",".join(_addresses(row["source"])) if "source" in row else "any"
+    return (owner, row.get("proto", "tcp"), host, guest, source, row.get("comment", ""))
+
+
+def format_list(rows: list[dict]) -> str:
+    """The ``forward list`` table: every cell escaped (``--json`` keeps the exact
+    text); the comment last and not padded."""
+    from .errors import printable
+    table = [tuple(printable(cell) for cell in row)
+             for row in (LIST_HEADER, *(list_row(r) for r in rows))]
+    widths = [max(len(row[i]) for row in table) for i in range(len(LIST_HEADER) - 1)]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+                   + "  " + row[-1] + "\n" for row in table)

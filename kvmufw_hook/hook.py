@@ -16,8 +16,6 @@ return 0 (non-zero from ``reconnect`` kills the running guest); ``migrate`` and
 
 import sys
 
-NAMESPACE = b"urn:kvmufw:1"
-
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
 QEMU_OPS = {"start", "stopped", "release", "reconnect", "migrate", "restore"}
 # Where distributions install python3-lxml. The shims run python with -S, and site.main()
@@ -40,6 +38,13 @@ def _has_domain_state(name: str) -> bool:
 def _network_unchanged(name: str, data: bytes) -> bool:
     from .state import network_unchanged
     return network_unchanged(name, data)
+
+
+def _has_our_metadata(data: bytes) -> bool:
+    """A byte search for our namespace, before any XML is parsed. names is imported
+    here, not at the top: the calls that return before this import nothing at all."""
+    from .names import NAMESPACE
+    return NAMESPACE.encode() in data
 
 
 def main(kind: str, argv=None, stdin=None) -> int:
@@ -67,7 +72,7 @@ def _main(kind: str, argv, stdin) -> int:
         data = stdin if stdin is not None else sys.stdin.buffer.read()
         if kind == "network" and op == "updated" and _network_unchanged(name, data):
             return 0  # libvirt re-sent the definition we already applied
-        if kind == "qemu" and NAMESPACE not in data and not (
+        if kind == "qemu" and not _has_our_metadata(data) and not (
                 op == "reconnect" and _has_domain_state(name)):
             # A guest without our metadata: nothing to do, unless it had forwards
             # before (metadata removed while running) that a reconnect must remove.

@@ -1,11 +1,14 @@
 """What the host itself has, read from /proc of the current network namespace (no process
-spawned): its local addresses, and the sockets its own services listen on.
+spawned): its local addresses of both families, and the sockets its own services listen on.
 
 A forward may only take traffic addressed to this host and only a port no host service
-uses: ``host-ip`` must be one of the host's addresses (never loopback), and a host port on
+uses: ``host-ip`` must be one of the host's addresses (never loopback, never IPv6
+link-local, never an IPv6 address another host on the link holds), and a host port on
 which a host service listens (tcp) or is bound (udp) is refused unless the forward says
-``allow-host-service="yes"``. Both are checked whenever rules are applied, because
-addresses and services come and go.
+``allow-host-service="yes"``. Ports are per family: a forward takes a host port only in
+the families the plan gives it (at most ``ForwardSpec.families``), and a socket only
+takes the families it is bound in. Both are checked whenever rules are applied, because addresses
+and services come and go.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from .errors import InputError, shown
-from .model import ForwardSpec
+from .model import ForwardSpec, IPAddress
 from .sockdiag import tcp_listeners
 
 TYPE_CHECKING = False
@@ -24,6 +27,7 @@ if TYPE_CHECKING:  # annotations only: collections.abc costs a guest start milli
 
 _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"
+IFA_F_DADFAILED = 0x08  # if_inet6 flags: duplicate address detection found another holder
 UNPRIVILEGED_PORT = 1024  # net.ipv4.ip_unprivileged_port_start, the kernel's default
 FIRST_USER_UID = 1000  # Debian's UID_MIN: below it root and system accounts
 
@@ -49,19 +53,25 @@ class Listener:
         ordinary user opened later (``nc -l 8080``) vetoes nothing root configured."""
         return self.port < UNPRIVILEGED_PORT or self.uid < FIRST_USER_UID
 
-    def reaches(self, host_ip: IPv4Address | None) -> bool:
-        """Whether a connection that our forward would DNAT could have reached this
-        socket: same family (a ``::`` socket also takes IPv4 unless it is IPv6-only),
-        not loopback-only."""
+    def bound(self) -> tuple[IPAddress, tuple[int, ...]]:
+        """The address this socket is bound to, and the families whose traffic it takes:
+        an IPv4-mapped IPv6 address is that IPv4 address; ``::`` takes IPv4 too unless
+        the socket is IPv6-only."""
         addr = self.addr
         if isinstance(addr, IPv6Address):
             if addr.ipv4_mapped is not None:
-                addr = addr.ipv4_mapped
-            elif addr.is_unspecified:
-                return not self.v6only
-            else:
-                return False  # IPv6-only socket: our forwards are IPv4
-        if addr.is_loopback:
+                return addr.ipv4_mapped, (4,)
+            if addr.is_unspecified and not self.v6only:
+                return addr, (4, 6)
+            return addr, (6,)
+        return addr, (4,)
+
+    def reaches(self, family: int, host_ip: IPAddress | None = None) -> bool:
+        """Whether a connection of ``family`` that our forward would DNAT (addressed to
+        ``host_ip``, or to any local address if None) could have reached this socket:
+        the socket takes that family, and is not loopback-only."""
+        addr, families = self.bound()
+        if family not in families or addr.is_loopback:
             return False  # forwards never DNAT loopback destinations
         return addr.is_unspecified or host_ip is None or addr == host_ip
 
@@ -100,8 +110,13 @@ def read_listeners(proc: str = "/proc") -> tuple[Listener, ...]:
     return tuple(out)
 
 
-def read_local_addresses(proc: str = "/proc") -> frozenset[IPv4Address]:
-    """Every IPv4 address the kernel routes as local (``/32 host LOCAL`` in fib_trie)."""
+def read_local_addresses(proc: str = "/proc") -> frozenset[IPAddress]:
+    """Every address of this host: IPv4 the kernel routes as local (``/32 host LOCAL``
+    in fib_trie), IPv6 configured on an interface (if_inet6) and not a duplicate."""
+    return read_ipv4_addresses(proc) | read_ipv6_addresses(proc)[0]
+
+
+def read_ipv4_addresses(proc: str = "/proc") -> frozenset[IPv4Address]:
     local = set()
     last = None
     with open(f"{proc}/net/fib_trie", encoding="ascii") as fh:
@@ -112,6 +127,29 @@ def read_local_addresses(proc: str = "/proc") -> frozenset[IPv4Address]:
             elif text.startswith("/32 host LOCAL") and last:
                 local.add(IPv4Address(last))
     return frozenset(local)
+
+
+def read_ipv6_addresses(proc: str = "/proc") -> tuple[frozenset[IPv6Address],
+                                                      frozenset[IPv6Address]]:
+    """(usable, duplicates): the IPv6 addresses of this host's interfaces, and those whose
+    duplicate address detection failed (another host on the link holds them; the kernel
+    keeps them but never uses them). A tentative address (DAD still running, for a
+    second after it is added, as at boot) counts as usable: refusing it would fail a
+    guest's autostart for a race with DAD. Both empty without IPv6 in this kernel."""
+    usable: set[IPv6Address] = set()
+    duplicates: set[IPv6Address] = set()
+    try:
+        with open(f"{proc}/net/if_inet6", encoding="ascii") as fh:
+            for line in fh:
+                fields = line.split()  # address ifindex prefixlen scope flags device
+                if len(fields) < 5 or len(fields[0]) != 32:
+                    continue
+                addr = IPv6Address(bytes.fromhex(fields[0]))
+                dadfailed = int(fields[4], 16) & IFA_F_DADFAILED
+                (duplicates if dadfailed else usable).add(addr)
+    except FileNotFoundError:
+        pass  # IPv6 disabled at boot (ipv6.disable=1)
+    return frozenset(usable), frozenset(duplicates - usable)
 
 
 def process_of(inode: int, proc: str = "/proc") -> str:
@@ -131,13 +169,16 @@ def process_of(inode: int, proc: str = "/proc") -> str:
 
 
 class HostFacts:
-    """The host's local addresses and listening sockets, read once."""
+    """The host's local addresses (both families), the IPv6 addresses another host on
+    the link holds (DAD failed), and the listening sockets, read once."""
 
-    __slots__ = ("listeners", "local")
+    __slots__ = ("duplicates", "listeners", "local")
 
-    def __init__(self, local: frozenset[IPv4Address], listeners: tuple[Listener, ...]) -> None:
+    def __init__(self, local: frozenset[IPAddress], listeners: tuple[Listener, ...],
+                 duplicates: frozenset[IPv6Address] = frozenset()) -> None:
         self.local = local
         self.listeners = listeners
+        self.duplicates = duplicates
 
     @classmethod
     def read(cls, prefix: Sequence[str] = ()) -> HostFacts:
@@ -145,7 +186,8 @@ class HostFacts:
         backend that runs elsewhere has it) that namespace's, read by a child there."""
         if prefix:
             return cls._read_in(prefix)
-        return cls(read_local_addresses(), read_listeners())
+        ipv6, duplicates = read_ipv6_addresses()
+        return cls(read_ipv4_addresses() | ipv6, read_listeners(), duplicates)
 
     @classmethod
     def _read_in(cls, prefix: Sequence[str]) -> HostFacts:
@@ -154,33 +196,55 @@ class HostFacts:
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (f"import sys; sys.path.insert(0, {package!r}); import json; "
                 "from kvmufw_hook.host import HostFacts; f = HostFacts.read(); "
-                "print(json.dumps([sorted(map(str, f.local)), [[l.proto, str(l.addr), l.port,"
-                " l.inode, l.uid, l.v6only] for l in f.listeners]]))")
+                "print(json.dumps([sorted(map(str, f.local)), sorted(map(str, f.duplicates)),"
+                " [[l.proto, str(l.addr), l.port, l.inode, l.uid, l.v6only]"
+                " for l in f.listeners]]))")
         out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True,
                              text=True, check=True, timeout=30).stdout
-        local, listeners = json.loads(out)
-        return cls(frozenset(IPv4Address(a) for a in local),
+        local, duplicates, listeners = json.loads(out)
+        return cls(frozenset(ip_address(a) for a in local),
                    tuple(Listener(p, ip_address(a), port, inode, uid, v6)
-                         for p, a, port, inode, uid, v6 in listeners))
+                         for p, a, port, inode, uid, v6 in listeners),
+                   frozenset(IPv6Address(a) for a in duplicates))
 
-    def check(self, where: str, spec: ForwardSpec, held: bool = False) -> None:
+    def check(self, where: str, spec: ForwardSpec, held: Iterable[int] | bool = (),
+              families: Iterable[int] | None = None) -> None:
         """InputError with one line if ``spec`` may not be applied on this host.
-        ``held``: the owner's rules already take this port: a socket that came later does
-        not take it away (it never sees a packet: our DNAT comes first)."""
-        host_ip = spec.host_ip
-        if host_ip is not None:
-            if host_ip.is_loopback:
-                raise InputError(f"{where}: host-ip {host_ip} is a loopback address; "
-                                 "forwards never take loopback traffic")
-            if host_ip not in self.local:
-                raise InputError(f"{where}: host-ip {host_ip} is not an address of this "
-                                 "host; a forward only takes traffic addressed to the host")
-        if spec.proto not in ("tcp", "udp") or spec.allow_host_service or held:
+        ``families``: those in which the forward takes its host port (None: what its
+        metadata allows, ``spec.families``). ``held``: the families in which the owner's
+        rules already take this port (True: every family): a socket that came later does
+        not take it away there (it never sees a packet: our DNAT comes first)."""
+        self.check_host_ip(where, spec.host_ip)
+        if spec.proto not in ("tcp", "udp") or spec.allow_host_service or held is True:
             return
+        held = () if held is False else tuple(held)
+        for family in spec.families if families is None else families:
+            if family not in held:
+                self.check_port(where, spec, family)
+
+    def check_host_ip(self, where: str, host_ip: IPAddress | None) -> None:
+        if host_ip is None:
+            return
+        if host_ip.is_loopback:
+            raise InputError(f"{where}: host-ip {host_ip} is a loopback address; "
+                             "forwards never take loopback traffic")
+        if host_ip.version == 6 and host_ip.is_link_local:
+            raise InputError(f"{where}: host-ip {host_ip} is a link-local address, which "
+                             "names nothing without its interface; use a global or "
+                             "unique-local address of this host")
+        if host_ip in self.duplicates:
+            raise InputError(f"{where}: host-ip {host_ip} failed duplicate address "
+                             "detection: another host on the link holds it; a forward "
+                             "only takes traffic addressed to this host")
+        if host_ip not in self.local:
+            raise InputError(f"{where}: host-ip {host_ip} is not an address of this "
+                             "host; a forward only takes traffic addressed to the host")
+
+    def check_port(self, where: str, spec: ForwardSpec, family: int) -> None:
         first, last = spec.host_port.first, spec.host_port.last
         for sock in self.listeners:
             if sock.proto == spec.proto and first <= sock.port <= last \
-                    and sock.reaches(host_ip) and sock.is_service():
+                    and sock.reaches(family, spec.host_ip) and sock.is_service():
                 verb = "listens" if sock.proto == "tcp" else "is bound"
                 raise InputError(
                     f"{where}: host port {sock.port}/{sock.proto} is used by a host service: "
@@ -189,14 +253,23 @@ class HostFacts:
 
 
 def check_forwards(label: str, specs, facts: HostFacts | None = None,
-                   held: Iterable[ForwardSpec] = (), prefix: Sequence[str] = ()) -> None:
-    """Every forward of one owner against the host (read once, only when needed);
-    ``held``: what the owner's rules in the kernel take now (``Backend.claims``)."""
+                   held: Iterable[ForwardSpec] = (), prefix: Sequence[str] = (),
+                   families: Sequence[Iterable[int]] | None = None) -> None:
+    """Every forward of one owner against the host (read once, only when needed).
+    ``families``: for each spec, in order, the families it takes its host port in once
+    planned (a guest address from a reservation is known only then: a forward without
+    guest-ip whose guest has only an IPv4 address never takes the IPv6 port); None:
+    ``spec.families``, what the metadata alone allows. ``held``: what the owner's rules
+    in the kernel take now (``Backend.claims``), each in the families its ``families``
+    names."""
     specs = tuple(specs)
     if not specs:
         return
     facts = facts or HostFacts.read(prefix)
-    taken = {(h.proto, h.host_port, h.host_ip) for h in held}
+    taken: dict[tuple, set[int]] = {}
+    for h in held:
+        taken.setdefault((h.proto, h.host_port, h.host_ip), set()).update(h.families)
     for index, spec in enumerate(specs, start=1):
         facts.check(f"{label}: forward #{index} ({spec.label})", spec,
-                    (spec.proto, spec.host_port, spec.host_ip) in taken)
+                    taken.get((spec.proto, spec.host_port, spec.host_ip), ()),
+                    None if families is None else families[index - 1])

@@ -1,34 +1,14 @@
-"""The one place that knows our names: chains, jumps, owner tags and paths.
+"""Our names: the metadata namespace, owners and their tags, paths.
 
-Every rule we write carries an owner tag in its comment, e.g.
-``kvmufw:n=lab,b=virbr1,s=10.0.0.0/24`` (network ``lab``) or
-``kvmufw:d=web1,b=virbr1,s=10.0.0.0/24`` (domain ``web1``, NIC on virbr1).
-The tag is what makes removal exact: we only ever touch rules inside our own
-``KVMUFW-*`` chains, and inside them only the rules of the owner being changed.
+Every rule we write carries an owner tag (``Tag``): the owner (``n=lab`` for network
+``lab``, ``d=web1`` for domain ``web1``), the bridge and the subnet the rule serves. How
+a tag is written into a rule is each backend's business (``backends/tags.py``); chains,
+tables and jumps are the backend's vocabulary too (``backends/iptables.py``).
 """
 
 from __future__ import annotations
 
-import os
-
-PREFIX = "KVMUFW-"
-TAG_PREFIX = "kvmufw:"
 NAMESPACE = "urn:kvmufw:1"
-
-# (table, built-in chain, our chain). Each built-in chain gets exactly one jump
-# to our chain, at position 1, ahead of libvirt's and UFW's own jumps.
-JUMPS: tuple[tuple[str, str, str], ...] = (
-    ("filter", "INPUT", "KVMUFW-INPUT"),
-    ("filter", "FORWARD", "KVMUFW-FORWARD"),
-    ("nat", "PREROUTING", "KVMUFW-PREROUTING"),
-    ("nat", "OUTPUT", "KVMUFW-OUTPUT"),
-    ("nat", "POSTROUTING", "KVMUFW-POSTROUTING"),
-)
-TABLES: tuple[str, ...] = ("filter", "nat")
-
-
-def our_chains(table: str) -> tuple[str, ...]:
-    return tuple(ours for t, _, ours in JUMPS if t == table)
 
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -101,29 +81,38 @@ def domain_owner(name: str) -> str:
     return owner_key("d", name)
 
 
-def tag(owner: str, bridge: str, subnet: str) -> str:
-    return f"{TAG_PREFIX}{owner},b={bridge},s={subnet}"
+class Tag:
+    """Who a rule belongs to and what it serves: ``owner`` (``n=NAME`` or ``d=NAME``,
+    names encoded by ``safe_name``), ``bridge`` and ``subnet`` (as text). A plain class:
+    a dataclass costs a guest's stop a millisecond to create."""
 
+    __slots__ = ("bridge", "owner", "subnet")
 
-def parse_tag(comment: str) -> dict[str, str] | None:
-    """``{'owner': 'n=lab', 'b': 'virbr1', 's': '10.0.0.0/24'}`` or None if not ours."""
-    if not comment.startswith(TAG_PREFIX):
-        return None
-    fields = comment[len(TAG_PREFIX):].split(",")
-    if not fields or "=" not in fields[0]:
-        return None
-    out = {"owner": fields[0]}
-    for field in fields[1:]:
-        key, _, value = field.partition("=")
-        out[key] = value
-    return out
+    def __init__(self, owner: str, bridge: str, subnet: str) -> None:
+        self.owner = owner
+        self.bridge = bridge
+        self.subnet = subnet
+
+    def _key(self) -> tuple[str, str, str]:
+        return (self.owner, self.bridge, self.subnet)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tag) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Tag({self.owner!r}, {self.bridge!r}, {self.subnet!r})"
 
 
 # Paths. Environment overrides exist for tests and labs; libvirt clears the
 # environment of hooks, so in production the defaults always apply.
 def state_dir() -> str:
+    import os  # here: a start without our metadata needs the namespace, not os
     return os.environ.get("KVMUFW_STATE_DIR", "/run/kvmufw_hook")
 
 
 def libvirt_network_dir() -> str:
+    import os
     return os.environ.get("KVMUFW_LIBVIRT_NETWORK_DIR", "/run/libvirt/network")

@@ -17,7 +17,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from . import host, state
-from .apply import Applied, apply_rules, domain_stopped  # noqa: F401 - the stop path lives there
+from .apply import (  # noqa: F401 - the stop path lives there
+    Applied,
+    apply_rules,
+    covering,
+    domain_stopped,
+    families_of,
+)
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
 from .model import Domain, ForwardSpec, Network, NetworkPort
@@ -25,8 +31,12 @@ from .names import domain_owner, network_owner
 from .plan import (
     Rule,
     check_conflicts,
+    forward_families,
     plan_domain_owner,
+    plan_forwards,
+    plan_network,
     plan_network_owner,
+    resolve_domain_forwards,
     resolve_network_forwards,
 )
 
@@ -73,11 +83,14 @@ def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
 
 
 def check_host(label: str, forwards: Sequence[ForwardSpec], backend=None,
-               held: Iterable[ForwardSpec] = ()) -> None:
+               held: Iterable[ForwardSpec] = (),
+               families: Sequence[Iterable[int]] | None = None) -> None:
     """InputError if a forward's host-ip is not the host's or it takes a host service's
     port (``host.py``; read only when there are forwards, in the backend's namespace);
-    ``held``: what the owner's rules take now, which a later socket does not take away."""
-    host.check_forwards(label, forwards, held=held, prefix=_prefix(backend))
+    ``held``: what the owner's rules take now, which a later socket does not take away;
+    ``families``: per forward, the families it was planned in."""
+    host.check_forwards(label, forwards, held=held, prefix=_prefix(backend),
+                        families=families)
 
 
 def _prefix(backend) -> Sequence[str]:
@@ -87,12 +100,12 @@ def _prefix(backend) -> Sequence[str]:
 # --------------------------------------------------------------------------- networks
 
 def validate_network(net: Network) -> None:
-    resolve_network_forwards(net)
+    targets = resolve_network_forwards(net)
     if net.forwards:
         label = f"network {shown(net.name)}"
         check_claims(label, network_owner(net.name), net.forwards,
                      state.load_networks(), state.load_domains())
-        check_host(label, net.forwards)
+        check_host(label, net.forwards, families=forward_families(net.forwards, targets))
 
 
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
@@ -105,22 +118,32 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         networks = state.load_networks()
         networks[net.name] = net
         domains = state.load_domains()
-        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
-        before = backend.read()
+        targets = resolve_network_forwards(net)
+        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network(net)
+                                            + plan_forwards(network_owner(net.name), targets)}
+        guests: dict[str, tuple[Domain, Sequence[Rule]]] = {}
+        for dom in domains.values():
+            if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
+                   for nic in dom.nics):
+                try:
+                    guests[dom.name] = (dom, plan_domain_owner(dom, networks))
+                except InputError as exc:
+                    log(f"not re-adding forwards: {exc}")
+        before = backend.read(families_of(rules) | families_of(
+            {n: planned for n, (_d, planned) in guests.items()}))
         held = backend.claims(before)
         if net.forwards:
             check_claims(label, network_owner(net.name), net.forwards, networks, domains,
                          held)
-            check_host(label, net.forwards, backend, held.get(network_owner(net.name), ()))
-        for dom in domains.values():
-            if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
-                   for nic in dom.nics):
-                try:  # a port taken meanwhile (replay while this network was down) stays
-                    check_claims(f"domain {shown(dom.name)}", domain_owner(dom.name),
-                                 dom.forwards, {}, {}, held)
-                    rules[domain_owner(dom.name)] = plan_domain_owner(dom, networks)
-                except InputError as exc:
-                    log(f"not re-adding forwards: {exc}")
+            check_host(label, net.forwards, backend, held.get(network_owner(net.name), ()),
+                       forward_families(net.forwards, targets))
+        for dom, planned in guests.values():
+            try:  # a port taken meanwhile (replay while this network was down) stays
+                check_claims(f"domain {shown(dom.name)}", domain_owner(dom.name),
+                             dom.forwards, {}, {}, held)
+                rules[domain_owner(dom.name)] = planned
+            except InputError as exc:
+                log(f"not re-adding forwards: {exc}")
         state.save_network(net.name, raw)
         applied = apply_rules(rules, backend=backend, log=log, before=before)
     log(f"network {shown(net.name)} ({net.bridge}): rules for "
@@ -136,7 +159,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
         if not net.managed:
             return Applied("")
         applied = apply_rules({network_owner(net.name): ()},
-                              drop=(lambda t: t.get("b") == bridge) if bridge else None,
+                              drop=(lambda t: t.bridge == bridge) if bridge else None,
                               backend=backend, log=log)
     log(f"network {shown(net.name)} ({bridge}): rules removed")
     return applied
@@ -198,11 +221,13 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     with state.locked():
         networks = state.load_networks()
         check_own_macs(dom, networks, state.network_ports)
-        rules = plan_domain_owner(dom, networks)
-        before = backend.read()
+        targets = resolve_domain_forwards(dom, networks)
+        rules = plan_forwards(owner, targets)
+        before = backend.read(families_of({owner: rules}))
         held = backend.claims(before)
         check_claims(label, owner, dom.forwards, networks, state.load_domains(), held)
-        check_host(label, dom.forwards, backend, held.get(owner, ()))
+        check_host(label, dom.forwards, backend, held.get(owner, ()),
+                   forward_families(dom.forwards, targets))
         # The state is written first and follows the kernel: if the write fails, the
         # old rules are back (revert) and the state stays as long as any rule of the
         # owner is in the kernel, so that stopped/release still remove them.
@@ -287,12 +312,14 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
         if o in held:
             claimed.add(owner_label(o), held[o])
 
-    def add(owner: str, label: str, forwards, planner) -> None:
+    def add(owner: str, label: str, forwards, resolve, plan_own) -> None:
         try:
             check_conflicts(label, forwards, claimed.near(forwards))
-            rules = planner()
+            targets = resolve()
+            rules = plan_own() + plan_forwards(owner, targets)
             if facts is not None:
-                host.check_forwards(label, forwards, facts, held.get(owner, ()))
+                host.check_forwards(label, forwards, facts, held.get(owner, ()),
+                                    families=forward_families(forwards, targets))
             result.rules[owner] = rules
             claimed.add(label, forwards)
         except InputError as exc:
@@ -303,16 +330,16 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
             if owner in kept:  # still running with them: its ports wait for it
                 claimed.add(label, forwards)
 
-    def plan_domain(dom: Domain) -> tuple[Rule, ...]:
+    def resolve_domain(dom: Domain):
         if ports is not None:
             check_own_macs(dom, networks, ports)
-        return plan_domain_owner(dom, networks)
+        return resolve_domain_forwards(dom, networks)
 
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
-               lambda net=net: plan_network_owner(net))
+               lambda net=net: resolve_network_forwards(net), lambda net=net: plan_network(net))
               for name, net in sorted(networks.items()) if net.managed]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
-                lambda dom=dom: plan_domain(dom))
+                lambda dom=dom: resolve_domain(dom), tuple)
                for name, dom in sorted(domains.items()) if dom.forwards]
     # stable: holders first, then owners still running with theirs, order kept
     owners.sort(key=lambda o: 0 if o[0] in held else 1 if o[0] in kept else 2)
@@ -397,12 +424,13 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                          ports=state.network_ports)
         problems += planned.problems
 
-        def drop(tagged: dict[str, str]) -> bool:
-            return tagged["owner"] not in planned.failed
+        def drop(tagged) -> bool:
+            return tagged.owner not in planned.failed
 
         if dry_run:
             from .backends.libvirt_nft import plan_accepts
-            payload = (backend.change(before, planned.rules, drop)
+            before = covering(backend, before, planned.rules)
+            payload = (backend.change(before, planned.rules, drop).text
                        + plan_accepts(backend, before, planned.rules, drop).text)
         else:
             payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
@@ -476,7 +504,7 @@ def flush(backend=None) -> Applied:
     from .backends.libvirt_nft import clear_accepts
     backend = backend or default_backend()
     with state.locked():
-        payload = backend.clear(backend.read())
-        backend.write(payload)
-        payload += clear_accepts(backend)
-    return Applied(payload)
+        change = backend.clear(backend.read())
+        backend.write(change)
+        text = change.text + clear_accepts(backend)
+    return Applied(text)

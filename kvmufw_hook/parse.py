@@ -8,14 +8,7 @@ and is bounded in bytes, elements and time (see ``load``).
 from __future__ import annotations
 
 import re
-from ipaddress import (
-    IPv4Address,
-    IPv4Interface,
-    IPv4Network,
-    IPv6Interface,
-    ip_address,
-    ip_network,
-)
+from ipaddress import IPv4Interface, IPv6Interface, ip_address, ip_network
 
 from lxml import etree
 
@@ -25,6 +18,8 @@ from .model import (
     DhcpHost,
     Domain,
     ForwardSpec,
+    IPAddress,
+    IPNetwork,
     Network,
     NetworkPort,
     Nic,
@@ -184,15 +179,27 @@ def _ifname(value: str | None, what: str) -> str | None:
                         "not starting with '.' or '-'") + ")")
 
 
-def _ipv4(value: str, what: str) -> IPv4Address:
+def _ip(value: str, what: str, family: int | None = None) -> IPAddress:
+    """An address of either family (of ``family`` only, when given)."""
     try:
         addr = ip_address(value.strip())
     except ValueError:
         raise InputError(f"{what}: {shown(value)} is not an IP address") from None
-    if not isinstance(addr, IPv4Address):
-        raise InputError(f"{what}: {shown(value)} is an IPv6 address; "
-                         "only IPv4 forwards are supported so far")
+    if family is not None and addr.version != family:
+        raise InputError(f"{what}: {shown(value)} is not an IPv{family} address")
     return addr
+
+
+def _guest_ips(value: str, what: str) -> tuple[IPAddress, ...]:
+    """``guest-ip``: one address, or one of each family separated by a comma."""
+    out: list[IPAddress] = []
+    for part in value.split(","):
+        addr = _ip(part, what)
+        if any(a.version == addr.version for a in out):
+            raise InputError(f"{what}: {shown(value)} has two IPv{addr.version} addresses; "
+                             "give at most one of each family")
+        out.append(addr)
+    return tuple(out)
 
 
 def _ports(value: str, what: str) -> PortRange:
@@ -208,8 +215,8 @@ def _ports(value: str, what: str) -> PortRange:
     return PortRange(first, last)
 
 
-def _sources(value: str, what: str) -> tuple[IPv4Network, ...]:
-    out: list[IPv4Network] = []
+def _sources(value: str, what: str) -> tuple[IPNetwork, ...]:
+    out: list[IPNetwork] = []
     if not value.strip():  # not "anyone": that is what leaving source out says
         raise InputError(f"{what}: empty; leave source out to allow anyone")
     for part in value.split(","):
@@ -220,9 +227,6 @@ def _sources(value: str, what: str) -> tuple[IPv4Network, ...]:
             net = ip_network(part, strict=False)
         except ValueError:
             raise InputError(f"{what}: {shown(part)} is not an address or CIDR") from None
-        if not isinstance(net, IPv4Network):
-            raise InputError(f"{what}: {shown(part)} is IPv6; "
-                             "only IPv4 forwards are supported so far")
         if net not in out:
             out.append(net)
     return tuple(out)
@@ -294,10 +298,11 @@ def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> F
         proto=proto,
         host_port=host_port,
         guest_port=guest_port,
-        guest_ip=_ipv4(attrs["guest-ip"], f"{where}: guest-ip") if "guest-ip" in attrs else None,
+        guest_ips=_guest_ips(attrs["guest-ip"], f"{where}: guest-ip")
+        if "guest-ip" in attrs else (),
         mac=_mac(attrs.get("mac"), f"{where}: mac"),
         guest_mac=_mac(attrs.get("guest-mac"), f"{where}: guest-mac"),
-        host_ip=_ipv4(attrs["host-ip"], f"{where}: host-ip") if "host-ip" in attrs else None,
+        host_ip=_ip(attrs["host-ip"], f"{where}: host-ip") if "host-ip" in attrs else None,
         sources=_sources(attrs["source"], f"{where}: source") if "source" in attrs else (),
         comment=attrs.get("comment"),
         allow_host_service=_yes_no(attrs.get("allow-host-service", "no"),
@@ -355,22 +360,25 @@ def parse_network(el: etree._Element) -> Network:
         try:
             if family == "ipv6":
                 ipv6.append(IPv6Interface(f"{address}/{prefix or 64}"))
-                continue
-            iface = IPv4Interface(f"{address}/{prefix or netmask or 24}")
+            else:
+                ipv4.append(IPv4Interface(f"{address}/{prefix or netmask or 24}"))
         except ValueError:
             raise InputError(f"{what}: bad <ip address={shown(address)}>") from None
-        ipv4.append(iface)
+        version = 6 if family == "ipv6" else 4
         for host in ip_el.findall("dhcp/host"):
             host_ip = host.get("ip")
             if not host_ip:
                 continue
-            hosts.append(DhcpHost(mac=_mac(host.get("mac"), f"{what}: dhcp host mac"),
-                                  ip=_ipv4(host_ip, f"{what}: dhcp host ip"),
+            # libvirt matches an IPv6 reservation by name or DUID, never by MAC
+            mac = _mac(host.get("mac"), f"{what}: dhcp host mac") if version == 4 else None
+            hosts.append(DhcpHost(mac=mac, ip=_ip(host_ip, f"{what}: dhcp host ip", version),
                                   name=host.get("name")))
     forwards = parse_forwards(el.find("metadata"), what, NETWORK_ATTRS)
+    nat_el = fwd.find("nat") if fwd is not None else None
+    nat_ipv6 = nat_el is not None and (nat_el.get("ipv6") or "").strip() == "yes"
     return Network(name=name, uuid=_text(el, "uuid"), mode=mode, bridge=bridge, dev=dev,
                    ipv4=tuple(ipv4), ipv6=tuple(ipv6), hosts=tuple(hosts),
-                   forwards=forwards, nat_ports=nat_ports)
+                   forwards=forwards, nat_ports=nat_ports, nat_ipv6=nat_ipv6)
 
 
 def parse_networkport(el: etree._Element) -> NetworkPort:

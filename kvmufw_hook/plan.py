@@ -11,146 +11,233 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from .errors import InputError, shown
-from .model import Domain, ForwardSpec, Network, PortRange
-from .names import domain_owner, network_owner
+from .model import (
+    FAMILIES,
+    Domain,
+    ForwardSpec,
+    IPAddress,
+    IPNetwork,
+    Network,
+    PortRange,
+)
+from .names import Tag, domain_owner, network_owner
 
 DEFAULT_NAT_PORTS = PortRange(1024, 65535)  # libvirt's default for <nat>
-LOOPBACK = IPv4Network("127.0.0.0/8")
+LOOPBACK = {4: IPv4Network("127.0.0.0/8"), 6: IPv6Network("::1/128")}
+DHCP_SERVER_PORT = {4: 67, 6: 547}  # DHCPv4, DHCPv6: dnsmasq on the bridge
+DNS_PORT = 53
+
+
+def host_network(ip: IPAddress) -> IPNetwork:
+    """The /32 or /128 of one address (from its int: no text round trip, 5x faster)."""
+    return IPv4Network(int(ip)) if ip.version == 4 else IPv6Network(int(ip))
 
 
 @dataclass(frozen=True)
 class Rule:
     """One firewall rule, independent of the backend that renders it.
 
-    ``hook`` is where it sits: input, forward, prerouting, output, postrouting.
+    ``stage`` is where in the packet's path it sits: input, forward, prerouting, output,
+    postrouting (netfilter's hooks). ``family`` is 4 or 6, the family of the addresses
+    it serves (set even on rules that match no address, such as bridge to bridge).
     """
 
-    hook: str
+    stage: str
+    family: int
     owner: str
     bridge: str
     subnet: str
     verdict: str  # ACCEPT, DNAT, MASQUERADE
-    src: IPv4Network | None = None
-    dst: IPv4Network | None = None
-    not_dst: IPv4Network | None = None  # ! -d
+    src: IPNetwork | None = None
+    dst: IPNetwork | None = None
+    not_dst: IPNetwork | None = None
     iif: str | None = None
     oif: str | None = None
     proto: str | None = None
     sport: PortRange | None = None
-    dport: PortRange | None = None
+    dport: PortRange | None = None  # DNAT: the host ports
     dst_local: bool = False  # destination is one of the host's addresses
     not_bcast_mcast: bool = False  # destination is neither broadcast nor multicast
     ctstate: str | None = None
-    to_addr: IPv4Address | None = None  # DNAT
-    to_ports: PortRange | None = None  # DNAT (guest ports) or MASQUERADE (source ports)
-    to_base: int | None = None  # DNAT of a shifted range: the first host port
+    to_addr: IPAddress | None = None  # DNAT: the guest
+    to_ports: PortRange | None = None  # DNAT (guest ports, same width as dport) or
+    #                                    MASQUERADE (source ports)
+
+    @property
+    def tag(self) -> Tag:
+        return Tag(self.owner, self.bridge, self.subnet)
 
 
 @dataclass(frozen=True)
-class Target:
-    """A forward with its guest resolved: which address, behind which network."""
+class Resolved:
+    """A forward with its guest resolved in one family: which address, behind which
+    network (a forward reachable over IPv4 and IPv6 resolves twice)."""
 
     spec: ForwardSpec
-    guest_ip: IPv4Address
+    guest_ip: IPAddress
     network: Network
-    subnet: IPv4Network
+    subnet: IPNetwork
+
+    @property
+    def family(self) -> int:
+        return self.guest_ip.version
 
 
 # --------------------------------------------------------------------------- networks
 
+def _routes(net: Network, subnet: IPNetwork) -> bool:
+    """Whether libvirt routes ``subnet`` rather than NATs it: route and open networks,
+    and a nat network's IPv6 unless ``<nat ipv6='yes'/>``."""
+    if net.mode == "nat":
+        return subnet.version == 6 and not net.nat_ipv6
+    return net.mode in ("route", "open")
+
+
 def plan_network(net: Network) -> tuple[Rule, ...]:
-    """The rules that let a managed network's guests talk, beside UFW's DROP policies."""
+    """The rules that let a managed network's guests talk, beside UFW's DROP policies,
+    in each family the network has an address in."""
     if not net.managed:
         return ()
     owner = network_owner(net.name)
     bridge = net.bridge
     assert bridge is not None
-    first = str(net.subnets[0]) if net.subnets else "-"
     rules: list[Rule] = []
     for subnet in net.subnets:
-        rule = partial(Rule, owner=owner, bridge=bridge, subnet=str(subnet))
-        if net.mode == "nat":
+        rule = partial(Rule, family=subnet.version, owner=owner, bridge=bridge,
+                       subnet=str(subnet))
+        if net.mode == "nat" and not _routes(net, subnet):
             rules.append(rule("forward", src=subnet, iif=bridge, oif=net.dev,
                               verdict="ACCEPT"))
             rules.append(rule("forward", dst=subnet, iif=net.dev, oif=bridge,
                               ctstate="RELATED,ESTABLISHED", verdict="ACCEPT"))
             ports = net.nat_ports or DEFAULT_NAT_PORTS
-            for proto in ("tcp", "udp", None):
+            for proto in ("tcp", "udp", None):  # IPv6 has no broadcast; multicast stays
                 rules.append(rule("postrouting", src=subnet, not_dst=subnet, oif=net.dev,
-                                  proto=proto, not_bcast_mcast=True, verdict="MASQUERADE",
-                                  to_ports=ports if proto else None))
-        elif net.mode in ("route", "open"):
-            dev = net.dev if net.mode == "route" else None
+                                  proto=proto, not_bcast_mcast=subnet.version == 4,
+                                  verdict="MASQUERADE", to_ports=ports if proto else None))
+        elif net.mode != "isolated":  # routed: both ways, as libvirt does
+            dev = net.dev if net.mode != "open" else None
             rules.append(rule("forward", src=subnet, iif=bridge, oif=dev,
                               verdict="ACCEPT"))
             rules.append(rule("forward", dst=subnet, iif=dev, oif=bridge,
                               verdict="ACCEPT"))
-    rule = partial(Rule, owner=owner, bridge=bridge, subnet=first)
-    rules.append(rule("forward", iif=bridge, oif=bridge, verdict="ACCEPT"))
-    if net.subnets:  # libvirt runs dnsmasq for it: DHCP and DNS to the host
-        rules.append(rule("input", iif=bridge, proto="udp", dport=PortRange(67, 67),
-                          verdict="ACCEPT"))
-        rules.append(rule("input", iif=bridge, proto="udp", dport=PortRange(53, 53),
-                          verdict="ACCEPT"))
-        rules.append(rule("input", iif=bridge, proto="tcp", dport=PortRange(53, 53),
-                          verdict="ACCEPT"))
+    for family in _families(net):
+        first = next((str(s) for s in net.subnets if s.version == family), "-")
+        rule = partial(Rule, family=family, owner=owner, bridge=bridge, subnet=first)
+        rules.append(rule("forward", iif=bridge, oif=bridge, verdict="ACCEPT"))
+        if first != "-":  # libvirt runs dnsmasq for it: DHCP and DNS to the host
+            dhcp = DHCP_SERVER_PORT[family]
+            rules.append(rule("input", iif=bridge, proto="udp", dport=PortRange(dhcp, dhcp),
+                              verdict="ACCEPT"))
+            for proto in ("udp", "tcp"):
+                rules.append(rule("input", iif=bridge, proto=proto,
+                                  dport=PortRange(DNS_PORT, DNS_PORT), verdict="ACCEPT"))
     return tuple(rules)
 
 
-def resolve_network_forwards(net: Network) -> tuple[Target, ...]:
+def _families(net: Network) -> tuple[int, ...]:
+    """The families of the network's subnets; IPv4 alone for a network without any
+    (its guests still talk to each other across the bridge)."""
+    return tuple(f for f in FAMILIES if any(s.version == f for s in net.subnets)) or (4,)
+
+
+def _subnets(net: Network) -> str:
+    return ", ".join(str(s) for s in net.subnets) or "no subnet"
+
+
+def _family_name(family: int) -> str:
+    return f"IPv{family}"
+
+
+def resolve_network_forwards(net: Network) -> tuple[Resolved, ...]:
+    """Each forward of a network's own metadata, in each family it has a guest address
+    in: ``guest-ip`` (one per family), or ``guest-mac``'s IPv4 reservation and the IPv6
+    reservation of the same host name."""
     what = f"network {shown(net.name)}"
     if net.forwards and not net.managed:
         raise InputError(f"{what}: forwards need a nat, route, open or isolated network "
                          f"with a bridge; this one is mode {shown(net.mode)}")
-    targets = []
+    out: list[Resolved] = []
     for index, spec in enumerate(net.forwards, start=1):
         where = f"{what}: forward #{index} ({spec.label})"
-        if spec.guest_ip is not None:
-            guest = spec.guest_ip
-            if spec.guest_mac and net.reservation(spec.guest_mac) not in (None, guest):
+        if not spec.guest_ips and spec.guest_mac is None:
+            raise InputError(f"{where}: needs guest-ip or guest-mac")
+        booked = _booked_by_mac(net, spec.guest_mac) if spec.guest_mac else {}
+        if spec.guest_mac is not None and not booked:
+            raise InputError(f"{where}: guest-mac {spec.guest_mac} has no "
+                             f"<dhcp><host> reservation in network {shown(net.name)}")
+        targets = []
+        for family in spec.families:
+            guest = spec.guest_ip(family)
+            if guest is not None and booked.get(family) not in (None, guest):
                 raise InputError(f"{where}: guest-ip {guest} disagrees with the DHCP "
                                  f"reservation of guest-mac {spec.guest_mac}")
-        elif spec.guest_mac is not None:
-            found = net.reservation(spec.guest_mac)
-            if found is None:
-                raise InputError(f"{where}: guest-mac {spec.guest_mac} has no "
-                                 f"<dhcp><host> reservation in network {shown(net.name)}")
-            guest = found
-        else:
-            raise InputError(f"{where}: needs guest-ip or guest-mac")
-        subnet = net.subnet_of(guest)
-        if subnet is None:
-            raise InputError(f"{where}: guest-ip {guest} is outside the subnets of network "
-                             f"{shown(net.name)} ({_subnets(net)})")
-        _check_guest_address(where, guest, net, subnet)
-        targets.append(Target(spec, guest, net, subnet))
-    return tuple(targets)
+            guest = guest or booked.get(family)
+            if guest is None:
+                continue
+            subnet = net.subnet_of(guest)
+            if subnet is None:
+                raise InputError(f"{where}: guest-ip {guest} is outside the subnets of "
+                                 f"network {shown(net.name)} ({_subnets(net)})")
+            targets.append(Resolved(spec, guest, net, subnet))
+        out += _checked(where, spec, targets)
+    return tuple(out)
 
 
-def _check_guest_address(where: str, ip: IPv4Address, net: Network,
-                         subnet: IPv4Network) -> None:
-    """A forward's guest is a guest: never the subnet's network or broadcast address (a
-    packet to them reaches every guest, or none), nor the network's own address on the
+def _booked_by_mac(net: Network, mac: str) -> dict[int, IPAddress]:
+    """family -> the address reserved for ``mac``: its IPv4 ``<host mac=…>``, and the
+    IPv6 ``<host>`` with that entry's name."""
+    for host in net.hosts:
+        if host.mac == mac:
+            out = {4: host.ip}
+            v6 = net.named_reservation(host.name, 6) if host.name else None
+            if v6 is not None:
+                out[6] = v6
+            return out
+    return {}
+
+
+def _checked(where: str, spec: ForwardSpec, targets: list[Resolved]) -> list[Resolved]:
+    """The resolved targets, each a real guest; InputError when none is left in a family
+    the forward is limited to (host-ip or sources of one family)."""
+    if not targets:
+        wanted = " or ".join(map(_family_name, spec.families)) or "any family"
+        raise InputError(f"{where}: the guest has no {wanted} address to forward to "
+                         "(host-ip and source limit the family)")
+    for t in targets:
+        _check_guest_address(where, t.guest_ip, t.network, t.subnet)
+    return targets
+
+
+def _check_guest_address(where: str, ip: IPAddress, net: Network,
+                         subnet: IPNetwork) -> None:
+    """A forward's guest is a guest: never the subnet's network address (IPv4: a packet
+    to it or to the broadcast address reaches every guest, or none; IPv6: the
+    subnet-router anycast address, the router), nor the network's own address on the
     bridge (that is the host: a forward there is a way into the host's services)."""
-    if subnet.prefixlen < 31 and ip in (subnet.network_address, subnet.broadcast_address):
+    if ip.version == 4 and subnet.prefixlen < 31 and ip in (subnet.network_address,
+                                                            subnet.broadcast_address):
         which = "network" if ip == subnet.network_address else "broadcast"
         raise InputError(f"{where}: guest {ip} is the {which} address of {subnet} "
                          f"(network {shown(net.name)}), not a guest")
-    if any(iface.ip == ip for iface in net.ipv4):
+    if ip.version == 6 and subnet.prefixlen < 127 and ip == subnet.network_address:
+        raise InputError(f"{where}: guest {ip} is the subnet-router anycast address of "
+                         f"{subnet} (network {shown(net.name)}), not a guest")
+    if any(iface.ip == ip for iface in net.interfaces):
         raise InputError(f"{where}: guest {ip} is the address of network {shown(net.name)} "
                          "on its bridge (the host itself), not a guest")
 
 
 def _reserved_by_others(dom: Domain, attached: list[tuple[str, Network]]) -> dict:
     """address -> who holds it by a <dhcp><host> reservation in the domain's networks:
-    a MAC that is none of the domain's NICs, or a name-only entry not named as it.
-    Built once per domain: a guest may have thousands of forwards, a network thousands
-    of reservations."""
+    a MAC that is none of the domain's NICs, or a name-only entry (every IPv6 one) not
+    named as it. Built once per domain: a guest may have thousands of forwards, a
+    network thousands of reservations."""
     own = {nic.mac for nic in dom.nics if nic.mac}
-    held: dict[IPv4Address, str] = {}
+    held: dict[IPAddress, str] = {}
     for net in {id(n): n for _m, n in attached}.values():
         for host in net.hosts:
             if host.mac is not None and host.mac not in own:
@@ -174,16 +261,29 @@ def domain_networks(dom: Domain, networks: Mapping[str, Network]) -> list[tuple[
     return out
 
 
-def resolve_domain_forwards(dom: Domain, networks: Mapping[str, Network]) -> tuple[Target, ...]:
-    """Each forward's guest address: its NIC's DHCP reservation, or ``guest-ip``.
+def _booked_for(dom: Domain, mac: str, net: Network) -> dict[int, IPAddress]:
+    """family -> the guest's reserved address on one NIC: IPv4 by its MAC, IPv6 by the
+    domain's name (libvirt's IPv6 reservations carry no MAC)."""
+    out: dict[int, IPAddress] = {}
+    for family, ip in ((4, net.reservation(mac)), (6, net.named_reservation(dom.name, 6))):
+        if ip is not None and ip.version == family and net.subnet_of(ip) is not None:
+            out[family] = ip
+    return out
 
-    Without ``mac``, a forward targets the first NIC on a managed network whose MAC
-    has a reservation (or, with ``guest-ip``, whose subnet holds that address).
+
+def resolve_domain_forwards(dom: Domain,
+                            networks: Mapping[str, Network]) -> tuple[Resolved, ...]:
+    """Each forward's guest address in each family: ``guest-ip`` (one per family), or
+    the reservations of one NIC (IPv4 by MAC, IPv6 by the domain's name).
+
+    Without ``mac``, a forward targets the first NIC on a managed network with a
+    reservation for the guest (or, with ``guest-ip``, whose subnet holds that address).
     """
     what = f"domain {shown(dom.name)}"
     attached = domain_networks(dom, networks)
     others: dict | None = None
-    targets = []
+    booked: dict[tuple[str, int], dict[int, IPAddress]] = {}  # once per NIC, not per forward
+    out: list[Resolved] = []
     for index, spec in enumerate(dom.forwards, start=1):
         where = f"{what}: forward #{index} ({spec.label})"
         candidates = attached
@@ -197,64 +297,71 @@ def resolve_domain_forwards(dom: Domain, networks: Mapping[str, Network]) -> tup
         if not attached:
             raise InputError(f"{where}: the domain has no NIC on a nat, route, open or "
                              "isolated network that is active")
-        target = None
-        if spec.guest_ip is not None:
-            for _mac, net in candidates:
-                subnet = net.subnet_of(spec.guest_ip)
-                if subnet is not None:
-                    target = Target(spec, spec.guest_ip, net, subnet)
-                    break
-            if target is None:
-                nets = ", ".join(f"{net.name} ({_subnets(net)})" for _m, net in candidates)
-                raise InputError(f"{where}: guest-ip {spec.guest_ip} is outside the subnets "
-                                 f"of the networks the guest is attached to: {nets}")
+        targets: list[Resolved] = []
+        if spec.guest_ips:
             if others is None:
                 others = _reserved_by_others(dom, attached)
-            holder = others.get(spec.guest_ip)
-            if holder is not None:
-                raise InputError(f"{where}: guest-ip {spec.guest_ip} is reserved for "
-                                 f"another guest ({holder}); a domain forwards only to "
-                                 "its own addresses")
+            for guest in spec.guest_ips:
+                if not spec.allows(guest.version):
+                    continue  # host-ip or sources of the other family
+                found = next(((net, sub) for _mac, net in candidates
+                              if (sub := net.subnet_of(guest)) is not None), None)
+                if found is None:
+                    nets = ", ".join(f"{net.name} ({_subnets(net)})" for _m, net in candidates)
+                    raise InputError(f"{where}: guest-ip {guest} is outside the subnets "
+                                     f"of the networks the guest is attached to: {nets}")
+                holder = others.get(guest)
+                if holder is not None:
+                    raise InputError(f"{where}: guest-ip {guest} is reserved for "
+                                     f"another guest ({holder}); a domain forwards only "
+                                     "to its own addresses")
+                targets.append(Resolved(spec, guest, *found))
         else:
+            allowed = spec.families
             for mac, net in candidates:
-                ip = net.reservation(mac)
-                subnet = net.subnet_of(ip) if ip is not None else None
-                if ip is not None and subnet is not None:
-                    target = Target(spec, ip, net, subnet)
+                key = (mac, id(net))
+                if key not in booked:
+                    booked[key] = _booked_for(dom, mac, net)
+                found = [ip for family, ip in sorted(booked[key].items()) if family in allowed]
+                if found:
+                    targets = [Resolved(spec, ip, net, net.subnet_of(ip))  # type: ignore[arg-type]
+                               for ip in found]
                     break
-            if target is None:
+            if not targets:
                 macs = ", ".join(f"{mac} on {net.name}" for mac, net in candidates)
                 raise InputError(f"{where}: cannot resolve the guest address: no <dhcp><host> "
-                                 f"reservation for {macs}; add one or set guest-ip")
-        _check_guest_address(where, target.guest_ip, target.network, target.subnet)
-        targets.append(target)
-    return tuple(targets)
+                                 f"reservation for {macs} (IPv4: by MAC; IPv6: by the name "
+                                 f"{shown(dom.name)}); add one or set guest-ip")
+        out += _checked(where, spec, targets)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- forwards
 
-def plan_forwards(owner: str, targets: Iterable[Target]) -> tuple[Rule, ...]:
+def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Rule, ...]:
     """DNAT from outside and from the host, FORWARD accepts limited to DNAT'd
     connections (both directions: replies must pass libvirt's and UFW's rejects on
-    isolated networks too), and hairpin masquerade for guests on the same subnet."""
+    isolated networks too), and hairpin masquerade for guests on the same subnet; in
+    the family of each resolved target, from the sources of that family."""
     rules: list[Rule] = []
     for t in targets:
-        spec, bridge = t.spec, t.network.bridge
+        spec, bridge, family = t.spec, t.network.bridge, t.family
         assert bridge is not None
-        guest = IPv4Network(int(t.guest_ip))  # /32; from an int: no text round trip (5x)
-        rule = partial(Rule, owner=owner, bridge=bridge, subnet=str(t.subnet), proto=spec.proto)
-        shifted = spec.guest_port.width > 1 and spec.guest_port != spec.host_port
+        guest = host_network(t.guest_ip)
+        rule = partial(Rule, family=family, owner=owner, bridge=bridge, subnet=str(t.subnet),
+                       proto=spec.proto)
         dnat = partial(rule, verdict="DNAT", dport=spec.host_port, to_addr=t.guest_ip,
-                       to_ports=spec.guest_port,
-                       to_base=spec.host_port.first if shifted else None)
-        host = IPv4Network(spec.host_ip) if spec.host_ip is not None else None
-        # --dst-type LOCAL always, host-ip or not: a forward never matches traffic that
-        # is not addressed to this host (a host-ip that stops being local matches nothing)
-        for src in spec.sources or (None,):
+                       to_ports=spec.guest_port)
+        host = host_network(spec.host_ip) if spec.host_ip is not None else None
+        sources = spec.sources_in(family) or (None,)
+        # dst_local always, host-ip or not: a forward never matches traffic that is not
+        # addressed to this host (a host-ip that stops being local matches nothing)
+        for src in sources:
             rules.append(dnat("prerouting", src=src, dst=host, dst_local=True))
-        for src in spec.sources or (None,):
+        for src in sources:
             rules.append(dnat("output", src=src, dst=host,
-                              not_dst=LOOPBACK if host is None else None, dst_local=True))
+                              not_dst=LOOPBACK[family] if host is None else None,
+                              dst_local=True))
         rules.append(rule("forward", dst=guest, oif=bridge, dport=spec.guest_port,
                           ctstate="DNAT", verdict="ACCEPT"))
         rules.append(rule("forward", src=guest, iif=bridge, sport=spec.guest_port,
@@ -262,6 +369,16 @@ def plan_forwards(owner: str, targets: Iterable[Target]) -> tuple[Rule, ...]:
         rules.append(rule("postrouting", src=t.subnet, dst=guest, oif=bridge,
                           dport=spec.guest_port, ctstate="DNAT", verdict="MASQUERADE"))
     return tuple(rules)
+
+
+def forward_families(specs: Iterable[ForwardSpec],
+                     targets: Iterable[Resolved]) -> list[tuple[int, ...]]:
+    """For each of ``specs``, in order, the families it was resolved in (the host's own
+    ports it takes: ``host.check_forwards``)."""
+    found: dict[int, set[int]] = {}
+    for t in targets:
+        found.setdefault(id(t.spec), set()).add(t.family)
+    return [tuple(sorted(found.get(id(s), ()))) for s in specs]
 
 
 def plan_network_owner(net: Network) -> tuple[Rule, ...]:
@@ -278,10 +395,12 @@ def plan_domain_owner(dom: Domain, networks: Mapping[str, Network]) -> tuple[Rul
 
 def same_host_port(a: ForwardSpec, b: ForwardSpec) -> bool:
     """The one definition of "the same forward": both would catch a connection (the
-    same proto, overlapping host ports, the same host-ip or either on every address).
+    same proto, overlapping host ports, the same host-ip or either on every address, a
+    family in common).
     Conflicts between owners, and ``forward add/remove``, all use it."""
     return (a.proto == b.proto and a.host_port.overlaps(b.host_port)
-            and (a.host_ip is None or b.host_ip is None or a.host_ip == b.host_ip))
+            and (a.host_ip is None or b.host_ip is None or a.host_ip == b.host_ip)
+            and not set(a.families).isdisjoint(b.families))
 
 
 def check_conflicts(owner_label: str, specs: Iterable[ForwardSpec],
@@ -318,7 +437,3 @@ def validate_domain(dom: Domain) -> None:
     """What ``prepare`` can check before any network is known: the metadata parsed
     (the parser did that) and no forward overlapping another of the same guest."""
     check_conflicts(f"domain {shown(dom.name)}", dom.forwards, ())
-
-
-def _subnets(net: Network) -> str:
-    return ", ".join(str(s) for s in net.subnets) or "no IPv4 subnet"

@@ -10,7 +10,7 @@ from .backends import default_backend
 from .errors import ApplyError, InputError, printable, shown
 from .names import domain_owner, network_owner
 from .plan import (
-    Target,
+    Resolved,
     plan_forwards,
     plan_network,
     resolve_domain_forwards,
@@ -18,8 +18,10 @@ from .plan import (
 )
 
 
-def _forward(owner: str, target: Target | None, spec, error: str | None, check) -> dict:
+def _forward(owner: str, target: Resolved | None, spec, error: str | None, check) -> dict:
+    """One row per forward and family (a dual-stack forward has two)."""
     row = {
+        "family": f"ipv{target.family}" if target else None,
         "proto": spec.proto,
         "host_ip": str(spec.host_ip) if spec.host_ip else None,
         "host_port": str(spec.host_port),
@@ -58,7 +60,7 @@ class _Reading(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        try:
+        try:  # IPv6 where rules of ours are (none there: none present, nothing to read)
             self.snapshot = self.backend.read()
         except ApplyError as exc:
             self.error = str(exc)
@@ -101,18 +103,18 @@ def collect(backend=None) -> dict:
             lambda dom=dom: resolve_domain_forwards(dom, networks), check)})
     snapshot, report["kernel_error"] = reading.result()
     # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
-    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall
+    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present
     nft, accepts = LibvirtNft.beside(backend), None
-    firewall = libvirt_firewall(snapshot, nft)
+    firewall = libvirt_firewall(backend.libvirt_chains(snapshot) if snapshot else (), nft)
     report["libvirt_firewall"] = firewall.backend
     if snapshot is not None and firewall.table:
         try:
-            accepts = nft.read()
+            accepts = read_tables(backend, True)
         except ApplyError as exc:
             report["kernel_error"] = str(exc)
     for row, key, rules in checks:
         row[key] = snapshot is not None and backend.present(snapshot, rules) and (
-            accepts is None or nft.present(accepts, rules))
+            accepts is None or tables_present(accepts, rules))
     return report
 
 
@@ -120,6 +122,11 @@ def shown_name(name: str) -> str:
     """A name in a table: quoted when a space at either end would hide what it is
     (``domain 'victim '`` beside ``domain victim``), and never with raw control text."""
     return printable(name) if name == name.strip() and name else shown(name)
+
+
+def _bracketed(address: str | None) -> str | None:
+    """An IPv6 address in brackets, so that the port after it reads as a port."""
+    return f"[{address}]" if address and ":" in address else address
 
 
 def format_table(report: dict) -> str:
@@ -134,8 +141,8 @@ def format_table(report: dict) -> str:
                              ",".join(entry["subnets"]) or "-", "-",
                              "ok" if entry["rules_present"] else "MISSING", entry["mode"]))
             for f in entry["forwards"]:
-                host = f"{f['host_ip'] or '*'}:{f['host_port']}"
-                guest = f"{f['guest_ip'] or '?'}:{f['guest_port']}"
+                host = f"{_bracketed(f['host_ip']) or '*'}:{f['host_port']}"
+                guest = f"{_bracketed(f['guest_ip']) or '?'}:{f['guest_port']}"
                 state_text = "ok" if f["present"] else ("ERROR" if f.get("error") else "MISSING")
                 rows.append((owner, f["proto"], host, guest, ",".join(f["sources"]) or "any",
                              state_text, f.get("error") or f["comment"] or ""))

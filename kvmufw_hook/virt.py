@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from .errors import ApplyError, InputError
 
-NAMESPACE = "urn:kvmufw:1"
-KEY = "kvmufw"
+KEY = "kvmufw"  # the prefix libvirt writes our metadata element with (kvmufw:forwards)
 
 
 def libvirt_module():

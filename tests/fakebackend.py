@@ -10,7 +10,7 @@ real iptables-restore.
 
 from __future__ import annotations
 
-from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot
+from kvmufw_hook.backends.iptables import IptablesBackend
 from kvmufw_hook.errors import ApplyError
 
 BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"),
@@ -18,38 +18,55 @@ BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"),
 
 
 class FakeBackend(IptablesBackend):
-    def __init__(self, fail_tables: tuple[str, ...] = ()) -> None:
+    """Both families in memory (``tables`` is IPv4's, ``families[6]`` IPv6's); the
+    backend's own read/change/write/revert run on top of them unchanged."""
+
+    def __init__(self, fail_tables: tuple[str, ...] = (), fail_family: int | None = None,
+                 ipv6: bool = True) -> None:
         super().__init__()
         self.fail_tables = set(fail_tables)
-        self.tables: dict[str, dict[str, list[str]]] = {
-            t: {c: [] for c in chains} for t, chains in BUILTIN.items()}
+        self.fail_family = fail_family  # with fail_tables: fail only in that family
+        self.families: dict[int, dict[str, dict[str, list[str]]]] = {
+            f: {t: {c: [] for c in chains} for t, chains in BUILTIN.items()}
+            for f in ((4, 6) if ipv6 else (4,))}
         self.writes: list[str] = []
 
-    def save(self) -> str:
+    @property
+    def tables(self) -> dict[str, dict[str, list[str]]]:
+        return self.families[4]
+
+    def _unavailable(self, family: int) -> str | None:
+        return None if family in self.families else "IPv6 is disabled in the kernel"
+
+    def _ours_in(self, family: int) -> bool:
+        return True
+
+    def _save(self, family: int) -> str:
+        return self.save(family)
+
+    def save(self, family: int = 4) -> str:
         out = []
-        for table, chains in self.tables.items():
+        for table, chains in self.families[family].items():
             out.append(f"*{table}")
             out += [f":{c} {'ACCEPT' if c in BUILTIN[table] else '-'} [0:0]" for c in chains]
             out += [line for lines in chains.values() for line in lines]
             out.append("COMMIT")
         return "\n".join(out) + "\n"
 
-    def read(self) -> Snapshot:
-        return Snapshot.parse(self.save())
-
-    def write(self, payload: str) -> None:
+    def _restore(self, family: int, payload: str) -> None:
         if not payload:
             return
         self.writes.append(payload)
+        tables = self.families[family]
         table, work = None, None
         for line in payload.splitlines():
             if line.startswith("*"):
                 table = line[1:]
-                work = {c: list(ls) for c, ls in self.tables[table].items()}
+                work = {c: list(ls) for c, ls in tables[table].items()}
             elif line == "COMMIT":
-                if table in self.fail_tables:
+                if table in self.fail_tables and self.fail_family in (None, family):
                     raise ApplyError(f"iptables-restore failed (exit 1): line COMMIT of {table}")
-                self.tables[table] = work
+                tables[table] = work
             else:
                 self._apply(work, line)
 

@@ -318,3 +318,31 @@ def test_an_installed_hook_that_needs_nothing_imports_nothing(argv, tmp_path):
                 if l.startswith("import time:") and "|" in l}
     assert "kvmufw_hook.hook" in imported
     assert not imported & {"os", "kvmufw_hook.log", "kvmufw_hook.state"}, imported
+
+
+def test_the_namespace_has_one_definition():
+    """Issue 11, one definition per fact: names.NAMESPACE is the namespace; the hook's
+    byte search, the parser and forward add/remove all use it."""
+    from kvmufw_hook import names
+    holders = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("kvmufw_hook/**/*.py"),
+                                                        *HOOKS.iterdir(), ROOT / "install.sh"]
+                     if names.NAMESPACE in p.read_text())
+    assert holders == ["kvmufw_hook/names.py"]
+
+
+def test_a_start_without_our_metadata_imports_only_the_namespace(tmp_path):
+    """A guest without forwards is the common start: the hook reads stdin, looks for
+    names.NAMESPACE and returns; it loads names for that, and nothing else (not os)."""
+    shim = tmp_path / "qemu"
+    shim.write_text("".join(f'LIB = "{ROOT}"\n' if line.startswith("LIB = ") else line
+                            for line in (HOOKS / "qemu").read_text().splitlines(True)))
+    proc = subprocess.run(["/usr/bin/python3", "-IS", "-X", "importtime", str(shim),
+                           "plain", "start", "begin", "-"],
+                          input=b"<domain><name>plain</name></domain>",
+                          capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout == b""
+    imported = {l.rsplit("|", 1)[1].strip() for l in proc.stderr.decode().splitlines()
+                if l.startswith("import time:") and "|" in l}
+    ours = {m for m in imported if m.startswith("kvmufw_hook")}
+    assert ours == {"kvmufw_hook", "kvmufw_hook.hook", "kvmufw_hook.names"}, ours
+    assert "os" not in imported

@@ -257,7 +257,7 @@ def test_doctor_verdicts_are_exact(netns, state_env):
     """No FAIL for ip_forward off without an active routing network; a jump FAIL names
     only the chains that are wrong."""
     from kvmufw_hook import doctor
-    from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot
+    from kvmufw_hook.backends.iptables import IptablesBackend
     from kvmufw_hook.parse import parse_network_xml
     finding = doctor.check_forwarding({})
     assert finding.level in ("OK", "WARN")
@@ -268,5 +268,4 @@ def test_doctor_verdicts_are_exact(netns, state_env):
     netns.run("iptables", "-N", "LIBVIRT_FWX")
     netns.run("iptables", "-I", "FORWARD", "1", "-j", "LIBVIRT_FWX")
     backend = IptablesBackend(netns.prefix)
-    snapshot = Snapshot.parse(netns.run("iptables-save").stdout)
-    assert backend.bad_jumps(snapshot) == ["FORWARD (filter)"]
+    assert backend.bad_jumps(backend.read()) == ["FORWARD (filter)"]

@@ -384,3 +384,88 @@ def test_empty_hook_directories_at_daemon_start_still_need_the_sighup(host):
     assert out.count("SIGHUP") == 1 and f"sent one SIGHUP to libvirtd ({pid})" in out
     host.define_network(NET)
     assert network_rules(host)
+
+
+# --------------------------------------------------------------------------- doctor
+
+PLAIN_HOOKS = ("/etc/libvirt/hooks/network", "/etc/libvirt/hooks/qemu")
+DROPIN_HOOKS = ("/etc/libvirt/hooks/network.d/kvmufw_hook", QEMU_HOOK)
+
+
+def doctor_on_hooks(lab) -> list[tuple[str, str]]:
+    import json
+    findings = json.loads(lab.run("kvmufw_hook", "doctor", "--json", check=False).stdout)
+    return [(f["level"], f["detail"]) for f in findings if f["check"] == "hooks"]
+
+
+def exists(lab, path: str) -> bool:
+    return lab.run("test", "-e", path, check=False).returncode == 0
+
+
+def pretend_libvirt(lab, version: str) -> None:
+    """install.sh asks `libvirtd --version`; /usr/local/sbin comes first in PATH."""
+    lab.sh("printf '#!/bin/sh\\necho \"libvirtd (libvirt) %s\"\\n' " + version
+           + " > /usr/local/sbin/libvirtd; chmod 755 /usr/local/sbin/libvirtd")
+
+
+@pytest.mark.parametrize("libvirt, hooks", [("6.0.0", PLAIN_HOOKS), ("6.5.0", DROPIN_HOOKS),
+                                            (None, DROPIN_HOOKS)])
+def test_doctor_checks_the_hooks_install_sh_wrote(host, libvirt, hooks):
+    """Issue 11: one list of our hooks, the one install.sh records: doctor is OK for each
+    layout install.sh produces (plain hook files before libvirt 6.5, drop-ins from 6.5;
+    None: the lab's own libvirt), and names the file it finds wrong."""
+    if libvirt:
+        pretend_libvirt(host, libvirt)
+    install(host)
+    other = PLAIN_HOOKS if hooks == DROPIN_HOOKS else DROPIN_HOOKS
+    assert all(exists(host, p) for p in hooks) and not any(exists(host, p) for p in other)
+    assert doctor_on_hooks(host) == [
+        ("OK", f"installed: {hooks[0]}, {hooks[1]} (no libvirt daemon running)")]
+    host.sh(f"chmod 644 {hooks[1]}")
+    assert doctor_on_hooks(host) == [("FAIL", f"{hooks[1]} is not executable")]
+    host.sh(f"chmod 755 {hooks[1]}; echo '# mine' >> {hooks[0]}")
+    assert doctor_on_hooks(host)[0] == ("WARN", f"{hooks[0]} changed since install.sh wrote it")
+
+
+def test_doctor_without_an_install_says_so(host):
+    """No record, no guess: doctor (run from the source tree) says what to run."""
+    import json
+    proc = host.run("python3", "-m", "kvmufw_hook", "doctor", "--json", check=False,
+                    env={"PYTHONPATH": str(ROOT)})
+    [hooks] = [f for f in json.loads(proc.stdout) if f["check"] == "hooks"]
+    assert hooks["level"] == "FAIL" and "no record of installed hooks" in hooks["detail"]
+    assert hooks["fix"] == "sudo ./install.sh"
+
+
+def test_a_libvirt_upgrade_past_6_5_moves_our_hooks_into_the_drop_in_directories(host):
+    """libvirt >= 6.5 runs hooks/qemu and every qemu.d/ entry: the install after the
+    upgrade removes the plain hook files it wrote before (else each call ran twice),
+    doctor checks the drop-ins, and uninstall leaves the host as it was."""
+    pristine = digest(host)
+    pretend_libvirt(host, "6.0.0")
+    install(host)
+    host.sh("rm /usr/local/sbin/libvirtd")  # the upgrade: the lab's own libvirt, 9.x
+    out = install(host).stdout
+    for path in PLAIN_HOOKS:
+        assert f"removed {path}: kvmufw_hook's hooks are {DROPIN_HOOKS[0]} and " \
+               f"{DROPIN_HOOKS[1]} for this libvirt" in out
+        assert not exists(host, path)
+        manifest = content(host, "/var/lib/kvmufw_hook/install.manifest").splitlines()
+        assert not [line for line in manifest if line.endswith(f" {path}")], manifest
+    assert doctor_on_hooks(host) == [
+        ("OK", f"installed: {DROPIN_HOOKS[0]}, {DROPIN_HOOKS[1]} (no libvirt daemon running)")]
+    assert install(host).stdout.startswith("kvmufw_hook install: already installed")
+    install(host, "--uninstall")
+    assert digest(host) == pristine
+
+
+def test_an_admin_hook_file_stays_beside_our_drop_ins(host):
+    """/etc/libvirt/hooks/qemu that no install wrote is the admin's: never retired."""
+    script = "#!/bin/sh\nexit 0\n"
+    host.run("bash", "-c", "mkdir -p /etc/libvirt/hooks && cat > /etc/libvirt/hooks/qemu "
+             "&& chmod 755 /etc/libvirt/hooks/qemu", input=script)
+    out = install(host).stdout
+    assert "/etc/libvirt/hooks/qemu:" not in out and "left" not in out
+    assert content(host, "/etc/libvirt/hooks/qemu") == script
+    install(host, "--uninstall")
+    assert content(host, "/etc/libvirt/hooks/qemu") == script

@@ -5,7 +5,7 @@ import pytest
 from conftest import FIXTURES, SAMPLES
 from netlab import SEED, Topology
 
-from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot, compose, transition
+from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot, compose, split_by_family
 from kvmufw_hook.cli import main
 from kvmufw_hook.errors import ApplyError
 from kvmufw_hook.ops import apply_rules
@@ -34,9 +34,10 @@ def foreign(save: str) -> list[str]:
 
 def test_plan_output_passes_iptables_restore_test(netns, capsys, tmp_path):
     assert main(["plan", str(SAMPLES / "net-lab.xml"), str(SAMPLES / "dom-web1.xml")]) == 0
-    payload = capsys.readouterr().out
-    proc = netns.run("iptables-restore", "--test", "--noflush", "-w", input=payload, check=False)
-    assert proc.returncode == 0, proc.stderr
+    v4, v6 = capsys.readouterr().out.split("# ip6tables-restore\n")  # lab is dual-stack
+    for tool, payload in (("iptables-restore", v4), ("ip6tables-restore", v6)):
+        proc = netns.run(tool, "--test", "--noflush", "-w", input=payload, check=False)
+        assert proc.returncode == 0, (tool, proc.stderr)
 
 
 def test_rendered_rules_read_back_byte_identical(netns):
@@ -44,9 +45,11 @@ def test_rendered_rules_read_back_byte_identical(netns):
     rules = everything()
     rules["d=app2"] = plan_domain_owner(APP2, NETS)
     apply_rules(rules, backend=backend)
-    snap = backend.read()
-    wanted = compose(Snapshot.parse(""), rules)
-    assert snap.ours() == wanted
+    ruleset = backend.read()
+    for family, owned in split_by_family(rules).items():  # IPv6 too: lab has fd00:10::/64
+        assert ruleset[family].ours() == compose(Snapshot.parse(""), owned), family
+    snap = ruleset[4]
+    wanted = compose(Snapshot.parse(""), split_by_family(rules)[4])
     assert sum(len(v) for t in wanted.values() for v in t.values()) == 60
     for table, builtin, chain in (("filter", "INPUT", "KVMUFW-INPUT"),
                                   ("nat", "POSTROUTING", "KVMUFW-POSTROUTING")):
@@ -98,11 +101,11 @@ class BreaksNat(IptablesBackend):
     """A real backend whose payload the kernel refuses in the nat table, after the
     filter table was already committed."""
 
-    def write(self, payload):
+    def _restore(self, family, payload):
         if "*nat" in payload and "KVMUFW-POSTROUTING" in payload and not getattr(self, "hit", 0):
             self.hit = 1
             payload = payload.replace("*nat\n", "*nat\n-A KVMUFW-POSTROUTING -j NO-SUCH-TARGET\n")
-        super().write(payload)
+        super()._restore(family, payload)
 
 
 def test_refused_change_leaves_nothing_behind(netns):
@@ -121,9 +124,10 @@ def test_flush_removes_everything_of_ours(netns):
     seeded = netns.save()
     backend = IptablesBackend(prefix=netns.prefix)
     apply_rules(everything(), backend=backend)
-    payload = transition(backend.read(), {})
-    backend.write(payload)
+    assert "KVMUFW" in netns.run("ip6tables-save").stdout
+    backend.write(backend.clear(backend.read((4, 6))))
     assert netns.save() == seeded
+    assert "KVMUFW" not in netns.run("ip6tables-save").stdout
 
 
 # --------------------------------------------------------------------------- packets

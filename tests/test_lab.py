@@ -249,7 +249,7 @@ def test_conflicting_guest_does_not_start(lab, guest):
 
 def jumps_first_once(save: str) -> bool:
     """Each of our jumps exactly once, at position 1 of its built-in chain."""
-    from kvmufw_hook.names import JUMPS
+    from kvmufw_hook.backends.iptables import JUMPS
     tables, table = {}, None
     for line in save.splitlines():
         if line.startswith("*"):

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, SAMPLES, need_root_tools
 
 from kvmufw_hook.backends import libvirt_nft as nftmod
-from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot
+from kvmufw_hook.backends.iptables import IptablesBackend
 from kvmufw_hook.backends.libvirt_nft import (
     INPUT,
     OUTPUT,
@@ -34,7 +34,9 @@ from kvmufw_hook.backends.libvirt_nft import (
     render_accept,
     transition,
 )
+from kvmufw_hook.backends.tags import parse_comment
 from kvmufw_hook.errors import ApplyError
+from kvmufw_hook.names import Tag
 from kvmufw_hook.ops import apply_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata, parse_network_xml
 from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
@@ -132,7 +134,7 @@ def test_parse_finds_ours_by_tag_and_which_sit_behind_libvirts_rules():
     assert snap.table and set(snap.chains) == {"forward", INPUT, OUTPUT}
     ours = snap.ours(INPUT)
     assert [(r.handle, ahead) for r, ahead in ours] == [(21, True), (30, False)]
-    assert ours[0][0].tag == {"owner": "d=g5", "b": "virbr1", "s": "10.0.0.0/24"}
+    assert ours[0][0].tag == Tag("d=g5", "virbr1", "10.0.0.0/24")
     assert [r.tag for r in snap.chains[INPUT][1:3]] == [None, None]  # libvirt's
     assert snap.chains[INPUT][2].text == 'oif "virbr1" counter packets 1 bytes 60 reject'
     assert NftSnapshot.parse("") == NftSnapshot()
@@ -150,7 +152,7 @@ def test_a_change_moves_ours_ahead_of_libvirts_and_touches_nothing_else():
     # wanting it back re-inserts it at the top, never below the reject
     udp = [r for r in owners_rules()["d=g5"] if r.proto == "udp" and r.oif]
     tcp22 = [r for r in owners_rules()["d=g5"] if r.proto == "tcp" and r.oif and
-             r.dport.first == 22 and r.hook == "forward"]
+             r.dport.first == 22 and r.stage == "forward"]
     script = LibvirtNft.change(snap, {"d=g5": tcp22 + udp})
     assert script.splitlines() == [
         f"delete rule ip libvirt_network {INPUT} handle 30",
@@ -166,7 +168,7 @@ def test_other_owners_stay_drop_removes_a_bridge_and_clear_removes_only_ours():
     stop = LibvirtNft.change(snap, {"d=g5": ()})
     assert stop and all(l.startswith("delete rule") for l in stop.splitlines())
     assert len(stop.splitlines()) == 8  # g5's, not the network's own forward
-    by_bridge = LibvirtNft.change(snap, {}, drop=lambda t: t.get("b") == "virbr1")
+    by_bridge = LibvirtNft.change(snap, {}, drop=lambda t: t.bridge == "virbr1")
     assert len(by_bridge.splitlines()) == 10
     assert LibvirtNft.clear(snap) == by_bridge
     assert transition(NftSnapshot(), compose(NftSnapshot(), rules)) == ""  # no libvirt table
@@ -179,7 +181,7 @@ def fake_kernel(script: str) -> NftSnapshot:
     for line in script.splitlines():
         _i, _r, _f, _t, chain, text = line.split(" ", 5)
         handle += 1
-        tagged = nftmod.parse_tag(text.rsplit('comment "', 1)[1][:-1])
+        tagged = parse_comment(text.rsplit('comment "', 1)[1][:-1])
         snap.chains[chain].insert(0, NftRule(handle, text, tagged))
     return snap
 
@@ -207,8 +209,8 @@ class Kernel:
 def test_detection_order_kernel_then_chains_then_config_then_build(tmp_path):
     conf = tmp_path / "network.conf"
     conf.write_text(DEBIAN13_CONF)
-    with_chains = Snapshot.parse("*filter\n:INPUT ACCEPT [0:0]\n:LIBVIRT_FWI - [0:0]\nCOMMIT\n")
-    without = Snapshot.parse("")
+    with_chains = {"LIBVIRT_FWI"}  # what the iptables backend's libvirt_chains() found
+    without: set[str] = set()
     nft_table = libvirt_firewall(with_chains, Kernel(True), str(conf))
     assert (nft_table.backend, nft_table.table) == ("nftables", True)
     assert nft_table.reason == "kernel: table ip libvirt_network"
@@ -237,7 +239,7 @@ def test_first_installed_backend_of_the_build_order(tmp_path, monkeypatch):
     conf = tmp_path / "network.conf"
     conf.write_text(DEBIAN13_CONF)
     monkeypatch.setattr(nftmod.shutil, "which", lambda t, path=None: "/x" if t == "nft" else None)
-    found = libvirt_firewall(Snapshot.parse(""), Kernel(False), str(conf))
+    found = libvirt_firewall((), Kernel(False), str(conf))
     assert found.backend == "nftables" and found.reason.endswith("first installed")
 
 
@@ -343,7 +345,7 @@ def test_accepts_read_back_byte_identical_and_apply_twice_changes_nothing(nftns)
     before = listing(nftns)
     backend = IptablesBackend(prefix=nftns.prefix)
     first = apply_rules(owners_rules(), backend=backend)
-    assert "# nft -f: our accepts in libvirt's table ip libvirt_network" in first.payload
+    assert "# nft -f: our accepts in libvirt's tables (ip and ip6 libvirt_network)" in first.payload
     after = listing(nftns)
     snap = LibvirtNft(nftns.prefix).read()
     wanted = LibvirtNft.change(empty_table(), owners_rules())
@@ -597,10 +599,82 @@ def test_longest_owner_tag_fits_an_nft_comment():
     from kvmufw_hook.names import domain_owner
     from kvmufw_hook.plan import Rule
     for name in ("x" * 64, "é" * 200):
-        rule = Rule("forward", owner=domain_owner(name), bridge="b" * 15,
+        rule = Rule("forward", family=4, owner=domain_owner(name), bridge="b" * 15,
                     subnet="255.255.255.255/32", verdict="ACCEPT", proto="sctp",
                     dst=IPv4Network("10.0.0.5/32"), oif="b" * 15,
                     dport=PortRange(65534, 65535), ctstate="DNAT")
         text = render_accept(rule)[1]
         assert len(text.split('comment "')[1][:-1].encode()) <= 128, text
         assert "ip daddr 10.0.0.5 sctp dport 65534-65535" in text  # a host: no /32
+
+
+DUAL_NET = LAB_NET.replace(b"</dhcp></ip>", b"</dhcp></ip><ip family='ipv6' address='fd00:10::1' "
+                           b"prefix='64'><dhcp><host name='g5' ip='fd00:10::5'/></dhcp></ip>")
+
+
+def test_ipv6_forwards_get_their_accepts_in_libvirts_ip6_table():
+    """libvirt keeps an IPv6 subnet's rules in ``table ip6 libvirt_network``: each table
+    gets the accepts of its own family, and nothing of the other."""
+    dual = parse_network_xml(DUAL_NET)
+    rules = {"d=g5": plan_domain_owner(parse_domain_xml(GUEST), {"lab": dual})}
+    v4 = LibvirtNft.change(empty_table(), rules)
+    v6 = LibvirtNft.change(NftSnapshot(table=True, chains={INPUT: [], OUTPUT: []},
+                                       family="ip6"), rules)
+    assert v4 and "ip6" not in v4 and "fd00" not in v4
+    tag6 = "kvmufw:d=g5,b=virbr1,s=fd00:10::/64"
+    assert (f'insert rule ip6 libvirt_network {INPUT} oif "virbr1" ip6 daddr fd00:10::5 tcp '
+            f'dport 22 ct status dnat accept comment "{tag6}"') in v6.splitlines()
+    assert all(" ip6 " in line and "10.0.0" not in line for line in v6.splitlines())
+    # 22 and the udp range in both families; the forwards limited to an IPv4 source or
+    # host-ip exist in IPv4 only
+    assert (len(v4.splitlines()), len(v6.splitlines())) == (8, 4)
+    # an empty ip table that does not hold the IPv6 rules does not make them present
+    snap6 = fake_kernel(v6)
+    snap6.family = "ip6"
+    assert LibvirtNft.present(snap6, rules["d=g5"]) and not LibvirtNft.present(
+        empty_table(), rules["d=g5"])
+
+
+def test_an_ipv6_tag_too_long_for_nft_keeps_owner_and_bridge():
+    from ipaddress import IPv6Network
+
+    from kvmufw_hook.model import PortRange
+    from kvmufw_hook.names import domain_owner
+    from kvmufw_hook.plan import Rule
+    subnet = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00/120"
+    rule = Rule("forward", family=6, owner=domain_owner("x" * 64), bridge="b" * 15,
+                subnet=subnet, verdict="ACCEPT", proto="tcp",
+                dst=IPv6Network("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff05/128"), oif="b" * 15,
+                dport=PortRange(22, 22), ctstate="DNAT")
+    text = render_accept(rule)[1]
+    comment = text.split('comment "')[1][:-1]
+    assert len(comment.encode()) <= 128 and subnet not in comment
+    assert parse_comment(comment) == Tag(domain_owner("x" * 64), "b" * 15, "")
+    assert "ip6 daddr ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff05 tcp dport 22" in text
+
+
+def test_dual_stack_accepts_in_both_of_libvirts_tables_and_a_stop_removes_both(nftns):
+    """On the kernel: libvirt's ip6 table gets the IPv6 accepts (read back as rendered),
+    its ip table the IPv4 ones, in one nft transaction; a stop removes ours from both and
+    leaves libvirt's rules as they were."""
+    lab_table(nftns)
+    nft(nftns, LIBVIRT_TABLE.replace(" ip libvirt_network", " ip6 libvirt_network")
+        + 'insert rule ip6 libvirt_network guest_input oif "virbr1" counter reject\n'
+        + 'insert rule ip6 libvirt_network guest_output iif "virbr1" counter reject\n')
+    def six():
+        return nftns.run("nft", "-a", "list", "table", "ip6", "libvirt_network").stdout
+    before4, before6 = listing(nftns), six()
+    dual = parse_network_xml(DUAL_NET)
+    rules = {"d=g5": plan_domain_owner(parse_domain_xml(GUEST), {"lab": dual})}
+    backend = IptablesBackend(prefix=nftns.prefix)
+    apply_rules(rules, backend=backend)
+    snap6 = LibvirtNft(nftns.prefix, "ip6").read()
+    assert LibvirtNft.present(snap6, rules["d=g5"])
+    assert LibvirtNft.present(LibvirtNft(nftns.prefix).read(), rules["d=g5"])
+    assert len(ours(six())) == 4 and all("ip6 daddr fd00:10::5" in l or
+                                         "ip6 saddr fd00:10::5" in l for l in ours(six()))
+    assert len(ours(listing(nftns))) == 8 and "fd00" not in listing(nftns)
+    assert apply_rules(rules, backend=backend).payload == ""  # read back as rendered
+    apply_rules({"d=g5": ()}, backend=backend)
+    assert ours(six()) == [] and ours(listing(nftns)) == []
+    assert libvirts(six()) == libvirts(before6) and libvirts(listing(nftns)) == libvirts(before4)

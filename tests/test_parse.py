@@ -46,7 +46,7 @@ def test_lab_network_in_full():
     assert net.reservation("52:54:00:00:00:20") == IPv4Address("10.0.0.5")
     assert net.nat_ports == PortRange(1024, 65535)
     [fwd] = net.forwards
-    assert (fwd.proto, fwd.host_port, fwd.guest_port, fwd.guest_ip) == (
+    assert (fwd.proto, fwd.host_port, fwd.guest_port, fwd.guest_ip(4)) == (
         "tcp", PortRange(8080, 8080), PortRange(80, 80), IPv4Address("10.0.0.5"))
 
 
@@ -105,7 +105,9 @@ BAD_FORWARDS = [
     ('<forward host-port="10-12" guest-port="20-21"/>', "guest-port 20-21 is not as wide"),
     ('<forward host-port="22" proto="icmp"/>', "proto 'icmp' is not one of tcp, udp, sctp"),
     ('<forward host-port="22" guest-ip="10.0.0.300"/>', "guest-ip: '10.0.0.300' is not an IP"),
-    ('<forward host-port="22" guest-ip="fd00::5"/>', "is an IPv6 address"),
+    ('<forward host-port="22" guest-ip="10.0.0.5,10.0.0.6"/>', "two IPv4 addresses"),
+    ('<forward host-port="22" guest-ip="fd00::5,fd00::6"/>', "two IPv6 addresses"),
+    ('<forward host-port="22" guest-ip="10.0.0.5,"/>', "is not an IP address"),
     ('<forward host-port="22" source="10.0.0.0/33"/>', "'10.0.0.0/33' is not an address or CIDR"),
     ('<forward host-port="22" source="10.0.0.1,,10.0.0.2"/>', "empty entry"),
     ('<forward host-port="22" mac="52:54:00:zz:00:01"/>', "is not a MAC address"),

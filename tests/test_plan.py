@@ -26,6 +26,8 @@ CASES = {
     "network-forwards-guest-mac": [FIXTURES / "net-mac.xml"],
     "domain-web1": [SAMPLES / "net-lab.xml", DEFAULT, SAMPLES / "dom-web1.xml"],
     "domain-every-kind": [SAMPLES / "net-lab.xml", DEFAULT, FIXTURES / "dom-all.xml"],
+    "dual-stack-nat66": [FIXTURES / "net-dual.xml"],
+    "dual-stack-domain": [FIXTURES / "net-dual.xml", FIXTURES / "dom-dual.xml"],
 }
 
 
@@ -57,7 +59,8 @@ def test_modes_differ_where_the_contract_says(capsys):
     assert [l.split(" -m comment")[0] for l in lines(iso, "KVMUFW-FORWARD")] == [
         "-A KVMUFW-FORWARD -i virbr3 -o virbr3"]
     for text in (nat, route, iso):  # DHCP and DNS to the host on every managed network
-        assert len(lines(text, "KVMUFW-INPUT")) == 3
+        v4 = text.split("# ip6tables-restore")[0]
+        assert len(lines(v4, "KVMUFW-INPUT")) == 3
     assert plan_text(CASES["network-bridge"], capsys) == ""
 
 
@@ -93,11 +96,11 @@ def _dom(forwards: str) -> bytes:
 @pytest.mark.parametrize("forward,message", [
     ('<forward host-port="22" guest-ip="10.9.9.9"/>',
      "forward #1 (forward tcp 22): guest-ip 10.9.9.9 is outside the subnets of the networks "
-     "the guest is attached to: default (192.168.122.0/24), lab (10.0.0.0/24)"),
+     "the guest is attached to: default (192.168.122.0/24), lab (10.0.0.0/24, fd00:10::/64)"),
     ('<forward host-port="22" mac="52:54:00:00:00:99"/>', "has no NIC with mac 52:54:00:00:00:99"),
     ('<forward host-port="22" mac="52:54:00:00:00:10"/>',
      "cannot resolve the guest address: no <dhcp><host> reservation for 52:54:00:00:00:10 on "
-     "default; add one or set guest-ip"),
+     "default (IPv4: by MAC; IPv6: by the name 'db'); add one or set guest-ip"),
 ])
 def test_resolution_errors(forward, message):
     dom = parse_domain_xml(_dom(forward))

@@ -128,14 +128,14 @@ def test_a_stop_deletes_in_short_chains_and_rewrites_long_ones(netns, state_env)
     net = network_xml(GUESTS)
     doms = [domain_xml(i, 2) for i in range(GUESTS - 1)] + [domain_xml(GUESTS - 1, 90)]
     ops.replay([net], doms, backend=backend)
-    before = backend.read()
+    before = backend.read()[4]
     small = ops.apply_rules({"d=g000": ()}, backend=backend).payload
     assert ":KVMUFW-" not in small and small.count("\n-D ") == 10
     big = ops.apply_rules({f"d=g{GUESTS - 1:03d}": ()}, backend=backend).payload
     assert ":KVMUFW-FORWARD - [0:0]" in big and "\n-D " not in big
     wanted = compose(before, {"d=g000": (), f"d=g{GUESTS - 1:03d}": ()})
-    assert backend.read().ours() == wanted
-    assert transition(backend.read(), wanted) == ""
+    assert backend.read()[4].ours() == wanted
+    assert transition(backend.read()[4], wanted) == ""
 
 
 def test_status_finds_each_forward_of_many_guests(netns, state_env, monkeypatch):
@@ -143,7 +143,7 @@ def test_status_finds_each_forward_of_many_guests(netns, state_env, monkeypatch)
     monkeypatch.setattr("kvmufw_hook.status.default_backend", lambda: backend)
     ops.replay([network_xml(GUESTS)], [domain_xml(i, 10) for i in range(GUESTS)],
                backend=backend)
-    victim = next(l for l in backend.read().ours()["nat"]["KVMUFW-PREROUTING"]
+    victim = next(l for l in backend.read()[4].ours()["nat"]["KVMUFW-PREROUTING"]
                   if "kvmufw:d=g007," in l and "--dport 20703 " in l)
     netns.run("iptables", "-t", "nat", "-D", *victim[3:].replace('"', "").split())
     report = status.collect()

@@ -1,4 +1,10 @@
-"""The interface every firewall backend implements."""
+"""The interface every firewall backend implements. Nothing above ``backends/`` knows a
+backend's vocabulary (chains, tables, tag syntax, tools): it plans ``plan.Rule`` objects,
+each of one address family, and hands them here.
+
+A change is one read (``read``) and at most one write (``write``) per address family,
+whatever the number of rules; ``revert`` puts every family back if any write fails.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +12,66 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from ..model import ForwardSpec
+from ..names import Tag
 from ..plan import Rule
 
 
+class Ruleset(Protocol):
+    """What ``read`` returned: the kernel's ruleset, per family read."""
+
+    unavailable: dict[int, str]  # family -> why it could not be read (no IPv6 here)
+
+
+class Change(Protocol):
+    """What ``change``, ``revert`` and ``clear`` return; false when nothing changes."""
+
+    skipped: dict[int, str]  # family -> why its rules were left out
+
+    def __bool__(self) -> bool: ...
+
+    @property
+    def text(self) -> str:
+        """The change as shown to people (dry runs, ``plan``, logs)."""
+
+
 class Backend(Protocol):
-    family: int
+    def read(self, families: Iterable[int] = ()) -> Ruleset:
+        """The kernel's ruleset: each family in ``families``, and every family where
+        rules of ours may be."""
 
-    def read(self): ...  # a snapshot of the kernel's ruleset
+    def write(self, change: Change) -> None:
+        """Write every family's part of ``change``; ApplyError if the kernel refuses one
+        (those written before it stay: ``revert``)."""
 
-    def write(self, payload: str) -> None: ...
+    def change(self, ruleset: Ruleset, rules: Mapping[str, Sequence[Rule]],
+               drop: Callable[[Tag], bool] | None = None) -> Change:
+        """What replaces the named owners' rules (an empty sequence removes the owner)
+        and drops the tagged rules of others that ``drop`` accepts."""
 
-    def change(self, snapshot, rules: Mapping[str, Sequence[Rule]],
-               drop: Callable[[dict[str, str]], bool] | None = None) -> str:
-        """The payload that replaces the named owners' rules (and drops matching
-        tagged rules of others); empty when nothing would change."""
+    def revert(self, now: Ruleset, before: Ruleset) -> Change:
+        """What puts our rules back as they were in ``before``, in every family."""
 
-    def revert(self, now, before) -> str:
-        """The payload that puts our rules back as they were in ``before``."""
+    def clear(self, ruleset: Ruleset) -> Change:
+        """What removes all our rules, chains and jumps."""
 
-    def clear(self, snapshot) -> str:
-        """The payload that removes all our rules, chains and jumps."""
+    def render(self, rules: Mapping[str, Sequence[Rule]]) -> str:
+        """The rules as written to a host with none of ours (``plan``)."""
 
-    def present(self, snapshot, rules: Iterable[Rule]) -> bool:
-        """Whether every one of ``rules`` is in the snapshot."""
+    def present(self, ruleset: Ruleset, rules: Iterable[Rule]) -> bool:
+        """Whether every one of ``rules`` is in the ruleset."""
 
-    def claims(self, snapshot) -> dict[str, list[ForwardSpec]]:
-        """owner -> the host ports its rules in the kernel hold."""
+    def claims(self, ruleset: Ruleset) -> dict[str, list[ForwardSpec]]:
+        """owner -> the host ports its rules in the kernel hold (each claim carries its
+        family: a guest address of that family)."""
 
-    def bad_jumps(self, snapshot) -> list[str]:
-        """The built-in chains whose jump to ours is missing, repeated or not first."""
+    def owners(self, ruleset: Ruleset) -> set[str]:
+        """Every owner with a rule in the kernel."""
+
+    def has_rules(self, ruleset: Ruleset) -> bool:
+        """Whether any rule of ours is in the kernel."""
+
+    def bad_jumps(self, ruleset: Ruleset) -> list[str]:
+        """Where the way into our rules is missing, repeated or not first."""
+
+    def libvirt_chains(self, ruleset: Ruleset) -> set[str]:
+        """libvirt's own chains in this firewall (how libvirt's backend is detected)."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 
 from ..errors import ApplyError
-from ..names import JUMPS, TABLES, our_chains, parse_tag, tag
 from ..process import communicate
+from .tags import comment as tag_comment
+from .tags import parse_comment
 
 # A guest's stop imports this module and nothing heavier: no re, subprocess, shutil,
 # dataclasses or planner (together more than the interpreter's own start-up).
@@ -27,19 +28,46 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from ..model import ForwardSpec
+    from ..names import Tag
     from ..plan import Rule
 
-HOOK_CHAIN = {hook.lower(): (table, ours) for table, hook, ours in JUMPS}
+PREFIX = "KVMUFW-"
+# (table, built-in chain, our chain). Each built-in chain gets exactly one jump to our
+# chain, at position 1, ahead of libvirt's and UFW's own jumps. The same in both families.
+JUMPS: tuple[tuple[str, str, str], ...] = (
+    ("filter", "INPUT", "KVMUFW-INPUT"),
+    ("filter", "FORWARD", "KVMUFW-FORWARD"),
+    ("nat", "PREROUTING", "KVMUFW-PREROUTING"),
+    ("nat", "OUTPUT", "KVMUFW-OUTPUT"),
+    ("nat", "POSTROUTING", "KVMUFW-POSTROUTING"),
+)
+TABLES: tuple[str, ...] = ("filter", "nat")
+STAGE_CHAIN = {hook.lower(): (table, ours) for table, hook, ours in JUMPS}
+# libvirt's own chains, in each family, while its iptables backend runs a network
+LIBVIRT_CHAINS = ("LIBVIRT_INP", "LIBVIRT_FWX", "LIBVIRT_FWI", "LIBVIRT_FWO")
+FAMILIES = (4, 6)
+TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
 SEARCH_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
+# how a payload of each family is shown with the others (dry runs, logs, ``plan``)
+SECTION = {4: "", 6: "# ip6tables-restore\n"}
+
+
+def our_chains(table: str) -> tuple[str, ...]:
+    return tuple(ours for t, _, ours in JUMPS if t == table)
 
 
 def _ports(ports, sep: str) -> str:
     return str(ports.first) if ports.first == ports.last else f"{ports.first}{sep}{ports.last}"
 
 
+def _address(addr) -> str:
+    return f"[{addr}]" if addr.version == 6 else str(addr)
+
+
 def render_rule(rule: Rule) -> tuple[str, str]:
-    """(table, ``-A CHAIN …`` line) in ``iptables-save``'s canonical form."""
-    table, chain = HOOK_CHAIN[rule.hook]
+    """(table, ``-A CHAIN …`` line) in ``iptables-save``'s (or ``ip6tables-save``'s, for
+    an IPv6 rule) canonical form."""
+    table, chain = STAGE_CHAIN[rule.stage]
     out = ["-A", chain]
     if rule.src is not None:
         out += ["-s", str(rule.src)]
@@ -66,12 +94,13 @@ def render_rule(rule: Rule) -> tuple[str, str]:
             out += ["--dport", _ports(rule.dport, ":")]
     if rule.ctstate:
         out += ["-m", "conntrack", "--ctstate", rule.ctstate]
-    out += ["-m", "comment", "--comment", f'"{tag(rule.owner, rule.bridge, rule.subnet)}"']
+    out += ["-m", "comment", "--comment", f'"{tag_comment(rule.tag)}"']
     out += ["-j", rule.verdict]
     if rule.verdict == "DNAT":
-        dest = f"{rule.to_addr}:{_ports(rule.to_ports, '-')}"
-        if rule.to_base is not None:
-            dest += f"/{rule.to_base}"
+        assert rule.to_addr is not None and rule.to_ports is not None and rule.dport, rule
+        dest = f"{_address(rule.to_addr)}:{_ports(rule.to_ports, '-')}"
+        if rule.to_ports.width > 1 and rule.to_ports != rule.dport:
+            dest += f"/{rule.dport.first}"  # a shifted range: the host port its offsets count from
         out += ["--to-destination", dest]
     elif rule.verdict == "MASQUERADE" and rule.to_ports is not None:
         out += ["--to-ports", _ports(rule.to_ports, "-")]
@@ -96,14 +125,14 @@ def comment(line: str) -> str | None:
     return None
 
 
-def line_tag(line: str) -> dict[str, str] | None:
+def line_tag(line: str) -> Tag | None:
     text = comment(line)
-    return parse_tag(text) if text is not None else None
+    return parse_comment(text) if text is not None else None
 
 
 def line_owner(line: str) -> str | None:
     parsed = line_tag(line)
-    return parsed["owner"] if parsed else None
+    return parsed.owner if parsed else None
 
 
 # --------------------------------------------------------------------------- snapshot
@@ -117,7 +146,7 @@ class Table:
 
 
 class Snapshot:
-    """What ``iptables-save`` printed, for the tables we use."""
+    """What ``iptables-save`` (or ``ip6tables-save``) printed, for the tables we use."""
 
     def __init__(self, tables: dict[str, Table]):
         self.tables = tables
@@ -176,11 +205,11 @@ class Snapshot:
         return not self.bad_jumps(table)
 
 
-Target = dict[str, dict[str, list[str]]]  # table -> our chain -> lines
+Chains = dict[str, dict[str, list[str]]]  # table -> our chain -> lines
 
 
 def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
-            drop: Callable[[dict[str, str]], bool] | None = None) -> Target:
+            drop: Callable[[Tag], bool] | None = None) -> Chains:
     """The target content of our chains: ``rules`` replaces each named owner's rules
     (an empty sequence removes the owner); ``drop`` removes any other tagged line it
     accepts (e.g. everything on a bridge). Other owners' lines are kept as they are.
@@ -196,7 +225,7 @@ def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
             table, line = render_rule(rule)
             rendered.setdefault((table, line.split(" ", 2)[1]), {}).setdefault(
                 owner, []).append(line)
-    target: Target = {}
+    target: Chains = {}
     for table, chains in snapshot.ours().items():
         target[table] = {}
         for chain, lines in chains.items():
@@ -205,12 +234,12 @@ def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
             old: dict[str, list[str]] = {}
             for line, parsed in tagged:
                 if parsed is not None:
-                    old.setdefault(parsed["owner"], []).append(line)
+                    old.setdefault(parsed.owner, []).append(line)
             unchanged = {owner for owner, owned in new.items() if old.get(owner) == owned}
             kept = []
             for line, parsed in tagged:
-                if parsed is None or parsed["owner"] in unchanged or (
-                        parsed["owner"] not in rules and not (drop and drop(parsed))):
+                if parsed is None or parsed.owner in unchanged or (
+                        parsed.owner not in rules and not (drop and drop(parsed))):
                     kept.append(line)
             target[table][chain] = kept + [line for owner, owned in new.items()
                                            if owner not in unchanged for line in owned]
@@ -240,7 +269,7 @@ def _edit(chain: str, current: list[str], wanted: list[str]) -> list[str]:
     return deletes + wanted[j:]
 
 
-def transition(snapshot: Snapshot, target: Target) -> str:
+def transition(snapshot: Snapshot, target: Chains) -> str:
     """The ``iptables-restore --noflush`` payload that takes ``snapshot`` to ``target``;
     empty when there is nothing to do."""
     current = snapshot.ours()
@@ -287,6 +316,17 @@ def find_tool(name: str) -> str:
     raise ApplyError(f"{name} not found: install the iptables package")
 
 
+def ipv6_unavailable() -> str | None:
+    """Why this host has no IPv6 firewall to write to, or None when it has one."""
+    if not os.path.exists("/proc/sys/net/ipv6"):
+        return "IPv6 is disabled in the kernel"
+    try:
+        find_tool(TOOLS[6][1])
+    except ApplyError:
+        return "ip6tables-restore not found"
+    return None
+
+
 def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60,
         name: str | None = None) -> str:
     """The one place that runs a firewall command. ApplyError with one line on failure,
@@ -306,61 +346,214 @@ def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60,
     return out.decode("utf-8", "surrogateescape")
 
 
+class Ruleset:
+    """The kernel's ruleset as read: one ``Snapshot`` per family read, and why a family
+    was not (``unavailable``: no IPv6 on this host)."""
+
+    def __init__(self, snapshots: dict[int, Snapshot],
+                 unavailable: dict[int, str] | None = None) -> None:
+        self.snapshots = snapshots
+        self.unavailable = unavailable or {}
+
+    @classmethod
+    def empty(cls, families: Iterable[int] = FAMILIES) -> Ruleset:
+        return cls({f: Snapshot.parse("") for f in families})
+
+    def __getitem__(self, family: int) -> Snapshot:
+        return self.snapshots[family]
+
+
+class Change:
+    """The payloads that take a ruleset to a target, one per family (written with one
+    ``iptables-restore`` and one ``ip6tables-restore``), and the families whose rules had
+    to be left out (``skipped``: family -> why). False when nothing changes."""
+
+    __slots__ = ("parts", "skipped")
+
+    def __init__(self, parts: dict[int, str], skipped: dict[int, str] | None = None) -> None:
+        self.parts = {f: p for f, p in parts.items() if p}
+        self.skipped = skipped or {}
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    @property
+    def text(self) -> str:
+        """Every payload, IPv4 first, each family's under its own heading."""
+        return "".join(SECTION[f] + self.parts[f] for f in sorted(self.parts))
+
+
+def split_by_family(rules: Mapping[str, Sequence[Rule]]) -> dict[int, dict[str, list[Rule]]]:
+    """family -> owner -> that owner's rules of the family; every owner appears in every
+    family (an owner with no rule left in a family is removed from it)."""
+    out: dict[int, dict[str, list[Rule]]] = {f: {} for f in FAMILIES}
+    for owner, owned in rules.items():
+        for family in FAMILIES:
+            out[family][owner] = []
+        for rule in owned:
+            out[rule.family][owner].append(rule)
+    return out
+
+
 class IptablesBackend:
-    """IPv4 through whichever ``iptables`` the host selects (nf_tables or legacy) —
-    the one UFW uses. ``prefix`` runs the commands elsewhere, e.g. ``ip netns exec NS``."""
+    """IPv4 and IPv6 through whichever ``iptables`` and ``ip6tables`` the host selects
+    (nf_tables or legacy), the ones UFW uses. ``prefix`` runs the commands elsewhere,
+    e.g. ``ip netns exec NS``.
 
-    family = 4
+    Reading IPv6 costs a process: a ruleset holds IPv6 only when asked for
+    (``read(families)``) or when rules of ours are there (one netlink request says so,
+    or the legacy tables are loaded), so that an IPv4-only host pays nothing for it."""
 
-    # what a change is, in this backend's terms
-    @staticmethod
-    def change(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
-               drop: Callable[[dict[str, str]], bool] | None = None) -> str:
-        return transition(snapshot, compose(snapshot, rules, drop))
-
-    @staticmethod
-    def revert(now: Snapshot, before: Snapshot) -> str:
-        return transition(now, before.ours())
-
-    @staticmethod
-    def clear(snapshot: Snapshot) -> str:
-        return transition(snapshot, {})
-
-    @staticmethod
-    def claims(snapshot: Snapshot) -> dict[str, list[ForwardSpec]]:
-        return kernel_claims(snapshot)
-
-    @staticmethod
-    def bad_jumps(snapshot: Snapshot) -> list[str]:
-        """``FORWARD (filter)`` for each built-in chain whose jump is wrong, in tables
-        where we have rules (elsewhere no jump is expected)."""
-        ours = snapshot.ours()
-        return [f"{chain} ({table})" for table in TABLES if any(ours[table].values())
-                for chain in snapshot.bad_jumps(table)]
-
-    @staticmethod
-    def present(snapshot: Snapshot, rules: Iterable[Rule]) -> bool:
-        lines = snapshot.our_lines()
-        return all(render_rule(rule)[1] in lines for rule in rules)
-
-    def __init__(self, prefix: Iterable[str] = (), save: str = "iptables-save",
-                 restore: str = "iptables-restore"):
+    def __init__(self, prefix: Iterable[str] = ()) -> None:
         self.prefix = list(prefix)
-        self.save_cmd = save
-        self.restore_cmd = restore
+
+    # ------------------------------------------------------------------ the kernel
 
     def _tool(self, name: str) -> str:
         return name if self.prefix or "/" in name else find_tool(name)
 
-    def read(self) -> Snapshot:
-        return Snapshot.parse(run([*self.prefix, self._tool(self.save_cmd)],
-                                  name=self.save_cmd))
+    def _save(self, family: int) -> str:
+        save = TOOLS[family][0]
+        return run([*self.prefix, self._tool(save)], name=save)
 
-    def write(self, payload: str) -> None:
-        if payload:
-            run([*self.prefix, self._tool(self.restore_cmd), "--noflush", "-w"], stdin=payload,
-                name=self.restore_cmd)
+    def _restore(self, family: int, payload: str) -> None:
+        restore = TOOLS[family][1]
+        run([*self.prefix, self._tool(restore), "--noflush", "-w"], stdin=payload,
+            name=restore)
 
+    def _unavailable(self, family: int) -> str | None:
+        """Why ``family`` cannot be read or written here (None: it can)."""
+        if family == 4:
+            return None
+        if self.prefix:  # elsewhere: ask that namespace's ip6tables itself
+            try:
+                self._save(6)
+            except ApplyError as exc:
+                return str(exc)
+            return None
+        return ipv6_unavailable()
+
+    def _ours_in(self, family: int) -> bool:
+        """Whether we may have rules in ``family`` (IPv4: always read)."""
+        if family == 4 or self.prefix:
+            return True
+        try:
+            save = os.path.realpath(find_tool(TOOLS[family][0]))
+        except ApplyError:
+            return False
+        if "legacy" in os.path.basename(save):  # no nf_tables to ask: loaded tables tell
+            try:
+                with open("/proc/net/ip6_tables_names") as fh:
+                    return bool(fh.read().strip())
+            except OSError:
+                return False
+        from .nftprobe import IPV6, chain_in_kernel
+        return (chain_in_kernel(IPV6, "filter", "KVMUFW-FORWARD")
+                or chain_in_kernel(IPV6, "nat", "KVMUFW-PREROUTING"))
+
+    def read(self, families: Iterable[int] = ()) -> Ruleset:
+        """IPv4, and each other family in ``families`` or holding rules of ours."""
+        wanted = set(families)
+        snapshots: dict[int, Snapshot] = {}
+        unavailable: dict[int, str] = {}
+        for family in FAMILIES:
+            if family != 4 and family not in wanted and not self._ours_in(family):
+                continue
+            why = self._unavailable(family)
+            if why is not None:
+                unavailable[family] = why
+                continue
+            snapshots[family] = Snapshot.parse(self._save(family))
+        return Ruleset(snapshots, unavailable)
+
+    def write(self, change: Change) -> None:
+        """One restore per family. If one fails, those before it stay written: the
+        caller puts them back (``revert``), so a change is whole or not at all."""
+        for family in sorted(change.parts):
+            self._restore(family, change.parts[family])
+
+    # ------------------------------------------------------------------ changes
+
+    @staticmethod
+    def change(ruleset: Ruleset, rules: Mapping[str, Sequence[Rule]],
+               drop: Callable[[Tag], bool] | None = None) -> Change:
+        """What replaces the named owners' rules in every family (and drops matching
+        tagged rules of others). Rules of a family the ruleset does not hold are left
+        out and said so (``Change.skipped``)."""
+        parts, skipped = {}, {}
+        for family, owned in split_by_family(rules).items():
+            snapshot = ruleset.snapshots.get(family)
+            if snapshot is not None:
+                parts[family] = transition(snapshot, compose(snapshot, owned, drop))
+            elif any(owned.values()):
+                skipped[family] = ruleset.unavailable.get(family, "not read")
+        return Change(parts, skipped)
+
+    @staticmethod
+    def revert(now: Ruleset, before: Ruleset) -> Change:
+        """What puts our chains back as they were in ``before``, in every family."""
+        return Change({f: transition(now[f], before[f].ours())
+                       for f in before.snapshots if f in now.snapshots})
+
+    @staticmethod
+    def clear(ruleset: Ruleset) -> Change:
+        """What removes all our rules, chains and jumps."""
+        return Change({f: transition(snap, {}) for f, snap in ruleset.snapshots.items()})
+
+    @staticmethod
+    def render(rules: Mapping[str, Sequence[Rule]]) -> str:
+        """The rules as they would be written to empty tables (``plan``)."""
+        return IptablesBackend.change(Ruleset.empty(), rules).text
+
+    # ------------------------------------------------------------------ readings
+
+    @staticmethod
+    def claims(ruleset: Ruleset) -> dict[str, list[ForwardSpec]]:
+        """owner -> the host ports its rules hold, in every family read."""
+        out: dict[str, list[ForwardSpec]] = {}
+        for snapshot in ruleset.snapshots.values():
+            for owner, specs in kernel_claims(snapshot).items():
+                out.setdefault(owner, []).extend(specs)
+        return out
+
+    @staticmethod
+    def present(ruleset: Ruleset, rules: Iterable[Rule]) -> bool:
+        """Whether every one of ``rules`` is in the kernel."""
+        for rule in rules:
+            snapshot = ruleset.snapshots.get(rule.family)
+            if snapshot is None or render_rule(rule)[1] not in snapshot.our_lines():
+                return False
+        return True
+
+    @staticmethod
+    def owners(ruleset: Ruleset) -> set[str]:
+        """Every owner with a rule in the kernel."""
+        return {o for snap in ruleset.snapshots.values() for o in snap.owners()}
+
+    @staticmethod
+    def has_rules(ruleset: Ruleset) -> bool:
+        return any(lines for snap in ruleset.snapshots.values()
+                   for chains in snap.ours().values() for lines in chains.values())
+
+    @staticmethod
+    def bad_jumps(ruleset: Ruleset) -> list[str]:
+        """``FORWARD (filter)`` (``FORWARD (filter, IPv6)``) for each built-in chain whose
+        jump is wrong, in tables where we have rules (elsewhere no jump is expected)."""
+        out = []
+        for family, snap in sorted(ruleset.snapshots.items()):
+            ours = snap.ours()
+            where = "" if family == 4 else f", IPv{family}"
+            out += [f"{chain} ({table}{where})" for table in TABLES if any(ours[table].values())
+                    for chain in snap.bad_jumps(table)]
+        return out
+
+    @staticmethod
+    def libvirt_chains(ruleset: Ruleset) -> set[str]:
+        """libvirt's own chains (``LIBVIRT_*``) in the IPv4 tables."""
+        snap = ruleset.snapshots.get(4)
+        if snap is None:
+            return set()
+        return {c for t in snap.tables.values() for c in t.chains if c.startswith("LIBVIRT_")}
 
 
 # --------------------------------------------------------------------------- readings
@@ -376,11 +569,11 @@ def kernel_claims(snapshot: Snapshot) -> dict[str, list[ForwardSpec]]:
     """owner -> the host ports its DNAT rules in the kernel hold right now (proto, port
     range, host address): who holds a port is what the kernel says, whatever our state
     files say (they can be lost or corrupt)."""
-    from ipaddress import IPv4Address  # here: a guest's stop never needs them
+    from ipaddress import ip_address  # here: a guest's stop never needs it
 
     from ..model import ForwardSpec, PortRange
     out: dict[str, list[ForwardSpec]] = {}
-    for line in snapshot.tables["nat"].rules.get(HOOK_CHAIN["prerouting"][1], []):
+    for line in snapshot.tables["nat"].rules.get(STAGE_CHAIN["prerouting"][1], []):
         if " -j DNAT " not in line:
             continue
         owner = line_owner(line)
@@ -391,8 +584,16 @@ def kernel_claims(snapshot: Snapshot) -> dict[str, list[ForwardSpec]]:
         first, _, last = dport.partition(":")
         ports = PortRange(int(first), int(last or first))
         dst = _tokens_after(tokens, "-d")
-        host_ip = IPv4Address(dst.split("/")[0]) if dst else None
-        spec = ForwardSpec(proto=proto, host_port=ports, guest_port=ports, host_ip=host_ip)
+        host_ip = ip_address(dst.split("/")[0]) if dst else None
+        to = _tokens_after(tokens, "--to-destination") or ""
+        # the guest address gives the claim its family: [fd00::5]:22 or 10.0.0.5:22
+        guest = to[1:].split("]")[0] if to.startswith("[") else to.split(":")[0]
+        try:
+            guests = (ip_address(guest),) if guest else ()
+        except ValueError:
+            guests = ()
+        spec = ForwardSpec(proto=proto, host_port=ports, guest_port=ports, host_ip=host_ip,
+                           guest_ips=guests)
         if spec not in out.setdefault(owner, []):
             out[owner].append(spec)
     return out

@@ -2,8 +2,9 @@
 table, the one place where our rules live in a table that is not ours.
 
 Since libvirt 10.4 the network driver can keep its rules in nftables, in ``table ip
-libvirt_network``. Its chain ``guest_input`` ends in ``oif BRIDGE reject`` (``guest_output``
-in ``iif BRIDGE reject`` for isolated networks). In nftables an accept in one table does not
+libvirt_network`` (for IPv6 subnets ``table ip6 libvirt_network``, the same chains). Its
+chain ``guest_input`` ends in ``oif BRIDGE reject`` (``guest_output`` in ``iif BRIDGE
+reject`` for isolated networks). In nftables an accept in one table does not
 stop another table's base chain on the same hook, so no iptables rule of ours can let a
 DNAT'd connection past that reject: each forward also needs an accept inside libvirt's chain,
 ahead of the reject.
@@ -29,21 +30,26 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from ..errors import ApplyError
-from ..names import parse_tag, tag
+from ..names import Tag
 from ..plan import Rule
 from .iptables import SEARCH_PATH, run
-from .nftprobe import TABLE, table_in_kernel
+from .nftprobe import IPV4, IPV6, TABLE, table_in_kernel
+from .tags import comment as tag_comment
+from .tags import parse_comment
 
-FAMILY = "ip"
+FAMILY = "ip"  # libvirt's IPv4 table; its IPv6 rules live in ``ip6 libvirt_network``
+NFT_FAMILY = {4: "ip", 6: "ip6"}
+PROBE_FAMILY = {"ip": IPV4, "ip6": IPV6}
+NFT_COMMENT_MAX = 128  # bytes nft keeps of a rule's comment
 INPUT, OUTPUT = "guest_input", "guest_output"  # into the bridge, out of the bridge
 CHAINS = (INPUT, OUTPUT)
 NETWORK_CONF = "/etc/libvirt/network.conf"
 BACKENDS = ("nftables", "iptables")
 TOOLS = {"nftables": "nft", "iptables": "iptables"}
-NFT_SECTION = f"# nft -f: our accepts in libvirt's table {FAMILY} {TABLE}\n"
+NFT_SECTION = f"# nft -f: our accepts in libvirt's tables (ip and ip6 {TABLE})\n"
 
 _HANDLE = re.compile(r"^(.*) # handle (\d+)$")
 _COMMENT = re.compile(r' comment "((?:[^"\\]|\\.)*)"$')
@@ -90,7 +96,7 @@ def _read(path: str) -> str | None:
         return None
 
 
-def libvirt_firewall(iptables_snapshot=None, nft: LibvirtNft | None = None,
+def libvirt_firewall(libvirt_chains: Iterable[str] = (), nft: LibvirtNft | None = None,
                      conf: str = NETWORK_CONF) -> LibvirtFirewall:
     """The backend libvirt really uses, from the running host first: its nftables table in
     the kernel, else its LIBVIRT_* chains in iptables, else ``firewall_backend`` in
@@ -99,9 +105,7 @@ def libvirt_firewall(iptables_snapshot=None, nft: LibvirtNft | None = None,
     table = (nft or LibvirtNft()).table_present()
     if table:
         return LibvirtFirewall("nftables", f"kernel: table {FAMILY} {TABLE}", True)
-    if iptables_snapshot is not None and any(
-            chain.startswith("LIBVIRT_") for t in iptables_snapshot.tables.values()
-            for chain in t.chains):
+    if any(libvirt_chains):
         return LibvirtFirewall("iptables", "kernel: libvirt's LIBVIRT_* iptables chains", False)
     text = _read(conf)
     chosen = configured(text)
@@ -117,8 +121,9 @@ def libvirt_firewall(iptables_snapshot=None, nft: LibvirtNft | None = None,
 
 # --------------------------------------------------------------------------- render
 
-def _addr(net: IPv4Network) -> str:
-    return str(net.network_address) if net.prefixlen == 32 else str(net)
+def _addr(net: IPv4Network | IPv6Network) -> str:
+    """An address as nft prints it: a host without its /32 or /128."""
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
 def _ports(ports) -> str:
@@ -129,20 +134,23 @@ def render_accept(rule: Rule) -> tuple[str, str] | None:
     """(chain, rule text as ``nft list`` prints it) for a forward's FORWARD accept of
     DNAT'd connections, or None for every other rule (those need nothing in libvirt's
     table). Bridge names are interface names, checked by the parser ([A-Za-z0-9_.:@+-])."""
-    if rule.hook != "forward" or rule.ctstate != "DNAT" or rule.verdict != "ACCEPT":
+    if rule.stage != "forward" or rule.ctstate != "DNAT" or rule.verdict != "ACCEPT":
         return None
+    family = NFT_FAMILY[rule.family]  # ip daddr / ip6 daddr, in the table of that family
     if rule.oif and rule.dst is not None and rule.dport:
         chain = INPUT
-        match = [f'oif "{rule.oif}"', f"ip daddr {_addr(rule.dst)}",
+        match = [f'oif "{rule.oif}"', f"{family} daddr {_addr(rule.dst)}",
                  f"{rule.proto} dport {_ports(rule.dport)}"]
     elif rule.iif and rule.src is not None and rule.sport:
         chain = OUTPUT
-        match = [f'iif "{rule.iif}"', f"ip saddr {_addr(rule.src)}",
+        match = [f'iif "{rule.iif}"', f"{family} saddr {_addr(rule.src)}",
                  f"{rule.proto} sport {_ports(rule.sport)}"]
     else:
         return None
-    text = " ".join([*match, "ct status dnat accept",
-                     f'comment "{tag(rule.owner, rule.bridge, rule.subnet)}"'])
+    comment = tag_comment(rule.tag)
+    if len(comment.encode()) > NFT_COMMENT_MAX:  # a long name and an IPv6 subnet
+        comment = tag_comment(Tag(rule.owner, rule.bridge, ""))  # owner and bridge decide
+    text = " ".join([*match, "ct status dnat accept", f'comment "{comment}"'])
     return chain, text
 
 
@@ -152,23 +160,25 @@ def render_accept(rule: Rule) -> tuple[str, str] | None:
 class NftRule:
     handle: int
     text: str  # as ``nft list`` prints it, without the handle
-    tag: dict | None  # our owner tag, or None: not ours
+    tag: Tag | None  # our owner tag, or None: not ours
 
 
 @dataclass
 class NftSnapshot:
-    """libvirt's chains as ``nft -a list table ip libvirt_network`` printed them."""
+    """libvirt's chains as ``nft -a list table ip libvirt_network`` (or ``ip6``, as
+    ``family`` says) printed them."""
 
     table: bool = False
     chains: dict[str, list[NftRule]] = field(default_factory=dict)
+    family: str = FAMILY
 
     @classmethod
-    def parse(cls, text: str) -> NftSnapshot:
-        snap = cls(table=False)
+    def parse(cls, text: str, family: str = FAMILY) -> NftSnapshot:
+        snap = cls(table=False, family=family)
         chain = None
         for raw in text.splitlines():
             line = raw.strip()
-            if line.startswith(f"table {FAMILY} {TABLE} "):
+            if line.startswith(f"table {family} {TABLE} "):
                 snap.table = True
             elif line.startswith("chain "):
                 chain = line.split()[1]
@@ -179,7 +189,7 @@ class NftSnapshot:
                 body, handle = match.group(1), int(match.group(2))
                 comment = _COMMENT.search(body)
                 snap.chains[chain].append(
-                    NftRule(handle, body, parse_tag(comment.group(1)) if comment else None))
+                    NftRule(handle, body, parse_comment(comment.group(1)) if comment else None))
         return snap
 
     def ours(self, chain: str) -> list[tuple[NftRule, bool]]:
@@ -197,19 +207,22 @@ Target = dict[str, list[str]]  # chain -> our rule texts
 
 
 def compose(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
-            drop: Callable[[dict[str, str]], bool] | None = None) -> Target:
+            drop: Callable[[Tag], bool] | None = None) -> Target:
     """Our accepts as they should be: ``rules`` replaces each named owner's (an empty
     sequence removes the owner), ``drop`` removes any other owner's it accepts; the rest
     stay. Mirrors ``iptables.compose``."""
     target: Target = {chain: [] for chain in CHAINS}
     for chain in CHAINS:
         for ours, _ahead in snapshot.ours(chain):
-            tagged = ours.tag or {}
-            if tagged.get("owner") not in rules and not (drop and drop(tagged)):
+            tagged = ours.tag
+            assert tagged is not None  # ours() yields tagged rules only
+            if tagged.owner not in rules and not (drop and drop(tagged)):
                 target[chain].append(ours.text)
     seen: set[tuple[str, str]] = set()  # two forwards to one guest port need one accept
     for owner in sorted(rules):
         for rule in rules[owner]:
+            if NFT_FAMILY[rule.family] != snapshot.family:
+                continue  # the other family's table
             rendered = render_accept(rule)
             if rendered and rendered not in seen:
                 seen.add(rendered)
@@ -233,14 +246,15 @@ def transition(snapshot: NftSnapshot, target: Target) -> str:
             if ahead and wanted[rule.text] > 0:
                 wanted[rule.text] -= 1
             else:
-                out.append(f"delete rule {FAMILY} {TABLE} {chain} handle {rule.handle}")
+                out.append(f"delete rule {snapshot.family} {TABLE} {chain} handle {rule.handle}")
         missing = []
         for text in target.get(chain, []):
             if wanted[text] > 0:  # not in place yet
                 wanted[text] -= 1
                 missing.append(text)
         # insert puts each rule first: reversed, they end up in target order
-        out.extend(f"insert rule {FAMILY} {TABLE} {chain} {text}" for text in reversed(missing))
+        out.extend(f"insert rule {snapshot.family} {TABLE} {chain} {text}"
+                   for text in reversed(missing))
     return "\n".join(out) + "\n" if out else ""
 
 
@@ -252,7 +266,7 @@ class LibvirtNft:
 
     @staticmethod
     def change(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
-               drop: Callable[[dict[str, str]], bool] | None = None) -> str:
+               drop: Callable[[Tag], bool] | None = None) -> str:
         return transition(snapshot, compose(snapshot, rules, drop))
 
     @staticmethod
@@ -261,17 +275,21 @@ class LibvirtNft:
 
     @staticmethod
     def present(snapshot: NftSnapshot, rules: Iterable[Rule]) -> bool:
-        """Every accept ``rules`` need is in, ahead of libvirt's rules."""
+        """Every accept ``rules`` need in the snapshot's table is in, ahead of libvirt's
+        rules."""
         placed = {(c, r.text) for c in CHAINS for r, ahead in snapshot.ours(c) if ahead}
-        return all(r in placed for r in map(render_accept, rules) if r is not None)
+        return all(r in placed for r in map(render_accept, (
+            rule for rule in rules if NFT_FAMILY[rule.family] == snapshot.family))
+            if r is not None)
 
-    def __init__(self, prefix: Iterable[str] = ()):
+    def __init__(self, prefix: Iterable[str] = (), family: str = FAMILY):
         self.prefix = list(prefix)
+        self.family = family
 
     @classmethod
-    def beside(cls, backend) -> LibvirtNft:
+    def beside(cls, backend, family: str = FAMILY) -> LibvirtNft:
         """The one in the same network namespace as an iptables backend."""
-        return cls(getattr(backend, "prefix", ()))
+        return cls(getattr(backend, "prefix", ()), family)
 
     def _nft(self) -> str:
         if self.prefix:
@@ -283,9 +301,9 @@ class LibvirtNft:
 
     def table_present(self) -> bool:
         if not self.prefix:
-            return table_in_kernel()
+            return table_in_kernel(PROBE_FAMILY[self.family])
         try:
-            run([*self.prefix, "nft", "list", "table", FAMILY, TABLE], name="nft")
+            run([*self.prefix, "nft", "list", "table", self.family, TABLE], name="nft")
         except ApplyError:
             return False
         return True
@@ -293,15 +311,15 @@ class LibvirtNft:
     def read(self, table: bool = True) -> NftSnapshot:
         """libvirt's table (``table``: whether it is there, as ``table_present`` said)."""
         if not table:
-            return NftSnapshot()
+            return NftSnapshot(family=self.family)
         try:
-            text = run([*self.prefix, self._nft(), "-a", "list", "table", FAMILY, TABLE],
+            text = run([*self.prefix, self._nft(), "-a", "list", "table", self.family, TABLE],
                        name="nft")
         except ApplyError:
             if not self.table_present():  # libvirt removed it meanwhile
-                return NftSnapshot()
+                return NftSnapshot(family=self.family)
             raise
-        return NftSnapshot.parse(text)
+        return NftSnapshot.parse(text, self.family)
 
     def write(self, script: str) -> None:
         if script:
@@ -312,11 +330,12 @@ class LibvirtNft:
 
 @dataclass
 class Accepts:
-    """The libvirt-table side of one change: planned beside an iptables change, written
-    after it (``nft -f`` is one transaction: if it fails, nothing of it is in)."""
+    """The libvirt-table side of one change, in each of libvirt's tables that is there
+    (``ip`` and ``ip6``): planned beside an iptables change, written after it in one
+    ``nft -f`` (one transaction: if it fails, nothing of it is in)."""
 
     nft: LibvirtNft
-    before: NftSnapshot
+    before: dict[str, NftSnapshot]  # nft family -> libvirt's table as read
     script: str
 
     @property
@@ -328,19 +347,38 @@ class Accepts:
         self.nft.write(self.script)
 
 
-def plan_accepts(backend, iptables_snapshot, rules: Mapping[str, Sequence[Rule]],
-                 drop: Callable[[dict[str, str]], bool] | None = None) -> Accepts:
-    """Our accepts in libvirt's table for this change, when libvirt's table is there."""
+def read_tables(backend, ip_table: bool | None = None) -> dict[str, NftSnapshot]:
+    """libvirt's tables that are in the kernel, by nft family (``ip_table``: whether the
+    ``ip`` one is, when already known)."""
+    out = {}
+    for family in NFT_FAMILY.values():
+        nft = LibvirtNft.beside(backend, family)
+        here = ip_table if family == FAMILY and ip_table is not None else nft.table_present()
+        if here:
+            out[family] = nft.read()
+    return out
+
+
+def tables_present(snapshots: Mapping[str, NftSnapshot], rules: Iterable[Rule]) -> bool:
+    """Every accept ``rules`` need is in, in each of libvirt's tables that is there (a
+    family without libvirt's table has no reject to pass)."""
+    rules = tuple(rules)
+    return all(LibvirtNft.present(snap, rules) for snap in snapshots.values())
+
+
+def plan_accepts(backend, ruleset, rules: Mapping[str, Sequence[Rule]],
+                 drop: Callable[[Tag], bool] | None = None) -> Accepts:
+    """Our accepts in libvirt's tables for this change, where libvirt's tables are there
+    (``ruleset``: the firewall backend's, read for this change)."""
     nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(iptables_snapshot, nft)
-    before = nft.read(firewall.table)
-    return Accepts(nft, before, nft.change(before, rules, drop))
+    firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
+    before = read_tables(backend, firewall.table)
+    script = "".join(LibvirtNft.change(snap, rules, drop) for snap in before.values())
+    return Accepts(nft, before, script)
 
 
 def clear_accepts(backend) -> str:
-    """Remove every accept of ours from libvirt's table (flush, uninstall); the script."""
-    nft = LibvirtNft.beside(backend)
-    before = nft.read(nft.table_present())
-    script = nft.clear(before)
-    nft.write(script)
+    """Remove every accept of ours from libvirt's tables (flush, uninstall); the script."""
+    script = "".join(LibvirtNft.clear(snap) for snap in read_tables(backend).values())
+    LibvirtNft.beside(backend).write(script)
     return NFT_SECTION + script if script else ""
