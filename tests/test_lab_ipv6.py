@@ -263,6 +263,17 @@ def test_status_and_doctor_cover_ipv6(lab, guest):
     assert "FAIL" not in proc.stdout.replace("0 FAIL", ""), proc.stdout
 
 
+def test_flush_and_replay_cover_ipv6(lab, guest):
+    guest("web6", [("lab6", MAC5)], forwards('host-port="2222" guest-port="22"'))
+    lab.run("kvmufw_hook", "flush")
+    assert "KVMUFW" not in lab.save(6) and "kvmufw" not in lab.save(6)
+    assert unreached(lab, 6, 2222) and egress(lab, 6)["o5"] is None
+    lab.run("kvmufw_hook", "replay")
+    assert reached(lab, 6, 2222) == INET6 and egress(lab, 6) == EGRESS[6]
+    assert jumps_first_once(lab.save(6))
+    assert lab.run("kvmufw_hook", "replay", "--dry-run").stdout == "# nothing to change\n"
+
+
 # --------------------------------------------------------------------------- the proof
 
 def test_without_the_product_ipv6_fails():
