@@ -15,6 +15,7 @@ is not installed and shows them failing.
 """
 
 import json
+import time
 
 import pytest
 from conftest import ROOT, need_root_tools
@@ -294,3 +295,40 @@ def test_without_the_product_ipv6_fails():
         assert unreached(bare, 6, 2230)
     finally:
         bare.destroy()
+
+
+# --------------------------------------------------------------------------- UFW, install.sh
+
+def test_ufw_reload_that_wipes_every_chain_keeps_ipv6(lab, guest):
+    """MANAGE_BUILTINS=yes: the reload flushes ip6tables too; after.init restores ours."""
+    guest("web6", [("lab6", MAC5)], forwards('host-port="2222" guest-port="22"'))
+    lab.sh("sed -i 's/^MANAGE_BUILTINS=.*/MANAGE_BUILTINS=yes/' /etc/default/ufw")
+    try:
+        lab.sh("ufw reload >/dev/null")
+        save6 = lab.save(6)
+        assert "LIBVIRT_FWI" not in save6  # libvirt's IPv6 rules are really gone
+        assert egress(lab, 6) == EGRESS[6]
+        assert reached(lab, 6, 2222) == INET6 and reached(lab, 4, 2222) == INET4
+        assert jumps_first_once(save6), save6
+    finally:
+        lab.sh("sed -i 's/^MANAGE_BUILTINS=.*/MANAGE_BUILTINS=no/' /etc/default/ufw; "
+               "ufw reload >/dev/null")
+        lab.restart_libvirt()  # libvirt recreates its chains only when it restarts
+        # ... in the background, its jumps on top: wait for them, then put ours first again
+        deadline = time.monotonic() + 15
+        while not all("-A FORWARD -j LIBVIRT_FWI" in lab.save(f) for f in (4, 6)) and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        lab.run("kvmufw_hook", "restore", "--jumps-only")
+        assert jumps_first_once(lab.save(6))
+
+
+def test_uninstall_takes_ours_out_of_ip6tables_too(lab):
+    lab.run(str(ROOT / "install.sh"), "--uninstall")
+    try:
+        save6 = lab.save(6)
+        assert "KVMUFW" not in save6 and "kvmufw" not in save6, save6
+        assert egress(lab, 6)["o5"] is None  # UFW's DROP again, as without the product
+    finally:
+        lab.run(str(ROOT / "install.sh"))
+    assert egress(lab, 6) == EGRESS[6]
