@@ -114,9 +114,10 @@ class Lab:
     def virsh(self, *args: str, check: bool = True) -> str:
         return self.run("virsh", "-q", "-c", "qemu:///system", *args, check=check).stdout
 
-    def save(self) -> str:
-        """iptables-save without timestamps and packet counters, for comparisons."""
-        out = self.run("iptables-save").stdout
+    def save(self, family: int = 4) -> str:
+        """iptables-save (ip6tables-save for family 6) without timestamps and packet
+        counters, for comparisons."""
+        out = self.run("iptables-save" if family == 4 else "ip6tables-save").stdout
         return "\n".join(re.sub(r" \[\d+:\d+\]$", "", l) for l in out.splitlines()
                          if not l.startswith("#")) + "\n"
 
@@ -182,18 +183,27 @@ class Lab:
         self.run("bash", "-c", f"cat > {path}", input=xml)
         self.virsh("define", path)
 
-    def add_guest_ns(self, name: str, bridge: str, ip: str, prefix: int, gateway: str) -> str:
-        """A namespace on ``bridge`` answering for ``ip``: the packets a guest would send."""
+    def add_guest_ns(self, name: str, bridge: str, ip: str, prefix: int, gateway: str,
+                     ip6: str | None = None, gateway6: str | None = None) -> str:
+        """A namespace on ``bridge`` answering for ``ip`` (and ``ip6``/64 with a default
+        route via ``gateway6``, if given): the packets a guest would send."""
         port = f"gp{len(self.guests)}{name}"[:15]
+        # static IPv6 only: no address or route from the RAs libvirt's dnsmasq sends, no DAD
+        no_ra = (f"ip netns exec {name} sysctl -qw net.ipv6.conf.eth0.accept_ra=0 "
+                 "net.ipv6.conf.eth0.autoconf=0")
+        v6 = (f"ip netns exec {name} ip addr add {ip6}/64 dev eth0 nodad; "
+              f"ip netns exec {name} ip -6 route add default via {gateway6}") if ip6 else ""
         self.sh(f"""
             ip netns add {name}
             ip link add {port} type veth peer name tmp-{name[:10]}
             ip link set tmp-{name[:10]} netns {name}
             ip netns exec {name} ip link set tmp-{name[:10]} name eth0
+            {no_ra}
             ip netns exec {name} ip link set lo up
             ip netns exec {name} ip link set eth0 up
             ip netns exec {name} ip addr add {ip}/{prefix} dev eth0
             ip netns exec {name} ip route add default via {gateway}
+            {v6}
             ip link set {port} master {bridge}
             ip link set {port} up
         """)
@@ -214,10 +224,12 @@ class Lab:
                 f"cat {out} >&2; exit 1")
 
     def ask(self, ns: str | None, proto: str, host: str, port: int,
-            timeout: float = 2.0) -> str | None:
+            timeout: float = 2.0, source: str | None = None) -> str | None:
+        """The address the peer at host:port saw (None: no answer); IPv4 or IPv6,
+        from ``source`` if given."""
         argv = ["ip", "netns", "exec", ns] if ns else []
         proc = self.run(*argv, sys.executable, str(PEER), "ask", proto, host, str(port),
-                        str(timeout), check=False)
+                        str(timeout), *([source] if source else []), check=False)
         return proc.stdout.strip() if proc.returncode == 0 else None
 
     # ------------------------------------------------------------------ teardown
