@@ -26,18 +26,17 @@ from .apply import (  # noqa: F401 - the stop path lives there
 )
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
-from .model import Domain, ForwardSpec, Network, NetworkPort
+from .model import Domain, ForwardSpec, IPAddress, Network, NetworkPort
 from .names import domain_owner, network_owner
 from .plan import (
     Rule,
     check_conflicts,
     forward_families,
-    plan_domain_owner,
     plan_forwards,
     plan_network,
-    plan_network_owner,
     resolve_domain_forwards,
     resolve_network_forwards,
+    resolved_specs,
 )
 
 Log = Callable[[str], None]
@@ -55,25 +54,56 @@ def owner_label(owner: str) -> str:
 
 
 def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip: str,
-           kernel: Mapping[str, list[ForwardSpec]] | None = None) -> Claims:
+           kernel: Mapping[str, list[ForwardSpec]] | None = None,
+           held_only: bool = False) -> Claims:
     """Forwards of every owner but ``skip``, labelled for conflict messages: what our
     state says (the forwards as declared), and what the kernel holds for every owner
-    the state does not know (a lost or corrupt state file hides no holder)."""
-    out: Claims = [(f"network {shown(n.name)}", n.forwards) for n in networks.values()
-                   if n.managed and network_owner(n.name) != skip]
-    out += [(f"domain {shown(d.name)}", d.forwards) for d in domains.values()
-            if domain_owner(d.name) != skip]
+    the state does not know (a lost or corrupt state file hides no holder).
+    ``held_only``: an owner of the state with rules in the kernel claims each forward in
+    the families the kernel holds it in, not in every family its metadata allows."""
+    kernel = kernel or {}
+
+    def theirs(owner: str, specs: Sequence[ForwardSpec]) -> Sequence[ForwardSpec]:
+        return _as_held(specs, kernel[owner]) if held_only and owner in kernel else specs
+
+    out: Claims = [(f"network {shown(n.name)}", theirs(network_owner(n.name), n.forwards))
+                   for n in networks.values() if n.managed and network_owner(n.name) != skip]
+    out += [(f"domain {shown(d.name)}", theirs(domain_owner(d.name), d.forwards))
+            for d in domains.values() if domain_owner(d.name) != skip]
     known = {network_owner(n) for n in networks} | {domain_owner(d) for d in domains}
-    out += [(owner_label(owner), specs) for owner, specs in (kernel or {}).items()
+    out += [(owner_label(owner), specs) for owner, specs in kernel.items()
             if owner != skip and owner not in known]
+    return out
+
+
+def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[ForwardSpec]:
+    """Each forward in the families its rules in the kernel hold it in (the kernel's
+    claims carry the guest address, so their family); as declared where none does."""
+    guests: dict[tuple, dict[int, IPAddress]] = {}
+    for h in held:
+        for ip in h.guest_ips:
+            guests.setdefault((h.proto, h.host_port, h.host_ip), {}).setdefault(ip.version, ip)
+    out = []
+    for spec in specs:
+        found = guests.get((spec.proto, spec.host_port, spec.host_ip))
+        out.append(replace(spec, guest_ips=tuple(found.values())) if found else spec)
     return out
 
 
 def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
                  networks: Mapping[str, Network], domains: Mapping[str, Domain],
                  kernel: Mapping[str, list[ForwardSpec]] | None = None) -> None:
-    """InputError if ``owner``'s forwards claim a host port another owner has."""
-    check_conflicts(label, forwards, claims(networks, domains, owner, kernel))
+    """InputError if ``owner``'s forwards claim a host port another owner has. Checked
+    first against what the others declare (cheap: no copies); only if that finds a
+    clash, again against the families their rules in the kernel really hold (a guest
+    with an IPv4 address only does not hold the IPv6 port its metadata would allow)."""
+    forwards = tuple(forwards)
+    try:
+        check_conflicts(label, forwards, claims(networks, domains, owner, kernel))
+    except InputError:
+        if not kernel:
+            raise
+        check_conflicts(label, forwards, claims(networks, domains, owner, kernel, True))
 
 
 def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
@@ -100,12 +130,41 @@ def _prefix(backend) -> Sequence[str]:
 # --------------------------------------------------------------------------- networks
 
 def validate_network(net: Network) -> None:
-    targets = resolve_network_forwards(net)
+    networks = state.load_networks()
+    targets = resolve_network_forwards(net, networks)
     if net.forwards:
         label = f"network {shown(net.name)}"
-        check_claims(label, network_owner(net.name), net.forwards,
-                     state.load_networks(), state.load_domains())
+        check_claims(label, network_owner(net.name), net.forwards, networks,
+                     state.load_domains())
         check_host(label, net.forwards, families=forward_families(net.forwards, targets))
+
+
+class _Owner:
+    """An owner's forwards re-planned by a network event (start, port): its rules, or
+    why its current rules stay (a forward now takes a port another owner or a host
+    service holds: a guest that gains an IPv6 address gains the IPv6 ports too)."""
+
+    def __init__(self, label: str, owner: str, specs: Sequence[ForwardSpec], targets,
+                 own: Sequence[Rule] = ()) -> None:
+        self.label, self.owner, self.specs = label, owner, specs
+        self.families = forward_families(specs, targets)
+        self.resolved = resolved_specs(specs, targets)  # each in the families it takes
+        self.rules: Sequence[Rule] = tuple(own) + plan_forwards(owner, targets)
+
+    def check(self, held, backend) -> None:
+        check_conflicts(self.label, self.resolved, [(owner_label(o), specs) for o, specs
+                                                    in held.items() if o != self.owner])
+        check_host(self.label, self.specs, backend, held.get(self.owner, ()), self.families)
+
+
+def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
+    return _Owner(f"network {shown(net.name)}", network_owner(net.name), net.forwards,
+                  resolve_network_forwards(net, networks), plan_network(net))
+
+
+def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
+    return _Owner(f"domain {shown(dom.name)}", domain_owner(dom.name), dom.forwards,
+                  resolve_domain_forwards(dom, networks))
 
 
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
@@ -113,35 +172,30 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
     if not net.managed:
         return Applied("")
     backend = backend or default_backend()
-    label = f"network {shown(net.name)}"
     with state.locked():
         networks = state.load_networks()
         networks[net.name] = net
         domains = state.load_domains()
-        targets = resolve_network_forwards(net)
-        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network(net)
-                                            + plan_forwards(network_owner(net.name), targets)}
-        guests: dict[str, tuple[Domain, Sequence[Rule]]] = {}
+        mine = _network_owner(net, networks)
+        guests: list[_Owner] = []
         for dom in domains.values():
             if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
                    for nic in dom.nics):
                 try:
-                    guests[dom.name] = (dom, plan_domain_owner(dom, networks))
+                    guests.append(_domain_owner(dom, networks))
                 except InputError as exc:
                     log(f"not re-adding forwards: {exc}")
-        before = backend.read(families_of(rules) | families_of(
-            {n: planned for n, (_d, planned) in guests.items()}))
+        before = backend.read(families_of({o.owner: o.rules for o in [mine, *guests]}))
         held = backend.claims(before)
+        rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
         if net.forwards:
-            check_claims(label, network_owner(net.name), net.forwards, networks, domains,
-                         held)
-            check_host(label, net.forwards, backend, held.get(network_owner(net.name), ()),
-                       forward_families(net.forwards, targets))
-        for dom, planned in guests.values():
+            check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
+            check_host(mine.label, net.forwards, backend, held.get(mine.owner, ()),
+                       mine.families)
+        for guest in guests:
             try:  # a port taken meanwhile (replay while this network was down) stays
-                check_claims(f"domain {shown(dom.name)}", domain_owner(dom.name),
-                             dom.forwards, {}, {}, held)
-                rules[domain_owner(dom.name)] = planned
+                guest.check(held, backend)
+                rules[guest.owner] = guest.rules
             except InputError as exc:
                 log(f"not re-adding forwards: {exc}")
         state.save_network(net.name, raw)
@@ -168,27 +222,44 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
 def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bool,
                  backend=None, log: Log = _quiet) -> Applied:
     """port-created/-deleted/updated: keep the network's and the owner guest's rules
-    current (after a daemon restart libvirt re-creates every port, then reconnects)."""
+    current (after a daemon restart libvirt re-creates every port, then reconnects). An
+    owner whose re-planned forwards would take a port someone else holds keeps the rules
+    it has."""
     if not net.managed:
         return Applied("")
+    backend = backend or default_backend()
     with state.locked():
         state.save_network(net.name, raw)
         if port and port.mac and port.owner_name is not None:
             state.record_port(net.name, port.mac, port.owner_name, deleted)
         networks = state.load_networks()
         networks[net.name] = net
-        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): plan_network_owner(net)}
+        owners: list[_Owner] = []
         owner = port.owner_name if port else None
         domains = state.load_domains()
+        try:
+            owners.append(_network_owner(net, networks))
+        except InputError as exc:
+            log(f"keeping the current rules: {exc}")
         if owner and owner in domains:
             dom = domains[owner]
             if deleted and port and port.mac:
                 dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
             try:
-                rules[domain_owner(dom.name)] = plan_domain_owner(dom, networks)
+                owners.append(_domain_owner(dom, networks))
             except InputError as exc:
                 log(f"keeping the current rules: {exc}")
-        return apply_rules(rules, backend=backend, log=log)
+        before = backend.read(families_of({o.owner: o.rules for o in owners}))
+        held = backend.claims(before) if any(o.specs for o in owners) else {}
+        rules: dict[str, Sequence[Rule]] = {}
+        for planned in owners:
+            try:
+                if planned.specs:
+                    planned.check(held, backend)
+                rules[planned.owner] = planned.rules
+            except InputError as exc:
+                log(f"keeping the current rules: {exc}")
+        return apply_rules(rules, backend=backend, log=log, before=before)
 
 
 # --------------------------------------------------------------------------- domains
@@ -225,9 +296,10 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
         rules = plan_forwards(owner, targets)
         before = backend.read(families_of({owner: rules}))
         held = backend.claims(before)
-        check_claims(label, owner, dom.forwards, networks, state.load_domains(), held)
-        check_host(label, dom.forwards, backend, held.get(owner, ()),
-                   forward_families(dom.forwards, targets))
+        check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
+                     state.load_domains(), held)
+        families = forward_families(dom.forwards, targets)
+        check_host(label, dom.forwards, backend, held.get(owner, ()), families)
         # The state is written first and follows the kernel: if the write fails, the
         # old rules are back (revert) and the state stays as long as any rule of the
         # owner is in the kernel, so that stopped/release still remove them.
@@ -314,14 +386,15 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
 
     def add(owner: str, label: str, forwards, resolve, plan_own) -> None:
         try:
-            check_conflicts(label, forwards, claimed.near(forwards))
             targets = resolve()
+            mine = resolved_specs(forwards, targets)  # the families each really takes
+            check_conflicts(label, mine, claimed.near(mine))
             rules = plan_own() + plan_forwards(owner, targets)
             if facts is not None:
                 host.check_forwards(label, forwards, facts, held.get(owner, ()),
                                     families=forward_families(forwards, targets))
             result.rules[owner] = rules
-            claimed.add(label, forwards)
+            claimed.add(label, mine)
         except InputError as exc:
             result.problems.append(str(exc))
             result.failed.add(owner)
@@ -336,7 +409,8 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
         return resolve_domain_forwards(dom, networks)
 
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
-               lambda net=net: resolve_network_forwards(net), lambda net=net: plan_network(net))
+               lambda net=net: resolve_network_forwards(net, networks),
+               lambda net=net: plan_network(net))
               for name, net in sorted(networks.items()) if net.managed]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
                 lambda dom=dom: resolve_domain(dom), tuple)

@@ -9,7 +9,7 @@ it serves, so that removal is exact.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from ipaddress import IPv4Network, IPv6Network
 
@@ -356,10 +356,10 @@ def resolve_domain_forwards(dom: Domain,
                 key = (mac, id(net))
                 if key not in booked:
                     booked[key] = _booked_for(dom, mac, net)
-                found = [ip for family, ip in sorted(booked[key].items()) if family in allowed]
-                if found:
+                ips = [ip for family, ip in sorted(booked[key].items()) if family in allowed]
+                if ips:
                     targets = [Resolved(spec, ip, net, net.subnet_of(ip))  # type: ignore[arg-type]
-                               for ip in found]
+                               for ip in ips]
                     break
             if not targets:
                 macs = ", ".join(f"{mac} on {net.name}" for mac, net in candidates)
@@ -426,10 +426,27 @@ def forward_families(specs: Iterable[ForwardSpec],
     return [tuple(sorted(found.get(id(s), ()))) for s in specs]
 
 
-def plan_network_owner(net: Network) -> tuple[Rule, ...]:
-    """Everything the network owns: its bridge rules and its metadata forwards."""
+def resolved_specs(specs: Iterable[ForwardSpec],
+                   targets: Iterable[Resolved]) -> list[ForwardSpec]:
+    """Each forward limited to the addresses it resolved to, so that its ``families``
+    are the ones it takes host ports in (a forward without guest-ip may take both by its
+    metadata, and takes only those its guest has an address in)."""
+    found: dict[int, list[IPAddress]] = {}
+    for t in targets:
+        found.setdefault(id(t.spec), []).append(t.guest_ip)
+    out = []
+    for spec in specs:
+        ips = tuple(found.get(id(spec), ()))
+        out.append(spec if not ips or ips == spec.guest_ips else replace(spec, guest_ips=ips))
+    return out
+
+
+def plan_network_owner(net: Network,
+                       others: Mapping[str, Network] | None = None) -> tuple[Rule, ...]:
+    """Everything the network owns: its bridge rules and its metadata forwards
+    (``others``: the other active networks, see ``resolve_network_forwards``)."""
     return plan_network(net) + plan_forwards(network_owner(net.name),
-                                             resolve_network_forwards(net))
+                                             resolve_network_forwards(net, others))
 
 
 def plan_domain_owner(dom: Domain, networks: Mapping[str, Network]) -> tuple[Rule, ...]:

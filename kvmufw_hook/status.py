@@ -95,7 +95,8 @@ def collect(backend=None) -> dict:
                  "subnets": [str(s) for s in net.subnets], "rules_present": False}
         check(entry, "rules_present", plan_network(net))
         entry["forwards"] = _forwards(owner, net.forwards,
-                                      lambda net=net: resolve_network_forwards(net), check)
+                                      lambda net=net: resolve_network_forwards(net, networks),
+                                      check)
         report["networks"].append(entry)
     for name, dom in sorted(state.load_domains().items()):
         report["domains"].append({"name": name, "forwards": _forwards(
