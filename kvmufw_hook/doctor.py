@@ -75,6 +75,9 @@ def check_forwarding(networks, family: int = 4, root: str = "") -> Finding:
     if value == "1":
         return Finding("OK", check, f"{key} = 1")
     routing = _routing(networks, family)
+    if not routing and family == 6:  # most hosts: no IPv6 network, nothing to forward
+        return Finding("OK", check, f"{key} = {value or '?'}; no nat, route or open network "
+                       "with an IPv6 subnet is active (libvirt turns it on when one starts)")
     if not routing:
         return Finding("WARN", check, f"{key} = {value or '?'}; no nat, route or open "
                        f"network with an IPv{family} subnet is active, and libvirt turns it on "

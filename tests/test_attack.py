@@ -130,7 +130,7 @@ print("ready", flush=True); time.sleep(120)
 
 def test_issue10_item2_an_ipv6_only_listener_does_not_refuse_an_ipv4_forward(netns, state_env):
     """A service bound to ``[::]:8443`` with IPV6_V6ONLY (nginx's ``listen [::]:8443``,
-    whose default is ipv6only=on) never sees IPv4 traffic, and our forwards are IPv4 only;
+    whose default is ipv6only=on) never sees IPv4 traffic, and this forward is IPv4 only;
     yet ``Listener.reaches`` counts every ``::`` socket as taking IPv4: the guest's start
     is refused for a port the host does not use (false refusal). /proc/net/tcp6 does not
     show V6ONLY; sock_diag (INET_DIAG_SKV6ONLY, what ``ss`` reads) does."""
