@@ -163,6 +163,8 @@ def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
 
 
 def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
+    # a guest holding a copy of another running guest's MAC gets no forwards back
+    check_own_macs(dom, networks, state.network_ports)
     return _Owner(f"domain {shown(dom.name)}", domain_owner(dom.name), dom.forwards,
                   resolve_domain_forwards(dom, networks))
 
@@ -237,6 +239,12 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         owners: list[_Owner] = []
         owner = port.owner_name if port else None
         domains = state.load_domains()
+        rules: dict[str, Sequence[Rule]] = {}
+        if port and port.mac and owner is not None and not deleted:
+            for other in _same_mac(net, domains, port.mac, owner):
+                rules[domain_owner(other)] = ()  # its forwards may reach this guest now
+                log(f"domain {shown(other)}: forwards removed: its NIC {port.mac} on network "
+                    f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
         try:
             owners.append(_network_owner(net, networks))
         except InputError as exc:
@@ -251,7 +259,6 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
                 log(f"keeping the current rules: {exc}")
         before = backend.read(families_of({o.owner: o.rules for o in owners}))
         held = backend.claims(before) if any(o.specs for o in owners) else {}
-        rules: dict[str, Sequence[Rule]] = {}
         for planned in owners:
             try:
                 if planned.specs:
@@ -260,6 +267,15 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
             except InputError as exc:
                 log(f"keeping the current rules: {exc}")
         return apply_rules(rules, backend=backend, log=log, before=before)
+
+
+def _same_mac(net: Network, domains: Mapping[str, Domain], mac: str, owner: str) -> list[str]:
+    """Running guests with forwards, other than ``owner``, with a NIC of MAC ``mac`` on
+    ``net``: a guest that started with a copy of another's MAC while that one was down
+    (``check_own_macs`` refuses it only when the other's port already exists)."""
+    return sorted(d.name for d in domains.values() if d.name != owner and d.forwards
+                  and any(nic.mac == mac and (nic.network == net.name or (
+                      nic.bridge is not None and nic.bridge == net.bridge)) for nic in d.nics))
 
 
 # --------------------------------------------------------------------------- domains

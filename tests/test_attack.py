@@ -65,6 +65,28 @@ def test_issue10_item5_a_guest_cannot_publish_another_guests_reservation_by_copy
         "evil's forward DNATs to the victim's reserved address:\n" + "\n".join(hijack))
 
 
+def test_a_copied_mac_started_first_loses_its_forwards_when_the_real_owner_comes(
+        netns, state_env):
+    """The other order: ``evil`` (a copy of the victim's MAC) starts while ``victim`` is
+    down; no port has that MAC yet, so its forward is applied (to what is, for now, its
+    own address). When ``victim`` starts, libvirt creates its port with the same MAC:
+    evil's DNAT would now reach the victim. port-created removes it."""
+    started_lab(netns, state_env)
+    hook_ok(netns, state_env, "network", ["lab", "port-created", "begin", "-"],
+            port_created(lab_network(), "evil", VICTIM_MAC))
+    evil = domain_xml("evil", VICTIM_MAC, 'host-port="3306"')
+    hook_ok(netns, state_env, "qemu", ["evil", "start", "begin", "-"], evil)
+    assert [l for l in netns.save().splitlines() if "d=evil" in l and "-j DNAT" in l]
+    proc = run_hook("network", ["lab", "port-created", "begin", "-"],
+                    port_created(lab_network(), "victim", VICTIM_MAC), state_env, netns)
+    assert proc.returncode == 0, proc.stderr
+    assert not [l for l in netns.save().splitlines() if "d=evil" in l]
+    # a daemon restart re-creates every port: evil's does not bring its forwards back
+    hook_ok(netns, state_env, "network", ["lab", "port-created", "begin", "-"],
+            port_created(lab_network(), "evil", VICTIM_MAC))
+    assert not [l for l in netns.save().splitlines() if "d=evil" in l]
+
+
 # --------------------------------------------------------------------------- issue 10 item 6
 
 def test_issue10_item6_replay_while_a_guests_network_is_down_gives_its_port_away(
