@@ -24,12 +24,14 @@ def _quiet(_msg: str) -> None:
 
 
 class Applied:
-    """What a change wrote: ``payload`` is empty when nothing changed."""
+    """What a change wrote: ``payload`` is empty when nothing changed; ``skipped``:
+    the families whose rules were left out (family -> why: no IPv6 on this host)."""
 
-    __slots__ = ("payload",)
+    __slots__ = ("payload", "skipped")
 
-    def __init__(self, payload: str):
+    def __init__(self, payload: str, skipped: dict[int, str] | None = None):
         self.payload = payload
+        self.skipped = skipped or {}
 
     def __repr__(self) -> str:
         return f"Applied({self.payload!r})"
@@ -83,7 +85,7 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
         from .backends.libvirt_nft import plan_accepts
         accepts = plan_accepts(backend, before, rules, drop)
     if not change and not (accepts and accepts.script):
-        return Applied("")
+        return Applied("", change.skipped)
     try:
         backend.write(change)
         if accepts:
@@ -95,7 +97,7 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
         except ApplyError as exc:
             log(f"rollback failed too: {exc}")
         raise
-    return Applied(change.text + (accepts.text if accepts else ""))
+    return Applied(change.text + (accepts.text if accepts else ""), change.skipped)
 
 
 def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet) -> Applied:

@@ -331,7 +331,8 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
             state.forget_domain(dom.name)
     if dom.forwards:
         log(f"domain {shown(dom.name)}: {len(dom.forwards)} forward(s), "
-            + ("applied" if applied.payload else "already in place"))
+            + ("applied" if applied.payload else "already in place")
+            + "".join(f" (IPv{f} left out)" for f in sorted(applied.skipped)))
     elif applied.payload:
         log(f"domain {shown(dom.name)}: forwards removed")
     return applied

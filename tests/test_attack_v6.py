@@ -495,7 +495,8 @@ def test_an_ipv6_only_forward_where_ipv6_cannot_be_written_is_not_lost_silently(
     said: list[str] = []
     ops.domain_started(parse_domain_xml(dom), dom, backend, log=said.append)
     assert [line for line in said if "left out" in line] == [
-        "IPv6 rules left out: IPv6 is disabled in the kernel"]
+        "IPv6 rules left out: IPv6 is disabled in the kernel",
+        "domain 'web1': 1 forward(s), already in place (IPv6 left out)"]
     assert "47123" not in backend.save(4)
 
 
