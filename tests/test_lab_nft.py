@@ -443,17 +443,22 @@ def test_dual_stack_forward_passes_libvirts_ip6_reject_only_through_our_accept(l
     # and rejects everything else bound for the bridge
     into = [re.sub(r" counter packets \d+ bytes \d+| # handle \d+", "", l)
             for l in chain(before[6], "guest_input") if 'oif "virbr5"' in l]
-    assert into == ['oif "virbr5" ip6 daddr fd00:50::/64 ct state established,related accept',
-                    'oif "virbr5" reject'], before[6]
+    assert into == ['iifname "eth0" oif "virbr5" ip6 daddr fd00:50::/64 ct state '
+                    'established,related accept', 'oif "virbr5" reject'], before[6]
     assert lab.ask("d5", "tcp", INET6, 9000) == HOST6  # egress, masqueraded (NAT66)
     assert lab.ask("d5", "tcp", INET4, 9000) == HOST4
 
     guest("web6", [("dual", "52:54:00:00:50:05")], forwards('host-port="2232" guest-port="22"'))
     text = {f: listing(lab, f) for f in (4, 6)}
+    # into the guest (guest_input) and its replies (guest_output), in each family's table
     assert [l for l in ours(text[6]) if "d=web6" in l] == [
+        'iif "virbr5" ip6 saddr fd00:50::5 tcp sport 22 ct status dnat accept comment '
+        '"kvmufw:d=web6,b=virbr5,s=fd00:50::/64"',
         'oif "virbr5" ip6 daddr fd00:50::5 tcp dport 22 ct status dnat accept comment '
         '"kvmufw:d=web6,b=virbr5,s=fd00:50::/64"'], text[6]
     assert [l for l in ours(text[4]) if "d=web6" in l] == [
+        'iif "virbr5" ip saddr 10.50.0.5 tcp sport 22 ct status dnat accept comment '
+        '"kvmufw:d=web6,b=virbr5,s=10.50.0.0/24"',
         'oif "virbr5" ip daddr 10.50.0.5 tcp dport 22 ct status dnat accept comment '
         '"kvmufw:d=web6,b=virbr5,s=10.50.0.0/24"'], text[4]
     assert ahead_of_libvirt(text[6]) and ahead_of_libvirt(text[4]), text
@@ -465,10 +470,11 @@ def test_dual_stack_forward_passes_libvirts_ip6_reject_only_through_our_accept(l
                 6: lab.ask("inet", "tcp", HOST6, 2232, 1.5)}
 
     assert probes() == {4: INET4, 6: INET6}
-    # the control: only our accept in the ip6 table goes; our ip6tables rules stay
+    # the control: only our accepts in the ip6 table go; our ip6tables rules stay
     lab.run("nft", "-f", "-", input="".join(
-        f"delete rule ip6 libvirt_network guest_input handle {h}\n"
-        for h in handles(text[6], "guest_input", "kvmufw:d=web6")))
+        f"delete rule ip6 libvirt_network {c} handle {h}\n" for c in ("guest_input",
+                                                                      "guest_output")
+        for h in handles(text[6], c, "kvmufw:d=web6")))
     assert "kvmufw:d=web6" not in listing(lab, 6) and "kvmufw:d=web6" in listing(lab, 4)
     assert "d=web6" in lab.save(6)
     assert probes() == {4: INET4, 6: None}
