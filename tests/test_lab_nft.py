@@ -50,9 +50,10 @@ NETS = {
       <bridge name='virbr4' stp='off'/>
       <ip address='10.40.0.1' prefix='24'><dhcp><range start='10.40.0.100' end='10.40.0.200'/>
         <host mac='52:54:00:00:40:05' ip='10.40.0.5'/></dhcp></ip></network>""",
-    # NAT66: libvirt lets only replies (ct state established,related) into fd00:50::/64, so
-    # a new inbound IPv6 connection meets its reject (libvirt routes the IPv6 of a nat
-    # network without <nat ipv6='yes'/>, and accepts new inbound connections itself there)
+    # NAT66: libvirt 11 lets only replies (iifname "eth0" ... ct state established,related)
+    # into fd00:50::/64, so a new inbound IPv6 connection meets its reject. Without
+    # <nat ipv6='yes'/> it routes the subnet (ip6 daddr fd00:.../64 iifname "eth0" oif
+    # BRIDGE accept, seen in 11.3): there it lets new inbound IPv6 in itself.
     "dual": """<network><name>dual</name>
       <forward mode='nat' dev='eth0'><nat ipv6='yes'/></forward>
       <bridge name='virbr5' stp='off'/>
