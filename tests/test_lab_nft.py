@@ -498,13 +498,16 @@ def test_dual_stack_forward_passes_libvirts_ip6_reject_only_through_our_accept(l
 @native_only
 def test_uninstall_leaves_nothing_of_ours_in_libvirts_table(lab, guest):
     guest("web1", [("lab", "52:54:00:00:00:05")], forwards('host-port="2222" guest-port="22"'))
-    assert ours(listing(lab))
+    guest("web6", [("dual", "52:54:00:00:50:05")], forwards('host-port="2232" guest-port="22"'))
+    assert ours(listing(lab)) and ours(listing(lab, 6))
     lab.run(str(ROOT / "install.sh"), "--uninstall")
     try:
         text = listing(lab)
         assert "kvmufw" not in text and "KVMUFW" not in lab.save()
+        assert "kvmufw" not in listing(lab, 6) and "KVMUFW" not in lab.save(6)
         assert eventually(lambda: libvirts(listing(lab)) == lab.libvirt_rules), listing(lab)
         assert lab.ask("inet", "tcp", "203.0.113.1", 2222, 1.0) is None
+        assert lab.ask("inet", "tcp", HOST6, 2232, 1.0) is None
     finally:
         install_and_replay(lab)
 
