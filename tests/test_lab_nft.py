@@ -2,7 +2,9 @@
 ``firewall_backend = "nftables"``, real UFW enabled with its defaults, the installed hooks,
 real packets (tests/lab.py). libvirt keeps its rules in ``table ip libvirt_network``, whose
 ``guest_input`` ends in ``oif BRIDGE reject``: forwards work only through our owner-tagged
-accepts in that chain, and the control below shows them failing without.
+accepts in that chain, and the control below shows them failing without. The dual-stack
+network ``dual`` (NAT44 and NAT66) has its IPv6 rules in ``table ip6 libvirt_network``, the
+same chains: its IPv6 forward passes only through our accept there (a control of its own).
 
 On a machine whose libvirt is older (Debian 12: 9.0) ``test_in_a_debian13_root`` runs this
 module inside the Debian 13 root of tests/debian13/root.py; there (or on a Debian 13
@@ -48,6 +50,17 @@ NETS = {
       <bridge name='virbr4' stp='off'/>
       <ip address='10.40.0.1' prefix='24'><dhcp><range start='10.40.0.100' end='10.40.0.200'/>
         <host mac='52:54:00:00:40:05' ip='10.40.0.5'/></dhcp></ip></network>""",
+    # NAT66: libvirt 11 lets only replies (iifname "eth0" ... ct state established,related)
+    # into fd00:50::/64, so a new inbound IPv6 connection meets its reject. Without
+    # <nat ipv6='yes'/> it routes the subnet (ip6 daddr fd00:.../64 iifname "eth0" oif
+    # BRIDGE accept, seen in 11.3): there it lets new inbound IPv6 in itself.
+    "dual": """<network><name>dual</name>
+      <forward mode='nat' dev='eth0'><nat ipv6='yes'/></forward>
+      <bridge name='virbr5' stp='off'/>
+      <ip address='10.50.0.1' prefix='24'><dhcp><range start='10.50.0.100' end='10.50.0.200'/>
+        <host mac='52:54:00:00:50:05' ip='10.50.0.5'/></dhcp></ip>
+      <ip family='ipv6' address='fd00:50::1' prefix='64'><dhcp>
+        <host name='web6' ip='fd00:50::5'/></dhcp></ip></network>""",
 }
 GUEST_NS = {  # namespace: (bridge, ip, gateway)
     "g5": ("virbr1", "10.0.0.5", "10.0.0.1"),
@@ -56,6 +69,15 @@ GUEST_NS = {  # namespace: (bridge, ip, gateway)
     "i5": ("virbr3", "10.30.0.5", "10.30.0.1"),
     "o5": ("virbr4", "10.40.0.5", "10.40.0.1"),
 }
+GUEST_NS6 = {"d5": ("virbr5", "10.50.0.5", "10.50.0.1", "fd00:50::5", "fd00:50::1")}
+HOST4, INET4 = "203.0.113.1", "203.0.113.2"
+HOST6, INET6 = "2001:db8:ff::1", "2001:db8:ff::2"
+# the uplink in IPv6 too; inet has no route to fd00:50::/64: an answer proves NAT66
+UPLINK6 = f"""
+ip addr add {HOST6}/64 dev eth0 nodad
+ip -6 route add default via {INET6}
+ip netns exec inet ip addr add {INET6}/64 dev eth0 nodad
+"""
 TC_SHIM = r"""#!/bin/sh
 # TEST-ONLY SHIM of tests/test_lab_nft.py: this kernel has no act_csum; libvirt 11's nftables
 # backend adds a tc "action csum ip and udp" filter per network. Skip exactly that call.
@@ -122,6 +144,7 @@ def make_nft_lab(install: bool = True):
 {TC_SHIM}EOF
             chmod 755 /usr/local/sbin/tc
         """)
+        lab.sh(UPLINK6)
         lab.start_libvirt()
         for xml in NETS.values():
             lab.define_network(xml)
@@ -132,6 +155,9 @@ def make_nft_lab(install: bool = True):
             lab.add_guest_ns(ns, bridge, ip, 24, gw)
             lab.serve(ns, "tcp", 22, 80, 443)
             lab.serve(ns, "udp", 5000, 5001, 5002)
+        for ns, (bridge, ip, gw, ip6, gw6) in GUEST_NS6.items():
+            lab.add_guest_ns(ns, bridge, ip, 24, gw, ip6, gw6)
+            lab.serve(ns, "tcp", 22)
         lab.serve("inet", "tcp", 9000)
         lab.libvirt_rules = libvirts(listing(lab))
         if install:
@@ -192,8 +218,10 @@ def forwards(*lines: str) -> str:
             + "".join(f"<kvmufw:forward {l}/>" for l in lines) + "</kvmufw:forwards>")
 
 
-def listing(lab) -> str:
-    return lab.run("nft", "-a", "list", "table", "ip", "libvirt_network").stdout
+def listing(lab, family: int = 4) -> str:
+    """libvirt's table of that family: ``table ip`` or ``table ip6 libvirt_network``."""
+    return lab.run("nft", "-a", "list", "table", "ip" if family == 4 else "ip6",
+                   "libvirt_network").stdout
 
 
 def chain(text: str, name: str) -> list[str]:
@@ -402,16 +430,84 @@ def test_stopping_a_guest_removes_exactly_its_accepts(lab, guest):
     assert libvirts(listing(lab)) == libvirts(before)
 
 
+def handles(text: str, chain_name: str, tag: str) -> list[str]:
+    return [l.rsplit(" ", 1)[1] for l in chain(text, chain_name) if tag in l]
+
+
+@native_only
+def test_dual_stack_forward_passes_libvirts_ip6_reject_only_through_our_accept(lab, guest):
+    """One forward of a guest on the NAT44 + NAT66 network ``dual``: reached over IPv4 and
+    IPv6, each through our accept in libvirt's table of that family; without our ip6
+    accept only IPv6 fails; a destroy takes ours out of both tables."""
+    before = {f: listing(lab, f) for f in (4, 6)}
+    # libvirt's own: the ip6 table, whose guest_input takes only replies into fd00:50::/64
+    # and rejects everything else bound for the bridge
+    into = [re.sub(r" counter packets \d+ bytes \d+| # handle \d+", "", l)
+            for l in chain(before[6], "guest_input") if 'oif "virbr5"' in l]
+    assert into == ['iifname "eth0" oif "virbr5" ip6 daddr fd00:50::/64 ct state '
+                    'established,related accept', 'oif "virbr5" reject'], before[6]
+    assert lab.ask("d5", "tcp", INET6, 9000) == HOST6  # egress, masqueraded (NAT66)
+    assert lab.ask("d5", "tcp", INET4, 9000) == HOST4
+
+    guest("web6", [("dual", "52:54:00:00:50:05")], forwards('host-port="2232" guest-port="22"'))
+    text = {f: listing(lab, f) for f in (4, 6)}
+    # into the guest (guest_input) and its replies (guest_output), in each family's table
+    assert [l for l in ours(text[6]) if "d=web6" in l] == [
+        'iif "virbr5" ip6 saddr fd00:50::5 tcp sport 22 ct status dnat accept comment '
+        '"kvmufw:d=web6,b=virbr5,s=fd00:50::/64"',
+        'oif "virbr5" ip6 daddr fd00:50::5 tcp dport 22 ct status dnat accept comment '
+        '"kvmufw:d=web6,b=virbr5,s=fd00:50::/64"'], text[6]
+    assert [l for l in ours(text[4]) if "d=web6" in l] == [
+        'iif "virbr5" ip saddr 10.50.0.5 tcp sport 22 ct status dnat accept comment '
+        '"kvmufw:d=web6,b=virbr5,s=10.50.0.0/24"',
+        'oif "virbr5" ip daddr 10.50.0.5 tcp dport 22 ct status dnat accept comment '
+        '"kvmufw:d=web6,b=virbr5,s=10.50.0.0/24"'], text[4]
+    assert ahead_of_libvirt(text[6]) and ahead_of_libvirt(text[4]), text
+    # what we render is what nft prints: nothing to redo
+    assert kvmufw(lab, "replay", "--dry-run").stdout == "# nothing to change\n"
+
+    def probes():
+        return {4: lab.ask("inet", "tcp", HOST4, 2232, 1.5),
+                6: lab.ask("inet", "tcp", HOST6, 2232, 1.5)}
+
+    assert probes() == {4: INET4, 6: INET6}
+    # the control: only our accepts in the ip6 table go; our ip6tables rules stay
+    lab.run("nft", "-f", "-", input="".join(
+        f"delete rule ip6 libvirt_network {c} handle {h}\n" for c in ("guest_input",
+                                                                      "guest_output")
+        for h in handles(text[6], c, "kvmufw:d=web6")))
+    assert "kvmufw:d=web6" not in listing(lab, 6) and "kvmufw:d=web6" in listing(lab, 4)
+    assert "d=web6" in lab.save(6)
+    assert probes() == {4: INET4, 6: None}
+    proc = kvmufw(lab, "doctor", status=1)
+    assert "FAIL  our accepts in libvirt's table:" in proc.stdout, proc.stdout
+    assert "insert rule ip6 libvirt_network guest_input" in kvmufw(
+        lab, "replay", "--dry-run").stdout
+    kvmufw(lab, "replay")
+    assert probes() == {4: INET4, 6: INET6}
+
+    lab.virsh("destroy", "web6")
+    for family in (4, 6):
+        after = listing(lab, family)
+        assert "d=web6" not in after and ours(after) == ours(before[family]), after
+        assert libvirts(after) == libvirts(before[family]), after
+        assert "d=web6" not in lab.save(family)
+    assert probes() == {4: None, 6: None}
+
+
 @native_only
 def test_uninstall_leaves_nothing_of_ours_in_libvirts_table(lab, guest):
     guest("web1", [("lab", "52:54:00:00:00:05")], forwards('host-port="2222" guest-port="22"'))
-    assert ours(listing(lab))
+    guest("web6", [("dual", "52:54:00:00:50:05")], forwards('host-port="2232" guest-port="22"'))
+    assert ours(listing(lab)) and ours(listing(lab, 6))
     lab.run(str(ROOT / "install.sh"), "--uninstall")
     try:
         text = listing(lab)
         assert "kvmufw" not in text and "KVMUFW" not in lab.save()
+        assert "kvmufw" not in listing(lab, 6) and "KVMUFW" not in lab.save(6)
         assert eventually(lambda: libvirts(listing(lab)) == lab.libvirt_rules), listing(lab)
         assert lab.ask("inet", "tcp", "203.0.113.1", 2222, 1.0) is None
+        assert lab.ask("inet", "tcp", HOST6, 2232, 1.0) is None
     finally:
         install_and_replay(lab)
 
