@@ -51,8 +51,8 @@ def netns():
         ns.destroy()
 
 
-TIERS = {"test_lab": "lab", "test_lab_nft": "lab", "test_install": "lab", "test_attack": "lab",
-         "test_boot": "boot",
+TIERS = {"test_lab": "lab", "test_lab_nft": "lab", "test_lab_ipv6": "lab",
+         "test_install": "lab", "test_attack": "lab", "test_boot": "boot",
          "test_corpus": "corpus", "test_debian13": "lab"}
 
 
@@ -63,8 +63,11 @@ def pytest_collection_modifyitems(items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         tier = TIERS.get(module)
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if tier is None and "lab" in fixtures:  # a real libvirtd (tests/lab.py)
+            tier = "lab"
         if tier is None:
-            uses_kernel = {"netns", "topo", "hook_ns"} & set(getattr(item, "fixturenames", ()))
+            uses_kernel = {"netns", "topo", "hook_ns"} & fixtures
             tier = "kernel" if uses_kernel or module in ("test_kernel", "test_hook") \
                 else "unit"
         item.add_marker(getattr(pytest.mark, tier))
