@@ -296,7 +296,7 @@ def test_a_port_held_on_the_destination_refuses_the_migration(installed):
     proc = migrate(a, "db1", "b", check=False)
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if "kvmufw_hook:" in l]
-    assert len(lines) == 1, proc.stderr
+    assert len(lines) == 1 and "kvmufw_hook: qemu migrate db1: " in lines[0], proc.stderr
     assert ("domain 'db1': forward tcp 5222->22: host port already forwarded by "
             "domain 'holder' (forward tcp 5222->22)") in lines[0]
     assert a.virsh("domstate", "db1").strip() == "running"
@@ -320,8 +320,9 @@ def test_a_host_ip_missing_on_the_destination_refuses_the_migration(installed):
         proc = migrate(a, "db1", "b", check=False)
         assert proc.returncode != 0
         lines = [l for l in proc.stderr.splitlines() if "kvmufw_hook:" in l]
-        assert len(lines) == 1 and "domain 'db1'" in lines[0] and "203.0.113.10" in lines[0], \
+        assert len(lines) == 1 and "kvmufw_hook: qemu migrate db1: domain 'db1'" in lines[0], \
             proc.stderr
+        assert "host-ip 203.0.113.10 is not an address of this host" in lines[0]
         assert a.virsh("domstate", "db1").strip() == "running"
         assert ask(a, 5223, "203.0.113.10") == "203.0.113.2"
         assert b.save() == b_before and "db1" not in b.virsh("list", "--all", "--name")
