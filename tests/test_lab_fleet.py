@@ -115,8 +115,9 @@ def write_inventory(host: Lab, name: str) -> None:
         """))
 
 
-def playbook(host: Lab, *args: str, extra: dict | None = None):
-    """ansible-playbook run inside ``host``; (recap counts, output)."""
+def playbook(host: Lab, *args: str, extra: dict | None = None, failing: bool = False):
+    """ansible-playbook run inside ``host``; (recap counts, output). It must succeed,
+    or fail if ``failing``."""
     base = f"{host.dir}/ansible"
     if extra is not None:
         host.run("bash", "-c", f"cat > {base}/extra.json", input=json.dumps(extra))
@@ -133,7 +134,8 @@ def playbook(host: Lab, *args: str, extra: dict | None = None):
     recap = re.search(r"^\S+\s+: (ok=.*)$", out, re.M)
     assert recap, out[-3000:]
     counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
-    assert proc.returncode == 0 and counts["failed"] == 0, out[-3000:]
+    assert (proc.returncode != 0 and counts["failed"] > 0) if failing else \
+        (proc.returncode == 0 and counts["failed"] == 0), out[-3000:]
     return counts, out
 
 
@@ -190,14 +192,32 @@ def test_a_second_run_changes_nothing(fleet):
 def test_check_mode_and_diff_say_what_would_change_and_change_nothing(fleet):
     a = fleet["a"]
     wanted = {"kvmufw_hook_domain_forwards": {"web1": [*WEB1, {"host_port": 2223,
-                                                                "guest_port": 22}]}}
-    before = (metadata(a, "web1"), metadata(a, "web1", "--inactive"), a.save())
+                                                                "guest_port": 22}]},
+              "kvmufw_hook_firewall_backend": "nftables"}
+    conf = "/etc/kvmufw_hook/kvmufw_hook.conf"
+    before = (metadata(a, "web1"), metadata(a, "web1", "--inactive"), a.save(),
+              a.run("cat", conf).stdout)
     counts, out = playbook(a, "--check", "--diff", extra=wanted)
-    assert counts["changed"] == 1, out
+    assert counts["changed"] == 2, out  # the configuration file and web1's forwards
+    assert '-firewall_backend = "iptables"\n+firewall_backend = "nftables"' in out
     assert '+domain web1 (live): <forward guest-port="22" host-port="2223"/>' in out
     assert '+domain web1 (persistent): <forward guest-port="22" host-port="2223"/>' in out
-    assert (metadata(a, "web1"), metadata(a, "web1", "--inactive"), a.save()) == before
+    assert (metadata(a, "web1"), metadata(a, "web1", "--inactive"), a.save(),
+            a.run("cat", conf).stdout) == before
     assert ask(a, 2223) is None
+
+
+def test_a_forward_the_package_refuses_fails_the_play_with_its_line(fleet):
+    """The network lab holds 8081 on every host: web1 may not take it. The task fails
+    with the package's one line; nothing of web1's changes."""
+    a = fleet["a"]
+    before = (metadata(a, "web1"), metadata(a, "web1", "--inactive"), a.save())
+    clash = {"kvmufw_hook_domain_forwards": {"web1": [*WEB1, {"host_port": 8081,
+                                                               "guest_port": 80}]}}
+    counts, out = playbook(a, extra=clash, failing=True)
+    assert counts["failed"] == 1
+    assert ("forward tcp 8081->80: host port already forwarded by network 'lab'") in out, out
+    assert (metadata(a, "web1"), metadata(a, "web1", "--inactive"), a.save()) == before
 
 
 def test_a_forward_removed_from_the_inventory_goes_only_when_told(fleet):
