@@ -168,6 +168,16 @@ def test_the_readme_playbook_installs_configures_and_declares_forwards(fleet):
     a.define_domain("web1", [("lab", "52:54:00:00:00:05")], virt_type=VIRT_TYPE)
     a.virsh("start", "web1")
     assert ask(a, 2222) is None
+    # a dry run first, as an admin would: it says what it would do and does none of it
+    results = run_both(fleet, "--check", "--diff")
+    assert all(counts["changed"] > 0 for counts, _ in results.values())
+    assert '+domain web1 (live): <forward guest-port="22" host-port="2222"/>' in \
+        results["a"][1]
+    for host in (a, b):
+        assert host.run("sh", "-c", "ls /usr/local/sbin/kvmufw_hook /etc/kvmufw_hook",
+                        check=False).returncode != 0
+    assert 'host-port="2222"' not in metadata(a, "web1", "--inactive")
+
     results = run_both(fleet)
     assert all(counts["changed"] > 0 for counts, _ in results.values())
     for host in (a, b):
@@ -175,6 +185,7 @@ def test_the_readme_playbook_installs_configures_and_declares_forwards(fleet):
         conf = host.run("cat", "/etc/kvmufw_hook/kvmufw_hook.conf").stdout
         assert 'firewall_backend = "iptables"\n' in conf
         assert ask(host, 8081) == "203.0.113.2"  # the network's forward, on both hosts
+        assert 'host-port="8081"' in host.virsh("net-dumpxml", "--inactive", "lab")
     # web1 runs on A only: its forwards there, live and persistent; B skipped it
     assert ask(a, 2222) == "203.0.113.2" and ask(a, 8080) == "203.0.113.2"
     assert ask(b, 2222) is None
