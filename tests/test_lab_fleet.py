@@ -8,8 +8,8 @@ its own host UUID, the same NAT network ``lab`` with the same reservations, real
 answered by host B's g5 proves the forward is on B. The hosts are linked by ``mig0``
 (198.18.0.1 <-> 198.18.0.2), the way libvirt migrates between them. The playbook runs
 inside each host (``connection: local`` through nsenter), both hosts at once. One fleet for
-the whole module: the Ansible tests come first (the first run installs the package), the
-migration tests after.
+the whole module: the Ansible tests come first and are one story, in order (a dry run, the
+first run installs the package, ...); the migration tests after stand alone.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Fleet:
             return dict(zip(self.hosts, pool.map(fn, self.hosts.values()), strict=True))
 
 
-def make_host(name: str, uuid: str) -> Lab:
+def make_host(uuid: str) -> Lab:
     host = Lab()
     try:
         host.listen_tcp(uuid)
@@ -85,10 +85,12 @@ def fleet():
     the_fleet = Fleet()
     try:
         with ThreadPoolExecutor(2) as pool:
-            futures = {name: pool.submit(make_host, name, f"5a1e0000-0000-4000-8000-00000000000{i}")
+            futures = {name: pool.submit(make_host, f"5a1e0000-0000-4000-8000-00000000000{i}")
                        for i, name in enumerate(LINK, 1)}
-            for name, future in futures.items():
-                the_fleet.hosts[name] = future.result()
+        failed = [f.exception() for f in futures.values() if f.exception()]
+        the_fleet.hosts = {name: f.result() for name, f in futures.items() if not f.exception()}
+        if failed:
+            raise failed[0]  # the host that did start is destroyed below
         a, b = the_fleet["a"], the_fleet["b"]
         a.link(b, "mig0", LINK["a"], LINK["b"])
         the_fleet.both(lambda h: h.sh("ufw allow in on mig0 >/dev/null"))  # or virsh hangs
