@@ -8,8 +8,9 @@ its own host UUID, the same NAT network ``lab`` with the same reservations, real
 answered by host B's g5 proves the forward is on B. The hosts are linked by ``mig0``
 (198.18.0.1 <-> 198.18.0.2), the way libvirt migrates between them. The playbook runs
 inside each host (``connection: local`` through nsenter), both hosts at once. One fleet for
-the whole module: the Ansible tests come first and are one story, in order (a dry run, the
-first run installs the package, ...); the migration tests after stand alone.
+the whole module: the Ansible tests come first and tell one story in order (a dry run, the
+first run installs the package, a second run, ...), each able to run alone too (the
+``web1`` fixture makes what the first run leaves); the migration tests after.
 """
 
 from __future__ import annotations
