@@ -299,23 +299,42 @@ def check_own_macs(dom: Domain, networks: Mapping[str, Network],
                              f"{shown(others[0])}: that guest's address is not this one's")
 
 
+def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
+    """Every check of a guest's forwards against this host, under the state lock:
+    (its rules, the firewall as read). InputError names the guest, forward and reason."""
+    owner = domain_owner(dom.name)
+    label = f"domain {shown(dom.name)}"
+    networks = state.load_networks()
+    check_own_macs(dom, networks, state.network_ports)
+    targets = resolve_domain_forwards(dom, networks)
+    rules = plan_forwards(owner, targets)
+    before = backend.read(families_of({owner: rules}))
+    held = backend.claims(before)
+    check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
+                 state.load_domains(), held)
+    families = forward_families(dom.forwards, targets)
+    check_host(label, dom.forwards, backend, held.get(owner, ()), families)
+    return rules, before
+
+
+def domain_arriving(dom: Domain, backend=None) -> None:
+    """qemu ``migrate``, on the destination: the checks of ``domain_started`` and
+    nothing else (no state, no rule). A host port held here, a ``host-ip`` that is not
+    this host's, ... refuse the migration before anything moves; the guest keeps running
+    on the source with its forwards. ``start`` checks again and applies when it arrives."""
+    if not dom.forwards:
+        return
+    with state.locked():
+        _domain_checked(dom, backend or default_backend())
+
+
 def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
     reconnect, replay of one guest)."""
     owner = domain_owner(dom.name)
-    label = f"domain {shown(dom.name)}"
     backend = backend or default_backend()
     with state.locked():
-        networks = state.load_networks()
-        check_own_macs(dom, networks, state.network_ports)
-        targets = resolve_domain_forwards(dom, networks)
-        rules = plan_forwards(owner, targets)
-        before = backend.read(families_of({owner: rules}))
-        held = backend.claims(before)
-        check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
-                     state.load_domains(), held)
-        families = forward_families(dom.forwards, targets)
-        check_host(label, dom.forwards, backend, held.get(owner, ()), families)
+        rules, before = _domain_checked(dom, backend)
         # The state is written first and follows the kernel: if the write fails, the
         # old rules are back (revert) and the state stays as long as any rule of the
         # owner is in the kernel, so that stopped/release still remove them.
