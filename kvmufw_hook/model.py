@@ -161,6 +161,7 @@ class Nic:
     network: str | None  # <source network=…> for type='network'
     bridge: str | None  # known from qemu `start` on
     type: str = "network"
+    target: str | None = None  # <target dev=…>: its bridge port (the tap), from `start` on
 
 
 @dataclass(frozen=True)

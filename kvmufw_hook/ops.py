@@ -25,7 +25,9 @@ from .apply import (  # noqa: F401 - the stop path lives there
     families_of,
 )
 from .backends import default_backend
+from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, InputError, shown
+from .hairpin import plan_hairpin, plan_host_hairpin
 from .model import Domain, ForwardSpec, IPAddress, Network, NetworkPort
 from .names import domain_owner, network_owner
 from .plan import (
@@ -327,6 +329,7 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
             if owner not in backend.claims(backend.read()):
                 state.forget_domain(dom.name)
             raise
+        follow(backend, {owner: plan_hairpin(dom, rules)}, log)  # its own forwards' way back
         if not dom.forwards:
             state.forget_domain(dom.name)
     if dom.forwards:
@@ -526,6 +529,9 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
         else:
             payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
                                   before=before).payload
+            follow(backend, plan_host_hairpin({n: d for n, (d, _r) in domains.items()},
+                                              planned.rules),
+                   log, everyone=True, keep=planned.failed)
             state.replace_all(
                 {name: raw for name, (net, raw) in networks.items() if net.managed},
                 {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
@@ -558,6 +564,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
                             ports=state.network_ports)
         problems += planned.problems
         payload = apply_rules(planned.rules, backend=backend, log=log, before=before).payload
+        follow(backend, plan_host_hairpin(domains, planned.rules), log)
     _report("restore", planned, payload, problems, False, log)
     return Replayed(payload, problems, len(planned.rules))
 
@@ -598,4 +605,5 @@ def flush(backend=None) -> Applied:
         change = backend.clear(backend.read())
         backend.write(change)
         text = change.text + clear_accepts(backend)
+        text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)

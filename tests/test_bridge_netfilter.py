@@ -1,0 +1,210 @@
+"""Kernel tests for hosts where bridged frames go through iptables (br_netfilter, as
+wherever Docker runs): a guest reaching its own forwards through the host's addresses,
+and the hairpin mode that needs on its bridge port. Real iptables, real bridges, real
+packets in network namespaces these tests create. Root only; CI runs them.
+
+host: eth0 203.0.113.1/24 + 2001:db8:ff::1/64 to ``inet``; virbr1 10.0.0.1/24 +
+fd00:10::1/64 (network ``lab``) with guests g5 (.5/::5, port vp10005, forwards of its
+own) and g6 (.6/::6, port vp10006, none).
+"""
+
+import time
+
+import pytest
+from netlab import SEED, Topology
+
+from kvmufw_hook import ops, state
+from kvmufw_hook.backends.iptables import IptablesBackend
+from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
+
+SEED6 = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:LIBVIRT_FWI - [0:0]
+:LIBVIRT_FWO - [0:0]
+-A FORWARD -j LIBVIRT_FWI
+-A FORWARD -j LIBVIRT_FWO
+-A LIBVIRT_FWI -o virbr1 -j REJECT --reject-with icmp6-port-unreachable
+-A LIBVIRT_FWO -i virbr1 -j REJECT --reject-with icmp6-port-unreachable
+COMMIT
+"""
+LAB = b"""<network><name>lab</name>
+  <forward mode='nat' dev='eth0'/><bridge name='virbr1'/>
+  <ip address='10.0.0.1' prefix='24'><dhcp>
+    <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
+  </dhcp></ip>
+  <ip family='ipv6' address='fd00:10::1' prefix='64'><dhcp>
+    <host name='g5' ip='fd00:10::5'/>
+  </dhcp></ip></network>"""
+G5 = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
+    <forward host-port="2222" guest-port="22"/>
+  </forwards></metadata><devices><interface type='network'>
+    <source network='lab' bridge='virbr1'/><mac address='52:54:00:00:00:05'/>
+    <target dev='vp10005'/>
+  </interface></devices></domain>"""
+G5_V4_ONLY = G5.replace(b'guest-port="22"/>', b'guest-port="22" host-ip="203.0.113.1"/>')
+# every address of the host: the uplink's and the bridge's own, in both families
+HOST_ADDRESSES = ("203.0.113.1", "10.0.0.1", "2001:db8:ff::1", "fd00:10::1")
+SYSCTLS = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
+
+
+def _dual_stack(topo: Topology) -> None:
+    host = topo.host
+    for ns, dev, addr in ((host, "eth0", "2001:db8:ff::1/64"), (host, "virbr1", "fd00:10::1/64"),
+                          (topo.inet, "eth0", "2001:db8:ff::2/64"),
+                          (topo.guests[5], "eth0", "fd00:10::5/64"),
+                          (topo.guests[6], "eth0", "fd00:10::6/64")):
+        ns.run("ip", "addr", "add", addr, "dev", dev, "nodad")
+    for n in (5, 6):
+        topo.guests[n].run("ip", "-6", "route", "add", "default", "via", "fd00:10::1")
+    host.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    deadline = time.monotonic() + 10  # link-locals still doing DAD send nothing
+    for ns in (host, topo.inet, *topo.guests.values()):
+        while ns.run("ip", "-6", "addr", "show", "tentative").stdout.strip():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def topo(netns, state_env):
+    topology = Topology(netns)
+    try:
+        _dual_stack(topology)
+        netns.run("iptables-restore", input=SEED)
+        netns.run("ip6tables-restore", input=SEED6)
+        topology.guests[5].serve("tcp", 22)
+        yield topology
+    finally:
+        topology.destroy()
+
+
+def br_netfilter(topo, ipv4: bool, ipv6: bool) -> None:
+    for name, on in zip(SYSCTLS, (ipv4, ipv6), strict=True):
+        topo.host.run("sysctl", "-qw", f"{name}={int(on)}")
+
+
+def hairpin(topo, port: str) -> bool:
+    out = topo.host.run("cat", f"/sys/class/net/{port}/brport/hairpin_mode").stdout
+    return out.strip() == "1"
+
+
+def start(topo, guest: bytes = G5):
+    backend = IptablesBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB)
+    ops.network_started(net, LAB, backend=backend)
+    ops.domain_started(parse_domain_xml(guest), guest, backend=backend)
+    return backend
+
+
+def own_forward(topo) -> dict[str, str | None]:
+    """What g5's server saw when g5 connected to its own forward through each host
+    address (None: no answer)."""
+    return {addr: topo.guests[5].ask("tcp", addr, 2222, 1.5) for addr in HOST_ADDRESSES}
+
+
+# the hairpin masquerade: g5 seen as the bridge's own address of the family
+SEEN = {"203.0.113.1": "10.0.0.1", "10.0.0.1": "10.0.0.1",
+        "2001:db8:ff::1": "fd00:10::1", "fd00:10::1": "fd00:10::1"}
+
+
+@pytest.mark.parametrize("ipv4,ipv6", [(True, True), (False, False), (True, False),
+                                       (False, True)])
+def test_a_guest_reaches_its_own_forward_through_every_host_address(topo, ipv4, ipv6):
+    br_netfilter(topo, ipv4, ipv6)
+    start(topo)
+    assert own_forward(topo) == SEEN
+    # hairpin only where the bridge would otherwise drop it, only on g5's own port
+    assert hairpin(topo, "vp10005") is (ipv4 or ipv6)
+    assert not hairpin(topo, "vp10006")
+
+
+def test_without_hairpin_br_netfilter_loses_the_way_back(topo):
+    """What the hairpin is for: the same rules, with the port's hairpin taken away."""
+    br_netfilter(topo, True, True)
+    start(topo)
+    topo.host.run("bridge", "link", "set", "dev", "vp10005", "hairpin", "off")
+    assert own_forward(topo) == dict.fromkeys(HOST_ADDRESSES)
+    assert topo.guests[6].ask("tcp", "203.0.113.1", 2222) == "10.0.0.1"  # another guest
+
+
+def test_hairpin_only_for_families_whose_bridged_frames_meet_iptables(topo):
+    br_netfilter(topo, False, True)  # ip6tables only, and g5's forward is IPv4 only
+    start(topo, G5_V4_ONLY)
+    assert not hairpin(topo, "vp10005")
+    assert topo.guests[5].ask("tcp", "203.0.113.1", 2222) == "10.0.0.1"
+
+
+def test_a_guest_stop_takes_its_hairpin_back(topo):
+    br_netfilter(topo, True, True)
+    backend = start(topo)
+    assert hairpin(topo, "vp10005") and state.hairpin_ports("d=g5")
+    ops.domain_stopped("g5", backend=backend)
+    assert not hairpin(topo, "vp10005")
+    assert state.hairpin_ports("d=g5") == {}
+
+
+def test_a_hairpin_someone_else_set_is_never_taken_back(topo):
+    br_netfilter(topo, True, True)
+    topo.host.run("bridge", "link", "set", "dev", "vp10005", "hairpin", "on")
+    backend = start(topo)
+    ops.domain_stopped("g5", backend=backend)
+    assert hairpin(topo, "vp10005")
+
+
+def test_a_reused_port_name_is_not_taken_back(topo):
+    """The tap of a guest that stopped unseen becomes another interface's name: the
+    record's ifindex no longer matches, and that port stays as it is."""
+    br_netfilter(topo, True, True)
+    backend = start(topo)
+    host = topo.host
+    host.run("ip", "link", "del", "vp10005")
+    host.sh("""
+        ip link add vp10005 type veth peer name vpother
+        ip link set vp10005 master virbr1
+        ip link set vp10005 up
+    """)
+    host.run("bridge", "link", "set", "dev", "vp10005", "hairpin", "on")
+    ops.domain_stopped("g5", backend=backend)
+    assert hairpin(topo, "vp10005")
+
+
+def test_restore_and_reconnect_put_hairpin_back_and_flush_takes_it(topo):
+    br_netfilter(topo, True, True)
+    backend = start(topo)
+    topo.host.run("bridge", "link", "set", "dev", "vp10005", "hairpin", "off")
+    ops.restore(backend=backend)  # UFW's after.init: from our state alone
+    assert hairpin(topo, "vp10005")
+    topo.host.run("bridge", "link", "set", "dev", "vp10005", "hairpin", "off")
+    ops.domain_started(parse_domain_xml(G5), G5, backend=backend)  # qemu reconnect
+    assert hairpin(topo, "vp10005")
+    assert own_forward(topo) == SEEN
+    ops.flush(backend=backend)
+    assert not hairpin(topo, "vp10005")
+    assert state.hairpin_owners() == []
+
+
+def test_replay_follows_br_netfilter_and_takes_back_what_is_no_longer_wanted(topo):
+    br_netfilter(topo, False, False)
+    backend = start(topo)
+    assert not hairpin(topo, "vp10005")
+    br_netfilter(topo, True, True)  # Docker installed later
+    ops.replay([LAB], [G5], backend=backend)
+    assert hairpin(topo, "vp10005")
+    ops.replay([LAB], [], backend=backend)  # the guest is gone from libvirt's view
+    assert not hairpin(topo, "vp10005")
+
+
+def test_hairpin_is_planned_only_for_a_guests_own_ports_into_its_forwards_bridges():
+    from kvmufw_hook.hairpin import HairpinPort, plan_hairpin
+    from kvmufw_hook.plan import plan_domain_owner
+    dom = parse_domain_xml(G5.replace(b"</devices>", b"""<interface type='bridge'>
+        <source bridge='br0'/><mac address='52:54:00:00:00:99'/><target dev='vnet9'/>
+      </interface></devices>"""))
+    lab, _ = parse_hookdata(LAB)
+    rules = plan_domain_owner(dom, {"lab": lab})
+    assert plan_hairpin(dom, rules) == (HairpinPort("vp10005", "virbr1", (4, 6)),)
+    assert plan_hairpin(dom, ()) == ()  # no forwards: no hairpin
+    v4 = parse_domain_xml(G5_V4_ONLY)
+    assert plan_hairpin(v4, plan_domain_owner(v4, {"lab": lab})) == (
+        HairpinPort("vp10005", "virbr1", (4,)),)
