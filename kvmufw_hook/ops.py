@@ -173,7 +173,7 @@ def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
 
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
     """Add the network's rules and forwards; re-add forwards of running guests on it."""
-    if not net.managed:
+    if not net.with_rules:
         return Applied("")
     backend = backend or default_backend()
     with state.locked():
@@ -214,7 +214,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
     bridge = net.bridge
     with state.locked():
         state.forget_network(net.name)
-        if not net.managed:
+        if not net.with_rules:
             return Applied("")
         applied = apply_rules({network_owner(net.name): ()},
                               drop=(lambda t: t.bridge == bridge) if bridge else None,
@@ -431,7 +431,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: resolve_network_forwards(net, networks),
                lambda net=net: plan_network(net))
-              for name, net in sorted(networks.items()) if net.managed]
+              for name, net in sorted(networks.items()) if net.with_rules]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
                 lambda dom=dom: resolve_domain(dom), tuple)
                for name, dom in sorted(domains.items()) if dom.forwards]
@@ -533,7 +533,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                                               planned.rules),
                    log, everyone=True, keep=planned.failed)
             state.replace_all(
-                {name: raw for name, (net, raw) in networks.items() if net.managed},
+                {name: raw for name, (net, raw) in networks.items() if net.with_rules},
                 {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
                 keep=kept)
     _report("replay", planned, payload, problems, dry_run, log)

@@ -208,3 +208,40 @@ def test_hairpin_is_planned_only_for_a_guests_own_ports_into_its_forwards_bridge
     v4 = parse_domain_xml(G5_V4_ONLY)
     assert plan_hairpin(v4, plan_domain_owner(v4, {"lab": lab})) == (
         HairpinPort("vp10005", "virbr1", (4,)),)
+
+
+HOST_BRIDGE = b"""<network><name>host-bridge</name><forward mode='bridge'/>
+  <bridge name='br0'/></network>"""
+
+
+def test_a_bridge_network_passes_what_crosses_the_bridge_and_nothing_routed(topo):
+    """A guest on libvirt's ``<forward mode='bridge'>`` network and a machine of the LAN
+    on the same host bridge: with br_netfilter on, FORWARD's DROP policy (UFW's) drops
+    their frames until the network's rule accepts what merely crosses the bridge; what
+    the host routes, into or out of the bridge, stays refused."""
+    host = topo.host
+    topo.add_bridge("br0", "10.9.0.1/24")
+    guest = topo.add_guest("10.9.0.8", "br0", "10.9.0.1", 24)
+    lan = topo.add_guest("10.9.0.2", "br0", "10.9.0.1", 24)
+    for ns, addr in ((guest, "fd00:99::8/64"), (lan, "fd00:99::2/64")):
+        ns.run("ip", "addr", "add", addr, "dev", "eth0", "nodad")
+    lan.serve("tcp", 9000)
+    guest.serve("tcp", 22)
+    topo.inet.serve("tcp", 9000)
+    br_netfilter(topo, True, True)
+
+    def probes():
+        return {"guest_to_lan": guest.ask("tcp", "10.9.0.2", 9000, 1.0),
+                "lan_to_guest_v6": lan.ask("tcp", "fd00:99::8", 22, 1.0),
+                "routed_out": guest.ask("tcp", "203.0.113.2", 9000, 1.0),
+                "routed_in": topo.inet.ask("tcp", "10.9.0.8", 22, 1.0)}
+
+    refused = dict.fromkeys(["guest_to_lan", "lan_to_guest_v6", "routed_out", "routed_in"])
+    topo.inet.run("ip", "route", "add", "10.9.0.0/24", "via", "203.0.113.1")
+    assert probes() == refused
+    backend = IptablesBackend(prefix=host.prefix)
+    net, _ = parse_hookdata(HOST_BRIDGE)
+    ops.network_started(net, HOST_BRIDGE, backend=backend)
+    assert probes() == {**refused, "guest_to_lan": "10.9.0.8", "lan_to_guest_v6": "fd00:99::2"}
+    ops.network_stopped(net, backend=backend)
+    assert probes() == refused
