@@ -245,3 +245,39 @@ def test_a_bridge_network_passes_what_crosses_the_bridge_and_nothing_routed(topo
     assert probes() == {**refused, "guest_to_lan": "10.9.0.8", "lan_to_guest_v6": "fd00:99::2"}
     ops.network_stopped(net, backend=backend)
     assert probes() == refused
+
+
+def test_doctor_says_per_family_whether_bridged_frames_meet_iptables_and_what_follows():
+    from kvmufw_hook.doctor_bridges import bridge_findings
+    from kvmufw_hook.parse import parse_network_xml
+    off = bridge_findings([], [], [], [])
+    assert [(f.level, f.check) for f in off] == [("OK", "br_netfilter")]
+    assert "off for IPv4 and IPv6" in off[0].detail
+    vm = parse_domain_xml(b"""<domain><name>vm</name><devices><interface type='bridge'>
+        <source bridge='br0'/><mac address='52:54:00:00:00:99'/><target dev='vnet9'/>
+      </interface><interface type='bridge'><source bridge='br1'/>
+      <mac address='52:54:00:00:00:98'/></interface></devices></domain>""")
+    declared = parse_network_xml(HOST_BRIDGE.replace(b"br0", b"br1"))
+    found = bridge_findings([4], [declared], [vm], ["vp10005"])
+    assert [(f.level, f.check) for f in found] == [
+        ("OK", "br_netfilter"), ("WARN", "hairpin mode"), ("WARN", "bridged guests")]
+    assert "IPv4 (net.bridge.bridge-nf-call-iptables = 1)" in found[0].detail
+    assert "IPv6" not in found[0].detail
+    assert found[1].fix == "kvmufw_hook replay" and "vp10005" in found[1].detail
+    # br1 is a libvirt bridge network's: ours to open; br0 is not, and is named
+    assert "vm on host bridge br0" in found[2].detail and "br1" not in found[2].detail
+    assert found[2].fix.endswith("sysctl -w net.bridge.bridge-nf-call-iptables=0")
+
+
+def test_doctor_finds_a_guest_port_that_lost_its_hairpin(topo):
+    from kvmufw_hook.doctor_bridges import check_bridge_netfilter
+    br_netfilter(topo, True, False)
+    backend = start(topo)
+    uri = "test:///nowhere"  # libvirt is not asked here: the hairpin check needs our state
+
+    def levels():
+        return [(f.level, f.check) for f in check_bridge_netfilter(uri, backend)]
+
+    assert levels() == [("OK", "br_netfilter")]
+    topo.host.run("bridge", "link", "set", "dev", "vp10005", "hairpin", "off")
+    assert levels() == [("OK", "br_netfilter"), ("WARN", "hairpin mode")]

@@ -122,9 +122,10 @@ class BridgePorts:
 
     def netfilter(self) -> list[int]:
         """The families where br_netfilter is on here."""
-        return self._read([])[0]
+        return self.read([])[0]
 
-    def _read(self, ports: list[str]):
+    def read(self, ports: list[str]):
+        """(families where br_netfilter is on, port -> (ifindex, bridge, hairpin on))."""
         if not self.prefix:
             return read_netfilter(), read_ports(ports)
         nf, found = self._elsewhere({"op": "read", "ports": ports})
@@ -151,7 +152,7 @@ class BridgePorts:
             return []  # nothing planned, nothing of ours: no read at all
         names = sorted({p.port for ports in wanted.values() for p in ports}
                        | {p for rec in records.values() for p in rec})
-        netfilter, found = self._read(names)
+        netfilter, found = self.read(names)
         changes: list[tuple[str, int, bool]] = []
         lines: list[str] = []
         for owner, recorded in records.items():
