@@ -74,8 +74,9 @@ class DockerLab:
                     "-H unix:///run/docker.sock --pidfile /run/docker.pid "
                     ">>/run/dockerd.log 2>&1 </dev/null &")
         deadline = time.monotonic() + 60
-        while "level=info msg=\"API listen" not in self.lab.run("cat", "/run/dockerd.log").stdout:
-            assert time.monotonic() < deadline, self.lab.run("cat", "/run/dockerd.log").stdout
+        while "API listen on" not in (log := self.lab.run("cat", "/run/dockerd.log").stdout):
+            assert time.monotonic() < deadline and "failed to start daemon" not in log, \
+                log[-3000:]
             time.sleep(0.1)
 
     def stop_dockerd(self) -> None:
@@ -120,6 +121,11 @@ def docker(tmp_path_factory):
     patch.setenv("KVMUFW_LIBVIRT_NETWORK_DIR", str(state))
     try:
         lab.run("mount", "-t", "sysfs", "sysfs", "/sys")  # the lab's own interfaces
+        # dockerd >= 23 wants the devices cgroup mounted (cgroup v1) or cgroup2; it
+        # creates nothing there until a container runs, and none does here
+        lab.sh("mount -t tmpfs cgroups /sys/fs/cgroup && mkdir /sys/fs/cgroup/devices && "
+               "(mount -t cgroup -o devices cgroup /sys/fs/cgroup/devices || "
+               "mount -t cgroup2 cgroup2 /sys/fs/cgroup/devices)")
         lab.sh("ufw --force enable >/dev/null")  # UFW first, as at boot
         env = DockerLab(lab, root, state)
         env.start_dockerd()
