@@ -11,6 +11,7 @@ network declares (``<interface type='bridge'>``) is not ours to open: doctor say
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from . import state
@@ -101,4 +102,52 @@ def check_bridge_netfilter(uri: str, backend) -> list[Finding]:
         except ApplyError:
             nets, doms = [], []  # the forwards check says libvirt cannot be asked
         networks, domains = _parsed(nets, parse_network_xml), _parsed(doms, parse_domain_xml)
-    return bridge_findings(on, networks, domains, hairpin_off)
+    return bridge_findings(on, networks, domains, hairpin_off) + docker_nft_finding(
+        docker_nft_policies(backend))
+
+
+DOCKER_TABLE, DOCKER_FORWARD = "docker-bridges", "filter-FORWARD"
+
+
+def docker_nft_finding(policies: dict[int, str]) -> list[Finding]:
+    """Docker's nftables backend (Docker >= 29, ``--firewall-backend=nftables``): its own
+    ``table ip docker-bridges`` (``ip6`` too) hooks forward with a base chain whose
+    verdict maps jump only for Docker's bridges. Its policy is accept unless dockerd
+    turned IP forwarding on itself: then drop, and a drop in another table's base chain
+    drops our guests' forwarded traffic whatever iptables accepts (as libvirt's nftables
+    reject does). ``policies``: family -> that chain's policy, for the tables present."""
+    if not policies:
+        return []
+    dropping = sorted(f for f, policy in policies.items() if policy == "drop")
+    if not dropping:
+        return [Finding("OK", "Docker's nftables rules", "table docker-bridges, policy accept: "
+                        "they judge only Docker's bridges")]
+    families = " and ".join(f"IPv{f}" for f in dropping)
+    return [Finding("FAIL", "Docker's nftables rules", f"{DOCKER_FORWARD} of table "
+                    f"docker-bridges ({families}) has policy drop (dockerd turned IP "
+                    "forwarding on itself): guests' forwarded traffic is dropped there, "
+                    "whatever iptables accepts, and kvmufw_hook never writes into Docker's "
+                    "tables", "turn IP forwarding on before dockerd starts (sysctl.d: "
+                    "net.ipv4.ip_forward=1, net.ipv6.conf.all.forwarding=1) or start dockerd "
+                    "with --ip-forward-no-drop, then restart dockerd")]
+
+
+def docker_nft_policies(backend) -> dict[int, str]:
+    """family -> the policy of Docker's forward base chain, where its table exists (one
+    netlink request per family on the host; ``nft`` only where the table is there)."""
+    from .backends.iptables import run
+    from .backends.nftprobe import IPV4, IPV6, table_in_kernel
+    prefix = list(getattr(backend, "prefix", None) or ())
+    out = {}
+    for family, nfproto, name in ((4, IPV4, "ip"), (6, IPV6, "ip6")):
+        if not prefix and not table_in_kernel(nfproto, DOCKER_TABLE):
+            continue
+        try:
+            text = run([*prefix, "nft", "list", "chain", name, DOCKER_TABLE, DOCKER_FORWARD],
+                       name="nft")
+        except ApplyError:
+            continue  # no such table (or no nft): nothing of Docker's in nftables
+        found = re.search(r"policy (\w+);", text)
+        if found:
+            out[family] = found.group(1)
+    return out
