@@ -7,6 +7,8 @@ turns hairpin mode on for the bridge ports of guests with forwards (``hairpin.py
 accepts what merely crosses the bridge of a libvirt ``<forward mode='bridge'>`` network
 (``plan.plan_bridged``). A guest plugged straight into a host bridge that no libvirt
 network declares (``<interface type='bridge'>``) is not ours to open: doctor says so.
+Docker's own nftables table, where Docker >= 29 keeps its rules, is checked here too: its
+forward policy can drop our guests' traffic (``docker_nft_finding``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .errors import ApplyError, InputError
 from .model import Domain, Network
 
 SYSCTL_NAMES = {4: "net.bridge.bridge-nf-call-iptables", 6: "net.bridge.bridge-nf-call-ip6tables"}
+# Docker >= 29 with --firewall-backend=nftables: its table and its forward base chain
+DOCKER_TABLE, DOCKER_FORWARD = "docker-bridges", "filter-FORWARD"
 
 
 def bridge_findings(on: Sequence[int], networks: Iterable[Network],
@@ -104,9 +108,6 @@ def check_bridge_netfilter(uri: str, backend) -> list[Finding]:
         networks, domains = _parsed(nets, parse_network_xml), _parsed(doms, parse_domain_xml)
     return bridge_findings(on, networks, domains, hairpin_off) + docker_nft_finding(
         docker_nft_policies(backend))
-
-
-DOCKER_TABLE, DOCKER_FORWARD = "docker-bridges", "filter-FORWARD"
 
 
 def docker_nft_finding(policies: dict[int, str]) -> list[Finding]:
