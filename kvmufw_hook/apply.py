@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import state
 from .backends import default_backend
+from .backends.bridgeports import BridgePorts
 from .errors import ApplyError, shown
 from .names import domain_owner
 
@@ -104,6 +105,8 @@ def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet)
     """Remove the guest's forwards (qemu stopped, release): found by their owner tag."""
     with state.locked():
         applied = apply_rules({domain_owner(name): ()}, backend=backend, log=log)
+        for line in BridgePorts.beside(backend).release(domain_owner(name)):
+            log(line)  # most often the tap is gone already: then only its record goes
         state.forget_domain(name)  # after the rules: a failed removal keeps the state
     if applied.payload:
         log(f"domain {shown(name)}: forwards removed")

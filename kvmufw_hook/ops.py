@@ -25,7 +25,9 @@ from .apply import (  # noqa: F401 - the stop path lives there
     families_of,
 )
 from .backends import default_backend
+from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, InputError, shown
+from .hairpin import plan_hairpin, plan_host_hairpin
 from .model import Domain, ForwardSpec, IPAddress, Network, NetworkPort
 from .names import domain_owner, network_owner
 from .plan import (
@@ -171,7 +173,7 @@ def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
 
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
     """Add the network's rules and forwards; re-add forwards of running guests on it."""
-    if not net.managed:
+    if not net.with_rules:
         return Applied("")
     backend = backend or default_backend()
     with state.locked():
@@ -212,7 +214,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
     bridge = net.bridge
     with state.locked():
         state.forget_network(net.name)
-        if not net.managed:
+        if not net.with_rules:
             return Applied("")
         applied = apply_rules({network_owner(net.name): ()},
                               drop=(lambda t: t.bridge == bridge) if bridge else None,
@@ -346,6 +348,7 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
             if owner not in backend.claims(backend.read()):
                 state.forget_domain(dom.name)
             raise
+        follow(backend, {owner: plan_hairpin(dom, rules)}, log)  # its own forwards' way back
         if not dom.forwards:
             state.forget_domain(dom.name)
     if dom.forwards:
@@ -447,7 +450,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: resolve_network_forwards(net, networks),
                lambda net=net: plan_network(net))
-              for name, net in sorted(networks.items()) if net.managed]
+              for name, net in sorted(networks.items()) if net.with_rules]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
                 lambda dom=dom: resolve_domain(dom), tuple)
                for name, dom in sorted(domains.items()) if dom.forwards]
@@ -545,8 +548,11 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
         else:
             payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
                                   before=before).payload
+            follow(backend, plan_host_hairpin({n: d for n, (d, _r) in domains.items()},
+                                              planned.rules),
+                   log, everyone=True, keep=planned.failed)
             state.replace_all(
-                {name: raw for name, (net, raw) in networks.items() if net.managed},
+                {name: raw for name, (net, raw) in networks.items() if net.with_rules},
                 {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
                 keep=kept)
     _report("replay", planned, payload, problems, dry_run, log)
@@ -577,6 +583,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
                             ports=state.network_ports)
         problems += planned.problems
         payload = apply_rules(planned.rules, backend=backend, log=log, before=before).payload
+        follow(backend, plan_host_hairpin(domains, planned.rules), log)
     _report("restore", planned, payload, problems, False, log)
     return Replayed(payload, problems, len(planned.rules))
 
@@ -617,4 +624,5 @@ def flush(backend=None) -> Applied:
         change = backend.clear(backend.read())
         backend.write(change)
         text = change.text + clear_accepts(backend)
+        text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)
