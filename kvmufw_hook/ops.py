@@ -12,7 +12,6 @@ planned in, and a lost or corrupt state file cannot hide a holder.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -26,11 +25,10 @@ from .apply import (  # noqa: F401 - the stop path lives there
 )
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
-from .model import Domain, ForwardSpec, IPAddress, Network, NetworkPort
+from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner
 from .plan import (
     Rule,
-    check_conflicts,
     forward_families,
     plan_forwards,
     plan_network,
@@ -38,72 +36,21 @@ from .plan import (
     resolve_network_forwards,
     resolved_specs,
 )
+from .policy import (
+    _Claimed,
+    check_claims,
+    check_conflicts,
+    check_host,
+    check_own_macs,
+    owner_label,
+    same_mac,
+)
 
 Log = Callable[[str], None]
-Claims = list[tuple[str, Iterable[ForwardSpec]]]
 
 
 def _quiet(_msg: str) -> None:
     pass
-
-
-def owner_label(owner: str) -> str:
-    """How messages name an owner known only by its tag: ``domain 'web1'``."""
-    kind, _, name = owner.partition("=")
-    return f"{'network' if kind == 'n' else 'domain'} {shown(name)}"
-
-
-def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip: str,
-           kernel: Mapping[str, list[ForwardSpec]] | None = None,
-           held_only: bool = False) -> Claims:
-    """Forwards of every owner but ``skip``, labelled for conflict messages: what our
-    state says (the forwards as declared), and what the kernel holds for every owner
-    the state does not know (a lost or corrupt state file hides no holder).
-    ``held_only``: an owner of the state with rules in the kernel claims each forward in
-    the families the kernel holds it in, not in every family its metadata allows."""
-    kernel = kernel or {}
-
-    def theirs(owner: str, specs: Sequence[ForwardSpec]) -> Sequence[ForwardSpec]:
-        return _as_held(specs, kernel[owner]) if held_only and owner in kernel else specs
-
-    out: Claims = [(f"network {shown(n.name)}", theirs(network_owner(n.name), n.forwards))
-                   for n in networks.values() if n.managed and network_owner(n.name) != skip]
-    out += [(f"domain {shown(d.name)}", theirs(domain_owner(d.name), d.forwards))
-            for d in domains.values() if domain_owner(d.name) != skip]
-    known = {network_owner(n) for n in networks} | {domain_owner(d) for d in domains}
-    out += [(owner_label(owner), specs) for owner, specs in kernel.items()
-            if owner != skip and owner not in known]
-    return out
-
-
-def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[ForwardSpec]:
-    """Each forward in the families its rules in the kernel hold it in (the kernel's
-    claims carry the guest address, so their family); as declared where none does."""
-    guests: dict[tuple, dict[int, IPAddress]] = {}
-    for h in held:
-        for ip in h.guest_ips:
-            guests.setdefault((h.proto, h.host_port, h.host_ip), {}).setdefault(ip.version, ip)
-    out = []
-    for spec in specs:
-        found = guests.get((spec.proto, spec.host_port, spec.host_ip))
-        out.append(replace(spec, guest_ips=tuple(found.values())) if found else spec)
-    return out
-
-
-def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
-                 networks: Mapping[str, Network], domains: Mapping[str, Domain],
-                 kernel: Mapping[str, list[ForwardSpec]] | None = None) -> None:
-    """InputError if ``owner``'s forwards claim a host port another owner has. Checked
-    first against what the others declare (cheap: no copies); only if that finds a
-    clash, again against the families their rules in the kernel really hold (a guest
-    with an IPv4 address only does not hold the IPv6 port its metadata would allow)."""
-    forwards = tuple(forwards)
-    try:
-        check_conflicts(label, forwards, claims(networks, domains, owner, kernel))
-    except InputError:
-        if not kernel:
-            raise
-        check_conflicts(label, forwards, claims(networks, domains, owner, kernel, True))
 
 
 def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
@@ -112,15 +59,9 @@ def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
     return backend.claims(backend.read())
 
 
-def check_host(label: str, forwards: Sequence[ForwardSpec], backend=None,
-               held: Iterable[ForwardSpec] = (),
-               families: Sequence[Iterable[int]] | None = None) -> None:
-    """InputError if a forward's host-ip is not the host's or it takes a host service's
-    port (``host.py``; read only when there are forwards, in the backend's namespace);
-    ``held``: what the owner's rules take now, which a later socket does not take away;
-    ``families``: per forward, the families it was planned in."""
-    host.check_forwards(label, forwards, held=held, prefix=_prefix(backend),
-                        families=families)
+def host_facts(backend=None) -> Callable[[], host.HostFacts]:
+    """How to read the host's facts in the backend's namespace, when a check needs them."""
+    return lambda: host.HostFacts.read(_prefix(backend))
 
 
 def _prefix(backend) -> Sequence[str]:
@@ -136,7 +77,8 @@ def validate_network(net: Network) -> None:
         label = f"network {shown(net.name)}"
         check_claims(label, network_owner(net.name), net.forwards, networks,
                      state.load_domains())
-        check_host(label, net.forwards, families=forward_families(net.forwards, targets))
+        check_host(label, net.forwards, host_facts(),
+                   families=forward_families(net.forwards, targets))
 
 
 class _Owner:
@@ -154,7 +96,8 @@ class _Owner:
     def check(self, held, backend) -> None:
         check_conflicts(self.label, self.resolved, [(owner_label(o), specs) for o, specs
                                                     in held.items() if o != self.owner])
-        check_host(self.label, self.specs, backend, held.get(self.owner, ()), self.families)
+        check_host(self.label, self.specs, host_facts(backend), held.get(self.owner, ()),
+                   self.families)
 
 
 def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
@@ -192,8 +135,8 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
         if net.forwards:
             check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
-            check_host(mine.label, net.forwards, backend, held.get(mine.owner, ()),
-                       mine.families)
+            check_host(mine.label, net.forwards, host_facts(backend),
+                       held.get(mine.owner, ()), mine.families)
         for guest in guests:
             try:  # a port taken meanwhile (replay while this network was down) stays
                 guest.check(held, backend)
@@ -241,7 +184,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         domains = state.load_domains()
         rules: dict[str, Sequence[Rule]] = {}
         if port and port.mac and owner is not None and not deleted:
-            for other in _same_mac(net, domains, port.mac, owner):
+            for other in same_mac(net, domains, port.mac, owner):
                 rules[domain_owner(other)] = ()  # its forwards may reach this guest now
                 log(f"domain {shown(other)}: forwards removed: its NIC {port.mac} on network "
                     f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
@@ -269,35 +212,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         return apply_rules(rules, backend=backend, log=log, before=before)
 
 
-def _same_mac(net: Network, domains: Mapping[str, Domain], mac: str, owner: str) -> list[str]:
-    """Running guests with forwards, other than ``owner``, with a NIC of MAC ``mac`` on
-    ``net``: a guest that started with a copy of another's MAC while that one was down
-    (``check_own_macs`` refuses it only when the other's port already exists)."""
-    return sorted(d.name for d in domains.values() if d.name != owner and d.forwards
-                  and any(nic.mac == mac and (nic.network == net.name or (
-                      nic.bridge is not None and nic.bridge == net.bridge)) for nic in d.nics))
-
-
 # --------------------------------------------------------------------------- domains
-
-def check_own_macs(dom: Domain, networks: Mapping[str, Network],
-                   ports: Callable[[str], list[tuple[str, str]]]) -> None:
-    """InputError if a NIC of a guest with forwards has the MAC of another guest's port
-    on that network (libvirt starts two guests with one MAC): its reservation, and so
-    the address its forwards would reach, is not this guest's."""
-    if not dom.forwards:
-        return
-    by_bridge = {n.bridge: n for n in networks.values() if n.bridge}
-    for nic in dom.nics:
-        net = networks.get(nic.network or "") or by_bridge.get(nic.bridge or "")
-        if net is None or not nic.mac:
-            continue
-        others = sorted({o for mac, o in ports(net.name) if mac == nic.mac and o != dom.name})
-        if others:
-            raise InputError(f"domain {shown(dom.name)}: NIC {nic.mac} on network "
-                             f"{shown(net.name)} has the MAC of the port of domain "
-                             f"{shown(others[0])}: that guest's address is not this one's")
-
 
 def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
@@ -315,7 +230,7 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
         check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
                      state.load_domains(), held)
         families = forward_families(dom.forwards, targets)
-        check_host(label, dom.forwards, backend, held.get(owner, ()), families)
+        check_host(label, dom.forwards, host_facts(backend), held.get(owner, ()), families)
         # The state is written first and follows the kernel: if the write fails, the
         # old rules are back (revert) and the state stays as long as any rule of the
         # owner is in the kernel, so that stopped/release still remove them.
@@ -347,33 +262,6 @@ class HostPlan:
     rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
     failed: set[str]  # those owners: their current rules must be left alone
-
-
-class _Claimed:
-    """Forwards claimed so far, by protocol and first host port: each owner is checked
-    against the few that could overlap its own, not against all (a replay of hundreds
-    of guests would be quadratic). Same answers and messages as checking against all."""
-
-    def __init__(self) -> None:
-        self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
-        self.entries: list[tuple[str, ForwardSpec]] = []
-        self.widest = 0
-
-    def near(self, forwards: Iterable[ForwardSpec]) -> list[tuple[str, tuple[ForwardSpec]]]:
-        found = []
-        for spec in forwards:  # an overlap starts within [first - widest, last]
-            starts = self.starts.get(spec.proto, [])
-            lo = bisect_left(starts, (spec.host_port.first - self.widest, -1))
-            hi = bisect_right(starts, (spec.host_port.last, len(self.entries)))
-            found += [self.entries[i] for _first, i in starts[lo:hi]]
-        return [(label, (spec,)) for label, spec in found]
-
-    def add(self, label: str, forwards: Iterable[ForwardSpec]) -> None:
-        for spec in forwards:
-            insort(self.starts.setdefault(spec.proto, []),
-                   (spec.host_port.first, len(self.entries)))
-            self.entries.append((label, spec))
-            self.widest = max(self.widest, spec.host_port.last - spec.host_port.first)
 
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],

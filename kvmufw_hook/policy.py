@@ -1,0 +1,154 @@
+"""Who may have which forward: every check between owners, for every operation. Pure:
+the facts of the host (networks, running guests, libvirt's records of ports, the host's
+addresses and listeners, the kernel's claims, root's configuration) come in as data,
+read by the caller (``ops``, ``edit``, ``status``, ``doctor``); nothing here reads the
+kernel, the disk or libvirt.
+
+A forward reaches only what its owner owns: a host port no other owner holds, a port
+no host service uses unless root consents, and a guest address that is the owner's own.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+
+from . import host
+from .errors import InputError, shown
+from .model import Domain, ForwardSpec, IPAddress, Network
+from .names import domain_owner, network_owner
+from .plan import check_conflicts
+
+Claims = list[tuple[str, Iterable[ForwardSpec]]]
+Facts = host.HostFacts | Callable[[], host.HostFacts]
+
+
+def owner_label(owner: str) -> str:
+    """How messages name an owner known only by its tag: ``domain 'web1'``."""
+    kind, _, name = owner.partition("=")
+    return f"{'network' if kind == 'n' else 'domain'} {shown(name)}"
+
+
+def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip: str,
+           kernel: Mapping[str, list[ForwardSpec]] | None = None,
+           held_only: bool = False) -> Claims:
+    """Forwards of every owner but ``skip``, labelled for conflict messages: what our
+    state says (the forwards as declared), and what the kernel holds for every owner
+    the state does not know (a lost or corrupt state file hides no holder).
+    ``held_only``: an owner of the state with rules in the kernel claims each forward in
+    the families the kernel holds it in, not in every family its metadata allows."""
+    kernel = kernel or {}
+
+    def theirs(owner: str, specs: Sequence[ForwardSpec]) -> Sequence[ForwardSpec]:
+        return _as_held(specs, kernel[owner]) if held_only and owner in kernel else specs
+
+    out: Claims = [(f"network {shown(n.name)}", theirs(network_owner(n.name), n.forwards))
+                   for n in networks.values() if n.managed and network_owner(n.name) != skip]
+    out += [(f"domain {shown(d.name)}", theirs(domain_owner(d.name), d.forwards))
+            for d in domains.values() if domain_owner(d.name) != skip]
+    known = {network_owner(n) for n in networks} | {domain_owner(d) for d in domains}
+    out += [(owner_label(owner), specs) for owner, specs in kernel.items()
+            if owner != skip and owner not in known]
+    return out
+
+
+def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[ForwardSpec]:
+    """Each forward in the families its rules in the kernel hold it in (the kernel's
+    claims carry the guest address, so their family); as declared where none does."""
+    guests: dict[tuple, dict[int, IPAddress]] = {}
+    for h in held:
+        for ip in h.guest_ips:
+            guests.setdefault((h.proto, h.host_port, h.host_ip), {}).setdefault(ip.version, ip)
+    out = []
+    for spec in specs:
+        found = guests.get((spec.proto, spec.host_port, spec.host_ip))
+        out.append(replace(spec, guest_ips=tuple(found.values())) if found else spec)
+    return out
+
+
+def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
+                 networks: Mapping[str, Network], domains: Mapping[str, Domain],
+                 kernel: Mapping[str, list[ForwardSpec]] | None = None) -> None:
+    """InputError if ``owner``'s forwards claim a host port another owner has. Checked
+    first against what the others declare (cheap: no copies); only if that finds a
+    clash, again against the families their rules in the kernel really hold (a guest
+    with an IPv4 address only does not hold the IPv6 port its metadata would allow)."""
+    forwards = tuple(forwards)
+    try:
+        check_conflicts(label, forwards, claims(networks, domains, owner, kernel))
+    except InputError:
+        if not kernel:
+            raise
+        check_conflicts(label, forwards, claims(networks, domains, owner, kernel, True))
+
+
+def check_host(label: str, forwards: Sequence[ForwardSpec], facts: Facts,
+               held: Iterable[ForwardSpec] = (),
+               families: Sequence[Iterable[int]] | None = None) -> None:
+    """InputError if a forward's host-ip is not the host's or it takes a host service's
+    port (``host.py``). ``facts``: the host's, or how to read them (only when there are
+    forwards: a guest without any reads nothing); ``held``: what the owner's rules take
+    now, which a later socket does not take away; ``families``: per forward, the
+    families it was planned in."""
+    if not forwards:
+        return
+    host.check_forwards(label, forwards, facts if isinstance(facts, host.HostFacts)
+                        else facts(), held=held, families=families)
+
+
+def same_mac(net: Network, domains: Mapping[str, Domain], mac: str, owner: str) -> list[str]:
+    """Running guests with forwards, other than ``owner``, with a NIC of MAC ``mac`` on
+    ``net``: a guest that started with a copy of another's MAC while that one was down
+    (``check_own_macs`` refuses it only when the other's port already exists)."""
+    return sorted(d.name for d in domains.values() if d.name != owner and d.forwards
+                  and any(nic.mac == mac and (nic.network == net.name or (
+                      nic.bridge is not None and nic.bridge == net.bridge)) for nic in d.nics))
+
+
+
+def check_own_macs(dom: Domain, networks: Mapping[str, Network],
+                   ports: Callable[[str], list[tuple[str, str]]]) -> None:
+    """InputError if a NIC of a guest with forwards has the MAC of another guest's port
+    on that network (libvirt starts two guests with one MAC): its reservation, and so
+    the address its forwards would reach, is not this guest's."""
+    if not dom.forwards:
+        return
+    by_bridge = {n.bridge: n for n in networks.values() if n.bridge}
+    for nic in dom.nics:
+        net = networks.get(nic.network or "") or by_bridge.get(nic.bridge or "")
+        if net is None or not nic.mac:
+            continue
+        others = sorted({o for mac, o in ports(net.name) if mac == nic.mac and o != dom.name})
+        if others:
+            raise InputError(f"domain {shown(dom.name)}: NIC {nic.mac} on network "
+                             f"{shown(net.name)} has the MAC of the port of domain "
+                             f"{shown(others[0])}: that guest's address is not this one's")
+
+
+
+class _Claimed:
+    """Forwards claimed so far, by protocol and first host port: each owner is checked
+    against the few that could overlap its own, not against all (a replay of hundreds
+    of guests would be quadratic). Same answers and messages as checking against all."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
+        self.entries: list[tuple[str, ForwardSpec]] = []
+        self.widest = 0
+
+    def near(self, forwards: Iterable[ForwardSpec]) -> list[tuple[str, tuple[ForwardSpec]]]:
+        found = []
+        for spec in forwards:  # an overlap starts within [first - widest, last]
+            starts = self.starts.get(spec.proto, [])
+            lo = bisect_left(starts, (spec.host_port.first - self.widest, -1))
+            hi = bisect_right(starts, (spec.host_port.last, len(self.entries)))
+            found += [self.entries[i] for _first, i in starts[lo:hi]]
+        return [(label, (spec,)) for label, spec in found]
+
+    def add(self, label: str, forwards: Iterable[ForwardSpec]) -> None:
+        for spec in forwards:
+            insort(self.starts.setdefault(spec.proto, []),
+                   (spec.host_port.first, len(self.entries)))
+            self.entries.append((label, spec))
+            self.widest = max(self.widest, spec.host_port.last - spec.host_port.first)
