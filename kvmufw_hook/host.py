@@ -29,7 +29,35 @@ _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"
 IFA_F_DADFAILED = 0x08  # if_inet6 flags: duplicate address detection found another holder
 UNPRIVILEGED_PORT = 1024  # net.ipv4.ip_unprivileged_port_start, the kernel's default
-FIRST_USER_UID = 1000  # Debian's UID_MIN: below it root and system accounts
+USER_UIDS = (1000, 60000)  # login.defs' UID_MIN and UID_MAX when it does not say
+
+
+def read_user_uids(path: str | None = None) -> tuple[int, int]:
+    """(UID_MIN, UID_MAX) of people's accounts, as the host's login.defs says: every
+    uid outside is root or a system account (Ubuntu's libvirt-qemu 64055, systemd's
+    DynamicUser 61184-65519, nobody 65534), whose sockets are host services."""
+    if path is None:
+        from .names import login_defs_path
+        path = login_defs_path()
+    found = dict(zip(("UID_MIN", "UID_MAX"), USER_UIDS, strict=True))
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] in found and fields[1].isdigit():
+                    found[fields[0]] = int(fields[1])
+    except OSError:
+        pass  # no login.defs: the shadow suite's defaults
+    return found["UID_MIN"], found["UID_MAX"]
+
+
+def read_unprivileged_port(proc: str = "/proc") -> int:
+    """net.ipv4.ip_unprivileged_port_start: below it only privileged processes bind."""
+    try:
+        with open(f"{proc}/sys/net/ipv4/ip_unprivileged_port_start", encoding="ascii") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return UNPRIVILEGED_PORT
 
 
 class Listener:
@@ -47,11 +75,13 @@ class Listener:
         self.uid = uid
         self.v6only = v6only  # known for tcp (sock_diag); a udp ``::`` socket takes both
 
-    def is_service(self) -> bool:
+    def is_service(self, users: tuple[int, int] = USER_UIDS,
+                   unprivileged: int = UNPRIVILEGED_PORT) -> bool:
         """Whether this is the host's own service: a privileged port (only privileged
-        processes bind those), or a socket of root or a system account. A socket an
-        ordinary user opened later (``nc -l 8080``) vetoes nothing root configured."""
-        return self.port < UNPRIVILEGED_PORT or self.uid < FIRST_USER_UID
+        processes bind those), or a socket of root or a system account (any uid outside
+        ``users``, login.defs' UID_MIN..UID_MAX). A socket an ordinary user opened later
+        (``nc -l 8080``) vetoes nothing root configured."""
+        return self.port < unprivileged or not users[0] <= self.uid <= users[1]
 
     def bound(self) -> tuple[IPAddress, tuple[int, ...]]:
         """The address this socket is bound to, and the families whose traffic it takes:
@@ -172,13 +202,17 @@ class HostFacts:
     """The host's local addresses (both families), the IPv6 addresses another host on
     the link holds (DAD failed), and the listening sockets, read once."""
 
-    __slots__ = ("duplicates", "listeners", "local")
+    __slots__ = ("duplicates", "listeners", "local", "unprivileged", "users")
 
     def __init__(self, local: frozenset[IPAddress], listeners: tuple[Listener, ...],
-                 duplicates: frozenset[IPv6Address] = frozenset()) -> None:
+                 duplicates: frozenset[IPv6Address] = frozenset(),
+                 users: tuple[int, int] = USER_UIDS,
+                 unprivileged: int = UNPRIVILEGED_PORT) -> None:
         self.local = local
         self.listeners = listeners
         self.duplicates = duplicates
+        self.users = users  # login.defs' UID_MIN, UID_MAX
+        self.unprivileged = unprivileged
 
     @classmethod
     def read(cls, prefix: Sequence[str] = ()) -> HostFacts:
@@ -187,7 +221,8 @@ class HostFacts:
         if prefix:
             return cls._read_in(prefix)
         ipv6, duplicates = read_ipv6_addresses()
-        return cls(read_ipv4_addresses() | ipv6, read_listeners(), duplicates)
+        return cls(read_ipv4_addresses() | ipv6, read_listeners(), duplicates,
+                   read_user_uids(), read_unprivileged_port())
 
     @classmethod
     def _read_in(cls, prefix: Sequence[str]) -> HostFacts:
@@ -198,14 +233,15 @@ class HostFacts:
                 "from kvmufw_hook.host import HostFacts; f = HostFacts.read(); "
                 "print(json.dumps([sorted(map(str, f.local)), sorted(map(str, f.duplicates)),"
                 " [[l.proto, str(l.addr), l.port, l.inode, l.uid, l.v6only]"
-                " for l in f.listeners]]))")
+                " for l in f.listeners], f.unprivileged]))")
         out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True,
                              text=True, check=True, timeout=30).stdout
-        local, duplicates, listeners = json.loads(out)
+        local, duplicates, listeners, unprivileged = json.loads(out)
         return cls(frozenset(ip_address(a) for a in local),
                    tuple(Listener(p, ip_address(a), port, inode, uid, v6)
                          for p, a, port, inode, uid, v6 in listeners),
-                   frozenset(IPv6Address(a) for a in duplicates))
+                   frozenset(IPv6Address(a) for a in duplicates), read_user_uids(),
+                   unprivileged)
 
     def check(self, where: str, spec: ForwardSpec, held: Iterable[int] | bool = (),
               families: Iterable[int] | None = None) -> None:
@@ -244,7 +280,8 @@ class HostFacts:
         first, last = spec.host_port.first, spec.host_port.last
         for sock in self.listeners:
             if sock.proto == spec.proto and first <= sock.port <= last \
-                    and sock.reaches(family, spec.host_ip) and sock.is_service():
+                    and sock.reaches(family, spec.host_ip) \
+                    and sock.is_service(self.users, self.unprivileged):
                 verb = "listens" if sock.proto == "tcp" else "is bound"
                 raise InputError(
                     f"{where}: host port {sock.port}/{sock.proto} is used by a host service: "
