@@ -262,7 +262,7 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: Non
             held = ops.kernel_claims()
             owner = domain_owner(name)
             policy.check_claims(what, owner, candidate.forwards, networks, domains, held)
-            policy.check_host(what, candidate.forwards, ops.host_facts(),
+            policy.check_host(what, owner, candidate.forwards, ops.host_facts(), networks,
                               held=held.get(owner, ()))
         if config_root is not None and config is not None:
             later = parse_domain(_with_forwards(config_root, config))
@@ -311,7 +311,7 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
             held = ops.kernel_claims()
             owner = network_owner(name)
             policy.check_claims(what, owner, live_model.forwards, networks, domains, held)
-            policy.check_host(what, live_model.forwards, ops.host_facts(),
+            policy.check_host(what, owner, live_model.forwards, ops.host_facts(), networks,
                               held=held.get(owner, ()))
         conn.networkDefineXML(etree.tostring(new_persistent).decode())
         if live_root is not None and live is not None:

@@ -4,8 +4,10 @@ spawned): its local addresses of both families, and the sockets its own services
 A forward may only take traffic addressed to this host and only a port no host service
 uses: ``host-ip`` must be one of the host's addresses (never loopback, never IPv6
 link-local, never an IPv6 address another host on the link holds), and a host port on
-which a host service listens (tcp) or is bound (udp) is refused unless the forward says
-``allow-host-service="yes"``. Ports are per family: a forward takes a host port only in
+which a host service listens (tcp) or is bound (udp) is refused unless root consents in
+the configuration file (``config.py``: ``allow_host_service``, naming the owner, the
+protocol and the port; the XML's ``allow-host-service`` is guest-writable and grants
+nothing). Ports are per family: a forward takes a host port only in
 the families the plan gives it (at most ``ForwardSpec.families``), and a socket only
 takes the families it is bound in. Both are checked whenever rules are applied, because addresses
 and services come and go.
@@ -24,6 +26,8 @@ from .sockdiag import tcp_listeners
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: collections.abc costs a guest start milliseconds
     from collections.abc import Iterable, Sequence
+
+    from .config import Config
 
 _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"
@@ -202,7 +206,7 @@ class HostFacts:
     """The host's local addresses (both families), the IPv6 addresses another host on
     the link holds (DAD failed), and the listening sockets, read once."""
 
-    __slots__ = ("duplicates", "listeners", "local", "unprivileged", "users")
+    __slots__ = ("config", "duplicates", "listeners", "local", "unprivileged", "users")
 
     def __init__(self, local: frozenset[IPAddress], listeners: tuple[Listener, ...],
                  duplicates: frozenset[IPv6Address] = frozenset(),
@@ -213,6 +217,7 @@ class HostFacts:
         self.duplicates = duplicates
         self.users = users  # login.defs' UID_MIN, UID_MAX
         self.unprivileged = unprivileged
+        self.config: Config | None = None  # root's consents (``config.load``); None: none
 
     @classmethod
     def read(cls, prefix: Sequence[str] = ()) -> HostFacts:
@@ -244,19 +249,20 @@ class HostFacts:
                    unprivileged)
 
     def check(self, where: str, spec: ForwardSpec, held: Iterable[int] | bool = (),
-              families: Iterable[int] | None = None) -> None:
+              families: Iterable[int] | None = None, owner: str = "") -> None:
         """InputError with one line if ``spec`` may not be applied on this host.
         ``families``: those in which the forward takes its host port (None: what its
         metadata allows, ``spec.families``). ``held``: the families in which the owner's
         rules already take this port (True: every family): a socket that came later does
-        not take it away there (it never sees a packet: our DNAT comes first)."""
+        not take it away there (it never sees a packet: our DNAT comes first).
+        ``owner``: whose forward, for root's consents."""
         self.check_host_ip(where, spec.host_ip)
-        if spec.proto not in ("tcp", "udp") or spec.allow_host_service or held is True:
+        if spec.proto not in ("tcp", "udp") or held is True:
             return
         held = () if held is False else tuple(held)
         for family in spec.families if families is None else families:
             if family not in held:
-                self.check_port(where, spec, family)
+                self.check_port(where, spec, family, owner)
 
     def check_host_ip(self, where: str, host_ip: IPAddress | None) -> None:
         if host_ip is None:
@@ -276,22 +282,35 @@ class HostFacts:
             raise InputError(f"{where}: host-ip {host_ip} is not an address of this "
                              "host; a forward only takes traffic addressed to the host")
 
-    def check_port(self, where: str, spec: ForwardSpec, family: int) -> None:
+    def check_port(self, where: str, spec: ForwardSpec, family: int, owner: str = "") -> None:
         first, last = spec.host_port.first, spec.host_port.last
         for sock in self.listeners:
             if sock.proto == spec.proto and first <= sock.port <= last \
                     and sock.reaches(family, spec.host_ip) \
-                    and sock.is_service(self.users, self.unprivileged):
+                    and sock.is_service(self.users, self.unprivileged) \
+                    and not (self.config and self.config.consents(owner, sock.proto,
+                                                                  sock.port)):
                 verb = "listens" if sock.proto == "tcp" else "is bound"
                 raise InputError(
                     f"{where}: host port {sock.port}/{sock.proto} is used by a host service: "
                     f"{shown(process_of(sock.inode))} {verb} on {sock.addr}; forward another "
-                    'port, or set allow-host-service="yes" to take it on purpose')
+                    "port, or have root allow it in the configuration file "
+                    f"(allow_host_service = [ \"{consent_entry(owner, sock.proto, sock.port)}"
+                    '" ]; the XML\'s allow-host-service grants nothing)')
+
+
+def consent_entry(owner: str, proto: str, port: int) -> str:
+    """The configuration entry that lets ``owner`` take ``port``: ``domain:web1:tcp:22``."""
+    from .errors import printable
+    from .names import unsafe_name
+    kind, _, token = owner.partition("=")
+    name = printable(unsafe_name(token) or "NAME") if token else "NAME"
+    return f"{'network' if kind == 'n' else 'domain'}:{name}:{proto}:{port}"
 
 
 def check_forwards(label: str, specs, facts: HostFacts | None = None,
                    held: Iterable[ForwardSpec] = (), prefix: Sequence[str] = (),
-                   families: Sequence[Iterable[int]] | None = None) -> None:
+                   families: Sequence[Iterable[int]] | None = None, owner: str = "") -> None:
     """Every forward of one owner against the host (read once, only when needed).
     ``families``: for each spec, in order, the families it takes its host port in once
     planned (a guest address from a reservation is known only then: a forward without
@@ -309,4 +328,4 @@ def check_forwards(label: str, specs, facts: HostFacts | None = None,
     for index, spec in enumerate(specs, start=1):
         facts.check(f"{label}: forward #{index} ({spec.label})", spec,
                     taken.get((spec.proto, spec.host_port, spec.host_ip), ()),
-                    None if families is None else families[index - 1])
+                    None if families is None else families[index - 1], owner)

@@ -41,6 +41,7 @@ from .policy import (
     check_claims,
     check_conflicts,
     check_host,
+    check_libvirt_ports,
     check_own_macs,
     owner_label,
     same_mac,
@@ -60,8 +61,16 @@ def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
 
 
 def host_facts(backend=None) -> Callable[[], host.HostFacts]:
-    """How to read the host's facts in the backend's namespace, when a check needs them."""
-    return lambda: host.HostFacts.read(_prefix(backend))
+    """How to read the host's facts in the backend's namespace, and root's configuration,
+    when a check needs them."""
+    return lambda: read_facts(backend)
+
+
+def read_facts(backend=None) -> host.HostFacts:
+    from . import config
+    facts = host.HostFacts.read(_prefix(backend))
+    facts.config = config.load()
+    return facts
 
 
 def _prefix(backend) -> Sequence[str]:
@@ -77,7 +86,7 @@ def validate_network(net: Network) -> None:
         label = f"network {shown(net.name)}"
         check_claims(label, network_owner(net.name), net.forwards, networks,
                      state.load_domains())
-        check_host(label, net.forwards, host_facts(),
+        check_host(label, network_owner(net.name), net.forwards, host_facts(), networks,
                    families=forward_families(net.forwards, targets))
 
 
@@ -93,11 +102,11 @@ class _Owner:
         self.resolved = resolved_specs(specs, targets)  # each in the families it takes
         self.rules: Sequence[Rule] = tuple(own) + plan_forwards(owner, targets)
 
-    def check(self, held, backend) -> None:
+    def check(self, held, backend, networks: Mapping[str, Network]) -> None:
         check_conflicts(self.label, self.resolved, [(owner_label(o), specs) for o, specs
                                                     in held.items() if o != self.owner])
-        check_host(self.label, self.specs, host_facts(backend), held.get(self.owner, ()),
-                   self.families)
+        check_host(self.label, self.owner, self.specs, host_facts(backend), networks,
+                   held.get(self.owner, ()), self.families)
 
 
 def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
@@ -135,11 +144,11 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
         if net.forwards:
             check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
-            check_host(mine.label, net.forwards, host_facts(backend),
+            check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
                        held.get(mine.owner, ()), mine.families)
         for guest in guests:
             try:  # a port taken meanwhile (replay while this network was down) stays
-                guest.check(held, backend)
+                guest.check(held, backend, networks)
                 rules[guest.owner] = guest.rules
             except InputError as exc:
                 log(f"not re-adding forwards: {exc}")
@@ -205,7 +214,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         for planned in owners:
             try:
                 if planned.specs:
-                    planned.check(held, backend)
+                    planned.check(held, backend, networks)
                 rules[planned.owner] = planned.rules
             except InputError as exc:
                 log(f"keeping the current rules: {exc}")
@@ -230,7 +239,8 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
         check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
                      state.load_domains(), held)
         families = forward_families(dom.forwards, targets)
-        check_host(label, dom.forwards, host_facts(backend), held.get(owner, ()), families)
+        check_host(label, owner, dom.forwards, host_facts(backend), networks,
+                   held.get(owner, ()), families)
         # The state is written first and follows the kernel: if the write fails, the
         # old rules are back (revert) and the state stays as long as any rule of the
         # owner is in the kernel, so that stopped/release still remove them.
@@ -296,8 +306,10 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
             check_conflicts(label, mine, claimed.near(mine))
             rules = plan_own() + plan_forwards(owner, targets)
             if facts is not None:
-                host.check_forwards(label, forwards, facts, held.get(owner, ()),
-                                    families=forward_families(forwards, targets))
+                check_host(label, owner, forwards, facts, networks, held.get(owner, ()),
+                           families=forward_families(forwards, targets))
+            else:  # plan: XML files, not this host; what XML alone decides still holds
+                check_libvirt_ports(label, forwards, networks)
             result.rules[owner] = rules
             claimed.add(label, mine)
         except InputError as exc:
@@ -397,7 +409,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
         planned = plan_host({n: net for n, (net, _r) in networks.items()},
                          {n: dom for n, (dom, _r) in domains.items()},
                          holders=backend.claims(before), broken=broken,
-                         facts=host.HostFacts.read(_prefix(backend)),
+                         facts=read_facts(backend),
                          reserved=[domain_owner(n) for n in state.load_domains()
                                    if n in domains],
                          ports=state.network_ports)
@@ -441,7 +453,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
         domains = state.load_domains(problems.append)
         planned = plan_host(state.load_networks(problems.append), domains,
                             holders=backend.claims(before),
-                            facts=host.HostFacts.read(_prefix(backend)),
+                            facts=read_facts(backend),
                             reserved=[domain_owner(n) for n in domains],
                             ports=state.network_ports)
         problems += planned.problems

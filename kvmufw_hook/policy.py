@@ -83,18 +83,43 @@ def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
         check_conflicts(label, forwards, claims(networks, domains, owner, kernel, True))
 
 
-def check_host(label: str, forwards: Sequence[ForwardSpec], facts: Facts,
-               held: Iterable[ForwardSpec] = (),
+def check_host(label: str, owner: str, forwards: Sequence[ForwardSpec], facts: Facts,
+               networks: Mapping[str, Network], held: Iterable[ForwardSpec] = (),
                families: Sequence[Iterable[int]] | None = None) -> None:
-    """InputError if a forward's host-ip is not the host's or it takes a host service's
-    port (``host.py``). ``facts``: the host's, or how to read them (only when there are
-    forwards: a guest without any reads nothing); ``held``: what the owner's rules take
-    now, which a later socket does not take away; ``families``: per forward, the
-    families it was planned in."""
+    """InputError if a forward takes libvirt's own DNS/DHCP on a bridge address, if its
+    host-ip is not the host's, or if it takes a host service's port without root's
+    consent (``host.py``, ``config.py``). ``facts``: the host's, or how to read them
+    (only when there are forwards: a guest without any reads nothing); ``held``: what
+    the owner's rules take now, which a later socket does not take away; ``families``:
+    per forward, the families it was planned in."""
     if not forwards:
         return
+    check_libvirt_ports(label, forwards, networks)
     host.check_forwards(label, forwards, facts if isinstance(facts, host.HostFacts)
-                        else facts(), held=held, families=families)
+                        else facts(), held=held, families=families, owner=owner)
+
+
+LIBVIRT_PORTS = (("udp", 53), ("tcp", 53), ("udp", 67), ("udp", 547))  # dnsmasq's
+
+
+def check_libvirt_ports(label: str, forwards: Iterable[ForwardSpec],
+                        networks: Mapping[str, Network]) -> None:
+    """InputError if a forward would take libvirt's own DNS or DHCP on a bridge
+    address: without host-ip it takes every local address, the bridges' included (and
+    those of networks that start later); with a host-ip that is a network's address on
+    its bridge. Never granted, by XML or by root's configuration: guests of that
+    network would get the forward's answers."""
+    bridged = {iface.ip for net in networks.values() for iface in net.interfaces}
+    for index, spec in enumerate(forwards, start=1):
+        if spec.host_ip is not None and spec.host_ip not in bridged:
+            continue
+        for proto, port in LIBVIRT_PORTS:
+            if spec.proto == proto and spec.host_port.first <= port <= spec.host_port.last:
+                where = ("every local address, the bridges' included" if spec.host_ip is None
+                         else f"{spec.host_ip}, a network's address on its bridge")
+                raise InputError(f"{label}: forward #{index} ({spec.label}): host port "
+                                 f"{port}/{proto} is libvirt's own DNS/DHCP on {where}; "
+                                 "set a host-ip that is not a bridge's, or another port")
 
 
 def same_mac(net: Network, domains: Mapping[str, Domain], mac: str, owner: str) -> list[str]:
