@@ -329,3 +329,31 @@ def check_forwards(label: str, specs, facts: HostFacts | None = None,
         facts.check(f"{label}: forward #{index} ({spec.label})", spec,
                     taken.get((spec.proto, spec.host_port, spec.host_ip), ()),
                     None if families is None else families[index - 1], owner)
+
+
+def read_leases(bridge: str | None, directory: str | None = None
+                ) -> tuple[tuple[IPAddress, str | None], ...]:
+    """(address, MAC or None) of each lease libvirt's dnsmasq holds on ``bridge``, from
+    its ``BRIDGE.status`` (JSON written by libvirt's leaseshelper; IPv6 leases carry no
+    MAC). Nothing if there is no such file or it cannot be read: an unreadable record
+    names no one."""
+    if not bridge:
+        return ()
+    if directory is None:
+        from .names import dnsmasq_dir
+        directory = dnsmasq_dir()
+    try:
+        with open(os.path.join(directory, f"{bridge}.status"), encoding="utf-8") as fh:
+            import json
+            entries = json.load(fh)
+    except (OSError, ValueError):
+        return ()
+    out = []
+    for entry in entries if isinstance(entries, list) else ():
+        try:
+            ip = ip_address(str(entry["ip-address"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        mac = entry.get("mac-address")
+        out.append((ip, str(mac).lower() if mac else None))
+    return tuple(out)

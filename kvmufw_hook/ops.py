@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 from . import host, state
 from .apply import (  # noqa: F401 - the stop path lives there
@@ -42,9 +43,10 @@ from .policy import (
     check_conflicts,
     check_host,
     check_libvirt_ports,
-    check_own_macs,
     owner_label,
+    resolve_domain,
     same_mac,
+    withdraws,
 )
 
 Log = Callable[[str], None]
@@ -116,9 +118,43 @@ def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
 
 def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
     # a guest holding a copy of another running guest's MAC gets no forwards back
-    check_own_macs(dom, networks, state.network_ports)
     return _Owner(f"domain {shown(dom.name)}", domain_owner(dom.name), dom.forwards,
-                  resolve_domain_forwards(dom, networks))
+                  resolve_domain(dom, networks, state.network_ports, leases))
+
+
+def leases(net: Network):
+    """libvirt's dnsmasq leases on the network's bridge (``policy.Leases``)."""
+    return host.read_leases(net.bridge)
+
+
+def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Rule]],
+             held, backend, networks: Mapping[str, Network], log: Log,
+             bare: Sequence[Rule] = ()) -> None:
+    """Re-plan an owner a network event may affect into ``rules``: its rules if every
+    check passes; if not, its current rules stay only when the reason is availability
+    (``policy.withdraws``): otherwise its forwards are withdrawn at once (``bare``: what
+    stays, a network's own bridge rules), and the log says so in one line."""
+    try:
+        planned = build()
+        if planned.specs:
+            planned.check(held, backend, networks)
+        rules[owner] = planned.rules
+    except InputError as exc:
+        if withdraws(exc):
+            rules[owner] = tuple(bare)
+            log(f"forwards withdrawn: {exc}")
+        else:
+            log(f"keeping the current rules: {exc}")
+
+
+def _captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[str]:
+    """Owners whose forwards in the kernel reach a guest address inside ``net``'s
+    subnets: a network that starts or changes may capture them (a narrower subnet
+    beside theirs wins the route)."""
+    subnets = net.subnets
+    return {owner for owner, specs in held.items()
+            if any(ip in s for spec in specs for ip in spec.guest_ips for s in subnets
+                   if ip.version == s.version)}
 
 
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
@@ -131,27 +167,31 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         networks[net.name] = net
         domains = state.load_domains()
         mine = _network_owner(net, networks)
-        guests: list[_Owner] = []
-        for dom in domains.values():
-            if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
-                   for nic in dom.nics):
-                try:
-                    guests.append(_domain_owner(dom, networks))
-                except InputError as exc:
-                    log(f"not re-adding forwards: {exc}")
-        before = backend.read(families_of({o.owner: o.rules for o in [mine, *guests]}))
+        before = backend.read(families_of({mine.owner: mine.rules}))
         held = backend.claims(before)
         rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
         if net.forwards:
             check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
             check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
                        held.get(mine.owner, ()), mine.families)
-        for guest in guests:
-            try:  # a port taken meanwhile (replay while this network was down) stays
-                guest.check(held, backend, networks)
-                rules[guest.owner] = guest.rules
-            except InputError as exc:
-                log(f"not re-adding forwards: {exc}")
+        # every owner this network could capture or contradict is re-checked: guests on
+        # it, and every owner whose forwards reach into its subnets (a port taken
+        # meanwhile keeps the rules it has; a forward now reaching someone else's is
+        # withdrawn)
+        captured = _captured(net, held)
+        for dom in domains.values():
+            if domain_owner(dom.name) in captured or any(
+                    nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
+                    for nic in dom.nics):
+                _recheck(domain_owner(dom.name), partial(_domain_owner, dom, networks),
+                         rules, held, backend, networks, log)
+        for other in networks.values():
+            if other.name != net.name and network_owner(other.name) in captured:
+                _recheck(network_owner(other.name),
+                         partial(_network_owner, other, networks), rules, held,
+                         backend, networks, log, plan_network(other))
+        if set(rules) - {mine.owner}:
+            before = covering(backend, before, rules)
         state.save_network(net.name, raw)
         applied = apply_rules(rules, backend=backend, log=log, before=before)
     log(f"network {shown(net.name)} ({net.bridge}): rules for "
@@ -188,37 +228,37 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
             state.record_port(net.name, port.mac, port.owner_name, deleted)
         networks = state.load_networks()
         networks[net.name] = net
-        owners: list[_Owner] = []
         owner = port.owner_name if port else None
         domains = state.load_domains()
         rules: dict[str, Sequence[Rule]] = {}
-        if port and port.mac and owner is not None and not deleted:
-            for other in same_mac(net, domains, port.mac, owner):
+        mac = port.mac if port else None
+        twins = same_mac(net, domains, mac, owner) if mac and owner else []
+        if not deleted:
+            for other in twins:
                 rules[domain_owner(other)] = ()  # its forwards may reach this guest now
-                log(f"domain {shown(other)}: forwards removed: its NIC {port.mac} on network "
+                log(f"domain {shown(other)}: forwards removed: its NIC {mac} on network "
                     f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
-        try:
-            owners.append(_network_owner(net, networks))
-        except InputError as exc:
-            log(f"keeping the current rules: {exc}")
+        before = backend.read()
+        held = backend.claims(before)
+        _recheck(network_owner(net.name), lambda: _network_owner(net, networks), rules, held,
+                 backend, networks, log, plan_network(net))
+        again = _captured(net, held) | {domain_owner(o) for o in twins if deleted}
         if owner and owner in domains:
-            dom = domains[owner]
-            if deleted and port and port.mac:
-                dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
-            try:
-                owners.append(_domain_owner(dom, networks))
-            except InputError as exc:
-                log(f"keeping the current rules: {exc}")
-        before = backend.read(families_of({o.owner: o.rules for o in owners}))
-        held = backend.claims(before) if any(o.specs for o in owners) else {}
-        for planned in owners:
-            try:
-                if planned.specs:
-                    planned.check(held, backend, networks)
-                rules[planned.owner] = planned.rules
-            except InputError as exc:
-                log(f"keeping the current rules: {exc}")
-        return apply_rules(rules, backend=backend, log=log, before=before)
+            again.add(domain_owner(owner))
+        for dom in domains.values():  # the port's guest, guests whose twin left, and
+            tag = domain_owner(dom.name)  # every guest whose forwards reach in here
+            if tag in again and tag not in rules:
+                if deleted and mac and dom.name == owner:
+                    dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != mac))
+                _recheck(tag, partial(_domain_owner, dom, networks), rules, held,
+                         backend, networks, log)
+        for other in networks.values():
+            if other.name != net.name and network_owner(other.name) in again:
+                _recheck(network_owner(other.name),
+                         partial(_network_owner, other, networks), rules, held,
+                         backend, networks, log, plan_network(other))
+        return apply_rules(rules, backend=backend, log=log,
+                           before=covering(backend, before, rules))
 
 
 # --------------------------------------------------------------------------- domains
@@ -231,16 +271,22 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     backend = backend or default_backend()
     with state.locked():
         networks = state.load_networks()
-        check_own_macs(dom, networks, state.network_ports)
-        targets = resolve_domain_forwards(dom, networks)
-        rules = plan_forwards(owner, targets)
-        before = backend.read(families_of({owner: rules}))
-        held = backend.claims(before)
-        check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
-                     state.load_domains(), held)
-        families = forward_families(dom.forwards, targets)
-        check_host(label, owner, dom.forwards, host_facts(backend), networks,
-                   held.get(owner, ()), families)
+        try:
+            targets = resolve_domain(dom, networks, state.network_ports, leases)
+            rules = plan_forwards(owner, targets)
+            before = backend.read(families_of({owner: rules}))
+            held = backend.claims(before)
+            check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
+                         state.load_domains(), held)
+            families = forward_families(dom.forwards, targets)
+            check_host(label, owner, dom.forwards, host_facts(backend), networks,
+                       held.get(owner, ()), families)
+        except InputError as exc:  # fail closed: rules it had (reconnect) go
+            if withdraws(exc) and apply_rules({owner: ()}, backend=backend, log=log).payload:
+                log(f"forwards withdrawn: {exc}")
+            if withdraws(exc):
+                state.forget_domain(dom.name)
+            raise
         # The state is written first and follows the kernel: if the write fails, the
         # old rules are back (revert) and the state stays as long as any rule of the
         # owner is in the kernel, so that stopped/release still remove them.
@@ -313,6 +359,11 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
             result.rules[owner] = rules
             claimed.add(label, mine)
         except InputError as exc:
+            if withdraws(exc):  # fail closed: its forwards go, its ports are free
+                result.problems.append(f"{exc} (forwards withdrawn)"
+                                       if owner in held else str(exc))
+                result.rules[owner] = plan_own()
+                return
             result.problems.append(str(exc))
             result.failed.add(owner)
             if owner in held:  # its rules stay in the kernel: so do its ports
@@ -320,17 +371,17 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
             if owner in kept:  # still running with them: its ports wait for it
                 claimed.add(label, forwards)
 
-    def resolve_domain(dom: Domain):
-        if ports is not None:
-            check_own_macs(dom, networks, ports)
-        return resolve_domain_forwards(dom, networks)
+    def resolve(dom: Domain):
+        if ports is None:  # plan: XML files, not this host
+            return resolve_domain_forwards(dom, networks)
+        return resolve_domain(dom, networks, ports, leases)
 
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: resolve_network_forwards(net, networks),
                lambda net=net: plan_network(net))
               for name, net in sorted(networks.items()) if net.managed]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
-                lambda dom=dom: resolve_domain(dom), tuple)
+                lambda dom=dom: resolve(dom), tuple)
                for name, dom in sorted(domains.items()) if dom.forwards]
     # stable: holders first, then owners still running with theirs, order kept
     owners.sort(key=lambda o: 0 if o[0] in held else 1 if o[0] in kept else 2)

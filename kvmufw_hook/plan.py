@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from ipaddress import IPv4Network, IPv6Network
 
-from .errors import InputError, shown
+from .errors import InputError, Unavailable, shown
 from .model import (
     FAMILIES,
     Domain,
@@ -256,9 +256,12 @@ def _reserved_by_others(dom: Domain, attached: list[tuple[str, Network]]) -> dic
     a MAC that is none of the domain's NICs, or a name-only entry (every IPv6 one) not
     named as it. Built once per domain: a guest may have thousands of forwards, a
     network thousands of reservations."""
-    own = {nic.mac for nic in dom.nics if nic.mac}
     held: dict[IPAddress, str] = {}
     for net in {id(n): n for _m, n in attached}.values():
+        # a reservation is the guest's only through a NIC on that very network: a second
+        # NIC elsewhere (another network, an unmanaged bridge) with the MAC of another
+        # guest's reservation here makes that guest's address no more this one's
+        own = {mac for mac, n in attached if n is net}
         slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
         for host in net.hosts:
             if host.mac is not None and host.mac not in own:
@@ -325,12 +328,12 @@ def resolve_domain_forwards(dom: Domain,
             candidates = [(mac, net) for mac, net in attached if mac == spec.mac]
             if not candidates:
                 if any(nic.mac == spec.mac for nic in dom.nics):
-                    raise InputError(f"{where}: NIC {spec.mac} is not on a nat, route, open "
-                                     "or isolated network with a bridge")
+                    raise Unavailable(f"{where}: NIC {spec.mac} is not on a nat, route, open "
+                                      "or isolated network with a bridge that is active")
                 raise InputError(f"{where}: the domain has no NIC with mac {spec.mac}")
         if not attached:
-            raise InputError(f"{where}: the domain has no NIC on a nat, route, open or "
-                             "isolated network that is active")
+            raise Unavailable(f"{where}: the domain has no NIC on a nat, route, open or "
+                              "isolated network that is active")
         targets: list[Resolved] = []
         if spec.guest_ips:
             if others is None:
@@ -490,8 +493,8 @@ def check_conflicts(owner_label: str, specs: Iterable[ForwardSpec],
                                      f"{other_spec.label} of the same owner")
                 mine, theirs, whose = ((spec, other_spec, other_label) if label is None
                                        else (other_spec, spec, label))
-                raise InputError(f"{owner_label}: {mine.label}: host port already "
-                                 f"forwarded by {whose} ({theirs.label})")
+                raise Unavailable(f"{owner_label}: {mine.label}: host port already "
+                                  f"forwarded by {whose} ({theirs.label})")
         active.append(entry)
 
 

@@ -15,13 +15,75 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from . import host
-from .errors import InputError, shown
+from .errors import InputError, Unavailable, shown
 from .model import Domain, ForwardSpec, IPAddress, Network
 from .names import domain_owner, network_owner
-from .plan import check_conflicts
+from .plan import Resolved, check_conflicts, eui64_address, resolve_domain_forwards
 
 Claims = list[tuple[str, Iterable[ForwardSpec]]]
 Facts = host.HostFacts | Callable[[], host.HostFacts]
+Ports = Callable[[str], list[tuple[str, str]]]  # network name -> (MAC, owner) of its ports
+Leases = Callable[[Network], Iterable[tuple[IPAddress, str | None]]]  # (address, MAC)
+
+
+def withdraws(exc: InputError) -> bool:
+    """Whether a re-check that refused an owner's forwards with ``exc`` must take its
+    current rules away (fail closed): every refusal but an ``Unavailable`` one (its
+    network is down, another owner holds its port) says a forward may reach what its
+    owner does not own."""
+    return not isinstance(exc, Unavailable)
+
+
+def no_leases(_net: Network) -> tuple[tuple[IPAddress, str | None], ...]:
+    return ()
+
+
+def resolve_domain(dom: Domain, networks: Mapping[str, Network], ports: Ports,
+                   leases: Leases = no_leases) -> tuple[Resolved, ...]:
+    """A guest's forwards resolved, and each target proven its own: no NIC with a copy
+    of another running guest's MAC (``check_own_macs``), no address libvirt's records
+    give another guest (``check_own_addresses``). Every operation resolves guests here."""
+    check_own_macs(dom, networks, ports)
+    targets = resolve_domain_forwards(dom, networks)
+    check_own_addresses(dom, targets, ports, leases)
+    return targets
+
+
+def _on(dom: Domain, net: Network) -> set[str]:
+    """The MACs of the guest's NICs on ``net`` (by name, or by its bridge)."""
+    return {nic.mac for nic in dom.nics if nic.mac and (
+        nic.network == net.name or (nic.bridge is not None and nic.bridge == net.bridge))}
+
+
+def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
+                        leases: Leases) -> None:
+    """InputError if a forward's guest address is another guest's by libvirt's own
+    records: a dnsmasq lease of a MAC that is none of this guest's NICs on that network,
+    or (IPv6, a /64) the SLAAC address of another guest's port there. Reservations are
+    ``plan``'s (they are in the network's XML). Each network's records are read once."""
+    seen: dict[str, dict[IPAddress, str]] = {}
+    for t in targets:
+        net = t.network
+        if net.name not in seen:
+            own = _on(dom, net)
+            theirs: dict[IPAddress, str] = {}
+            for ip, mac in leases(net):
+                if mac is not None and mac not in own:
+                    theirs.setdefault(ip, f"leased by dnsmasq to MAC {mac}")
+            slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
+            for mac, owner in ports(net.name) if slaac else ():
+                if owner != dom.name and mac not in own:
+                    for subnet in slaac:
+                        theirs.setdefault(eui64_address(subnet, mac),
+                                          f"the SLAAC address of domain {shown(owner)}'s "
+                                          f"MAC {mac}")
+            seen[net.name] = theirs
+        holder = seen[net.name].get(t.guest_ip)
+        if holder is not None:
+            raise InputError(f"domain {shown(dom.name)}: forward {t.spec.label}: guest "
+                             f"{t.guest_ip} on network {shown(net.name)} is another "
+                             f"guest's ({holder}); a domain forwards only to its own "
+                             "addresses")
 
 
 def owner_label(owner: str) -> str:

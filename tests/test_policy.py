@@ -181,3 +181,112 @@ LAB = b"""<network><name>lab</name><forward mode='nat'/><bridge name='virbr9'/>
 <ip address='10.0.0.1' prefix='24'><dhcp><range start='10.0.0.100' end='10.0.0.200'/>
 <host mac='52:54:00:00:00:10' ip='10.0.0.10'/></dhcp></ip>
 <ip family='ipv6' address='fd00:10::1' prefix='64'/></network>"""
+
+
+# --------------------------------------------------------------------------- own addresses
+
+DEFAULT = b"""<network><name>default</name><forward mode='nat'/><bridge name='virbr8'/>
+<ip address='192.168.122.1' prefix='24'><dhcp><range start='192.168.122.2'
+end='192.168.122.254'/></dhcp></ip></network>"""
+VICTIM_MAC = "52:54:00:00:00:10"
+NIC = "<interface type='{kind}'><mac address='{mac}'/><source {kind}='{where}'/></interface>"
+
+
+def _networks():
+    from kvmufw_hook.parse import parse_network_xml
+    return {"lab": parse_network_xml(LAB), "default": parse_network_xml(DEFAULT)}
+
+
+def _attacker(second: str, forward: str = 'host-port="2222" guest-port="22" '
+                                          'guest-ip="10.0.0.10"'):
+    nics = NIC.format(kind="network", mac="52:54:00:00:00:66", where="lab") + second
+    return parse_domain_xml(domain(f"<kvmufw:forward {forward}/>", "evil", nics))
+
+
+@pytest.mark.parametrize("second", [
+    NIC.format(kind="network", mac=VICTIM_MAC, where="default"),
+    NIC.format(kind="bridge", mac=VICTIM_MAC, where="br-unmanaged"),
+])
+def test_a_second_nic_with_anothers_mac_elsewhere_does_not_make_its_reservation_own(second):
+    from kvmufw_hook import policy
+    with pytest.raises(InputError, match="10.0.0.10 is reserved for another guest"):
+        policy.resolve_domain(_attacker(second), _networks(), lambda _n: [])
+
+
+def test_a_reservation_through_a_nic_on_that_network_is_own():
+    from kvmufw_hook import policy
+    web1 = parse_domain_xml(domain('<kvmufw:forward host-port="2222" guest-port="22" '
+                                   'guest-ip="10.0.0.10"/>'))
+    (target,) = policy.resolve_domain(web1, _networks(), lambda _n: [])
+    assert str(target.guest_ip) == "10.0.0.10"
+
+
+def test_an_address_dnsmasq_leased_to_another_guest_is_not_a_forwards_target():
+    from ipaddress import ip_address
+
+    from kvmufw_hook import policy
+    evil = parse_domain_xml(domain('<kvmufw:forward host-port="2222" guest-port="22" '
+                                   'guest-ip="192.168.122.57"/>', "evil", NIC.format(
+                                       kind="network", mac="52:54:00:00:00:66",
+                                       where="default")))
+    leases = {"default": [(ip_address("192.168.122.57"), VICTIM_MAC),
+                          (ip_address("192.168.122.66"), "52:54:00:00:00:66")]}
+    with pytest.raises(InputError, match="192.168.122.57 on network 'default' is another "
+                                         "guest's \\(leased by dnsmasq to MAC 52:54"):
+        policy.resolve_domain(evil, _networks(), lambda _n: [],
+                              lambda net: leases.get(net.name, ()))
+    own = parse_domain_xml(domain('<kvmufw:forward host-port="2222" guest-port="22" '
+                                  'guest-ip="192.168.122.66"/>', "evil", NIC.format(
+                                      kind="network", mac="52:54:00:00:00:66",
+                                      where="default")))
+    policy.resolve_domain(own, _networks(), lambda _n: [], lambda net: leases.get(net.name, ()))
+
+
+def test_the_slaac_address_of_another_guests_port_is_not_a_forwards_target():
+    from kvmufw_hook import policy
+    from kvmufw_hook.parse import parse_network_xml
+    from kvmufw_hook.plan import eui64_address
+    victim_mac = "52:54:00:00:00:77"  # no reservation anywhere: only its port says it
+    slaac = eui64_address(parse_network_xml(LAB).subnets[1], victim_mac)
+    evil = _attacker("", f'host-port="2222" guest-port="22" guest-ip="{slaac}"')
+    ports = {"lab": [(victim_mac, "victim"), ("52:54:00:00:00:66", "evil")]}
+    with pytest.raises(InputError, match="the SLAAC address of domain 'victim'"):
+        policy.resolve_domain(evil, _networks(), lambda n: ports.get(n, []))
+
+
+def test_the_leases_file_of_libvirts_dnsmasq_is_read(tmp_path):
+    from ipaddress import ip_address
+
+    from kvmufw_hook.host import read_leases
+    (tmp_path / "virbr8.status").write_text(
+        '[{"ip-address": "192.168.122.57", "mac-address": "52:54:00:AA:00:10", '
+        '"hostname": "v", "expiry-time": 1}, {"ip-address": "fd00::5", "iaid": "1", '
+        '"client-id": "00", "expiry-time": 1}, {"bad": 1}]')
+    assert read_leases("virbr8", str(tmp_path)) == (
+        (ip_address("192.168.122.57"), "52:54:00:aa:00:10"), (ip_address("fd00::5"), None))
+    assert read_leases("virbr9", str(tmp_path)) == ()
+
+
+# --------------------------------------------------------------------------- fail closed
+
+def test_a_recheck_withdraws_a_forward_to_an_address_now_reserved_for_another_guest():
+    """replay/restore: the tenant's DNAT to 10.0.0.50 goes once 10.0.0.50 is reserved
+    for a new guest; a forward whose port another owner holds keeps its rules."""
+    from kvmufw_hook.ops import plan_host
+    from kvmufw_hook.parse import parse_network_xml
+    lab = parse_network_xml(LAB.replace(b"</dhcp>", b"<host mac='52:54:00:00:00:50' "
+                                                    b"ip='10.0.0.50'/></dhcp>"))
+    tenant = parse_domain_xml(domain('<kvmufw:forward host-port="2222" guest-port="22" '
+                                     'guest-ip="10.0.0.50"/>', "tenant"))
+    holder = parse_domain_xml(domain('<kvmufw:forward host-port="8080"/>', "holder"))
+    late = parse_domain_xml(domain('<kvmufw:forward host-port="8080"/>', "late"))
+    held = {"d=tenant": list(tenant.forwards), "d=holder": list(holder.forwards),
+            "d=late": list(parse_domain_xml(domain('<kvmufw:forward host-port="9090"/>',
+                                                   "late")).forwards)}
+    planned = plan_host({"lab": lab}, {"tenant": tenant, "holder": holder, "late": late},
+                        holders=held, ports=lambda _n: [])
+    assert planned.rules["d=tenant"] == ()  # withdrawn
+    assert "d=tenant" not in planned.failed
+    assert any("10.0.0.50 is reserved for another guest" in p and "(forwards withdrawn)" in p
+               for p in planned.problems)
+    assert "d=late" in planned.failed and "d=late" not in planned.rules  # its rules stay
