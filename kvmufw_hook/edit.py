@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from lxml import etree
 
-from . import ops, policy, state
+from . import host, ops, policy, state
 from .errors import InputError, shown
 from .model import Domain, ForwardSpec, Network
 from .names import NAMESPACE, domain_owner, network_owner
@@ -258,7 +258,8 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: Non
         if live_root is not None and live is not None:
             candidate = parse_domain(_with_forwards(live_root, live))
             networks, domains = _live(conn)
-            resolve_domain_forwards(candidate, networks)
+            policy.resolve_domain(candidate, networks, state.network_ports,
+                                  host.network_leases)
             held = ops.kernel_claims()
             owner = domain_owner(name)
             policy.check_claims(what, owner, candidate.forwards, networks, domains, held)

@@ -357,3 +357,8 @@ def read_leases(bridge: str | None, directory: str | None = None
         mac = entry.get("mac-address")
         out.append((ip, str(mac).lower() if mac else None))
     return tuple(out)
+
+
+def network_leases(net) -> tuple[tuple[IPAddress, str | None], ...]:
+    """The leases of a network's dnsmasq (``policy.Leases``)."""
+    return read_leases(net.bridge)

@@ -119,12 +119,7 @@ def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
 def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
     # a guest holding a copy of another running guest's MAC gets no forwards back
     return _Owner(f"domain {shown(dom.name)}", domain_owner(dom.name), dom.forwards,
-                  resolve_domain(dom, networks, state.network_ports, leases))
-
-
-def leases(net: Network):
-    """libvirt's dnsmasq leases on the network's bridge (``policy.Leases``)."""
-    return host.read_leases(net.bridge)
+                  resolve_domain(dom, networks, state.network_ports, host.network_leases))
 
 
 def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Rule]],
@@ -272,7 +267,7 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     with state.locked():
         networks = state.load_networks()
         try:
-            targets = resolve_domain(dom, networks, state.network_ports, leases)
+            targets = resolve_domain(dom, networks, state.network_ports, host.network_leases)
             rules = plan_forwards(owner, targets)
             before = backend.read(families_of({owner: rules}))
             held = backend.claims(before)
@@ -374,7 +369,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     def resolve(dom: Domain):
         if ports is None:  # plan: XML files, not this host
             return resolve_domain_forwards(dom, networks)
-        return resolve_domain(dom, networks, ports, leases)
+        return resolve_domain(dom, networks, ports, host.network_leases)
 
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: resolve_network_forwards(net, networks),
