@@ -113,7 +113,7 @@ class _Owner:
 
 def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
     return _Owner(f"network {shown(net.name)}", network_owner(net.name), net.forwards,
-                  resolve_network_forwards(net, networks), plan_network(net))
+                  resolve_network_forwards(net, networks), plan_network(net, networks))
 
 
 def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
@@ -180,11 +180,11 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
                     for nic in dom.nics):
                 _recheck(domain_owner(dom.name), partial(_domain_owner, dom, networks),
                          rules, held, backend, networks, log)
-        for other in networks.values():
-            if other.name != net.name and network_owner(other.name) in captured:
+        for other in networks.values():  # all: their fences (``plan_network``) name it
+            if other.name != net.name and other.managed:
                 _recheck(network_owner(other.name),
                          partial(_network_owner, other, networks), rules, held,
-                         backend, networks, log, plan_network(other))
+                         backend, networks, log, plan_network(other, networks))
         if set(rules) - {mine.owner}:
             before = covering(backend, before, rules)
         state.save_network(net.name, raw)
@@ -201,8 +201,19 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
         state.forget_network(net.name)
         if not net.managed:
             return Applied("")
-        applied = apply_rules({network_owner(net.name): ()},
-                              drop=(lambda t: t.bridge == bridge) if bridge else None,
+        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): ()}
+        networks = state.load_networks()
+        if any(n.managed and n.bridge for n in networks.values()):
+            # the others' fences (``plan_network``) no longer name its bridge
+            backend = backend or default_backend()
+            before = backend.read()
+            held = backend.claims(before)
+            for other in networks.values():
+                if other.managed:
+                    _recheck(network_owner(other.name),
+                             partial(_network_owner, other, networks), rules, held,
+                             backend, networks, log, plan_network(other, networks))
+        applied = apply_rules(rules, drop=(lambda t: t.bridge == bridge) if bridge else None,
                               backend=backend, log=log)
     log(f"network {shown(net.name)} ({bridge}): rules removed")
     return applied
@@ -236,7 +247,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         before = backend.read()
         held = backend.claims(before)
         _recheck(network_owner(net.name), lambda: _network_owner(net, networks), rules, held,
-                 backend, networks, log, plan_network(net))
+                 backend, networks, log, plan_network(net, networks))
         again = _captured(net, held) | {domain_owner(o) for o in twins if deleted}
         if owner and owner in domains:
             again.add(domain_owner(owner))
@@ -251,7 +262,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
             if other.name != net.name and network_owner(other.name) in again:
                 _recheck(network_owner(other.name),
                          partial(_network_owner, other, networks), rules, held,
-                         backend, networks, log, plan_network(other))
+                         backend, networks, log, plan_network(other, networks))
         return apply_rules(rules, backend=backend, log=log,
                            before=covering(backend, before, rules))
 
@@ -272,7 +283,7 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
             before = backend.read(families_of({owner: rules}))
             held = backend.claims(before)
             check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
-                         state.load_domains(), held)
+                         state.load_domains(known=frozenset(held)), held)
             families = forward_families(dom.forwards, targets)
             check_host(label, owner, dom.forwards, host_facts(backend), networks,
                        held.get(owner, ()), families)
@@ -373,7 +384,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
 
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: resolve_network_forwards(net, networks),
-               lambda net=net: plan_network(net))
+               lambda net=net: plan_network(net, networks))
               for name, net in sorted(networks.items()) if net.managed]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
                 lambda dom=dom: resolve(dom), tuple)

@@ -50,7 +50,7 @@ class Rule:
     owner: str
     bridge: str
     subnet: str
-    verdict: str  # ACCEPT, DNAT, MASQUERADE
+    verdict: str  # ACCEPT, DNAT, MASQUERADE, RETURN (back to the built-in chain)
     src: IPNetwork | None = None
     dst: IPNetwork | None = None
     not_dst: IPNetwork | None = None
@@ -62,6 +62,7 @@ class Rule:
     dst_local: bool = False  # destination is one of the host's addresses
     not_bcast_mcast: bool = False  # destination is neither broadcast nor multicast
     ctstate: str | None = None
+    not_ctstate: str | None = None
     to_addr: IPAddress | None = None  # DNAT: the guest
     to_ports: PortRange | None = None  # DNAT (guest ports, same width as dport) or
     #                                    MASQUERADE (source ports)
@@ -96,18 +97,28 @@ def _routes(net: Network, subnet: IPNetwork) -> bool:
     return net.mode in ("route", "open")
 
 
-def plan_network(net: Network) -> tuple[Rule, ...]:
+def plan_network(net: Network,
+                 others: Mapping[str, Network] | None = None) -> tuple[Rule, ...]:
     """The rules that let a managed network's guests talk, beside UFW's DROP policies,
-    in each family the network has an address in."""
+    in each family the network has an address in. ``others``: the other active
+    networks: an accept out of the bridge to any interface (no ``<forward dev=…>``)
+    first returns traffic bound for their bridges to libvirt's own rules, which refuse
+    it (``LIBVIRT_FWI``) unless that network is routed: between networks we are never
+    looser than libvirt."""
     if not net.managed:
         return ()
     owner = network_owner(net.name)
     bridge = net.bridge
     assert bridge is not None
     rules: list[Rule] = []
+    fenced = _fenced(net, others or {})
     for subnet in net.subnets:
         rule = partial(Rule, family=subnet.version, owner=owner, bridge=bridge,
                        subnet=str(subnet))
+        out = net.dev if net.mode != "open" else None
+        if net.mode != "isolated" and out is None:  # before the accept out to anywhere
+            rules += [rule("forward", src=subnet, iif=bridge, oif=other, not_ctstate="DNAT",
+                           verdict="RETURN") for other in fenced]  # DNAT'd: a forward's
         if net.mode == "nat" and not _routes(net, subnet):
             rules.append(rule("forward", src=subnet, iif=bridge, oif=net.dev,
                               verdict="ACCEPT"))
@@ -136,6 +147,13 @@ def plan_network(net: Network) -> tuple[Rule, ...]:
                 rules.append(rule("input", iif=bridge, proto=proto,
                                   dport=PortRange(DNS_PORT, DNS_PORT), verdict="ACCEPT"))
     return tuple(rules)
+
+
+def _fenced(net: Network, others: Mapping[str, Network]) -> list[str]:
+    """The bridges of the other active networks whose libvirt rules refuse what comes
+    from another bridge (every mode but open, which libvirt leaves alone), sorted."""
+    return sorted({o.bridge for o in others.values() if o.managed and o.bridge
+                   and o.bridge != net.bridge and o.mode != "open"})
 
 
 def _families(net: Network) -> tuple[int, ...]:
@@ -448,7 +466,7 @@ def plan_network_owner(net: Network,
                        others: Mapping[str, Network] | None = None) -> tuple[Rule, ...]:
     """Everything the network owns: its bridge rules and its metadata forwards
     (``others``: the other active networks, see ``resolve_network_forwards``)."""
-    return plan_network(net) + plan_forwards(network_owner(net.name),
+    return plan_network(net, others) + plan_forwards(network_owner(net.name),
                                              resolve_network_forwards(net, others))
 
 

@@ -94,7 +94,7 @@ def collect(backend=None) -> dict:
         owner = network_owner(name)
         entry = {"name": name, "bridge": net.bridge, "mode": net.mode,
                  "subnets": [str(s) for s in net.subnets], "rules_present": False}
-        check(entry, "rules_present", plan_network(net))
+        check(entry, "rules_present", plan_network(net, networks))
         entry["forwards"] = _forwards(owner, net.forwards,
                                       lambda net=net: resolve_network_forwards(net, networks),
                                       check)

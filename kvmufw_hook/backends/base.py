@@ -33,6 +33,9 @@ class Change(Protocol):
     def text(self) -> str:
         """The change as shown to people (dry runs, ``plan``, logs)."""
 
+    def ends_forwards(self) -> bool:
+        """Whether it may remove forwards (their conntrack flows are then ended)."""
+
 
 class Backend(Protocol):
     def read(self, families: Iterable[int] = ()) -> Ruleset:
@@ -63,6 +66,10 @@ class Backend(Protocol):
     def claims(self, ruleset: Ruleset) -> dict[str, list[ForwardSpec]]:
         """owner -> the host ports its rules in the kernel hold (each claim carries its
         family: a guest address of that family)."""
+
+    def end_flows(self, change: Change, log: Callable[[str], None]) -> None:
+        """End the conntrack flows of the forwards ``change`` (just written) took out; a
+        failure is logged, never raised (the rules are gone already)."""
 
     def owners(self, ruleset: Ruleset) -> set[str]:
         """Every owner with a rule in the kernel."""
