@@ -94,6 +94,20 @@ def end_flows(flows: list[Flow]) -> int:
     return deleted
 
 
+def _messages(sock):
+    """(type, sequence, data, start, end) of each netlink message received, for ever:
+    the caller stops when it has what it waits for."""
+    while True:
+        data = sock.recv(1 << 16)
+        at = 0
+        while at + _HEADER.size <= len(data):
+            length, kind, _flags, seq, _pid = _HEADER.unpack_from(data, at)
+            if length < _HEADER.size:
+                break
+            yield kind, seq, data, at + _HEADER.size, at + length
+            at += (length + 3) & ~3
+
+
 def _dump(sock, seq: int, family: int, flows: list[Flow]) -> list[bytes]:
     """The identifying attributes (original tuple, zone, id) of each entry to delete."""
     request = _NFGEN.pack(AF[family], 0, 0)
@@ -101,49 +115,37 @@ def _dump(sock, seq: int, family: int, flows: list[Flow]) -> list[bytes]:
     sock.send(_HEADER.pack(_HEADER.size + len(request), kind, NLM_F_REQUEST | NLM_F_DUMP,
                            seq, 0) + request)
     out: list[bytes] = []
-    while True:
-        data = sock.recv(1 << 16)
-        at = 0
-        while at + _HEADER.size <= len(data):
-            length, kind, _flags, got, _pid = _HEADER.unpack_from(data, at)
-            if length < _HEADER.size:
-                return out
-            end = at + length
-            if kind == NLMSG_DONE and got == seq:
-                return out
-            if kind == NLMSG_ERROR:
-                (errno,) = struct.unpack_from("=i", data, at + _HEADER.size)
-                if errno:
-                    raise OSError(-errno, "ctnetlink dump refused")
-                return out
-            if kind & 0xFF == IPCTNL_MSG_CT_NEW:
-                attrs = _attrs(data, at + _HEADER.size + _NFGEN.size, end)
-                if CTA_TUPLE_ORIG in attrs and CTA_TUPLE_REPLY in attrs:
-                    orig = _tuple(data, attrs[CTA_TUPLE_ORIG], family)
-                    reply = _tuple(data, attrs[CTA_TUPLE_REPLY], family)
-                    if _matches(orig, reply, flows):
-                        out.append(b"".join(_whole(data, attrs[k]) for k in
-                                            (CTA_TUPLE_ORIG, CTA_ZONE, CTA_ID) if k in attrs))
-            at += (length + 3) & ~3
+    for kind, got, data, start, end in _messages(sock):
+        if kind == NLMSG_DONE and got == seq:
+            return out
+        if kind == NLMSG_ERROR:
+            (errno,) = struct.unpack_from("=i", data, start)
+            if errno:
+                raise OSError(-errno, "ctnetlink dump refused")
+            return out
+        if kind & 0xFF == IPCTNL_MSG_CT_NEW:
+            attrs = _attrs(data, start + _NFGEN.size, end)
+            if CTA_TUPLE_ORIG in attrs and CTA_TUPLE_REPLY in attrs:
+                orig = _tuple(data, attrs[CTA_TUPLE_ORIG], family)
+                reply = _tuple(data, attrs[CTA_TUPLE_REPLY], family)
+                if _matches(orig, reply, flows):
+                    out.append(b"".join(_whole(data, attrs[k]) for k in
+                                        (CTA_TUPLE_ORIG, CTA_ZONE, CTA_ID) if k in attrs))
+    return out
 
 
 def _acks(sock, count: int) -> int:
     """Read ``count`` acknowledgements; the number of entries really deleted (one that
     ended meanwhile answers ENOENT)."""
-    done = 0
-    deleted = 0
-    while done < count:
-        data = sock.recv(1 << 16)
-        at = 0
-        while at + _HEADER.size <= len(data):
-            length, kind, _flags, _seq, _pid = _HEADER.unpack_from(data, at)
-            if length < _HEADER.size:
-                return deleted
-            if kind == NLMSG_ERROR:
-                done += 1
-                (errno,) = struct.unpack_from("=i", data, at + _HEADER.size)
-                deleted += errno == 0
-            at += (length + 3) & ~3
+    done = deleted = 0
+    if not count:
+        return 0
+    for kind, _seq, data, start, _end in _messages(sock):
+        if kind == NLMSG_ERROR:
+            done += 1
+            deleted += struct.unpack_from("=i", data, start)[0] == 0
+            if done == count:
+                break
     return deleted
 
 
