@@ -281,8 +281,9 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
             targets = resolve_domain(dom, networks, state.network_ports, host.network_leases)
             rules = plan_forwards(owner, targets)
             before = backend.read(families_of({owner: rules}))
-            held = backend.claims(before)
-            check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
+            mine = resolved_specs(dom.forwards, targets)
+            held = backend.claims(before, near=mine, mine=owner)  # only what could clash
+            check_claims(label, owner, mine, networks,
                          state.load_domains(known=frozenset(held)), held)
             families = forward_families(dom.forwards, targets)
             check_host(label, owner, dom.forwards, host_facts(backend), networks,
