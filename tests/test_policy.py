@@ -290,3 +290,63 @@ def test_a_recheck_withdraws_a_forward_to_an_address_now_reserved_for_another_gu
     assert any("10.0.0.50 is reserved for another guest" in p and "(forwards withdrawn)" in p
                for p in planned.problems)
     assert "d=late" in planned.failed and "d=late" not in planned.rules  # its rules stay
+
+
+# --------------------------------------------------------------------------- events (in memory)
+
+@pytest.fixture
+def fake(monkeypatch, state_env):
+    """iptables in memory (tests/fakebackend.py) and a host with no services."""
+    from ipaddress import IPv4Address
+
+    from fakebackend import FakeBackend
+
+    from kvmufw_hook import host
+    facts = host.HostFacts(frozenset({IPv4Address("203.0.113.1")}), ())
+    monkeypatch.setattr(host.HostFacts, "read", classmethod(lambda cls, prefix=(): facts))
+    return FakeBackend()
+
+
+def _owners(backend) -> set[str]:
+    return {l.split("kvmufw:")[1].split(",")[0] for l in backend.save().splitlines()
+            if "kvmufw:" in l}
+
+
+def _net_hook(raw: bytes, backend, port=None, deleted=False, log=None):
+    """port-created (port), port-deleted (port, deleted) or updated (no port)."""
+    from kvmufw_hook import ops
+    from kvmufw_hook.parse import parse_network_xml
+    return ops.network_port(parse_network_xml(raw), raw, port, deleted, backend=backend,
+                            log=log or (lambda _m: None))
+
+
+def test_updated_withdraws_a_forward_to_an_address_newly_reserved_for_another_guest(fake):
+    from kvmufw_hook import ops
+    from kvmufw_hook.parse import parse_network_xml
+    ops.network_started(parse_network_xml(LAB), LAB, backend=fake)
+    tenant = domain('<kvmufw:forward host-port="2222" guest-port="22" guest-ip="10.0.0.50"/>',
+                    "tenant")
+    ops.domain_started(parse_domain_xml(tenant), tenant, backend=fake)
+    assert "d=tenant" in _owners(fake)
+    reserved = LAB.replace(b"</dhcp>", b"<host mac='52:54:00:00:00:50' ip='10.0.0.50'/></dhcp>")
+    logs: list[str] = []
+    _net_hook(reserved, fake, log=logs.append)
+    assert "d=tenant" not in _owners(fake)
+    assert any(l.startswith("forwards withdrawn: domain 'tenant'") and "10.0.0.50" in l
+               for l in logs), logs
+
+
+def test_a_copy_of_a_mac_strips_the_incumbent_only_while_the_copy_runs(fake):
+    from kvmufw_hook import ops
+    from kvmufw_hook.model import NetworkPort
+    from kvmufw_hook.parse import parse_network_xml
+    ops.network_started(parse_network_xml(LAB), LAB, backend=fake)
+    _net_hook(LAB, fake, NetworkPort("web1", None, VICTIM_MAC, "virbr9"))
+    web1 = domain('<kvmufw:forward host-port="2222" guest-port="22"/>')
+    ops.domain_started(parse_domain_xml(web1), web1, backend=fake)
+    assert "d=web1" in _owners(fake)
+    copy = NetworkPort("copy", None, VICTIM_MAC, "virbr9")
+    _net_hook(LAB, fake, copy)  # a guest with no metadata and the victim's MAC starts
+    assert "d=web1" not in _owners(fake)  # ambiguous: its reservation may be the copy's
+    _net_hook(LAB, fake, copy, deleted=True)  # the copy stops
+    assert "d=web1" in _owners(fake)  # the incumbent's forwards are back
