@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InputError, shown
+from .errors import ConfigError, shown
 from .names import domain_owner, network_owner
 
 BACKENDS = ("iptables",)
@@ -47,7 +47,7 @@ class Config:
 
 def load(path: str | None = None) -> Config:
     """The configuration in ``path`` (default: ``names.config_path()``); the defaults
-    if it does not exist; InputError naming file and line if it is wrong."""
+    if it does not exist; ConfigError naming file and line if it is wrong."""
     if path is None:
         from .names import config_path
         path = config_path()
@@ -57,7 +57,7 @@ def load(path: str | None = None) -> Config:
     except FileNotFoundError:
         return Config()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot be read: {exc}") from None
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
     return parse(text, path)
 
 
@@ -66,7 +66,7 @@ def _values(value: str, where: str) -> list[str]:
     value = value.strip()
     if value.startswith("["):
         if not value.endswith("]"):
-            raise InputError(f"{where}: a list must end with ']'")
+            raise ConfigError(f"{where}: a list must end with ']'")
         inner = value[1:-1].strip()
         items = [] if not inner else [i.strip() for i in inner.rstrip(",").split(",")]
     else:
@@ -75,7 +75,7 @@ def _values(value: str, where: str) -> list[str]:
     for item in items:
         found = _STRING.fullmatch(item)
         if found is None:
-            raise InputError(f"{where}: {shown(item)} is not a quoted string")
+            raise ConfigError(f"{where}: {shown(item)} is not a quoted string")
         out.append(found.group(1))
     return out
 
@@ -106,34 +106,34 @@ def parse(text: str, path: str = "kvmufw_hook.conf") -> Config:
         where = f"{path}: line {start}"
         found = _LINE.fullmatch(line)
         if found is None:
-            raise InputError(f'{where}: not key = "value"')
+            raise ConfigError(f'{where}: not key = "value"')
         key, value = found.groups()
         while value.lstrip().startswith("[") and "]" not in value and number < len(lines):
             value += " " + _uncommented(lines[number]).strip()  # a list over lines
             number += 1
         if key in seen:
-            raise InputError(f"{where}: {key} is set twice")
+            raise ConfigError(f"{where}: {key} is set twice")
         seen.add(key)
         if key == "firewall_backend":
             (backend,) = _one(_values(value, where), where, key)
             if backend in LATER_BACKENDS:
-                raise InputError(f'{where}: firewall_backend "{backend}" is not supported '
+                raise ConfigError(f'{where}: firewall_backend "{backend}" is not supported '
                                  'yet; use "iptables" (the default)')
             if backend not in BACKENDS:
-                raise InputError(f"{where}: firewall_backend {shown(backend)} is not one of "
+                raise ConfigError(f"{where}: firewall_backend {shown(backend)} is not one of "
                                  + ", ".join(f'"{b}"' for b in BACKENDS))
             config.firewall_backend = backend
         elif key == "allow_host_service":
             consents.update(_consent(entry, where) for entry in _values(value, where))
         else:
-            raise InputError(f"{where}: unknown key {shown(key)}")
+            raise ConfigError(f"{where}: unknown key {shown(key)}")
     config.allow_host_service = frozenset(consents)
     return config
 
 
 def _one(values: list[str], where: str, key: str) -> list[str]:
     if len(values) != 1:
-        raise InputError(f"{where}: {key} takes one string, not a list")
+        raise ConfigError(f"{where}: {key} takes one string, not a list")
     return values
 
 
@@ -144,16 +144,16 @@ def _consent(entry: str, where: str) -> tuple[str, str, int, int]:
     parts = rest.rsplit(":", 2)
     what = f"{where}: allow_host_service entry {shown(entry)}"
     if kind not in ("domain", "network") or len(parts) != 3 or not parts[0]:
-        raise InputError(f"{what}: not KIND:NAME:PROTO:PORTS (KIND domain or network)")
+        raise ConfigError(f"{what}: not KIND:NAME:PROTO:PORTS (KIND domain or network)")
     name, proto, ports = parts
     if proto not in ("tcp", "udp"):
-        raise InputError(f"{what}: protocol {shown(proto)} is not tcp or udp")
+        raise ConfigError(f"{what}: protocol {shown(proto)} is not tcp or udp")
     found = _PORTS.fullmatch(ports)
     if found is None:
-        raise InputError(f"{what}: {shown(ports)} is not a port or range")
+        raise ConfigError(f"{what}: {shown(ports)} is not a port or range")
     first = int(found.group(1))
     last = int(found.group(2) or first)
     if not 1 <= first <= last <= 65535:
-        raise InputError(f"{what}: ports {shown(ports)} are not a range within 1-65535")
+        raise ConfigError(f"{what}: ports {shown(ports)} are not a range within 1-65535")
     owner = domain_owner(name) if kind == "domain" else network_owner(name)
     return owner, proto, first, last

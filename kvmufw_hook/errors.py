@@ -19,6 +19,11 @@ class Unavailable(InputError):
     withdraws them (fail closed)."""
 
 
+class ConfigError(InputError):
+    """Root's configuration file is wrong (one line naming file and line): nothing is
+    changed, current rules included."""
+
+
 class ApplyError(KvmufwError):
     """The firewall (iptables-save/-restore) failed or refused the change."""
 

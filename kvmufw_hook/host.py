@@ -19,7 +19,7 @@ import os
 import sys
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from .errors import InputError, shown
+from .errors import InputError, Unavailable, shown
 from .model import ForwardSpec, IPAddress
 from .sockdiag import tcp_listeners
 
@@ -291,7 +291,7 @@ class HostFacts:
                     and not (self.config and self.config.consents(owner, sock.proto,
                                                                   sock.port)):
                 verb = "listens" if sock.proto == "tcp" else "is bound"
-                raise InputError(
+                raise Unavailable(
                     f"{where}: host port {sock.port}/{sock.proto} is used by a host service: "
                     f"{shown(process_of(sock.inode))} {verb} on {sock.addr}; forward another "
                     "port, or have root allow it in the configuration file "

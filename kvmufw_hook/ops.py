@@ -68,10 +68,19 @@ def host_facts(backend=None) -> Callable[[], host.HostFacts]:
     return lambda: read_facts(backend)
 
 
-def read_facts(backend=None) -> host.HostFacts:
+def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
+    """The host's facts with root's configuration; ``log``: a wrong configuration is
+    said there and read as no consent at all (``restore`` must put rules back), instead
+    of refusing the operation (``ConfigError``)."""
     from . import config
+    from .errors import ConfigError
     facts = host.HostFacts.read(_prefix(backend))
-    facts.config = config.load()
+    try:
+        facts.config = config.load()
+    except ConfigError as exc:
+        if log is None:
+            raise
+        log(f"no host service consents: {exc}")
     return facts
 
 
@@ -511,7 +520,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
         domains = state.load_domains(problems.append)
         planned = plan_host(state.load_networks(problems.append), domains,
                             holders=backend.claims(before),
-                            facts=read_facts(backend),
+                            facts=read_facts(backend, problems.append),
                             reserved=[domain_owner(n) for n in domains],
                             ports=state.network_ports)
         problems += planned.problems

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from . import host
-from .errors import InputError, Unavailable, shown
+from .errors import ConfigError, InputError, Unavailable, shown
 from .model import Domain, ForwardSpec, IPAddress, Network
 from .names import domain_owner, network_owner
 from .plan import Resolved, check_conflicts, eui64_address, resolve_domain_forwards
@@ -30,8 +30,9 @@ def withdraws(exc: InputError) -> bool:
     """Whether a re-check that refused an owner's forwards with ``exc`` must take its
     current rules away (fail closed): every refusal but an ``Unavailable`` one (its
     network is down, another owner holds its port) says a forward may reach what its
-    owner does not own."""
-    return not isinstance(exc, Unavailable)
+    owner does not own. Root's configuration being wrong (``ConfigError``) changes
+    nothing either."""
+    return not isinstance(exc, (Unavailable, ConfigError))
 
 
 def no_leases(_net: Network) -> tuple[tuple[IPAddress, str | None], ...]:

@@ -350,3 +350,19 @@ def test_a_copy_of_a_mac_strips_the_incumbent_only_while_the_copy_runs(fake):
     assert "d=web1" not in _owners(fake)  # ambiguous: its reservation may be the copy's
     _net_hook(LAB, fake, copy, deleted=True)  # the copy stops
     assert "d=web1" in _owners(fake)  # the incumbent's forwards are back
+
+
+def test_a_wrong_configuration_refuses_in_one_line_and_takes_no_rules_away(fake, state_env):
+    from kvmufw_hook import ops
+    from kvmufw_hook.errors import ConfigError
+    from kvmufw_hook.parse import parse_network_xml
+    ops.network_started(parse_network_xml(LAB), LAB, backend=fake)
+    web1 = domain('<kvmufw:forward host-port="2222" guest-port="22"/>')
+    ops.domain_started(parse_domain_xml(web1), web1, backend=fake)
+    before = fake.save()
+    with open(state_env["KVMUFW_CONFIG"], "w") as fh:
+        fh.write('allow_host_service = "web1"\n')
+    with pytest.raises(ConfigError, match=r"kvmufw_hook.conf: line 1: allow_host_service"):
+        ops.domain_started(parse_domain_xml(web1), web1, backend=fake)  # reconnect
+    assert fake.save() == before
+    assert ops.restore(backend=fake).problems  # restore still puts rules back, and says
