@@ -207,8 +207,13 @@ def test_a_corrupt_state_file_does_not_blind_the_conflict_check(netns, state_env
     proc = run_hook("qemu", ["web6", "start", "begin", "-"], web6, state_env, netns)
     err = proc.stderr.decode()
     assert proc.returncode != 0 and "already forwarded by domain 'web5'" in err, err
-    assert "corrupt" in err  # reported, not skipped in silence
     assert dnat_owners(netns, 8088) == {"d=web5"}
+    # a guest start does not even read the state of an owner the kernel's claims hold
+    # (a compact record: starts amid hundreds of guests); what reads it reports it
+    from kvmufw_hook.backends.iptables import IptablesBackend
+    from kvmufw_hook.ops import restore
+    problems = restore(backend=IptablesBackend(netns.prefix)).problems
+    assert any("web5" in p and "corrupt" in p for p in problems), problems
     hook_ok(netns, state_env, "qemu", ["web5", "stopped", "end", "-"], b"")
     assert dnat_owners(netns, 8088) == set()
 
