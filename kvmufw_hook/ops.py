@@ -25,7 +25,7 @@ from .apply import (  # noqa: F401 - the stop path lives there
     families_of,
 )
 from .backends import default_backend
-from .errors import ApplyError, InputError, shown
+from .errors import ApplyError, InputError, Unavailable, shown
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner
 from .plan import (
@@ -292,8 +292,12 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
             before = backend.read(families_of({owner: rules}))
             mine = resolved_specs(dom.forwards, targets)
             held = backend.claims(before, near=mine, mine=owner)  # only what could clash
-            check_claims(label, owner, mine, networks,
-                         state.load_domains(known=frozenset(held)), held)
+            try:
+                check_claims(label, owner, mine, networks,
+                             state.load_domains(known=frozenset(held)), held)
+            except Unavailable:  # a clash: named by the holder's forward as declared
+                check_claims(label, owner, mine, networks, state.load_domains(), held)
+                raise
             families = forward_families(dom.forwards, targets)
             check_host(label, owner, dom.forwards, host_facts(backend), networks,
                        held.get(owner, ()), families)
