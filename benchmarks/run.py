@@ -319,6 +319,7 @@ def bulk(bench: Bench, report) -> None:
     ops.replay([net], doms)
     status(bench, report)
     crowded_stop(bench, report)
+    crowded_start(bench, report)
 
 
 def per_rule_sample(bench: Bench, report, payload: str, ours: float, sample: int = 200) -> None:
@@ -398,6 +399,50 @@ def crowded_stop(bench: Bench, report) -> None:
            f"{ms(ours_med)} = {ratio:.2f}x its floor {ms(floor_med)} (bare + iptables-save "
            "+ iptables-restore of the same payload)", "<= 1.5x", ratio <= 1.5,
            seconds=ours_med, floor_seconds=floor_med, ratio=ratio)
+
+
+def crowded_start(bench: Bench, report) -> None:
+    """A guest start with 10 forwards (prepare+start+started) while the 200 guests run
+    (their 10,000 rules in the kernel, their XML in the state: every owner the policy
+    could weigh), against the same start on an empty host (the network alone), the two
+    interleaved. The policy decides from compact records (the kernel's claims, the
+    state), never by re-parsing every guest on every hook."""
+    import shutil
+    full = subprocess.run(["iptables-save"], capture_output=True, text=True,
+                          check=True).stdout
+    empty = "*filter\nCOMMIT\n*nat\nCOMMIT\n"  # iptables-restore without --noflush: clean
+    crowded_state = bench.env["KVMUFW_STATE_DIR"]
+    empty_state = f"{bench.tmp}/state-empty"
+    os.makedirs(empty_state, mode=0o700)
+    shutil.copytree(f"{crowded_state}/networks", f"{empty_state}/networks")
+    xml = domain("newcomer", 10, first_port=45000, nic=GUESTS)
+    start_ops = ("prepare", "start", "started")
+    times: dict[str, list[float]] = {"crowded": [], "empty": [], "crowded save": [],
+                                     "empty save": []}
+    for round_ in range(max(5, bench.reps // 3) + 1):
+        for label, rules, state_dir in (("crowded", full, crowded_state),
+                                        ("empty", empty, empty_state)):
+            subprocess.run(["iptables-restore"], input=rules, text=True, check=True)
+            bench.env["KVMUFW_STATE_DIR"] = state_dir
+            took = sum(bench.once(hook("qemu", "newcomer", op, "begin", "-"), xml)
+                       for op in start_ops)
+            assert len(our_lines("d=newcomer")) == 50, label
+            bench.once(hook("qemu", "newcomer", "stopped", "end", "-"))
+            save = bench.once(["iptables-save"], stdout_ok=True)
+            if round_:
+                times[label].append(took)
+                times[f"{label} save"].append(save)
+    bench.env["KVMUFW_STATE_DIR"] = crowded_state
+    subprocess.run(["iptables-restore"], input=full, text=True, check=True)
+    med = {label: statistics.median(t) for label, t in times.items()}
+    crowded, alone = med["crowded"], med["empty"]
+    ratio = crowded / alone
+    report(f"guest start, 10 forwards, amid {GUESTS} guests x {PER_GUEST} forwards",
+           f"{ms(crowded)} = {ratio:.2f}x the same start on an empty host {ms(alone)} "
+           f"(one iptables-save: {ms(med['crowded save'])} amid them, "
+           f"{ms(med['empty save'])} empty)", "<= 1.5x", ratio <= 1.5, seconds=crowded,
+           empty_seconds=alone, ratio=ratio, save_seconds=med["crowded save"],
+           empty_save_seconds=med["empty save"])
 
 
 def memory(bench: Bench, report) -> None:

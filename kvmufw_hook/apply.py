@@ -98,6 +98,8 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
         except ApplyError as exc:
             log(f"rollback failed too: {exc}")
         raise
+    if change.ends_forwards():
+        backend.end_flows(change, log)
     return Applied(change.text + (accepts.text if accepts else ""), change.skipped)
 
 

@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network: resolve the guest through <dhcp><host>")
     p.add_argument("--comment", metavar="TEXT", help="shown by status and list")
     p.add_argument("--allow-host-service", action="store_true",
-                   help="forward the port even where a host service listens on it")
+                   help="set allow-host-service=yes (grants nothing by itself: root "
+                   "allows host services in /etc/kvmufw_hook/kvmufw_hook.conf)")
     p.add_argument("--json", action="store_true", help="list: machine-readable output")
     _add_connect(p)
     p.set_defaults(func=cmd_forward)

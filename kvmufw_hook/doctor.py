@@ -307,7 +307,10 @@ def check_forwards(uri: str, backend) -> list[Finding]:
         nets, doms = live_xml(uri)
     except ApplyError as exc:
         return [Finding("WARN", "forwards", f"not checked: {exc}", "start libvirt")]
-    result = replay(nets, doms, dry_run=True, backend=backend)
+    try:
+        result = replay(nets, doms, dry_run=True, backend=backend)
+    except InputError as exc:  # root's configuration file: nothing could be checked
+        return [Finding("FAIL", "configuration", str(exc), "fix that line")]
     out = [Finding("FAIL", "forward", problem, "fix the metadata (virsh edit / net-edit, or "
                    "kvmufw_hook forward remove)") for problem in result.problems]
     if result.payload:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from lxml import etree
 
-from . import ops, state
+from . import host, ops, policy, state
 from .errors import InputError, shown
 from .model import Domain, ForwardSpec, Network
 from .names import NAMESPACE, domain_owner, network_owner
@@ -258,11 +258,13 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: Non
         if live_root is not None and live is not None:
             candidate = parse_domain(_with_forwards(live_root, live))
             networks, domains = _live(conn)
-            resolve_domain_forwards(candidate, networks)
+            policy.resolve_domain(candidate, networks, state.network_ports,
+                                  host.network_leases)
             held = ops.kernel_claims()
             owner = domain_owner(name)
-            ops.check_claims(what, owner, candidate.forwards, networks, domains, held)
-            ops.check_host(what, candidate.forwards, held=held.get(owner, ()))
+            policy.check_claims(what, owner, candidate.forwards, networks, domains, held)
+            policy.check_host(what, owner, candidate.forwards, ops.host_facts(), networks,
+                              held=held.get(owner, ()))
         if config_root is not None and config is not None:
             later = parse_domain(_with_forwards(config_root, config))
             check_conflicts(what, later.forwards, ())
@@ -309,8 +311,9 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
             networks, domains = _live(conn)
             held = ops.kernel_claims()
             owner = network_owner(name)
-            ops.check_claims(what, owner, live_model.forwards, networks, domains, held)
-            ops.check_host(what, live_model.forwards, held=held.get(owner, ()))
+            policy.check_claims(what, owner, live_model.forwards, networks, domains, held)
+            policy.check_host(what, owner, live_model.forwards, ops.host_facts(), networks,
+                              held=held.get(owner, ()))
         conn.networkDefineXML(etree.tostring(new_persistent).decode())
         if live_root is not None and live is not None:
             state.save_network_override(name, etree.tostring(_forwards_element(live)))

@@ -12,6 +12,18 @@ class InputError(KvmufwError):
     """Bad input: malformed XML, bad metadata, an unresolvable address, a conflict."""
 
 
+class Unavailable(InputError):
+    """A forward that cannot take effect now, for a reason that reaches no one else's
+    address: its network is down, or another owner holds its host port. The only
+    refusal a re-check may answer by keeping an owner's current rules; every other one
+    withdraws them (fail closed)."""
+
+
+class ConfigError(InputError):
+    """Root's configuration file is wrong (one line naming file and line): nothing is
+    changed, current rules included."""
+
+
 class ApplyError(KvmufwError):
     """The firewall (iptables-save/-restore) failed or refused the change."""
 

@@ -4,8 +4,10 @@ spawned): its local addresses of both families, and the sockets its own services
 A forward may only take traffic addressed to this host and only a port no host service
 uses: ``host-ip`` must be one of the host's addresses (never loopback, never IPv6
 link-local, never an IPv6 address another host on the link holds), and a host port on
-which a host service listens (tcp) or is bound (udp) is refused unless the forward says
-``allow-host-service="yes"``. Ports are per family: a forward takes a host port only in
+which a host service listens (tcp) or is bound (udp) is refused unless root consents in
+the configuration file (``config.py``: ``allow_host_service``, naming the owner, the
+protocol and the port; the XML's ``allow-host-service`` is guest-writable and grants
+nothing). Ports are per family: a forward takes a host port only in
 the families the plan gives it (at most ``ForwardSpec.families``), and a socket only
 takes the families it is bound in. Both are checked whenever rules are applied, because addresses
 and services come and go.
@@ -17,7 +19,7 @@ import os
 import sys
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from .errors import InputError, shown
+from .errors import InputError, Unavailable, shown
 from .model import ForwardSpec, IPAddress
 from .sockdiag import tcp_listeners
 
@@ -25,11 +27,41 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: collections.abc costs a guest start milliseconds
     from collections.abc import Iterable, Sequence
 
+    from .config import Config
+
 _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"
 IFA_F_DADFAILED = 0x08  # if_inet6 flags: duplicate address detection found another holder
 UNPRIVILEGED_PORT = 1024  # net.ipv4.ip_unprivileged_port_start, the kernel's default
-FIRST_USER_UID = 1000  # Debian's UID_MIN: below it root and system accounts
+USER_UIDS = (1000, 60000)  # login.defs' UID_MIN and UID_MAX when it does not say
+
+
+def read_user_uids(path: str | None = None) -> tuple[int, int]:
+    """(UID_MIN, UID_MAX) of people's accounts, as the host's login.defs says: every
+    uid outside is root or a system account (Ubuntu's libvirt-qemu 64055, systemd's
+    DynamicUser 61184-65519, nobody 65534), whose sockets are host services."""
+    if path is None:
+        from .names import login_defs_path
+        path = login_defs_path()
+    found = dict(zip(("UID_MIN", "UID_MAX"), USER_UIDS, strict=True))
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] in found and fields[1].isdigit():
+                    found[fields[0]] = int(fields[1])
+    except OSError:
+        pass  # no login.defs: the shadow suite's defaults
+    return found["UID_MIN"], found["UID_MAX"]
+
+
+def read_unprivileged_port(proc: str = "/proc") -> int:
+    """net.ipv4.ip_unprivileged_port_start: below it only privileged processes bind."""
+    try:
+        with open(f"{proc}/sys/net/ipv4/ip_unprivileged_port_start", encoding="ascii") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return UNPRIVILEGED_PORT
 
 
 class Listener:
@@ -47,11 +79,13 @@ class Listener:
         self.uid = uid
         self.v6only = v6only  # known for tcp (sock_diag); a udp ``::`` socket takes both
 
-    def is_service(self) -> bool:
+    def is_service(self, users: tuple[int, int] = USER_UIDS,
+                   unprivileged: int = UNPRIVILEGED_PORT) -> bool:
         """Whether this is the host's own service: a privileged port (only privileged
-        processes bind those), or a socket of root or a system account. A socket an
-        ordinary user opened later (``nc -l 8080``) vetoes nothing root configured."""
-        return self.port < UNPRIVILEGED_PORT or self.uid < FIRST_USER_UID
+        processes bind those), or a socket of root or a system account (any uid outside
+        ``users``, login.defs' UID_MIN..UID_MAX). A socket an ordinary user opened later
+        (``nc -l 8080``) vetoes nothing root configured."""
+        return self.port < unprivileged or not users[0] <= self.uid <= users[1]
 
     def bound(self) -> tuple[IPAddress, tuple[int, ...]]:
         """The address this socket is bound to, and the families whose traffic it takes:
@@ -172,13 +206,18 @@ class HostFacts:
     """The host's local addresses (both families), the IPv6 addresses another host on
     the link holds (DAD failed), and the listening sockets, read once."""
 
-    __slots__ = ("duplicates", "listeners", "local")
+    __slots__ = ("config", "duplicates", "listeners", "local", "unprivileged", "users")
 
     def __init__(self, local: frozenset[IPAddress], listeners: tuple[Listener, ...],
-                 duplicates: frozenset[IPv6Address] = frozenset()) -> None:
+                 duplicates: frozenset[IPv6Address] = frozenset(),
+                 users: tuple[int, int] = USER_UIDS,
+                 unprivileged: int = UNPRIVILEGED_PORT) -> None:
         self.local = local
         self.listeners = listeners
         self.duplicates = duplicates
+        self.users = users  # login.defs' UID_MIN, UID_MAX
+        self.unprivileged = unprivileged
+        self.config: Config | None = None  # root's consents (``config.load``); None: none
 
     @classmethod
     def read(cls, prefix: Sequence[str] = ()) -> HostFacts:
@@ -187,7 +226,8 @@ class HostFacts:
         if prefix:
             return cls._read_in(prefix)
         ipv6, duplicates = read_ipv6_addresses()
-        return cls(read_ipv4_addresses() | ipv6, read_listeners(), duplicates)
+        return cls(read_ipv4_addresses() | ipv6, read_listeners(), duplicates,
+                   read_user_uids(), read_unprivileged_port())
 
     @classmethod
     def _read_in(cls, prefix: Sequence[str]) -> HostFacts:
@@ -198,29 +238,31 @@ class HostFacts:
                 "from kvmufw_hook.host import HostFacts; f = HostFacts.read(); "
                 "print(json.dumps([sorted(map(str, f.local)), sorted(map(str, f.duplicates)),"
                 " [[l.proto, str(l.addr), l.port, l.inode, l.uid, l.v6only]"
-                " for l in f.listeners]]))")
+                " for l in f.listeners], f.unprivileged]))")
         out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True,
                              text=True, check=True, timeout=30).stdout
-        local, duplicates, listeners = json.loads(out)
+        local, duplicates, listeners, unprivileged = json.loads(out)
         return cls(frozenset(ip_address(a) for a in local),
                    tuple(Listener(p, ip_address(a), port, inode, uid, v6)
                          for p, a, port, inode, uid, v6 in listeners),
-                   frozenset(IPv6Address(a) for a in duplicates))
+                   frozenset(IPv6Address(a) for a in duplicates), read_user_uids(),
+                   unprivileged)
 
     def check(self, where: str, spec: ForwardSpec, held: Iterable[int] | bool = (),
-              families: Iterable[int] | None = None) -> None:
+              families: Iterable[int] | None = None, owner: str = "") -> None:
         """InputError with one line if ``spec`` may not be applied on this host.
         ``families``: those in which the forward takes its host port (None: what its
         metadata allows, ``spec.families``). ``held``: the families in which the owner's
         rules already take this port (True: every family): a socket that came later does
-        not take it away there (it never sees a packet: our DNAT comes first)."""
+        not take it away there (it never sees a packet: our DNAT comes first).
+        ``owner``: whose forward, for root's consents."""
         self.check_host_ip(where, spec.host_ip)
-        if spec.proto not in ("tcp", "udp") or spec.allow_host_service or held is True:
+        if spec.proto not in ("tcp", "udp") or held is True:
             return
         held = () if held is False else tuple(held)
         for family in spec.families if families is None else families:
             if family not in held:
-                self.check_port(where, spec, family)
+                self.check_port(where, spec, family, owner)
 
     def check_host_ip(self, where: str, host_ip: IPAddress | None) -> None:
         if host_ip is None:
@@ -240,21 +282,35 @@ class HostFacts:
             raise InputError(f"{where}: host-ip {host_ip} is not an address of this "
                              "host; a forward only takes traffic addressed to the host")
 
-    def check_port(self, where: str, spec: ForwardSpec, family: int) -> None:
+    def check_port(self, where: str, spec: ForwardSpec, family: int, owner: str = "") -> None:
         first, last = spec.host_port.first, spec.host_port.last
         for sock in self.listeners:
             if sock.proto == spec.proto and first <= sock.port <= last \
-                    and sock.reaches(family, spec.host_ip) and sock.is_service():
+                    and sock.reaches(family, spec.host_ip) \
+                    and sock.is_service(self.users, self.unprivileged) \
+                    and not (self.config and self.config.consents(owner, sock.proto,
+                                                                  sock.port)):
                 verb = "listens" if sock.proto == "tcp" else "is bound"
-                raise InputError(
+                raise Unavailable(
                     f"{where}: host port {sock.port}/{sock.proto} is used by a host service: "
                     f"{shown(process_of(sock.inode))} {verb} on {sock.addr}; forward another "
-                    'port, or set allow-host-service="yes" to take it on purpose')
+                    "port, or have root allow it in the configuration file "
+                    f"(allow_host_service = [ \"{consent_entry(owner, sock.proto, sock.port)}"
+                    '" ]; the XML\'s allow-host-service grants nothing)')
+
+
+def consent_entry(owner: str, proto: str, port: int) -> str:
+    """The configuration entry that lets ``owner`` take ``port``: ``domain:web1:tcp:22``."""
+    from .errors import printable
+    from .names import unsafe_name
+    kind, _, token = owner.partition("=")
+    name = printable(unsafe_name(token) or "NAME") if token else "NAME"
+    return f"{'network' if kind == 'n' else 'domain'}:{name}:{proto}:{port}"
 
 
 def check_forwards(label: str, specs, facts: HostFacts | None = None,
                    held: Iterable[ForwardSpec] = (), prefix: Sequence[str] = (),
-                   families: Sequence[Iterable[int]] | None = None) -> None:
+                   families: Sequence[Iterable[int]] | None = None, owner: str = "") -> None:
     """Every forward of one owner against the host (read once, only when needed).
     ``families``: for each spec, in order, the families it takes its host port in once
     planned (a guest address from a reservation is known only then: a forward without
@@ -272,4 +328,37 @@ def check_forwards(label: str, specs, facts: HostFacts | None = None,
     for index, spec in enumerate(specs, start=1):
         facts.check(f"{label}: forward #{index} ({spec.label})", spec,
                     taken.get((spec.proto, spec.host_port, spec.host_ip), ()),
-                    None if families is None else families[index - 1])
+                    None if families is None else families[index - 1], owner)
+
+
+def read_leases(bridge: str | None, directory: str | None = None
+                ) -> tuple[tuple[IPAddress, str | None], ...]:
+    """(address, MAC or None) of each lease libvirt's dnsmasq holds on ``bridge``, from
+    its ``BRIDGE.status`` (JSON written by libvirt's leaseshelper; IPv6 leases carry no
+    MAC). Nothing if there is no such file or it cannot be read: an unreadable record
+    names no one."""
+    if not bridge:
+        return ()
+    if directory is None:
+        from .names import dnsmasq_dir
+        directory = dnsmasq_dir()
+    try:
+        with open(os.path.join(directory, f"{bridge}.status"), encoding="utf-8") as fh:
+            import json
+            entries = json.load(fh)
+    except (OSError, ValueError):
+        return ()
+    out = []
+    for entry in entries if isinstance(entries, list) else ():
+        try:
+            ip = ip_address(str(entry["ip-address"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        mac = entry.get("mac-address")
+        out.append((ip, str(mac).lower() if mac else None))
+    return tuple(out)
+
+
+def network_leases(net) -> tuple[tuple[IPAddress, str | None], ...]:
+    """The leases of a network's dnsmasq (``policy.Leases``)."""
+    return read_leases(net.bridge)

@@ -116,3 +116,21 @@ def state_dir() -> str:
 def libvirt_network_dir() -> str:
     import os
     return os.environ.get("KVMUFW_LIBVIRT_NETWORK_DIR", "/run/libvirt/network")
+
+
+def config_path() -> str:
+    """Root's configuration file (``config.py``)."""
+    import os
+    return os.environ.get("KVMUFW_CONFIG", "/etc/kvmufw_hook/kvmufw_hook.conf")
+
+
+def login_defs_path() -> str:
+    """Where the host says which uids are people's (UID_MIN, UID_MAX)."""
+    import os
+    return os.environ.get("KVMUFW_LOGIN_DEFS", "/etc/login.defs")
+
+
+def dnsmasq_dir() -> str:
+    """libvirt's dnsmasq files: ``BRIDGE.status`` holds each network's leases."""
+    import os
+    return os.environ.get("KVMUFW_DNSMASQ_DIR", "/var/lib/libvirt/dnsmasq")

@@ -12,9 +12,9 @@ planned in, and a lost or corrupt state file cannot hide a holder.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 from . import host, state
 from .apply import (  # noqa: F401 - the stop path lives there
@@ -26,13 +26,12 @@ from .apply import (  # noqa: F401 - the stop path lives there
 )
 from .backends import default_backend
 from .backends.bridgeports import BridgePorts, follow
-from .errors import ApplyError, InputError, shown
+from .errors import ApplyError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
-from .model import Domain, ForwardSpec, IPAddress, Network, NetworkPort
+from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner
 from .plan import (
     Rule,
-    check_conflicts,
     forward_families,
     plan_forwards,
     plan_network,
@@ -40,72 +39,23 @@ from .plan import (
     resolve_network_forwards,
     resolved_specs,
 )
+from .policy import (
+    _Claimed,
+    check_claims,
+    check_conflicts,
+    check_host,
+    check_libvirt_ports,
+    owner_label,
+    resolve_domain,
+    same_mac,
+    withdraws,
+)
 
 Log = Callable[[str], None]
-Claims = list[tuple[str, Iterable[ForwardSpec]]]
 
 
 def _quiet(_msg: str) -> None:
     pass
-
-
-def owner_label(owner: str) -> str:
-    """How messages name an owner known only by its tag: ``domain 'web1'``."""
-    kind, _, name = owner.partition("=")
-    return f"{'network' if kind == 'n' else 'domain'} {shown(name)}"
-
-
-def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip: str,
-           kernel: Mapping[str, list[ForwardSpec]] | None = None,
-           held_only: bool = False) -> Claims:
-    """Forwards of every owner but ``skip``, labelled for conflict messages: what our
-    state says (the forwards as declared), and what the kernel holds for every owner
-    the state does not know (a lost or corrupt state file hides no holder).
-    ``held_only``: an owner of the state with rules in the kernel claims each forward in
-    the families the kernel holds it in, not in every family its metadata allows."""
-    kernel = kernel or {}
-
-    def theirs(owner: str, specs: Sequence[ForwardSpec]) -> Sequence[ForwardSpec]:
-        return _as_held(specs, kernel[owner]) if held_only and owner in kernel else specs
-
-    out: Claims = [(f"network {shown(n.name)}", theirs(network_owner(n.name), n.forwards))
-                   for n in networks.values() if n.managed and network_owner(n.name) != skip]
-    out += [(f"domain {shown(d.name)}", theirs(domain_owner(d.name), d.forwards))
-            for d in domains.values() if domain_owner(d.name) != skip]
-    known = {network_owner(n) for n in networks} | {domain_owner(d) for d in domains}
-    out += [(owner_label(owner), specs) for owner, specs in kernel.items()
-            if owner != skip and owner not in known]
-    return out
-
-
-def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[ForwardSpec]:
-    """Each forward in the families its rules in the kernel hold it in (the kernel's
-    claims carry the guest address, so their family); as declared where none does."""
-    guests: dict[tuple, dict[int, IPAddress]] = {}
-    for h in held:
-        for ip in h.guest_ips:
-            guests.setdefault((h.proto, h.host_port, h.host_ip), {}).setdefault(ip.version, ip)
-    out = []
-    for spec in specs:
-        found = guests.get((spec.proto, spec.host_port, spec.host_ip))
-        out.append(replace(spec, guest_ips=tuple(found.values())) if found else spec)
-    return out
-
-
-def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
-                 networks: Mapping[str, Network], domains: Mapping[str, Domain],
-                 kernel: Mapping[str, list[ForwardSpec]] | None = None) -> None:
-    """InputError if ``owner``'s forwards claim a host port another owner has. Checked
-    first against what the others declare (cheap: no copies); only if that finds a
-    clash, again against the families their rules in the kernel really hold (a guest
-    with an IPv4 address only does not hold the IPv6 port its metadata would allow)."""
-    forwards = tuple(forwards)
-    try:
-        check_conflicts(label, forwards, claims(networks, domains, owner, kernel))
-    except InputError:
-        if not kernel:
-            raise
-        check_conflicts(label, forwards, claims(networks, domains, owner, kernel, True))
 
 
 def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
@@ -114,15 +64,26 @@ def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
     return backend.claims(backend.read())
 
 
-def check_host(label: str, forwards: Sequence[ForwardSpec], backend=None,
-               held: Iterable[ForwardSpec] = (),
-               families: Sequence[Iterable[int]] | None = None) -> None:
-    """InputError if a forward's host-ip is not the host's or it takes a host service's
-    port (``host.py``; read only when there are forwards, in the backend's namespace);
-    ``held``: what the owner's rules take now, which a later socket does not take away;
-    ``families``: per forward, the families it was planned in."""
-    host.check_forwards(label, forwards, held=held, prefix=_prefix(backend),
-                        families=families)
+def host_facts(backend=None) -> Callable[[], host.HostFacts]:
+    """How to read the host's facts in the backend's namespace, and root's configuration,
+    when a check needs them."""
+    return lambda: read_facts(backend)
+
+
+def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
+    """The host's facts with root's configuration; ``log``: a wrong configuration is
+    said there and read as no consent at all (``restore`` must put rules back), instead
+    of refusing the operation (``ConfigError``)."""
+    from . import config
+    from .errors import ConfigError
+    facts = host.HostFacts.read(_prefix(backend))
+    try:
+        facts.config = config.load()
+    except ConfigError as exc:
+        if log is None:
+            raise
+        log(f"no host service consents: {exc}")
+    return facts
 
 
 def _prefix(backend) -> Sequence[str]:
@@ -138,7 +99,8 @@ def validate_network(net: Network) -> None:
         label = f"network {shown(net.name)}"
         check_claims(label, network_owner(net.name), net.forwards, networks,
                      state.load_domains())
-        check_host(label, net.forwards, families=forward_families(net.forwards, targets))
+        check_host(label, network_owner(net.name), net.forwards, host_facts(), networks,
+                   families=forward_families(net.forwards, targets))
 
 
 class _Owner:
@@ -153,22 +115,52 @@ class _Owner:
         self.resolved = resolved_specs(specs, targets)  # each in the families it takes
         self.rules: Sequence[Rule] = tuple(own) + plan_forwards(owner, targets)
 
-    def check(self, held, backend) -> None:
+    def check(self, held, backend, networks: Mapping[str, Network]) -> None:
         check_conflicts(self.label, self.resolved, [(owner_label(o), specs) for o, specs
                                                     in held.items() if o != self.owner])
-        check_host(self.label, self.specs, backend, held.get(self.owner, ()), self.families)
+        check_host(self.label, self.owner, self.specs, host_facts(backend), networks,
+                   held.get(self.owner, ()), self.families)
 
 
 def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
     return _Owner(f"network {shown(net.name)}", network_owner(net.name), net.forwards,
-                  resolve_network_forwards(net, networks), plan_network(net))
+                  resolve_network_forwards(net, networks), plan_network(net, networks))
 
 
 def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
     # a guest holding a copy of another running guest's MAC gets no forwards back
-    check_own_macs(dom, networks, state.network_ports)
     return _Owner(f"domain {shown(dom.name)}", domain_owner(dom.name), dom.forwards,
-                  resolve_domain_forwards(dom, networks))
+                  resolve_domain(dom, networks, state.network_ports, host.network_leases))
+
+
+def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Rule]],
+             held, backend, networks: Mapping[str, Network], log: Log,
+             bare: Sequence[Rule] = ()) -> None:
+    """Re-plan an owner a network event may affect into ``rules``: its rules if every
+    check passes; if not, its current rules stay only when the reason is availability
+    (``policy.withdraws``): otherwise its forwards are withdrawn at once (``bare``: what
+    stays, a network's own bridge rules), and the log says so in one line."""
+    try:
+        planned = build()
+        if planned.specs:
+            planned.check(held, backend, networks)
+        rules[owner] = planned.rules
+    except InputError as exc:
+        if withdraws(exc):
+            rules[owner] = tuple(bare)
+            log(f"forwards withdrawn: {exc}")
+        else:
+            log(f"keeping the current rules: {exc}")
+
+
+def _captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[str]:
+    """Owners whose forwards in the kernel reach a guest address inside ``net``'s
+    subnets: a network that starts or changes may capture them (a narrower subnet
+    beside theirs wins the route)."""
+    subnets = net.subnets
+    return {owner for owner, specs in held.items()
+            if any(ip in s for spec in specs for ip in spec.guest_ips for s in subnets
+                   if ip.version == s.version)}
 
 
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
@@ -181,27 +173,31 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         networks[net.name] = net
         domains = state.load_domains()
         mine = _network_owner(net, networks)
-        guests: list[_Owner] = []
-        for dom in domains.values():
-            if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
-                   for nic in dom.nics):
-                try:
-                    guests.append(_domain_owner(dom, networks))
-                except InputError as exc:
-                    log(f"not re-adding forwards: {exc}")
-        before = backend.read(families_of({o.owner: o.rules for o in [mine, *guests]}))
+        before = backend.read(families_of({mine.owner: mine.rules}))
         held = backend.claims(before)
         rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
         if net.forwards:
             check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
-            check_host(mine.label, net.forwards, backend, held.get(mine.owner, ()),
-                       mine.families)
-        for guest in guests:
-            try:  # a port taken meanwhile (replay while this network was down) stays
-                guest.check(held, backend)
-                rules[guest.owner] = guest.rules
-            except InputError as exc:
-                log(f"not re-adding forwards: {exc}")
+            check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
+                       held.get(mine.owner, ()), mine.families)
+        # every owner this network could capture or contradict is re-checked: guests on
+        # it, and every owner whose forwards reach into its subnets (a port taken
+        # meanwhile keeps the rules it has; a forward now reaching someone else's is
+        # withdrawn)
+        captured = _captured(net, held)
+        for dom in domains.values():
+            if domain_owner(dom.name) in captured or any(
+                    nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
+                    for nic in dom.nics):
+                _recheck(domain_owner(dom.name), partial(_domain_owner, dom, networks),
+                         rules, held, backend, networks, log)
+        for other in networks.values():  # all: their fences (``plan_network``) name it
+            if other.name != net.name and other.managed:
+                _recheck(network_owner(other.name),
+                         partial(_network_owner, other, networks), rules, held,
+                         backend, networks, log, plan_network(other, networks))
+        if set(rules) - {mine.owner}:
+            before = covering(backend, before, rules)
         state.save_network(net.name, raw)
         applied = apply_rules(rules, backend=backend, log=log, before=before)
     log(f"network {shown(net.name)} ({net.bridge}): rules for "
@@ -216,8 +212,19 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
         state.forget_network(net.name)
         if not net.with_rules:
             return Applied("")
-        applied = apply_rules({network_owner(net.name): ()},
-                              drop=(lambda t: t.bridge == bridge) if bridge else None,
+        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): ()}
+        networks = state.load_networks()
+        if any(n.managed and n.bridge for n in networks.values()):
+            # the others' fences (``plan_network``) no longer name its bridge
+            backend = backend or default_backend()
+            before = backend.read()
+            held = backend.claims(before)
+            for other in networks.values():
+                if other.managed:
+                    _recheck(network_owner(other.name),
+                             partial(_network_owner, other, networks), rules, held,
+                             backend, networks, log, plan_network(other, networks))
+        applied = apply_rules(rules, drop=(lambda t: t.bridge == bridge) if bridge else None,
                               backend=backend, log=log)
     log(f"network {shown(net.name)} ({bridge}): rules removed")
     return applied
@@ -238,68 +245,40 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
             state.record_port(net.name, port.mac, port.owner_name, deleted)
         networks = state.load_networks()
         networks[net.name] = net
-        owners: list[_Owner] = []
         owner = port.owner_name if port else None
         domains = state.load_domains()
         rules: dict[str, Sequence[Rule]] = {}
-        if port and port.mac and owner is not None and not deleted:
-            for other in _same_mac(net, domains, port.mac, owner):
+        mac = port.mac if port else None
+        twins = same_mac(net, domains, mac, owner) if mac and owner else []
+        if not deleted:
+            for other in twins:
                 rules[domain_owner(other)] = ()  # its forwards may reach this guest now
-                log(f"domain {shown(other)}: forwards removed: its NIC {port.mac} on network "
+                log(f"domain {shown(other)}: forwards removed: its NIC {mac} on network "
                     f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
-        try:
-            owners.append(_network_owner(net, networks))
-        except InputError as exc:
-            log(f"keeping the current rules: {exc}")
+        before = backend.read()
+        held = backend.claims(before)
+        _recheck(network_owner(net.name), lambda: _network_owner(net, networks), rules, held,
+                 backend, networks, log, plan_network(net, networks))
+        again = _captured(net, held) | {domain_owner(o) for o in twins if deleted}
         if owner and owner in domains:
-            dom = domains[owner]
-            if deleted and port and port.mac:
-                dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
-            try:
-                owners.append(_domain_owner(dom, networks))
-            except InputError as exc:
-                log(f"keeping the current rules: {exc}")
-        before = backend.read(families_of({o.owner: o.rules for o in owners}))
-        held = backend.claims(before) if any(o.specs for o in owners) else {}
-        for planned in owners:
-            try:
-                if planned.specs:
-                    planned.check(held, backend)
-                rules[planned.owner] = planned.rules
-            except InputError as exc:
-                log(f"keeping the current rules: {exc}")
-        return apply_rules(rules, backend=backend, log=log, before=before)
-
-
-def _same_mac(net: Network, domains: Mapping[str, Domain], mac: str, owner: str) -> list[str]:
-    """Running guests with forwards, other than ``owner``, with a NIC of MAC ``mac`` on
-    ``net``: a guest that started with a copy of another's MAC while that one was down
-    (``check_own_macs`` refuses it only when the other's port already exists)."""
-    return sorted(d.name for d in domains.values() if d.name != owner and d.forwards
-                  and any(nic.mac == mac and (nic.network == net.name or (
-                      nic.bridge is not None and nic.bridge == net.bridge)) for nic in d.nics))
+            again.add(domain_owner(owner))
+        for dom in domains.values():  # the port's guest, guests whose twin left, and
+            tag = domain_owner(dom.name)  # every guest whose forwards reach in here
+            if tag in again and tag not in rules:
+                if deleted and mac and dom.name == owner:
+                    dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != mac))
+                _recheck(tag, partial(_domain_owner, dom, networks), rules, held,
+                         backend, networks, log)
+        for other in networks.values():
+            if other.name != net.name and network_owner(other.name) in again:
+                _recheck(network_owner(other.name),
+                         partial(_network_owner, other, networks), rules, held,
+                         backend, networks, log, plan_network(other, networks))
+        return apply_rules(rules, backend=backend, log=log,
+                           before=covering(backend, before, rules))
 
 
 # --------------------------------------------------------------------------- domains
-
-def check_own_macs(dom: Domain, networks: Mapping[str, Network],
-                   ports: Callable[[str], list[tuple[str, str]]]) -> None:
-    """InputError if a NIC of a guest with forwards has the MAC of another guest's port
-    on that network (libvirt starts two guests with one MAC): its reservation, and so
-    the address its forwards would reach, is not this guest's."""
-    if not dom.forwards:
-        return
-    by_bridge = {n.bridge: n for n in networks.values() if n.bridge}
-    for nic in dom.nics:
-        net = networks.get(nic.network or "") or by_bridge.get(nic.bridge or "")
-        if net is None or not nic.mac:
-            continue
-        others = sorted({o for mac, o in ports(net.name) if mac == nic.mac and o != dom.name})
-        if others:
-            raise InputError(f"domain {shown(dom.name)}: NIC {nic.mac} on network "
-                             f"{shown(net.name)} has the MAC of the port of domain "
-                             f"{shown(others[0])}: that guest's address is not this one's")
-
 
 def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
     """Every check of a guest's forwards against this host, under the state lock:
@@ -307,15 +286,20 @@ def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
     owner = domain_owner(dom.name)
     label = f"domain {shown(dom.name)}"
     networks = state.load_networks()
-    check_own_macs(dom, networks, state.network_ports)
-    targets = resolve_domain_forwards(dom, networks)
+    targets = resolve_domain(dom, networks, state.network_ports, host.network_leases)
     rules = plan_forwards(owner, targets)
     before = backend.read(families_of({owner: rules}))
-    held = backend.claims(before)
-    check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
-                 state.load_domains(), held)
+    mine = resolved_specs(dom.forwards, targets)
+    held = backend.claims(before, near=mine, mine=owner)  # only what could clash
+    try:
+        check_claims(label, owner, mine, networks,
+                     state.load_domains(known=frozenset(held)), held)
+    except Unavailable:  # a clash: named by the holder's forward as declared
+        check_claims(label, owner, mine, networks, state.load_domains(), held)
+        raise
     families = forward_families(dom.forwards, targets)
-    check_host(label, dom.forwards, backend, held.get(owner, ()), families)
+    check_host(label, owner, dom.forwards, host_facts(backend), networks,
+               held.get(owner, ()), families)
     return rules, before
 
 
@@ -336,7 +320,14 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
     owner = domain_owner(dom.name)
     backend = backend or default_backend()
     with state.locked():
-        rules, before = _domain_checked(dom, backend)
+        try:
+            rules, before = _domain_checked(dom, backend)
+        except InputError as exc:  # fail closed: rules it had (reconnect) go
+            if withdraws(exc) and apply_rules({owner: ()}, backend=backend, log=log).payload:
+                log(f"forwards withdrawn: {exc}")
+            if withdraws(exc):
+                state.forget_domain(dom.name)
+            raise
         # The state is written first and follows the kernel: if the write fails, the
         # old rules are back (revert) and the state stays as long as any rule of the
         # owner is in the kernel, so that stopped/release still remove them.
@@ -371,33 +362,6 @@ class HostPlan:
     failed: set[str]  # those owners: their current rules must be left alone
 
 
-class _Claimed:
-    """Forwards claimed so far, by protocol and first host port: each owner is checked
-    against the few that could overlap its own, not against all (a replay of hundreds
-    of guests would be quadratic). Same answers and messages as checking against all."""
-
-    def __init__(self) -> None:
-        self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
-        self.entries: list[tuple[str, ForwardSpec]] = []
-        self.widest = 0
-
-    def near(self, forwards: Iterable[ForwardSpec]) -> list[tuple[str, tuple[ForwardSpec]]]:
-        found = []
-        for spec in forwards:  # an overlap starts within [first - widest, last]
-            starts = self.starts.get(spec.proto, [])
-            lo = bisect_left(starts, (spec.host_port.first - self.widest, -1))
-            hi = bisect_right(starts, (spec.host_port.last, len(self.entries)))
-            found += [self.entries[i] for _first, i in starts[lo:hi]]
-        return [(label, (spec,)) for label, spec in found]
-
-    def add(self, label: str, forwards: Iterable[ForwardSpec]) -> None:
-        for spec in forwards:
-            insort(self.starts.setdefault(spec.proto, []),
-                   (spec.host_port.first, len(self.entries)))
-            self.entries.append((label, spec))
-            self.widest = max(self.widest, spec.host_port.last - spec.host_port.first)
-
-
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
               holders: Mapping[str, list[ForwardSpec]] | None = None,
               facts: host.HostFacts | None = None, broken: Iterable[str] = (),
@@ -430,11 +394,18 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
             check_conflicts(label, mine, claimed.near(mine))
             rules = plan_own() + plan_forwards(owner, targets)
             if facts is not None:
-                host.check_forwards(label, forwards, facts, held.get(owner, ()),
-                                    families=forward_families(forwards, targets))
+                check_host(label, owner, forwards, facts, networks, held.get(owner, ()),
+                           families=forward_families(forwards, targets))
+            else:  # plan: XML files, not this host; what XML alone decides still holds
+                check_libvirt_ports(label, forwards, networks)
             result.rules[owner] = rules
             claimed.add(label, mine)
         except InputError as exc:
+            if withdraws(exc):  # fail closed: its forwards go, its ports are free
+                result.problems.append(f"{exc} (forwards withdrawn)"
+                                       if owner in held else str(exc))
+                result.rules[owner] = plan_own()
+                return
             result.problems.append(str(exc))
             result.failed.add(owner)
             if owner in held:  # its rules stay in the kernel: so do its ports
@@ -442,17 +413,17 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
             if owner in kept:  # still running with them: its ports wait for it
                 claimed.add(label, forwards)
 
-    def resolve_domain(dom: Domain):
-        if ports is not None:
-            check_own_macs(dom, networks, ports)
-        return resolve_domain_forwards(dom, networks)
+    def resolve(dom: Domain):
+        if ports is None:  # plan: XML files, not this host
+            return resolve_domain_forwards(dom, networks)
+        return resolve_domain(dom, networks, ports, host.network_leases)
 
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: resolve_network_forwards(net, networks),
-               lambda net=net: plan_network(net))
+               lambda net=net: plan_network(net, networks))
               for name, net in sorted(networks.items()) if net.with_rules]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
-                lambda dom=dom: resolve_domain(dom), tuple)
+                lambda dom=dom: resolve(dom), tuple)
                for name, dom in sorted(domains.items()) if dom.forwards]
     # stable: holders first, then owners still running with theirs, order kept
     owners.sort(key=lambda o: 0 if o[0] in held else 1 if o[0] in kept else 2)
@@ -531,7 +502,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
         planned = plan_host({n: net for n, (net, _r) in networks.items()},
                          {n: dom for n, (dom, _r) in domains.items()},
                          holders=backend.claims(before), broken=broken,
-                         facts=host.HostFacts.read(_prefix(backend)),
+                         facts=read_facts(backend),
                          reserved=[domain_owner(n) for n in state.load_domains()
                                    if n in domains],
                          ports=state.network_ports)
@@ -578,7 +549,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
         domains = state.load_domains(problems.append)
         planned = plan_host(state.load_networks(problems.append), domains,
                             holders=backend.claims(before),
-                            facts=host.HostFacts.read(_prefix(backend)),
+                            facts=read_facts(backend, problems.append),
                             reserved=[domain_owner(n) for n in domains],
                             ports=state.network_ports)
         problems += planned.problems

@@ -39,6 +39,11 @@ _CHUNK = 16 * 1024  # fed piece by piece so that the time bound is checked often
 MAX_TAG_CHARS = 32 * 1024
 _HUGE_TAG = re.compile(rb"<[^\s<>!?/](?:[^<>\"']|\"[^<\"]*\"|'[^<']*'){%d}" % MAX_TAG_CHARS)
 MAX_FORWARDS = 4096
+# Work per owner is linear and bounded: a forward has at most MAX_SOURCES sources, and an
+# owner's forwards at most MAX_RULES rules (per family, 2 DNAT per source + 3), counted
+# from the attribute text before anything is parsed; over either is one line, no work.
+MAX_SOURCES = 256
+MAX_RULES = 32768
 
 _PARSER_OPTIONS = {"resolve_entities": False, "no_network": True, "load_dtd": False,
                    "dtd_validation": False, "huge_tree": False, "remove_comments": True,
@@ -236,9 +241,13 @@ def _ports(value: str, what: str) -> PortRange:
 
 
 def _sources(value: str, what: str) -> tuple[IPNetwork, ...]:
-    out: list[IPNetwork] = []
+    """The distinct sources of a ``source`` attribute, in order. A CIDR with host bits
+    set (``198.51.100.7/3``, a mistyped /32) is an error, never widened to its network."""
     if not value.strip():  # not "anyone": that is what leaving source out says
         raise InputError(f"{what}: empty; leave source out to allow anyone")
+    if value.count(",") >= MAX_SOURCES:
+        raise InputError(f"{what}: more than {MAX_SOURCES} sources; use wider CIDRs")
+    out: dict[IPNetwork, None] = {}  # ordered and linear: a list's "in" is quadratic
     for part in value.split(","):
         part = part.strip()
         if not part:
@@ -248,9 +257,11 @@ def _sources(value: str, what: str) -> tuple[IPNetwork, ...]:
         except ValueError:
             raise InputError(f"{what}: {shown(part)} is not an address or CIDR") from None
         _no_zone(net, part, what)
-        net = _unmapped(net)
-        if net not in out:
-            out.append(net)
+        addr = ip_address(part.partition("/")[0]) if "/" in part else None
+        if addr is not None and addr != net.network_address:
+            raise InputError(f"{what}: {shown(part)} has host bits set: {addr}/"
+                             f"{net.max_prefixlen} or {net}? (write the one meant)")
+        out.setdefault(_unmapped(net))
     return tuple(out)
 
 
@@ -287,6 +298,7 @@ def parse_forwards(metadata: etree._Element | None, owner: str,
     if root is None:
         return ()
     specs: list[ForwardSpec] = []
+    rules = 0
     for index, el in enumerate((c for c in root if isinstance(c.tag, str)), start=1):
         ns = etree.QName(el).namespace
         if _local(el) != "forward" or ns not in (None, NAMESPACE):
@@ -295,6 +307,10 @@ def parse_forwards(metadata: etree._Element | None, owner: str,
         if index > MAX_FORWARDS:
             raise InputError(f"{owner}: more than {MAX_FORWARDS} forwards")
         specs.append(_parse_forward(el, f"{owner}: forward #{index}", allowed))
+        rules += 2 * max(1, len(specs[-1].sources)) + 3
+        if rules > MAX_RULES:
+            raise InputError(f"{owner}: forwards that need more than {MAX_RULES} rules "
+                             f"(forward #{index}); use fewer sources or port ranges")
     return tuple(specs)
 
 

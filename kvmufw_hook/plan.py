@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from ipaddress import IPv4Network, IPv6Network
 
-from .errors import InputError, shown
+from .errors import InputError, Unavailable, shown
 from .model import (
     FAMILIES,
     Domain,
@@ -50,7 +50,7 @@ class Rule:
     owner: str
     bridge: str
     subnet: str
-    verdict: str  # ACCEPT, DNAT, MASQUERADE
+    verdict: str  # ACCEPT, DNAT, MASQUERADE, RETURN (back to the built-in chain)
     src: IPNetwork | None = None
     dst: IPNetwork | None = None
     not_dst: IPNetwork | None = None
@@ -63,6 +63,7 @@ class Rule:
     bridged: bool = False  # a frame the bridge forwards between its ports (br_netfilter)
     not_bcast_mcast: bool = False  # destination is neither broadcast nor multicast
     ctstate: str | None = None
+    not_ctstate: str | None = None
     to_addr: IPAddress | None = None  # DNAT: the guest
     to_ports: PortRange | None = None  # DNAT (guest ports, same width as dport) or
     #                                    MASQUERADE (source ports)
@@ -97,9 +98,14 @@ def _routes(net: Network, subnet: IPNetwork) -> bool:
     return net.mode in ("route", "open")
 
 
-def plan_network(net: Network) -> tuple[Rule, ...]:
+def plan_network(net: Network,
+                 others: Mapping[str, Network] | None = None) -> tuple[Rule, ...]:
     """The rules that let a managed network's guests talk, beside UFW's DROP policies,
-    in each family the network has an address in."""
+    in each family the network has an address in. ``others``: the other active
+    networks: an accept out of the bridge to any interface (no ``<forward dev=…>``)
+    first returns traffic bound for their bridges to libvirt's own rules, which refuse
+    it (``LIBVIRT_FWI``) unless that network is routed: between networks we are never
+    looser than libvirt."""
     if net.bridged:
         return plan_bridged(net)
     if not net.managed:
@@ -108,9 +114,14 @@ def plan_network(net: Network) -> tuple[Rule, ...]:
     bridge = net.bridge
     assert bridge is not None
     rules: list[Rule] = []
+    fenced = _fenced(net, others or {})
     for subnet in net.subnets:
         rule = partial(Rule, family=subnet.version, owner=owner, bridge=bridge,
                        subnet=str(subnet))
+        out = net.dev if net.mode != "open" else None
+        if net.mode != "isolated" and out is None:  # before the accept out to anywhere
+            rules += [rule("forward", src=subnet, iif=bridge, oif=other, not_ctstate="DNAT",
+                           verdict="RETURN") for other in fenced]  # DNAT'd: a forward's
         if net.mode == "nat" and not _routes(net, subnet):
             rules.append(rule("forward", src=subnet, iif=bridge, oif=net.dev,
                               verdict="ACCEPT"))
@@ -151,6 +162,13 @@ def plan_bridged(net: Network) -> tuple[Rule, ...]:
     return tuple(Rule("forward", family=family, owner=network_owner(net.name),
                       bridge=net.bridge, subnet="-", iif=net.bridge, oif=net.bridge,
                       bridged=True, verdict="ACCEPT") for family in FAMILIES)
+
+
+def _fenced(net: Network, others: Mapping[str, Network]) -> list[str]:
+    """The bridges of the other active networks whose libvirt rules refuse what comes
+    from another bridge (every mode but open, which libvirt leaves alone), sorted."""
+    return sorted({o.bridge for o in others.values() if o.managed and o.bridge
+                   and o.bridge != net.bridge and o.mode != "open"})
 
 
 def _families(net: Network) -> tuple[int, ...]:
@@ -271,9 +289,12 @@ def _reserved_by_others(dom: Domain, attached: list[tuple[str, Network]]) -> dic
     a MAC that is none of the domain's NICs, or a name-only entry (every IPv6 one) not
     named as it. Built once per domain: a guest may have thousands of forwards, a
     network thousands of reservations."""
-    own = {nic.mac for nic in dom.nics if nic.mac}
     held: dict[IPAddress, str] = {}
     for net in {id(n): n for _m, n in attached}.values():
+        # a reservation is the guest's only through a NIC on that very network: a second
+        # NIC elsewhere (another network, an unmanaged bridge) with the MAC of another
+        # guest's reservation here makes that guest's address no more this one's
+        own = {mac for mac, n in attached if n is net}
         slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
         for host in net.hosts:
             if host.mac is not None and host.mac not in own:
@@ -340,12 +361,12 @@ def resolve_domain_forwards(dom: Domain,
             candidates = [(mac, net) for mac, net in attached if mac == spec.mac]
             if not candidates:
                 if any(nic.mac == spec.mac for nic in dom.nics):
-                    raise InputError(f"{where}: NIC {spec.mac} is not on a nat, route, open "
-                                     "or isolated network with a bridge")
+                    raise Unavailable(f"{where}: NIC {spec.mac} is not on a nat, route, open "
+                                      "or isolated network with a bridge that is active")
                 raise InputError(f"{where}: the domain has no NIC with mac {spec.mac}")
         if not attached:
-            raise InputError(f"{where}: the domain has no NIC on a nat, route, open or "
-                             "isolated network that is active")
+            raise Unavailable(f"{where}: the domain has no NIC on a nat, route, open or "
+                              "isolated network that is active")
         targets: list[Resolved] = []
         if spec.guest_ips:
             if others is None:
@@ -460,7 +481,7 @@ def plan_network_owner(net: Network,
                        others: Mapping[str, Network] | None = None) -> tuple[Rule, ...]:
     """Everything the network owns: its bridge rules and its metadata forwards
     (``others``: the other active networks, see ``resolve_network_forwards``)."""
-    return plan_network(net) + plan_forwards(network_owner(net.name),
+    return plan_network(net, others) + plan_forwards(network_owner(net.name),
                                              resolve_network_forwards(net, others))
 
 
@@ -505,8 +526,8 @@ def check_conflicts(owner_label: str, specs: Iterable[ForwardSpec],
                                      f"{other_spec.label} of the same owner")
                 mine, theirs, whose = ((spec, other_spec, other_label) if label is None
                                        else (other_spec, spec, label))
-                raise InputError(f"{owner_label}: {mine.label}: host port already "
-                                 f"forwarded by {whose} ({theirs.label})")
+                raise Unavailable(f"{owner_label}: {mine.label}: host port already "
+                                  f"forwarded by {whose} ({theirs.label})")
         active.append(entry)
 
 

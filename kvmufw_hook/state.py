@@ -257,10 +257,13 @@ def load_networks(log=None) -> dict:
     return networks
 
 
-def load_domains(log=None) -> dict:
-    """name -> Domain of every running guest we applied forwards for."""
+def load_domains(log=None, known=frozenset()) -> dict:
+    """name -> Domain of every running guest we applied forwards for; ``known``: owner
+    tags (``d=NAME``) whose forwards the caller has already (the kernel's claims): their
+    files are not even parsed (a guest's start amid hundreds parses none)."""
     from .parse import parse_domain_xml
-    paths = _files(os.path.join(state_dir(), "domains"))
+    paths = [path for path in _files(os.path.join(state_dir(), "domains"))
+             if "d=" + os.path.basename(path)[:-4] not in known]
     return {dom.name: dom for dom in _parsed(paths, parse_domain_xml, log)}
 
 

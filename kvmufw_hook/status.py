@@ -8,14 +8,15 @@ import threading
 from . import state
 from .backends import default_backend
 from .errors import ApplyError, InputError, printable, shown
+from .host import network_leases
 from .names import domain_owner, network_owner
 from .plan import (
     Resolved,
     plan_forwards,
     plan_network,
-    resolve_domain_forwards,
     resolve_network_forwards,
 )
+from .policy import resolve_domain
 
 
 def _forward(owner: str, target: Resolved | None, spec, error: str | None, check) -> dict:
@@ -93,7 +94,7 @@ def collect(backend=None) -> dict:
         owner = network_owner(name)
         entry = {"name": name, "bridge": net.bridge, "mode": net.mode,
                  "subnets": [str(s) for s in net.subnets], "rules_present": False}
-        check(entry, "rules_present", plan_network(net))
+        check(entry, "rules_present", plan_network(net, networks))
         entry["forwards"] = _forwards(owner, net.forwards,
                                       lambda net=net: resolve_network_forwards(net, networks),
                                       check)
@@ -101,7 +102,8 @@ def collect(backend=None) -> dict:
     for name, dom in sorted(state.load_domains().items()):
         report["domains"].append({"name": name, "forwards": _forwards(
             domain_owner(name), dom.forwards,
-            lambda dom=dom: resolve_domain_forwards(dom, networks), check)})
+            lambda dom=dom: resolve_domain(dom, networks, state.network_ports, network_leases),
+            check)})
     snapshot, report["kernel_error"] = reading.result()
     # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
     from .backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present

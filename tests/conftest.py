@@ -30,13 +30,19 @@ def need_root_tools(*tools: str) -> None:
 
 @pytest.fixture
 def state_env(tmp_path, monkeypatch):
-    """An empty state dir and libvirt network dir for ops/hooks run in this process."""
+    """An empty state dir and libvirt network dir for ops/hooks run in this process; no
+    configuration file (``KVMUFW_CONFIG``, absent) and no dnsmasq leases yet."""
     state = tmp_path / "state"
     libvirt_net = tmp_path / "libvirt-network"
     libvirt_net.mkdir()
-    monkeypatch.setenv("KVMUFW_STATE_DIR", str(state))
-    monkeypatch.setenv("KVMUFW_LIBVIRT_NETWORK_DIR", str(libvirt_net))
-    return {"KVMUFW_STATE_DIR": str(state), "KVMUFW_LIBVIRT_NETWORK_DIR": str(libvirt_net)}
+    dnsmasq = tmp_path / "dnsmasq"
+    dnsmasq.mkdir()
+    env = {"KVMUFW_STATE_DIR": str(state), "KVMUFW_LIBVIRT_NETWORK_DIR": str(libvirt_net),
+           "KVMUFW_CONFIG": str(tmp_path / "kvmufw_hook.conf"),
+           "KVMUFW_DNSMASQ_DIR": str(dnsmasq)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
 
 
 @pytest.fixture

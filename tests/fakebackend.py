@@ -35,6 +35,11 @@ class FakeBackend(IptablesBackend):
     def tables(self) -> dict[str, dict[str, list[str]]]:
         return self.families[4]
 
+    def end_flows(self, change, log) -> None:
+        """Conntrack is the kernel's: only remembered here (never this host's flows)."""
+        self.ended = [*getattr(self, "ended", []), *(line for lines in change.ended.values()
+                                                     for line in lines)]
+
     def _unavailable(self, family: int) -> str | None:
         return None if family in self.families else "IPv6 is disabled in the kernel"
 

@@ -173,7 +173,8 @@ print("ready", flush=True); time.sleep(120)
 
 def test_issue10_item2_an_unprivileged_user_cannot_stop_a_guest_from_starting(
         netns, state_env):
-    """``victim`` holds 8088. Any local user (here uid 65534) may listen on a port above
+    """``victim`` holds 8088. Any local user (here uid 1500: a person's, within login.defs'
+    UID_MIN..UID_MAX; nobody, 65534, is a system account) may listen on a port above
     1023: ``nc -l 8088``, or a ``@reboot`` cron job that wins the race with libvirt's
     autostart. The socket never sees a packet (our DNAT comes first), yet the victim's
     next start is refused with "used by a host service": libvirt does not start the
@@ -182,7 +183,7 @@ def test_issue10_item2_an_unprivileged_user_cannot_stop_a_guest_from_starting(
     started_lab(netns, state_env)
     victim = domain_xml("victim", VICTIM_MAC, 'host-port="8088" guest-port="80"')
     hook_ok(netns, state_env, "qemu", ["victim", "start", "begin", "-"], victim)
-    user = netns.spawn("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+    user = netns.spawn("setpriv", "--reuid=1500", "--regid=1500", "--clear-groups",
                        sys.executable, "-c", USER_LISTENER)
     assert user.stdout.readline().strip() == "ready"
     hook_ok(netns, state_env, "qemu", ["victim", "stopped", "end", "-"], b"")

@@ -103,14 +103,14 @@ FACTS = HostFacts(frozenset({V4, V6, OTHER_V6, IPv6Address("fe80::1")}),
     # a udp ``::`` socket (v6only unknown from /proc): both families
     (forward(53, proto="udp", guest_ips=[GUEST_V4]), "host port 53/udp"),
     (forward(53, proto="udp", host_ip=V6), "host port 53/udp"),
-    (forward(8443, host_ip=V6, allow_host_service=True), None),
+    (forward(8443, host_ip=V6, allow_host_service=True), "host port 8443/tcp"),  # XML: no
 ])
 def test_host_services_conflict_per_family(spec, refused):
     line = refusal(FACTS, spec)
     if refused is None:
         assert line is None, line
     else:
-        assert line is not None and refused in line and "allow-host-service" in line, line
+        assert line is not None and refused in line and "allow_host_service" in line, line
         assert line.startswith(f"domain 'web7': forward #1 ({spec.label}): "), line
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmufw_hook import ops, status
+from kvmufw_hook import ops, policy, status
 from kvmufw_hook.backends.iptables import (
     IptablesBackend,
     Snapshot,
@@ -103,7 +103,7 @@ forward = st.builds(lambda p, proto, ip: ForwardSpec(proto, PortRange(*p), PortR
 def test_claims_index_answers_as_checking_against_everything(owners):
     """plan_host checks each owner against the claims near its ports only: the same
     owners fail, with the same messages, as against every claim."""
-    claimed_all, index = [], ops._Claimed()
+    claimed_all, index = [], policy._Claimed()
     for n, forwards in enumerate(owners):
         label = f"domain 'g{n}'"
         answers = []

@@ -33,6 +33,9 @@ class Change(Protocol):
     def text(self) -> str:
         """The change as shown to people (dry runs, ``plan``, logs)."""
 
+    def ends_forwards(self) -> bool:
+        """Whether it may remove forwards (their conntrack flows are then ended)."""
+
 
 class Backend(Protocol):
     def read(self, families: Iterable[int] = ()) -> Ruleset:
@@ -60,9 +63,15 @@ class Backend(Protocol):
     def present(self, ruleset: Ruleset, rules: Iterable[Rule]) -> bool:
         """Whether every one of ``rules`` is in the ruleset."""
 
-    def claims(self, ruleset: Ruleset) -> dict[str, list[ForwardSpec]]:
+    def claims(self, ruleset: Ruleset, near: Iterable[ForwardSpec] | None = None,
+               mine: str | None = None) -> dict[str, list[ForwardSpec]]:
         """owner -> the host ports its rules in the kernel hold (each claim carries its
-        family: a guest address of that family)."""
+        family: a guest address of that family). ``near``: only claims that could
+        overlap these (and all of ``mine``'s); every owner is a key all the same."""
+
+    def end_flows(self, change: Change, log: Callable[[str], None]) -> None:
+        """End the conntrack flows of the forwards ``change`` (just written) took out; a
+        failure is logged, never raised (the rules are gone already)."""
 
     def owners(self, ruleset: Ruleset) -> set[str]:
         """Every owner with a rule in the kernel."""

@@ -18,6 +18,7 @@ import os
 
 from ..errors import ApplyError
 from ..process import communicate
+from .tags import PREFIX as TAG_PREFIX
 from .tags import comment as tag_comment
 from .tags import parse_comment
 
@@ -109,6 +110,8 @@ def render_rule(rule: Rule) -> tuple[str, str]:
             out += ["--dport", _ports(rule.dport, ":")]
     if rule.ctstate:
         out += ["-m", "conntrack", "--ctstate", rule.ctstate]
+    if rule.not_ctstate:
+        out += ["-m", "conntrack", "!", "--ctstate", rule.not_ctstate]
     out += ["-m", "comment", "--comment", f'"{tag_comment(rule.tag)}"']
     out += ["-j", rule.verdict]
     if rule.verdict == "DNAT":
@@ -241,11 +244,12 @@ def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
             rendered.setdefault((table, line.split(" ", 2)[1]), {}).setdefault(
                 owner, []).append(line)
     target: Chains = {}
+    owner_of = _owner_finder(rules) if drop is None else line_tag
     for table, chains in snapshot.ours().items():
         target[table] = {}
         for chain, lines in chains.items():
             new = rendered.get((table, chain), {})
-            tagged = [(line, line_tag(line)) for line in lines]
+            tagged = [(line, owner_of(line)) for line in lines]
             old: dict[str, list[str]] = {}
             for line, parsed in tagged:
                 if parsed is not None:
@@ -259,6 +263,26 @@ def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
             target[table][chain] = kept + [line for owner, owned in new.items()
                                            if owner not in unchanged for line in owned]
     return target
+
+
+def _owner_finder(rules: Mapping[str, Sequence[Rule]]) -> Callable[[str], Tag | None]:
+    """How ``compose`` tells whose a line is when only the owners of ``rules`` matter (no
+    ``drop``; the tag's bridge and subnet are left empty): a search for ``kvmufw:OWNER,``
+    (owners never hold a comma) instead of parsing every comment, for a change of a few
+    owners amid thousands of rules; the full parse otherwise."""
+    if len(rules) > 4:
+        return line_tag
+    from ..names import Tag
+    marks = [(f"{TAG_PREFIX}{owner},", Tag(owner, "", "")) for owner in rules]
+    other = Tag("", "", "")  # a tagged line of an owner not being changed
+
+    def owner_of(line: str) -> Tag | None:
+        for mark, found in marks:
+            if mark in line:
+                return found
+        return other if TAG_PREFIX in line else None
+
+    return owner_of
 
 
 # Deleting a rule costs iptables-nft a comparison with each rule of its chain; writing
@@ -383,11 +407,13 @@ class Change:
     ``iptables-restore`` and one ``ip6tables-restore``), and the families whose rules had
     to be left out (``skipped``: family -> why). False when nothing changes."""
 
-    __slots__ = ("parts", "skipped")
+    __slots__ = ("ended", "parts", "skipped")
 
-    def __init__(self, parts: dict[int, str], skipped: dict[int, str] | None = None) -> None:
+    def __init__(self, parts: dict[int, str], skipped: dict[int, str] | None = None,
+                 ended: dict[int, list[str]] | None = None) -> None:
         self.parts = {f: p for f, p in parts.items() if p}
         self.skipped = skipped or {}
+        self.ended = {f: lines for f, lines in (ended or {}).items() if lines}
 
     def __bool__(self) -> bool:
         return bool(self.parts)
@@ -396,6 +422,20 @@ class Change:
     def text(self) -> str:
         """Every payload, IPv4 first, each family's under its own heading."""
         return "".join(SECTION[f] + self.parts[f] for f in sorted(self.parts))
+
+    def ends_forwards(self) -> bool:
+        """Whether it takes DNAT rules out for good (not put back as they were)."""
+        return bool(self.ended)
+
+
+def _ended(snapshot: Snapshot, target: Chains) -> list[str]:
+    """The DNAT rules of ours in ``snapshot`` that ``target`` no longer has."""
+    chain = STAGE_CHAIN["prerouting"][1]
+    current = snapshot.ours()["nat"][chain]
+    if not current:
+        return []
+    kept = set(target.get("nat", {}).get(chain, ()))
+    return [line for line in current if line not in kept and " -j DNAT " in line]
 
 
 def split_by_family(rules: Mapping[str, Sequence[Rule]]) -> dict[int, dict[str, list[Rule]]]:
@@ -495,14 +535,16 @@ class IptablesBackend:
         """What replaces the named owners' rules in every family (and drops matching
         tagged rules of others). Rules of a family the ruleset does not hold are left
         out and said so (``Change.skipped``)."""
-        parts, skipped = {}, {}
+        parts, skipped, ended = {}, {}, {}
         for family, owned in split_by_family(rules).items():
             snapshot = ruleset.snapshots.get(family)
             if snapshot is not None:
-                parts[family] = transition(snapshot, compose(snapshot, owned, drop))
+                target = compose(snapshot, owned, drop)
+                parts[family] = transition(snapshot, target)
+                ended[family] = _ended(snapshot, target)
             elif any(owned.values()):
                 skipped[family] = ruleset.unavailable.get(family, "not read")
-        return Change(parts, skipped)
+        return Change(parts, skipped, ended)
 
     @staticmethod
     def revert(now: Ruleset, before: Ruleset) -> Change:
@@ -522,12 +564,44 @@ class IptablesBackend:
 
     # ------------------------------------------------------------------ readings
 
+    def end_flows(self, change: Change, log: Callable[[str], None]) -> None:
+        """End the conntrack flows of the DNAT rules ``change`` took out
+        (``conntrack.py``): in this process, or in one child in the namespace ``prefix``
+        runs in."""
+        from ..conntrack import end_flows
+        flows = [flow for family, lines in change.ended.items() for line in lines
+                 if (flow := _flow(family, line)) is not None]
+        if not flows:
+            return
+        if not self.prefix:
+            try:
+                end_flows(flows)
+            except OSError as exc:
+                log(f"conntrack flows of removed forwards not ended: {exc}")
+            return
+        import json
+        import subprocess
+        import sys
+        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (f"import sys; sys.path.insert(0, {package!r}); "
+                "from kvmufw_hook.conntrack import main; main()")
+        data = json.dumps([[f, p, a, b, g.hex(), h.hex() if h else ""]
+                           for f, p, a, b, g, h in flows])
+        try:
+            subprocess.run([*self.prefix, sys.executable, "-c", code], input=data, text=True,
+                           capture_output=True, check=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log(f"conntrack flows of removed forwards not ended: {exc}")
+
     @staticmethod
-    def claims(ruleset: Ruleset) -> dict[str, list[ForwardSpec]]:
-        """owner -> the host ports its rules hold, in every family read."""
+    def claims(ruleset: Ruleset, near: Iterable[ForwardSpec] | None = None,
+               mine: str | None = None) -> dict[str, list[ForwardSpec]]:
+        """owner -> the host ports its rules hold, in every family read. ``near``: only
+        the claims that could overlap these forwards (and every claim of ``mine``); the
+        other owners are still keys, with no claim."""
         out: dict[str, list[ForwardSpec]] = {}
         for snapshot in ruleset.snapshots.values():
-            for owner, specs in kernel_claims(snapshot).items():
+            for owner, specs in kernel_claims(snapshot, near, mine).items():
                 out.setdefault(owner, []).extend(specs)
         return out
 
@@ -580,14 +654,37 @@ def _tokens_after(tokens: list[str], flag: str) -> str | None:
         return None
 
 
-def kernel_claims(snapshot: Snapshot) -> dict[str, list[ForwardSpec]]:
+def _flow(family: int, line: str):
+    """``conntrack.Flow`` of one of our DNAT lines: what connections it translated."""
+    from _socket import AF_INET, AF_INET6, inet_pton
+
+    from ..conntrack import PROTOCOLS
+    tokens = line.split()
+    proto, dport = _tokens_after(tokens, "-p"), _tokens_after(tokens, "--dport")
+    to = _tokens_after(tokens, "--to-destination") or ""
+    dst = _tokens_after(tokens, "-d")
+    guest = to[1:].split("]")[0] if to.startswith("[") else to.split(":")[0]
+    if proto not in PROTOCOLS or dport is None or not guest:
+        return None
+    af = AF_INET if family == 4 else AF_INET6
+    first, _, last = dport.partition(":")
+    try:
+        return (family, PROTOCOLS[proto], int(first), int(last or first), inet_pton(af, guest),
+                inet_pton(af, dst.split("/")[0]) if dst else None)
+    except (OSError, ValueError):
+        return None
+
+
+def kernel_claims(snapshot: Snapshot, near: Iterable[ForwardSpec] | None = None,
+                  mine: str | None = None) -> dict[str, list[ForwardSpec]]:
     """owner -> the host ports its DNAT rules in the kernel hold right now (proto, port
     range, host address): who holds a port is what the kernel says, whatever our state
     files say (they can be lost or corrupt)."""
     from ipaddress import ip_address  # here: a guest's stop never needs it
 
     from ..model import ForwardSpec, PortRange
-    out: dict[str, list[ForwardSpec]] = {}
+    seen: dict[str, dict[ForwardSpec, None]] = {}
+    wanted = None if near is None else [(spec.proto, spec.host_port) for spec in near]
     for line in snapshot.tables["nat"].rules.get(STAGE_CHAIN["prerouting"][1], []):
         if " -j DNAT " not in line:
             continue
@@ -598,6 +695,10 @@ def kernel_claims(snapshot: Snapshot) -> dict[str, list[ForwardSpec]]:
             continue
         first, _, last = dport.partition(":")
         ports = PortRange(int(first), int(last or first))
+        if wanted is not None and owner != mine and not any(
+                p == proto and ports.overlaps(r) for p, r in wanted):
+            seen.setdefault(owner, {})  # an owner all the same, with no claim in the way
+            continue
         dst = _tokens_after(tokens, "-d")
         host_ip = ip_address(dst.split("/")[0]) if dst else None
         to = _tokens_after(tokens, "--to-destination") or ""
@@ -609,6 +710,5 @@ def kernel_claims(snapshot: Snapshot) -> dict[str, list[ForwardSpec]]:
             guests = ()
         spec = ForwardSpec(proto=proto, host_port=ports, guest_port=ports, host_ip=host_ip,
                            guest_ips=guests)
-        if spec not in out.setdefault(owner, []):
-            out[owner].append(spec)
-    return out
+        seen.setdefault(owner, {})[spec] = None  # ordered, and linear: one per source
+    return {owner: list(specs) for owner, specs in seen.items()}

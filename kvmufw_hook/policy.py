@@ -1,0 +1,242 @@
+"""Who may have which forward: every check between owners, for every operation. Pure:
+the facts of the host (networks, running guests, libvirt's records of ports, the host's
+addresses and listeners, the kernel's claims, root's configuration) come in as data,
+read by the caller (``ops``, ``edit``, ``status``, ``doctor``); nothing here reads the
+kernel, the disk or libvirt.
+
+A forward reaches only what its owner owns: a host port no other owner holds, a port
+no host service uses unless root consents, and a guest address that is the owner's own.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+
+from . import host
+from .errors import ConfigError, InputError, Unavailable, shown
+from .model import Domain, ForwardSpec, IPAddress, Network
+from .names import domain_owner, network_owner
+from .plan import Resolved, check_conflicts, eui64_address, resolve_domain_forwards
+
+Claims = list[tuple[str, Iterable[ForwardSpec]]]
+Facts = host.HostFacts | Callable[[], host.HostFacts]
+Ports = Callable[[str], list[tuple[str, str]]]  # network name -> (MAC, owner) of its ports
+Leases = Callable[[Network], Iterable[tuple[IPAddress, str | None]]]  # (address, MAC)
+
+
+def withdraws(exc: InputError) -> bool:
+    """Whether a re-check that refused an owner's forwards with ``exc`` must take its
+    current rules away (fail closed): every refusal but an ``Unavailable`` one (its
+    network is down, another owner holds its port) says a forward may reach what its
+    owner does not own. Root's configuration being wrong (``ConfigError``) changes
+    nothing either."""
+    return not isinstance(exc, (Unavailable, ConfigError))
+
+
+def no_leases(_net: Network) -> tuple[tuple[IPAddress, str | None], ...]:
+    return ()
+
+
+def resolve_domain(dom: Domain, networks: Mapping[str, Network], ports: Ports,
+                   leases: Leases = no_leases) -> tuple[Resolved, ...]:
+    """A guest's forwards resolved, and each target proven its own: no NIC with a copy
+    of another running guest's MAC (``check_own_macs``), no address libvirt's records
+    give another guest (``check_own_addresses``). Every operation resolves guests here."""
+    check_own_macs(dom, networks, ports)
+    targets = resolve_domain_forwards(dom, networks)
+    check_own_addresses(dom, targets, ports, leases)
+    return targets
+
+
+def _on(dom: Domain, net: Network) -> set[str]:
+    """The MACs of the guest's NICs on ``net`` (by name, or by its bridge)."""
+    return {nic.mac for nic in dom.nics if nic.mac and (
+        nic.network == net.name or (nic.bridge is not None and nic.bridge == net.bridge))}
+
+
+def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
+                        leases: Leases) -> None:
+    """InputError if a forward's guest address is another guest's by libvirt's own
+    records: a dnsmasq lease of a MAC that is none of this guest's NICs on that network,
+    or (IPv6, a /64) the SLAAC address of another guest's port there. Reservations are
+    ``plan``'s (they are in the network's XML). Each network's records are read once."""
+    seen: dict[str, dict[IPAddress, str]] = {}
+    for t in targets:
+        net = t.network
+        if net.name not in seen:
+            own = _on(dom, net)
+            theirs: dict[IPAddress, str] = {}
+            for ip, mac in leases(net):
+                if mac is not None and mac not in own:
+                    theirs.setdefault(ip, f"leased by dnsmasq to MAC {mac}")
+            slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
+            for mac, owner in ports(net.name) if slaac else ():
+                if owner != dom.name and mac not in own:
+                    for subnet in slaac:
+                        theirs.setdefault(eui64_address(subnet, mac),
+                                          f"the SLAAC address of domain {shown(owner)}'s "
+                                          f"MAC {mac}")
+            seen[net.name] = theirs
+        holder = seen[net.name].get(t.guest_ip)
+        if holder is not None:
+            raise InputError(f"domain {shown(dom.name)}: forward {t.spec.label}: guest "
+                             f"{t.guest_ip} on network {shown(net.name)} is another "
+                             f"guest's ({holder}); a domain forwards only to its own "
+                             "addresses")
+
+
+def owner_label(owner: str) -> str:
+    """How messages name an owner known only by its tag: ``domain 'web1'``."""
+    kind, _, name = owner.partition("=")
+    return f"{'network' if kind == 'n' else 'domain'} {shown(name)}"
+
+
+def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip: str,
+           kernel: Mapping[str, list[ForwardSpec]] | None = None,
+           held_only: bool = False) -> Claims:
+    """Forwards of every owner but ``skip``, labelled for conflict messages: what our
+    state says (the forwards as declared), and what the kernel holds for every owner
+    the state does not know (a lost or corrupt state file hides no holder).
+    ``held_only``: an owner of the state with rules in the kernel claims each forward in
+    the families the kernel holds it in, not in every family its metadata allows."""
+    kernel = kernel or {}
+
+    def theirs(owner: str, specs: Sequence[ForwardSpec]) -> Sequence[ForwardSpec]:
+        return _as_held(specs, kernel[owner]) if held_only and owner in kernel else specs
+
+    out: Claims = [(f"network {shown(n.name)}", theirs(network_owner(n.name), n.forwards))
+                   for n in networks.values() if n.managed and network_owner(n.name) != skip]
+    out += [(f"domain {shown(d.name)}", theirs(domain_owner(d.name), d.forwards))
+            for d in domains.values() if domain_owner(d.name) != skip]
+    known = {network_owner(n) for n in networks} | {domain_owner(d) for d in domains}
+    out += [(owner_label(owner), specs) for owner, specs in kernel.items()
+            if owner != skip and owner not in known]
+    return out
+
+
+def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[ForwardSpec]:
+    """Each forward in the families its rules in the kernel hold it in (the kernel's
+    claims carry the guest address, so their family); as declared where none does."""
+    guests: dict[tuple, dict[int, IPAddress]] = {}
+    for h in held:
+        for ip in h.guest_ips:
+            guests.setdefault((h.proto, h.host_port, h.host_ip), {}).setdefault(ip.version, ip)
+    out = []
+    for spec in specs:
+        found = guests.get((spec.proto, spec.host_port, spec.host_ip))
+        out.append(replace(spec, guest_ips=tuple(found.values())) if found else spec)
+    return out
+
+
+def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
+                 networks: Mapping[str, Network], domains: Mapping[str, Domain],
+                 kernel: Mapping[str, list[ForwardSpec]] | None = None) -> None:
+    """InputError if ``owner``'s forwards claim a host port another owner has. Checked
+    first against what the others declare (cheap: no copies); only if that finds a
+    clash, again against the families their rules in the kernel really hold (a guest
+    with an IPv4 address only does not hold the IPv6 port its metadata would allow)."""
+    forwards = tuple(forwards)
+    try:
+        check_conflicts(label, forwards, claims(networks, domains, owner, kernel))
+    except InputError:
+        if not kernel:
+            raise
+        check_conflicts(label, forwards, claims(networks, domains, owner, kernel, True))
+
+
+def check_host(label: str, owner: str, forwards: Sequence[ForwardSpec], facts: Facts,
+               networks: Mapping[str, Network], held: Iterable[ForwardSpec] = (),
+               families: Sequence[Iterable[int]] | None = None) -> None:
+    """InputError if a forward takes libvirt's own DNS/DHCP on a bridge address, if its
+    host-ip is not the host's, or if it takes a host service's port without root's
+    consent (``host.py``, ``config.py``). ``facts``: the host's, or how to read them
+    (only when there are forwards: a guest without any reads nothing); ``held``: what
+    the owner's rules take now, which a later socket does not take away; ``families``:
+    per forward, the families it was planned in."""
+    if not forwards:
+        return
+    check_libvirt_ports(label, forwards, networks)
+    host.check_forwards(label, forwards, facts if isinstance(facts, host.HostFacts)
+                        else facts(), held=held, families=families, owner=owner)
+
+
+LIBVIRT_PORTS = (("udp", 53), ("tcp", 53), ("udp", 67), ("udp", 547))  # dnsmasq's
+
+
+def check_libvirt_ports(label: str, forwards: Iterable[ForwardSpec],
+                        networks: Mapping[str, Network]) -> None:
+    """InputError if a forward would take libvirt's own DNS or DHCP on a bridge
+    address: without host-ip it takes every local address, the bridges' included (and
+    those of networks that start later); with a host-ip that is a network's address on
+    its bridge. Never granted, by XML or by root's configuration: guests of that
+    network would get the forward's answers."""
+    bridged = {iface.ip for net in networks.values() for iface in net.interfaces}
+    for index, spec in enumerate(forwards, start=1):
+        if spec.host_ip is not None and spec.host_ip not in bridged:
+            continue
+        for proto, port in LIBVIRT_PORTS:
+            if spec.proto == proto and spec.host_port.first <= port <= spec.host_port.last:
+                where = ("every local address, the bridges' included" if spec.host_ip is None
+                         else f"{spec.host_ip}, a network's address on its bridge")
+                raise InputError(f"{label}: forward #{index} ({spec.label}): host port "
+                                 f"{port}/{proto} is libvirt's own DNS/DHCP on {where}; "
+                                 "set a host-ip that is not a bridge's, or another port")
+
+
+def same_mac(net: Network, domains: Mapping[str, Domain], mac: str, owner: str) -> list[str]:
+    """Running guests with forwards, other than ``owner``, with a NIC of MAC ``mac`` on
+    ``net``: a guest that started with a copy of another's MAC while that one was down
+    (``check_own_macs`` refuses it only when the other's port already exists)."""
+    return sorted(d.name for d in domains.values() if d.name != owner and d.forwards
+                  and any(nic.mac == mac and (nic.network == net.name or (
+                      nic.bridge is not None and nic.bridge == net.bridge)) for nic in d.nics))
+
+
+
+def check_own_macs(dom: Domain, networks: Mapping[str, Network],
+                   ports: Callable[[str], list[tuple[str, str]]]) -> None:
+    """InputError if a NIC of a guest with forwards has the MAC of another guest's port
+    on that network (libvirt starts two guests with one MAC): its reservation, and so
+    the address its forwards would reach, is not this guest's."""
+    if not dom.forwards:
+        return
+    by_bridge = {n.bridge: n for n in networks.values() if n.bridge}
+    for nic in dom.nics:
+        net = networks.get(nic.network or "") or by_bridge.get(nic.bridge or "")
+        if net is None or not nic.mac:
+            continue
+        others = sorted({o for mac, o in ports(net.name) if mac == nic.mac and o != dom.name})
+        if others:
+            raise InputError(f"domain {shown(dom.name)}: NIC {nic.mac} on network "
+                             f"{shown(net.name)} has the MAC of the port of domain "
+                             f"{shown(others[0])}: that guest's address is not this one's")
+
+
+
+class _Claimed:
+    """Forwards claimed so far, by protocol and first host port: each owner is checked
+    against the few that could overlap its own, not against all (a replay of hundreds
+    of guests would be quadratic). Same answers and messages as checking against all."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
+        self.entries: list[tuple[str, ForwardSpec]] = []
+        self.widest = 0
+
+    def near(self, forwards: Iterable[ForwardSpec]) -> list[tuple[str, tuple[ForwardSpec]]]:
+        found = []
+        for spec in forwards:  # an overlap starts within [first - widest, last]
+            starts = self.starts.get(spec.proto, [])
+            lo = bisect_left(starts, (spec.host_port.first - self.widest, -1))
+            hi = bisect_right(starts, (spec.host_port.last, len(self.entries)))
+            found += [self.entries[i] for _first, i in starts[lo:hi]]
+        return [(label, (spec,)) for label, spec in found]
+
+    def add(self, label: str, forwards: Iterable[ForwardSpec]) -> None:
+        for spec in forwards:
+            insort(self.starts.setdefault(spec.proto, []),
+                   (spec.host_port.first, len(self.entries)))
+            self.entries.append((label, spec))
+            self.widest = max(self.widest, spec.host_port.last - spec.host_port.first)
