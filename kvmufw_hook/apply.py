@@ -15,12 +15,37 @@ from .names import domain_owner
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: typing and collections cost milliseconds to import
     from collections.abc import Callable, Mapping, Sequence
+    from typing import TypeVar
 
     from .plan import Rule
+    T = TypeVar("T")
 
 
 def _quiet(_msg: str) -> None:
     pass
+
+
+# A write the kernel refuses is tried again on a fresh read, as kube-proxy and Calico
+# resync: a ``ufw reload`` or another tool between our read and our write makes the
+# payload stale (its ``-D`` lines miss, its chains are gone). A refusal for a real reason
+# fails the same way each time and is reported after the last attempt.
+ATTEMPTS = 3
+
+
+class Stale(ApplyError):
+    """A write failed (everything of it put back); reading again may succeed."""
+
+
+def retried(attempt: Callable[[], T]) -> T:
+    """``attempt()`` (read, check, write, all under the caller's lock) until it does
+    not raise ``Stale``, at most ``ATTEMPTS`` times; the last failure as ApplyError."""
+    for left in range(ATTEMPTS - 1, -1, -1):
+        try:
+            return attempt()
+        except Stale as exc:
+            if not left:
+                raise ApplyError(f"{exc} ({ATTEMPTS} attempts)") from None
+    raise AssertionError("unreachable")
 
 
 class Applied:
@@ -72,7 +97,8 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
     follow in one ``nft -f`` after the iptables write, even when iptables has nothing to
     change (libvirt rebuilt its table: the hooks that run after that put them back).
     If the kernel refuses either write, our chains are put back as they were and
-    ApplyError is raised: a change is applied whole or not at all.
+    ``Stale`` is raised (callers try again on a fresh read: ``retried``); if even that
+    fails, ApplyError: a change is applied whole or not at all.
     """
     backend = backend or default_backend()
     before = (backend.read(families_of(rules)) if before is None
@@ -90,21 +116,35 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
         backend.write(change)
         if accepts:
             accepts.write()  # last: one transaction, so if it fails nothing of it is in
-    except ApplyError:
+    except ApplyError as exc:
         try:
             if change:  # every family back as it was, those written before the failure too
                 backend.write(backend.revert(backend.read(before.snapshots), before))
-        except ApplyError as exc:
-            log(f"rollback failed too: {exc}")
-        raise
+        except ApplyError as rollback:
+            log(f"rollback failed too: {rollback}")
+        raise Stale(str(exc)) from None
     return Applied(change.text + (accepts.text if accepts else ""), change.skipped)
 
 
 def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet) -> Applied:
-    """Remove the guest's forwards (qemu stopped, release): found by their owner tag."""
-    with state.locked():
-        applied = apply_rules({domain_owner(name): ()}, backend=backend, log=log)
-        state.forget_domain(name)  # after the rules: a failed removal keeps the state
+    """Remove the guest's forwards (qemu stopped, release): found by their owner tag.
+    The guest is gone whatever happens here: if the removal fails, its state goes all
+    the same (``restore`` must never bring its forwards back) and a ``stopped`` marker
+    makes ``restore`` (or ``release``, or the next start) remove what is left."""
+    owner = domain_owner(name)
+    try:
+        with state.locked():
+            try:
+                applied = retried(lambda: apply_rules({owner: ()}, backend=backend,
+                                                      log=log))
+            except ApplyError:
+                state.mark_stopped(owner)
+                state.forget_domain(name)
+                raise
+            state.forget_domain(name)
+            state.forget_stopped(owner)
+    except state.Uninstalled:
+        return Applied("")
     if applied.payload:
         log(f"domain {shown(name)}: forwards removed")
     return applied

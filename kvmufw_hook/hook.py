@@ -81,6 +81,12 @@ def _main(kind: str, argv, stdin) -> int:
     try:
         _dispatch(kind, name, op, data)
         return 0
+    except ImportError as exc:
+        # the package is being replaced under us (an upgrade or uninstall): applying
+        # half of it is worse than nothing, and the installer's replay follows
+        _quiet_log(f"{kind} {op} {name}: kvmufw_hook is being replaced ({exc}): "
+                   "nothing applied")
+        return 0
     except Exception as exc:  # every failure is logged, some must not fail
         from .errors import ApplyError, InputError
         from .log import log
@@ -94,6 +100,16 @@ def _main(kind: str, argv, stdin) -> int:
         if never_fail:
             return 0
         return 2 if isinstance(exc, InputError) else 1
+
+
+def _quiet_log(message: str) -> None:
+    """One line to syslog, never to stderr, needing nothing of the package."""
+    try:
+        import syslog
+        syslog.openlog("kvmufw_hook")
+        syslog.syslog(syslog.LOG_WARNING, message)
+    except Exception:
+        pass
 
 
 def _prepare_lxml() -> None:
@@ -179,4 +195,5 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
             ops.network_port(net, data, port, deleted=op == "port-deleted", log=log)
         return
     from .parse import parse_domain_xml
-    ops.domain_started(parse_domain_xml(data), data, log=log)  # start, reconnect
+    ops.domain_started(parse_domain_xml(data), data, log=log,  # start, reconnect
+                       running=op == "reconnect")

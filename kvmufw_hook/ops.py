@@ -8,13 +8,19 @@ Who holds a host port is what the kernel's owner-tagged rules say, completed by 
 state files (a network whose rules a firewall reload wiped still holds its ports):
 a newcomer never takes a port from its current holder, whatever order owners are
 planned in, and a lost or corrupt state file cannot hide a holder.
+
+State follows the kernel and libvirt (``state.py``): a network's file is written after
+its rules, a stop removes rules before state, and a write that fails is tried again on a
+fresh read (``apply.retried``): whatever is killed or fails, ``restore`` (which never
+asks libvirt) and ``replay`` bring every running owner back and leave nothing of a
+stopped one. After ``uninstall`` every operation applies nothing.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from . import host, state
 from .apply import (  # noqa: F401 - the stop path lives there
@@ -23,11 +29,12 @@ from .apply import (  # noqa: F401 - the stop path lives there
     covering,
     domain_stopped,
     families_of,
+    retried,
 )
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
 from .model import Domain, ForwardSpec, IPAddress, Network, NetworkPort
-from .names import domain_owner, network_owner
+from .names import domain_owner, network_owner, safe_name
 from .plan import (
     Rule,
     check_conflicts,
@@ -174,49 +181,71 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
     if not net.managed:
         return Applied("")
     backend = backend or default_backend()
-    with state.locked():
-        networks = state.load_networks()
-        networks[net.name] = net
-        domains = state.load_domains()
-        mine = _network_owner(net, networks)
-        guests: list[_Owner] = []
-        for dom in domains.values():
-            if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
-                   for nic in dom.nics):
-                try:
-                    guests.append(_domain_owner(dom, networks))
-                except InputError as exc:
-                    log(f"not re-adding forwards: {exc}")
-        before = backend.read(families_of({o.owner: o.rules for o in [mine, *guests]}))
-        held = backend.claims(before)
-        rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
-        if net.forwards:
-            check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
-            check_host(mine.label, net.forwards, backend, held.get(mine.owner, ()),
-                       mine.families)
-        for guest in guests:
-            try:  # a port taken meanwhile (replay while this network was down) stays
-                guest.check(held, backend)
-                rules[guest.owner] = guest.rules
-            except InputError as exc:
-                log(f"not re-adding forwards: {exc}")
-        state.save_network(net.name, raw)
-        applied = apply_rules(rules, backend=backend, log=log, before=before)
+    try:
+        with state.locked():
+            rules, applied = retried(lambda: _network_started(net, raw, backend, log))
+    except state.Uninstalled:
+        return Applied("")
     log(f"network {shown(net.name)} ({net.bridge}): rules for "
         + ", ".join(sorted(rules)) + (" applied" if applied.payload else " already in place"))
     return applied
 
 
+def _network_started(net: Network, raw: bytes, backend,
+                     log: Log) -> tuple[dict[str, Sequence[Rule]], Applied]:
+    """One attempt of ``network_started``, under the lock. The state file is written
+    after the rules: if they fail (or this is killed), libvirt counts the network as
+    not started and runs no ``stopped``, so nothing may say it is active."""
+    networks = state.load_networks()
+    networks[net.name] = net
+    domains = state.load_domains()
+    mine = _network_owner(net, networks)
+    guests: list[_Owner] = []
+    for dom in domains.values():
+        if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
+               for nic in dom.nics):
+            try:
+                guests.append(_domain_owner(dom, networks))
+            except InputError as exc:
+                log(f"not re-adding forwards: {exc}")
+    before = backend.read(families_of({o.owner: o.rules for o in [mine, *guests]}))
+    held = backend.claims(before)
+    rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
+    if net.forwards:
+        check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
+        check_host(mine.label, net.forwards, backend, held.get(mine.owner, ()),
+                   mine.families)
+    for guest in guests:
+        try:  # a port taken meanwhile (replay while this network was down) stays
+            guest.check(held, backend)
+            rules[guest.owner] = guest.rules
+        except InputError as exc:
+            log(f"not re-adding forwards: {exc}")
+    applied = apply_rules(rules, backend=backend, log=log, before=before)
+    state.save_network(net.name, raw)
+    state.mark_starting(net.name)
+    return rules, applied
+
+
 def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
     """Remove everything that targets the network: its rules and guests' forwards to it."""
     bridge = net.bridge
-    with state.locked():
-        state.forget_network(net.name)
-        if not net.managed:
-            return Applied("")
-        applied = apply_rules({network_owner(net.name): ()},
-                              drop=(lambda t: t.bridge == bridge) if bridge else None,
-                              backend=backend, log=log)
+    try:
+        with state.locked():
+            state.forget_starting(net.name)
+            if not net.managed:
+                state.forget_network(net.name)
+                return Applied("")
+            # the rules first: if their removal fails, the state file stays, and since
+            # libvirt removed its status file before calling us, ``restore`` sees a
+            # network that is not active and removes what is left
+            applied = retried(lambda: apply_rules(
+                {network_owner(net.name): ()},
+                drop=(lambda t: t.bridge == bridge) if bridge else None,
+                backend=backend, log=log))
+            state.forget_network(net.name)
+    except state.Uninstalled:
+        return Applied("")
     log(f"network {shown(net.name)} ({bridge}): rules removed")
     return applied
 
@@ -230,43 +259,52 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
     if not net.managed:
         return Applied("")
     backend = backend or default_backend()
-    with state.locked():
-        state.save_network(net.name, raw)
-        if port and port.mac and port.owner_name is not None:
-            state.record_port(net.name, port.mac, port.owner_name, deleted)
-        networks = state.load_networks()
-        networks[net.name] = net
-        owners: list[_Owner] = []
-        owner = port.owner_name if port else None
-        domains = state.load_domains()
-        rules: dict[str, Sequence[Rule]] = {}
-        if port and port.mac and owner is not None and not deleted:
-            for other in _same_mac(net, domains, port.mac, owner):
-                rules[domain_owner(other)] = ()  # its forwards may reach this guest now
-                log(f"domain {shown(other)}: forwards removed: its NIC {port.mac} on network "
-                    f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
+    try:
+        with state.locked():
+            state.save_network(net.name, raw)
+            if port and port.mac and port.owner_name is not None:
+                state.record_port(net.name, port.mac, port.owner_name, deleted)
+            return retried(lambda: _network_port(net, port, deleted, backend, log))
+    except state.Uninstalled:
+        return Applied("")
+
+
+def _network_port(net: Network, port: NetworkPort | None, deleted: bool, backend,
+                  log: Log) -> Applied:
+    """One attempt of ``network_port``, under the lock."""
+    networks = state.load_networks()
+    networks[net.name] = net
+    owners: list[_Owner] = []
+    owner = port.owner_name if port else None
+    domains = state.load_domains()
+    rules: dict[str, Sequence[Rule]] = {}
+    if port and port.mac and owner is not None and not deleted:
+        for other in _same_mac(net, domains, port.mac, owner):
+            rules[domain_owner(other)] = ()  # its forwards may reach this guest now
+            log(f"domain {shown(other)}: forwards removed: its NIC {port.mac} on network "
+                f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
+    try:
+        owners.append(_network_owner(net, networks))
+    except InputError as exc:
+        log(f"keeping the current rules: {exc}")
+    if owner and owner in domains:
+        dom = domains[owner]
+        if deleted and port and port.mac:
+            dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
         try:
-            owners.append(_network_owner(net, networks))
+            owners.append(_domain_owner(dom, networks))
         except InputError as exc:
             log(f"keeping the current rules: {exc}")
-        if owner and owner in domains:
-            dom = domains[owner]
-            if deleted and port and port.mac:
-                dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
-            try:
-                owners.append(_domain_owner(dom, networks))
-            except InputError as exc:
-                log(f"keeping the current rules: {exc}")
-        before = backend.read(families_of({o.owner: o.rules for o in owners}))
-        held = backend.claims(before) if any(o.specs for o in owners) else {}
-        for planned in owners:
-            try:
-                if planned.specs:
-                    planned.check(held, backend)
-                rules[planned.owner] = planned.rules
-            except InputError as exc:
-                log(f"keeping the current rules: {exc}")
-        return apply_rules(rules, backend=backend, log=log, before=before)
+    before = backend.read(families_of({o.owner: o.rules for o in owners}))
+    held = backend.claims(before) if any(o.specs for o in owners) else {}
+    for planned in owners:
+        try:
+            if planned.specs:
+                planned.check(held, backend)
+            rules[planned.owner] = planned.rules
+        except InputError as exc:
+            log(f"keeping the current rules: {exc}")
+    return apply_rules(rules, backend=backend, log=log, before=before)
 
 
 def _same_mac(net: Network, domains: Mapping[str, Domain], mac: str, owner: str) -> list[str]:
@@ -299,42 +337,55 @@ def check_own_macs(dom: Domain, networks: Mapping[str, Network],
                              f"{shown(others[0])}: that guest's address is not this one's")
 
 
-def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
+def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
+                   running: bool = False) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
-    reconnect, replay of one guest)."""
-    owner = domain_owner(dom.name)
-    label = f"domain {shown(dom.name)}"
+    reconnect, replay of one guest). ``running``: the guest runs whatever happens here
+    (``reconnect``): a failure keeps its state, so that ``restore`` brings it back."""
     backend = backend or default_backend()
-    with state.locked():
-        networks = state.load_networks()
-        check_own_macs(dom, networks, state.network_ports)
-        targets = resolve_domain_forwards(dom, networks)
-        rules = plan_forwards(owner, targets)
-        before = backend.read(families_of({owner: rules}))
-        held = backend.claims(before)
-        check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
-                     state.load_domains(), held)
-        families = forward_families(dom.forwards, targets)
-        check_host(label, dom.forwards, backend, held.get(owner, ()), families)
-        # The state is written first and follows the kernel: if the write fails, the
-        # old rules are back (revert) and the state stays as long as any rule of the
-        # owner is in the kernel, so that stopped/release still remove them.
-        if dom.forwards:
-            state.save_domain(dom.name, raw)
-        try:
-            applied = apply_rules({owner: rules}, backend=backend, log=log, before=before)
-        except ApplyError:
-            if owner not in backend.claims(backend.read()):
-                state.forget_domain(dom.name)
-            raise
-        if not dom.forwards:
-            state.forget_domain(dom.name)
+    try:
+        with state.locked():
+            applied = retried(lambda: _domain_started(dom, raw, backend, log, running))
+    except state.Uninstalled:
+        return Applied("")
     if dom.forwards:
         log(f"domain {shown(dom.name)}: {len(dom.forwards)} forward(s), "
             + ("applied" if applied.payload else "already in place")
             + "".join(f" (IPv{f} left out)" for f in sorted(applied.skipped)))
     elif applied.payload:
         log(f"domain {shown(dom.name)}: forwards removed")
+    return applied
+
+
+def _domain_started(dom: Domain, raw: bytes, backend, log: Log, running: bool) -> Applied:
+    """One attempt of ``domain_started``, under the lock."""
+    owner = domain_owner(dom.name)
+    label = f"domain {shown(dom.name)}"
+    networks = state.load_networks()
+    check_own_macs(dom, networks, state.network_ports)
+    targets = resolve_domain_forwards(dom, networks)
+    rules = plan_forwards(owner, targets)
+    before = backend.read(families_of({owner: rules}))
+    held = backend.claims(before)
+    check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
+                 state.load_domains(), held)
+    families = forward_families(dom.forwards, targets)
+    check_host(label, dom.forwards, backend, held.get(owner, ()), families)
+    # The state is written first: it is what lets stopped/release remove the rules
+    # (a start that fails or is killed is followed by them). If the write fails,
+    # the old rules are back (revert); a guest being started keeps the state only
+    # while rules of it are in the kernel, a running one (reconnect) keeps it.
+    if dom.forwards:
+        state.save_domain(dom.name, raw)
+    try:
+        applied = apply_rules({owner: rules}, backend=backend, log=log, before=before)
+    except ApplyError:
+        if not running and owner not in backend.claims(backend.read()):
+            state.forget_domain(dom.name)
+        raise
+    state.forget_stopped(owner)
+    if not dom.forwards:
+        state.forget_domain(dom.name)
     return applied
 
 
@@ -347,6 +398,8 @@ class HostPlan:
     rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
     failed: set[str]  # those owners: their current rules must be left alone
+    gone: set[str] = field(default_factory=set)  # restore: stopped owners it removed
+    stopped_networks: set[str] = field(default_factory=set)  # restore: their state goes
 
 
 class _Claimed:
@@ -504,34 +557,47 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
     backend = backend or default_backend()
     problems: list[str] = []
     networks, domains, broken, kept = _parse_all(network_xmls, domain_xmls, problems)
-    with state.locked():
-        before = backend.read()
-        planned = plan_host({n: net for n, (net, _r) in networks.items()},
-                         {n: dom for n, (dom, _r) in domains.items()},
-                         holders=backend.claims(before), broken=broken,
-                         facts=host.HostFacts.read(_prefix(backend)),
-                         reserved=[domain_owner(n) for n in state.load_domains()
-                                   if n in domains],
-                         ports=state.network_ports)
-        problems += planned.problems
-
-        def drop(tagged) -> bool:
-            return tagged.owner not in planned.failed
-
-        if dry_run:
-            from .backends.libvirt_nft import plan_accepts
-            before = covering(backend, before, planned.rules)
-            payload = (backend.change(before, planned.rules, drop).text
-                       + plan_accepts(backend, before, planned.rules, drop).text)
-        else:
-            payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
-                                  before=before).payload
-            state.replace_all(
-                {name: raw for name, (net, raw) in networks.items() if net.managed},
-                {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
-                keep=kept)
+    with state.locked(installing=True):  # replay is how an install starts
+        if not dry_run:
+            state.mark_installed()
+            state.sweep()
+        payload, planned = retried(lambda: _replay(networks, domains, broken, kept, dry_run,
+                                                   backend, log))
+    problems += planned.problems
     _report("replay", planned, payload, problems, dry_run, log)
     return Replayed(payload, problems, len(planned.rules))
+
+
+def _replay(networks, domains, broken: set[str], kept: set[tuple[str, str]], dry_run: bool,
+            backend, log: Log) -> tuple[str, HostPlan]:
+    """One attempt of ``replay``, under the lock."""
+    before = backend.read()
+    planned = plan_host({n: net for n, (net, _r) in networks.items()},
+                        {n: dom for n, (dom, _r) in domains.items()},
+                        holders=backend.claims(before), broken=broken,
+                        facts=host.HostFacts.read(_prefix(backend)),
+                        reserved=[domain_owner(n) for n in state.load_domains()
+                                  if n in domains],
+                        ports=state.network_ports)
+
+    def drop(tagged) -> bool:
+        return tagged.owner not in planned.failed
+
+    if dry_run:
+        from .backends.libvirt_nft import plan_accepts
+        before = covering(backend, before, planned.rules)
+        payload = (backend.change(before, planned.rules, drop).text
+                   + plan_accepts(backend, before, planned.rules, drop).text)
+    else:
+        payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
+                              before=before).payload
+        state.replace_all(
+            {name: raw for name, (net, raw) in networks.items() if net.managed},
+            {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
+            keep=kept)
+        for owner in state.stopped_owners():  # every stale rule is gone now
+            state.forget_stopped(owner)
+    return payload, planned
 
 
 def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
@@ -540,26 +606,64 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
     runs from UFW's after.init and from libvirt's own unit, where a call into libvirt
     would deadlock a boot). Owners in the state are re-applied; rules of owners the
     state knows nothing of are left alone (only ``replay``, which asks libvirt, may
-    call them stale). ``jumps_only``: just put our jumps back first."""
+    call them stale), except what libvirt and our state say is stopped: a network
+    libvirt's status files do not list (our ``started`` of it failed or was killed, or
+    its ``stopped`` failed), and an owner whose removal failed (``state.stopped_owners``).
+    ``jumps_only``: just put our jumps back first."""
     backend = backend or default_backend()
     problems: list[str] = []
-    with state.locked(lock_timeout):
-        before = backend.read()
-        if jumps_only:
-            payload = apply_rules({}, backend=backend, log=log, before=before).payload
-            if payload:
-                log("restore: our jumps put back first")
-            return Replayed(payload, [], 0)
-        domains = state.load_domains(problems.append)
-        planned = plan_host(state.load_networks(problems.append), domains,
-                            holders=backend.claims(before),
-                            facts=host.HostFacts.read(_prefix(backend)),
-                            reserved=[domain_owner(n) for n in domains],
-                            ports=state.network_ports)
-        problems += planned.problems
-        payload = apply_rules(planned.rules, backend=backend, log=log, before=before).payload
+    try:
+        with state.locked(lock_timeout):
+            if jumps_only:
+                payload = retried(lambda: apply_rules({}, backend=backend, log=log).payload)
+                if payload:
+                    log("restore: our jumps put back first")
+                return Replayed(payload, [], 0)
+            state.sweep()
+            payload, planned = retried(lambda: _restore(backend, log, problems))
+            for owner in planned.gone:
+                state.forget_stopped(owner)
+            for name in planned.stopped_networks:
+                state.forget_network(name)
+    except state.Uninstalled:
+        log("restore: kvmufw_hook is uninstalled: nothing restored")
+        return Replayed("", [], 0)
     _report("restore", planned, payload, problems, False, log)
     return Replayed(payload, problems, len(planned.rules))
+
+
+def _restore(backend, log: Log, problems: list[str]) -> tuple[str, HostPlan]:
+    """One attempt of ``restore``, under the lock."""
+    del problems[:]
+    before = backend.read()
+    activity = state.NetworkActivity()
+    networks = state.load_networks(problems.append)
+    stopped = {name: net for name, net in networks.items()
+               if not activity.active(name) and not activity.starting(name)}
+    for name in stopped:
+        del networks[name]
+    known = state.state_network_tokens() | {safe_name(n) for n in networks}
+    gone = set(state.stopped_owners())
+    gone |= {network_owner(n) for n in stopped}
+    gone |= {o for o in backend.owners(before)  # rules of a network nobody knows of
+             if o.startswith("n=") and o[2:] not in known and activity.stale(o[2:])}
+    bridges = {net.bridge for net in stopped.values() if net.bridge}
+    domains = state.load_domains(problems.append)
+    planned = plan_host(networks, domains, holders=backend.claims(before),
+                        facts=host.HostFacts.read(_prefix(backend)),
+                        reserved=[domain_owner(n) for n in domains],
+                        ports=state.network_ports)
+    problems += planned.problems
+    rules = {**{o: () for o in gone if o not in planned.rules}, **planned.rules}
+    planned.gone = gone - set(planned.rules)
+    planned.stopped_networks = set(stopped)
+
+    def drop(tagged) -> bool:  # guests' forwards into a stopped network go with it
+        return tagged.bridge in bridges and tagged.owner not in planned.rules
+
+    payload = apply_rules(rules, drop=drop if bridges else None, backend=backend, log=log,
+                          before=before).payload
+    return payload, planned
 
 
 def watch_jumps(seconds: float, interval: float = 1.0, backend=None, log: Log = _quiet,
@@ -592,10 +696,26 @@ def _report(what: str, planned: HostPlan, payload: str, problems: list[str],
 
 def flush(backend=None) -> Applied:
     """Remove all our rules and chains, and our accepts in libvirt's nftables table."""
-    from .backends.libvirt_nft import clear_accepts
     backend = backend or default_backend()
-    with state.locked():
-        change = backend.clear(backend.read())
-        backend.write(change)
-        text = change.text + clear_accepts(backend)
-    return Applied(text)
+    with state.locked(installing=True):
+        return _flush(backend)
+
+
+def _flush(backend) -> Applied:
+    from .backends.libvirt_nft import clear_accepts
+    change = backend.clear(backend.read())
+    backend.write(change)
+    return Applied(change.text + clear_accepts(backend))
+
+
+def uninstall(backend=None) -> Applied:
+    """What an uninstaller calls once no new hook can start (hook files and UFW's
+    ``after.init`` entry removed): under the state lock, remove all our rules, chains and
+    accepts and every state file, and leave the ``uninstalled`` marker, so that a hook
+    or ``restore`` that was already waiting for the lock, or still starting, applies
+    nothing. ``replay`` (or ``state.mark_installed``) lifts the marker at install."""
+    backend = backend or default_backend()
+    with state.locked(installing=True):
+        flushed = _flush(backend)
+        state.clear_for_uninstall()
+    return flushed
