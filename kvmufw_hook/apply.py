@@ -36,16 +36,26 @@ class Stale(ApplyError):
     """A write failed (everything of it put back); reading again may succeed."""
 
 
-def retried(attempt: Callable[[], T]) -> T:
-    """``attempt()`` (read, check, write, all under the caller's lock) until it does
-    not raise ``Stale``, at most ``ATTEMPTS`` times; the last failure as ApplyError."""
-    for left in range(ATTEMPTS - 1, -1, -1):
-        try:
-            return attempt()
-        except Stale as exc:
-            if not left:
-                raise ApplyError(f"{exc} ({ATTEMPTS} attempts)") from None
-    raise AssertionError("unreachable")
+def retrying(nothing: Callable[[], T]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """An operation (its own read, check and write under the lock) run again while its
+    write fails (``Stale``), at most ``ATTEMPTS`` times, the last failure raised as
+    ApplyError; after ``uninstall`` (``state.Uninstalled``) it applies nothing and
+    returns ``nothing()``."""
+    def wrap(operation: Callable[..., T]) -> Callable[..., T]:
+        def run(*args, **kwargs) -> T:
+            for left in range(ATTEMPTS - 1, -1, -1):
+                try:
+                    return operation(*args, **kwargs)
+                except state.Uninstalled:
+                    return nothing()
+                except Stale as exc:
+                    if not left:
+                        raise ApplyError(f"{exc} (tried {ATTEMPTS} times)") from None
+            raise AssertionError("unreachable")
+        run.__doc__, run.__name__ = operation.__doc__, operation.__name__
+        run.__wrapped__ = operation  # type: ignore[attr-defined]
+        return run
+    return wrap
 
 
 class Applied:
@@ -126,25 +136,22 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
     return Applied(change.text + (accepts.text if accepts else ""), change.skipped)
 
 
+@retrying(lambda: Applied(""))
 def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet) -> Applied:
     """Remove the guest's forwards (qemu stopped, release): found by their owner tag.
     The guest is gone whatever happens here: if the removal fails, its state goes all
     the same (``restore`` must never bring its forwards back) and a ``stopped`` marker
     makes ``restore`` (or ``release``, or the next start) remove what is left."""
     owner = domain_owner(name)
-    try:
-        with state.locked():
-            try:
-                applied = retried(lambda: apply_rules({owner: ()}, backend=backend,
-                                                      log=log))
-            except ApplyError:
-                state.mark_stopped(owner)
-                state.forget_domain(name)
-                raise
+    with state.locked():
+        try:
+            applied = apply_rules({owner: ()}, backend=backend, log=log)
+        except ApplyError:
+            state.mark_stopped(owner)
             state.forget_domain(name)
-            state.forget_stopped(owner)
-    except state.Uninstalled:
-        return Applied("")
+            raise
+        state.forget_domain(name)
+        state.forget_stopped(owner)
     if applied.payload:
         log(f"domain {shown(name)}: forwards removed")
     return applied

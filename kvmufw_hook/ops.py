@@ -10,17 +10,17 @@ a newcomer never takes a port from its current holder, whatever order owners are
 planned in, and a lost or corrupt state file cannot hide a holder.
 
 State follows the kernel and libvirt (``state.py``): a network's file is written after
-its rules, a stop removes rules before state, and a write that fails is tried again on a
-fresh read (``apply.retried``): whatever is killed or fails, ``restore`` (which never
-asks libvirt) and ``replay`` bring every running owner back and leave nothing of a
-stopped one. After ``uninstall`` every operation applies nothing.
+its rules, a stop removes rules before state, and an operation whose write fails is run
+again on a fresh read (``apply.retrying``): whatever is killed or fails, ``restore``
+(which never asks libvirt) and ``replay`` bring every running owner back and leave
+nothing of a stopped one. After ``uninstall`` every operation applies nothing.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from . import host, state
 from .apply import (  # noqa: F401 - the stop path lives there
@@ -29,7 +29,7 @@ from .apply import (  # noqa: F401 - the stop path lives there
     covering,
     domain_stopped,
     families_of,
-    retried,
+    retrying,
 )
 from .backends import default_backend
 from .errors import ApplyError, InputError, shown
@@ -176,80 +176,69 @@ def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
                   resolve_domain_forwards(dom, networks))
 
 
+@retrying(lambda: Applied(""))
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
-    """Add the network's rules and forwards; re-add forwards of running guests on it."""
+    """Add the network's rules and forwards; re-add forwards of running guests on it.
+    The state file is written after the rules: if they fail (or this is killed), libvirt
+    counts the network as not started and runs no ``stopped``: nothing may say it is
+    active."""
     if not net.managed:
         return Applied("")
     backend = backend or default_backend()
-    try:
-        with state.locked():
-            rules, applied = retried(lambda: _network_started(net, raw, backend, log))
-    except state.Uninstalled:
-        return Applied("")
+    with state.locked():
+        networks = state.load_networks()
+        networks[net.name] = net
+        domains = state.load_domains()
+        mine = _network_owner(net, networks)
+        guests: list[_Owner] = []
+        for dom in domains.values():
+            if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
+                   for nic in dom.nics):
+                try:
+                    guests.append(_domain_owner(dom, networks))
+                except InputError as exc:
+                    log(f"not re-adding forwards: {exc}")
+        before = backend.read(families_of({o.owner: o.rules for o in [mine, *guests]}))
+        held = backend.claims(before)
+        rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
+        if net.forwards:
+            check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
+            check_host(mine.label, net.forwards, backend, held.get(mine.owner, ()),
+                       mine.families)
+        for guest in guests:
+            try:  # a port taken meanwhile (replay while this network was down) stays
+                guest.check(held, backend)
+                rules[guest.owner] = guest.rules
+            except InputError as exc:
+                log(f"not re-adding forwards: {exc}")
+        applied = apply_rules(rules, backend=backend, log=log, before=before)
+        state.save_network(net.name, raw)
+        state.mark_starting(net.name)
     log(f"network {shown(net.name)} ({net.bridge}): rules for "
         + ", ".join(sorted(rules)) + (" applied" if applied.payload else " already in place"))
     return applied
 
 
-def _network_started(net: Network, raw: bytes, backend,
-                     log: Log) -> tuple[dict[str, Sequence[Rule]], Applied]:
-    """One attempt of ``network_started``, under the lock. The state file is written
-    after the rules: if they fail (or this is killed), libvirt counts the network as
-    not started and runs no ``stopped``, so nothing may say it is active."""
-    networks = state.load_networks()
-    networks[net.name] = net
-    domains = state.load_domains()
-    mine = _network_owner(net, networks)
-    guests: list[_Owner] = []
-    for dom in domains.values():
-        if any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
-               for nic in dom.nics):
-            try:
-                guests.append(_domain_owner(dom, networks))
-            except InputError as exc:
-                log(f"not re-adding forwards: {exc}")
-    before = backend.read(families_of({o.owner: o.rules for o in [mine, *guests]}))
-    held = backend.claims(before)
-    rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
-    if net.forwards:
-        check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
-        check_host(mine.label, net.forwards, backend, held.get(mine.owner, ()),
-                   mine.families)
-    for guest in guests:
-        try:  # a port taken meanwhile (replay while this network was down) stays
-            guest.check(held, backend)
-            rules[guest.owner] = guest.rules
-        except InputError as exc:
-            log(f"not re-adding forwards: {exc}")
-    applied = apply_rules(rules, backend=backend, log=log, before=before)
-    state.save_network(net.name, raw)
-    state.mark_starting(net.name)
-    return rules, applied
-
-
+@retrying(lambda: Applied(""))
 def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
-    """Remove everything that targets the network: its rules and guests' forwards to it."""
+    """Remove everything that targets the network: its rules and guests' forwards to it.
+    The rules first: if their removal fails, the state file stays, and as libvirt removed
+    its status file before calling us, ``restore`` removes what is left."""
     bridge = net.bridge
-    try:
-        with state.locked():
-            state.forget_starting(net.name)
-            if not net.managed:
-                state.forget_network(net.name)
-                return Applied("")
-            # the rules first: if their removal fails, the state file stays, and since
-            # libvirt removed its status file before calling us, ``restore`` sees a
-            # network that is not active and removes what is left
-            applied = retried(lambda: apply_rules(
-                {network_owner(net.name): ()},
-                drop=(lambda t: t.bridge == bridge) if bridge else None,
-                backend=backend, log=log))
+    with state.locked():
+        state.forget_starting(net.name)
+        if not net.managed:
             state.forget_network(net.name)
-    except state.Uninstalled:
-        return Applied("")
+            return Applied("")
+        applied = apply_rules({network_owner(net.name): ()},
+                              drop=(lambda t: t.bridge == bridge) if bridge else None,
+                              backend=backend, log=log)
+        state.forget_network(net.name)
     log(f"network {shown(net.name)} ({bridge}): rules removed")
     return applied
 
 
+@retrying(lambda: Applied(""))
 def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bool,
                  backend=None, log: Log = _quiet) -> Applied:
     """port-created/-deleted/updated: keep the network's and the owner guest's rules
@@ -259,52 +248,43 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
     if not net.managed:
         return Applied("")
     backend = backend or default_backend()
-    try:
-        with state.locked():
-            state.save_network(net.name, raw)
-            if port and port.mac and port.owner_name is not None:
-                state.record_port(net.name, port.mac, port.owner_name, deleted)
-            return retried(lambda: _network_port(net, port, deleted, backend, log))
-    except state.Uninstalled:
-        return Applied("")
-
-
-def _network_port(net: Network, port: NetworkPort | None, deleted: bool, backend,
-                  log: Log) -> Applied:
-    """One attempt of ``network_port``, under the lock."""
-    networks = state.load_networks()
-    networks[net.name] = net
-    owners: list[_Owner] = []
-    owner = port.owner_name if port else None
-    domains = state.load_domains()
-    rules: dict[str, Sequence[Rule]] = {}
-    if port and port.mac and owner is not None and not deleted:
-        for other in _same_mac(net, domains, port.mac, owner):
-            rules[domain_owner(other)] = ()  # its forwards may reach this guest now
-            log(f"domain {shown(other)}: forwards removed: its NIC {port.mac} on network "
-                f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
-    try:
-        owners.append(_network_owner(net, networks))
-    except InputError as exc:
-        log(f"keeping the current rules: {exc}")
-    if owner and owner in domains:
-        dom = domains[owner]
-        if deleted and port and port.mac:
-            dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
+    with state.locked():
+        state.save_network(net.name, raw)
+        if port and port.mac and port.owner_name is not None:
+            state.record_port(net.name, port.mac, port.owner_name, deleted)
+        networks = state.load_networks()
+        networks[net.name] = net
+        owners: list[_Owner] = []
+        owner = port.owner_name if port else None
+        domains = state.load_domains()
+        rules: dict[str, Sequence[Rule]] = {}
+        if port and port.mac and owner is not None and not deleted:
+            for other in _same_mac(net, domains, port.mac, owner):
+                rules[domain_owner(other)] = ()  # its forwards may reach this guest now
+                log(f"domain {shown(other)}: forwards removed: its NIC {port.mac} on network "
+                    f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
         try:
-            owners.append(_domain_owner(dom, networks))
+            owners.append(_network_owner(net, networks))
         except InputError as exc:
             log(f"keeping the current rules: {exc}")
-    before = backend.read(families_of({o.owner: o.rules for o in owners}))
-    held = backend.claims(before) if any(o.specs for o in owners) else {}
-    for planned in owners:
-        try:
-            if planned.specs:
-                planned.check(held, backend)
-            rules[planned.owner] = planned.rules
-        except InputError as exc:
-            log(f"keeping the current rules: {exc}")
-    return apply_rules(rules, backend=backend, log=log, before=before)
+        if owner and owner in domains:
+            dom = domains[owner]
+            if deleted and port and port.mac:
+                dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != port.mac))
+            try:
+                owners.append(_domain_owner(dom, networks))
+            except InputError as exc:
+                log(f"keeping the current rules: {exc}")
+        before = backend.read(families_of({o.owner: o.rules for o in owners}))
+        held = backend.claims(before) if any(o.specs for o in owners) else {}
+        for planned in owners:
+            try:
+                if planned.specs:
+                    planned.check(held, backend)
+                rules[planned.owner] = planned.rules
+            except InputError as exc:
+                log(f"keeping the current rules: {exc}")
+        return apply_rules(rules, backend=backend, log=log, before=before)
 
 
 def _same_mac(net: Network, domains: Mapping[str, Domain], mac: str, owner: str) -> list[str]:
@@ -337,55 +317,47 @@ def check_own_macs(dom: Domain, networks: Mapping[str, Network],
                              f"{shown(others[0])}: that guest's address is not this one's")
 
 
+@retrying(lambda: Applied(""))
 def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
                    running: bool = False) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
     reconnect, replay of one guest). ``running``: the guest runs whatever happens here
     (``reconnect``): a failure keeps its state, so that ``restore`` brings it back."""
+    owner = domain_owner(dom.name)
+    label = f"domain {shown(dom.name)}"
     backend = backend or default_backend()
-    try:
-        with state.locked():
-            applied = retried(lambda: _domain_started(dom, raw, backend, log, running))
-    except state.Uninstalled:
-        return Applied("")
+    with state.locked():
+        networks = state.load_networks()
+        check_own_macs(dom, networks, state.network_ports)
+        targets = resolve_domain_forwards(dom, networks)
+        rules = plan_forwards(owner, targets)
+        before = backend.read(families_of({owner: rules}))
+        held = backend.claims(before)
+        check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
+                     state.load_domains(), held)
+        families = forward_families(dom.forwards, targets)
+        check_host(label, dom.forwards, backend, held.get(owner, ()), families)
+        # The state is written first: it is what lets stopped/release remove the rules
+        # (a start that fails or is killed is followed by them). If the write fails, the
+        # old rules are back (revert); a guest being started keeps the state only while
+        # rules of it are in the kernel, a running one (reconnect) keeps it.
+        if dom.forwards:
+            state.save_domain(dom.name, raw)
+        try:
+            applied = apply_rules({owner: rules}, backend=backend, log=log, before=before)
+        except ApplyError:
+            if not running and owner not in backend.claims(backend.read()):
+                state.forget_domain(dom.name)
+            raise
+        state.forget_stopped(owner)
+        if not dom.forwards:
+            state.forget_domain(dom.name)
     if dom.forwards:
         log(f"domain {shown(dom.name)}: {len(dom.forwards)} forward(s), "
             + ("applied" if applied.payload else "already in place")
             + "".join(f" (IPv{f} left out)" for f in sorted(applied.skipped)))
     elif applied.payload:
         log(f"domain {shown(dom.name)}: forwards removed")
-    return applied
-
-
-def _domain_started(dom: Domain, raw: bytes, backend, log: Log, running: bool) -> Applied:
-    """One attempt of ``domain_started``, under the lock."""
-    owner = domain_owner(dom.name)
-    label = f"domain {shown(dom.name)}"
-    networks = state.load_networks()
-    check_own_macs(dom, networks, state.network_ports)
-    targets = resolve_domain_forwards(dom, networks)
-    rules = plan_forwards(owner, targets)
-    before = backend.read(families_of({owner: rules}))
-    held = backend.claims(before)
-    check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
-                 state.load_domains(), held)
-    families = forward_families(dom.forwards, targets)
-    check_host(label, dom.forwards, backend, held.get(owner, ()), families)
-    # The state is written first: it is what lets stopped/release remove the rules
-    # (a start that fails or is killed is followed by them). If the write fails,
-    # the old rules are back (revert); a guest being started keeps the state only
-    # while rules of it are in the kernel, a running one (reconnect) keeps it.
-    if dom.forwards:
-        state.save_domain(dom.name, raw)
-    try:
-        applied = apply_rules({owner: rules}, backend=backend, log=log, before=before)
-    except ApplyError:
-        if not running and owner not in backend.claims(backend.read()):
-            state.forget_domain(dom.name)
-        raise
-    state.forget_stopped(owner)
-    if not dom.forwards:
-        state.forget_domain(dom.name)
     return applied
 
 
@@ -398,8 +370,6 @@ class HostPlan:
     rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
     failed: set[str]  # those owners: their current rules must be left alone
-    gone: set[str] = field(default_factory=set)  # restore: stopped owners it removed
-    stopped_networks: set[str] = field(default_factory=set)  # restore: their state goes
 
 
 class _Claimed:
@@ -549,57 +519,52 @@ def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
     return networks, domains, broken, kept
 
 
+@retrying(lambda: Replayed("", [], 0))
 def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
            backend=None, log: Log = _quiet) -> Replayed:
     """Re-derive every rule from the live XML of active networks and running guests:
     add what is missing, remove our rules that no longer match, fix the jumps, and
-    rewrite the state files. An owner that fails keeps whatever rules it has."""
+    rewrite the state files. An owner that fails keeps whatever rules it has. The way an
+    install starts: it lifts ``uninstall``'s marker."""
     backend = backend or default_backend()
     problems: list[str] = []
     networks, domains, broken, kept = _parse_all(network_xmls, domain_xmls, problems)
-    with state.locked(installing=True):  # replay is how an install starts
+    with state.locked(installing=True):
         if not dry_run:
             state.mark_installed()
             state.sweep()
-        payload, planned = retried(lambda: _replay(networks, domains, broken, kept, dry_run,
-                                                   backend, log))
-    problems += planned.problems
+        before = backend.read()
+        planned = plan_host({n: net for n, (net, _r) in networks.items()},
+                         {n: dom for n, (dom, _r) in domains.items()},
+                         holders=backend.claims(before), broken=broken,
+                         facts=host.HostFacts.read(_prefix(backend)),
+                         reserved=[domain_owner(n) for n in state.load_domains()
+                                   if n in domains],
+                         ports=state.network_ports)
+        problems += planned.problems
+
+        def drop(tagged) -> bool:
+            return tagged.owner not in planned.failed
+
+        if dry_run:
+            from .backends.libvirt_nft import plan_accepts
+            before = covering(backend, before, planned.rules)
+            payload = (backend.change(before, planned.rules, drop).text
+                       + plan_accepts(backend, before, planned.rules, drop).text)
+        else:
+            payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
+                                  before=before).payload
+            state.replace_all(
+                {name: raw for name, (net, raw) in networks.items() if net.managed},
+                {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
+                keep=kept)
+            for owner in state.stopped_owners():  # every stale rule is gone now
+                state.forget_stopped(owner)
     _report("replay", planned, payload, problems, dry_run, log)
     return Replayed(payload, problems, len(planned.rules))
 
 
-def _replay(networks, domains, broken: set[str], kept: set[tuple[str, str]], dry_run: bool,
-            backend, log: Log) -> tuple[str, HostPlan]:
-    """One attempt of ``replay``, under the lock."""
-    before = backend.read()
-    planned = plan_host({n: net for n, (net, _r) in networks.items()},
-                        {n: dom for n, (dom, _r) in domains.items()},
-                        holders=backend.claims(before), broken=broken,
-                        facts=host.HostFacts.read(_prefix(backend)),
-                        reserved=[domain_owner(n) for n in state.load_domains()
-                                  if n in domains],
-                        ports=state.network_ports)
-
-    def drop(tagged) -> bool:
-        return tagged.owner not in planned.failed
-
-    if dry_run:
-        from .backends.libvirt_nft import plan_accepts
-        before = covering(backend, before, planned.rules)
-        payload = (backend.change(before, planned.rules, drop).text
-                   + plan_accepts(backend, before, planned.rules, drop).text)
-    else:
-        payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
-                              before=before).payload
-        state.replace_all(
-            {name: raw for name, (net, raw) in networks.items() if net.managed},
-            {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
-            keep=kept)
-        for owner in state.stopped_owners():  # every stale rule is gone now
-            state.forget_stopped(owner)
-    return payload, planned
-
-
+@retrying(lambda: Replayed("", [], 0))
 def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
             lock_timeout: float | None = None) -> Replayed:
     """Put our rules back from our own state and the kernel, never asking libvirt (it
@@ -612,58 +577,57 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
     ``jumps_only``: just put our jumps back first."""
     backend = backend or default_backend()
     problems: list[str] = []
-    try:
-        with state.locked(lock_timeout):
-            if jumps_only:
-                payload = retried(lambda: apply_rules({}, backend=backend, log=log).payload)
-                if payload:
-                    log("restore: our jumps put back first")
-                return Replayed(payload, [], 0)
-            state.sweep()
-            payload, planned = retried(lambda: _restore(backend, log, problems))
-            for owner in planned.gone:
-                state.forget_stopped(owner)
-            for name in planned.stopped_networks:
-                state.forget_network(name)
-    except state.Uninstalled:
-        log("restore: kvmufw_hook is uninstalled: nothing restored")
-        return Replayed("", [], 0)
+    with state.locked(lock_timeout):
+        before = backend.read()
+        if jumps_only:
+            payload = apply_rules({}, backend=backend, log=log, before=before).payload
+            if payload:
+                log("restore: our jumps put back first")
+            return Replayed(payload, [], 0)
+        state.sweep()
+        networks = state.load_networks(problems.append)
+        gone, stopped = _stopped(networks, backend.owners(before))
+        bridges = {net.bridge for net in stopped.values() if net.bridge}
+        domains = state.load_domains(problems.append)
+        planned = plan_host(networks, domains,
+                            holders=backend.claims(before),
+                            facts=host.HostFacts.read(_prefix(backend)),
+                            reserved=[domain_owner(n) for n in domains],
+                            ports=state.network_ports)
+        problems += planned.problems
+
+        def drop(tagged) -> bool:  # guests' forwards into a stopped network go with it
+            return tagged.bridge in bridges and tagged.owner not in planned.rules
+
+        rules = {**{o: () for o in gone}, **planned.rules}
+        payload = apply_rules(rules, drop=drop if bridges else None, backend=backend,
+                              log=log, before=before).payload
+        for owner in gone:
+            state.forget_stopped(owner)
+        for name in stopped:
+            state.forget_network(name)
     _report("restore", planned, payload, problems, False, log)
     return Replayed(payload, problems, len(planned.rules))
 
 
-def _restore(backend, log: Log, problems: list[str]) -> tuple[str, HostPlan]:
-    """One attempt of ``restore``, under the lock."""
-    del problems[:]
-    before = backend.read()
+def _stopped(networks: dict[str, Network],
+             in_kernel: Iterable[str]) -> tuple[set[str], dict[str, Network]]:
+    """(owners whose rules are stale, the networks among them) as our state and
+    libvirt's status files say, without asking libvirt; the stopped networks are taken
+    out of ``networks``. A network libvirt does not list is stopped unless our
+    ``started`` of it finished after libvirt last changed its status files (libvirt is
+    writing its file now); so are networks with rules but neither state nor status file,
+    and owners whose removal failed."""
     activity = state.NetworkActivity()
-    networks = state.load_networks(problems.append)
     stopped = {name: net for name, net in networks.items()
                if not activity.active(name) and not activity.starting(name)}
     for name in stopped:
         del networks[name]
     known = state.state_network_tokens() | {safe_name(n) for n in networks}
-    gone = set(state.stopped_owners())
-    gone |= {network_owner(n) for n in stopped}
-    gone |= {o for o in backend.owners(before)  # rules of a network nobody knows of
+    gone = set(state.stopped_owners()) | {network_owner(n) for n in stopped}
+    gone |= {o for o in in_kernel
              if o.startswith("n=") and o[2:] not in known and activity.stale(o[2:])}
-    bridges = {net.bridge for net in stopped.values() if net.bridge}
-    domains = state.load_domains(problems.append)
-    planned = plan_host(networks, domains, holders=backend.claims(before),
-                        facts=host.HostFacts.read(_prefix(backend)),
-                        reserved=[domain_owner(n) for n in domains],
-                        ports=state.network_ports)
-    problems += planned.problems
-    rules = {**{o: () for o in gone if o not in planned.rules}, **planned.rules}
-    planned.gone = gone - set(planned.rules)
-    planned.stopped_networks = set(stopped)
-
-    def drop(tagged) -> bool:  # guests' forwards into a stopped network go with it
-        return tagged.bridge in bridges and tagged.owner not in planned.rules
-
-    payload = apply_rules(rules, drop=drop if bridges else None, backend=backend, log=log,
-                          before=before).payload
-    return payload, planned
+    return gone, stopped
 
 
 def watch_jumps(seconds: float, interval: float = 1.0, backend=None, log: Log = _quiet,
