@@ -28,8 +28,11 @@ def _quiet(_msg: str) -> None:
 # A write the kernel refuses is tried again on a fresh read, as kube-proxy and Calico
 # resync: a ``ufw reload`` or another tool between our read and our write makes the
 # payload stale (its ``-D`` lines miss, its chains are gone). A refusal for a real reason
-# fails the same way each time and is reported after the last attempt.
-ATTEMPTS = 3
+# fails the same way each time and is reported after the last attempt. A reload is a
+# dozen commands (each table flushed, then its chains deleted, then UFW's own rules):
+# attempts are spaced out (BACKOFF, doubling) so that one reload cannot fail them all.
+ATTEMPTS = 5
+BACKOFF = 0.02
 
 
 class Stale(ApplyError):
@@ -51,6 +54,8 @@ def retrying(nothing: Callable[[], T]) -> Callable[[Callable[..., T]], Callable[
                 except Stale as exc:
                     if not left:
                         raise ApplyError(f"{exc} (tried {ATTEMPTS} times)") from None
+                    import time  # only on this rare path: the hooks' start-up stays lean
+                    time.sleep(BACKOFF * 2 ** (ATTEMPTS - 1 - left))
             raise AssertionError("unreachable")
         run.__doc__, run.__name__ = operation.__doc__, operation.__name__
         run.__wrapped__ = operation  # type: ignore[attr-defined]

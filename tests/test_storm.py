@@ -12,5 +12,5 @@ from storm import storm
 def test_a_hook_storm_leaves_every_running_owner_exactly_once_and_nothing_stopped(
         seed, netns, tmp_path):
     figures = storm(seed, 40, netns, tmp_path, log=lambda _line: None)
-    assert figures.problems == []
+    assert figures.problems == [], "\n".join(figures.problems)
     assert figures.killed > 0 and figures.hooks > 80  # the storm was one
