@@ -51,8 +51,15 @@ def main(kind: str, argv=None, stdin=None) -> int:
     """Run one hook call; returns the exit status. Never writes to stdout."""
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # nothing we call may write to libvirt's stdout
+    args = sys.argv[1:] if argv is None else argv
     try:
-        return _main(kind, sys.argv[1:] if argv is None else argv, stdin)
+        return _main(kind, args, stdin)
+    except ImportError as exc:
+        # the package is being replaced under us (an upgrade or uninstall): applying
+        # half of it is worse than nothing, and the installer's replay follows
+        _quiet_log(f"{kind} {' '.join(args[1:2] + args[:1])}: kvmufw_hook is being "
+                   f"replaced ({exc}): nothing applied")
+        return 0
     finally:
         sys.stdout = real_stdout
 
@@ -81,12 +88,8 @@ def _main(kind: str, argv, stdin) -> int:
     try:
         _dispatch(kind, name, op, data)
         return 0
-    except ImportError as exc:
-        # the package is being replaced under us (an upgrade or uninstall): applying
-        # half of it is worse than nothing, and the installer's replay follows
-        _quiet_log(f"{kind} {op} {name}: kvmufw_hook is being replaced ({exc}): "
-                   "nothing applied")
-        return 0
+    except ImportError:
+        raise  # the package is being replaced: ``main`` says so quietly
     except Exception as exc:  # every failure is logged, some must not fail
         from .errors import ApplyError, InputError
         from .log import log

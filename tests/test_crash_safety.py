@@ -340,7 +340,8 @@ def test_after_uninstall_hooks_and_restore_apply_nothing_until_replay(netns, hos
     assert not state.uninstalled()
 
 
-@pytest.mark.parametrize("missing", ["kvmufw_hook/ops.py", "kvmufw_hook"])
+@pytest.mark.parametrize("missing", ["kvmufw_hook/ops.py", "kvmufw_hook/state.py",
+                                     "kvmufw_hook"])
 def test_a_hook_during_a_package_replacement_exits_0_quietly(netns, state_env, tmp_path,
                                                             missing):
     lib = tmp_path / "lib"
@@ -357,7 +358,8 @@ def test_a_hook_during_a_package_replacement_exits_0_quietly(netns, state_env, t
     else:
         target.unlink()
     for kind, argv, data in (("network", ["lab", "started", "begin", "-"], LAB),
-                             ("qemu", ["web1", "start", "begin", "-"], WEB1)):
+                             ("qemu", ["web1", "start", "begin", "-"], WEB1),
+                             ("qemu", ["web1", "stopped", "end", "-"], WEB1)):
         proc = _hook(kind, argv, data, state_env, netns, hooks)
         out, err = proc.communicate(data, timeout=30)
         assert (proc.returncode, out, err) == (0, b"", b""), err.decode()
