@@ -54,9 +54,10 @@ def main(kind: str, argv=None, stdin=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         return _main(kind, args, stdin)
-    except ImportError as exc:
-        # the package is being replaced under us (an upgrade or uninstall): applying
-        # half of it is worse than nothing, and the installer's replay follows
+    except (ImportError, SyntaxError) as exc:
+        # the package is being replaced under us (an upgrade or uninstall; a module
+        # half written): applying half of it is worse than nothing, and the
+        # installer's replay follows
         _quiet_log(f"{kind} {' '.join(args[1:2] + args[:1])}: kvmufw_hook is being "
                    f"replaced ({exc}): nothing applied")
         return 0
@@ -88,7 +89,7 @@ def _main(kind: str, argv, stdin) -> int:
     try:
         _dispatch(kind, name, op, data)
         return 0
-    except ImportError:
+    except (ImportError, SyntaxError):
         raise  # the package is being replaced: ``main`` says so quietly
     except Exception as exc:  # every failure is logged, some must not fail
         from .errors import ApplyError, InputError
