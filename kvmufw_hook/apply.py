@@ -112,8 +112,8 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
     follow in one ``nft -f`` after the iptables write, even when iptables has nothing to
     change (libvirt rebuilt its table: the hooks that run after that put them back).
     If the kernel refuses either write, our chains are put back as they were and
-    ``Stale`` is raised (callers try again on a fresh read: ``retried``); if even that
-    fails, ApplyError: a change is applied whole or not at all.
+    ``Stale`` is raised (the operation runs again on a fresh read: ``retrying``); a
+    change is applied whole or not at all.
     """
     backend = backend or default_backend()
     before = (backend.read(families_of(rules)) if before is None
