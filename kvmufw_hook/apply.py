@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import state
 from .backends import default_backend
+from .backends.bridgeports import BridgePorts
 from .errors import ApplyError, shown
 from .names import domain_owner
 
@@ -155,6 +156,8 @@ def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet)
             state.mark_stopped(owner)
             state.forget_domain(name)
             raise
+        for line in BridgePorts.beside(backend).release(owner):
+            log(line)  # most often the tap is gone already: then only its record goes
         state.forget_domain(name)
         state.forget_stopped(owner)
     if applied.payload:

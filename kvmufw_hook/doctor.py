@@ -337,6 +337,8 @@ def run(uri: str, backend=None) -> list[Finding]:
     findings += check_rules(backend, ruleset, len(networks), firewall.backend,
                             bool(_has_ipv6(networks)))
     findings += check_hooks()
+    from .doctor_bridges import check_bridge_netfilter
+    findings += check_bridge_netfilter(uri, backend)
     findings += check_forwards(uri, backend)
     return findings
 

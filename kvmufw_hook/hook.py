@@ -10,8 +10,10 @@ iptables-restore.
 
 Exit status follows libvirt's semantics: a failing validation or start op returns
 non-zero so libvirt refuses the start; ``stopped``, ``release`` and ``reconnect`` always
-return 0 (non-zero from ``reconnect`` kills the running guest); ``migrate`` and
-``restore`` return 0 and never write to stdout (stdout would replace the domain XML).
+return 0 (non-zero from ``reconnect`` kills the running guest); ``restore`` returns 0.
+``migrate`` (on the destination) checks the guest's forwards against this host as
+``start`` would and returns non-zero to refuse the migration before anything moves.
+Neither writes to stdout (stdout would replace the domain XML).
 """
 
 import sys
@@ -27,7 +29,7 @@ DIST_PACKAGES = ("/usr/lib/python3/dist-packages",
 NEVER_FAIL = {("network", "stopped"), ("network", "port-created"),
               ("network", "port-deleted"), ("network", "updated"),
               ("qemu", "stopped"), ("qemu", "release"), ("qemu", "reconnect"),
-              ("qemu", "migrate"), ("qemu", "restore")}
+              ("qemu", "restore")}
 
 
 def _has_domain_state(name: str) -> bool:
@@ -175,10 +177,15 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         domain_stopped(name, log=log)
         return
     _prepare_lxml()
-    if kind == "qemu" and op in ("migrate", "restore"):
+    if kind == "qemu" and op == "restore":
         from .parse import parse_domain_xml
         from .plan import validate_domain
         validate_domain(parse_domain_xml(data))  # no state, no firewall: nothing else
+        return
+    if kind == "qemu" and op == "migrate":  # on the destination: would this host take it?
+        from .ops import domain_arriving
+        from .parse import parse_domain_xml
+        domain_arriving(parse_domain_xml(data))
         return
     from . import ops
     if kind == "network":

@@ -124,6 +124,17 @@ class Network:
         return self.mode in MANAGED_MODES and self.bridge is not None
 
     @property
+    def bridged(self) -> bool:
+        """``<forward mode='bridge'>`` on a host bridge libvirt names: its guests' frames
+        cross that bridge, and meet iptables where br_netfilter is on."""
+        return self.mode == "bridge" and self.bridge is not None
+
+    @property
+    def with_rules(self) -> bool:
+        """Whether we keep rules for the network: managed or bridged."""
+        return self.managed or self.bridged
+
+    @property
     def interfaces(self) -> tuple[IPInterface, ...]:
         """The network's own addresses on its bridge, IPv4 first."""
         return (*self.ipv4, *self.ipv6)
@@ -161,6 +172,7 @@ class Nic:
     network: str | None  # <source network=…> for type='network'
     bridge: str | None  # known from qemu `start` on
     type: str = "network"
+    target: str | None = None  # <target dev=…>: its bridge port (the tap), from `start` on
 
 
 @dataclass(frozen=True)

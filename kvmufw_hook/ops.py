@@ -32,7 +32,9 @@ from .apply import (  # noqa: F401 - the stop path lives there
     retrying,
 )
 from .backends import default_backend
+from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, InputError, shown
+from .hairpin import plan_hairpin, plan_host_hairpin
 from .model import Domain, ForwardSpec, IPAddress, Network, NetworkPort
 from .names import domain_owner, network_owner, safe_name
 from .plan import (
@@ -182,7 +184,7 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
     The state file is written after the rules: if they fail (or this is killed), libvirt
     counts the network as not started and runs no ``stopped``: nothing may say it is
     active."""
-    if not net.managed:
+    if not net.with_rules:
         return Applied("")
     backend = backend or default_backend()
     with state.locked():
@@ -227,7 +229,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
     bridge = net.bridge
     with state.locked():
         state.forget_starting(net.name)
-        if not net.managed:
+        if not net.with_rules:
             state.forget_network(net.name)
             return Applied("")
         applied = apply_rules({network_owner(net.name): ()},
@@ -317,6 +319,36 @@ def check_own_macs(dom: Domain, networks: Mapping[str, Network],
                              f"{shown(others[0])}: that guest's address is not this one's")
 
 
+def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
+    """Every check of a guest's forwards against this host, under the state lock:
+    (its rules, the firewall as read). InputError names the guest, forward and reason."""
+    owner = domain_owner(dom.name)
+    label = f"domain {shown(dom.name)}"
+    networks = state.load_networks()
+    check_own_macs(dom, networks, state.network_ports)
+    targets = resolve_domain_forwards(dom, networks)
+    rules = plan_forwards(owner, targets)
+    before = backend.read(families_of({owner: rules}))
+    held = backend.claims(before)
+    check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
+                 state.load_domains(), held)
+    families = forward_families(dom.forwards, targets)
+    check_host(label, dom.forwards, backend, held.get(owner, ()), families)
+    return rules, before
+
+
+@retrying(lambda: None)  # after uninstall: nothing to check
+def domain_arriving(dom: Domain, backend=None) -> None:
+    """qemu ``migrate``, on the destination: the checks of ``domain_started`` and
+    nothing else (no state, no rule). A host port held here, a ``host-ip`` that is not
+    this host's, ... refuse the migration before anything moves; the guest keeps running
+    on the source with its forwards. ``start`` checks again and applies when it arrives."""
+    if not dom.forwards:
+        return
+    with state.locked():
+        _domain_checked(dom, backend or default_backend())
+
+
 @retrying(lambda: Applied(""))
 def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
                    running: bool = False) -> Applied:
@@ -324,19 +356,9 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
     reconnect, replay of one guest). ``running``: the guest runs whatever happens here
     (``reconnect``): a failure keeps its state, so that ``restore`` brings it back."""
     owner = domain_owner(dom.name)
-    label = f"domain {shown(dom.name)}"
     backend = backend or default_backend()
     with state.locked():
-        networks = state.load_networks()
-        check_own_macs(dom, networks, state.network_ports)
-        targets = resolve_domain_forwards(dom, networks)
-        rules = plan_forwards(owner, targets)
-        before = backend.read(families_of({owner: rules}))
-        held = backend.claims(before)
-        check_claims(label, owner, resolved_specs(dom.forwards, targets), networks,
-                     state.load_domains(), held)
-        families = forward_families(dom.forwards, targets)
-        check_host(label, dom.forwards, backend, held.get(owner, ()), families)
+        rules, before = _domain_checked(dom, backend)
         # The state is written first: it is what lets stopped/release remove the rules
         # (a start that fails or is killed is followed by them). If the write fails, the
         # old rules are back (revert); a guest being started keeps the state only while
@@ -350,6 +372,7 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
                 state.forget_domain(dom.name)
             raise
         state.forget_stopped(owner)
+        follow(backend, {owner: plan_hairpin(dom, rules)}, log)  # its own forwards' way back
         if not dom.forwards:
             state.forget_domain(dom.name)
     if dom.forwards:
@@ -451,7 +474,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
                lambda net=net: resolve_network_forwards(net, networks),
                lambda net=net: plan_network(net))
-              for name, net in sorted(networks.items()) if net.managed]
+              for name, net in sorted(networks.items()) if net.with_rules]
     owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
                 lambda dom=dom: resolve_domain(dom), tuple)
                for name, dom in sorted(domains.items()) if dom.forwards]
@@ -554,8 +577,11 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
         else:
             payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
                                   before=before).payload
+            follow(backend, plan_host_hairpin({n: d for n, (d, _r) in domains.items()},
+                                              planned.rules),
+                   log, everyone=True, keep=planned.failed)
             state.replace_all(
-                {name: raw for name, (net, raw) in networks.items() if net.managed},
+                {name: raw for name, (net, raw) in networks.items() if net.with_rules},
                 {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
                 keep=kept)
             for owner in state.stopped_owners():  # every stale rule is gone now
@@ -602,6 +628,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
         rules = {**{o: () for o in gone}, **planned.rules}
         payload = apply_rules(rules, drop=drop if bridges else None, backend=backend,
                               log=log, before=before).payload
+        follow(backend, plan_host_hairpin(domains, planned.rules), log)
         for owner in gone:
             state.forget_stopped(owner)
         for name in stopped:
@@ -669,7 +696,9 @@ def _flush(backend) -> Applied:
     from .backends.libvirt_nft import clear_accepts
     change = backend.clear(backend.read())
     backend.write(change)
-    return Applied(change.text + clear_accepts(backend))
+    text = change.text + clear_accepts(backend)
+    text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
+    return Applied(text)
 
 
 def uninstall(backend=None) -> Applied:

@@ -466,12 +466,15 @@ def parse_domain(el: etree._Element) -> Domain:
             continue
         source = iface.find("source")
         mac_el = iface.find("mac")
+        target_el = iface.find("target")
         nics.append(Nic(
             mac=_mac(mac_el.get("address") if mac_el is not None else None, f"{what}: NIC mac"),
             network=source.get("network") if source is not None and kind == "network" else None,
             bridge=_ifname(source.get("bridge") if source is not None else None,
                            f"{what}: NIC bridge"),
             type=kind,
+            target=_ifname(target_el.get("dev") if target_el is not None else None,
+                           f"{what}: NIC target"),
         ))
     forwards = parse_forwards(el.find("metadata"), what, DOMAIN_ATTRS)
     return Domain(name=name, uuid=_text(el, "uuid"), nics=tuple(nics), forwards=forwards)

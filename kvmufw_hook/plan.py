@@ -60,6 +60,7 @@ class Rule:
     sport: PortRange | None = None
     dport: PortRange | None = None  # DNAT: the host ports
     dst_local: bool = False  # destination is one of the host's addresses
+    bridged: bool = False  # a frame the bridge forwards between its ports (br_netfilter)
     not_bcast_mcast: bool = False  # destination is neither broadcast nor multicast
     ctstate: str | None = None
     to_addr: IPAddress | None = None  # DNAT: the guest
@@ -99,6 +100,8 @@ def _routes(net: Network, subnet: IPNetwork) -> bool:
 def plan_network(net: Network) -> tuple[Rule, ...]:
     """The rules that let a managed network's guests talk, beside UFW's DROP policies,
     in each family the network has an address in."""
+    if net.bridged:
+        return plan_bridged(net)
     if not net.managed:
         return ()
     owner = network_owner(net.name)
@@ -136,6 +139,18 @@ def plan_network(net: Network) -> tuple[Rule, ...]:
                 rules.append(rule("input", iif=bridge, proto=proto,
                                   dport=PortRange(DNS_PORT, DNS_PORT), verdict="ACCEPT"))
     return tuple(rules)
+
+
+def plan_bridged(net: Network) -> tuple[Rule, ...]:
+    """A bridge network's guests beside br_netfilter: frames that merely cross the bridge
+    (between its ports: guests, the host's NIC) go through FORWARD, where UFW's policy
+    drops them. Accept exactly those, in both families (``--physdev-is-bridged``): never
+    a packet the host routes, into, out of or back into the bridge. Without br_netfilter
+    they never reach iptables, and the rule matches nothing."""
+    assert net.bridge is not None
+    return tuple(Rule("forward", family=family, owner=network_owner(net.name),
+                      bridge=net.bridge, subnet="-", iif=net.bridge, oif=net.bridge,
+                      bridged=True, verdict="ACCEPT") for family in FAMILIES)
 
 
 def _families(net: Network) -> tuple[int, ...]:

@@ -483,3 +483,39 @@ def replace_all(networks: dict[str, bytes], domains: dict[str, bytes],
                 _remove(path)
         for path, raw in paths.items():
             _write(path, raw)
+
+
+# --------------------------------------------------------------------------- hairpin
+
+def _hairpin_path(owner: str) -> str:
+    return os.path.join(state_dir(), "hairpin", owner + ".txt")
+
+
+def hairpin_ports(owner: str) -> dict[str, int]:
+    """port -> ifindex of each bridge port on which we turned hairpin on for ``owner``
+    (``backends/bridgeports.py``): ``PORT IFINDEX`` lines."""
+    data = _read(_hairpin_path(owner))
+    out = {}
+    for line in (data or b"").decode("utf-8", "replace").splitlines():
+        port, _, index = line.partition(" ")
+        if port and index.isdigit():
+            out[port] = int(index)
+    return out
+
+
+def save_hairpin_ports(owner: str, ports: dict[str, int]) -> None:
+    if ports:
+        _write(_hairpin_path(owner),
+               "".join(f"{p} {i}\n" for p, i in sorted(ports.items())).encode())
+    else:
+        _remove(_hairpin_path(owner))
+
+
+def hairpin_owners() -> list[str]:
+    """Every owner with a hairpin record."""
+    directory = os.path.join(state_dir(), "hairpin")
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(n[:-4] for n in names if n.endswith(".txt"))

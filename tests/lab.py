@@ -87,6 +87,7 @@ class Lab:
         self.mnt_ns = os.readlink(f"/proc/{self.pid}/ns/mnt")
         self.guests: dict[str, str] = {}
         self._served = 0
+        self.listening = False  # libvirtd --listen (listen_tcp): see listen_tcp()
         try:
             self.sh(SETUP.format(overlaid=" ".join(OVERLAID), qemu_conf=QEMU_CONF),
                     env={"LAB": self.dir})
@@ -125,7 +126,7 @@ class Lab:
     def start_libvirt(self) -> None:
         self.sh("pgrep -x virtlogd >/dev/null 2>&1 && [ -e /run/virtlogd.pid ] "
                 "|| virtlogd -d")
-        self.run("libvirtd", "-d")
+        self.run("libvirtd", "-d", *(["--listen"] if self.listening else []))
         deadline = time.monotonic() + 30
         while self.run("virsh", "-c", "qemu:///system", "version", check=False).returncode:
             if time.monotonic() > deadline:
@@ -152,6 +153,34 @@ class Lab:
         self.stop_libvirt()
         self.start_libvirt()
 
+    # ------------------------------------------------------------------ several hosts
+    def listen_tcp(self, host_uuid: str) -> None:
+        """libvirtd of this host answers ``qemu+tcp://ADDR/system`` without
+        authentication (a lab only), with its own host UUID: libvirt refuses to migrate
+        a guest to a host with its own UUID. Takes effect at the next start_libvirt()."""
+        self.sh(f"""
+            sed -i '/^listen_tcp\\|^listen_tls\\|^auth_tcp\\|^host_uuid/d' /etc/libvirt/libvirtd.conf
+            printf '%s\\n' 'listen_tcp = 1' 'listen_tls = 0' 'auth_tcp = "none"' \\
+                'host_uuid = "{host_uuid}"' >> /etc/libvirt/libvirtd.conf
+        """)
+        self.listening = True
+
+    def link(self, other: Lab, iface: str, address: str, other_address: str,
+             prefix: int = 24) -> None:
+        """A cable between this host and ``other``: ``iface`` on both sides, holding
+        ``address`` here and ``other_address`` there."""
+        self.sh(f"""
+            ip link add {iface} type veth peer name {iface}-peer
+            ip link set {iface}-peer netns {other.pid}
+            ip addr add {address}/{prefix} dev {iface}
+            ip link set {iface} up
+        """)
+        other.sh(f"""
+            ip link set {iface}-peer name {iface}
+            ip addr add {other_address}/{prefix} dev {iface}
+            ip link set {iface} up
+        """)
+
     # ------------------------------------------------------------------ objects
     def define_network(self, xml: str, start: bool = True) -> None:
         path = f"{self.dir}/net.xml"
@@ -161,16 +190,18 @@ class Lab:
             name = xml.split("<name>")[1].split("</name>")[0]
             self.virsh("net-start", name)
 
-    def define_domain(self, name: str, nics: list[tuple[str, str]], metadata: str = "") -> None:
-        """A 48 MiB TCG guest without a disk: it never boots, but it runs every qemu
-        hook op and its NICs' MACs are what the DHCP reservations name. Its NICs have no
-        boot ROM: iPXE would take the reserved address by DHCP and answer ARP for it,
-        in a race with the guest namespace that stands in for the guest."""
+    def define_domain(self, name: str, nics: list[tuple[str, str]], metadata: str = "",
+                      virt_type: str = "qemu") -> None:
+        """A 48 MiB guest without a disk (TCG, or ``virt_type="kvm"``: see
+        kvm_usable()): it never boots, but it runs every qemu hook op and its NICs' MACs
+        are what the DHCP reservations name. Its NICs have no boot ROM: iPXE would take
+        the reserved address by DHCP and answer ARP for it, in a race with the guest
+        namespace that stands in for the guest."""
         interfaces = "".join(
             f"<interface type='network'><source network='{net}'/><mac address='{mac}'/>"
             f"<model type='e1000'/><rom enabled='no'/></interface>" for net, mac in nics)
         xml = textwrap.dedent(f"""\
-            <domain type='qemu'>
+            <domain type='{virt_type}'>
               <name>{name}</name>
               <memory unit='MiB'>48</memory>
               <vcpu>1</vcpu>
@@ -275,6 +306,15 @@ class Lab:
             self.holder.kill()
             self.holder.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def kvm_usable() -> bool:
+    """/dev/kvm exists and opens: guests may run with ``-accel kvm`` (domain type kvm)."""
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError:
+        return False
+    return True
 
 
 def missing_tools() -> list[str]:

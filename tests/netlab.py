@@ -133,6 +133,12 @@ class Topology:
         self.extra.append(ns)
         return ns
 
+    def add_bridge(self, name: str, address: str) -> None:
+        """Another bridge on the host, with the host's ``address`` (CIDR) on it."""
+        self.host.run("ip", "link", "add", name, "type", "bridge")
+        self.host.run("ip", "addr", "add", address, "dev", name)
+        self.host.run("ip", "link", "set", name, "up")
+
     def add_guest(self, ip: str, bridge: str, gateway: str, prefix: int) -> Netns:
         guest = self._ns("g" + ip.rsplit(".", 1)[1])
         port = f"vp{ip.replace('.', '')}"[-15:]

@@ -116,7 +116,7 @@ def test_exit_status_per_op(netns, state_env):
     cases = [
         ("prepare", bad, 0), ("start", bad, 2), ("start", unresolvable, 2),
         ("reconnect", bad, 0), ("reconnect", unresolvable, 0),
-        ("migrate", bad, 0), ("restore", bad, 0),
+        ("migrate", bad, 2), ("restore", bad, 0),
         ("stopped", b"garbage <", 0), ("release", b"", 0), ("started", bad, 0),
         ("no-such-op", bad, 0),
     ]
@@ -152,6 +152,34 @@ def test_conflicting_guest_is_refused_and_first_keeps_working(netns, state_env):
     clash = _web1('<kvmufw:forward host-port="8080"/>', name="web3")
     proc = run_hook("qemu", ["web3", "start", "begin", "-"], clash, state_env, netns)
     assert proc.returncode == 2 and b"forwarded by network 'lab'" in proc.stderr
+
+
+def test_migrate_refuses_on_the_destination_what_start_would_refuse_and_applies_nothing(
+        netns, state_env):
+    """qemu ``migrate`` runs on the destination before anything moves: a host port held
+    here or a host-ip that is not this host's refuses the migration with start's line;
+    a guest this host can take passes, with no rule and no state until its ``start``."""
+    run_hook(*sample("16-network.lab.started"), state_env, netns)
+    assert run_hook(*sample("04-qemu.web1.start"), state_env, netns).returncode == 0
+    first = kvmufw_lines(netns)
+    state_before = sorted(os.listdir(state_env["KVMUFW_STATE_DIR"]))
+    held = _web1('<kvmufw:forward proto="udp" host-port="5001-5010" '
+                 'mac="52:54:00:00:00:20" guest-ip="10.0.0.9"/>', name="web2")
+    elsewhere = _web1('<kvmufw:forward host-port="2300" mac="52:54:00:00:00:20" '
+                      'guest-ip="10.0.0.9" host-ip="192.0.2.99"/>', name="web2")
+    free = _web1('<kvmufw:forward host-port="2300" mac="52:54:00:00:00:20" '
+                 'guest-ip="10.0.0.9"/>', name="web2")
+    for xml, reason in ((held, "host port already forwarded by domain 'web1'"),
+                        (elsewhere, "host-ip 192.0.2.99 is not an address of this host")):
+        proc = run_hook("qemu", ["web2", "migrate", "begin", "-"], xml, state_env, netns)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and proc.stdout == b"", err
+        assert err.count("\n") == 1 and reason in err, err
+        assert err.startswith("kvmufw_hook: qemu migrate web2: domain 'web2': forward "), err
+    proc = run_hook("qemu", ["web2", "migrate", "begin", "-"], free, state_env, netns)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    assert kvmufw_lines(netns) == first
+    assert sorted(os.listdir(state_env["KVMUFW_STATE_DIR"])) == state_before
 
 
 def test_parallel_guest_starts_and_stops(netns, state_env):

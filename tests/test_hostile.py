@@ -141,8 +141,8 @@ def test_hostile_names_are_accepted_by_the_kernel(netns, state_env):
     assert {t.split(",")[0] for t in TAG.findall(netns.save())} == {"kvmufw:n=lab"}
 
 
-VALIDATING = ["prepare", "start"]
-NEVER_FAIL = ["reconnect", "stopped", "release", "migrate", "restore"]
+VALIDATING = ["prepare", "start", "migrate"]
+NEVER_FAIL = ["reconnect", "stopped", "release", "restore"]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

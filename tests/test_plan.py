@@ -61,7 +61,10 @@ def test_modes_differ_where_the_contract_says(capsys):
     for text in (nat, route, iso):  # DHCP and DNS to the host on every managed network
         v4 = text.split("# ip6tables-restore")[0]
         assert len(lines(v4, "KVMUFW-INPUT")) == 3
-    assert plan_text(CASES["network-bridge"], capsys) == ""
+    # a bridge network: frames crossing the bridge only, in each family; nothing routed
+    bridge = plan_text(CASES["network-bridge"], capsys)
+    assert [l.split(" -m comment")[0] for l in bridge.splitlines() if l.startswith("-A")] == [
+        "-A KVMUFW-FORWARD -i br0 -o br0 -m physdev --physdev-is-bridged"] * 2
 
 
 def test_shifted_range_keeps_offset_and_sources_fan_out(capsys):

@@ -94,6 +94,8 @@ def render_rule(rule: Rule) -> tuple[str, str]:
         out += ["-o", rule.oif]
     if rule.proto:
         out += ["-p", rule.proto]
+    if rule.bridged:
+        out += ["-m", "physdev", "--physdev-is-bridged"]
     if rule.dst_local:
         out += ["-m", "addrtype", "--dst-type", "LOCAL"]
     if rule.not_bcast_mcast:

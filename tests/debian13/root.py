@@ -178,9 +178,20 @@ def _configure(mirror: str) -> None:
     policy.chmod(0o755)
 
 
+def _docker_debs(log) -> None:
+    """test_docker_beside's own fetch of Docker's debs into the root's /var/tmp cache,
+    with the network (the suite inside has none); a file check when they are there."""
+    if (ROOT / "var/tmp/kvmufw-test-cache/docker/root/usr/sbin/dockerd").exists():
+        return
+    fetch = ("import sys; sys.path[:0] = ['/src/tests']; import test_docker_beside; "
+             "test_docker_beside.docker_root()")
+    _step("fetch Docker's debs for test_docker_beside", ["python3", "-c", fetch], True, log)
+
+
 def ensure_root(log=sys.stderr) -> Path:
     """Build the root if needed (see the module docstring) and return its path."""
     if STAMP.is_file() and STAMP.read_text() == stamp_text():
+        _docker_debs(log)
         return ROOT
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / "debian13-root.lock", "w") as lock:
@@ -201,6 +212,7 @@ def ensure_root(log=sys.stderr) -> Path:
         fetch = ("import sys; sys.path[:0] = ['/src/tests']; import test_corpus; "
                  "test_corpus.libvirt_corpus()")
         _step("fetch libvirt's source for the corpus test", ["python3", "-c", fetch], True, log)
+        _docker_debs(log)
         STAMP.write_text(stamp_text())
         print(f"debian13 root: ready in {time.monotonic() - started:.0f}s", file=log, flush=True)
     return ROOT
