@@ -16,12 +16,52 @@ from .names import domain_owner
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: typing and collections cost milliseconds to import
     from collections.abc import Callable, Mapping, Sequence
+    from typing import TypeVar
 
     from .plan import Rule
+    T = TypeVar("T")
 
 
 def _quiet(_msg: str) -> None:
     pass
+
+
+# A write the kernel refuses is tried again on a fresh read, as kube-proxy and Calico
+# resync: a ``ufw reload`` or another tool between our read and our write makes the
+# payload stale (its ``-D`` lines miss, its chains are gone). A refusal for a real reason
+# fails the same way each time and is reported after the last attempt. A reload is a
+# dozen commands (each table flushed, then its chains deleted, then UFW's own rules):
+# attempts are spaced out (BACKOFF, doubling) so that one reload cannot fail them all.
+ATTEMPTS = 5
+BACKOFF = 0.02
+
+
+class Stale(ApplyError):
+    """A write failed (everything of it put back); reading again may succeed."""
+
+
+def retrying(nothing: Callable[[], T]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """An operation (its own read, check and write under the lock) run again while its
+    write fails (``Stale``), at most ``ATTEMPTS`` times, the last failure raised as
+    ApplyError; after ``uninstall`` (``state.Uninstalled``) it applies nothing and
+    returns ``nothing()``."""
+    def wrap(operation: Callable[..., T]) -> Callable[..., T]:
+        def run(*args, **kwargs) -> T:
+            for left in range(ATTEMPTS - 1, -1, -1):
+                try:
+                    return operation(*args, **kwargs)
+                except state.Uninstalled:
+                    return nothing()
+                except Stale as exc:
+                    if not left:
+                        raise ApplyError(f"{exc} (tried {ATTEMPTS} times)") from None
+                    import time  # only on this rare path: the hooks' start-up stays lean
+                    time.sleep(BACKOFF * 2 ** (ATTEMPTS - 1 - left))
+            raise AssertionError("unreachable")
+        run.__doc__, run.__name__ = operation.__doc__, operation.__name__
+        run.__wrapped__ = operation  # type: ignore[attr-defined]
+        return run
+    return wrap
 
 
 class Applied:
@@ -73,7 +113,8 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
     follow in one ``nft -f`` after the iptables write, even when iptables has nothing to
     change (libvirt rebuilt its table: the hooks that run after that put them back).
     If the kernel refuses either write, our chains are put back as they were and
-    ApplyError is raised: a change is applied whole or not at all.
+    ``Stale`` is raised (the operation runs again on a fresh read: ``retrying``); a
+    change is applied whole or not at all.
     """
     backend = backend or default_backend()
     before = (backend.read(families_of(rules)) if before is None
@@ -91,25 +132,36 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
         backend.write(change)
         if accepts:
             accepts.write()  # last: one transaction, so if it fails nothing of it is in
-    except ApplyError:
+    except ApplyError as exc:
         try:
             if change:  # every family back as it was, those written before the failure too
                 backend.write(backend.revert(backend.read(before.snapshots), before))
-        except ApplyError as exc:
-            log(f"rollback failed too: {exc}")
-        raise
+        except ApplyError as rollback:
+            log(f"rollback failed too: {rollback}")
+        raise Stale(str(exc)) from None
     if change.ends_forwards():
         backend.end_flows(change, log)
     return Applied(change.text + (accepts.text if accepts else ""), change.skipped)
 
 
+@retrying(lambda: Applied(""))
 def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet) -> Applied:
-    """Remove the guest's forwards (qemu stopped, release): found by their owner tag."""
+    """Remove the guest's forwards (qemu stopped, release): found by their owner tag.
+    The guest is gone whatever happens here: if the removal fails, its state goes all
+    the same (``restore`` must never bring its forwards back) and a ``stopped`` marker
+    makes ``restore`` (or ``release``, or the next start) remove what is left."""
+    owner = domain_owner(name)
     with state.locked():
-        applied = apply_rules({domain_owner(name): ()}, backend=backend, log=log)
-        for line in BridgePorts.beside(backend).release(domain_owner(name)):
+        try:
+            applied = apply_rules({owner: ()}, backend=backend, log=log)
+        except ApplyError:
+            state.mark_stopped(owner)
+            state.forget_domain(name)
+            raise
+        for line in BridgePorts.beside(backend).release(owner):
             log(line)  # most often the tap is gone already: then only its record goes
-        state.forget_domain(name)  # after the rules: a failed removal keeps the state
+        state.forget_domain(name)
+        state.forget_stopped(owner)
     if applied.payload:
         log(f"domain {shown(name)}: forwards removed")
     return applied

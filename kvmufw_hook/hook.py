@@ -53,8 +53,16 @@ def main(kind: str, argv=None, stdin=None) -> int:
     """Run one hook call; returns the exit status. Never writes to stdout."""
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # nothing we call may write to libvirt's stdout
+    args = sys.argv[1:] if argv is None else argv
     try:
-        return _main(kind, sys.argv[1:] if argv is None else argv, stdin)
+        return _main(kind, args, stdin)
+    except (ImportError, SyntaxError) as exc:
+        # the package is being replaced under us (an upgrade or uninstall; a module
+        # half written): applying half of it is worse than nothing, and the
+        # installer's replay follows
+        _quiet_log(f"{kind} {' '.join(args[1:2] + args[:1])}: kvmufw_hook is being "
+                   f"replaced ({exc}): nothing applied")
+        return 0
     finally:
         sys.stdout = real_stdout
 
@@ -83,6 +91,8 @@ def _main(kind: str, argv, stdin) -> int:
     try:
         _dispatch(kind, name, op, data)
         return 0
+    except (ImportError, SyntaxError):
+        raise  # the package is being replaced: ``main`` says so quietly
     except Exception as exc:  # every failure is logged, some must not fail
         from .errors import ApplyError, InputError
         from .log import log
@@ -96,6 +106,16 @@ def _main(kind: str, argv, stdin) -> int:
         if never_fail:
             return 0
         return 2 if isinstance(exc, InputError) else 1
+
+
+def _quiet_log(message: str) -> None:
+    """One line to syslog, never to stderr, needing nothing of the package."""
+    try:
+        import syslog
+        syslog.openlog("kvmufw_hook")
+        syslog.syslog(syslog.LOG_WARNING, message)
+    except Exception:
+        pass
 
 
 def _prepare_lxml() -> None:
@@ -186,4 +206,5 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
             ops.network_port(net, data, port, deleted=op == "port-deleted", log=log)
         return
     from .parse import parse_domain_xml
-    ops.domain_started(parse_domain_xml(data), data, log=log)  # start, reconnect
+    ops.domain_started(parse_domain_xml(data), data, log=log,  # start, reconnect
+                       running=op == "reconnect")

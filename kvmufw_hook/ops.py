@@ -8,6 +8,12 @@ Who holds a host port is what the kernel's owner-tagged rules say, completed by 
 state files (a network whose rules a firewall reload wiped still holds its ports):
 a newcomer never takes a port from its current holder, whatever order owners are
 planned in, and a lost or corrupt state file cannot hide a holder.
+
+State follows the kernel and libvirt (``state.py``): a network's file is written after
+its rules, a stop removes rules before state, and an operation whose write fails is run
+again on a fresh read (``apply.retrying``): whatever is killed or fails, ``restore``
+(which never asks libvirt) and ``replay`` bring every running owner back and leave
+nothing of a stopped one. After ``uninstall`` every operation applies nothing.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from .apply import (  # noqa: F401 - the stop path lives there
     covering,
     domain_stopped,
     families_of,
+    retrying,
 )
 from .backends import default_backend
 from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
 from .model import Domain, ForwardSpec, Network, NetworkPort
-from .names import domain_owner, network_owner
+from .names import domain_owner, network_owner, safe_name
 from .plan import (
     Rule,
     forward_families,
@@ -163,8 +170,12 @@ def _captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[st
                    if ip.version == s.version)}
 
 
+@retrying(lambda: Applied(""))
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
-    """Add the network's rules and forwards; re-add forwards of running guests on it."""
+    """Add the network's rules and forwards; re-add forwards of running guests on it.
+    The state file is written after the rules: if they fail (or this is killed), libvirt
+    counts the network as not started and runs no ``stopped``: nothing may say it is
+    active."""
     if not net.with_rules:
         return Applied("")
     backend = backend or default_backend()
@@ -198,19 +209,24 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
                          backend, networks, log, plan_network(other, networks))
         if set(rules) - {mine.owner}:
             before = covering(backend, before, rules)
-        state.save_network(net.name, raw)
         applied = apply_rules(rules, backend=backend, log=log, before=before)
+        state.save_network(net.name, raw)
+        state.mark_starting(net.name)
     log(f"network {shown(net.name)} ({net.bridge}): rules for "
         + ", ".join(sorted(rules)) + (" applied" if applied.payload else " already in place"))
     return applied
 
 
+@retrying(lambda: Applied(""))
 def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
-    """Remove everything that targets the network: its rules and guests' forwards to it."""
+    """Remove everything that targets the network: its rules and guests' forwards to it.
+    The rules first: if their removal fails, the state file stays, and as libvirt removed
+    its status file before calling us, ``restore`` removes what is left."""
     bridge = net.bridge
     with state.locked():
-        state.forget_network(net.name)
+        state.forget_starting(net.name)
         if not net.with_rules:
+            state.forget_network(net.name)
             return Applied("")
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): ()}
         networks = state.load_networks()
@@ -226,10 +242,12 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
                              backend, networks, log, plan_network(other, networks))
         applied = apply_rules(rules, drop=(lambda t: t.bridge == bridge) if bridge else None,
                               backend=backend, log=log)
+        state.forget_network(net.name)
     log(f"network {shown(net.name)} ({bridge}): rules removed")
     return applied
 
 
+@retrying(lambda: Applied(""))
 def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bool,
                  backend=None, log: Log = _quiet) -> Applied:
     """port-created/-deleted/updated: keep the network's and the owner guest's rules
@@ -303,6 +321,7 @@ def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
     return rules, before
 
 
+@retrying(lambda: None)  # after uninstall: nothing to check
 def domain_arriving(dom: Domain, backend=None) -> None:
     """qemu ``migrate``, on the destination: the checks of ``domain_started`` and
     nothing else (no state, no rule). A host port held here, a ``host-ip`` that is not
@@ -314,9 +333,12 @@ def domain_arriving(dom: Domain, backend=None) -> None:
         _domain_checked(dom, backend or default_backend())
 
 
-def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
+@retrying(lambda: Applied(""))
+def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
+                   running: bool = False) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
-    reconnect, replay of one guest)."""
+    reconnect, replay of one guest). ``running``: the guest runs whatever happens here
+    (``reconnect``): a failure keeps its state, so that ``restore`` brings it back."""
     owner = domain_owner(dom.name)
     backend = backend or default_backend()
     with state.locked():
@@ -328,17 +350,19 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet) -> 
             if withdraws(exc):
                 state.forget_domain(dom.name)
             raise
-        # The state is written first and follows the kernel: if the write fails, the
-        # old rules are back (revert) and the state stays as long as any rule of the
-        # owner is in the kernel, so that stopped/release still remove them.
+        # The state is written first: it is what lets stopped/release remove the rules
+        # (a start that fails or is killed is followed by them). If the write fails, the
+        # old rules are back (revert); a guest being started keeps the state only while
+        # rules of it are in the kernel, a running one (reconnect) keeps it.
         if dom.forwards:
             state.save_domain(dom.name, raw)
         try:
             applied = apply_rules({owner: rules}, backend=backend, log=log, before=before)
         except ApplyError:
-            if owner not in backend.claims(backend.read()):
+            if not running and owner not in backend.claims(backend.read()):
                 state.forget_domain(dom.name)
             raise
+        state.forget_stopped(owner)
         follow(backend, {owner: plan_hairpin(dom, rules)}, log)  # its own forwards' way back
         if not dom.forwards:
             state.forget_domain(dom.name)
@@ -489,15 +513,20 @@ def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
     return networks, domains, broken, kept
 
 
+@retrying(lambda: Replayed("", [], 0))
 def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
            backend=None, log: Log = _quiet) -> Replayed:
     """Re-derive every rule from the live XML of active networks and running guests:
     add what is missing, remove our rules that no longer match, fix the jumps, and
-    rewrite the state files. An owner that fails keeps whatever rules it has."""
+    rewrite the state files. An owner that fails keeps whatever rules it has. The way an
+    install starts: it lifts ``uninstall``'s marker."""
     backend = backend or default_backend()
     problems: list[str] = []
     networks, domains, broken, kept = _parse_all(network_xmls, domain_xmls, problems)
-    with state.locked():
+    with state.locked(installing=True):
+        if not dry_run:
+            state.mark_installed()
+            state.sweep()
         before = backend.read()
         planned = plan_host({n: net for n, (net, _r) in networks.items()},
                          {n: dom for n, (dom, _r) in domains.items()},
@@ -526,17 +555,23 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                 {name: raw for name, (net, raw) in networks.items() if net.with_rules},
                 {name: raw for name, (dom, raw) in domains.items() if dom.forwards},
                 keep=kept)
+            for owner in state.stopped_owners():  # every stale rule is gone now
+                state.forget_stopped(owner)
     _report("replay", planned, payload, problems, dry_run, log)
     return Replayed(payload, problems, len(planned.rules))
 
 
+@retrying(lambda: Replayed("", [], 0))
 def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
             lock_timeout: float | None = None) -> Replayed:
     """Put our rules back from our own state and the kernel, never asking libvirt (it
     runs from UFW's after.init and from libvirt's own unit, where a call into libvirt
     would deadlock a boot). Owners in the state are re-applied; rules of owners the
     state knows nothing of are left alone (only ``replay``, which asks libvirt, may
-    call them stale). ``jumps_only``: just put our jumps back first."""
+    call them stale), except what libvirt and our state say is stopped: a network
+    libvirt's status files do not list (our ``started`` of it failed or was killed, or
+    its ``stopped`` failed), and an owner whose removal failed (``state.stopped_owners``).
+    ``jumps_only``: just put our jumps back first."""
     backend = backend or default_backend()
     problems: list[str] = []
     with state.locked(lock_timeout):
@@ -546,17 +581,51 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
             if payload:
                 log("restore: our jumps put back first")
             return Replayed(payload, [], 0)
+        state.sweep()
+        networks = state.load_networks(problems.append)
+        gone, stopped = _stopped(networks, backend.owners(before))
+        bridges = {net.bridge for net in stopped.values() if net.bridge}
         domains = state.load_domains(problems.append)
-        planned = plan_host(state.load_networks(problems.append), domains,
+        planned = plan_host(networks, domains,
                             holders=backend.claims(before),
                             facts=read_facts(backend, problems.append),
                             reserved=[domain_owner(n) for n in domains],
                             ports=state.network_ports)
         problems += planned.problems
-        payload = apply_rules(planned.rules, backend=backend, log=log, before=before).payload
+
+        def drop(tagged) -> bool:  # guests' forwards into a stopped network go with it
+            return tagged.bridge in bridges and tagged.owner not in planned.rules
+
+        rules = {**{o: () for o in gone}, **planned.rules}
+        payload = apply_rules(rules, drop=drop if bridges else None, backend=backend,
+                              log=log, before=before).payload
         follow(backend, plan_host_hairpin(domains, planned.rules), log)
+        for owner in gone:
+            state.forget_stopped(owner)
+        for name in stopped:
+            state.forget_network(name)
     _report("restore", planned, payload, problems, False, log)
     return Replayed(payload, problems, len(planned.rules))
+
+
+def _stopped(networks: dict[str, Network],
+             in_kernel: Iterable[str]) -> tuple[set[str], dict[str, Network]]:
+    """(owners whose rules are stale, the networks among them) as our state and
+    libvirt's status files say, without asking libvirt; the stopped networks are taken
+    out of ``networks``. A network libvirt does not list is stopped unless our
+    ``started`` of it finished after libvirt last changed its status files (libvirt is
+    writing its file now); so are networks with rules but neither state nor status file,
+    and owners whose removal failed."""
+    activity = state.NetworkActivity()
+    stopped = {name: net for name, net in networks.items()
+               if not activity.active(name) and not activity.starting(name)}
+    for name in stopped:
+        del networks[name]
+    known = state.state_network_tokens() | {safe_name(n) for n in networks}
+    gone = set(state.stopped_owners()) | {network_owner(n) for n in stopped}
+    gone |= {o for o in in_kernel
+             if o.startswith("n=") and o[2:] not in known and activity.stale(o[2:])}
+    return gone, stopped
 
 
 def watch_jumps(seconds: float, interval: float = 1.0, backend=None, log: Log = _quiet,
@@ -589,11 +658,28 @@ def _report(what: str, planned: HostPlan, payload: str, problems: list[str],
 
 def flush(backend=None) -> Applied:
     """Remove all our rules and chains, and our accepts in libvirt's nftables table."""
-    from .backends.libvirt_nft import clear_accepts
     backend = backend or default_backend()
-    with state.locked():
-        change = backend.clear(backend.read())
-        backend.write(change)
-        text = change.text + clear_accepts(backend)
-        text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
+    with state.locked(installing=True):
+        return _flush(backend)
+
+
+def _flush(backend) -> Applied:
+    from .backends.libvirt_nft import clear_accepts
+    change = backend.clear(backend.read())
+    backend.write(change)
+    text = change.text + clear_accepts(backend)
+    text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)
+
+
+def uninstall(backend=None) -> Applied:
+    """What an uninstaller calls once no new hook can start (hook files and UFW's
+    ``after.init`` entry removed): under the state lock, remove all our rules, chains and
+    accepts and every state file, and leave the ``uninstalled`` marker, so that a hook
+    or ``restore`` that was already waiting for the lock, or still starting, applies
+    nothing. ``replay`` (or ``state.mark_installed``) lifts the marker at install."""
+    backend = backend or default_backend()
+    with state.locked(installing=True):
+        flushed = _flush(backend)
+        state.clear_for_uninstall()
+    return flushed

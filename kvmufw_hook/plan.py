@@ -438,7 +438,9 @@ def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Rule, ...]:
                           ctstate="DNAT", verdict="ACCEPT"))
         rules.append(rule("postrouting", src=t.subnet, dst=guest, oif=bridge,
                           dport=spec.guest_port, ctstate="DNAT", verdict="MASQUERADE"))
-    return tuple(rules)
+    # two forwards to one guest port (2222->22, 2223->22) share their accepts and hairpin:
+    # each identical rule once, in first-seen order
+    return tuple(dict.fromkeys(rules))
 
 
 def _source_matches(spec: ForwardSpec, family: int) -> tuple[IPNetwork | None, ...]:

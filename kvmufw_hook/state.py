@@ -8,7 +8,16 @@ metadata (written on qemu start/reconnect, removed on stopped/release);
 add --network`` left them
 (libvirt keeps the running network's XML until it restarts; until then this is the truth);
 ``STATE/ports/NAME.tsv`` holds the MAC and owner of each port libvirt created on a network.
-libvirt's own ``/run/libvirt/network/NAME.xml`` fills in networks we have not seen yet.
+libvirt's own ``/run/libvirt/network/NAME.xml`` fills in networks we have not seen yet, and
+says which networks are active: libvirt writes it after a successful ``started`` and
+removes it before ``stopped``.
+
+State follows the kernel and libvirt, never leads them. A network's file is written after
+its rules (``STATE/starting/NAME`` marks the moment between our ``started`` and libvirt's
+status file); a guest's before its rules but kept or dropped by what its stop and libvirt
+say; ``STATE/stopped/TOKEN`` names an owner whose removal failed: its rules are stale and
+``restore`` removes them. ``STATE/uninstalled`` (left by ``ops.uninstall``) makes every
+later hook and ``restore`` apply nothing until ``replay`` or ``mark_installed``.
 
 These are copies of XML that libvirt keeps private: the directory is 0700 and every file
 0600, and nothing here is opened through a symlink (a planted ``lock`` or ``domains``
@@ -75,6 +84,8 @@ def _ensure(kind: str | None = None) -> str:
 
 
 def _write(path: str, data: bytes) -> None:
+    """Atomically: a temporary file renamed over ``path`` (a kill leaves at most the
+    temporary, which ``sweep`` removes once its writer is gone)."""
     _ensure(os.path.basename(os.path.dirname(path)))
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o600)
@@ -135,6 +146,7 @@ def network_unchanged(name: str, xml: bytes) -> bool:
 
 def forget_network(name: str) -> None:
     _remove(network_path(name))
+    forget_starting(name)
     forget_network_override(name)
     forget_ports(name)
 
@@ -268,22 +280,180 @@ def load_domains(log=None, known=frozenset()) -> dict:
 
 
 def has_domain(name: str) -> bool:
-    return os.path.lexists(domain_path(name))
+    """Whether a stop of the guest has anything to remove: its state, or the marker of
+    a removal that failed."""
+    from .names import domain_owner
+    return (os.path.lexists(domain_path(name))
+            or os.path.lexists(_marker("stopped", safe_name(domain_owner(name)))))
+
+
+# --------------------------------------------------------------------------- markers
+
+def _marker(kind: str, token: str) -> str:
+    return os.path.join(state_dir(), kind, token)
+
+
+def mark_starting(name: str) -> None:
+    """Our ``started`` of the network is done; libvirt's status file comes next."""
+    _write(_marker("starting", safe_name(name)), b"")
+
+
+def forget_starting(name: str) -> None:
+    _remove(_marker("starting", safe_name(name)))
+
+
+def mark_stopped(owner: str) -> None:
+    """``owner``'s removal failed: whatever rules it has left are stale."""
+    _write(_marker("stopped", safe_name(owner)), owner.encode())
+
+
+def forget_stopped(owner: str) -> None:
+    _remove(_marker("stopped", safe_name(owner)))
+
+
+def stopped_owners() -> list[str]:
+    """Owners (tags) whose removal failed, oldest first by name."""
+    directory = os.path.join(state_dir(), "stopped")
+    try:
+        tokens = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for token in tokens:
+        try:
+            data = _read(os.path.join(directory, token))
+        except InputError:
+            continue
+        if data and not token.endswith(".tmp"):
+            out.append(data.decode("utf-8", "surrogateescape"))
+    return out
+
+
+class NetworkActivity:
+    """Which networks libvirt says are active, from its status files (``tokens``: the
+    ``safe_name`` of each), and whether it says so at all (``known``: its status
+    directory exists; without it our state is all there is)."""
+
+    def __init__(self) -> None:
+        directory = libvirt_network_dir()
+        try:
+            self.mtime_ns = os.stat(directory).st_mtime_ns
+            names = os.listdir(directory)
+            self.known = True
+        except OSError:
+            self.mtime_ns, names, self.known = 0, [], False
+        self.tokens = {safe_name(n[:-4]) for n in names if n.endswith(".xml")}
+
+    def active(self, name: str) -> bool:
+        return not self.known or safe_name(name) in self.tokens
+
+    def starting(self, name: str) -> bool:
+        """Our ``started`` succeeded after libvirt last changed its status files: libvirt
+        is writing this network's now (a stop or a failed start changes the directory)."""
+        try:
+            marked = os.stat(_marker("starting", safe_name(name))).st_mtime_ns
+        except OSError:
+            return False
+        return marked >= self.mtime_ns
+
+    def stale(self, token: str) -> bool:
+        """Whether the network of token ``token`` is certainly not active."""
+        return self.known and token not in self.tokens
+
+
+def state_network_tokens() -> set[str]:
+    """The ``safe_name`` of every network our state has a file for."""
+    directory = os.path.join(state_dir(), "networks")
+    try:
+        return {f[:-4] for f in os.listdir(directory) if f.endswith(".xml")}
+    except OSError:
+        return set()
+
+
+def sweep() -> None:
+    """Remove temporary files whose writer is gone (killed between write and rename)."""
+    top = state_dir()
+    try:
+        kinds = os.listdir(top)
+    except OSError:
+        return
+    for kind in kinds:
+        directory = os.path.join(top, kind)
+        if not os.path.isdir(directory) or os.path.islink(directory):
+            continue
+        for name in os.listdir(directory):
+            if not name.endswith(".tmp"):
+                continue
+            pid = name[:-4].rsplit(".", 1)[-1]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _remove(os.path.join(directory, name))
+
+
+UNINSTALLED = "uninstalled"
+
+
+def uninstalled() -> bool:
+    return os.path.lexists(os.path.join(state_dir(), UNINSTALLED))
+
+
+def mark_installed() -> None:
+    """Hooks apply again (the installer, before it installs the hooks; ``replay``)."""
+    _remove(os.path.join(state_dir(), UNINSTALLED))
+
+
+def clear_for_uninstall() -> None:
+    """Every state file gone, the ``uninstalled`` marker left (called under the lock)."""
+    import shutil
+    top = _ensure()
+    for entry in os.listdir(top):
+        path = os.path.join(top, entry)
+        if entry == "lock":
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            _remove(path)
+    os.close(os.open(os.path.join(top, UNINSTALLED), os.O_WRONLY | os.O_CREAT | _NOFOLLOW,
+                     0o600))
+
+
+class Uninstalled(Exception):
+    """kvmufw_hook was uninstalled while this call waited for the lock: apply nothing."""
 
 
 class locked:
     """``with locked():`` serialises read-modify-write of state and rules across
     concurrent hooks (a class, not contextlib: this module is on the hooks' fast path).
     Waits at most ``LOCK_TIMEOUT`` seconds: nothing of ours may hang a boot or a daemon
-    start behind a stuck holder."""
+    start behind a stuck holder.
 
-    def __init__(self, timeout: float | None = None) -> None:
+    The lock's fd is inherited by the commands run meanwhile (``iptables-restore``, ``nft``):
+    a holder killed while its write is pending leaves the lock held by that write until
+    it ends, so no later call reads before the write lands. Raises ``Uninstalled`` when
+    ``uninstall`` ran (its marker is there, or the lock file was removed while this call
+    waited), unless ``installing`` (``replay``, ``uninstall`` itself)."""
+
+    def __init__(self, timeout: float | None = None, installing: bool = False) -> None:
         self.timeout = LOCK_TIMEOUT if timeout is None else timeout
+        self.installing = installing
 
     def __enter__(self) -> None:
+        self._take()
+        if self.installing:
+            return
+        try:
+            gone = os.fstat(self.fd).st_nlink == 0 or uninstalled()
+        except OSError:
+            gone = True
+        if gone:
+            os.close(self.fd)
+            raise Uninstalled("kvmufw_hook is uninstalled: nothing applied")
+
+    def _take(self) -> None:
         directory = _ensure()
         self.fd = os.open(os.path.join(directory, "lock"),
                           os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+        os.set_inheritable(self.fd, True)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
