@@ -230,6 +230,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
             return Applied("")
         rules: dict[str, Sequence[Rule]] = {network_owner(net.name): ()}
         networks = state.load_networks()
+        networks.pop(net.name, None)  # its state file goes only once its rules are gone
         if any(n.managed and n.bridge for n in networks.values()):
             # the others' fences (``plan_network``) no longer name its bridge
             backend = backend or default_backend()
