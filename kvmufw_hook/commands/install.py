@@ -280,10 +280,11 @@ def lib_entries(lay: Layout) -> list[str]:
     return sorted(p[len(lay.root):] for p in out)
 
 
-def lib_is_ours(lay: Layout, record: Record, path: str) -> bool:
+def lib_is_ours(lay: Layout, record: Record, path: str, legacy: bool) -> bool:
     """A file under LIB is ours if recorded as it is now; in a legacy (unrecorded)
-    directory, only the marker and the package's modules are, never an admin's file."""
-    if legacy_lib(lay, record):
+    directory (``legacy_lib``), only the marker and the package's modules are, never an
+    admin's file."""
+    if legacy:
         rel = os.path.relpath(path, lay.lib)
         return not os.path.islink(lay.at(path)) and (
             rel == LIB_MARKER or (rel.startswith("kvmufw_hook/") and rel.endswith(".py")))
@@ -390,11 +391,12 @@ def check_install(lay: Layout, record: Record) -> None:
     if os.path.lexists(lay.at(lay.lib)):
         if not os.path.isdir(lay.at(lay.lib)):
             raise Refused(f"{lay.lib} is not a directory; move it away and install again")
+        legacy = legacy_lib(lay, record)
         for path in lib_entries(lay):
             if os.path.islink(lay.at(path)):
                 raise Refused(f"{path} is a symlink; kvmufw_hook never writes through one: "
                               f"move {lay.lib} away and install again")
-            if not lib_is_ours(lay, record, path):
+            if not lib_is_ours(lay, record, path, legacy):
                 raise Refused(f"{path} is not as kvmufw_hook wrote it; not overwriting "
                               f"{lay.lib} (move it away, then install again)")
     free_path(lay, record, lay.bin, sha256(bin_script(lay)))
@@ -859,14 +861,15 @@ def retire_script_install(tx: Transaction) -> None:
     (only what it recorded, exactly as recorded). The after.init block stays: it is the
     admin's (``kvmufw_hook ufw-entry add`` points it at this package)."""
     lay = tx.lay
-    files = tx.record.files()
-    for path in sorted(files):
-        if path == AFTER_INIT:
+    packaged_hooks = {f"{HOOKS}/{drv}.d/kvmufw_hook" for drv in HOOK_DRIVERS}
+    for path in sorted(tx.record.files()):
+        if path == AFTER_INIT or path.startswith(lay.lib + "/"):
             continue
-        if is_ours(lay, tx.record, path):
+        if path not in packaged_hooks and is_ours(lay, tx.record, path):  # dpkg's: symlinks
             tx.remove(path)
             say(f"removed {path} (install.sh's; the package provides kvmufw_hook now)")
         tx.record.forget_file(path)
+    uninstall_package(tx)
     for directory in reversed(tx.record.of_kind("dir")):
         try:
             os.rmdir(lay.at(directory))
@@ -988,8 +991,9 @@ def uninstall_package(tx: Transaction) -> None:
         for name in dirnames:
             if name == "__pycache__" and not os.path.islink(os.path.join(dirpath, name)):
                 shutil.rmtree(os.path.join(dirpath, name))
+    legacy = legacy_lib(lay, tx.record)
     for path in lib_entries(lay):
-        if lib_is_ours(lay, tx.record, path):
+        if lib_is_ours(lay, tx.record, path, legacy):
             os.unlink(lay.at(path))
     tx.record.forget_under(lay.lib)
     for dirpath, _dirs, _files in sorted(os.walk(lib, topdown=False), reverse=True):
