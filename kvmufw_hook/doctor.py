@@ -13,11 +13,11 @@ from .installation import (
     DAEMON_PIDFILES,
     HOOK_DRIVERS,
     MANIFEST,
-    SIGHUP_STAMP,
     file_sha256,
+    hooks_appeared,
     install_command,
     installed_hooks,
-    start_time,
+    missed_hooks,
 )
 
 
@@ -252,15 +252,13 @@ def check_hooks(root: str = "") -> list[Finding]:
     paths, out = _hook_files(root)
     if any(f.level == "FAIL" for f in out) or not paths:
         return out
-    newest = max(os.stat(root + p).st_mtime for p in paths)
-    hup = os.stat(root + SIGHUP_STAMP).st_mtime if os.path.exists(root + SIGHUP_STAMP) else 0
+    appeared = hooks_appeared(paths, root)
     for pidfile in DAEMON_PIDFILES:
         pid = (_read(root + pidfile) or "").strip()
         if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
             continue
-        started = start_time(int(pid)) or 0
         name = (_read(f"/proc/{pid}/comm") or "libvirt").strip()
-        if newest > max(started, hup):
+        if missed_hooks(int(pid), appeared, root):
             out.append(Finding("WARN", "hooks seen by the daemon", f"{name} ({pid}) started "
                                "before the hooks were installed and has had no SIGHUP since",
                                f"kill -HUP {pid}"))

@@ -198,3 +198,18 @@ def start_time(pid: int) -> float | None:
     ticks = int(stat.rsplit(")", 1)[1].split()[19])
     btime = next((int(l.split()[1]) for l in boot.splitlines() if l.startswith("btime")), 0)
     return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def hooks_appeared(paths: list[str], root: str = "") -> float:
+    """When the newest of our hooks appeared: the link itself for a symlink (the Debian
+    package's are made at unpack; their targets keep the build's time)."""
+    return max((os.lstat(root + p).st_mtime for p in paths if os.path.lexists(root + p)),
+               default=0.0)
+
+
+def missed_hooks(pid: int, appeared: float, root: str = "") -> bool:
+    """Daemon ``pid`` started before our hooks appeared and has had no SIGHUP since: it
+    does not run them (libvirt looks for hooks at start and on SIGHUP only)."""
+    stamp = root + SIGHUP_STAMP
+    seen = os.stat(stamp).st_mtime if os.path.exists(stamp) else 0.0
+    return appeared > max(start_time(pid) or 0.0, seen)

@@ -55,14 +55,19 @@ from ..installation import (
     SYSTEMD_RUNNING,
     Record,
     file_sha256,
+    hooks_appeared,
     hooks_found,
+    missed_hooks,
     read_text,
     running_daemons,
     sha256,
-    start_time,
 )
 
 MARK = "# kvmufw_hook: written by kvmufw_hook install.sh; removed by install.sh --uninstall"
+PACKAGED_MARK = "# kvmufw_hook: installed by the Debian package kvmufw-hook"
+PACKAGED_LIB = "/usr/lib/python3/dist-packages"
+PACKAGED_HOOKS = "/usr/lib/kvmufw-hook/hooks"  # the drop-ins link here
+PACKAGED_SYSTEMD = "/usr/lib/systemd/system"
 BEGIN = "# BEGIN kvmufw_hook"
 END = "# END kvmufw_hook"
 SYSTEMD_UNITS = ("libvirtd", "virtnetworkd", "virtqemud")
@@ -103,7 +108,12 @@ class Layout:
 
     @property
     def lib(self) -> str:
-        return f"{self.prefix}/lib/kvmufw_hook"
+        """The directory that holds the package (the hooks put it on sys.path)."""
+        return PACKAGED_LIB if self.packaged else f"{self.prefix}/lib/kvmufw_hook"
+
+    @property
+    def mark(self) -> str:
+        return PACKAGED_MARK if self.packaged else MARK
 
     @property
     def bin(self) -> str:
@@ -168,7 +178,7 @@ def hook_script(lay: Layout, driver: str) -> bytes:
     """hooks/DRIVER of the source tree, marked, with the package's directory filled in."""
     with open(os.path.join(lay.source, "hooks", driver), encoding="utf-8") as fh:
         lines = fh.read().splitlines(keepends=True)
-    out = [*lines[:1], MARK + "\n"]
+    out = [*lines[:1], lay.mark + "\n"]
     out += [f"LIB = \"{lay.lib}\"\n" if line.startswith("LIB = ") else line
             for line in lines[1:]]
     return "".join(out).encode()
@@ -213,7 +223,7 @@ def known_blocks(lay: Layout) -> set[str]:
 
 
 def dropin(lay: Layout) -> bytes:
-    return f"""{MARK}
+    return f"""{lay.mark}
 # Start libvirt after UFW, and put kvmufw_hook's jumps back in first place after each
 # start: the daemon re-inserts its own jumps at position 1 when it starts, and again when
 # it reloads its networks' rules a few seconds after it is ready (Debian's libvirtd exits
@@ -234,6 +244,25 @@ def legacy_dropin() -> bytes:
 
 def dropin_path(unit: str) -> str:
     return f"{SYSTEMD_DIR}/{unit}.service.d/kvmufw_hook.conf"
+
+
+def packaged_files(source: str) -> dict[str, tuple[bytes, int]]:
+    """The files of the Debian package that are not the Python package (debian/rules
+    writes them): the hooks, which /etc/libvirt/hooks/*.d/kvmufw_hook link to, and the
+    systemd drop-ins; path -> (content, mode). The same text as an install.sh install."""
+    lay = Layout(source=source, packaged=True)
+    files = {f"{PACKAGED_HOOKS}/{drv}": (hook_script(lay, drv), 0o755) for drv in HOOK_DRIVERS}
+    for unit in SYSTEMD_UNITS:
+        files[f"{PACKAGED_SYSTEMD}/{unit}.service.d/kvmufw-hook.conf"] = (dropin(lay), 0o644)
+    return files
+
+
+def write_packaged_files(source: str, destdir: str) -> None:
+    for path, (data, mode) in packaged_files(source).items():
+        os.makedirs(os.path.dirname(destdir + path), 0o755, exist_ok=True)
+        with open(destdir + path, "wb") as fh:
+            fh.write(data)
+        os.chmod(destdir + path, mode)
 
 
 def package_files(lay: Layout) -> dict[str, bytes]:
@@ -846,13 +875,8 @@ def install_packaged(lay: Layout, outside: Outside) -> int:
 def hooks_newer_than_daemons(lay: Layout, driver: str) -> bool:
     """A running daemon that runs ``driver`` started before our hook of that kind
     appeared and has had no SIGHUP since (as doctor decides)."""
-    hook = lay.at(f"{HOOKS}/{driver}.d/kvmufw_hook")
-    if not os.path.lexists(hook):
-        return False
-    made = os.lstat(hook).st_mtime
-    stamp = lay.at(SIGHUP_STAMP)
-    seen = os.stat(stamp).st_mtime if os.path.exists(stamp) else 0
-    return any(made > max(start_time(pid) or 0, seen)
+    appeared = hooks_appeared([f"{HOOKS}/{driver}.d/kvmufw_hook"], lay.root)
+    return any(missed_hooks(pid, appeared, lay.root)
                for daemon, pid in running_daemons(lay.root) if driver in daemon.drivers)
 
 
@@ -860,7 +884,7 @@ def retire_script_install(tx: Transaction) -> None:
     """What install.sh wrote and dpkg now provides: its command, package and drop-ins
     (only what it recorded, exactly as recorded). The after.init block stays: it is the
     admin's (``kvmufw_hook ufw-entry add`` points it at this package)."""
-    lay = tx.lay
+    lay = replace(tx.lay, packaged=False)  # where install.sh wrote
     packaged_hooks = {f"{HOOKS}/{drv}.d/kvmufw_hook" for drv in HOOK_DRIVERS}
     for path in sorted(tx.record.files()):
         if path == AFTER_INIT or path.startswith(lay.lib + "/"):
@@ -869,7 +893,7 @@ def retire_script_install(tx: Transaction) -> None:
             tx.remove(path)
             say(f"removed {path} (install.sh's; the package provides kvmufw_hook now)")
         tx.record.forget_file(path)
-    uninstall_package(tx)
+    uninstall_package(lay, tx.record)
     for directory in reversed(tx.record.of_kind("dir")):
         try:
             os.rmdir(lay.at(directory))
@@ -976,11 +1000,12 @@ def uninstall_after_init(tx: Transaction) -> None:
         record.lines.discard(f"mode {old}")
 
 
-def uninstall_package(tx: Transaction) -> None:
+def uninstall_package(lay: Layout, record: Record) -> None:
     """Remove only the files we recorded, exactly as we wrote them (and, of an install.sh
     that recorded nothing, its marker and the package's modules), never a directory with
     someone else's file in it."""
-    lay = tx.lay
+    if lay.packaged:  # dpkg's: never ours to remove
+        return
     lib = lay.at(lay.lib)
     if os.path.islink(lib):
         say(f"left {lay.lib} alone: it is a symlink")
@@ -991,11 +1016,11 @@ def uninstall_package(tx: Transaction) -> None:
         for name in dirnames:
             if name == "__pycache__" and not os.path.islink(os.path.join(dirpath, name)):
                 shutil.rmtree(os.path.join(dirpath, name))
-    legacy = legacy_lib(lay, tx.record)
+    legacy = legacy_lib(lay, record)
     for path in lib_entries(lay):
-        if lib_is_ours(lay, tx.record, path, legacy):
+        if lib_is_ours(lay, record, path, legacy):
             os.unlink(lay.at(path))
-    tx.record.forget_under(lay.lib)
+    record.forget_under(lay.lib)
     for dirpath, _dirs, _files in sorted(os.walk(lib, topdown=False), reverse=True):
         if not os.path.islink(dirpath):
             try:
@@ -1049,7 +1074,7 @@ def uninstall(lay: Layout, outside: Outside) -> int:
                     pass
             daemon_reload(lay)
             remove_ours(tx, lay.bin, sha256(bin_script(lay)))
-            uninstall_package(tx)
+            uninstall_package(lay, tx.record)
             for directory in reversed(record.of_kind("dir")):  # deepest first, if empty
                 if not os.path.islink(lay.at(directory)):
                     try:
