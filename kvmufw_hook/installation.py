@@ -26,6 +26,8 @@ MANIFEST_DIR = "/var/lib/kvmufw_hook"
 MANIFEST = MANIFEST_DIR + "/install.manifest"
 SIGHUP_STAMP = MANIFEST_DIR + "/sighup"  # the running daemons run our hooks since its mtime
 STATE_DIR = "/run/kvmufw_hook"
+# the kinds of hook that existed before dpkg unpacked ours (the package's preinst writes it)
+HOOKS_FOUND = STATE_DIR + "/hooks-found"
 HOOKS = "/etc/libvirt/hooks"
 HOOK_DRIVERS = ("network", "qemu")
 AFTER_INIT = "/etc/ufw/after.init"

@@ -46,6 +46,7 @@ from ..installation import (
     AFTER_INIT,
     HOOK_DRIVERS,
     HOOKS,
+    HOOKS_FOUND,
     MANIFEST,
     MANIFEST_DIR,
     PACKAGED_BIN,
@@ -861,7 +862,7 @@ def install_packaged(lay: Layout, outside: Outside) -> int:
         raise
     finally:
         tx.close()
-    found = {d for d in HOOK_DRIVERS if not hooks_newer_than_daemons(lay, d)}
+    found = hooks_found_before_unpack(lay)
     signal_where_needed(lay, outside, found, True)
     changed = not record.packaged
     if running_daemons(lay.root):
@@ -870,6 +871,18 @@ def install_packaged(lay: Layout, outside: Outside) -> int:
         say(f"to put kvmufw_hook's rules back after every 'ufw reload', run once: "
             f"kvmufw_hook ufw-entry add (it adds a marked block to {AFTER_INIT})")
     return finish(lay, outside, changed)
+
+
+def hooks_found_before_unpack(lay: Layout) -> set[str]:
+    """The kinds of hook a running daemon could have found: as the preinst saw them
+    before dpkg wrote ours; without its note (a reconfigure), those whose hook no running
+    daemon has missed (as doctor decides)."""
+    path = lay.at(HOOKS_FOUND)
+    text = read_text(path) if not os.path.islink(path) else None
+    if text is not None:
+        os.unlink(path)
+        return set(text.split()) & set(HOOK_DRIVERS)
+    return {d for d in HOOK_DRIVERS if not hooks_newer_than_daemons(lay, d)}
 
 
 def hooks_newer_than_daemons(lay: Layout, driver: str) -> bool:
