@@ -13,6 +13,7 @@ from .installation import (
     DAEMON_PIDFILES,
     HOOK_DRIVERS,
     MANIFEST,
+    after_init_command,
     file_sha256,
     hooks_appeared,
     install_command,
@@ -109,10 +110,16 @@ def check_ufw(networks=None, root: str = "") -> list[Finding]:
                        "so guests work either way; keep it DROP"))
     out.append(_ufw_ipv6(default, networks or {}))
     after = _read(root + UFW_AFTER_INIT) or ""
+    command = after_init_command(after)
     # an older install's entry runs replay, which waits for libvirt and can hang a boot
     if "kvmufw_hook restore" not in after or not os.access(root + UFW_AFTER_INIT, os.X_OK):
         out.append(Finding("FAIL", "UFW after.init", "no executable restore entry: a firewall "
                            "reload can leave guests without rules", "kvmufw_hook ufw-entry add"))
+    elif command and not os.access(root + command, os.X_OK):
+        out.append(Finding("FAIL", "UFW after.init", f"its kvmufw_hook entry runs {command}, "
+                           "which is gone (an install.sh install the package replaced?): a "
+                           "firewall reload can leave guests without rules",
+                           "kvmufw_hook ufw-entry add"))
     else:
         out.append(Finding("OK", "UFW after.init", "restores kvmufw_hook's rules on every UFW "
                            "start"))

@@ -215,3 +215,14 @@ def missed_hooks(pid: int, appeared: float, root: str = "") -> bool:
     stamp = root + SIGHUP_STAMP
     seen = os.stat(stamp).st_mtime if os.path.exists(stamp) else 0.0
     return appeared > max(start_time(pid) or 0.0, seen)
+
+
+def after_init_command(text: str) -> str | None:
+    """The command our block in UFW's after.init runs (``[ -x COMMAND ]``), if any."""
+    import re
+    lines = text.splitlines()
+    if "# BEGIN kvmufw_hook" not in lines or "# END kvmufw_hook" not in lines:
+        return None
+    block = lines[lines.index("# BEGIN kvmufw_hook"):lines.index("# END kvmufw_hook")]
+    found = re.search(r"\[ -x (/\S+) \]", "\n".join(block))
+    return found[1] if found else None

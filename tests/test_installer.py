@@ -42,6 +42,7 @@ def root(tmp_path):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "etc/ufw/after.init").write_text(UFW_AFTER_INIT)
     (tmp_path / "etc/ufw/after.init").chmod(0o640)
+    (tmp_path / "etc/ufw/ufw.conf").write_text("ENABLED=yes\n")
     return str(tmp_path)
 
 
@@ -196,10 +197,19 @@ def test_the_package_retires_an_install_sh_install_and_keeps_the_admins_after_in
     record = Record.load(root)
     assert record.packaged and record.hooks()["qemu"] == QEMU_HOOK
     assert not record.files()
+    [entry] = [f for f in doctor.check_ufw({}, root=root) if f.check == "UFW after.init"]
+    assert (entry.level, entry.fix) == ("FAIL", "kvmufw_hook ufw-entry add")
+    assert f"runs {BIN}, which is gone" in entry.detail
     # the admin's command points the entry at the package's command; remove takes it out
     inst.ufw_entry(packaged, "add")
     assert "-x /usr/sbin/kvmufw_hook ]" in read(root, AFTER_INIT)
     assert inst.ufw_entry_present(packaged)
+    os.makedirs(root + "/usr/sbin")
+    with open(root + "/usr/sbin/kvmufw_hook", "w") as fh:
+        fh.write("#!/bin/sh\n")
+    os.chmod(root + "/usr/sbin/kvmufw_hook", 0o755)
+    [entry] = [f for f in doctor.check_ufw({}, root=root) if f.check == "UFW after.init"]
+    assert entry.level == "OK"
     inst.ufw_entry(packaged, "remove")
     assert read(root, AFTER_INIT) == UFW_AFTER_INIT
     assert stat.S_IMODE(os.stat(root + AFTER_INIT).st_mode) == 0o640
