@@ -223,3 +223,14 @@ def test_doctor_checks_the_hooks_the_installer_recorded(root):
     os.chmod(root + QEMU_HOOK, 0o644)
     assert [(f.level, f.detail) for f in doctor.check_hooks(root)] == [
         ("FAIL", f"{QEMU_HOOK} is not executable")]
+
+
+def test_install_sh_leaves_a_host_with_the_debian_package_alone(root, capsys):
+    inst.install_packaged(inst.Layout(root=root, packaged=True), Quiet())
+    capsys.readouterr()
+    before = tree(root)
+    for action in ("install", "uninstall"):
+        assert inst.run(action, root=root, source=str(ROOT), outside=Quiet()) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "installed as the Debian package" in err
+    assert tree(root) == before

@@ -60,6 +60,7 @@ from ..installation import (
     running_daemons,
     sha256,
 )
+from ..installation import packaged as is_packaged
 from .install_files import (
     BEGIN,
     END,
@@ -714,6 +715,10 @@ def run(action: str, root: str = "", source: str = "", prefix: str = "/usr/local
     outside = outside or Outside()
     os.umask(0o022)
     try:
+        if source and (Record.load(root).packaged or is_packaged(root)):
+            raise Refused("kvmufw_hook is installed as the Debian package kvmufw-hook: "
+                          "install.sh leaves it alone (apt remove kvmufw-hook, then run "
+                          "install.sh again if you want the source tree's)")
         if action == "install":
             return install_packaged(lay, outside) if packaged else install(lay, outside)
         if action == "uninstall":
