@@ -191,7 +191,9 @@ def cmd_install(args) -> int:
 
 
 def _add_root(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", default="", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--root", default="", metavar="DIR",
+                        help="the host's file system under DIR (a mounted image, a test's "
+                        "temporary directory): no daemon is told, no rule is applied")
 
 
 def _add_connect(parser: argparse.ArgumentParser) -> None:

@@ -23,14 +23,11 @@ AFTER_INIT = "/etc/ufw/after.init"
 UFW_AFTER_INIT = "#!/bin/sh\nset -e\n\ncase \"$1\" in\nstart)\n    ;;\nesac\n"
 
 
-class Quiet(inst.Outside):
-    """No daemon, no libvirt; records what would have reached the firewall."""
+class Quiet(inst.Offline):
+    """--root's: no daemon, no libvirt; records what would have reached the firewall."""
 
     def __init__(self) -> None:
         object.__setattr__(self, "flushes", [])
-
-    def libvirt_reachable(self, lay):
-        return False
 
     def flush(self, lay):
         self.flushes.append(lay.root)  # type: ignore[attr-defined]
@@ -234,3 +231,17 @@ def test_install_sh_leaves_a_host_with_the_debian_package_alone(root, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "installed as the Debian package" in err
     assert tree(root) == before
+
+
+def test_under_a_root_nothing_reaches_this_hosts_daemons_or_firewall(root, capsys,
+                                                                     monkeypatch):
+    """--root is another file system's: the command installs and uninstalls its files and
+    tells no daemon, applies and flushes no rule (the host's own are left alone)."""
+    from kvmufw_hook import ops
+    flushed = []
+    monkeypatch.setattr(ops, "flush", lambda *a, **k: flushed.append(a))
+    for action in ("install", "uninstall"):
+        assert inst.run(action, root=root, source=str(ROOT)) == 0
+    out = capsys.readouterr().out
+    assert "SIGHUP" not in out and "replay" not in out and "flush" not in out
+    assert "libvirt is not running" in out and "uninstalled" in out and not flushed

@@ -51,6 +51,7 @@ from ..installation import (
     SIGHUP_STAMP,
     STATE_DIR,
     SYSTEMD_DIR,
+    Daemon,
     Record,
     file_sha256,
     hooks_appeared,
@@ -329,20 +330,37 @@ class Outside:
         from ..ops import flush
         flush()
 
+    def daemons(self, lay: Layout) -> list[tuple[Daemon, int]]:
+        return running_daemons(lay.root)
+
     def libvirt_reachable(self, lay: Layout) -> bool:
         """A daemon runs, or systemd starts one on the first connection."""
-        if running_daemons(lay.root):
+        if self.daemons(lay):
             return True
-        if not lay.systemd or lay.root:
+        if not lay.systemd:
             return False
         return any(subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode == 0
                    for unit in ("libvirtd.socket", "virtqemud.socket"))
 
 
+class Offline(Outside):
+    """``--root``: that file system's files only; its daemons and firewall are not this
+    host's, so none is told and no rule is flushed or applied."""
+
+    def daemons(self, lay: Layout) -> list[tuple[Daemon, int]]:
+        return []
+
+    def libvirt_reachable(self, lay: Layout) -> bool:
+        return False
+
+    def flush(self, lay: Layout) -> None:
+        pass
+
+
 def signal_where_needed(lay: Layout, outside: Outside, found: set[str], changed: bool) -> None:
     """A daemon that runs a driver whose hooks it did not find (``found``: before this
     run wrote anything) gets exactly one SIGHUP: it re-reads the hook directory then."""
-    for daemon, pid in running_daemons(lay.root):
+    for daemon, pid in outside.daemons(lay):
         missing = [d for d in daemon.drivers if d not in found]
         if not missing:
             if changed:
@@ -374,7 +392,7 @@ def stamp_sighup(lay: Layout) -> None:
 
 
 def finish(lay: Layout, outside: Outside, changed: bool) -> int:
-    if changed and running_daemons(lay.root):
+    if changed and outside.daemons(lay):
         stamp_sighup(lay)
     if not changed:
         say("already installed: nothing to change")
@@ -437,7 +455,7 @@ def install_packaged(lay: Layout, outside: Outside) -> int:
     found = hooks_found_before_unpack(lay)
     signal_where_needed(lay, outside, found, True)
     changed = not record.packaged
-    if running_daemons(lay.root):
+    if outside.daemons(lay):
         stamp_sighup(lay)
     if os.path.isdir(lay.at("/etc/ufw")) and not ufw_entry_present(lay):
         say(f"to put kvmufw_hook's rules back after every 'ufw reload', run once: "
@@ -712,7 +730,7 @@ def run(action: str, root: str = "", source: str = "", prefix: str = "/usr/local
         return 2
     packaged = not source and (packaged or Record.load(root).packaged)
     lay = host_layout(root, os.path.abspath(source) if source else "", prefix, packaged)
-    outside = outside or Outside()
+    outside = outside or (Offline() if root else Outside())
     os.umask(0o022)
     try:
         if source and (Record.load(root).packaged or is_packaged(root)):
