@@ -10,7 +10,6 @@ from . import state
 from .backends import default_backend
 from .errors import ApplyError, InputError
 from .installation import (
-    DAEMON_PIDFILES,
     HOOK_DRIVERS,
     MANIFEST,
     after_init_command,
@@ -19,6 +18,7 @@ from .installation import (
     install_command,
     installed_hooks,
     missed_hooks,
+    running_daemons,
 )
 
 
@@ -260,12 +260,9 @@ def check_hooks(root: str = "") -> list[Finding]:
     if any(f.level == "FAIL" for f in out) or not paths:
         return out
     appeared = hooks_appeared(paths, root)
-    for pidfile in DAEMON_PIDFILES:
-        pid = (_read(root + pidfile) or "").strip()
-        if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
-            continue
-        name = (_read(f"/proc/{pid}/comm") or "libvirt").strip()
-        if missed_hooks(int(pid), appeared, root):
+    for daemon, pid in running_daemons(root):
+        name = daemon.name
+        if missed_hooks(pid, appeared, root):
             out.append(Finding("WARN", "hooks seen by the daemon", f"{name} ({pid}) started "
                                "before the hooks were installed and has had no SIGHUP since",
                                f"kill -HUP {pid}"))

@@ -56,7 +56,6 @@ class Daemon:
 DAEMONS = (Daemon("libvirtd", "qemu:///system", ("network", "qemu")),
            Daemon("virtnetworkd", "network:///system", ("network",)),
            Daemon("virtqemud", "qemu:///system", ("qemu",)))
-DAEMON_PIDFILES = tuple(d.pidfile for d in DAEMONS)
 
 
 def read_text(path: str) -> str | None:
