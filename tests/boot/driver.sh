@@ -335,7 +335,8 @@ phase2() {
         /usr/sbin/kvmufw_hook /usr/lib/kvmufw-hook /usr/lib/python3/dist-packages/kvmufw_hook \
         /usr/lib/systemd/system/*.d/kvmufw-hook* /usr/share/doc/kvmufw-hook \
         /run/kvmufw_hook /var/lib/kvmufw_hook 2>/dev/null; grep -l kvmufw /etc/ufw/*.init 2>/dev/null
-        dpkg -l kvmufw-hook 2>/dev/null | grep '^[a-z][a-z] ')
+        status=$(dpkg-query -W -f='${Status}' kvmufw-hook 2>/dev/null)
+        case $status in ""|*not-installed) ;; *) echo "dpkg: kvmufw-hook $status" ;; esac)
     if [ -z "$left" ]; then record uninstall-files-gone OK "no hook, command, package, drop-in or after.init entry left"
     else record uninstall-files-gone FAIL "left: $left"; fi
 }
