@@ -182,6 +182,20 @@ def cmd_doctor(args) -> int:
     return 1 if any(f.level == "FAIL" for f in findings) else 0
 
 
+def cmd_install(args) -> int:
+    from .commands import install
+    action = args.command if args.command != "ufw-entry" else f"ufw-entry-{args.action}"
+    return install.run(action, root=args.root, source=getattr(args, "source", ""),
+                       prefix=getattr(args, "prefix", "/usr/local"),
+                       packaged=getattr(args, "packaged", False))
+
+
+def _add_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default="", metavar="DIR",
+                        help="the host's file system under DIR (a mounted image, a test's "
+                        "temporary directory): no daemon is told, no rule is applied")
+
+
 def _add_connect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--connect", default="qemu:///system", metavar="URI",
                         help="libvirt URI (default: %(default)s)")
@@ -282,10 +296,38 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  kvmufw_hook flush",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_flush)
+
+    for name, what in (("install", "install the hooks (and, from the source tree, the "
+                        "package), tell libvirt, re-apply every rule"),
+                       ("uninstall", "remove every rule and everything install wrote")):
+        p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ". "
+                           "Never overwrites, deletes or follows a file it did not write.",
+                           epilog="example:\n  sudo ./install.sh"
+                           f"{' --uninstall' * (name == 'uninstall')}   (from the source tree)\n"
+                           f"  kvmufw_hook {name} --packaged"
+                           "   (the Debian package's maintainer scripts)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--source", default="", metavar="DIR",
+                       help="the source tree to install from (install.sh passes it)")
+        p.add_argument("--prefix", default="/usr/local", metavar="DIR",
+                       help="with --source: where the package and command go "
+                       "(default: %(default)s)")
+        p.add_argument("--packaged", action="store_true",
+                       help="the Debian package's files, which dpkg owns")
+        _add_root(p)
+        p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("ufw-entry", help="add (or remove) the entry in UFW's after.init that "
+                       "puts our rules back after every ufw reload",
+                       epilog="example:\n  kvmufw_hook ufw-entry add",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("add", "remove"))
+    _add_root(p)
+    p.set_defaults(func=cmd_install)
     return parser
 
 
-NEEDS_ROOT = (cmd_replay, cmd_restore, cmd_status, cmd_flush, cmd_doctor)
+NEEDS_ROOT = (cmd_replay, cmd_restore, cmd_status, cmd_flush, cmd_doctor, cmd_install)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         from . import log
         log.VERBOSE = True
-    if os.geteuid() != 0 and (args.func in NEEDS_ROOT or (args.func is cmd_forward
-                               and args.action != "list")):
+    if os.geteuid() != 0 and not getattr(args, "root", "") and (
+            args.func in NEEDS_ROOT or (args.func is cmd_forward and args.action != "list")):
         _err(f"{args.command} needs root (it reads and changes the firewall): "
              f"sudo kvmufw_hook {args.command} ...")
         return 1

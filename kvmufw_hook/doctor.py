@@ -9,13 +9,17 @@ from dataclasses import asdict, dataclass
 from . import state
 from .backends import default_backend
 from .errors import ApplyError, InputError
-
-# install.sh records what it wrote here, the hooks as ``hook DRIVER PATH`` (drop-ins in
-# network.d/qemu.d, or the plain hook files on libvirt < 6.5): the one list of our hooks.
-MANIFEST = "/var/lib/kvmufw_hook/install.manifest"
-HOOK_DRIVERS = ("network", "qemu")
-DAEMON_PIDFILES = ("/run/libvirtd.pid", "/run/virtnetworkd.pid", "/run/virtqemud.pid")
-SIGHUP_STAMP = "/var/lib/kvmufw_hook/sighup"
+from .installation import (
+    HOOK_DRIVERS,
+    MANIFEST,
+    after_init_command,
+    file_sha256,
+    hooks_appeared,
+    install_command,
+    installed_hooks,
+    missed_hooks,
+    running_daemons,
+)
 
 
 @dataclass
@@ -106,10 +110,16 @@ def check_ufw(networks=None, root: str = "") -> list[Finding]:
                        "so guests work either way; keep it DROP"))
     out.append(_ufw_ipv6(default, networks or {}))
     after = _read(root + UFW_AFTER_INIT) or ""
+    command = after_init_command(after)
     # an older install's entry runs replay, which waits for libvirt and can hang a boot
     if "kvmufw_hook restore" not in after or not os.access(root + UFW_AFTER_INIT, os.X_OK):
         out.append(Finding("FAIL", "UFW after.init", "no executable restore entry: a firewall "
-                           "reload can leave guests without rules", "sudo ./install.sh"))
+                           "reload can leave guests without rules", "kvmufw_hook ufw-entry add"))
+    elif command and not os.access(root + command, os.X_OK):
+        out.append(Finding("FAIL", "UFW after.init", f"its kvmufw_hook entry runs {command}, "
+                           "which is gone (an install.sh install the package replaced?): a "
+                           "firewall reload can leave guests without rules",
+                           "kvmufw_hook ufw-entry add"))
     else:
         out.append(Finding("OK", "UFW after.init", "restores kvmufw_hook's rules on every UFW "
                            "start"))
@@ -221,54 +231,24 @@ def check_rules(backend, ruleset, active_networks: int,
     return out
 
 
-def _start_time(pid: int) -> float | None:
-    stat = _read(f"/proc/{pid}/stat")
-    boot = _read("/proc/stat")
-    if not stat or not boot:
-        return None
-    ticks = int(stat.rsplit(")", 1)[1].split()[19])
-    btime = next((int(l.split()[1]) for l in boot.splitlines() if l.startswith("btime")), 0)
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def installed_hooks(root: str = "") -> tuple[dict[str, str], dict[str, str]]:
-    """(driver -> hook path, path -> sha256) as install.sh recorded them."""
-    hooks: dict[str, str] = {}
-    sha256: dict[str, str] = {}
-    for line in (_read(root + MANIFEST) or "").splitlines():
-        fields = line.split(" ", 2)
-        if len(fields) == 3 and fields[0] == "hook" and fields[1] in HOOK_DRIVERS:
-            hooks[fields[1]] = fields[2]
-        elif len(fields) == 3 and fields[0] == "file":
-            sha256[fields[2]] = fields[1]
-    return hooks, sha256
-
-
-def _file_sha256(path: str) -> str | None:
-    import hashlib
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
-    except OSError:
-        return None
-
-
 def _hook_files(root: str) -> tuple[list[str], list[Finding]]:
-    """The hook files install.sh wrote, and a finding for each that is not as written."""
+    """The hook files the installer recorded, and a finding for each that is not as
+    written."""
     hooks, sha256 = installed_hooks(root)
+    fix = install_command(root)
     if set(hooks) != set(HOOK_DRIVERS):
         return [], [Finding("FAIL", "hooks", "no record of installed hooks in " + MANIFEST
                             + " (not installed, or by an install.sh older than this doctor)",
-                            "sudo ./install.sh")]
+                            fix)]
     paths = [hooks[drv] for drv in HOOK_DRIVERS]
     out = []
     for path in paths:
         if not os.path.exists(root + path):
-            out.append(Finding("FAIL", "hooks", f"{path} is missing", "sudo ./install.sh"))
+            out.append(Finding("FAIL", "hooks", f"{path} is missing", fix))
         elif not os.access(root + path, os.X_OK):
             out.append(Finding("FAIL", "hooks", f"{path} is not executable",
                                f"chmod 755 {path}"))
-        elif sha256.get(path) not in (None, _file_sha256(root + path)):
+        elif sha256.get(path) not in (None, file_sha256(root + path)):
             out.append(Finding("WARN", "hooks", f"{path} changed since install.sh wrote it",
                                "sudo ./install.sh --uninstall and install again, or merge by "
                                "hand"))
@@ -279,15 +259,10 @@ def check_hooks(root: str = "") -> list[Finding]:
     paths, out = _hook_files(root)
     if any(f.level == "FAIL" for f in out) or not paths:
         return out
-    newest = max(os.stat(root + p).st_mtime for p in paths)
-    hup = os.stat(root + SIGHUP_STAMP).st_mtime if os.path.exists(root + SIGHUP_STAMP) else 0
-    for pidfile in DAEMON_PIDFILES:
-        pid = (_read(root + pidfile) or "").strip()
-        if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
-            continue
-        started = _start_time(int(pid)) or 0
-        name = (_read(f"/proc/{pid}/comm") or "libvirt").strip()
-        if newest > max(started, hup):
+    appeared = hooks_appeared(paths, root)
+    for daemon, pid in running_daemons(root):
+        name = daemon.name
+        if missed_hooks(pid, appeared, root):
             out.append(Finding("WARN", "hooks seen by the daemon", f"{name} ({pid}) started "
                                "before the hooks were installed and has had no SIGHUP since",
                                f"kill -HUP {pid}"))

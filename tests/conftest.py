@@ -60,7 +60,7 @@ def netns():
 TIERS = {"test_lab": "lab", "test_lab_nft": "lab", "test_lab_ipv6": "lab",
          "test_install": "lab", "test_attack": "lab", "test_boot": "boot",
          "test_corpus": "corpus", "test_debian13": "lab", "test_lab_fleet": "lab",
-         "test_docker_beside": "lab"}
+         "test_docker_beside": "lab", "test_package": "lab"}
 
 
 def pytest_collection_modifyitems(items):

@@ -74,7 +74,8 @@ class LabError(AssertionError):
 
 
 class Lab:
-    def __init__(self) -> None:
+    def __init__(self, overlay_usr: bool = False) -> None:
+        """``overlay_usr``: /usr too is an overlay (a Debian package installs there)."""
         self.dir = tempfile.mkdtemp(prefix="kvmufw-lab-")
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--net", "--propagation", "private", "sleep", "infinity"])
@@ -89,7 +90,8 @@ class Lab:
         self._served = 0
         self.listening = False  # libvirtd --listen (listen_tcp): see listen_tcp()
         try:
-            self.sh(SETUP.format(overlaid=" ".join(OVERLAID), qemu_conf=QEMU_CONF),
+            overlaid = ("usr", *OVERLAID) if overlay_usr else OVERLAID
+            self.sh(SETUP.format(overlaid=" ".join(overlaid), qemu_conf=QEMU_CONF),
                     env={"LAB": self.dir})
         except Exception:
             self.destroy()

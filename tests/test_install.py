@@ -158,6 +158,28 @@ def test_an_upgrade_from_the_previous_install_sh(host):
     assert digest(host) == pristine
 
 
+def test_an_upgrade_from_the_bash_install_sh_changes_nothing_and_keeps_every_rule(
+        libvirt_host):
+    """install.sh in bash (tests/fixtures/install-095cef3.sh, the last one) and the Python
+    installer write the same bytes: installing over it rewrites nothing, sends no SIGHUP,
+    keeps the network's rules, and uninstall leaves the host as it was."""
+    lab = libvirt_host
+    old = f"{lab.dir}/old"
+    lab.sh(f"mkdir -p {old} && cp -a {ROOT}/kvmufw_hook {ROOT}/hooks {old}/ && "
+           f"cp {ROOT}/tests/fixtures/install-095cef3.sh {old}/install.sh")
+    lab.run(f"{old}/install.sh")
+    lab.define_network(NET)
+    rules = network_rules(lab)
+    assert rules
+    installed = digest(lab)
+    out = install(lab).stdout
+    assert "wrote" not in out and "sent" not in out, out
+    assert "already installed: nothing to change" in out
+    assert digest(lab) == installed and network_rules(lab) == rules
+    install(lab, "--uninstall")
+    assert not network_rules(lab)
+
+
 # --------------------------------------------------------------------------- ownership
 
 def test_an_admin_edited_hook_is_never_overwritten_nor_deleted(host):

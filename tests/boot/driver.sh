@@ -2,9 +2,9 @@
 # The boot test's driver, inside the VM (installed as /usr/local/sbin/kvmufw-boot-driver).
 #   kvmufw-boot-driver net   early at every boot (before libvirt): the "internet" namespace,
 #                            reached through eth0, the uplink of the NAT network
-#   kvmufw-boot-driver run   the phase of this boot: 1 installs and sets up, then reboots;
-#                            2 checks with packets after the reboot, reloads and restarts,
-#                            uninstalls, then powers off
+#   kvmufw-boot-driver run   the phase of this boot: 1 installs the Debian package and sets
+#                            up, then reboots; 2 checks with packets after the reboot,
+#                            reloads and restarts, removes and purges, then powers off
 # Results: $STATE/results, one line per check: PHASE<TAB>CHECK<TAB>OK|FAIL|INFO<TAB>DETAIL.
 # The full output of every command goes to $STATE/log; short progress lines to the console.
 # All traffic stays inside this VM: the guest and the "internet" are network namespaces.
@@ -249,7 +249,8 @@ DOM_XML="<domain type='qemu'><name>$DOM</name><memory unit='MiB'>48</memory><vcp
 
 phase1() {
     wait_boot
-    check install "$SRC/install.sh"
+    check install env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$SRC/kvmufw-hook.deb"
+    check ufw-entry-add kvmufw_hook ufw-entry add
     check ufw-enable ufw --force enable
     printf '%s\n' "$NET_XML" > "$STATE/net.xml"
     printf '%s\n' "$DOM_XML" > "$STATE/dom.xml"
@@ -316,16 +317,27 @@ phase2() {
     logged kvmufw_hook doctor
 
     after_init_bounded
-    check uninstall "$SRC/install.sh" --uninstall
+    # uninstall as the README says: the admin's after.init entry out, apt remove, apt purge
+    check ufw-entry-remove kvmufw_hook ufw-entry remove
+    check remove env DEBIAN_FRONTEND=noninteractive apt-get remove -y kvmufw-hook
     logged iptables-save
     local left
     left=$( { iptables-save; iptables-save -t nat; } | grep -i kvmufw | sort -u)
     if [ -z "$left" ]; then record uninstall-rules-gone OK "no kvmufw in iptables-save"
     else record uninstall-rules-gone FAIL "$left"; fi
+    left=$(ls -d /etc/libvirt/hooks/*/kvmufw_hook /usr/sbin/kvmufw_hook 2>/dev/null)
+    if [ -z "$left" ] && dpkg -l kvmufw-hook 2>/dev/null | grep -q '^rc'; then
+        record config-kept-after-remove OK "hooks and command gone; dpkg keeps the configuration (rc)"
+    else record config-kept-after-remove FAIL "left: $left; $(dpkg -l kvmufw-hook 2>&1 | tail -n1)"; fi
+    check purge env DEBIAN_FRONTEND=noninteractive apt-get purge -y kvmufw-hook
     left=$(ls -d /etc/libvirt/hooks/*/kvmufw_hook /etc/libvirt/hooks/network /etc/libvirt/hooks/qemu \
         /usr/local/sbin/kvmufw_hook /usr/local/lib/kvmufw_hook /etc/systemd/system/*.d/kvmufw_hook* \
-        /run/kvmufw_hook /var/lib/kvmufw_hook 2>/dev/null; grep -l kvmufw /etc/ufw/*.init 2>/dev/null)
-    if [ -z "$left" ]; then record uninstall-files-gone OK "no hook, command, drop-in or after.init entry left"
+        /usr/sbin/kvmufw_hook /usr/lib/kvmufw-hook /usr/lib/python3/dist-packages/kvmufw_hook \
+        /usr/lib/systemd/system/*.d/kvmufw-hook* /usr/share/doc/kvmufw-hook \
+        /run/kvmufw_hook /var/lib/kvmufw_hook 2>/dev/null; grep -l kvmufw /etc/ufw/*.init 2>/dev/null
+        status=$(dpkg-query -W -f='${Status}' kvmufw-hook 2>/dev/null)
+        case $status in ""|*not-installed) ;; *) echo "dpkg: kvmufw-hook $status" ;; esac)
+    if [ -z "$left" ]; then record uninstall-files-gone OK "no hook, command, package, drop-in or after.init entry left"
     else record uninstall-files-gone FAIL "left: $left"; fi
 }
 

@@ -25,6 +25,7 @@ PACKAGES = [
     "systemd", "systemd-sysv", "libpam-systemd", "udev", "dbus", "kmod", "linux-image-amd64",
     "libvirt-daemon-system", "libvirt-clients", "qemu-system-x86", "dnsmasq-base",
     "ufw", "iptables", "python3", "python3-lxml", "python3-libvirt", "iproute2", "procps",
+    "nftables",  # the package kvmufw-hook depends on it; the VM has no network to fetch it
 ]
 SIZE = "8G"
 CACHE = Path(os.environ.get("KVMUFW_TEST_CACHE", "/var/tmp/kvmufw-test-cache")) / "boot"
@@ -167,13 +168,14 @@ def run_disk(base: Path, dest: Path) -> Path:
 
 
 INJECT_SCRIPT = r"""
-disk=$1 mnt=$2 tree=$3 boot=$4
+disk=$1 mnt=$2 tree=$3 boot=$4 deb=$5
 mount -o loop "$disk" "$mnt"
 trap 'umount "$mnt"' EXIT
 dest="$mnt/root/kvmufw"
 rm -rf "$dest"; mkdir -p "$dest"
 cp -a "$tree/install.sh" "$tree/hooks" "$tree/kvmufw_hook" "$dest/"
 cp -a "$tree/tests/peer.py" "$dest/"
+cp "$deb" "$dest/kvmufw-hook.deb"
 find "$dest" -name __pycache__ -prune -exec rm -rf {} +
 install -m 755 "$boot/driver.sh" "$mnt/usr/local/sbin/kvmufw-boot-driver"
 for unit in "$boot"/*.service; do
@@ -186,12 +188,22 @@ rm -rf "$mnt/var/lib/kvmufw-boot"
 """
 
 
-def inject(disk: Path, tree: Path) -> None:
-    """Copy the source tree under test, the driver and its units into the run's disk."""
+def build_deb(tree: Path, dest: Path) -> Path:
+    """The Debian package of the tree under test (./build-deb.sh, lintian included)."""
+    subprocess.run([str(tree / "build-deb.sh"), str(dest)], check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    [deb] = dest.glob("kvmufw-hook_*_all.deb")
+    return deb
+
+
+def inject(disk: Path, tree: Path, deb: Path) -> None:
+    """Copy the source tree under test, its Debian package, the driver and its units into
+    the run's disk."""
     mnt = disk.parent / "mnt"
     mnt.mkdir(exist_ok=True)
     boot = Path(__file__).resolve().parent
-    in_private_mounts(INJECT_SCRIPT, str(disk), str(mnt), str(tree), str(boot), timeout=120)
+    in_private_mounts(INJECT_SCRIPT, str(disk), str(mnt), str(tree), str(boot), str(deb),
+                      timeout=120)
     mnt.rmdir()
 
 
