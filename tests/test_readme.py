@@ -75,3 +75,22 @@ def test_every_readme_command_is_run_by_a_test():
             assert words[0].lstrip("./") in source, (line, RUN_BY[prefix])
         for word in words_to_find(words):
             assert f'"{word}"' in source or f" {word}" in source, (line, word, RUN_BY[prefix])
+
+
+def test_the_readmes_configuration_example_is_what_the_parser_reads():
+    """The configuration block under the README's "Configuration" heading parses, and
+    grants exactly what its comments say: the named owners their ports, nobody else."""
+    from kvmufw_hook import config
+    from kvmufw_hook.names import domain_owner, network_owner
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Configuration"):]
+    block = re.search(r"```\n(.*?)```", section, re.S)
+    assert block, "no configuration example under the Configuration heading"
+    conf = config.parse(block.group(1), "README.md")
+    assert conf.firewall_backend == "iptables"
+    assert conf.consents(domain_owner("web1"), "tcp", 22)
+    assert conf.consents(network_owner("lab"), "udp", 5005)
+    assert not conf.consents(domain_owner("web1"), "udp", 22)
+    assert not conf.consents(domain_owner("web2"), "tcp", 22)
+    assert not conf.consents(network_owner("lab"), "udp", 5011)
