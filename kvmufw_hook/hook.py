@@ -5,8 +5,8 @@ argv (and a byte search of stdin) whether the call matters before importing anyt
 heavy: lxml, the planner and the backends are imported only when there is work. qemu
 ``prepare`` does nothing: ``start`` runs before QEMU is launched, validates everything
 ``prepare`` could (and more: the bridge is known by then) and refuses the start just the
-same. A guest's stop needs only its name: no XML, no lxml, one iptables-save and one
-iptables-restore.
+same. A guest's stop needs only its name: no XML, no lxml, one iptables-save (none
+after a write of ours: ``backends.iptables.Record``) and one iptables-restore.
 
 Exit status follows libvirt's semantics: a failing validation or start op returns
 non-zero so libvirt refuses the start; ``stopped``, ``release`` and ``reconnect`` always

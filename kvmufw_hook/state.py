@@ -98,6 +98,11 @@ def _write(path: str, data: bytes) -> None:
     os.replace(tmp, path)  # replaces a planted symlink itself, never its target
 
 
+def write_cache(name: str, data: bytes) -> None:
+    """A file of ``cache/`` (what can be read again from the kernel), atomically."""
+    _write(os.path.join(state_dir(), "cache", name), data)
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)

@@ -189,6 +189,51 @@ class Snapshot:
                 current.rules.setdefault(chain, []).append(line)
         return cls(tables)
 
+    def after(self, payload: str) -> Snapshot | None:
+        """This snapshot as it is once ``payload`` (one of our own ``transition``
+        payloads, written whole) is in: what ``iptables-save`` would print then. None
+        when the payload holds a line it does not model (the caller reads again)."""
+        tables = {name: Table() for name in self.tables}
+        for name, table in self.tables.items():
+            tables[name].chains = list(table.chains)
+            tables[name].rules = {chain: list(lines) for chain, lines in table.rules.items()}
+        current: Table | None = None
+        try:
+            for line in payload.splitlines():
+                if line.startswith("*"):
+                    current = tables[line[1:]]
+                elif not line or line == "COMMIT" or line.startswith("#"):
+                    continue
+                elif current is None:
+                    return None
+                elif line.startswith(":"):
+                    name = line[1:].split(None, 1)[0]
+                    if name not in current.chains:
+                        current.chains.append(name)
+                    current.rules[name] = []  # created, or flushed
+                elif line.startswith(("-A ", "-D ", "-I ")) and line.split(None, 2)[1] \
+                        not in current.chains:  # iptables-nft adds a table's built-in
+                    return None                 # chains with its first rule: not modelled
+                elif line.startswith(("-A ", "-D ")):
+                    chain = line.split(None, 2)[1]
+                    if line[1] == "A":
+                        current.rules.setdefault(chain, []).append(line)
+                    else:
+                        current.rules[chain].remove("-A" + line[2:])
+                elif line.startswith("-I "):
+                    _flag, chain, position, rest = line.split(None, 3)
+                    current.rules.setdefault(chain, []).insert(int(position) - 1,
+                                                               f"-A {chain} {rest}")
+                elif line.startswith("-X "):
+                    chain = line.split()[1]
+                    current.chains.remove(chain)
+                    current.rules.pop(chain, None)
+                else:
+                    return None
+        except (KeyError, ValueError):
+            return None
+        return Snapshot(tables)
+
     def ours(self) -> dict[str, dict[str, list[str]]]:
         """Our chains' content per table (absent chains as empty)."""
         return {t: {c: list(self.tables[t].rules.get(c, [])) for c in our_chains(t)}
@@ -390,9 +435,11 @@ class Ruleset:
     was not (``unavailable``: no IPv6 on this host)."""
 
     def __init__(self, snapshots: dict[int, Snapshot],
-                 unavailable: dict[int, str] | None = None) -> None:
+                 unavailable: dict[int, str] | None = None,
+                 generation: int | None = None) -> None:
         self.snapshots = snapshots
         self.unavailable = unavailable or {}
+        self.generation = generation  # nf_tables' generation it was read at, if known
 
     @classmethod
     def empty(cls, families: Iterable[int] = FAMILIES) -> Ruleset:
@@ -407,10 +454,11 @@ class Change:
     ``iptables-restore`` and one ``ip6tables-restore``), and the families whose rules had
     to be left out (``skipped``: family -> why). False when nothing changes."""
 
-    __slots__ = ("ended", "parts", "skipped")
+    __slots__ = ("base", "ended", "parts", "skipped")
 
     def __init__(self, parts: dict[int, str], skipped: dict[int, str] | None = None,
-                 ended: dict[int, list[str]] | None = None) -> None:
+                 ended: dict[int, list[str]] | None = None, base: Ruleset | None = None) -> None:
+        self.base = base  # the ruleset the payloads were made from
         self.parts = {f: p for f, p in parts.items() if p}
         self.skipped = skipped or {}
         self.ended = {f: lines for f, lines in (ended or {}).items() if lines}
@@ -448,6 +496,58 @@ def split_by_family(rules: Mapping[str, Sequence[Rule]]) -> dict[int, dict[str, 
         for rule in owned:
             out[rule.family][owner].append(rule)
     return out
+
+
+class Record:
+    """The ruleset as our own last write left it, and nf_tables' generation right after
+    that write (a file beside the state, written under the state lock): a read while the
+    generation is still that one needs no ``iptables-save`` (amid 10,000 rules, most of
+    a guest's start). Any change by anyone (UFW, libvirt, an admin, a rule of ours put
+    in by hand) moves the generation on: then the kernel is read again, as always."""
+
+    @staticmethod
+    def path() -> str:
+        from .. import state
+        return os.path.join(state.state_dir(), "cache", "ruleset")
+
+    @classmethod
+    def load(cls, generation: int, families: set[int]) -> Ruleset | None:
+        import marshal
+        try:
+            with open(cls.path(), "rb") as fh:
+                data = marshal.loads(fh.read())
+            recorded, unavailable, snapshots = data
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+        if recorded != generation or not families <= set(snapshots) | set(unavailable):
+            return None
+        out = {}
+        for family, tables in snapshots.items():
+            snap = Snapshot({t: Table() for t in TABLES})
+            for name, (chains, rules) in tables.items():
+                snap.tables[name].chains, snap.tables[name].rules = chains, rules
+            out[family] = snap
+        return Ruleset(out, unavailable, generation)
+
+    @classmethod
+    def save(cls, ruleset: Ruleset) -> None:
+        import marshal
+
+        from .. import state
+        data = (ruleset.generation, ruleset.unavailable,
+                {f: {name: (t.chains, t.rules) for name, t in snap.tables.items()}
+                 for f, snap in ruleset.snapshots.items()})
+        try:
+            state.write_cache("ruleset", marshal.dumps(data))
+        except (OSError, ApplyError):
+            cls.forget()
+
+    @classmethod
+    def forget(cls) -> None:
+        try:
+            os.unlink(cls.path())
+        except OSError:
+            pass
 
 
 class IptablesBackend:
@@ -507,8 +607,15 @@ class IptablesBackend:
                 or chain_in_kernel(IPV6, "nat", "KVMUFW-PREROUTING"))
 
     def read(self, families: Iterable[int] = ()) -> Ruleset:
-        """IPv4, and each other family in ``families`` or holding rules of ours."""
+        """IPv4, and each other family in ``families`` or holding rules of ours: from
+        our record of the ruleset after our own last write while nf_tables' generation
+        says nothing changed since (``Record``), else with ``iptables-save``."""
         wanted = set(families)
+        generation = self._generation()
+        if generation is not None:
+            known = Record.load(generation, wanted)
+            if known is not None:
+                return known
         snapshots: dict[int, Snapshot] = {}
         unavailable: dict[int, str] = {}
         for family in FAMILIES:
@@ -519,13 +626,52 @@ class IptablesBackend:
                 unavailable[family] = why
                 continue
             snapshots[family] = Snapshot.parse(self._save(family))
-        return Ruleset(snapshots, unavailable)
+        if generation is not None and self._generation() != generation:
+            generation = None  # changed while being read: not a reading of one generation
+        return Ruleset(snapshots, unavailable, generation)
 
     def write(self, change: Change) -> None:
         """One restore per family. If one fails, those before it stay written: the
-        caller puts them back (``revert``), so a change is whole or not at all."""
-        for family in sorted(change.parts):
-            self._restore(family, change.parts[family])
+        caller puts them back (``revert``), so a change is whole or not at all.
+        Afterwards the ruleset as written is recorded (``Record``) when nf_tables'
+        generation proves that nobody else changed anything between its reading and
+        the end of the write; else (and on a failure) the record goes."""
+        if not change:
+            return
+        base = change.base
+        start = base.generation if base is not None else None
+        if start is not None and self._generation() != start:
+            start = None
+        try:
+            for family in sorted(change.parts):
+                self._restore(family, change.parts[family])
+        except ApplyError:
+            Record.forget()
+            raise
+        if start is None or base is None:
+            Record.forget()
+            return
+        commits = sum(part.count("\nCOMMIT") for part in change.parts.values())
+        after = {f: snap.after(change.parts[f]) if f in change.parts else snap
+                 for f, snap in base.snapshots.items()}
+        if self._generation() != start + commits or None in after.values():
+            Record.forget()
+            return
+        Record.save(Ruleset({f: s for f, s in after.items() if s is not None},
+                            base.unavailable, start + commits))
+
+    def _generation(self) -> int | None:
+        """nf_tables' ruleset generation, where our reads and writes go to this
+        namespace's nf_tables (never through ``prefix``, nor with legacy iptables)."""
+        if self.prefix:
+            return None
+        try:
+            if "legacy" in os.path.basename(os.path.realpath(find_tool(TOOLS[4][0]))):
+                return None
+        except ApplyError:
+            return None
+        from .nftprobe import generation
+        return generation()
 
     # ------------------------------------------------------------------ changes
 
@@ -544,18 +690,19 @@ class IptablesBackend:
                 ended[family] = _ended(snapshot, target)
             elif any(owned.values()):
                 skipped[family] = ruleset.unavailable.get(family, "not read")
-        return Change(parts, skipped, ended)
+        return Change(parts, skipped, ended, ruleset)
 
     @staticmethod
     def revert(now: Ruleset, before: Ruleset) -> Change:
         """What puts our chains back as they were in ``before``, in every family."""
         return Change({f: transition(now[f], before[f].ours())
-                       for f in before.snapshots if f in now.snapshots})
+                       for f in before.snapshots if f in now.snapshots}, base=now)
 
     @staticmethod
     def clear(ruleset: Ruleset) -> Change:
         """What removes all our rules, chains and jumps."""
-        return Change({f: transition(snap, {}) for f, snap in ruleset.snapshots.items()})
+        return Change({f: transition(snap, {}) for f, snap in ruleset.snapshots.items()},
+                      base=ruleset)
 
     @staticmethod
     def render(rules: Mapping[str, Sequence[Rule]]) -> str:
@@ -675,6 +822,22 @@ def _flow(family: int, line: str):
         return None
 
 
+_QUICK = f'--comment "{TAG_PREFIX}'
+
+
+def _quick_owner(line: str) -> str | None:
+    """The owner of one of our rules, found without parsing its comment: the text
+    between ``kvmufw:`` and the tag's first comma; None when the line is not that
+    plain (then ``line_owner`` decides)."""
+    at = line.find(_QUICK)
+    if at < 0:
+        return None
+    start = at + len(_QUICK)
+    end = line.find(",", start)
+    owner = line[start:end] if end > 0 else ""
+    return owner if "=" in owner and '"' not in owner and " " not in owner else None
+
+
 def kernel_claims(snapshot: Snapshot, near: Iterable[ForwardSpec] | None = None,
                   mine: str | None = None) -> dict[str, list[ForwardSpec]]:
     """owner -> the host ports its DNAT rules in the kernel hold right now (proto, port
@@ -684,21 +847,26 @@ def kernel_claims(snapshot: Snapshot, near: Iterable[ForwardSpec] | None = None,
 
     from ..model import ForwardSpec, PortRange
     seen: dict[str, dict[ForwardSpec, None]] = {}
-    wanted = None if near is None else [(spec.proto, spec.host_port) for spec in near]
+    wanted = None if near is None else [(spec.proto, spec.host_port.first, spec.host_port.last)
+                                         for spec in near]
     for line in snapshot.tables["nat"].rules.get(STAGE_CHAIN["prerouting"][1], []):
         if " -j DNAT " not in line:
             continue
-        owner = line_owner(line)
         tokens = line.split()
         proto, dport = _tokens_after(tokens, "-p"), _tokens_after(tokens, "--dport")
-        if owner is None or proto is None or dport is None:
+        if proto is None or dport is None:
             continue
-        first, _, last = dport.partition(":")
-        ports = PortRange(int(first), int(last or first))
-        if wanted is not None and owner != mine and not any(
-                p == proto and ports.overlaps(r) for p, r in wanted):
+        first_text, _, last_text = dport.partition(":")
+        first, last = int(first_text), int(last_text or first_text)
+        far = wanted is not None and not any(p == proto and a <= last and first <= b
+                                             for p, a, b in wanted)
+        owner = (_quick_owner(line) if far else None) or line_owner(line)
+        if owner is None:
+            continue
+        if far and owner != mine:
             seen.setdefault(owner, {})  # an owner all the same, with no claim in the way
             continue
+        ports = PortRange(first, last)
         dst = _tokens_after(tokens, "-d")
         host_ip = ip_address(dst.split("/")[0]) if dst else None
         to = _tokens_after(tokens, "--to-destination") or ""

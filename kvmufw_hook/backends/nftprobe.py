@@ -11,7 +11,7 @@ import struct
 TABLE = "libvirt_network"
 IPV4, IPV6 = 2, 10  # nfgenmsg families: NFPROTO_IPV4, NFPROTO_IPV6 (= AF_INET, AF_INET6)
 _SUBSYS = 10 << 8  # NFNL_SUBSYS_NFTABLES
-_GETTABLE, _NEWTABLE, _GETCHAIN, _NEWCHAIN = 1, 0, 4, 3
+_GETTABLE, _NEWTABLE, _GETCHAIN, _NEWCHAIN, _NEWGEN, _GETGEN = 1, 0, 4, 3, 15, 16
 
 
 def _attr(kind: int, text: str) -> bytes:
@@ -20,24 +20,30 @@ def _attr(kind: int, text: str) -> bytes:
     return out + b"\0" * (-len(out) % 4)
 
 
-def _exists(request: int, answer: int, family: int, attrs: bytes) -> bool:
-    """One request on a netlink socket: True when the kernel answers with the object,
-    False on ENOENT, on EPERM (not root) or when nf_tables cannot be asked at all."""
+def _ask(request: int, family: int, attrs: bytes = b"") -> bytes | None:
+    """One request on a netlink socket; the first reply, or None when nf_tables cannot
+    be asked at all."""
     body = struct.pack("=BBH", family, 0, 0) + attrs
     header = struct.pack("=IHHII", 16 + len(body), _SUBSYS | request, 1, 1, 0)  # REQUEST
     try:
         sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
     except OSError:
-        return False
+        return None
     try:
         sock.settimeout(2)
         sock.send(header + body)
-        reply = sock.recv(65536)
+        return sock.recv(65536)
     except OSError:
-        return False
+        return None
     finally:
         sock.close()
-    if len(reply) < 16:
+
+
+def _exists(request: int, answer: int, family: int, attrs: bytes) -> bool:
+    """True when the kernel answers with the object, False on ENOENT, on EPERM (not
+    root) or when nf_tables cannot be asked at all."""
+    reply = _ask(request, family, attrs)
+    if reply is None or len(reply) < 16:
         return False
     _length, rtype = struct.unpack_from("=IH", reply)
     return rtype == _SUBSYS | answer  # NLMSG_ERROR (2) otherwise
@@ -52,3 +58,23 @@ def chain_in_kernel(family: int, table: str, chain: str) -> bool:
     """Whether ``chain`` exists in nftables table ``table`` of ``family``."""
     return _exists(_GETCHAIN, _NEWCHAIN, family,
                    _attr(1, table) + _attr(3, chain))  # NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME
+
+
+def generation() -> int | None:
+    """nf_tables' ruleset generation in this namespace (every committed change of any
+    table, by anyone, adds one; ``iptables-restore`` commits once per table it
+    changes): one netlink request. None when it cannot be asked."""
+    reply = _ask(_GETGEN, 0)
+    if reply is None:
+        return None
+    if len(reply) < 20 or struct.unpack_from("=H", reply, 4)[0] != _SUBSYS | _NEWGEN:
+        return None
+    at, end = 20, min(len(reply), struct.unpack_from("=I", reply)[0])
+    while at + 8 <= end:
+        length, kind = struct.unpack_from("=HH", reply, at)
+        if length < 4:
+            break
+        if kind & 0x3FFF == 1:  # NFTA_GEN_ID, big-endian
+            return int(struct.unpack_from("!I", reply, at + 4)[0])
+        at += (length + 3) & ~3
+    return None
