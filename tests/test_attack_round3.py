@@ -12,7 +12,7 @@ from ipaddress import IPv4Address, ip_address
 import pytest
 from fakebackend import FakeBackend
 
-from kvmufw_hook import host, ops, policy
+from kvmufw_hook import host, ops, policy, state
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
 
@@ -211,7 +211,6 @@ def test_restore_withdraws_a_forward_reaching_another_guest_beside_an_unavailabl
     so the state says 10.0.0.50 is db2's. ``restore`` must withdraw web1's forward to
     it; ``plan_host`` marks web1 failed (forward #1: lab2 is down) and leaves all of
     web1's rules in the kernel."""
-    from kvmufw_hook import state
     fake = FakeBackend()
     start_net(fake, nat_net())
     lab2 = nat_net(name="lab2", bridge="virbr3", prefix="10.0.1")
@@ -225,7 +224,6 @@ def test_restore_withdraws_a_forward_reaching_another_guest_beside_an_unavailabl
 
 def test_restore_withdraws_a_forward_reaching_another_guest(quiet_host):
     """The control: with web1's second network up, ``restore`` withdraws it."""
-    from kvmufw_hook import state
     fake = FakeBackend()
     start_net(fake, nat_net())
     start_net(fake, nat_net(name="lab2", bridge="virbr3", prefix="10.0.1"))
@@ -264,6 +262,7 @@ def test_a_configuration_file_others_may_write_grants_nothing(tmp_path):
 from test_policy_kernel import (  # noqa: F401 (fixtures: real iptables in a netns)
     LAB,
     VICTIM,
+    _domain,
     _start_domain,
     _start_network,
     backend,
@@ -299,3 +298,26 @@ def test_a_guest_reaches_no_isolated_network_after_its_network_was_kept_for_a_po
     assert g5.ask("tcp", "203.0.113.2", 9000) == "203.0.113.1"  # its way out stays
     assert g5.ask("tcp", "10.0.2.5", 5432, 1.0) is None
     assert g5.ask("tcp", "fd00:2::5", 5432, 1.0) is None
+
+
+@pytest.mark.xfail(strict=True, reason="hole: an address with no reservation and no "
+                   "lease (a guest's static address) is nobody's: the kernel's neighbour "
+                   "table and libvirt's ports, which say whose it is, are not read")
+def test_a_domain_cannot_forward_to_another_guests_static_address(
+        topo, backend, state_env):  # noqa: F811
+    """g6 runs with a static 10.0.0.6 on lab (no ``<dhcp><host>``, no dnsmasq lease:
+    common on ``default``); libvirt created its port (MAC recorded from port-created)
+    and the host's neighbour table maps 10.0.0.6 to that MAC. ``evil``, another guest
+    on lab, declares guest-ip 10.0.0.6 and publishes g6's port 22 on host port 2223.
+    The host knows whose address it is; the policy reads only reservations, leases and
+    SLAAC addresses (issue 17: "given everything the host knows")."""
+    g6 = topo.guests[6]
+    mac = g6.run("cat", "/sys/class/net/eth0/address").stdout.strip()
+    _start_network(LAB, backend)
+    state.record_port("lab", mac, "victim6", False)  # as port-created records it
+    topo.host.run("ip", "neigh", "replace", "10.0.0.6", "lladdr", mac, "dev", "virbr1",
+                  "nud", "reachable")  # what ARP gives the host once g6 talks
+    evil = _domain("evil", "52:54:00:00:00:66",
+                   '<forward host-port="2223" guest-port="22" guest-ip="10.0.0.6"/>')
+    with pytest.raises(InputError, match="10.0.0.6"):
+        _start_domain(evil, backend)
