@@ -324,25 +324,29 @@ def test_a_guest_reaches_no_isolated_network_after_its_network_was_kept_for_a_po
 
 
 @pytest.mark.xfail(strict=True, reason="hole: an address with no reservation and no "
-                   "lease (a guest's static address) is nobody's: the kernel's neighbour "
-                   "table and libvirt's ports, which say whose it is, are not read")
+                   "lease (a static or a stable-privacy SLAAC address) is nobody's: the "
+                   "kernel's neighbour table and libvirt's ports, which say whose it is, "
+                   "are not read")
+@pytest.mark.parametrize("address", ["10.0.0.6", "fd00:10::6"])
 def test_a_domain_cannot_forward_to_another_guests_static_address(
-        topo, backend, state_env):  # noqa: F811
+        topo, backend, state_env, address):  # noqa: F811
     """g6 runs with a static 10.0.0.6 on lab (no ``<dhcp><host>``, no dnsmasq lease:
-    common on ``default``); libvirt created its port (MAC recorded from port-created)
-    and the host's neighbour table maps 10.0.0.6 to that MAC. ``evil``, another guest
-    on lab, declares guest-ip 10.0.0.6 and publishes g6's port 22 on host port 2223.
-    The host knows whose address it is; the policy reads only reservations, leases and
+    common on ``default``), and fd00:10::6, which is not the EUI-64 of its MAC (what
+    every guest with RFC 7217 stable-privacy addresses, Debian's and Ubuntu's default,
+    autoconfigures); libvirt created its port (MAC recorded from port-created) and the
+    host's neighbour table maps the address to that MAC. ``evil``, another guest on
+    lab, declares that guest-ip and publishes g6's port 22 on host port 2223. The host
+    knows whose address it is; the policy reads only reservations, leases and EUI-64
     SLAAC addresses (issue 17: "given everything the host knows")."""
     g6 = topo.guests[6]
     mac = g6.run("cat", "/sys/class/net/eth0/address").stdout.strip()
     _start_network(LAB, backend)
     state.record_port("lab", mac, "victim6", False)  # as port-created records it
-    topo.host.run("ip", "neigh", "replace", "10.0.0.6", "lladdr", mac, "dev", "virbr1",
-                  "nud", "reachable")  # what ARP gives the host once g6 talks
+    topo.host.run("ip", "neigh", "replace", address, "lladdr", mac, "dev", "virbr1",
+                  "nud", "reachable")  # what ARP / neighbour discovery give the host
     evil = _domain("evil", "52:54:00:00:00:66",
-                   '<forward host-port="2223" guest-port="22" guest-ip="10.0.0.6"/>')
-    with pytest.raises(InputError, match="10.0.0.6"):
+                   f'<forward host-port="2223" guest-port="22" guest-ip="{address}"/>')
+    with pytest.raises(InputError, match=address):
         _start_domain(evil, backend)
 
 
