@@ -256,6 +256,84 @@ def test_restore_withdraws_a_forward_reaching_another_guest(quiet_host):
     assert not dnat_to_50(fake), done.problems
 
 
+
+# --------------------------------------------------------------------------- forward add
+
+class _LibvirtError(Exception):
+    pass
+
+
+class _Net:
+    """A libvirt network object as ``edit`` uses it: one XML, live and persistent."""
+
+    def __init__(self, name: str, xml: bytes) -> None:
+        self.xml, self._name = xml.decode(), name
+
+    def name(self) -> str:
+        return self._name
+
+    def XMLDesc(self, _flags: int = 0) -> str:
+        return self.xml
+
+    def isActive(self) -> bool:
+        return True
+
+
+class _Conn:
+    """libvirt as ``edit_network`` talks to it: active networks, no running guest;
+    what it is asked to define is kept."""
+
+    def __init__(self, nets: dict[str, bytes]) -> None:
+        self.nets = {name: _Net(name, xml) for name, xml in nets.items()}
+        self.defined: list[str] = []
+
+    def listAllNetworks(self, _flags: int = 0):
+        return list(self.nets.values())
+
+    def listAllDomains(self, _flags: int = 0):
+        return []
+
+    def networkDefineXML(self, xml: str) -> None:
+        self.defined.append(xml)
+
+    def close(self) -> None:
+        pass
+
+
+NARROW = (b"<network><name>narrow</name><forward mode='route'/><bridge name='virbr5'/>"
+          b"<ip address='10.0.0.2' prefix='29'/></network>")
+
+
+@pytest.mark.xfail(strict=True, reason="hole: forward add --network checks the live "
+                   "forward without the other networks, defines it, then network_started "
+                   "refuses: a refused edit is half applied")
+def test_a_refused_network_forward_add_changes_nothing(quiet_host, monkeypatch):
+    """``forward add --network lab 2222:22 --guest-ip 10.0.0.5`` while the route network
+    ``narrow`` (10.0.0.0/29) is active: the kernel routes 10.0.0.5 to narrow, and
+    ``network_started`` refuses the forward (``_routed_elsewhere``). ``edit_network``
+    resolves the live forwards without ``others``, so that check lives in the hook only:
+    the persistent definition is redefined and the override saved before the refusal.
+    The next boot's network ``start`` hook then refuses lab itself."""
+    import types
+
+    from kvmufw_hook import edit
+    fake = FakeBackend()
+    start_net(fake, nat_net())
+    start_net(fake, NARROW)
+    conn = _Conn({"lab": nat_net(), "narrow": NARROW})
+    module = types.SimpleNamespace(VIR_NETWORK_XML_INACTIVE=1,
+                                   VIR_CONNECT_LIST_NETWORKS_ACTIVE=1,
+                                   VIR_CONNECT_LIST_DOMAINS_ACTIVE=1,
+                                   libvirtError=_LibvirtError)
+    monkeypatch.setattr(edit, "libvirt_module", lambda: module)
+    monkeypatch.setattr(edit, "connect", lambda _uri, readonly=True: conn)
+    monkeypatch.setattr(edit, "lookup", lambda c, _kind, name: c.nets[name])
+    monkeypatch.setattr(ops, "default_backend", lambda: fake)
+    with pytest.raises(InputError, match="narrow"):
+        edit.edit_network("qemu:///system", "lab", "add",
+                          {"host-port": "2222", "guest-port": "22", "guest-ip": "10.0.0.5"})
+    assert conn.defined == [] and state.network_override("lab") is None
+
 # --------------------------------------------------------------------------- root's file
 
 @pytest.mark.xfail(strict=True, reason="hole: root's configuration is read whatever its "
