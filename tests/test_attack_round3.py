@@ -119,18 +119,29 @@ def v6_net() -> bytes:
 
 @pytest.mark.xfail(strict=True, reason="hole: a DHCPv6 lease without a MAC in libvirt's "
                    "status file is read as nobody's: any domain forwards to it")
-def test_a_domain_cannot_forward_to_another_guests_dhcpv6_lease():
-    """libvirt's leaseshelper records a DHCPv6 lease with ``client-id``/``iaid`` and a
-    ``mac-address`` only when dnsmasq knows one; ``read_leases`` gives such a lease MAC
-    None, and ``check_own_addresses`` skips every lease with MAC None. So ``evil``
-    publishes db's DHCPv6 address fd00:10::1a7 (leased to db, not to evil) on host port
-    2222: the IPv6 half of issue 17 item 4."""
+def test_a_domain_cannot_forward_to_another_guests_dhcpv6_lease(state_env):
+    """libvirt's leaseshelper records a DHCPv6 lease with ``iaid``, ``client-id`` (the
+    DUID, here a DUID-LLT holding db's MAC) and ``hostname``, and a ``mac-address``
+    only when dnsmasq knows one. ``read_leases`` gives such a lease MAC None ("IPv6
+    leases carry no MAC") and ``check_own_addresses`` skips every lease with MAC None:
+    ``evil`` publishes db's DHCPv6 address fd00:10::1a7 on host port 2222, the IPv6
+    half of issue 17 item 4."""
+    import json
+    import os
+    leases = [{"ip-address": "10.0.0.150", "mac-address": DB_MAC, "hostname": "db",
+               "expiry-time": 4102444800},
+              {"ip-address": "fd00:10::1a7", "iaid": "5517384", "hostname": "db",
+               "client-id": "00:01:00:01:2c:8f:11:22:" + DB_MAC,
+               "server-duid": "00:01:00:01:2c:8f:00:01:52:54:00:aa:bb:cc",
+               "expiry-time": 4102444800}]
+    with open(os.path.join(state_env["KVMUFW_DNSMASQ_DIR"], "virbr1.status"), "w") as fh:
+        json.dump(leases, fh)
     net = parse_network_xml(v6_net())
     evil = parse_domain_xml(dom_xml("evil", EVIL_MAC, 'host-port="2222" guest-port="22" '
                                     'guest-ip="fd00:10::1a7"'))
-    leases = [(ip_address("10.0.0.150"), DB_MAC), (ip_address("fd00:10::1a7"), None)]
+    assert (ip_address("10.0.0.150"), DB_MAC) in host.network_leases(net)  # read at all
     with pytest.raises(InputError, match="another guest"):
-        policy.resolve_domain(evil, {"lab": net}, lambda _n: [], lambda _net: leases)
+        policy.resolve_domain(evil, {"lab": net}, lambda _n: [], host.network_leases)
 
 
 # --------------------------------------------------------------------------- fail closed
