@@ -394,8 +394,6 @@ def test_a_refused_network_forward_add_changes_nothing(quiet_host, monkeypatch):
 
 # --------------------------------------------------------------------------- root's file
 
-@pytest.mark.xfail(strict=True, reason="hole: root's configuration is read whatever its "
-                   "mode: a file anyone may write grants host services' ports")
 def test_a_configuration_file_others_may_write_grants_nothing(tmp_path):
     """``allow_host_service`` lives in root's file because guest-writable XML must never
     be enough (issue 17 item 5); ``config.load`` trusts the file whatever its mode or
