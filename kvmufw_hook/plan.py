@@ -354,7 +354,9 @@ def resolve_domain_forwards(dom: Domain,
     others: dict | None = None
     booked: dict[tuple[str, int], dict[int, IPAddress]] = {}  # once per NIC, not per forward
     out: list[Resolved] = []
-    for index, spec in enumerate(dom.forwards, start=1):
+
+    def one(index: int, spec: ForwardSpec) -> list[Resolved]:
+        nonlocal others
         where = f"{what}: forward #{index} ({spec.label})"
         candidates = attached
         if spec.mac is not None:
@@ -402,7 +404,19 @@ def resolve_domain_forwards(dom: Domain,
                 raise InputError(f"{where}: cannot resolve the guest address: no <dhcp><host> "
                                  f"reservation for {macs} (IPv4: by MAC; IPv6: by the name "
                                  f"{shown(dom.name)}); add one or set guest-ip")
-        out += _checked(where, spec, targets, networks)
+        return _checked(where, spec, targets, networks)
+
+    # every forward is resolved: one whose network is down (Unavailable) must not hide
+    # another that now reaches someone else's address (that refusal withdraws, so wins)
+    unavailable: Unavailable | None = None
+    for index, spec in enumerate(dom.forwards, start=1):
+        try:
+            out += one(index, spec)
+        except Unavailable as exc:
+            unavailable = unavailable or exc
+    if unavailable is not None:
+        unavailable.resolved = tuple(out)
+        raise unavailable
     return tuple(out)
 
 

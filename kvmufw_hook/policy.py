@@ -45,7 +45,11 @@ def resolve_domain(dom: Domain, networks: Mapping[str, Network], ports: Ports,
     of another running guest's MAC (``check_own_macs``), no address libvirt's records
     give another guest (``check_own_addresses``). Every operation resolves guests here."""
     check_own_macs(dom, networks, ports)
-    targets = resolve_domain_forwards(dom, networks)
+    try:
+        targets = resolve_domain_forwards(dom, networks)
+    except Unavailable as exc:  # the others are still checked: reaching someone wins
+        check_own_addresses(dom, exc.resolved, ports, leases)
+        raise
     check_own_addresses(dom, targets, ports, leases)
     return targets
 

@@ -239,9 +239,6 @@ def test_a_forward_to_an_address_reserved_later_for_another_guest_is_withdrawn(q
     assert not dnat_to_50(fake), said
 
 
-@pytest.mark.xfail(strict=True, reason="hole: one forward refused for availability (its "
-                   "NIC's network is down) keeps every forward of the owner, one now "
-                   "reaching another guest's reservation included")
 def test_a_forward_on_a_stopped_network_does_not_shield_one_reaching_another_guest(
         quiet_host):
     """The same, after web1's second network ``lab2`` stopped: resolving forward #1
@@ -260,8 +257,6 @@ def test_a_forward_on_a_stopped_network_does_not_shield_one_reaching_another_gue
     assert not dnat_to_50(fake), said
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a reconnect refused for availability "
-                   "keeps a forward now reaching another guest's reservation")
 def test_a_reconnect_withdraws_a_forward_reaching_another_guest_beside_an_unavailable_one(
         quiet_host):
     """The same through qemu ``reconnect`` (libvirtd restarted while lab2 is down and
@@ -282,9 +277,6 @@ def test_a_reconnect_withdraws_a_forward_reaching_another_guest_beside_an_unavai
     assert not dnat_to_50(fake)
 
 
-@pytest.mark.xfail(strict=True, reason="hole: plan_host (restore, replay) keeps every "
-                   "current rule of an owner one of whose forwards is unavailable, one "
-                   "reaching another guest's reservation included")
 def test_restore_withdraws_a_forward_reaching_another_guest_beside_an_unavailable_one(
         quiet_host):
     """The same through ``restore`` (``replay`` shares ``plan_host``): the ``updated``
