@@ -18,7 +18,14 @@ from . import host
 from .errors import ConfigError, InputError, Unavailable, shown
 from .model import Domain, ForwardSpec, IPAddress, Network
 from .names import domain_owner, network_owner
-from .plan import Resolved, check_conflicts, eui64_address, resolve_domain_forwards
+from .plan import (
+    Resolved,
+    Rule,
+    check_conflicts,
+    eui64_address,
+    plan_forwards,
+    resolve_domain_forwards,
+)
 
 Claims = list[tuple[str, Iterable[ForwardSpec]]]
 Facts = host.HostFacts | Callable[[], host.HostFacts]
@@ -33,6 +40,34 @@ def withdraws(exc: InputError) -> bool:
     owner does not own. Root's configuration being wrong (``ConfigError``) changes
     nothing either."""
     return not isinstance(exc, (Unavailable, ConfigError))
+
+
+def kept_for_availability(owner: str, targets: Iterable[Resolved],
+                          held: Iterable[ForwardSpec],
+                          check: Callable[[list[Resolved]], None]) -> tuple[Rule, ...]:
+    """An owner's forward rules after a refusal for availability (``withdraws`` false):
+    each forward checked alone (``check``, given its resolved targets); one that passes
+    gets its rules, one refused for availability keeps only the rules it has now (its
+    targets at the guest address and host port the kernel holds for it, ``held``: none
+    if it was never applied). A forward whose own refusal withdraws raises it: one
+    unavailable forward shields no other. The owner's own rules (a network's bridge
+    rules and fences) are the caller's, re-planned whatever happens."""
+    forwards: dict[int, list[Resolved]] = {}
+    for t in targets:
+        forwards.setdefault(id(t.spec), []).append(t)
+    held = tuple(held)
+    out: list[Rule] = []
+    for mine in forwards.values():
+        try:
+            check(mine)
+        except InputError as exc:
+            if withdraws(exc):
+                raise
+            mine = [t for t in mine if any(
+                h.proto == t.spec.proto and h.host_port == t.spec.host_port
+                and h.host_ip == t.spec.host_ip and t.guest_ip in h.guest_ips for h in held)]
+        out += plan_forwards(owner, mine)
+    return tuple(out)
 
 
 def no_leases(_net: Network) -> tuple[tuple[IPAddress, str | None], ...]:

@@ -82,9 +82,6 @@ def test_a_network_started_after_a_nat_network_gets_its_fence(quiet_host):
     assert fences(fake, "n=lab", "virbr2")
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a network whose re-check is refused for "
-                   "availability keeps its old rules whole, its fences too: a network "
-                   "started later is never fenced off from its guests")
 def test_a_network_kept_for_availability_is_still_fenced_from_a_network_started_later(
         quiet_host):
     """``lab``'s metadata gains a forward whose host port a guest holds (a plain
@@ -106,8 +103,6 @@ def test_a_network_kept_for_availability_is_still_fenced_from_a_network_started_
 
 
 
-@pytest.mark.xfail(strict=True, reason="hole: with root's configuration file wrong, a "
-                   "network with forwards keeps its old rules whole, its fences too")
 def test_a_typo_in_roots_configuration_does_not_unfence_a_network(quiet_host, state_env):
     """The same with no guest involved: a typo in ``kvmufw_hook.conf`` makes every
     re-check of an owner with forwards a ``ConfigError``, which keeps its current rules:
@@ -121,6 +116,20 @@ def test_a_typo_in_roots_configuration_does_not_unfence_a_network(quiet_host, st
     assert fences(fake, "n=lab", "virbr2"), said
 
 
+def test_a_forward_refused_for_availability_keeps_the_rules_it_has(quiet_host, state_env):
+    """With root's file wrong, lab's forward (applied before) keeps its DNAT while its
+    bridge rules are re-planned with the fence for ``iso``: only what is refused for
+    availability keeps its current rules, and those are kept whole."""
+    fake = FakeBackend()
+    start_net(fake, nat_net('host-port="8080" guest-port="80" guest-ip="10.0.0.30"'))
+    with open(state_env["KVMUFW_CONFIG"], "w") as fh:
+        fh.write("allow_host_servce = [ ]\n")
+    start_net(fake, isolated_net())
+    assert fences(fake, "n=lab", "virbr2")
+    assert any("kvmufw:n=lab," in line and "DNAT" in line and "10.0.0.30" in line
+               for line in fake.save().splitlines())
+
+
 def test_restore_puts_a_networks_own_rules_back_after_a_flush(quiet_host):
     """The control: without the clash, restore puts lab's masquerade back."""
     fake = FakeBackend()
@@ -132,9 +141,6 @@ def test_restore_puts_a_networks_own_rules_back_after_a_flush(quiet_host):
                for line in fake.save().splitlines())
 
 
-@pytest.mark.xfail(strict=True, reason="availability: restore after a flush puts nothing "
-                   "of a network back when one of its forwards is unavailable, not even "
-                   "the rules its guests need to reach anything")
 def test_restore_puts_a_networks_own_rules_back_when_a_forward_of_it_is_unavailable(
         quiet_host):
     """lab's metadata gained a forward on a host port the guest web1 holds (kept, as
@@ -419,9 +425,6 @@ from test_policy_kernel import (  # noqa: F401 (fixtures: real iptables in a net
 )
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a network kept for availability is not "
-                   "fenced from a network started later: its guest reaches an isolated "
-                   "network's guest, which libvirt refuses")
 def test_a_guest_reaches_no_isolated_network_after_its_network_was_kept_for_a_port(
         topo, backend, state_env):  # noqa: F811
     """Real iptables, libvirt's REJECTs and UFW's DROP seeded (test_policy_kernel): lab's

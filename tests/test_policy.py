@@ -271,7 +271,9 @@ def test_the_leases_file_of_libvirts_dnsmasq_is_read(tmp_path):
 
 def test_a_recheck_withdraws_a_forward_to_an_address_now_reserved_for_another_guest():
     """replay/restore: the tenant's DNAT to 10.0.0.50 goes once 10.0.0.50 is reserved
-    for a new guest; a forward whose port another owner holds keeps its rules."""
+    for a new guest; a forward whose port another owner holds keeps the rules it has
+    (none: ``late``'s 8080 was never applied), and nothing of a forward its XML no
+    longer declares (``late``'s 9090) stays."""
     from kvmufw_hook.ops import plan_host
     from kvmufw_hook.parse import parse_network_xml
     lab = parse_network_xml(LAB.replace(b"</dhcp>", b"<host mac='52:54:00:00:00:50' "
@@ -289,7 +291,8 @@ def test_a_recheck_withdraws_a_forward_to_an_address_now_reserved_for_another_gu
     assert "d=tenant" not in planned.failed
     assert any("10.0.0.50 is reserved for another guest" in p and "(forwards withdrawn)" in p
                for p in planned.problems)
-    assert "d=late" in planned.failed and "d=late" not in planned.rules  # its rules stay
+    assert "d=late" not in planned.failed and planned.rules["d=late"] == ()
+    assert any("domain 'late'" in p and "8080" in p for p in planned.problems)
 
 
 # --------------------------------------------------------------------------- events (in memory)
