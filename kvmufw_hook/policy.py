@@ -98,7 +98,8 @@ def _on(dom: Domain, net: Network) -> set[str]:
 def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
                         leases: Leases) -> None:
     """InputError if a forward's guest address is another guest's by libvirt's own
-    records: a dnsmasq lease of a MAC that is none of this guest's NICs on that network,
+    records: a dnsmasq lease of a MAC that is none of this guest's NICs on that network
+    (or of a client no record ties to a MAC: a DHCPv6 DUID without one),
     or (IPv6, a /64) the SLAAC address of another guest's port there. Reservations are
     ``plan``'s (they are in the network's XML). Each network's records are read once."""
     seen: dict[str, dict[IPAddress, str]] = {}
@@ -108,7 +109,10 @@ def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
             own = _on(dom, net)
             theirs: dict[IPAddress, str] = {}
             for ip, mac in leases(net):
-                if mac is not None and mac not in own:
+                if mac is None:  # a client no record ties to a MAC: not provably this one
+                    theirs.setdefault(ip, "leased by dnsmasq to a client whose DUID "
+                                          "names no MAC of this guest")
+                elif mac not in own:
                     theirs.setdefault(ip, f"leased by dnsmasq to MAC {mac}")
             slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
             for mac, owner in ports(net.name) if slaac else ():

@@ -170,8 +170,6 @@ def v6_net() -> bytes:
             b"</network>")
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a DHCPv6 lease without a MAC in libvirt's "
-                   "status file is read as nobody's: any domain forwards to it")
 def test_a_domain_cannot_forward_to_another_guests_dhcpv6_lease(state_env):
     """libvirt's leaseshelper records a DHCPv6 lease with ``iaid``, ``client-id`` (the
     DUID, here a DUID-LLT holding db's MAC) and ``hostname``, and a ``mac-address``
