@@ -358,9 +358,6 @@ NARROW = (b"<network><name>narrow</name><forward mode='route'/><bridge name='vir
           b"<ip address='10.0.0.2' prefix='29'/></network>")
 
 
-@pytest.mark.xfail(strict=True, reason="hole: forward add --network checks the live "
-                   "forward without the other networks, defines it, then network_started "
-                   "refuses: a refused edit is half applied")
 def test_a_refused_network_forward_add_changes_nothing(quiet_host, monkeypatch):
     """``forward add --network lab 2222:22 --guest-ip 10.0.0.5`` while the route network
     ``narrow`` (10.0.0.0/29) is active: the kernel routes 10.0.0.5 to narrow, and
