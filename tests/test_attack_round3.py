@@ -82,6 +82,21 @@ def test_a_network_started_after_a_nat_network_gets_its_fence(quiet_host):
     assert fences(fake, "n=lab", "virbr2")
 
 
+def test_an_open_networks_accept_into_its_bridge_returns_what_other_bridges_send():
+    """Plan level: an open network (libvirt adds no rule for it) beside an isolated and
+    a nat network first returns what comes out of their bridges into its own to
+    libvirt's rules, in both families, ahead of its accept from any interface."""
+    from kvmufw_hook.plan import plan_network
+    nets = {n.name: n for n in map(parse_network_xml, (
+        OPEN, isolated_net(), nat_net(name="nat", bridge="virbr3", prefix="10.0.1")))}
+    rules = plan_network(nets["lab"], nets)
+    inbound = [r for r in rules if r.stage == "forward" and r.oif == "virbr1"
+               and r.iif != "virbr1"]
+    for family in (4, 6):
+        mine = [(r.iif, r.verdict) for r in inbound if r.family == family]
+        assert mine == [("virbr2", "RETURN"), ("virbr3", "RETURN"), (None, "ACCEPT")], mine
+
+
 def test_a_network_kept_for_availability_is_still_fenced_from_a_network_started_later(
         quiet_host):
     """``lab``'s metadata gains a forward whose host port a guest holds (a plain
@@ -507,9 +522,6 @@ OPEN = (b"<network><name>lab</name><forward mode='open'/><bridge name='virbr1'/>
         b"<ip family='ipv6' address='fd00:10::1' prefix='64'/></network>")
 
 
-@pytest.mark.xfail(strict=True, reason="hole: an open network's accept into its bridge "
-                   "from anywhere sits ahead of libvirt's reject out of an isolated "
-                   "network: isolated guests send into the open network")
 @pytest.mark.parametrize("address", ["10.0.0.5", "fd00:10::5"])
 def test_an_isolated_guest_sends_nothing_into_an_open_network(
         topo, backend, state_env, address):  # noqa: F811
