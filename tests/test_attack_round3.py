@@ -369,6 +369,21 @@ class _Conn:
         pass
 
 
+def _libvirt_is(conn: _Conn, fake, monkeypatch) -> None:
+    """``edit`` talks to ``conn`` as to libvirt, and the hooks it runs to ``fake``."""
+    import types
+
+    from kvmufw_hook import edit
+    module = types.SimpleNamespace(VIR_NETWORK_XML_INACTIVE=1,
+                                   VIR_CONNECT_LIST_NETWORKS_ACTIVE=1,
+                                   VIR_CONNECT_LIST_DOMAINS_ACTIVE=1,
+                                   libvirtError=_LibvirtError)
+    monkeypatch.setattr(edit, "libvirt_module", lambda: module)
+    monkeypatch.setattr(edit, "connect", lambda _uri, readonly=True: conn)
+    monkeypatch.setattr(edit, "lookup", lambda c, _kind, name: c.nets[name])
+    monkeypatch.setattr(ops, "default_backend", lambda: fake)
+
+
 NARROW = (b"<network><name>narrow</name><forward mode='route'/><bridge name='virbr5'/>"
           b"<ip address='10.0.0.2' prefix='29'/></network>")
 
@@ -380,25 +395,36 @@ def test_a_refused_network_forward_add_changes_nothing(quiet_host, monkeypatch):
     resolves the live forwards without ``others``, so that check lives in the hook only:
     the persistent definition is redefined and the override saved before the refusal.
     The next boot's network ``start`` hook then refuses lab itself."""
-    import types
-
     from kvmufw_hook import edit
     fake = FakeBackend()
     start_net(fake, nat_net())
     start_net(fake, NARROW)
     conn = _Conn({"lab": nat_net(), "narrow": NARROW})
-    module = types.SimpleNamespace(VIR_NETWORK_XML_INACTIVE=1,
-                                   VIR_CONNECT_LIST_NETWORKS_ACTIVE=1,
-                                   VIR_CONNECT_LIST_DOMAINS_ACTIVE=1,
-                                   libvirtError=_LibvirtError)
-    monkeypatch.setattr(edit, "libvirt_module", lambda: module)
-    monkeypatch.setattr(edit, "connect", lambda _uri, readonly=True: conn)
-    monkeypatch.setattr(edit, "lookup", lambda c, _kind, name: c.nets[name])
-    monkeypatch.setattr(ops, "default_backend", lambda: fake)
+    _libvirt_is(conn, fake, monkeypatch)
     with pytest.raises(InputError, match="narrow"):
         edit.edit_network("qemu:///system", "lab", "add",
                           {"host-port": "2222", "guest-port": "22", "guest-ip": "10.0.0.5"})
     assert conn.defined == [] and state.network_override("lab") is None
+
+def test_a_network_forward_add_refused_by_the_apply_defines_nothing(quiet_host, monkeypatch):
+    """Every check of ``edit`` passes but the hook's apply refuses (another owner took
+    the port under the lock meanwhile): neither the definition nor the override stays."""
+    from kvmufw_hook import edit
+    from kvmufw_hook.errors import Unavailable
+    fake = FakeBackend()
+    start_net(fake, nat_net())
+    conn = _Conn({"lab": nat_net()})
+    _libvirt_is(conn, fake, monkeypatch)
+
+    def refused(*_args, **_kwargs):
+        raise Unavailable("network 'lab': host port already taken meanwhile")
+
+    monkeypatch.setattr(ops, "network_started", refused)
+    with pytest.raises(InputError, match="meanwhile"):
+        edit.edit_network("qemu:///system", "lab", "add",
+                          {"host-port": "2222", "guest-port": "22", "guest-ip": "10.0.0.5"})
+    assert conn.defined == [] and state.network_override("lab") is None
+
 
 # --------------------------------------------------------------------------- root's file
 
