@@ -15,7 +15,9 @@ Keys:
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 
 from .errors import ConfigError, shown
 from .names import domain_owner, network_owner
@@ -53,12 +55,30 @@ def load(path: str | None = None) -> Config:
         path = config_path()
     try:
         with open(path, encoding="utf-8") as fh:
+            _check_trusted(path, os.fstat(fh.fileno()), os.stat(os.path.dirname(path) or "."))
             text = fh.read()
     except FileNotFoundError:
         return Config()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read: {exc}") from None
     return parse(text, path)
+
+
+def _check_trusted(path: str, file: os.stat_result, folder: os.stat_result) -> None:
+    """ConfigError unless root (or whoever runs this) owns the file and its directory
+    and neither group nor others may write them (as sshd's StrictModes): consent that
+    someone else could write is none (a sticky directory such as /tmp is not enough for
+    the file's own mode, but may hold it)."""
+    me = {0, os.geteuid()}
+    if file.st_uid not in me or file.st_mode & 0o022:
+        raise ConfigError(f"{path}: not used: owned by uid {file.st_uid} with mode "
+                          f"{stat.S_IMODE(file.st_mode):04o}; it must be root's and "
+                          "writable by root only")
+    if folder.st_uid not in me or (folder.st_mode & 0o022
+                                   and not folder.st_mode & stat.S_ISVTX):
+        raise ConfigError(f"{path}: not used: its directory is owned by uid "
+                          f"{folder.st_uid} with mode {stat.S_IMODE(folder.st_mode):04o};"
+                          " it must be root's and writable by root only")
 
 
 def _values(value: str, where: str) -> list[str]:

@@ -30,6 +30,7 @@ from .parse import (
 )
 from .plan import (
     check_conflicts,
+    forward_families,
     resolve_domain_forwards,
     resolve_network_forwards,
     same_host_port,
@@ -306,18 +307,29 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
         new_persistent = _with_forwards(persistent, config or [])
         resolve_network_forwards(parse_network(new_persistent))
         if live_root is not None and live is not None:
+            # every check before anything is written: against the other networks too (a
+            # narrower one routes the guest address away), as the hook will check it
             live_model = parse_network(_with_forwards(live_root, live))
-            resolve_network_forwards(live_model)
             networks, domains = _live(conn)
+            networks[name] = live_model
+            targets = resolve_network_forwards(live_model, networks)
             held = ops.kernel_claims()
             owner = network_owner(name)
             policy.check_claims(what, owner, live_model.forwards, networks, domains, held)
             policy.check_host(what, owner, live_model.forwards, ops.host_facts(), networks,
-                              held=held.get(owner, ()))
-        conn.networkDefineXML(etree.tostring(new_persistent).decode())
-        if live_root is not None and live is not None:
+                              held=held.get(owner, ()),
+                              families=forward_families(live_model.forwards, targets))
+            previous = state.network_override(name)
             state.save_network_override(name, etree.tostring(_forwards_element(live)))
-            ops.network_started(live_model, etree.tostring(live_root), log=log)
+            try:
+                ops.network_started(live_model, etree.tostring(live_root), log=log)
+            except BaseException:  # refused or failed: no override, no definition
+                if previous is None:
+                    state.forget_network_override(name)
+                else:
+                    state.save_network_override(name, previous)
+                raise
+        conn.networkDefineXML(etree.tostring(new_persistent).decode())
         return _done(what, action, spec, live_root is not None, "the network starts")
 
 

@@ -18,6 +18,8 @@ class Unavailable(InputError):
     refusal a re-check may answer by keeping an owner's current rules; every other one
     withdraws them (fail closed)."""
 
+    resolved: tuple = ()  # a guest's other forwards, resolved: still checked for ownership
+
 
 class ConfigError(InputError):
     """Root's configuration file is wrong (one line naming file and line): nothing is

@@ -334,9 +334,11 @@ def check_forwards(label: str, specs, facts: HostFacts | None = None,
 def read_leases(bridge: str | None, directory: str | None = None
                 ) -> tuple[tuple[IPAddress, str | None], ...]:
     """(address, MAC or None) of each lease libvirt's dnsmasq holds on ``bridge``, from
-    its ``BRIDGE.status`` (JSON written by libvirt's leaseshelper; IPv6 leases carry no
-    MAC). Nothing if there is no such file or it cannot be read: an unreadable record
-    names no one."""
+    its ``BRIDGE.status`` (JSON written by libvirt's leaseshelper). A DHCPv6 lease has a
+    MAC only when dnsmasq knew one, or its client-id is a DUID-LLT/DUID-LL of an
+    Ethernet address (``duid_mac``); None: a client no record ties to a MAC (the policy
+    counts it as another guest's). Nothing if there is no such file or it cannot be
+    read: an unreadable record names no one."""
     if not bridge:
         return ()
     if directory is None:
@@ -354,9 +356,26 @@ def read_leases(bridge: str | None, directory: str | None = None
             ip = ip_address(str(entry["ip-address"]))
         except (KeyError, TypeError, ValueError):
             continue
-        mac = entry.get("mac-address")
+        mac = entry.get("mac-address") or duid_mac(str(entry.get("client-id") or ""))
         out.append((ip, str(mac).lower() if mac else None))
     return tuple(out)
+
+
+def duid_mac(client_id: str) -> str | None:
+    """The Ethernet MAC inside a DHCPv6 DUID written as hex pairs (``00:01:…``):
+    DUID-LLT (type 1: hardware type, time, address) or DUID-LL (type 3: hardware type,
+    address), hardware type 1 (Ethernet); None for any other DUID (DUID-EN, DUID-UUID)."""
+    try:
+        raw = bytes(int(pair, 16) for pair in client_id.split(":")) if client_id else b""
+    except ValueError:
+        return None
+    if raw[:4] == b"\x00\x01\x00\x01" and len(raw) == 14:
+        address = raw[8:]
+    elif raw[:4] == b"\x00\x03\x00\x01" and len(raw) == 10:
+        address = raw[4:]
+    else:
+        return None
+    return ":".join(f"{b:02x}" for b in address)
 
 
 def network_leases(net) -> tuple[tuple[IPAddress, str | None], ...]:

@@ -52,6 +52,7 @@ from .policy import (
     check_conflicts,
     check_host,
     check_libvirt_ports,
+    kept_for_availability,
     owner_label,
     resolve_domain,
     same_mac,
@@ -117,16 +118,23 @@ class _Owner:
 
     def __init__(self, label: str, owner: str, specs: Sequence[ForwardSpec], targets,
                  own: Sequence[Rule] = ()) -> None:
-        self.label, self.owner, self.specs = label, owner, specs
+        self.label, self.owner, self.specs, self.targets = label, owner, specs, tuple(targets)
         self.families = forward_families(specs, targets)
         self.resolved = resolved_specs(specs, targets)  # each in the families it takes
         self.rules: Sequence[Rule] = tuple(own) + plan_forwards(owner, targets)
 
     def check(self, held, backend, networks: Mapping[str, Network]) -> None:
-        check_conflicts(self.label, self.resolved, [(owner_label(o), specs) for o, specs
-                                                    in held.items() if o != self.owner])
-        check_host(self.label, self.owner, self.specs, host_facts(backend), networks,
-                   held.get(self.owner, ()), self.families)
+        _check_held(self.label, self.owner, self.specs, self.targets, held, backend, networks)
+
+
+def _check_held(label: str, owner: str, specs: Sequence[ForwardSpec], targets, held,
+                backend, networks: Mapping[str, Network]) -> None:
+    """A network event's checks of ``owner``'s forwards: against the ports the others'
+    rules hold (``held``) and against the host."""
+    check_conflicts(label, resolved_specs(specs, targets),
+                    [(owner_label(o), claimed) for o, claimed in held.items() if o != owner])
+    check_host(label, owner, specs, host_facts(backend), networks, held.get(owner, ()),
+               forward_families(specs, targets))
 
 
 def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
@@ -144,20 +152,32 @@ def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[
              held, backend, networks: Mapping[str, Network], log: Log,
              bare: Sequence[Rule] = ()) -> None:
     """Re-plan an owner a network event may affect into ``rules``: its rules if every
-    check passes; if not, its current rules stay only when the reason is availability
-    (``policy.withdraws``): otherwise its forwards are withdrawn at once (``bare``: what
-    stays, a network's own bridge rules), and the log says so in one line."""
+    check passes. If not, ``bare`` (a network's own bridge rules and fences, re-planned
+    whatever happens) and, when the reason is availability (``policy.withdraws``), each
+    forward checked alone: its new rules, or the current ones of a forward refused
+    for availability (``policy.kept_for_availability``); otherwise its forwards are
+    withdrawn at once. The log says so in one line."""
+    planned: _Owner | None = None
     try:
         planned = build()
         if planned.specs:
             planned.check(held, backend, networks)
         rules[owner] = planned.rules
     except InputError as exc:
-        if withdraws(exc):
-            rules[owner] = tuple(bare)
-            log(f"forwards withdrawn: {exc}")
-        else:
-            log(f"keeping the current rules: {exc}")
+        if not withdraws(exc):  # each forward alone: its new rules, or those it has
+            targets = planned.targets if planned else getattr(exc, "resolved", ())
+            label = planned.label if planned else owner_label(owner)
+            try:
+                rules[owner] = tuple(bare) + kept_for_availability(
+                    owner, targets, held.get(owner, ()),
+                    lambda mine: _check_held(label, owner, [mine[0].spec], mine, held,
+                                             backend, networks))
+                log(f"keeping the current rules: {exc}")
+                return
+            except InputError as worse:  # one forward's refusal withdraws: all go
+                exc = worse
+        rules[owner] = tuple(bare)
+        log(f"forwards withdrawn: {exc}")
 
 
 def _captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[str]:
@@ -384,7 +404,7 @@ class HostPlan:
 
     rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
-    failed: set[str]  # those owners: their current rules must be left alone
+    failed: set[str]  # owners whose XML did not parse: their current rules stay as they are
 
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
@@ -396,8 +416,11 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     those planned before it. The current holders of ports (``holders``: owner -> the
     ports its rules in the kernel hold) are planned first, so a newcomer never takes a
     port from the guest or network that has it; then networks before guests, in name
-    order. An owner that fails is reported and skipped, its rules stay as they are (and
-    so do the ports they hold); the others still plan. With ``facts`` forwards are
+    order. An owner refused is reported; for availability (``policy.withdraws``) it
+    gets its own rules re-planned (a network's fences included) and, forward by forward,
+    the new rules of those that pass and the current ones of those refused
+    (``policy.kept_for_availability``; the ports they hold stay theirs); otherwise only
+    its own rules (its forwards withdrawn). The others still plan. With ``facts`` forwards are
     checked against the host itself (``host.py``): not for ``plan``, which describes XML
     files, not this host. ``broken``: owners whose XML did not even parse; they fail
     too, keeping their rules and ports. ``reserved``: owners whose forwards were applied
@@ -412,31 +435,48 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
         if o in held:
             claimed.add(owner_label(o), held[o])
 
+    def check(label: str, owner: str, forwards, targets) -> list[ForwardSpec]:
+        mine = resolved_specs(forwards, targets)  # the families each really takes
+        check_conflicts(label, mine, claimed.near(mine))
+        if facts is not None:
+            check_host(label, owner, forwards, facts, networks, held.get(owner, ()),
+                       families=forward_families(forwards, targets))
+        else:  # plan: XML files, not this host; what XML alone decides still holds
+            check_libvirt_ports(label, forwards, networks)
+        return mine
+
     def add(owner: str, label: str, forwards, resolve, plan_own) -> None:
+        targets: Sequence = ()
         try:
             targets = resolve()
-            mine = resolved_specs(forwards, targets)  # the families each really takes
-            check_conflicts(label, mine, claimed.near(mine))
-            rules = plan_own() + plan_forwards(owner, targets)
-            if facts is not None:
-                check_host(label, owner, forwards, facts, networks, held.get(owner, ()),
-                           families=forward_families(forwards, targets))
-            else:  # plan: XML files, not this host; what XML alone decides still holds
-                check_libvirt_ports(label, forwards, networks)
-            result.rules[owner] = rules
+            mine = check(label, owner, forwards, targets)
+            result.rules[owner] = plan_own() + plan_forwards(owner, targets)
             claimed.add(label, mine)
+            return
         except InputError as exc:
-            if withdraws(exc):  # fail closed: its forwards go, its ports are free
-                result.problems.append(f"{exc} (forwards withdrawn)"
-                                       if owner in held else str(exc))
-                result.rules[owner] = plan_own()
+            problem = exc
+        if not withdraws(problem):  # each forward alone: its new rules, or those it has
+            def alone(one: list) -> None:
+                claimed.add(label, check(label, owner, [one[0].spec], one))
+
+            try:
+                kept_rules = kept_for_availability(
+                    owner, targets or getattr(problem, "resolved", ()), held.get(owner, ()),
+                    alone)
+            except InputError as exc:  # one forward's refusal withdraws: all go
+                problem = exc
+            else:
+                result.problems.append(str(problem))
+                result.rules[owner] = plan_own() + kept_rules
+                if owner in held:  # its rules stay in the kernel: so do its ports
+                    claimed.add(label, held[owner])
+                if owner in kept:  # still running with them: its ports wait for it
+                    claimed.add(label, forwards)
                 return
-            result.problems.append(str(exc))
-            result.failed.add(owner)
-            if owner in held:  # its rules stay in the kernel: so do its ports
-                claimed.add(label, held[owner])
-            if owner in kept:  # still running with them: its ports wait for it
-                claimed.add(label, forwards)
+        # fail closed: its forwards go, its ports are free
+        result.problems.append(f"{problem} (forwards withdrawn)" if owner in held
+                               else str(problem))
+        result.rules[owner] = plan_own()
 
     def resolve(dom: Domain):
         if ports is None:  # plan: XML files, not this host

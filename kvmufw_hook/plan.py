@@ -104,7 +104,9 @@ def plan_network(net: Network,
     in each family the network has an address in. ``others``: the other active
     networks: an accept out of the bridge to any interface (no ``<forward dev=…>``)
     first returns traffic bound for their bridges to libvirt's own rules, which refuse
-    it (``LIBVIRT_FWI``) unless that network is routed: between networks we are never
+    it (``LIBVIRT_FWI``) unless that network is routed; an open network's accept into
+    its bridge from any interface first returns what comes out of their bridges
+    (``LIBVIRT_FWO`` refuses it out of an isolated one): between networks we are never
     looser than libvirt."""
     if net.bridged:
         return plan_bridged(net)
@@ -136,6 +138,10 @@ def plan_network(net: Network,
             dev = net.dev if net.mode != "open" else None
             rules.append(rule("forward", src=subnet, iif=bridge, oif=dev,
                               verdict="ACCEPT"))
+            if net.mode == "open":  # libvirt has no rule for it: what comes out of
+                # another network's bridge is libvirt's to refuse (LIBVIRT_FWO), not ours
+                rules += [rule("forward", dst=subnet, iif=other, oif=bridge,
+                               not_ctstate="DNAT", verdict="RETURN") for other in fenced]
             rules.append(rule("forward", dst=subnet, iif=dev, oif=bridge,
                               verdict="ACCEPT"))
     for family in _families(net):
@@ -354,7 +360,9 @@ def resolve_domain_forwards(dom: Domain,
     others: dict | None = None
     booked: dict[tuple[str, int], dict[int, IPAddress]] = {}  # once per NIC, not per forward
     out: list[Resolved] = []
-    for index, spec in enumerate(dom.forwards, start=1):
+
+    def one(index: int, spec: ForwardSpec) -> list[Resolved]:
+        nonlocal others
         where = f"{what}: forward #{index} ({spec.label})"
         candidates = attached
         if spec.mac is not None:
@@ -402,7 +410,19 @@ def resolve_domain_forwards(dom: Domain,
                 raise InputError(f"{where}: cannot resolve the guest address: no <dhcp><host> "
                                  f"reservation for {macs} (IPv4: by MAC; IPv6: by the name "
                                  f"{shown(dom.name)}); add one or set guest-ip")
-        out += _checked(where, spec, targets, networks)
+        return _checked(where, spec, targets, networks)
+
+    # every forward is resolved: one whose network is down (Unavailable) must not hide
+    # another that now reaches someone else's address (that refusal withdraws, so wins)
+    unavailable: Unavailable | None = None
+    for index, spec in enumerate(dom.forwards, start=1):
+        try:
+            out += one(index, spec)
+        except Unavailable as exc:
+            unavailable = unavailable or exc
+    if unavailable is not None:
+        unavailable.resolved = tuple(out)
+        raise unavailable
     return tuple(out)
 
 

@@ -18,7 +18,14 @@ from . import host
 from .errors import ConfigError, InputError, Unavailable, shown
 from .model import Domain, ForwardSpec, IPAddress, Network
 from .names import domain_owner, network_owner
-from .plan import Resolved, check_conflicts, eui64_address, resolve_domain_forwards
+from .plan import (
+    Resolved,
+    Rule,
+    check_conflicts,
+    eui64_address,
+    plan_forwards,
+    resolve_domain_forwards,
+)
 
 Claims = list[tuple[str, Iterable[ForwardSpec]]]
 Facts = host.HostFacts | Callable[[], host.HostFacts]
@@ -35,6 +42,34 @@ def withdraws(exc: InputError) -> bool:
     return not isinstance(exc, (Unavailable, ConfigError))
 
 
+def kept_for_availability(owner: str, targets: Iterable[Resolved],
+                          held: Iterable[ForwardSpec],
+                          check: Callable[[list[Resolved]], None]) -> tuple[Rule, ...]:
+    """An owner's forward rules after a refusal for availability (``withdraws`` false):
+    each forward checked alone (``check``, given its resolved targets); one that passes
+    gets its rules, one refused for availability keeps only the rules it has now (its
+    targets at the guest address and host port the kernel holds for it, ``held``: none
+    if it was never applied). A forward whose own refusal withdraws raises it: one
+    unavailable forward shields no other. The owner's own rules (a network's bridge
+    rules and fences) are the caller's, re-planned whatever happens."""
+    forwards: dict[int, list[Resolved]] = {}
+    for t in targets:
+        forwards.setdefault(id(t.spec), []).append(t)
+    held = tuple(held)
+    out: list[Rule] = []
+    for mine in forwards.values():
+        try:
+            check(mine)
+        except InputError as exc:
+            if withdraws(exc):
+                raise
+            mine = [t for t in mine if any(
+                h.proto == t.spec.proto and h.host_port == t.spec.host_port
+                and h.host_ip == t.spec.host_ip and t.guest_ip in h.guest_ips for h in held)]
+        out += plan_forwards(owner, mine)
+    return tuple(out)
+
+
 def no_leases(_net: Network) -> tuple[tuple[IPAddress, str | None], ...]:
     return ()
 
@@ -45,7 +80,11 @@ def resolve_domain(dom: Domain, networks: Mapping[str, Network], ports: Ports,
     of another running guest's MAC (``check_own_macs``), no address libvirt's records
     give another guest (``check_own_addresses``). Every operation resolves guests here."""
     check_own_macs(dom, networks, ports)
-    targets = resolve_domain_forwards(dom, networks)
+    try:
+        targets = resolve_domain_forwards(dom, networks)
+    except Unavailable as exc:  # the others are still checked: reaching someone wins
+        check_own_addresses(dom, exc.resolved, ports, leases)
+        raise
     check_own_addresses(dom, targets, ports, leases)
     return targets
 
@@ -59,7 +98,8 @@ def _on(dom: Domain, net: Network) -> set[str]:
 def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
                         leases: Leases) -> None:
     """InputError if a forward's guest address is another guest's by libvirt's own
-    records: a dnsmasq lease of a MAC that is none of this guest's NICs on that network,
+    records: a dnsmasq lease of a MAC that is none of this guest's NICs on that network
+    (or of a client no record ties to a MAC: a DHCPv6 DUID without one),
     or (IPv6, a /64) the SLAAC address of another guest's port there. Reservations are
     ``plan``'s (they are in the network's XML). Each network's records are read once."""
     seen: dict[str, dict[IPAddress, str]] = {}
@@ -69,7 +109,10 @@ def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
             own = _on(dom, net)
             theirs: dict[IPAddress, str] = {}
             for ip, mac in leases(net):
-                if mac is not None and mac not in own:
+                if mac is None:  # a client no record ties to a MAC: not provably this one
+                    theirs.setdefault(ip, "leased by dnsmasq to a client whose DUID "
+                                          "names no MAC of this guest")
+                elif mac not in own:
                     theirs.setdefault(ip, f"leased by dnsmasq to MAC {mac}")
             slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
             for mac, owner in ports(net.name) if slaac else ():

@@ -267,11 +267,39 @@ def test_the_leases_file_of_libvirts_dnsmasq_is_read(tmp_path):
     assert read_leases("virbr9", str(tmp_path)) == ()
 
 
+@pytest.mark.parametrize("client_id", ["00:01:00:01:2c:8f:11:22:52:54:00:00:00:66",
+                                       "00:03:00:01:52:54:00:00:00:66"])
+def test_a_dhcpv6_lease_whose_duid_holds_the_guests_mac_is_its_own(client_id):
+    """DUID-LLT and DUID-LL of the guest's own NIC: it may forward to its lease."""
+    evil = _attacker("", 'host-port="2222" guest-port="22" guest-ip="fd00:10::77"')
+    from ipaddress import ip_address
+
+    from kvmufw_hook import policy
+    from kvmufw_hook.host import duid_mac
+    leases = [(ip_address("fd00:10::77"), duid_mac(client_id))]
+    assert policy.resolve_domain(evil, _networks(), lambda _n: [], lambda _n: leases)
+
+
+def test_a_dhcpv6_lease_whose_duid_names_no_mac_is_not_the_guests():
+    """A DUID-EN (or a DUID-UUID): nothing ties the lease to this guest's NIC, so it
+    counts as another guest's."""
+    from ipaddress import ip_address
+
+    from kvmufw_hook import policy
+    from kvmufw_hook.host import duid_mac
+    evil = _attacker("", 'host-port="2222" guest-port="22" guest-ip="fd00:10::77"')
+    leases = [(ip_address("fd00:10::77"), duid_mac("00:02:00:00:ab:11:01:02:03:04"))]
+    with pytest.raises(InputError, match="names no MAC of this guest"):
+        policy.resolve_domain(evil, _networks(), lambda _n: [], lambda _n: leases)
+
+
 # --------------------------------------------------------------------------- fail closed
 
 def test_a_recheck_withdraws_a_forward_to_an_address_now_reserved_for_another_guest():
     """replay/restore: the tenant's DNAT to 10.0.0.50 goes once 10.0.0.50 is reserved
-    for a new guest; a forward whose port another owner holds keeps its rules."""
+    for a new guest; a forward whose port another owner holds keeps the rules it has
+    (none: ``late``'s 8080 was never applied), and nothing of a forward its XML no
+    longer declares (``late``'s 9090) stays."""
     from kvmufw_hook.ops import plan_host
     from kvmufw_hook.parse import parse_network_xml
     lab = parse_network_xml(LAB.replace(b"</dhcp>", b"<host mac='52:54:00:00:00:50' "
@@ -289,7 +317,8 @@ def test_a_recheck_withdraws_a_forward_to_an_address_now_reserved_for_another_gu
     assert "d=tenant" not in planned.failed
     assert any("10.0.0.50 is reserved for another guest" in p and "(forwards withdrawn)" in p
                for p in planned.problems)
-    assert "d=late" in planned.failed and "d=late" not in planned.rules  # its rules stay
+    assert "d=late" not in planned.failed and planned.rules["d=late"] == ()
+    assert any("domain 'late'" in p and "8080" in p for p in planned.problems)
 
 
 # --------------------------------------------------------------------------- events (in memory)
