@@ -1,11 +1,53 @@
-"""Firewall backends. A backend renders the planner's rules in its own terms, reads the
-kernel's ruleset back and applies a change with one write per address family. The
-iptables backend (``iptables.py``) is the one UFW uses; an nftables backend would be
-another module implementing ``base.Backend``, and nothing above this package would change.
+"""Firewall backends, by name. A backend renders the planner's rules in its own terms,
+reads the kernel's ruleset back and applies a change with one write per address family,
+behind ``base.Backend``. Callers ask ``selected()`` (the one root's configuration names)
+or ``get(name)``; nothing else picks a backend.
+
+Adding a backend is one module and one line in ``REGISTRY``.
 """
 
+from __future__ import annotations
 
-def default_backend():
-    """The backend for this host: iptables, whichever variant the host selects."""
-    from .iptables import IptablesBackend
-    return IptablesBackend()
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the hooks' start-up path imports this package: no typing at run time
+    from collections.abc import Iterable
+    from typing import Any
+
+# name (as root's configuration spells it) -> (module under backends/, class): imported
+# only when chosen
+REGISTRY: dict[str, tuple[str, str]] = {
+    "iptables": ("iptables", "IptablesBackend"),
+}
+DEFAULT = "iptables"
+
+
+def names() -> tuple[str, ...]:
+    """Every registered backend's name."""
+    return tuple(REGISTRY)
+
+
+def get(name: str = DEFAULT, prefix: Iterable[str] = ()) -> Any:
+    """The backend registered as ``name``; ``prefix`` runs its tools elsewhere (e.g.
+    ``ip netns exec NS``). KeyError for a name nobody registered."""
+    module_name, class_name = REGISTRY[name]
+    module = __import__(f"{__name__}.{module_name}", fromlist=[class_name])
+    return getattr(module, class_name)(prefix)
+
+
+def selected(prefix: Iterable[str] = ()) -> Any:
+    """The backend ``firewall_backend`` names in root's configuration (iptables when the
+    file or the key is missing); ConfigError, one line naming the file, when the file is
+    wrong or names a backend this build lacks."""
+    from .. import config
+    from ..errors import ConfigError
+    from ..names import config_path
+    name = config.load().firewall_backend
+    if name not in REGISTRY:
+        raise ConfigError(f'{config_path()}: firewall_backend "{name}" has no backend in '
+                          "this build of kvmufw_hook")
+    return get(name, prefix)
+
+
+def default_backend() -> Any:
+    """The backend for this host: the one root's configuration selects."""
+    return selected()
