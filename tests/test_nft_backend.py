@@ -55,6 +55,14 @@ def probes(topo) -> dict:
     }
 
 
+def rules(save: str) -> list[str]:
+    """The rules and policies of an iptables-save, without counters (an empty IPv6 filter
+    table that our glue's removal leaves behind holds nothing)."""
+    return [line.rsplit(" [", 1)[0] for line in save.splitlines()
+            if line.startswith("-A") or (line.startswith(":") and " - " not in line
+                                         and "ACCEPT" not in line)]
+
+
 def table(topo) -> str:
     return topo.host.run("nft", "list", "table", "inet", "kvmufw", check=False).stdout
 
@@ -90,3 +98,109 @@ def test_forwards_pass_ufw_drop_and_libvirt_rejects_through_maps_and_glue(topo, 
     assert "d=g5" not in table(topo)
     ops.network_stopped(net, backend=backend)
     assert probes(topo) == before
+
+
+def test_a_start_twice_writes_nothing_and_flush_leaves_no_trace(topo, state_env):
+    backend = NftBackend(prefix=topo.host.prefix)
+    seeded = rules(topo.host.save()), rules(topo.host.save(6))
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    first = table(topo)
+    assert ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend).payload == ""
+    assert table(topo) == first
+    ops.flush(backend=backend)
+    assert table(topo) == ""
+    assert (rules(topo.host.save()), rules(topo.host.save(6))) == seeded
+
+
+def test_a_stop_after_lost_state_removes_exactly_that_owner_from_the_kernel(topo, state_env):
+    """Whose an element is, is its comment in the kernel: no file of ours is needed."""
+    import shutil
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    network_only = NftBackend(prefix=topo.host.prefix).read()
+    shutil.rmtree(state_env["KVMUFW_STATE_DIR"])
+    ops.domain_stopped("g5", backend=backend)
+    after = backend.read()
+    assert backend.owners(after) == {"n=lab"}
+    assert {e for e in after.table.elements} == {
+        e for e in network_only.table.elements if e.comment.startswith("kvmufw:n=lab,")}
+    assert probes(topo)["network_forward"] == "203.0.113.2"
+
+
+def test_claims_are_read_back_from_the_maps(topo, state_env):
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    held = backend.claims(backend.read())
+    ports = sorted((s.proto, s.host_port.first, s.host_port.last)
+                   for s in held["d=g5"])
+    assert ("tcp", 2222, 2222) in ports and ("udp", 5100, 5101) in ports
+    assert {("udp", p, p) for p in (6000, 6001, 6002)} <= set(ports)
+    assert [(s.proto, s.host_port.first) for s in held["n=lab"]] == [("tcp", 8080)]
+
+
+LIBVIRT_NFT = """table ip libvirt_network {
+  chain guest_output {
+    iif "virbr1" ip saddr 10.0.0.0/24 accept
+    iif "virbr1" reject
+  }
+  chain guest_input {
+    oif "virbr1" ip daddr 10.0.0.0/24 ct state established,related accept
+    oif "virbr1" reject
+  }
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    jump guest_output
+    jump guest_input
+  }
+}
+"""
+
+
+def test_forwards_pass_libvirt_nftables_rejects_with_one_glue_rule_per_chain(topo, state_env):
+    """libvirt's nftables backend: ``guest_input`` rejects what enters the bridge; one
+    glue accept at its top (and ``guest_output``'s) lets every forward through."""
+    topo.host.run("nft", "-f", "-", input=LIBVIRT_NFT)
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    libvirt = topo.host.run("nft", "list", "table", "ip", "libvirt_network").stdout
+    for chain in ("guest_input", "guest_output"):
+        body = libvirt.split(f"chain {chain} {{", 1)[1].split("}", 1)[0]
+        assert body.strip().splitlines()[0].strip().startswith("meta mark & 0x01000000")
+    found = probes(topo)
+    assert found["dnat"] == "203.0.113.2" and found["network_forward"] == "203.0.113.2"
+    assert found["udp_shifted"] == ["203.0.113.2", "203.0.113.2"]
+    ops.flush(backend=backend)
+    assert "kvmufw" not in topo.host.run("nft", "list", "table", "ip",
+                                         "libvirt_network").stdout
+
+
+OTHER_NET = b"""<network><name>other</name><forward mode='nat'/><bridge name='virbr2'/>
+  <ip address='10.0.1.1' prefix='24'/></network>"""
+ANYWHERE_NET = LAB_NET.replace(b"<forward mode='nat' dev='eth0'/>", b"<forward mode='nat'/>")
+
+
+def test_no_network_reaches_another_that_libvirt_would_refuse(topo, state_env):
+    """A nat network without ``dev`` is accepted out to anywhere, but what it sends
+    to another network's bridge leaves our table unmarked (a fence): UFW's and
+    libvirt's rules refuse it, as they would without us; DNAT'd traffic still passes."""
+    topo.add_bridge("virbr2", "10.0.1.1/24")
+    g7 = topo.add_guest("10.0.1.7", "virbr2", "10.0.1.1", 24)
+    g7.serve("tcp", 7777)
+    backend = NftBackend(prefix=topo.host.prefix)
+    other, _ = parse_hookdata(OTHER_NET)
+    lab, _ = parse_hookdata(ANYWHERE_NET)
+    ops.network_started(other, OTHER_NET, backend=backend)
+    ops.network_started(lab, ANYWHERE_NET, backend=backend)
+    g5 = topo.guests[5]
+    assert g5.ask("tcp", "203.0.113.2", 9000) == "203.0.113.1"
+    assert g5.ask("tcp", "10.0.1.7", 7777, 1.0) is None
+    # the forward passes; the other network masquerades it out to anywhere, as libvirt
+    assert g7.ask("tcp", "203.0.113.1", 8080) == "10.0.0.1"

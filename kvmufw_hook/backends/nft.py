@@ -450,6 +450,7 @@ class NftBackend:
     exec NS``."""
 
     name = "nftables"
+    glued = True  # libvirt's guest chains get our glue, not an accept per forward
 
     def __init__(self, prefix: Iterable[str] = ()) -> None:
         self.prefix = list(prefix)
