@@ -204,3 +204,32 @@ def test_no_network_reaches_another_that_libvirt_would_refuse(topo, state_env):
     assert g5.ask("tcp", "10.0.1.7", 7777, 1.0) is None
     # the forward passes; the other network masquerades it out to anywhere, as libvirt
     assert g7.ask("tcp", "203.0.113.1", 8080) == "10.0.0.1"
+
+
+V6_NET = LAB_NET.replace(b"</dhcp></ip>", b"</dhcp></ip><ip family='ipv6' address='fd00::1' "
+                                          b"prefix='64'/>")
+V6_GUEST = GUEST.replace(b'<forward host-port="2222" guest-port="22"/>',
+                         b'<forward host-port="2222" guest-port="22"/><forward '
+                         b'host-port="2223" guest-port="22" guest-ip="10.0.0.5,fd00::5"/>')
+
+
+def test_ipv6_forwards_pass_ip6tables_drop_through_the_same_table(topo, state_env):
+    host, inet, g5 = topo.host, topo.inet, topo.guests[5]
+    for ns, addr in ((host, "2001:db8:1::1/64"), (inet, "2001:db8:1::2/64")):
+        ns.run("ip", "-6", "addr", "add", addr, "dev", "eth0", "nodad")
+    host.run("ip", "-6", "addr", "add", "fd00::1/64", "dev", "virbr1", "nodad")
+    g5.run("ip", "-6", "addr", "add", "fd00::5/64", "dev", "eth0", "nodad")
+    g5.run("ip", "-6", "route", "add", "default", "via", "fd00::1")
+    inet.run("ip", "-6", "route", "add", "default", "via", "2001:db8:1::1")
+    host.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    host.run("ip6tables", "-P", "FORWARD", "DROP")
+    backend = NftBackend(prefix=host.prefix)
+    assert inet.ask("tcp", "2001:db8:1::1", 2223, 1.0) is None
+    net, _ = parse_hookdata(V6_NET)
+    ops.network_started(net, V6_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(V6_GUEST), V6_GUEST, backend=backend)
+    assert inet.ask("tcp", "2001:db8:1::1", 2223) == "2001:db8:1::2"
+    assert inet.ask("tcp", "203.0.113.1", 2223) == "203.0.113.2"
+    assert GLUE_COMMENT in host.save(6)
+    ops.domain_stopped("g5", backend=backend)
+    assert inet.ask("tcp", "2001:db8:1::1", 2223, 1.0) is None
