@@ -81,7 +81,10 @@ class Applied:
 def _libvirt_table(backend) -> bool:
     """Whether libvirt's nftables table may be there (then our accepts go in it too):
     one netlink request here; a backend that runs elsewhere (``prefix``, tests in a
-    namespace) lets ``libvirt_nft`` ask with ``nft`` in that namespace."""
+    namespace) lets ``libvirt_nft`` ask with ``nft`` in that namespace. A backend that
+    puts its own glue there (``glued``: the nftables one) needs no accept per forward."""
+    if getattr(backend, "glued", False):
+        return False
     if getattr(backend, "prefix", None):
         return True
     from .backends.nftprobe import IPV4, IPV6, table_in_kernel

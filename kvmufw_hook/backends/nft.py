@@ -1,0 +1,731 @@
+"""The nftables backend: our own ``table inet kvmufw`` (both families), where every
+forward and every network is data, elements of sets and maps, and the rules are a fixed
+skeleton that looks each packet up once.
+
+Promises:
+- Everything of ours lives in ``table inet kvmufw``, except a fixed number of glue rules
+  (``GLUE``: one accept at the top of filter INPUT and FORWARD in each iptables family,
+  and of libvirt's ``guest_input`` / ``guest_output`` where libvirt uses nftables),
+  whatever the number of forwards. An accept in one table does not stop another table's
+  base chain at the same hook, so our table marks what it accepts with ``MARK`` and the
+  glue lets marked packets through UFW's DROP policy and libvirt's rejects.
+- A forward is elements only: DNAT by host address . source . protocol . host port (a
+  map to the guest address, or to address . port where the port changes), the FORWARD
+  accept of DNAT'd packets by bridge . guest . protocol . guest port, and the hairpin
+  masquerade. A network is elements too (fences, egress, replies, masquerade, DHCP/DNS
+  to the host). A guest's start or stop is one ``nft -f`` transaction of element adds
+  and deletes: never a rule walk, never a flush.
+- Every element carries its owner tag as its comment (``backends/tags.py``), so that
+  removal by owner is exact and derives from the kernel alone (after a crash, with our
+  state files lost, ``nft list table inet kvmufw`` still says whose each element is);
+  claims are read back from the DNAT maps the same way.
+- Port ranges keep their offset. nftables has no offset DNAT (iptables'
+  ``--to-destination G:5000-5002/6000``): a range whose guest ports equal its host ports
+  is one interval element mapping only the address (the port is kept); a shifted range
+  is one element per port. Measured cheaper than a rule per range (a rule needs a
+  handle to be removed, so a read of the chain; elements are deleted by key).
+- Isolation between networks is libvirt's: the fences (``RETURN`` in plan terms) leave
+  our chain without the mark, before any accept, so libvirt's own rules decide.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ApplyError
+from ..model import ForwardSpec
+from ..names import Tag
+from ..plan import Rule
+from .iptables import SEARCH_PATH, TOOLS, find_tool, ip_text, net_text, run
+from .tags import comment as tag_comment
+from .tags import parse_comment
+
+TABLE = "kvmufw"
+# The packet mark bit our table sets on what it accepts (forward, input) and the glue
+# matches: bit 24. Clear of kube-proxy (0x4000, 0x8000), Cilium (0x0f00), Docker swarm
+# (small service numbers), Tailscale (0xff0000), wg-quick (0xca6c) and Istio (0x539);
+# only Calico's default mask (0xffff0000) covers it. Only ever or-ed in, never cleared.
+MARK = 0x01000000
+MARKED = f"meta mark set meta mark | 0x{MARK:08x} accept"
+GLUE_TAG = Tag("g=glue", "-", "-")  # owners are n=… or d=…: never this one
+GLUE_COMMENT = tag_comment(GLUE_TAG)
+ANY = {4: "0.0.0.0/0", 6: "::/0"}
+LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
+NAT_PORTS = "1024-65535"  # libvirt's default; the only range the skeleton masquerades to
+NFPROTO = {4: "ipv4", 6: "ipv6"}
+ADDR = {4: "ip", 6: "ip6"}
+ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+IPT_GLUE = {  # (iptables chain) -> the glue line as iptables-save prints it
+    chain: f'-A {chain} -m mark --mark 0x{MARK:x}/0x{MARK:x} -m comment '
+           f'--comment "{GLUE_COMMENT}" -j ACCEPT' for chain in ("INPUT", "FORWARD")}
+LIBVIRT_TABLE = "libvirt_network"
+LIBVIRT_GLUE = f'meta mark & 0x{MARK:08x} == 0x{MARK:08x} accept comment "{GLUE_COMMENT}"'
+LIBVIRT_CHAINS = ("guest_input", "guest_output")
+
+
+def _sets(f: int) -> dict[str, str]:
+    """set or map name -> its type, in family ``f``."""
+    a = ADDR_TYPE[f]
+    return {
+        f"dnat{f}_addr": f"{a} . {a} . inet_proto . inet_service : {a}",
+        f"dnat{f}_port": f"{a} . {a} . inet_proto . inet_service : {a} . inet_service",
+        f"guest{f}": f"ifname . {a} . inet_proto . inet_service",
+        f"hairpin{f}": f"{a} . {a} . ifname . inet_proto . inet_service",
+        f"fence_out{f}": f"ifname . {a} . ifname",
+        f"fence_in{f}": f"ifname . {a} . ifname",
+        f"egress{f}": f"ifname . {a}",
+        f"egress_dev{f}": f"ifname . {a} . ifname",
+        f"replies{f}": f"ifname . {a}",
+        f"replies_dev{f}": f"ifname . {a} . ifname",
+        f"ingress{f}": f"ifname . {a}",
+        f"ingress_dev{f}": f"ifname . {a} . ifname",
+        f"b2b{f}": "ifname . ifname",
+        f"host_in{f}": "ifname . inet_proto . inet_service",
+        f"inside{f}": f"{a} . {a}",
+        f"masq{f}": f"{a} . ifname",
+        f"masq_any{f}": a,
+    }
+
+
+SETS: dict[str, str] = {**_sets(4), **_sets(6)}
+PORTS = "meta l4proto { tcp, udp, sctp }"  # nft maps ports only after a protocol match
+
+
+def _chains() -> dict[str, tuple[str, list[str]]]:
+    """chain -> (its hook line, its rules as ``nft list`` prints them)."""
+    out: dict[str, tuple[str, list[str]]] = {
+        "prerouting": ("type nat hook prerouting priority dstnat - 5; policy accept;", []),
+        "output": ("type nat hook output priority -105; policy accept;", []),
+        "forward": ("type filter hook forward priority filter - 5; policy accept;", []),
+        "input": ("type filter hook input priority filter - 5; policy accept;", []),
+        "postrouting": ("type nat hook postrouting priority srcnat - 5; policy accept;", []),
+    }
+    for f in (4, 6):
+        a = ADDR[f]
+        key = f"{a} daddr . {a} saddr . meta l4proto . th dport"
+        dnat = [f"dnat {a} to {key} map @dnat{f}_addr",
+                f"{PORTS} dnat {a} to {key} map @dnat{f}_port"]
+        out["prerouting"][1].extend(f"fib daddr type local {d}" for d in dnat)
+        out["output"][1].extend(f"{a} daddr != {LOOPBACK[f]} fib daddr type local {d}"
+                                for d in dnat)
+        out["forward"][1][:0] = [  # fences first: before any accept of any family
+            f"ct status ! dnat iifname . {a} saddr . oifname @fence_out{f} return",
+            f"ct status ! dnat iifname . {a} daddr . oifname @fence_in{f} return"]
+        out["forward"][1].extend([
+            f"ct status dnat oifname . {a} daddr . meta l4proto . th dport @guest{f} {MARKED}",
+            f"ct status dnat iifname . {a} saddr . meta l4proto . th sport @guest{f} {MARKED}",
+            f"iifname . {a} saddr @egress{f} {MARKED}",
+            f"iifname . {a} saddr . oifname @egress_dev{f} {MARKED}",
+            f"ct state established,related oifname . {a} daddr @replies{f} {MARKED}",
+            f"ct state established,related iifname . {a} daddr . oifname @replies_dev{f} "
+            f"{MARKED}",
+            f"oifname . {a} daddr @ingress{f} {MARKED}",
+            f"iifname . {a} daddr . oifname @ingress_dev{f} {MARKED}",
+            f"meta nfproto {NFPROTO[f]} iifname . oifname @b2b{f} {MARKED}"])
+        out["input"][1].append(
+            f"meta nfproto {NFPROTO[f]} iifname . meta l4proto . th dport @host_in{f} {MARKED}")
+        post = [f"ct status dnat {a} saddr . {a} daddr . oifname . meta l4proto . th dport "
+                f"@hairpin{f} masquerade",
+                f"{a} saddr . {a} daddr @inside{f} return"]
+        if f == 4:  # IPv6 has no broadcast; its multicast is masqueraded as libvirt does
+            post.append("meta nfproto ipv4 fib daddr type { broadcast, multicast } return")
+        for match in (f"{a} saddr . oifname @masq{f}", f"{a} saddr @masq_any{f}"):
+            post += [f"meta l4proto {{ tcp, udp }} {match} masquerade to :{NAT_PORTS}",
+                     f"{match} masquerade"]
+        out["postrouting"][1].extend(post)
+    return out
+
+
+CHAINS = _chains()
+
+
+# --------------------------------------------------------------------------- render
+
+def _addr(net) -> str:
+    """An address or network as nft prints it: a host without its /32 or /128."""
+    if net.prefixlen == net.max_prefixlen:
+        return ip_text(net.network_address)
+    return net_text(net)
+
+
+def _ports(ports) -> str:
+    return str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
+
+
+def _if(name: str | None) -> str:
+    return f'"{name}"'
+
+
+@dataclass(frozen=True)
+class Element:
+    """One element of one of our sets or maps, as ``nft list`` prints it."""
+
+    set: str
+    key: str
+    value: str | None
+    comment: str
+
+    @property
+    def text(self) -> str:
+        out = f'{self.key} comment "{self.comment}"'
+        return out + (f" : {self.value}" if self.value is not None else "")
+
+    @property
+    def tag(self) -> Tag | None:
+        return parse_comment(self.comment)
+
+
+def elements(rule: Rule) -> list[Element]:
+    """The elements that stand for one planned rule (several for a shifted range, one
+    per port; none for a rule the skeleton holds whole)."""
+    f, comment = rule.family, tag_comment(rule.tag)
+
+    def el(name: str, key: str, value: str | None = None) -> Element:
+        return Element(f"{name}{f}" if not name.startswith("dnat") else name, key, value,
+                       comment)
+
+    if rule.verdict == "DNAT":
+        assert rule.to_addr is not None and rule.to_ports is not None and rule.dport
+        daddr = _addr(rule.dst) if rule.dst is not None else ANY[f]
+        saddr = _addr(rule.src) if rule.src is not None else ANY[f]
+        guest = ip_text(rule.to_addr)
+        if rule.to_ports == rule.dport:  # the port is kept: one element for the range
+            return [el(f"dnat{f}_addr", f"{daddr} . {saddr} . {rule.proto} . "
+                                         f"{_ports(rule.dport)}", guest)]
+        shift = rule.to_ports.first - rule.dport.first
+        return [el(f"dnat{f}_port", f"{daddr} . {saddr} . {rule.proto} . {port}",
+                   f"{guest} . {port + shift}")
+                for port in range(rule.dport.first, rule.dport.last + 1)]
+    if rule.stage == "postrouting":  # MASQUERADE
+        assert rule.src is not None
+        if rule.ctstate == "DNAT":  # hairpin
+            assert rule.dst is not None and rule.dport
+            return [el("hairpin", f"{_addr(rule.src)} . {_addr(rule.dst)} . {_if(rule.oif)}"
+                                  f" . {rule.proto} . {_ports(rule.dport)}")]
+        out = []
+        if rule.not_dst is not None:
+            out.append(el("inside", f"{_addr(rule.src)} . {_addr(rule.not_dst)}"))
+        if rule.oif:
+            out.append(el("masq", f"{_addr(rule.src)} . {_if(rule.oif)}"))
+        else:
+            out.append(el("masq_any", _addr(rule.src)))
+        return out
+    if rule.stage == "input":
+        assert rule.dport
+        return [el("host_in", f"{_if(rule.iif)} . {rule.proto} . {_ports(rule.dport)}")]
+    assert rule.stage == "forward", rule
+    if rule.ctstate == "DNAT":
+        if rule.oif:
+            assert rule.dst is not None and rule.dport
+            return [el("guest", f"{_if(rule.oif)} . {_addr(rule.dst)} . {rule.proto} . "
+                                f"{_ports(rule.dport)}")]
+        assert rule.src is not None and rule.sport
+        return [el("guest", f"{_if(rule.iif)} . {_addr(rule.src)} . {rule.proto} . "
+                            f"{_ports(rule.sport)}")]
+    if rule.verdict == "RETURN":
+        if rule.src is not None:
+            return [el("fence_out", f"{_if(rule.iif)} . {_addr(rule.src)} . {_if(rule.oif)}")]
+        assert rule.dst is not None
+        return [el("fence_in", f"{_if(rule.iif)} . {_addr(rule.dst)} . {_if(rule.oif)}")]
+    if rule.ctstate == "RELATED,ESTABLISHED":
+        assert rule.dst is not None
+        if rule.iif:
+            return [el("replies_dev", f"{_if(rule.iif)} . {_addr(rule.dst)} . "
+                                      f"{_if(rule.oif)}")]
+        return [el("replies", f"{_if(rule.oif)} . {_addr(rule.dst)}")]
+    if rule.src is not None:
+        if rule.oif:
+            return [el("egress_dev", f"{_if(rule.iif)} . {_addr(rule.src)} . {_if(rule.oif)}")]
+        return [el("egress", f"{_if(rule.iif)} . {_addr(rule.src)}")]
+    if rule.dst is not None:
+        if rule.iif:
+            return [el("ingress_dev", f"{_if(rule.iif)} . {_addr(rule.dst)} . "
+                                      f"{_if(rule.oif)}")]
+        return [el("ingress", f"{_if(rule.oif)} . {_addr(rule.dst)}")]
+    # bridge to bridge; a bridge network's crossing frames too (nft has no
+    # --physdev-is-bridged: in and out of the same bridge, as libvirt's LIBVIRT_FWX)
+    return [el("b2b", f"{_if(rule.iif)} . {_if(rule.oif)}")]
+
+
+def wanted(rules: Mapping[str, Sequence[Rule]]) -> dict[Element, None]:
+    """Every element ``rules`` stand for, once each, in order."""
+    out: dict[Element, None] = {}
+    for owner in sorted(rules):
+        for rule in rules[owner]:
+            for element in elements(rule):
+                out[element] = None
+    return out
+
+
+# --------------------------------------------------------------------------- read back
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside double quotes."""
+    out, start, quoted, i = [], 0, False, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and quoted:
+            i += 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and text.startswith(sep, i):
+            out.append(text[start:i])
+            start = i + len(sep)
+            i = start
+            continue
+        i += 1
+    out.append(text[start:])
+    return out
+
+
+def _parse_element(name: str, text: str) -> Element:
+    value = None
+    parts = _split_top(text, " : ")
+    if len(parts) == 2:
+        text, value = parts
+    key, comment = text, ""
+    at = key.find(' comment "')
+    if at >= 0:
+        key, comment = key[:at], key[at + len(' comment "'):].rstrip()[:-1]
+    return Element(name, key.strip(), value.strip() if value is not None else None, comment)
+
+
+@dataclass
+class Table:
+    """``nft list table inet kvmufw`` as printed: whether it is there, each chain's
+    rules, each set's elements."""
+
+    present: bool = False
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    elements: list[Element] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> Table:
+        table = cls(present=bool(text.strip()))
+        current: str | None = None
+        kind = ""
+        buffer: list[str] | None = None
+        for raw in text.splitlines():
+            line = raw.strip()
+            if buffer is not None:
+                buffer.append(line)
+                if line.endswith("}"):
+                    table._elements(current or "", " ".join(buffer))
+                    buffer = None
+                continue
+            if line.startswith(("set ", "map ", "chain ")):
+                kind, current = line.split()[0], line.split()[1]
+                if kind == "chain":
+                    table.chains[current] = []
+            elif line == "}":
+                current = None
+            elif current and line.startswith("elements = {"):
+                if line.endswith("}"):
+                    table._elements(current, line)
+                else:
+                    buffer = [line]
+            elif (kind == "chain" and current and line
+                  and not line.startswith(("type ", "policy "))):
+                table.chains[current].append(line)
+        return table
+
+    def _elements(self, name: str, text: str) -> None:
+        body = text[text.index("{") + 1:text.rindex("}")].strip()
+        self.elements += [_parse_element(name, part.strip())
+                          for part in _split_top(body, ",") if part.strip()]
+
+    def skeleton_ok(self) -> bool:
+        return self.present and all(self.chains.get(c) == rules
+                                    for c, (_hook, rules) in CHAINS.items())
+
+
+@dataclass
+class Glue:
+    """The glue rules outside our table as read: per iptables family, the filter table's
+    INPUT and FORWARD rules (and libvirt's chains); per libvirt nft family
+    (``ip``/``ip6``), libvirt's table as ``nft -a list`` printed it."""
+
+    iptables: dict[int, dict[str, list[str]]] = field(default_factory=dict)
+    libvirt_chains: set[str] = field(default_factory=set)
+    libvirt: dict[str, dict[str, list[tuple[int, str]]]] = field(default_factory=dict)
+
+
+@dataclass
+class Ruleset:
+    table: Table
+    unavailable: dict[int, str] = field(default_factory=dict)
+    glue_reader: Callable[[], Glue] | None = None
+    _glue: Glue | None = None
+
+    @property
+    def snapshots(self) -> dict[int, Table]:
+        """Both families, always: one table holds them (what ``apply`` asks for)."""
+        return {4: self.table, 6: self.table}
+
+    @property
+    def glue(self) -> Glue:
+        if self._glue is None:
+            self._glue = self.glue_reader() if self.glue_reader else Glue()
+        return self._glue
+
+
+@dataclass
+class Change:
+    script: str = ""  # one nft -f transaction on our table
+    glue: dict[str, str] = field(default_factory=dict)  # "4"/"6"/"nft" -> payload
+    ended: list[Element] = field(default_factory=list)  # DNAT elements deleted
+    skipped: dict[int, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.script or any(self.glue.values()))
+
+    @property
+    def text(self) -> str:
+        out = f"# nft -f: table inet {TABLE}\n{self.script}" if self.script else ""
+        for where, payload in sorted(self.glue.items()):
+            if payload:
+                out += f"# glue ({where})\n{payload}"
+        return out
+
+    def ends_forwards(self) -> bool:
+        return bool(self.ended)
+
+
+# --------------------------------------------------------------------------- scripts
+
+def skeleton() -> str:
+    """The table, its sets and maps, and its chains with their rules: added where the
+    table is missing or its chains are not as they should be (the sets keep their
+    elements: only the chains are flushed)."""
+    out = [f"add table inet {TABLE}"]
+    for name, kind in SETS.items():
+        word = "map" if ":" in kind else "set"
+        out.append(f"add {word} inet {TABLE} {name} {{ type {kind}; flags interval; }}")
+    for chain, (hook, rules) in CHAINS.items():
+        out.append(f"add chain inet {TABLE} {chain} {{ {hook} }}")
+        out.append(f"flush chain inet {TABLE} {chain}")
+        out += [f"add rule inet {TABLE} {chain} {rule}" for rule in rules]
+    return "\n".join(out) + "\n"
+
+
+def _by_set(items: Iterable[Element], verb: str) -> list[str]:
+    grouped: dict[str, list[str]] = {}
+    for e in items:
+        grouped.setdefault(e.set, []).append(e.text if verb == "add" else e.key)
+    return [f"{verb} element inet {TABLE} {name} {{ {', '.join(texts)} }}"
+            for name, texts in grouped.items()]
+
+
+def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element],
+                                                                    list[Element]]:
+    """(deletes, adds) that take ``have`` to ``want``: a key the kernel keeps (under
+    another owner's comment) is not added again, and each key is added once."""
+    have_set, want_set = dict.fromkeys(have), dict.fromkeys(want)
+    deletes = [e for e in have_set if e not in want_set]
+    taken = {(e.set, e.key) for e in have_set if e in want_set}
+    adds = []
+    for e in want_set:
+        if e not in have_set and (e.set, e.key) not in taken:
+            taken.add((e.set, e.key))
+            adds.append(e)
+    return deletes, adds
+
+
+def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) -> str:
+    """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds."""
+    if not deletes and not adds and table.skeleton_ok():
+        return ""
+    out = "" if table.skeleton_ok() else skeleton()
+    lines = _by_set(deletes, "delete") + _by_set(adds, "add")
+    return out + "".join(line + "\n" for line in lines)
+
+
+# --------------------------------------------------------------------------- backend
+
+class NftBackend:
+    """Our ``table inet kvmufw``. ``prefix`` runs the commands elsewhere, e.g. ``ip netns
+    exec NS``."""
+
+    name = "nftables"
+    glued = True  # libvirt's guest chains get our glue, not an accept per forward
+
+    def __init__(self, prefix: Iterable[str] = ()) -> None:
+        self.prefix = list(prefix)
+
+    # ------------------------------------------------------------------ the kernel
+
+    def _nft(self) -> str:
+        if self.prefix:
+            return "nft"
+        found = shutil.which("nft", path=SEARCH_PATH)
+        if found is None:
+            raise ApplyError("nft not found: install the nftables package")
+        return found
+
+    def _run(self, argv: list[str], stdin: str | None = None, name: str = "nft") -> str:
+        return run([*self.prefix, *argv], stdin=stdin, name=name)
+
+    def _table_present(self) -> bool:
+        if not self.prefix:
+            from .nftprobe import table_in_kernel
+            return table_in_kernel(1, TABLE)  # NFPROTO_INET
+        try:
+            self._run([self._nft(), "list", "table", "inet", TABLE])
+        except ApplyError:
+            return False
+        return True
+
+    def read(self, families: Iterable[int] = ()) -> Ruleset:
+        """Our table (one ``nft`` process; none where it is not there). The glue outside
+        it is read only when a change needs it (a network's, a clear, a missing table)."""
+        text = ""
+        if self._table_present():
+            text = self._run([self._nft(), "list", "table", "inet", TABLE])
+        return Ruleset(Table.parse(text), glue_reader=self._read_glue)
+
+    def _tool(self, name: str) -> str:
+        return name if self.prefix else find_tool(name)
+
+    def _read_glue(self) -> Glue:
+        glue = Glue()
+        for family in (4, 6):
+            try:
+                text = self._run([self._tool(TOOLS[family][0]), "-t", "filter"],
+                                 name=TOOLS[family][0])
+            except ApplyError:
+                continue
+            chains: dict[str, list[str]] = {"INPUT": [], "FORWARD": []}
+            for line in text.splitlines():
+                if line.startswith(":LIBVIRT_") and family == 4:
+                    glue.libvirt_chains.add(line[1:].split()[0])
+                parts = line.split(None, 2)
+                if line.startswith("-A ") and parts[1] in chains:
+                    chains[parts[1]].append(line)
+            glue.iptables[family] = chains
+        for fam in ("ip", "ip6"):
+            try:
+                text = self._run([self._nft(), "-a", "list", "table", fam, LIBVIRT_TABLE])
+            except ApplyError:
+                continue
+            glue.libvirt[fam] = _libvirt_chains(text)
+        return glue
+
+    def write(self, change: Change) -> None:
+        """Our table in one ``nft -f`` (one transaction), then the glue: one
+        ``iptables-restore --noflush`` per family that needs it, one ``nft -f`` for
+        libvirt's tables."""
+        if change.script:
+            self._run([self._nft(), "-f", "-"], stdin=change.script)
+        for where, payload in sorted(change.glue.items()):
+            if not payload:
+                continue
+            if where == "nft":
+                self._run([self._nft(), "-f", "-"], stdin=payload)
+            else:
+                restore = TOOLS[int(where)][1]
+                self._run([self._tool(restore), "--noflush", "-w"], stdin=payload,
+                          name=restore)
+
+    # ------------------------------------------------------------------ changes
+
+    def change(self, ruleset: Ruleset, rules: Mapping[str, Sequence[Rule]],
+               drop: Callable[[Tag], bool] | None = None) -> Change:
+        have = ruleset.table.elements
+
+        def replaced(e: Element) -> bool:
+            tag = e.tag
+            return tag is not None and (tag.owner in rules or bool(drop and drop(tag)))
+
+        kept = [e for e in have if not replaced(e)]
+        deletes, adds = diff(have, kept + list(wanted(rules)))
+        out = Change(script(ruleset.table, deletes, adds),
+                     ended=[e for e in deletes if e.set.startswith("dnat")])
+        networks = any(o.startswith("n=") for o in rules)
+        if networks or drop is not None or not ruleset.table.skeleton_ok():
+            out.glue = _glue_change(ruleset.glue, keep=bool(kept or adds))
+        return out
+
+    def revert(self, now: Ruleset, before: Ruleset) -> Change:
+        deletes, adds = diff(now.table.elements, before.table.elements)
+        if not before.table.present:
+            return self.clear(now)
+        return Change(script(now.table, deletes, adds))
+
+    def clear(self, ruleset: Ruleset) -> Change:
+        out = Change(f"delete table inet {TABLE}\n" if ruleset.table.present else "",
+                     ended=[e for e in ruleset.table.elements if e.set.startswith("dnat")])
+        out.glue = _glue_change(ruleset.glue, keep=False)
+        return out
+
+    def render(self, rules: Mapping[str, Sequence[Rule]]) -> str:
+        return Change(script(Table(), [], list(wanted(rules)))).text
+
+    # ------------------------------------------------------------------ readings
+
+    @staticmethod
+    def present(ruleset: Ruleset, rules: Iterable[Rule]) -> bool:
+        have = set(ruleset.table.elements)
+        return all(e in have for rule in rules for e in elements(rule))
+
+    @staticmethod
+    def owners(ruleset: Ruleset) -> set[str]:
+        return {t.owner for e in ruleset.table.elements if (t := e.tag) is not None}
+
+    @staticmethod
+    def has_rules(ruleset: Ruleset) -> bool:
+        return ruleset.table.present
+
+    def bad_jumps(self, ruleset: Ruleset) -> list[str]:
+        """Where a glue rule is missing or not first (while our table holds elements)."""
+        if not ruleset.table.elements:
+            return []
+        return _glue_bad(ruleset.glue)
+
+    @staticmethod
+    def libvirt_chains(ruleset: Ruleset) -> set[str]:
+        return set(ruleset.glue.libvirt_chains)
+
+    @staticmethod
+    def claims(ruleset: Ruleset, near: Iterable[ForwardSpec] | None = None,
+               mine: str | None = None) -> dict[str, list[ForwardSpec]]:
+        """owner -> the host ports its DNAT elements hold (read from the kernel's maps)."""
+        from ipaddress import ip_address, ip_network
+
+        from ..model import PortRange
+        wanted_near = None if near is None else [
+            (s.proto, s.host_port.first, s.host_port.last) for s in near]
+        out: dict[str, dict[ForwardSpec, None]] = {}
+        for e in ruleset.table.elements:
+            tag = e.tag
+            if not e.set.startswith("dnat") or tag is None or e.value is None:
+                continue
+            daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
+            first, _, last = ports.partition("-")
+            port = PortRange(int(first), int(last or first))
+            owned = out.setdefault(tag.owner, {})
+            if wanted_near is not None and tag.owner != mine and not any(
+                    p == proto and a <= port.last and port.first <= b
+                    for p, a, b in wanted_near):
+                continue
+            net = ip_network(daddr, strict=False)
+            host = None if net.prefixlen == 0 else net.network_address
+            guest = ip_address(e.value.split(" . ")[0])
+            owned[ForwardSpec(proto=proto, host_port=port, guest_port=port, host_ip=host,
+                              guest_ips=(guest,))] = None
+        return {owner: list(specs) for owner, specs in out.items()}
+
+    def end_flows(self, change: Change, log: Callable[[str], None]) -> None:
+        """End the conntrack flows of the DNAT elements ``change`` deleted."""
+        from _socket import AF_INET, AF_INET6, inet_pton
+
+        from ..conntrack import PROTOCOLS, end_flows
+        flows = []
+        for e in change.ended:
+            if e.value is None:
+                continue
+            daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
+            family = 4 if e.set.startswith("dnat4") else 6
+            af = AF_INET if family == 4 else AF_INET6
+            first, _, last = ports.partition("-")
+            host = None if daddr == ANY[family] else inet_pton(af, daddr.split("/")[0])
+            flows.append((family, PROTOCOLS[proto], int(first), int(last or first),
+                          inet_pton(af, e.value.split(" . ")[0]), host))
+        if not flows:
+            return
+        if self.prefix:
+            _end_elsewhere(self.prefix, flows, log)
+            return
+        try:
+            end_flows(flows)
+        except OSError as exc:
+            log(f"conntrack flows of removed forwards not ended: {exc}")
+
+
+def _end_elsewhere(prefix: list[str], flows: list, log: Callable[[str], None]) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (f"import sys; sys.path.insert(0, {package!r}); "
+            "from kvmufw_hook.conntrack import main; main()")
+    data = json.dumps([[f, p, a, b, g.hex(), h.hex() if h else ""]
+                       for f, p, a, b, g, h in flows])
+    try:
+        subprocess.run([*prefix, sys.executable, "-c", code], input=data, text=True,
+                       capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log(f"conntrack flows of removed forwards not ended: {exc}")
+
+
+# --------------------------------------------------------------------------- glue
+
+def _libvirt_chains(text: str) -> dict[str, list[tuple[int, str]]]:
+    """libvirt's guest chains: (handle, rule text) in order."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    chain = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("chain "):
+            chain = line.split()[1]
+            out[chain] = []
+        elif line == "}":
+            chain = None
+        elif chain is not None and " # handle " in line:
+            body, _, handle = line.rpartition(" # handle ")
+            if not body.startswith(("type ", "policy ")):
+                out[chain].append((int(handle), body))
+    return out
+
+
+def _glue_bad(glue: Glue) -> list[str]:
+    out = []
+    for family, chains in sorted(glue.iptables.items()):
+        where = "" if family == 4 else f", IPv{family}"
+        for chain, line in IPT_GLUE.items():
+            rules = chains.get(chain, [])
+            if not rules or rules[0] != line or rules.count(line) != 1:
+                out.append(f"{chain} (filter{where})")
+    for fam, guest_chains in sorted(glue.libvirt.items()):
+        for chain in LIBVIRT_CHAINS:
+            rules = [text for _h, text in guest_chains.get(chain, [])]
+            if chain in guest_chains and (not rules or rules[0] != LIBVIRT_GLUE
+                                    or rules.count(LIBVIRT_GLUE) != 1):
+                out.append(f"{chain} ({fam} {LIBVIRT_TABLE})")
+    return out
+
+
+def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
+    """The payloads that put each glue rule exactly once at the top of its chain
+    (``keep``), or take every one of them out."""
+    out: dict[str, str] = {}
+    for family, chains in glue.iptables.items():
+        lines = []
+        for chain, line in IPT_GLUE.items():
+            rules = chains.get(chain, [])
+            if keep and rules and rules[0] == line and rules.count(line) == 1:
+                continue
+            lines += ["-D" + line[2:]] * rules.count(line)
+            if keep:
+                lines.append(f"-I {chain} 1" + line[len(f"-A {chain}"):])
+        if lines:
+            out[str(family)] = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
+    nft = []
+    for fam, guest_chains in sorted(glue.libvirt.items()):
+        for chain in LIBVIRT_CHAINS:
+            if chain not in guest_chains:
+                continue
+            handles = guest_chains[chain]
+            texts = [t for _h, t in handles]
+            if keep and texts and texts[0] == LIBVIRT_GLUE and texts.count(LIBVIRT_GLUE) == 1:
+                continue
+            nft += [f"delete rule {fam} {LIBVIRT_TABLE} {chain} handle {h}"
+                    for h, t in handles if t == LIBVIRT_GLUE]
+            if keep:
+                nft.append(f"insert rule {fam} {LIBVIRT_TABLE} {chain} {LIBVIRT_GLUE}")
+    if nft:
+        out["nft"] = "\n".join(nft) + "\n"
+    return out

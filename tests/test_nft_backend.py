@@ -1,0 +1,235 @@
+"""The nftables backend (``table inet kvmufw`` with maps) in a network namespace this test
+creates: real ``nft``, real iptables with UFW's DROP policy and libvirt's rejects, real
+packets through veth pairs. Root only; CI runs them."""
+
+import pytest
+from netlab import SEED, Topology
+
+from kvmufw_hook import ops
+from kvmufw_hook.backends.nft import GLUE_COMMENT, NftBackend
+from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
+
+LAB_NET = b"""<network><name>lab</name>
+  <metadata><forwards xmlns="urn:kvmufw:1">
+    <forward host-port="8080" guest-port="80" guest-ip="10.0.0.5"/>
+  </forwards></metadata>
+  <forward mode='nat' dev='eth0'/><bridge name='virbr1'/>
+  <ip address='10.0.0.1' prefix='24'><dhcp>
+    <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
+  </dhcp></ip></network>"""
+GUEST = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
+    <forward host-port="2222" guest-port="22"/>
+    <forward proto="udp" host-port="6000-6002" guest-port="5000-5002"/>
+    <forward proto="udp" host-port="5100-5101"/>
+    <forward host-port="8443" guest-port="443" source="198.51.100.0/24"/>
+  </forwards></metadata><devices><interface type='network'>
+    <source network='lab' bridge='virbr1'/><mac address='52:54:00:00:00:05'/>
+  </interface></devices></domain>"""
+
+
+@pytest.fixture
+def topo(netns):
+    topology = Topology(netns)
+    netns.run("iptables-restore", input=SEED)
+    topology.inet.serve("tcp", 9000)
+    g5 = topology.guests[5]
+    g5.serve("tcp", 22, 80, 443)
+    g5.serve("udp", 5000, 5001, 5002, 5100, 5101)
+    try:
+        yield topology
+    finally:
+        topology.destroy()
+
+
+def probes(topo) -> dict:
+    g5, g6, inet, host = topo.guests[5], topo.guests[6], topo.inet, topo.host
+    return {
+        "egress": g5.ask("tcp", "203.0.113.2", 9000),
+        "dnat": inet.ask("tcp", "203.0.113.1", 2222),
+        "network_forward": inet.ask("tcp", "203.0.113.1", 8080),
+        "udp_shifted": [inet.ask("udp", "203.0.113.1", p, 1.0) for p in (6000, 6002)],
+        "udp_same_range": [inet.ask("udp", "203.0.113.1", p, 1.0) for p in (5100, 5101)],
+        "hairpin": g6.ask("tcp", "203.0.113.1", 2222),
+        "host_local": host.ask("tcp", "203.0.113.1", 2222),
+        "source_refused": inet.ask("tcp", "203.0.113.1", 8443, 1.0),
+    }
+
+
+def rules(save: str) -> list[str]:
+    """The rules and policies of an iptables-save, without counters (an empty IPv6 filter
+    table that our glue's removal leaves behind holds nothing)."""
+    return [line.rsplit(" [", 1)[0] for line in save.splitlines()
+            if line.startswith("-A") or (line.startswith(":") and " - " not in line
+                                         and "ACCEPT" not in line)]
+
+
+def table(topo) -> str:
+    return topo.host.run("nft", "list", "table", "inet", "kvmufw", check=False).stdout
+
+
+def test_forwards_pass_ufw_drop_and_libvirt_rejects_through_maps_and_glue(topo, state_env):
+    backend = NftBackend(prefix=topo.host.prefix)
+    before = probes(topo)
+    assert before["egress"] is None and before["dnat"] is None
+
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    after = probes(topo)
+    assert after == {
+        "egress": "203.0.113.1",  # masqueraded behind the uplink address
+        "dnat": "203.0.113.2",  # the guest sees the real client
+        "network_forward": "203.0.113.2",
+        "udp_shifted": ["203.0.113.2", "203.0.113.2"],  # 6000->5000, 6002->5002
+        "udp_same_range": ["203.0.113.2", "203.0.113.2"],  # one interval element
+        "hairpin": "10.0.0.1",  # another guest via the host address, masqueraded
+        "host_local": "203.0.113.1",  # from the host itself, through nat OUTPUT
+        "source_refused": None,  # 8443 only for 198.51.100.0/24
+    }
+    # outside our table: one glue accept at the top of INPUT and FORWARD, nothing else
+    saved = topo.host.save()
+    assert saved.count(GLUE_COMMENT) == 2
+    assert saved.count("kvmufw") == 2
+
+    ops.domain_stopped("g5", backend=backend)
+    stopped = probes(topo)
+    assert stopped["dnat"] is None and stopped["egress"] == "203.0.113.1"
+    assert stopped["network_forward"] == "203.0.113.2"
+    assert "d=g5" not in table(topo)
+    ops.network_stopped(net, backend=backend)
+    assert probes(topo) == before
+
+
+def test_a_start_twice_writes_nothing_and_flush_leaves_no_trace(topo, state_env):
+    backend = NftBackend(prefix=topo.host.prefix)
+    seeded = rules(topo.host.save()), rules(topo.host.save(6))
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    first = table(topo)
+    assert ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend).payload == ""
+    assert table(topo) == first
+    ops.flush(backend=backend)
+    assert table(topo) == ""
+    assert (rules(topo.host.save()), rules(topo.host.save(6))) == seeded
+
+
+def test_a_stop_after_lost_state_removes_exactly_that_owner_from_the_kernel(topo, state_env):
+    """Whose an element is, is its comment in the kernel: no file of ours is needed."""
+    import shutil
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    network_only = NftBackend(prefix=topo.host.prefix).read()
+    shutil.rmtree(state_env["KVMUFW_STATE_DIR"])
+    ops.domain_stopped("g5", backend=backend)
+    after = backend.read()
+    assert backend.owners(after) == {"n=lab"}
+    assert {e for e in after.table.elements} == {
+        e for e in network_only.table.elements if e.comment.startswith("kvmufw:n=lab,")}
+    assert probes(topo)["network_forward"] == "203.0.113.2"
+
+
+def test_claims_are_read_back_from_the_maps(topo, state_env):
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    held = backend.claims(backend.read())
+    ports = sorted((s.proto, s.host_port.first, s.host_port.last)
+                   for s in held["d=g5"])
+    assert ("tcp", 2222, 2222) in ports and ("udp", 5100, 5101) in ports
+    assert {("udp", p, p) for p in (6000, 6001, 6002)} <= set(ports)
+    assert [(s.proto, s.host_port.first) for s in held["n=lab"]] == [("tcp", 8080)]
+
+
+LIBVIRT_NFT = """table ip libvirt_network {
+  chain guest_output {
+    iif "virbr1" ip saddr 10.0.0.0/24 accept
+    iif "virbr1" reject
+  }
+  chain guest_input {
+    oif "virbr1" ip daddr 10.0.0.0/24 ct state established,related accept
+    oif "virbr1" reject
+  }
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    jump guest_output
+    jump guest_input
+  }
+}
+"""
+
+
+def test_forwards_pass_libvirt_nftables_rejects_with_one_glue_rule_per_chain(topo, state_env):
+    """libvirt's nftables backend: ``guest_input`` rejects what enters the bridge; one
+    glue accept at its top (and ``guest_output``'s) lets every forward through."""
+    topo.host.run("nft", "-f", "-", input=LIBVIRT_NFT)
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    libvirt = topo.host.run("nft", "list", "table", "ip", "libvirt_network").stdout
+    for chain in ("guest_input", "guest_output"):
+        body = libvirt.split(f"chain {chain} {{", 1)[1].split("}", 1)[0]
+        assert body.strip().splitlines()[0].strip().startswith("meta mark & 0x01000000")
+    found = probes(topo)
+    assert found["dnat"] == "203.0.113.2" and found["network_forward"] == "203.0.113.2"
+    assert found["udp_shifted"] == ["203.0.113.2", "203.0.113.2"]
+    ops.flush(backend=backend)
+    assert "kvmufw" not in topo.host.run("nft", "list", "table", "ip",
+                                         "libvirt_network").stdout
+
+
+OTHER_NET = b"""<network><name>other</name><forward mode='nat'/><bridge name='virbr2'/>
+  <ip address='10.0.1.1' prefix='24'/></network>"""
+ANYWHERE_NET = LAB_NET.replace(b"<forward mode='nat' dev='eth0'/>", b"<forward mode='nat'/>")
+
+
+def test_no_network_reaches_another_that_libvirt_would_refuse(topo, state_env):
+    """A nat network without ``dev`` is accepted out to anywhere, but what it sends
+    to another network's bridge leaves our table unmarked (a fence): UFW's and
+    libvirt's rules refuse it, as they would without us; DNAT'd traffic still passes."""
+    topo.add_bridge("virbr2", "10.0.1.1/24")
+    g7 = topo.add_guest("10.0.1.7", "virbr2", "10.0.1.1", 24)
+    g7.serve("tcp", 7777)
+    backend = NftBackend(prefix=topo.host.prefix)
+    other, _ = parse_hookdata(OTHER_NET)
+    lab, _ = parse_hookdata(ANYWHERE_NET)
+    ops.network_started(other, OTHER_NET, backend=backend)
+    ops.network_started(lab, ANYWHERE_NET, backend=backend)
+    g5 = topo.guests[5]
+    assert g5.ask("tcp", "203.0.113.2", 9000) == "203.0.113.1"
+    assert g5.ask("tcp", "10.0.1.7", 7777, 1.0) is None
+    # the forward passes; the other network masquerades it out to anywhere, as libvirt
+    assert g7.ask("tcp", "203.0.113.1", 8080) == "10.0.0.1"
+
+
+V6_NET = LAB_NET.replace(b"</dhcp></ip>", b"</dhcp></ip><ip family='ipv6' address='fd00::1' "
+                                          b"prefix='64'/>")
+V6_GUEST = GUEST.replace(b'<forward host-port="2222" guest-port="22"/>',
+                         b'<forward host-port="2222" guest-port="22"/><forward '
+                         b'host-port="2223" guest-port="22" guest-ip="10.0.0.5,fd00::5"/>')
+
+
+def test_ipv6_forwards_pass_ip6tables_drop_through_the_same_table(topo, state_env):
+    host, inet, g5 = topo.host, topo.inet, topo.guests[5]
+    for ns, addr in ((host, "2001:db8:1::1/64"), (inet, "2001:db8:1::2/64")):
+        ns.run("ip", "-6", "addr", "add", addr, "dev", "eth0", "nodad")
+    host.run("ip", "-6", "addr", "add", "fd00::1/64", "dev", "virbr1", "nodad")
+    g5.run("ip", "-6", "addr", "add", "fd00::5/64", "dev", "eth0", "nodad")
+    g5.run("ip", "-6", "route", "add", "default", "via", "fd00::1")
+    inet.run("ip", "-6", "route", "add", "default", "via", "2001:db8:1::1")
+    host.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    host.run("ip6tables", "-P", "FORWARD", "DROP")
+    backend = NftBackend(prefix=host.prefix)
+    assert inet.ask("tcp", "2001:db8:1::1", 2223, 1.0) is None
+    net, _ = parse_hookdata(V6_NET)
+    ops.network_started(net, V6_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(V6_GUEST), V6_GUEST, backend=backend)
+    assert inet.ask("tcp", "2001:db8:1::1", 2223) == "2001:db8:1::2"
+    assert inet.ask("tcp", "203.0.113.1", 2223) == "203.0.113.2"
+    assert GLUE_COMMENT in host.save(6)
+    ops.domain_stopped("g5", backend=backend)
+    assert inet.ask("tcp", "2001:db8:1::1", 2223, 1.0) is None
