@@ -4,18 +4,23 @@
     sudo /usr/bin/python3 benchmarks/packets.py [--reps N] [--json PATH]
     sudo /usr/bin/python3 benchmarks/run.py --packets     (the same, after run.py's lines)
 
-Four client -> router -> server triplets of network namespaces, created inside a scratch
+Client -> router -> server triplets of network namespaces, created inside a scratch
 network + mount namespace (nothing of the host's firewall is touched), real conntrack on
 each router. Each router holds, per backend:
 - iptables: the forwards applied by the installed hooks as libvirt calls them (network
   ``started``, then qemu ``start`` per guest): 200 guests x 10 forwards, or the measured
   forward alone. The measured forward is the last guest's last one, so its rules come last.
-- nftables: the same forwards through kvmufw_hook's own nftables backend when the registry
-  has one (``firewall_backend = "nftables"`` in the hooks' configuration); until then a raw
-  ``table inet`` with one DNAT map and one accept set holding the same elements.
+- nftables: the same forwards through kvmufw_hook's own nftables backend, selected by
+  ``firewall_backend = "nftables"`` in the hooks' configuration (left out while the
+  registry has no such backend);
+- raw nft, exact map / interval map: a bare ``table inet`` with one DNAT map and one accept
+  set holding the same elements, keyed exactly (a hash lookup) or with a source prefix
+  (``flags interval``: the kernel's pipapo set), the two forms a backend chooses between.
 A client process opens ``--conns`` new TCP connections to the router's address and the
 measured host port (DNAT'd to the server, which accepts and closes), and times each
 ``connect`` (SYN out, SYN-ACK back: the router's first-packet path, rule walk included).
+The client runs on CPU 0 (a veth path runs on the sender's CPU), the server on CPU 1, so
+that its wake-ups never preempt the path measured (else the times split into two modes).
 Rounds interleave the four routers so that a noisy moment hits all alike; the ratios come
 from medians of the same run. Prints one line per figure; JSON to ``--json``.
 """
@@ -116,7 +121,7 @@ class Triplet:
                 self.run(role, "ip", "route", "add", "default", "via", via)
         self.run("router", "sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.server = subprocess.Popen(
-            ["ip", "netns", "exec", s, bench.PY, "-c", SERVE,
+            ["ip", "netns", "exec", s, "taskset", "-c", "1", bench.PY, "-c", SERVE,
              *map(str, MEASURED_GUEST_PORTS)], stdout=subprocess.PIPE)
         assert self.server.stdout is not None
         self.server.stdout.readline()  # "ready"
@@ -126,11 +131,15 @@ class Triplet:
             self.server.kill()  # the one process this triplet started
             self.server.wait()
         for name in self.ns.values():
-            subprocess.run(["ip", "netns", "del", name], check=False)
+            subprocess.run(["ip", "netns", "del", name], check=False,
+                           stderr=subprocess.DEVNULL)  # those it made before a failure
 
     def connects(self, count: int) -> list[int]:
         """Nanoseconds of each of ``count`` new connections through the router."""
-        return json.loads(self.run("client", bench.PY, "-c", CONNECT, ROUTER_OUT,
+        # on one CPU: a veth path is run by the sender's CPU, so every router is
+        # measured on the same core (else the medians follow where the scheduler put it)
+        return json.loads(self.run("client", "taskset", "-c", "0", bench.PY, "-c", CONNECT,
+                                   ROUTER_OUT,
                                    str(MEASURED_HOST_PORT), str(count)))
 
 
@@ -151,19 +160,28 @@ def hooks_apply(t: Triplet, guests: int, backend: str) -> None:
         t.run("router", *bench.hook("qemu", f"g{i:03d}", "start", "begin", "-"), stdin=xml)
 
 
-def raw_nft(forwards: list[tuple[int, str, int]]) -> str:
+def raw_nft(forwards: list[tuple[int, str, int]], interval: bool = False) -> str:
     """One table with a DNAT map and an accept set of ``forwards`` (host port, guest
-    address, guest port): the shape issue 21 asks of the backend, without the backend."""
-    dnat = ", ".join(f"tcp . {h} : {g} . {p}" for h, g, p in forwards)
-    allow = ", ".join(f"{g} . tcp . {p}" for _, g, p in forwards)
+    address, guest port): the shape issue 21 asks of a backend, without the backend.
+    Exact keys are a hash lookup; ``interval``: the same elements keyed by a source
+    prefix too (``0.0.0.0/0``: anyone), which makes the kernel use its pipapo set (the
+    form a per-forward ``source`` needs), whose lookup grows with the elements."""
+    source, any_, flags = ("ip saddr . ", "0.0.0.0/0 . ", " flags interval;") if interval \
+        else ("", "", "")
+    dnat = ", ".join(f"{any_}tcp . {h} : {g} . {p}" for h, g, p in forwards)
+    allow = ", ".join(f"{any_}{g} . tcp . {p}" for _, g, p in forwards)
+    key = "ipv4_addr . " if interval else ""
     return f"""table inet kvmufwbench {{
-  map dnat4 {{ type inet_proto . inet_service : ipv4_addr . inet_service;
+  map dnat4 {{ type {key}inet_proto . inet_service : ipv4_addr . inet_service;{flags}
     elements = {{ {dnat} }}; }}
-  set allow4 {{ type ipv4_addr . inet_proto . inet_service; elements = {{ {allow} }}; }}
+  set allow4 {{ type {key}ipv4_addr . inet_proto . inet_service;{flags}
+    elements = {{ {allow} }}; }}
   chain pre {{ type nat hook prerouting priority dstnat; policy accept;
-    fib daddr type local dnat ip to meta l4proto . th dport map @dnat4; }}
+    fib daddr type local meta l4proto {{ tcp, udp }} \\
+      dnat ip to {source}meta l4proto . th dport map @dnat4; }}
   chain forward_in {{ type filter hook forward priority filter; policy accept;
-    ct status dnat ip daddr . meta l4proto . th dport @allow4 accept; }}
+    ct status dnat meta l4proto {{ tcp, udp }} \\
+      {source}ip daddr . meta l4proto . th dport @allow4 accept; }}
 }}
 """
 
@@ -181,23 +199,31 @@ def nft_backend_available() -> bool:
     return "nftables" in backends.names()
 
 
+# what each router holds: (label, how its forwards are applied)
+KINDS = (("iptables", "hooks"), ("nftables", "hooks"),
+         ("raw nft, exact map", "exact"), ("raw nft, interval map", "interval"))
+
+
 def measure(reps: int, conns: int, scratch: str, report) -> dict:
-    """Builds the four routers, measures, reports; returns the figures."""
+    """Builds a router per kind and count (1 forward, 2,000), measures, reports;
+    returns the figures. Without kvmufw_hook's nftables backend in the registry, its
+    line is left out and the raw maps stand for it."""
     if not bench.INSTALLED:
         bench.install_hooks(scratch)
-    nft_ours = nft_backend_available()
-    setups = [("iptables", 1), ("iptables", GUESTS * PER_GUEST),
-              ("nftables", 1), ("nftables", GUESTS * PER_GUEST)]
-    triplets = [Triplet(f"{b} {n}", scratch, i) for i, (b, n) in enumerate(setups)]
+    kinds = [k for k in KINDS if k[0] != "nftables" or nft_backend_available()]
+    many = GUESTS * PER_GUEST
+    setups = [(label, how, n) for label, how in kinds for n in (1, many)]
+    triplets = [Triplet(f"{label} {n}", scratch, i) for i, (label, _, n) in enumerate(setups)]
     try:
         started = time.perf_counter()
-        for t, (backend, n) in zip(triplets, setups, strict=True):
+        for t, (label, how, n) in zip(triplets, setups, strict=True):
             t.build()
-            if backend == "iptables" or nft_ours:
-                hooks_apply(t, 1 if n == 1 else GUESTS, backend)
+            guests = 1 if n == 1 else GUESTS
+            if how == "hooks":
+                hooks_apply(t, guests, label)
             else:
-                t.run("router", "nft", "-f", "-", stdin=raw_nft(all_forwards(
-                    1 if n == 1 else GUESTS)).encode())
+                t.run("router", "nft", "-f", "-",
+                      stdin=raw_nft(all_forwards(guests), how == "interval").encode())
         apply_seconds = time.perf_counter() - started
         times: dict[str, list[int]] = {t.label: [] for t in triplets}
         for round_ in range(reps + 1):
@@ -206,25 +232,24 @@ def measure(reps: int, conns: int, scratch: str, report) -> dict:
                 if round_:  # the first round warms caches and the route
                     times[t.label].extend(took)
         med = {label: statistics.median(t) / 1000 for label, t in times.items()}
+        spread = {label: [round(q / 1000, 1) for q in statistics.quantiles(t, n=4)]
+                  for label, t in times.items()}
     finally:
         for t in triplets:
             t.destroy()
-    many = GUESTS * PER_GUEST
-    figures = {"connections_each": reps * conns, "apply_seconds": apply_seconds,
-               "nftables_is": "kvmufw_hook's backend" if nft_ours else "a raw nft map",
-               "median_us": med}
-    for backend in ("iptables", "nftables"):
-        one, lots = med[f"{backend} 1"], med[f"{backend} {many}"]
-        what = backend if backend == "iptables" else (
-            "nftables" + ("" if nft_ours else " (raw map, no backend yet)"))
-        target = "<= 1.2x" if backend == "nftables" else "informative"
-        met = lots / one <= 1.2 if backend == "nftables" else True
-        figures[f"{backend}_ratio"] = lots / one
-        report(f"new connection through {many} forwards vs 1, {what}",
+    figures: dict = {"connections_each": reps * conns, "apply_seconds": apply_seconds,
+                     "median_us": med, "quartiles_us": spread}
+    for label, _ in kinds:
+        one, lots = med[f"{label} 1"], med[f"{label} {many}"]
+        target = "<= 1.2x" if label == "nftables" else "informative"
+        met = lots / one <= 1.2 if label == "nftables" else True
+        figures[f"{label} ratio"] = lots / one
+        report(f"new connection through {many} forwards vs 1, {label}",
                f"{lots:.1f} us vs {one:.1f} us = {lots / one:.2f}x", target, met,
                seconds=lots / 1e6, one_seconds=one / 1e6, ratio=lots / one)
-    ipt, nft = med[f"iptables {many}"], med[f"nftables {many}"]
-    report(f"new connection through {many} forwards, iptables vs nftables",
+    best = kinds[1][0]  # nftables, or the exact raw map without it
+    ipt, nft = med[f"iptables {many}"], med[f"{best} {many}"]
+    report(f"new connection through {many} forwards, iptables vs {best}",
            f"{ipt:.1f} us vs {nft:.1f} us = {ipt / nft:.2f}x", "informative", True,
            ratio=ipt / nft)
     return figures
@@ -238,7 +263,7 @@ def main() -> int:
     if status is not None:
         return status
     report = bench.Report()
-    print("applying 4 routers' forwards, then measuring…", flush=True)
+    print("applying each router's forwards, then measuring…", flush=True)
     report.results["figures"] = measure(args.reps, args.conns, args.in_netns, report)
     return report.write(args.json)
 
