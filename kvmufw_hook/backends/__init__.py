@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the hooks' start-up path imports this package: no typing at
 # only when chosen
 REGISTRY: dict[str, tuple[str, str]] = {
     "iptables": ("iptables", "IptablesBackend"),
+    "nftables": ("nft", "NftBackend"),
 }
 DEFAULT = "iptables"
 
