@@ -598,6 +598,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                 keep=kept)
             for owner in state.stopped_owners():  # every stale rule is gone now
                 state.forget_stopped(owner)
+            _clear_others(backend, log)
     _report("replay", planned, payload, problems, dry_run, log)
     return Replayed(payload, problems, len(planned.rules))
 
@@ -645,6 +646,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
             state.forget_stopped(owner)
         for name in stopped:
             state.forget_network(name)
+        _clear_others(backend, log)
     _report("restore", planned, payload, problems, False, log)
     return Replayed(payload, problems, len(planned.rules))
 
@@ -704,11 +706,27 @@ def flush(backend=None) -> Applied:
         return _flush(backend)
 
 
+def _clear_others(backend, log: Log = _quiet) -> str:
+    """Remove what other backends of ours hold (``firewall_backend`` was switched): run
+    after ``backend`` holds every forward, so none is lost meanwhile; their conntrack
+    flows stay (the same forwards carry them on)."""
+    from .backends import others
+    text = ""
+    for name, other in others(backend):
+        before = other.read()
+        if other.has_rules(before):
+            change = other.clear(before)
+            other.write(change)
+            text += change.text
+            log(f"firewall backend switched: every rule of ours in {name} removed")
+    return text
+
+
 def _flush(backend) -> Applied:
     from .backends.libvirt_nft import clear_accepts
     change = backend.clear(backend.read())
     backend.write(change)
-    text = change.text + clear_accepts(backend)
+    text = change.text + _clear_others(backend) + clear_accepts(backend)
     text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)
 

@@ -182,3 +182,14 @@ COMMIT
 -A LIBVIRT_PRT -s 10.0.0.0/24 -d 224.0.0.0/24 -j RETURN
 COMMIT
 """
+
+# The libvirt network of ``Topology`` (bridge virbr1, 10.0.0.0/24, guests .5 and .6
+# reserved), with one network forward 8080 -> 10.0.0.5:80.
+TOPOLOGY_NET = b"""<network><name>lab</name>
+  <metadata><forwards xmlns="urn:kvmufw:1">
+    <forward host-port="8080" guest-port="80" guest-ip="10.0.0.5"/>
+  </forwards></metadata>
+  <forward mode='nat' dev='eth0'/><bridge name='virbr1'/>
+  <ip address='10.0.0.1' prefix='24'><dhcp>
+    <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
+  </dhcp></ip></network>"""

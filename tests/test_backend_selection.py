@@ -88,3 +88,17 @@ class Broken:
     def read(self, families=()):
         from kvmufw_hook.errors import ApplyError
         raise ApplyError("no firewall here")
+
+
+def test_other_backends_are_every_registered_one_but_the_selected_in_the_same_place():
+    selected = backends.get("iptables", ["ip", "netns", "exec", "x"])
+    found = backends.others(selected)
+    assert [name for name, _ in found] == [n for n in backends.names() if n != "iptables"]
+    assert all(other.prefix == ["ip", "netns", "exec", "x"] for _, other in found)
+
+
+def test_a_stand_in_backend_has_no_others_to_clear():
+    """A test's fake must never make a replay clear the real host's firewall."""
+    class StandIn:
+        prefix = ()
+    assert backends.others(StandIn()) == []

@@ -30,9 +30,27 @@ def names() -> tuple[str, ...]:
 def get(name: str = DEFAULT, prefix: Iterable[str] = ()) -> Any:
     """The backend registered as ``name``; ``prefix`` runs its tools elsewhere (e.g.
     ``ip netns exec NS``). KeyError for a name nobody registered."""
+    return _class(name)(prefix)
+
+
+def _class(name: str) -> type:
     module_name, class_name = REGISTRY[name]
     module = __import__(f"{__name__}.{module_name}", fromlist=[class_name])
-    return getattr(module, class_name)(prefix)
+    cls: type = getattr(module, class_name)
+    return cls
+
+
+def others(backend: Any) -> list[tuple[str, Any]]:
+    """(name, backend) of every registered backend but ``backend``'s, running where it
+    runs (its ``prefix``): where rules of ours may be left from before a switch of
+    ``firewall_backend``. None for a backend the registry does not hold (a test's
+    stand-in): nothing else of ours is its business."""
+    names_of = {name: _class(name) for name in REGISTRY}
+    if type(backend) not in names_of.values():
+        return []
+    prefix = getattr(backend, "prefix", ())
+    return [(name, cls(prefix)) for name, cls in names_of.items()
+            if cls is not type(backend)]
 
 
 def selected(prefix: Iterable[str] = ()) -> Any:

@@ -1,0 +1,91 @@
+"""Switching ``firewall_backend`` with guests running: ``restore`` (from our state) or
+``replay`` (from libvirt's XML) with the newly selected backend puts every forward in it
+and leaves nothing of the other one; packets keep reaching the guest through UFW's DROP
+and libvirt's rejects all along. In a network namespace this test creates, with real
+iptables and nft. Root only; CI runs them."""
+
+from pathlib import Path
+
+import pytest
+from netlab import SEED, TOPOLOGY_NET, Topology
+
+from kvmufw_hook import backends, ops
+from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
+
+pytestmark = pytest.mark.kernel
+
+NET = TOPOLOGY_NET
+GUEST = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
+    <forward host-port="2222" guest-port="22"/>
+    <forward proto="udp" host-port="6000-6001" guest-port="5000-5001"/>
+  </forwards></metadata><devices><interface type='network'>
+    <source network='lab' bridge='virbr1'/><mac address='52:54:00:00:00:05'/>
+  </interface></devices></domain>"""
+WORKING = {"egress": "203.0.113.1", "dnat": "203.0.113.2", "network_forward": "203.0.113.2",
+           "udp_shifted": "203.0.113.2", "hairpin": "10.0.0.1"}
+
+
+@pytest.fixture
+def topo(netns, state_env):
+    topology = Topology(netns)
+    netns.run("iptables-restore", input=SEED)
+    topology.inet.serve("tcp", 9000)
+    topology.guests[5].serve("tcp", 22, 80)
+    topology.guests[5].serve("udp", 5000, 5001)
+    # libvirt's status file of the running network: restore asks it, never libvirt
+    Path(state_env["KVMUFW_LIBVIRT_NETWORK_DIR"], "lab.xml").write_bytes(
+        b"<networkstatus>" + NET + b"</networkstatus>")
+    try:
+        yield topology
+    finally:
+        topology.destroy()
+
+
+def probes(topo) -> dict:
+    g5, g6, inet = topo.guests[5], topo.guests[6], topo.inet
+    return {"egress": g5.ask("tcp", "203.0.113.2", 9000),
+            "dnat": inet.ask("tcp", "203.0.113.1", 2222),
+            "network_forward": inet.ask("tcp", "203.0.113.1", 8080),
+            "udp_shifted": inet.ask("udp", "203.0.113.1", 6001, 1.0),
+            "hairpin": g6.ask("tcp", "203.0.113.1", 2222)}
+
+
+def ours(topo) -> dict[str, bool]:
+    """Which backend holds anything of ours in the namespace."""
+    saved = topo.host.save() + topo.host.save(6)
+    table = topo.host.run("nft", "list", "table", "inet", "kvmufw", check=False)
+    return {"iptables": "KVMUFW" in saved, "nftables": table.returncode == 0}
+
+
+def start(backend) -> None:
+    net, _ = parse_hookdata(b"<hookData>" + NET + b"</hookData>")
+    ops.network_started(net, NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+
+
+@pytest.mark.parametrize("old,new", [("iptables", "nftables"), ("nftables", "iptables")])
+def test_a_restore_after_a_switch_moves_every_forward_and_leaves_nothing_behind(
+        topo, old, new):
+    start(backends.get(old, topo.host.prefix))
+    assert probes(topo) == WORKING
+    assert ours(topo) == {old: True, new: False}
+
+    done = ops.restore(backend=backends.get(new, topo.host.prefix))
+    assert not done.problems
+    assert ours(topo) == {old: False, new: True}
+    assert probes(topo) == WORKING
+    # and the new backend carries on as usual: the guest's stop takes its forwards out
+    ops.domain_stopped("g5", backend=backends.get(new, topo.host.prefix))
+    assert probes(topo)["dnat"] is None and probes(topo)["network_forward"] == "203.0.113.2"
+
+
+@pytest.mark.parametrize("old,new", [("iptables", "nftables"), ("nftables", "iptables")])
+def test_a_replay_after_a_switch_moves_every_forward_and_flush_clears_both(topo, old, new):
+    start(backends.get(old, topo.host.prefix))
+    done = ops.replay([NET], [GUEST], backend=backends.get(new, topo.host.prefix))
+    assert not done.problems
+    assert ours(topo) == {old: False, new: True}
+    assert probes(topo) == WORKING
+    start(backends.get(old, topo.host.prefix))  # both hold forwards: a switch half done
+    ops.flush(backends.get(new, topo.host.prefix))
+    assert ours(topo) == {old: False, new: False}
