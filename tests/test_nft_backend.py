@@ -233,3 +233,45 @@ def test_ipv6_forwards_pass_ip6tables_drop_through_the_same_table(topo, state_en
     assert GLUE_COMMENT in host.save(6)
     ops.domain_stopped("g5", backend=backend)
     assert inet.ask("tcp", "2001:db8:1::1", 2223, 1.0) is None
+
+
+RECORDED = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook.backends import nft
+from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
+from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
+from kvmufw_hook.apply import apply_rules
+net, _ = parse_hookdata(open(sys.argv[2], "rb").read())
+dom = parse_domain_xml(open(sys.argv[3], "rb").read())
+backend = nft.NftBackend()
+apply_rules({"n=lab": plan_network_owner(net)}, backend=backend)
+apply_rules({"d=g5": plan_domain_owner(dom, {"lab": net})}, backend=backend)
+calls = []
+real = nft.run
+nft.run = lambda argv, **kw: calls.append(argv[-1]) or real(argv, **kw)
+apply_rules({"d=g5": ()}, backend=backend)  # a stop: recorded table, one nft -f
+apply_rules({"d=g5": plan_domain_owner(dom, {"lab": net})}, backend=backend)  # a start
+print(calls)
+before = backend.read()
+import subprocess
+subprocess.run(["nft", "add", "element", "inet", "kvmufw", "b2b4", '{ "x" . "y" }'], check=True)
+print(len(calls), len(backend.read().table.elements) - len(before.table.elements))
+"""
+
+
+def test_a_start_and_a_stop_after_our_own_write_run_one_nft_and_read_nothing(
+        topo, state_env, tmp_path):
+    """nf_tables' generation proves nobody changed anything since our last write: our
+    record of the table stands for a read; anyone's change (here a hand-added element)
+    makes the next read go to the kernel again."""
+    import pathlib
+    import sys
+    (tmp_path / "net.xml").write_bytes(LAB_NET)
+    (tmp_path / "dom.xml").write_bytes(GUEST)
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    out = topo.host.run(sys.executable, "-c", RECORDED, root, str(tmp_path / "net.xml"),
+                        str(tmp_path / "dom.xml"),
+                        env={**__import__("os").environ, **state_env}).stdout.splitlines()
+    assert out[0] == "['-', '-']"  # nft -f -, twice: no list, no probe by process
+    assert out[1] == "2 1"  # a change by someone else is seen: the kernel was read

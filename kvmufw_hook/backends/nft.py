@@ -357,6 +357,7 @@ class Glue:
 class Ruleset:
     table: Table
     unavailable: dict[int, str] = field(default_factory=dict)
+    generation: int | None = None  # nf_tables' generation it was read at, if known
     glue_reader: Callable[[], Glue] | None = None
     _glue: Glue | None = None
 
@@ -378,6 +379,8 @@ class Change:
     glue: dict[str, str] = field(default_factory=dict)  # "4"/"6"/"nft" -> payload
     ended: list[Element] = field(default_factory=list)  # DNAT elements deleted
     skipped: dict[int, str] = field(default_factory=dict)
+    base: Ruleset | None = None  # what it was made from
+    after: list[Element] | None = None  # our elements once it is written
 
     def __bool__(self) -> bool:
         return bool(self.script or any(self.glue.values()))
@@ -443,6 +446,57 @@ def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) ->
     return out + "".join(line + "\n" for line in lines)
 
 
+# --------------------------------------------------------------------------- record
+
+class Record:
+    """Our table as our own last write left it, and nf_tables' generation right after
+    that write (a file of the state's cache, written under the state lock): a guest's
+    start or stop while the generation is still that one reads no table (one netlink
+    request instead of an ``nft`` process). Any change by anyone moves the generation
+    on: then the kernel is read again."""
+
+    NAME = "nft-table"
+
+    @classmethod
+    def path(cls) -> str:
+        import os
+
+        from .. import state
+        return os.path.join(state.state_dir(), "cache", cls.NAME)
+
+    @classmethod
+    def load(cls, generation: int) -> Table | None:
+        import marshal
+        try:
+            with open(cls.path(), "rb") as fh:
+                recorded, items = marshal.loads(fh.read())
+            if recorded != generation:
+                return None
+            elements = [Element(*item) for item in items]
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+        return Table(True, {c: list(rules) for c, (_hook, rules) in CHAINS.items()}, elements)
+
+    @classmethod
+    def save(cls, generation: int, elements: list[Element]) -> None:
+        import marshal
+
+        from .. import state
+        data = (generation, [(e.set, e.key, e.value, e.comment) for e in elements])
+        try:
+            state.write_cache(cls.NAME, marshal.dumps(data))
+        except (OSError, ApplyError):
+            cls.forget()
+
+    @classmethod
+    def forget(cls) -> None:
+        import os
+        try:
+            os.unlink(cls.path())
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------------- backend
 
 class NftBackend:
@@ -479,12 +533,28 @@ class NftBackend:
         return True
 
     def read(self, families: Iterable[int] = ()) -> Ruleset:
-        """Our table (one ``nft`` process; none where it is not there). The glue outside
-        it is read only when a change needs it (a network's, a clear, a missing table)."""
+        """Our table: from our record of it after our own last write while nf_tables'
+        generation says nobody changed anything since (``Record``: no process at all),
+        else with one ``nft`` process (none where the table is not there). The glue
+        outside it is read only when a change needs it (a network's, a clear, a missing
+        table)."""
+        generation = self._generation()
+        if generation is not None:
+            known = Record.load(generation)
+            if known is not None:
+                return Ruleset(known, generation=generation, glue_reader=self._read_glue)
         text = ""
         if self._table_present():
             text = self._run([self._nft(), "list", "table", "inet", TABLE])
-        return Ruleset(Table.parse(text), glue_reader=self._read_glue)
+        if generation is not None and self._generation() != generation:
+            generation = None  # changed while being read
+        return Ruleset(Table.parse(text), generation=generation, glue_reader=self._read_glue)
+
+    def _generation(self) -> int | None:
+        if self.prefix:
+            return None
+        from .nftprobe import generation
+        return generation()
 
     def _tool(self, name: str) -> str:
         return name if self.prefix else find_tool(name)
@@ -516,18 +586,34 @@ class NftBackend:
     def write(self, change: Change) -> None:
         """Our table in one ``nft -f`` (one transaction), then the glue: one
         ``iptables-restore --noflush`` per family that needs it, one ``nft -f`` for
-        libvirt's tables."""
-        if change.script:
-            self._run([self._nft(), "-f", "-"], stdin=change.script)
-        for where, payload in sorted(change.glue.items()):
-            if not payload:
-                continue
-            if where == "nft":
-                self._run([self._nft(), "-f", "-"], stdin=payload)
-            else:
-                restore = TOOLS[int(where)][1]
-                self._run([self._tool(restore), "--noflush", "-w"], stdin=payload,
-                          name=restore)
+        libvirt's tables. Afterwards our table as written is recorded (``Record``) when
+        nf_tables' generation proves nobody else changed anything meanwhile."""
+        base = change.base
+        start = base.generation if base is not None else None
+        if start is not None and self._generation() != start:
+            start = None
+        try:
+            if change.script:
+                self._run([self._nft(), "-f", "-"], stdin=change.script)
+            for where, payload in sorted(change.glue.items()):
+                if not payload:
+                    continue
+                if where == "nft":
+                    self._run([self._nft(), "-f", "-"], stdin=payload)
+                else:
+                    restore = TOOLS[int(where)][1]
+                    self._run([self._tool(restore), "--noflush", "-w"], stdin=payload,
+                              name=restore)
+        except ApplyError:
+            Record.forget()
+            raise
+        glued = any(change.glue.values())
+        if (start is None or change.after is None or glued or not change.script
+                or self._generation() != start + 1):
+            if change:
+                Record.forget()
+            return
+        Record.save(start + 1, change.after)
 
     # ------------------------------------------------------------------ changes
 
@@ -541,8 +627,10 @@ class NftBackend:
 
         kept = [e for e in have if not replaced(e)]
         deletes, adds = diff(have, kept + list(wanted(rules)))
+        gone = set(deletes)
         out = Change(script(ruleset.table, deletes, adds),
-                     ended=[e for e in deletes if e.set.startswith("dnat")])
+                     ended=[e for e in deletes if e.set.startswith("dnat")], base=ruleset,
+                     after=[e for e in have if e not in gone] + adds)
         networks = any(o.startswith("n=") for o in rules)
         if networks or drop is not None or not ruleset.table.skeleton_ok():
             out.glue = _glue_change(ruleset.glue, keep=bool(kept or adds))
