@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # annotations only: typing and collections cost milliseconds 
     from collections.abc import Callable, Mapping, Sequence
     from typing import TypeVar
 
-    from .plan import Rule
+    from .intents import Intent
     T = TypeVar("T")
 
 
@@ -82,28 +82,28 @@ def _libvirt_table(backend) -> bool:
     """Whether libvirt's nftables table may be there (then our accepts go in it too):
     one netlink request here; a backend that runs elsewhere (``prefix``, tests in a
     namespace) lets ``libvirt_nft`` ask with ``nft`` in that namespace."""
-    if getattr(backend, "prefix", None):
+    if backend.prefix:
         return True
     from .backends.nftprobe import IPV4, IPV6, table_in_kernel
     return table_in_kernel(IPV4) or table_in_kernel(IPV6)
 
 
-def families_of(rules: Mapping[str, Sequence[Rule]]) -> set[int]:
+def families_of(rules: Mapping[str, Sequence[Intent]]) -> set[int]:
     """The address families ``rules`` write to (the backend reads those, and those where
     rules of ours already are)."""
     return {rule.family for owned in rules.values() for rule in owned}
 
 
-def covering(backend, before, rules: Mapping[str, Sequence[Rule]]):
+def covering(backend, before, rules: Mapping[str, Sequence[Intent]]):
     """``before``, or a fresh read when it lacks a family ``rules`` write to (a ruleset
     read before planning holds IPv6 only where rules of ours already were)."""
     wanted = families_of(rules)
-    if wanted <= set(before.snapshots) | set(before.unavailable):
+    if wanted <= set(before.families) | set(before.unavailable):
         return before
-    return backend.read(wanted | set(before.snapshots))
+    return backend.read(wanted | set(before.families))
 
 
-def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
+def apply_rules(rules: Mapping[str, Sequence[Intent]], drop=None, backend=None,
                 log: Callable[[str], None] = _quiet, before=None) -> Applied:
     """Replace the named owners' rules (and drop matching others) in one write per
     family; ``before``: the ruleset already read under the lock, if any (read with the
@@ -135,7 +135,7 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
     except ApplyError as exc:
         try:
             if change:  # every family back as it was, those written before the failure too
-                backend.write(backend.revert(backend.read(before.snapshots), before))
+                backend.write(backend.revert(backend.read(before.families), before))
         except ApplyError as rollback:
             log(f"rollback failed too: {rollback}")
         raise Stale(str(exc)) from None

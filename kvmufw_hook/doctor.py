@@ -161,7 +161,7 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend):
     )
     from .ops import plan_host
     nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
+    firewall = libvirt_firewall(backend.libvirt_backend(ruleset), nft)
     out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]
     if firewall.backend != "nftables":
         return firewall, out
@@ -197,12 +197,10 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend):
 def check_rules(backend, ruleset, active_networks: int,
                 libvirt_backend: str = "iptables", ipv6_networks: bool = True) -> list[Finding]:
     """libvirt's chains (where it uses iptables), our rules and our jumps, through the
-    backend's interface (``libvirt_chains``, ``has_rules``, ``bad_jumps``); a family the
-    backend cannot reach, where a network needs it (``ipv6_networks``)."""
-    from .backends.iptables import LIBVIRT_CHAINS
+    backend's interface (``libvirt_missing``, ``has_rules``, ``entry_problems``); a family
+    the backend cannot reach, where a network needs it (``ipv6_networks``)."""
     out = []
-    present = backend.libvirt_chains(ruleset)
-    missing = [c for c in LIBVIRT_CHAINS if c not in present]
+    missing = backend.libvirt_missing(ruleset)
     # with its nftables backend libvirt has no iptables chains: check_libvirt_firewall
     libvirt_chains_expected = active_networks and libvirt_backend == "iptables"
     if libvirt_chains_expected and missing:
@@ -213,7 +211,7 @@ def check_rules(backend, ruleset, active_networks: int,
     elif libvirt_chains_expected:
         out.append(Finding("OK", "libvirt's chains", "present"))
     if backend.has_rules(ruleset):
-        bad = backend.bad_jumps(ruleset)
+        bad = backend.entry_problems(ruleset)
         if bad:
             out.append(Finding("FAIL", "our jumps", "not exactly once at position 1 in: "
                                + ", ".join(bad), "kvmufw_hook restore --jumps-only"))

@@ -108,7 +108,7 @@ def collect(backend=None) -> dict:
     # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
     from .backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present
     nft, accepts = LibvirtNft.beside(backend), None
-    firewall = libvirt_firewall(backend.libvirt_chains(snapshot) if snapshot else (), nft)
+    firewall = libvirt_firewall(backend.libvirt_backend(snapshot) if snapshot else None, nft)
     report["libvirt_firewall"] = firewall.backend
     if snapshot is not None and firewall.table:
         try:
