@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from . import host, state
 from .apply import (  # noqa: F401 - the stop path lives there
@@ -32,6 +33,7 @@ from .apply import (  # noqa: F401 - the stop path lives there
     retrying,
 )
 from .backends import default_backend
+from .backends.base import Backend
 from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
@@ -94,8 +96,8 @@ def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
     return facts
 
 
-def _prefix(backend) -> Sequence[str]:
-    return getattr(backend, "prefix", None) or ()
+def _prefix(backend: Backend[Any, Any] | None) -> Sequence[str]:
+    return backend.prefix if backend is not None else ()
 
 
 # --------------------------------------------------------------------------- networks
@@ -582,10 +584,8 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
             return tagged.owner not in planned.failed
 
         if dry_run:
-            from .backends.libvirt_nft import plan_accepts
             before = covering(backend, before, planned.rules)
-            payload = (backend.change(before, planned.rules, drop).text
-                       + plan_accepts(backend, before, planned.rules, drop).text)
+            payload = backend.change(before, planned.rules, drop).text
         else:
             payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
                                   before=before).payload
@@ -704,11 +704,10 @@ def flush(backend=None) -> Applied:
         return _flush(backend)
 
 
-def _flush(backend) -> Applied:
-    from .backends.libvirt_nft import clear_accepts
+def _flush(backend: Backend[Any, Any]) -> Applied:
     change = backend.clear(backend.read())
     backend.write(change)
-    text = change.text + clear_accepts(backend)
+    text = change.text
     text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)
 

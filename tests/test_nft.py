@@ -20,8 +20,8 @@ from ipaddress import ip_address
 import pytest
 from conftest import ROOT, SAMPLES, need_root_tools
 
+from kvmufw_hook import backends
 from kvmufw_hook.backends import libvirt_nft as nftmod
-from kvmufw_hook.backends.iptables import IptablesBackend
 from kvmufw_hook.backends.libvirt_nft import (
     INPUT,
     OUTPUT,
@@ -345,7 +345,7 @@ def lab_table(ns) -> None:
 def test_accepts_read_back_byte_identical_and_apply_twice_changes_nothing(nftns):
     lab_table(nftns)
     before = listing(nftns)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     first = apply_rules(owners_rules(), backend=backend)
     assert "# nft -f: our accepts in libvirt's tables (ip and ip6 libvirt_network)" in first.payload
     after = listing(nftns)
@@ -366,7 +366,7 @@ def test_accepts_read_back_byte_identical_and_apply_twice_changes_nothing(nftns)
 
 def test_accepts_behind_a_rebuilt_libvirt_table_go_back_to_the_top(nftns):
     lab_table(nftns)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules(owners_rules(), backend=backend)
     # libvirtd restarts: it deletes its rules and inserts them again, at the top
     snap = LibvirtNft(nftns.prefix).read()
@@ -391,7 +391,7 @@ def test_nft_refused_reverts_the_iptables_change_too(nftns):
     """A real refusal: a forward on a bridge the kernel does not have (``oif`` needs it)."""
     lab_table(nftns)
     nftns.run("iptables-restore", input=UFW_ONLY)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules({"n=lab": plan_network_owner(LAB)}, backend=backend)
     before, listed = saved(nftns), listing(nftns)
     ghost = parse_network_xml(LAB_NET.replace(b"virbr1", b"virbr9").replace(b"lab<", b"gh<"))
@@ -404,7 +404,7 @@ def test_nft_refused_reverts_the_iptables_change_too(nftns):
 def test_iptables_refused_writes_nothing_in_libvirts_table(nftns):
     from test_kernel import BreaksNat
     lab_table(nftns)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules({"n=lab": plan_network_owner(LAB)}, backend=backend)
     before, listed = saved(nftns), listing(nftns)
     with pytest.raises(ApplyError):
@@ -416,7 +416,7 @@ def test_flush_removes_our_accepts_and_nothing_of_libvirts(nftns):
     from kvmufw_hook.ops import flush
     lab_table(nftns)
     before = listing(nftns)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules(owners_rules(), backend=backend)
     assert "delete rule ip libvirt_network" in flush(backend=backend).payload
     assert listing(nftns) == before  # handles, order, everything: as libvirt left it
@@ -517,7 +517,7 @@ WORKING = {
 def test_packets_pass_libvirts_reject_only_with_our_accepts(topo):
     from kvmufw_hook import ops
     host = topo.host
-    backend = IptablesBackend(prefix=host.prefix)
+    backend = backends.get("iptables", prefix=host.prefix)
     libvirt_before = libvirts(listing(host))
     net, _ = parse_hookdata(LAB_NET)
     ops.network_started(net, LAB_NET, backend=backend)
@@ -567,7 +567,7 @@ def test_isolated_network_replies_need_the_guest_output_accept(nftns, state_env)
             "counter reject\ninsert rule ip libvirt_network guest_input oif \"virbr3\" counter "
             "reject\ninsert rule ip libvirt_network guest_cross iif \"virbr3\" oif \"virbr3\" "
             "counter accept\n")
-        backend = IptablesBackend(prefix=host.prefix)
+        backend = backends.get("iptables", prefix=host.prefix)
         net, _ = parse_hookdata(ISOLATED)
         ops.network_started(net, ISOLATED, backend=backend)
         assert topology.inet.ask("tcp", "203.0.113.1", 8093) == "203.0.113.2"
@@ -669,7 +669,7 @@ def test_dual_stack_accepts_in_both_of_libvirts_tables_and_a_stop_removes_both(n
     before4, before6 = listing(nftns), six()
     dual = parse_network_xml(DUAL_NET)
     rules = {"d=g5": plan_domain_owner(parse_domain_xml(GUEST), {"lab": dual})}
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules(rules, backend=backend)
     snap6 = LibvirtNft(nftns.prefix, "ip6").read()
     assert LibvirtNft.present(snap6, rules["d=g5"])

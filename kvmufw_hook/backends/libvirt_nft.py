@@ -104,8 +104,7 @@ def libvirt_firewall(seen: str | None = None, nft: LibvirtNft | None = None,
     the kernel, else its LIBVIRT_* chains in iptables, else ``firewall_backend`` in
     network.conf, else the first backend of the build's order whose tool is installed.
     Hooks, replay, status and doctor all decide through this one function."""
-    table = (nft or LibvirtNft()).table_present()
-    if table:
+    if seen == "nftables" or (nft or LibvirtNft()).table_present():
         return LibvirtFirewall("nftables", f"kernel: table {FAMILY} {TABLE}", True)
     if seen == "iptables":
         return LibvirtFirewall("iptables", "kernel: libvirt's LIBVIRT_* iptables chains", False)
@@ -317,35 +316,11 @@ class LibvirtNft:
 
 # --------------------------------------------------------------------------- one change
 
-@dataclass
-class Accepts:
-    """The libvirt-table side of one change, in each of libvirt's tables that is there
-    (``ip`` and ``ip6``): planned beside an iptables change, written after it in one
-    ``nft -f`` (one transaction: if it fails, nothing of it is in)."""
-
-    nft: LibvirtNft
-    before: dict[str, NftSnapshot]  # nft family -> libvirt's table as read
-    script: str
-
-    @property
-    def text(self) -> str:
-        """The script as shown with an iptables payload (dry runs, logs)."""
-        return NFT_SECTION + self.script if self.script else ""
-
-    def write(self) -> None:
-        self.nft.write(self.script)
-
-
-def read_tables(backend, ip_table: bool | None = None) -> dict[str, NftSnapshot]:
-    """libvirt's tables that are in the kernel, by nft family (``ip_table``: whether the
-    ``ip`` one is, when already known)."""
-    out = {}
-    for family in NFT_FAMILY.values():
-        nft = LibvirtNft.beside(backend, family)
-        here = ip_table if family == FAMILY and ip_table is not None else nft.table_present()
-        if here:
-            out[family] = nft.read()
-    return out
+def held(snapshot: NftSnapshot | None) -> Target:
+    """Our accepts in ``snapshot`` as a target (``revert``: back to what was there)."""
+    if snapshot is None:
+        return {}
+    return {chain: [r.text for r, _ahead in snapshot.ours(chain)] for chain in CHAINS}
 
 
 def tables_present(snapshots: Mapping[str, NftSnapshot], intents: Iterable[Intent]) -> bool:
@@ -353,21 +328,3 @@ def tables_present(snapshots: Mapping[str, NftSnapshot], intents: Iterable[Inten
     family without libvirt's table has no reject to pass)."""
     intents = tuple(intents)
     return all(LibvirtNft.present(snap, intents) for snap in snapshots.values())
-
-
-def plan_accepts(backend: Backend[Any, Any], ruleset: Any, intents: Owners,
-                 drop: Callable[[Tag], bool] | None = None) -> Accepts:
-    """Our accepts in libvirt's tables for this change, where libvirt's tables are there
-    (``ruleset``: the firewall backend's, read for this change)."""
-    nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(backend.libvirt_backend(ruleset), nft)
-    before = read_tables(backend, firewall.table)
-    script = "".join(LibvirtNft.change(snap, intents, drop) for snap in before.values())
-    return Accepts(nft, before, script)
-
-
-def clear_accepts(backend) -> str:
-    """Remove every accept of ours from libvirt's tables (flush, uninstall); the script."""
-    script = "".join(LibvirtNft.clear(snap) for snap in read_tables(backend).values())
-    LibvirtNft.beside(backend).write(script)
-    return NFT_SECTION + script if script else ""
