@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from . import state
-from .backends import default_backend
+from .backends import default_backend, libvirt_firewall
+from .backends.base import Backend
 from .errors import ApplyError, InputError
 from .installation import (
     HOOK_DRIVERS,
@@ -149,19 +151,12 @@ def _ufw_ipv6(default: str | None, networks) -> Finding:
                    "ufw reload")
 
 
-def check_libvirt_firewall(ruleset, active_networks: int, backend):
+def check_libvirt_firewall(ruleset, active_networks: int, backend: Backend[Any, Any]):
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
-    and our accepts in it (one per forward and direction, ahead of libvirt's rejects)."""
-    from .backends.libvirt_nft import (
-        CHAINS,
-        LibvirtNft,
-        libvirt_firewall,
-        read_tables,
-        tables_present,
-    )
+    and our accepts in it (one per forward and direction, ahead of libvirt's rejects:
+    the backend's participants read and check them with our rules)."""
     from .ops import plan_host
-    nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
+    firewall = libvirt_firewall(backend, ruleset)
     out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]
     if firewall.backend != "nftables":
         return firewall, out
@@ -174,35 +169,28 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend):
         return firewall, out
     out.append(Finding("OK", "libvirt's table", "table ip libvirt_network present"))
     try:
-        accepts = read_tables(backend, True)
-    except ApplyError as exc:
-        return firewall, [*out, Finding("FAIL", "our accepts in libvirt's table", str(exc),
-                                        "install nftables")]
-    try:
         host = plan_host(state.load_networks(), state.load_domains())
     except InputError:
         return firewall, out
-    missing = sorted(o for o, rules in host.rules.items() if not tables_present(accepts, rules))
+    missing = sorted(o for o, intents in host.rules.items()
+                     if not backend.present(ruleset, intents))
     if missing:
         out.append(Finding("FAIL", "our accepts in libvirt's table", "missing, or behind "
                            "libvirt's rejects, for " + ", ".join(missing) + ": libvirt "
                            "rejects those forwards", "kvmufw_hook replay"))
     else:
-        count = sum(len(snap.ours(chain)) for snap in accepts.values() for chain in CHAINS)
-        out.append(Finding("OK", "our accepts in libvirt's table", f"{count}: every "
-                           "forward's, ahead of libvirt's rejects"))
+        out.append(Finding("OK", "our accepts in libvirt's table", "every forward's, ahead "
+                           "of libvirt's rejects"))
     return firewall, out
 
 
 def check_rules(backend, ruleset, active_networks: int,
                 libvirt_backend: str = "iptables", ipv6_networks: bool = True) -> list[Finding]:
     """libvirt's chains (where it uses iptables), our rules and our jumps, through the
-    backend's interface (``libvirt_chains``, ``has_rules``, ``bad_jumps``); a family the
-    backend cannot reach, where a network needs it (``ipv6_networks``)."""
-    from .backends.iptables import LIBVIRT_CHAINS
+    backend's interface (``libvirt_missing``, ``has_rules``, ``entry_problems``); a family
+    the backend cannot reach, where a network needs it (``ipv6_networks``)."""
     out = []
-    present = backend.libvirt_chains(ruleset)
-    missing = [c for c in LIBVIRT_CHAINS if c not in present]
+    missing = backend.libvirt_missing(ruleset)
     # with its nftables backend libvirt has no iptables chains: check_libvirt_firewall
     libvirt_chains_expected = active_networks and libvirt_backend == "iptables"
     if libvirt_chains_expected and missing:
@@ -213,7 +201,7 @@ def check_rules(backend, ruleset, active_networks: int,
     elif libvirt_chains_expected:
         out.append(Finding("OK", "libvirt's chains", "present"))
     if backend.has_rules(ruleset):
-        bad = backend.bad_jumps(ruleset)
+        bad = backend.entry_problems(ruleset)
         if bad:
             out.append(Finding("FAIL", "our jumps", "not exactly once at position 1 in: "
                                + ", ".join(bad), "kvmufw_hook restore --jumps-only"))

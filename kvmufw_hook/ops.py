@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from . import host, state
 from .apply import (  # noqa: F401 - the stop path lives there
@@ -32,13 +33,14 @@ from .apply import (  # noqa: F401 - the stop path lives there
     retrying,
 )
 from .backends import default_backend
+from .backends.base import Backend
 from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
+from .intents import Intent
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner, safe_name
 from .plan import (
-    Rule,
     forward_families,
     plan_forwards,
     plan_network,
@@ -94,8 +96,8 @@ def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
     return facts
 
 
-def _prefix(backend) -> Sequence[str]:
-    return getattr(backend, "prefix", None) or ()
+def _prefix(backend: Backend[Any, Any] | None) -> Sequence[str]:
+    return backend.prefix if backend is not None else ()
 
 
 # --------------------------------------------------------------------------- networks
@@ -117,11 +119,11 @@ class _Owner:
     service holds: a guest that gains an IPv6 address gains the IPv6 ports too)."""
 
     def __init__(self, label: str, owner: str, specs: Sequence[ForwardSpec], targets,
-                 own: Sequence[Rule] = ()) -> None:
+                 own: Sequence[Intent] = ()) -> None:
         self.label, self.owner, self.specs, self.targets = label, owner, specs, tuple(targets)
         self.families = forward_families(specs, targets)
         self.resolved = resolved_specs(specs, targets)  # each in the families it takes
-        self.rules: Sequence[Rule] = tuple(own) + plan_forwards(owner, targets)
+        self.rules: Sequence[Intent] = tuple(own) + plan_forwards(owner, targets)
 
     def check(self, held, backend, networks: Mapping[str, Network]) -> None:
         _check_held(self.label, self.owner, self.specs, self.targets, held, backend, networks)
@@ -148,9 +150,9 @@ def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
                   resolve_domain(dom, networks, state.network_ports, host.network_leases))
 
 
-def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Rule]],
+def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Intent]],
              held, backend, networks: Mapping[str, Network], log: Log,
-             bare: Sequence[Rule] = ()) -> None:
+             bare: Sequence[Intent] = ()) -> None:
     """Re-plan an owner a network event may affect into ``rules``: its rules if every
     check passes. If not, ``bare`` (a network's own bridge rules and fences, re-planned
     whatever happens) and, when the reason is availability (``policy.withdraws``), each
@@ -206,7 +208,7 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         mine = _network_owner(net, networks)
         before = backend.read(families_of({mine.owner: mine.rules}))
         held = backend.claims(before)
-        rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
+        rules: dict[str, Sequence[Intent]] = {mine.owner: mine.rules}
         if net.forwards:
             check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
             check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
@@ -248,7 +250,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
         if not net.with_rules:
             state.forget_network(net.name)
             return Applied("")
-        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): ()}
+        rules: dict[str, Sequence[Intent]] = {network_owner(net.name): ()}
         networks = state.load_networks()
         networks.pop(net.name, None)  # its state file goes only once its rules are gone
         if any(n.managed and n.bridge for n in networks.values()):
@@ -286,7 +288,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         networks[net.name] = net
         owner = port.owner_name if port else None
         domains = state.load_domains()
-        rules: dict[str, Sequence[Rule]] = {}
+        rules: dict[str, Sequence[Intent]] = {}
         mac = port.mac if port else None
         twins = same_mac(net, domains, mac, owner) if mac and owner else []
         if not deleted:
@@ -319,7 +321,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
 
 # --------------------------------------------------------------------------- domains
 
-def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
+def _domain_checked(dom: Domain, backend) -> tuple[tuple[Intent, ...], object]:
     """Every check of a guest's forwards against this host, under the state lock:
     (its rules, the firewall as read). InputError names the guest, forward and reason."""
     owner = domain_owner(dom.name)
@@ -402,7 +404,7 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
 class HostPlan:
     """Every owner's rules for a whole host, and the owners that failed."""
 
-    rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
+    rules: dict[str, Sequence[Intent]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
     failed: set[str]  # owners whose XML did not parse: their current rules stay as they are
 
@@ -582,10 +584,8 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
             return tagged.owner not in planned.failed
 
         if dry_run:
-            from .backends.libvirt_nft import plan_accepts
             before = covering(backend, before, planned.rules)
-            payload = (backend.change(before, planned.rules, drop).text
-                       + plan_accepts(backend, before, planned.rules, drop).text)
+            payload = backend.change(before, planned.rules, drop).text
         else:
             payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
                                   before=before).payload
@@ -704,11 +704,10 @@ def flush(backend=None) -> Applied:
         return _flush(backend)
 
 
-def _flush(backend) -> Applied:
-    from .backends.libvirt_nft import clear_accepts
+def _flush(backend: Backend[Any, Any]) -> Applied:
     change = backend.clear(backend.read())
     backend.write(change)
-    text = change.text + clear_accepts(backend)
+    text = change.text
     text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)
 

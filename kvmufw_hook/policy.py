@@ -16,11 +16,11 @@ from dataclasses import replace
 
 from . import host
 from .errors import ConfigError, InputError, Unavailable, shown
+from .intents import Intent
 from .model import Domain, ForwardSpec, IPAddress, Network
 from .names import domain_owner, network_owner
 from .plan import (
     Resolved,
-    Rule,
     check_conflicts,
     eui64_address,
     plan_forwards,
@@ -44,7 +44,7 @@ def withdraws(exc: InputError) -> bool:
 
 def kept_for_availability(owner: str, targets: Iterable[Resolved],
                           held: Iterable[ForwardSpec],
-                          check: Callable[[list[Resolved]], None]) -> tuple[Rule, ...]:
+                          check: Callable[[list[Resolved]], None]) -> tuple[Intent, ...]:
     """An owner's forward rules after a refusal for availability (``withdraws`` false):
     each forward checked alone (``check``, given its resolved targets); one that passes
     gets its rules, one refused for availability keeps only the rules it has now (its
@@ -56,7 +56,7 @@ def kept_for_availability(owner: str, targets: Iterable[Resolved],
     for t in targets:
         forwards.setdefault(id(t.spec), []).append(t)
     held = tuple(held)
-    out: list[Rule] = []
+    out: list[Intent] = []
     for mine in forwards.values():
         try:
             check(mine)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from . import state
-from .backends import default_backend
+from .backends import default_backend, libvirt_firewall
 from .errors import ApplyError, InputError, printable, shown
 from .host import network_leases
 from .names import domain_owner, network_owner
@@ -105,19 +105,11 @@ def collect(backend=None) -> dict:
             lambda dom=dom: resolve_domain(dom, networks, state.network_ports, network_leases),
             check)})
     snapshot, report["kernel_error"] = reading.result()
-    # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
-    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present
-    nft, accepts = LibvirtNft.beside(backend), None
-    firewall = libvirt_firewall(backend.libvirt_chains(snapshot) if snapshot else (), nft)
-    report["libvirt_firewall"] = firewall.backend
-    if snapshot is not None and firewall.table:
-        try:
-            accepts = read_tables(backend, True)
-        except ApplyError as exc:
-            report["kernel_error"] = str(exc)
-    for row, key, rules in checks:
-        row[key] = snapshot is not None and backend.present(snapshot, rules) and (
-            accepts is None or tables_present(accepts, rules))
+    # where libvirt uses nftables, a forward also needs its accepts in libvirt's table:
+    # the backend's participants read and check those too
+    report["libvirt_firewall"] = libvirt_firewall(backend, snapshot).backend
+    for row, key, intents in checks:
+        row[key] = snapshot is not None and backend.present(snapshot, intents)
     return report
 
 

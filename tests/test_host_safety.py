@@ -277,4 +277,4 @@ def test_doctor_verdicts_are_exact(netns, state_env):
     netns.run("iptables", "-N", "LIBVIRT_FWX")
     netns.run("iptables", "-I", "FORWARD", "1", "-j", "LIBVIRT_FWX")
     backend = IptablesBackend(netns.prefix)
-    assert backend.bad_jumps(backend.read()) == ["FORWARD (filter)"]
+    assert backend.entry_problems(backend.read()) == ["FORWARD (filter)"]

@@ -28,9 +28,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
-    from ..model import ForwardSpec
+    from ..intents import Claim, Intent
     from ..names import Tag
-    from ..plan import Rule
+    from .base import HostPort, Log, Owners
+    from .rules import Rule
 
 PREFIX = "KVMUFW-"
 # (table, built-in chain, our chain). Each built-in chain gets exactly one jump to our
@@ -448,6 +449,10 @@ class Ruleset:
     def __getitem__(self, family: int) -> Snapshot:
         return self.snapshots[family]
 
+    @property
+    def families(self) -> set[int]:
+        return set(self.snapshots)
+
 
 class Change:
     """The payloads that take a ruleset to a target, one per family (written with one
@@ -558,6 +563,8 @@ class IptablesBackend:
     Reading IPv6 costs a process: a ruleset holds IPv6 only when asked for
     (``read(families)``) or when rules of ours are there (one netlink request says so,
     or the legacy tables are loaded), so that an IPv4-only host pays nothing for it."""
+
+    name = "iptables"
 
     def __init__(self, prefix: Iterable[str] = ()) -> None:
         self.prefix = list(prefix)
@@ -676,13 +683,13 @@ class IptablesBackend:
     # ------------------------------------------------------------------ changes
 
     @staticmethod
-    def change(ruleset: Ruleset, rules: Mapping[str, Sequence[Rule]],
+    def change(ruleset: Ruleset, intents: Owners,
                drop: Callable[[Tag], bool] | None = None) -> Change:
         """What replaces the named owners' rules in every family (and drops matching
         tagged rules of others). Rules of a family the ruleset does not hold are left
         out and said so (``Change.skipped``)."""
         parts, skipped, ended = {}, {}, {}
-        for family, owned in split_by_family(rules).items():
+        for family, owned in split_by_family(as_rules(intents)).items():
             snapshot = ruleset.snapshots.get(family)
             if snapshot is not None:
                 target = compose(snapshot, owned, drop)
@@ -705,13 +712,13 @@ class IptablesBackend:
                       base=ruleset)
 
     @staticmethod
-    def render(rules: Mapping[str, Sequence[Rule]]) -> str:
+    def render(intents: Owners) -> str:
         """The rules as they would be written to empty tables (``plan``)."""
-        return IptablesBackend.change(Ruleset.empty(), rules).text
+        return IptablesBackend.change(Ruleset.empty(), intents).text
 
     # ------------------------------------------------------------------ readings
 
-    def end_flows(self, change: Change, log: Callable[[str], None]) -> None:
+    def end_flows(self, change: Change, log: Log) -> None:
         """End the conntrack flows of the DNAT rules ``change`` took out
         (``conntrack.py``): in this process, or in one child in the namespace ``prefix``
         runs in."""
@@ -741,21 +748,22 @@ class IptablesBackend:
             log(f"conntrack flows of removed forwards not ended: {exc}")
 
     @staticmethod
-    def claims(ruleset: Ruleset, near: Iterable[ForwardSpec] | None = None,
-               mine: str | None = None) -> dict[str, list[ForwardSpec]]:
+    def claims(ruleset: Ruleset, near: Iterable[HostPort] | None = None,
+               mine: str | None = None) -> dict[str, list[Claim]]:
         """owner -> the host ports its rules hold, in every family read. ``near``: only
         the claims that could overlap these forwards (and every claim of ``mine``); the
         other owners are still keys, with no claim."""
-        out: dict[str, list[ForwardSpec]] = {}
+        out: dict[str, list[Claim]] = {}
         for snapshot in ruleset.snapshots.values():
             for owner, specs in kernel_claims(snapshot, near, mine).items():
                 out.setdefault(owner, []).extend(specs)
         return out
 
     @staticmethod
-    def present(ruleset: Ruleset, rules: Iterable[Rule]) -> bool:
-        """Whether every one of ``rules`` is in the kernel."""
-        for rule in rules:
+    def present(ruleset: Ruleset, intents: Iterable[Intent]) -> bool:
+        """Whether every rule of ``intents`` is in the kernel."""
+        from .rules import owner_rules
+        for rule in owner_rules(intents):
             snapshot = ruleset.snapshots.get(rule.family)
             if snapshot is None or render_rule(rule)[1] not in snapshot.our_lines():
                 return False
@@ -772,7 +780,7 @@ class IptablesBackend:
                    for chains in snap.ours().values() for lines in chains.values())
 
     @staticmethod
-    def bad_jumps(ruleset: Ruleset) -> list[str]:
+    def entry_problems(ruleset: Ruleset) -> list[str]:
         """``FORWARD (filter)`` (``FORWARD (filter, IPv6)``) for each built-in chain whose
         jump is wrong, in tables where we have rules (elsewhere no jump is expected)."""
         out = []
@@ -784,12 +792,32 @@ class IptablesBackend:
         return out
 
     @staticmethod
-    def libvirt_chains(ruleset: Ruleset) -> set[str]:
-        """libvirt's own chains (``LIBVIRT_*``) in the IPv4 tables."""
-        snap = ruleset.snapshots.get(4)
-        if snap is None:
-            return set()
-        return {c for t in snap.tables.values() for c in t.chains if c.startswith("LIBVIRT_")}
+    def libvirt_backend(ruleset: Ruleset) -> str | None:
+        """``iptables`` where libvirt's own chains (``LIBVIRT_*``) are in the IPv4
+        tables."""
+        return "iptables" if _libvirt_chains(ruleset) else None
+
+    @staticmethod
+    def libvirt_missing(ruleset: Ruleset) -> list[str]:
+        """libvirt's chains its iptables backend keeps that are not there."""
+        present = _libvirt_chains(ruleset)
+        return [c for c in LIBVIRT_CHAINS if c not in present]
+
+
+def _libvirt_chains(ruleset: Ruleset) -> set[str]:
+    snap = ruleset.snapshots.get(4)
+    if snap is None:
+        return set()
+    return {c for t in snap.tables.values() for c in t.chains if c.startswith("LIBVIRT_")}
+
+
+def as_rules(intents: Owners) -> dict[str, Sequence[Rule]]:
+    """owner -> the rules of its intents (``rules.py``, imported only when an owner has
+    any: a guest's stop removes an owner and expands nothing)."""
+    if not any(intents.values()):
+        return {owner: () for owner in intents}
+    from .rules import owner_rules
+    return {owner: owner_rules(owned) for owner, owned in intents.items()}
 
 
 # --------------------------------------------------------------------------- readings
@@ -838,15 +866,16 @@ def _quick_owner(line: str) -> str | None:
     return owner if "=" in owner and '"' not in owner and " " not in owner else None
 
 
-def kernel_claims(snapshot: Snapshot, near: Iterable[ForwardSpec] | None = None,
-                  mine: str | None = None) -> dict[str, list[ForwardSpec]]:
+def kernel_claims(snapshot: Snapshot, near: Iterable[HostPort] | None = None,
+                  mine: str | None = None) -> dict[str, list[Claim]]:
     """owner -> the host ports its DNAT rules in the kernel hold right now (proto, port
     range, host address): who holds a port is what the kernel says, whatever our state
     files say (they can be lost or corrupt)."""
     from ipaddress import ip_address  # here: a guest's stop never needs it
 
-    from ..model import ForwardSpec, PortRange
-    seen: dict[str, dict[ForwardSpec, None]] = {}
+    from ..intents import Claim
+    from ..model import PortRange
+    seen: dict[str, dict[Claim, None]] = {}
     wanted = None if near is None else [(spec.proto, spec.host_port.first, spec.host_port.last)
                                          for spec in near]
     for line in snapshot.tables["nat"].rules.get(STAGE_CHAIN["prerouting"][1], []):
@@ -873,10 +902,14 @@ def kernel_claims(snapshot: Snapshot, near: Iterable[ForwardSpec] | None = None,
         # the guest address gives the claim its family: [fd00::5]:22 or 10.0.0.5:22
         guest = to[1:].split("]")[0] if to.startswith("[") else to.split(":")[0]
         try:
-            guests = (ip_address(guest),) if guest else ()
+            to_guest = ip_address(guest) if guest else None
         except ValueError:
-            guests = ()
-        spec = ForwardSpec(proto=proto, host_port=ports, guest_port=ports, host_ip=host_ip,
-                           guest_ips=guests)
-        seen.setdefault(owner, {})[spec] = None  # ordered, and linear: one per source
-    return {owner: list(specs) for owner, specs in seen.items()}
+            to_guest = None
+        claim = Claim(proto=proto, host_port=ports, guest=to_guest, host_ip=host_ip)
+        seen.setdefault(owner, {})[claim] = None  # ordered, and linear: one per source
+    return {owner: list(claims) for owner, claims in seen.items()}
+
+
+if TYPE_CHECKING:  # the compiler checks that this is a backend (as Calico's ``var _ Table``)
+    from .base import Backend
+    _IS_A_BACKEND: Backend[Ruleset, Change] = IptablesBackend()
