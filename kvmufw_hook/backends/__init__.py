@@ -20,7 +20,10 @@ if TYPE_CHECKING:  # the hooks' start-up path imports this package: no typing at
 # name -> (module under backends/, class): imported only when chosen
 REGISTRY: dict[str, tuple[str, str]] = {
     "iptables": ("iptables", "IptablesBackend"),
+    "nftables": ("nft", "NftBackend"),
 }
+# backends that pass libvirt's nftables rejects with their own glue: no accept per forward
+OWN_GLUE = frozenset({"nftables"})
 DEFAULT = "iptables"
 
 
@@ -48,6 +51,8 @@ def get(name: str = DEFAULT, prefix: Iterable[str] = ()) -> Backend[Any, Any]:
 
 def with_participants(backend: Backend[Any, Any]) -> Backend[Any, Any]:
     """``backend`` in one transaction with our accepts in libvirt's nftables table."""
+    if backend.name in OWN_GLUE:
+        return backend
     from .accepts import LibvirtAccepts
     from .transaction import Transaction
     return Transaction((backend, LibvirtAccepts(backend.prefix)))

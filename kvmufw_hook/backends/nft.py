@@ -35,13 +35,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ApplyError
-from ..model import ForwardSpec
+from ..intents import Claim, Intent
 from ..names import Tag
-from ..plan import Rule
-from .iptables import SEARCH_PATH, TOOLS, find_tool, ip_text, net_text, run
+from .base import Backend, HostPort, Log, Owners
+from .iptables import LIBVIRT_CHAINS as LIBVIRT_IPTABLES_CHAINS
+from .iptables import SEARCH_PATH, TOOLS, as_rules, find_tool, ip_text, net_text, run
+from .rules import Rule, owner_rules
 from .tags import comment as tag_comment
 from .tags import parse_comment
 
+TYPE_CHECKING = False
 TABLE = "kvmufw"
 # The packet mark bit our table sets on what it accepts (forward, input) and the glue
 # matches: bit 24. Clear of kube-proxy (0x4000, 0x8000), Cilium (0x0f00), Docker swarm
@@ -362,9 +365,9 @@ class Ruleset:
     _glue: Glue | None = None
 
     @property
-    def snapshots(self) -> dict[int, Table]:
-        """Both families, always: one table holds them (what ``apply`` asks for)."""
-        return {4: self.table, 6: self.table}
+    def families(self) -> set[int]:
+        """Both, always: one table holds them."""
+        return {4, 6}
 
     @property
     def glue(self) -> Glue:
@@ -504,7 +507,6 @@ class NftBackend:
     exec NS``."""
 
     name = "nftables"
-    glued = True  # libvirt's guest chains get our glue, not an accept per forward
 
     def __init__(self, prefix: Iterable[str] = ()) -> None:
         self.prefix = list(prefix)
@@ -617,8 +619,12 @@ class NftBackend:
 
     # ------------------------------------------------------------------ changes
 
-    def change(self, ruleset: Ruleset, rules: Mapping[str, Sequence[Rule]],
+    def change(self, ruleset: Ruleset, intents: Owners,
                drop: Callable[[Tag], bool] | None = None) -> Change:
+        """The owners' elements replaced (and others' that ``drop`` accepts removed) in
+        one transaction; the glue checked and put back where a network's owner changes,
+        on a drop, or where our table is not as it should be."""
+        rules = as_rules(intents)
         have = ruleset.table.elements
 
         def replaced(e: Element) -> bool:
@@ -648,15 +654,15 @@ class NftBackend:
         out.glue = _glue_change(ruleset.glue, keep=False)
         return out
 
-    def render(self, rules: Mapping[str, Sequence[Rule]]) -> str:
-        return Change(script(Table(), [], list(wanted(rules)))).text
+    def render(self, intents: Owners) -> str:
+        return Change(script(Table(), [], list(wanted(as_rules(intents))))).text
 
     # ------------------------------------------------------------------ readings
 
     @staticmethod
-    def present(ruleset: Ruleset, rules: Iterable[Rule]) -> bool:
+    def present(ruleset: Ruleset, intents: Iterable[Intent]) -> bool:
         have = set(ruleset.table.elements)
-        return all(e in have for rule in rules for e in elements(rule))
+        return all(e in have for rule in owner_rules(intents) for e in elements(rule))
 
     @staticmethod
     def owners(ruleset: Ruleset) -> set[str]:
@@ -666,26 +672,37 @@ class NftBackend:
     def has_rules(ruleset: Ruleset) -> bool:
         return ruleset.table.present
 
-    def bad_jumps(self, ruleset: Ruleset) -> list[str]:
-        """Where a glue rule is missing or not first (while our table holds elements)."""
+    def entry_problems(self, ruleset: Ruleset) -> list[str]:
+        """Where a glue rule is missing, repeated or not first (while our table holds
+        elements), and our table's chains if they are not as they should be."""
         if not ruleset.table.elements:
             return []
-        return _glue_bad(ruleset.glue)
+        bad = [] if ruleset.table.skeleton_ok() else [f"table inet {TABLE} (its chains)"]
+        return bad + _glue_bad(ruleset.glue)
 
     @staticmethod
-    def libvirt_chains(ruleset: Ruleset) -> set[str]:
-        return set(ruleset.glue.libvirt_chains)
+    def libvirt_backend(ruleset: Ruleset) -> str | None:
+        """``nftables`` where libvirt's table is there, ``iptables`` where its
+        ``LIBVIRT_*`` chains are."""
+        if ruleset.glue.libvirt:
+            return "nftables"
+        return "iptables" if ruleset.glue.libvirt_chains else None
 
     @staticmethod
-    def claims(ruleset: Ruleset, near: Iterable[ForwardSpec] | None = None,
-               mine: str | None = None) -> dict[str, list[ForwardSpec]]:
+    def libvirt_missing(ruleset: Ruleset) -> list[str]:
+        present = ruleset.glue.libvirt_chains
+        return [c for c in LIBVIRT_IPTABLES_CHAINS if c not in present]
+
+    @staticmethod
+    def claims(ruleset: Ruleset, near: Iterable[HostPort] | None = None,
+               mine: str | None = None) -> dict[str, list[Claim]]:
         """owner -> the host ports its DNAT elements hold (read from the kernel's maps)."""
         from ipaddress import ip_address, ip_network
 
         from ..model import PortRange
         wanted_near = None if near is None else [
             (s.proto, s.host_port.first, s.host_port.last) for s in near]
-        out: dict[str, dict[ForwardSpec, None]] = {}
+        out: dict[str, dict[Claim, None]] = {}
         for e in ruleset.table.elements:
             tag = e.tag
             if not e.set.startswith("dnat") or tag is None or e.value is None:
@@ -701,11 +718,10 @@ class NftBackend:
             net = ip_network(daddr, strict=False)
             host = None if net.prefixlen == 0 else net.network_address
             guest = ip_address(e.value.split(" . ")[0])
-            owned[ForwardSpec(proto=proto, host_port=port, guest_port=port, host_ip=host,
-                              guest_ips=(guest,))] = None
+            owned[Claim(proto=proto, host_port=port, guest=guest, host_ip=host)] = None
         return {owner: list(specs) for owner, specs in out.items()}
 
-    def end_flows(self, change: Change, log: Callable[[str], None]) -> None:
+    def end_flows(self, change: Change, log: Log) -> None:
         """End the conntrack flows of the DNAT elements ``change`` deleted."""
         from _socket import AF_INET, AF_INET6, inet_pton
 
@@ -817,3 +833,7 @@ def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
     if nft:
         out["nft"] = "\n".join(nft) + "\n"
     return out
+
+
+if TYPE_CHECKING:  # the compiler checks that this is a backend
+    _IS_A_BACKEND: Backend[Ruleset, Change] = NftBackend()
