@@ -275,3 +275,29 @@ def test_a_start_and_a_stop_after_our_own_write_run_one_nft_and_read_nothing(
                         env={**__import__("os").environ, **state_env}).stdout.splitlines()
     assert out[0] == "['-', '-']"  # nft -f -, twice: no list, no probe by process
     assert out[1] == "2 1"  # a change by someone else is seen: the kernel was read
+
+
+def test_switching_from_iptables_keeps_every_forward_and_leaves_none_of_its_rules(
+        topo, state_env):
+    """Guests running under the iptables backend; ``replay`` under this one (every owner
+    applied again): the forwards work throughout and no ``KVMUFW-`` chain or jump stays.
+    Back the other way: this backend's ``clear``, then the iptables backend's apply."""
+    from kvmufw_hook.backends import backend_only
+    from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
+    net, _ = parse_hookdata(LAB_NET)
+    dom = parse_domain_xml(GUEST)
+    owners = {"n=lab": plan_network_owner(net), "d=g5": plan_domain_owner(dom, {"lab": net})}
+    iptables = backend_only("iptables", topo.host.prefix)
+    nft = backend_only("nftables", topo.host.prefix)
+    ops.apply_rules(owners, backend=iptables)
+    assert probes(topo)["dnat"] == "203.0.113.2"
+    ops.apply_rules(owners, backend=nft)
+    assert "KVMUFW" not in topo.host.save() + topo.host.save(6)
+    assert probes(topo) == {
+        "egress": "203.0.113.1", "dnat": "203.0.113.2", "network_forward": "203.0.113.2",
+        "udp_shifted": ["203.0.113.2"] * 2, "udp_same_range": ["203.0.113.2"] * 2,
+        "hairpin": "10.0.0.1", "host_local": "203.0.113.1", "source_refused": None}
+    nft.write(nft.clear(nft.read()))
+    ops.apply_rules(owners, backend=iptables)
+    assert table(topo) == "" and GLUE_COMMENT not in topo.host.save()
+    assert probes(topo)["dnat"] == "203.0.113.2"

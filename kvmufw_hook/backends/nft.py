@@ -33,6 +33,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ApplyError
 from ..intents import Claim, Intent
@@ -354,6 +355,7 @@ class Glue:
     iptables: dict[int, dict[str, list[str]]] = field(default_factory=dict)
     libvirt_chains: set[str] = field(default_factory=set)
     libvirt: dict[str, dict[str, list[tuple[int, str]]]] = field(default_factory=dict)
+    other: dict[int, Any] = field(default_factory=dict)  # family -> iptables Snapshot
 
 
 @dataclass
@@ -562,21 +564,23 @@ class NftBackend:
         return name if self.prefix else find_tool(name)
 
     def _read_glue(self) -> Glue:
+        """The filter table's INPUT and FORWARD per iptables family (our glue, libvirt's
+        chains) and whatever the iptables backend left of ours (switching backends: it
+        goes with our next glue write), and libvirt's nftables tables."""
+        from .iptables import Snapshot
         glue = Glue()
         for family in (4, 6):
             try:
-                text = self._run([self._tool(TOOLS[family][0]), "-t", "filter"],
-                                 name=TOOLS[family][0])
+                text = self._run([self._tool(TOOLS[family][0])], name=TOOLS[family][0])
             except ApplyError:
                 continue
-            chains: dict[str, list[str]] = {"INPUT": [], "FORWARD": []}
-            for line in text.splitlines():
-                if line.startswith(":LIBVIRT_") and family == 4:
-                    glue.libvirt_chains.add(line[1:].split()[0])
-                parts = line.split(None, 2)
-                if line.startswith("-A ") and parts[1] in chains:
-                    chains[parts[1]].append(line)
-            glue.iptables[family] = chains
+            snap = Snapshot.parse(text)
+            rules = snap.tables["filter"].rules
+            glue.iptables[family] = {c: list(rules.get(c, [])) for c in IPT_GLUE}
+            glue.other[family] = snap
+            if family == 4:
+                glue.libvirt_chains = {c for t in snap.tables.values() for c in t.chains
+                                       if c.startswith("LIBVIRT_")}
         for fam in ("ip", "ip6"):
             try:
                 text = self._run([self._nft(), "-a", "list", "table", fam, LIBVIRT_TABLE])
@@ -803,10 +807,18 @@ def _glue_bad(glue: Glue) -> list[str]:
 
 
 def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
-    """The payloads that put each glue rule exactly once at the top of its chain
-    (``keep``), or take every one of them out."""
+    """The payloads that put each glue rule exactly once at the top of its chain and take
+    out what the iptables backend left of ours (``keep``: switching backends with guests
+    running loses nothing, the next network change or replay leaves nothing of the
+    other), or take every glue rule out (and nothing of the iptables backend's: a switch
+    the other way clears this backend first, then writes its own)."""
+    from .iptables import transition
     out: dict[str, str] = {}
     for family, chains in glue.iptables.items():
+        other = glue.other.get(family)  # the iptables backend's chains and jumps go
+        cleared = transition(other, {}) if other is not None and keep else ""
+        if cleared:
+            out[str(family)] = cleared
         lines = []
         for chain, line in IPT_GLUE.items():
             rules = chains.get(chain, [])
@@ -816,7 +828,7 @@ def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
             if keep:
                 lines.append(f"-I {chain} 1" + line[len(f"-A {chain}"):])
         if lines:
-            out[str(family)] = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
+            out[str(family)] = cleared + "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
     nft = []
     for fam, guest_chains in sorted(glue.libvirt.items()):
         for chain in LIBVIRT_CHAINS:
