@@ -2,8 +2,17 @@
 sets and maps with its owner tag as comment, read back from ``nft list`` text as the
 same elements, and a change is element adds and deletes only."""
 
-from kvmufw_hook.backends.nft import CHAINS, Element, NftBackend, Ruleset, Table, wanted
-from kvmufw_hook.backends.rules import owner_rules
+from kvmufw_hook.backends.nft import (
+    CHAINS,
+    Element,
+    NftBackend,
+    Ruleset,
+    Table,
+    elements,
+    forward_elements,
+    wanted,
+)
+from kvmufw_hook.backends.rules import expand
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
 from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
 
@@ -23,7 +32,7 @@ RULES = {"n=lab": plan_network_owner(NET), "d=g5": plan_domain_owner(DOM, {"lab"
 
 
 def dnat(owner: str = "d=g5") -> list[Element]:
-    return [e for e in wanted({owner: owner_rules(RULES[owner])}) if e.set.startswith("dnat")]
+    return [e for e in wanted({owner: RULES[owner]}) if e.set.startswith("dnat")]
 
 
 def test_a_shifted_range_is_one_element_per_port_and_a_kept_range_one_interval():
@@ -53,7 +62,7 @@ def listing(items: list[Element]) -> str:
 
 
 def test_a_listing_reads_back_as_the_elements_written_and_nothing_changes():
-    everything = list(wanted({o: owner_rules(i) for o, i in RULES.items()}))
+    everything = list(wanted(RULES))
     table = Table.parse(listing(everything))
     assert sorted(table.elements, key=repr) == sorted(everything, key=repr)
     assert table.skeleton_ok()
@@ -61,7 +70,7 @@ def test_a_listing_reads_back_as_the_elements_written_and_nothing_changes():
 
 
 def test_a_stop_deletes_exactly_its_owner_elements_by_key():
-    everything = list(wanted({o: owner_rules(i) for o, i in RULES.items()}))
+    everything = list(wanted(RULES))
     change = NftBackend().change(Ruleset(Table.parse(listing(everything))), {"d=g5": ()})
     lines = change.script.splitlines()
     assert all(line.startswith("delete element inet kvmufw ") for line in lines)
@@ -70,3 +79,11 @@ def test_a_stop_deletes_exactly_its_owner_elements_by_key():
     assert set(change.ended) == set(dnat())  # prerouting and output share each element
     mine = {e for e in everything if e.comment.startswith("kvmufw:d=g5,")}
     assert sorted(change.after or [], key=repr) == sorted(set(everything) - mine, key=repr)
+
+
+def test_a_forward_renders_straight_from_its_intent_as_through_its_rules():
+    forwards = list(RULES["d=g5"]) + [i for i in RULES["n=lab"] if hasattr(i, "guest")]
+    for fw in forwards:
+        direct = dict.fromkeys(forward_elements(fw))
+        through_rules = dict.fromkeys(e for rule in expand(fw) for e in elements(rule))
+        assert set(direct) == set(through_rules), fw  # sources in sorted order
