@@ -27,11 +27,22 @@ from .tags import parse_comment
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
+    from typing import Protocol
 
     from ..intents import Claim, Intent
     from ..names import Tag
     from .base import HostPort, Log, Owners
     from .rules import Rule
+
+    class Kernel(Protocol):
+        """What the backend reads and writes through (``Tools``, or iptables in memory)."""
+
+        def save(self, family: int) -> str: ...
+        def restore(self, family: int, payload: str) -> None: ...
+        def unavailable(self, family: int) -> str | None: ...
+        def ours_in(self, family: int) -> bool: ...
+        def generation(self) -> int | None: ...
+        def end_flows(self, ended: dict[int, list[str]], log: Log) -> None: ...
 
 PREFIX = "KVMUFW-"
 # (table, built-in chain, our chain). Each built-in chain gets exactly one jump to our
@@ -555,47 +566,40 @@ class Record:
             pass
 
 
-class IptablesBackend:
-    """IPv4 and IPv6 through whichever ``iptables`` and ``ip6tables`` the host selects
-    (nf_tables or legacy), the ones UFW uses. ``prefix`` runs the commands elsewhere,
-    e.g. ``ip netns exec NS``.
-
-    Reading IPv6 costs a process: a ruleset holds IPv6 only when asked for
-    (``read(families)``) or when rules of ours are there (one netlink request says so,
-    or the legacy tables are loaded), so that an IPv4-only host pays nothing for it."""
-
-    name = "iptables"
+class Tools:
+    """The kernel as the iptables backend reaches it: the host's ``iptables-save`` and
+    ``iptables-restore`` (and ip6tables'), nf_tables' generation, conntrack. ``prefix``
+    runs the commands elsewhere, e.g. ``ip netns exec NS``. (The unit tier puts iptables
+    in memory here: ``tests/fakebackend.py``.)"""
 
     def __init__(self, prefix: Iterable[str] = ()) -> None:
         self.prefix = list(prefix)
 
-    # ------------------------------------------------------------------ the kernel
-
-    def _tool(self, name: str) -> str:
+    def tool(self, name: str) -> str:
         return name if self.prefix or "/" in name else find_tool(name)
 
-    def _save(self, family: int) -> str:
+    def save(self, family: int) -> str:
         save = TOOLS[family][0]
-        return run([*self.prefix, self._tool(save)], name=save)
+        return run([*self.prefix, self.tool(save)], name=save)
 
-    def _restore(self, family: int, payload: str) -> None:
+    def restore(self, family: int, payload: str) -> None:
         restore = TOOLS[family][1]
-        run([*self.prefix, self._tool(restore), "--noflush", "-w"], stdin=payload,
+        run([*self.prefix, self.tool(restore), "--noflush", "-w"], stdin=payload,
             name=restore)
 
-    def _unavailable(self, family: int) -> str | None:
+    def unavailable(self, family: int) -> str | None:
         """Why ``family`` cannot be read or written here (None: it can)."""
         if family == 4:
             return None
         if self.prefix:  # elsewhere: ask that namespace's ip6tables itself
             try:
-                self._save(6)
+                self.save(6)
             except ApplyError as exc:
                 return str(exc)
             return None
         return ipv6_unavailable()
 
-    def _ours_in(self, family: int) -> bool:
+    def ours_in(self, family: int) -> bool:
         """Whether we may have rules in ``family`` (IPv4: always read)."""
         if family == 4 or self.prefix:
             return True
@@ -612,6 +616,81 @@ class IptablesBackend:
         from .nftprobe import IPV6, chain_in_kernel
         return (chain_in_kernel(IPV6, "filter", "KVMUFW-FORWARD")
                 or chain_in_kernel(IPV6, "nat", "KVMUFW-PREROUTING"))
+
+    def generation(self) -> int | None:
+        """nf_tables' ruleset generation, where our reads and writes go to this
+        namespace's nf_tables (never through ``prefix``, nor with legacy iptables)."""
+        if self.prefix:
+            return None
+        try:
+            if "legacy" in os.path.basename(os.path.realpath(find_tool(TOOLS[4][0]))):
+                return None
+        except ApplyError:
+            return None
+        from .nftprobe import generation
+        return generation()
+
+    def end_flows(self, ended: dict[int, list[str]], log: Log) -> None:
+        """End the conntrack flows of the DNAT lines ``ended`` (per family) took out
+        (``conntrack.py``): in this process, or in one child in the namespace ``prefix``
+        runs in."""
+        from ..conntrack import end_flows
+        flows = [flow for family, lines in ended.items() for line in lines
+                 if (flow := _flow(family, line)) is not None]
+        if not flows:
+            return
+        if not self.prefix:
+            try:
+                end_flows(flows)
+            except OSError as exc:
+                log(f"conntrack flows of removed forwards not ended: {exc}")
+            return
+        import json
+        import subprocess
+        import sys
+        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (f"import sys; sys.path.insert(0, {package!r}); "
+                "from kvmufw_hook.conntrack import main; main()")
+        data = json.dumps([[f, p, a, b, g.hex(), h.hex() if h else ""]
+                           for f, p, a, b, g, h in flows])
+        try:
+            subprocess.run([*self.prefix, sys.executable, "-c", code], input=data, text=True,
+                           capture_output=True, check=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log(f"conntrack flows of removed forwards not ended: {exc}")
+
+
+class IptablesBackend:
+    """IPv4 and IPv6 through whichever ``iptables`` and ``ip6tables`` the host selects
+    (nf_tables or legacy), the ones UFW uses. ``prefix`` runs the commands elsewhere,
+    e.g. ``ip netns exec NS``; ``kernel``: what reads and writes (``Tools`` by default).
+
+    Reading IPv6 costs a process: a ruleset holds IPv6 only when asked for
+    (``read(families)``) or when rules of ours are there (one netlink request says so,
+    or the legacy tables are loaded), so that an IPv4-only host pays nothing for it."""
+
+    name = "iptables"
+
+    def __init__(self, prefix: Iterable[str] = (), kernel: Kernel | None = None) -> None:
+        self.prefix = list(prefix)
+        self.kernel = kernel if kernel is not None else Tools(self.prefix)
+
+    # ------------------------------------------------------------------ the kernel
+
+    def _save(self, family: int) -> str:
+        return self.kernel.save(family)
+
+    def _restore(self, family: int, payload: str) -> None:
+        self.kernel.restore(family, payload)
+
+    def _unavailable(self, family: int) -> str | None:
+        return self.kernel.unavailable(family)
+
+    def _ours_in(self, family: int) -> bool:
+        return self.kernel.ours_in(family)
+
+    def _generation(self) -> int | None:
+        return self.kernel.generation()
 
     def read(self, families: Iterable[int] = ()) -> Ruleset:
         """IPv4, and each other family in ``families`` or holding rules of ours: from
@@ -667,19 +746,6 @@ class IptablesBackend:
         Record.save(Ruleset({f: s for f, s in after.items() if s is not None},
                             base.unavailable, start + commits))
 
-    def _generation(self) -> int | None:
-        """nf_tables' ruleset generation, where our reads and writes go to this
-        namespace's nf_tables (never through ``prefix``, nor with legacy iptables)."""
-        if self.prefix:
-            return None
-        try:
-            if "legacy" in os.path.basename(os.path.realpath(find_tool(TOOLS[4][0]))):
-                return None
-        except ApplyError:
-            return None
-        from .nftprobe import generation
-        return generation()
-
     # ------------------------------------------------------------------ changes
 
     @staticmethod
@@ -719,33 +785,9 @@ class IptablesBackend:
     # ------------------------------------------------------------------ readings
 
     def end_flows(self, change: Change, log: Log) -> None:
-        """End the conntrack flows of the DNAT rules ``change`` took out
-        (``conntrack.py``): in this process, or in one child in the namespace ``prefix``
-        runs in."""
-        from ..conntrack import end_flows
-        flows = [flow for family, lines in change.ended.items() for line in lines
-                 if (flow := _flow(family, line)) is not None]
-        if not flows:
-            return
-        if not self.prefix:
-            try:
-                end_flows(flows)
-            except OSError as exc:
-                log(f"conntrack flows of removed forwards not ended: {exc}")
-            return
-        import json
-        import subprocess
-        import sys
-        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        code = (f"import sys; sys.path.insert(0, {package!r}); "
-                "from kvmufw_hook.conntrack import main; main()")
-        data = json.dumps([[f, p, a, b, g.hex(), h.hex() if h else ""]
-                           for f, p, a, b, g, h in flows])
-        try:
-            subprocess.run([*self.prefix, sys.executable, "-c", code], input=data, text=True,
-                           capture_output=True, check=True, timeout=30)
-        except (OSError, subprocess.SubprocessError) as exc:
-            log(f"conntrack flows of removed forwards not ended: {exc}")
+        """End the conntrack flows of the DNAT rules ``change`` took out."""
+        if change.ended:
+            self.kernel.end_flows(change.ended, log)
 
     @staticmethod
     def claims(ruleset: Ruleset, near: Iterable[HostPort] | None = None,
