@@ -140,7 +140,7 @@ def test_claims_are_read_back_from_the_maps(topo, state_env):
     ports = sorted((s.proto, s.host_port.first, s.host_port.last)
                    for s in held["d=g5"])
     assert ("tcp", 2222, 2222) in ports and ("udp", 5100, 5101) in ports
-    assert {("udp", p, p) for p in (6000, 6001, 6002)} <= set(ports)
+    assert ("udp", 6000, 6002) in ports  # a shifted range is one claim again
     assert [(s.proto, s.host_port.first) for s in held["n=lab"]] == [("tcp", 8080)]
 
 

@@ -87,3 +87,21 @@ def test_a_forward_renders_straight_from_its_intent_as_through_its_rules():
         direct = dict.fromkeys(forward_elements(fw))
         through_rules = dict.fromkeys(e for rule in expand(fw) for e in elements(rule))
         assert set(direct) == set(through_rules), fw  # sources in sorted order
+
+
+def test_a_guest_port_two_owners_forward_to_stays_when_one_of_them_goes():
+    """The accept and hairpin of 10.0.0.5:22 are one key each; the network's forward
+    8022->22 and the guest's 2222->22 both need them: when the guest's owner goes first,
+    the network takes them over in the same transaction."""
+    from dataclasses import replace
+
+    from kvmufw_hook.intents import Forward
+    mine = [i for i in RULES["d=g5"] if isinstance(i, Forward) and i.guest_ports.first == 22]
+    theirs = [replace(f, owner="n=lab", host_ports=type(f.host_ports)(8022, 8022))
+              for f in mine]
+    both = {"d=g5": mine, "n=lab": theirs}
+    table = Table.parse(listing(NftBackend().change(Ruleset(Table()), both).after or []))
+    change = NftBackend().change(Ruleset(table), {"d=g5": ()})
+    after = Ruleset(Table.parse(listing(change.after or [])))
+    assert NftBackend.present(after, theirs)
+    assert not any(e.comment.startswith("kvmufw:d=g5,") for e in after.table.elements)

@@ -467,6 +467,52 @@ def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element
     return deletes, adds
 
 
+def _guest_of(e: Element) -> tuple[str, str, str, int, int] | None:
+    """(family, guest, protocol, first, last guest port) a guest or hairpin element
+    serves, or a DNAT element leads to."""
+    parts = [p.strip() for p in e.key.split(" . ")]
+    if e.set.startswith(("guest", "hairpin")):
+        first, _, last = parts[-1].partition("-")
+        guest = parts[1]  # "bridge" . guest … or subnet . guest …
+        return e.set[-1], guest, parts[-2], int(first), int(last or first)
+    if e.set.startswith("dnat") and e.value is not None:
+        address, _, port = e.value.partition(" . ")
+        first, _, last = parts[-1].partition("-")
+        if port:
+            return e.set[4], address.strip(), parts[2], int(port), int(port)
+        return e.set[4], address.strip(), parts[2], int(first), int(last or first)
+    return None
+
+
+def adopted(deletes: Sequence[Element], remaining: Sequence[Element]) -> list[Element]:
+    """Two owners' forwards to one guest port share its accept and hairpin elements (a
+    key is in a set once, under the comment of whoever added it first). When that owner
+    goes, another whose DNAT still leads there takes the element over (deleted and added
+    again in the same transaction, under its comment), so that removal by owner never
+    takes what someone else still needs."""
+    shared = [e for e in deletes if e.set.startswith(("guest", "hairpin"))]
+    if not shared:
+        return []
+    leading: dict[tuple[str, str, str], list[tuple[int, int, str]]] = {}
+    for e in remaining:
+        if e.set.startswith("dnat") and (found := _guest_of(e)) is not None:
+            family, guest, proto, first, last = found
+            leading.setdefault((family, guest, proto), []).append((first, last, e.comment))
+    taken = {(e.set, e.key) for e in remaining}
+    out = []
+    for e in shared:
+        found = _guest_of(e)
+        if found is None or (e.set, e.key) in taken:
+            continue
+        family, guest, proto, first, last = found
+        heir = next((c for a, b, c in leading.get((family, guest, proto), ()) if a <= last
+                     and first <= b), None)
+        if heir is not None:
+            out.append(Element(e.set, e.key, None, heir))
+            taken.add((e.set, e.key))
+    return out
+
+
 def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) -> str:
     """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds."""
     if not deletes and not adds and table.skeleton_ok():
@@ -658,13 +704,15 @@ class NftBackend:
 
         kept = [e for e in have if not replaced(e)]
         deletes, adds = diff(have, kept + list(wanted(intents)))
+        adds += adopted(deletes, kept + adds)
         gone = set(deletes)
+        after = [e for e in have if e not in gone] + adds
         out = Change(script(ruleset.table, deletes, adds),
                      ended=[e for e in deletes if e.set.startswith("dnat")], base=ruleset,
-                     after=[e for e in have if e not in gone] + adds)
+                     after=after)
         networks = any(o.startswith("n=") for o in intents)
         if networks or drop is not None or not ruleset.table.skeleton_ok():
-            out.glue = _glue_change(ruleset.glue, keep=bool(kept or adds))
+            out.glue = _glue_change(ruleset.glue, keep=bool(after))
         return out
 
     def revert(self, now: Ruleset, before: Ruleset) -> Change:
@@ -686,8 +734,8 @@ class NftBackend:
 
     @staticmethod
     def present(ruleset: Ruleset, intents: Iterable[Intent]) -> bool:
-        have = set(ruleset.table.elements)
-        return all(e in have for e in wanted({"": tuple(intents)}))
+        have = {(e.set, e.key, e.value) for e in ruleset.table.elements}
+        return all((e.set, e.key, e.value) in have for e in wanted({"": tuple(intents)}))
 
     @staticmethod
     def owners(ruleset: Ruleset) -> set[str]:
@@ -721,30 +769,41 @@ class NftBackend:
     @staticmethod
     def claims(ruleset: Ruleset, near: Iterable[HostPort] | None = None,
                mine: str | None = None) -> dict[str, list[Claim]]:
-        """owner -> the host ports its DNAT elements hold (read from the kernel's maps)."""
+        """owner -> the host ports its DNAT elements hold, read from the kernel's maps: a
+        shifted range (one element per port) is one claim again, as declared."""
         from ipaddress import ip_address, ip_network
 
         from ..model import PortRange
         wanted_near = None if near is None else [
             (s.proto, s.host_port.first, s.host_port.last) for s in near]
+        runs: dict[tuple, list[list[int]]] = {}  # (owner, proto, host, guest, shift) -> runs
         out: dict[str, dict[Claim, None]] = {}
         for e in ruleset.table.elements:
             tag = e.tag
             if not e.set.startswith("dnat") or tag is None or e.value is None:
                 continue
+            out.setdefault(tag.owner, {})
             daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
-            first, _, last = ports.partition("-")
-            port = PortRange(int(first), int(last or first))
-            owned = out.setdefault(tag.owner, {})
+            first_text, _, last_text = ports.partition("-")
+            first, last = int(first_text), int(last_text or first_text)
             if wanted_near is not None and tag.owner != mine and not any(
-                    p == proto and a <= port.last and port.first <= b
-                    for p, a, b in wanted_near):
+                    p == proto and a <= last and first <= b for p, a, b in wanted_near):
                 continue
+            guest, _, port = e.value.partition(" . ")
+            shift = int(port) - first if port else 0
+            key = (tag.owner, proto, daddr, guest.strip(), shift)
+            spans = runs.setdefault(key, [])
+            if spans and spans[-1][1] + 1 == first:
+                spans[-1][1] = last  # the next port of a shifted range
+            elif [first, last] not in spans:  # the same ports from another source
+                spans.append([first, last])
+        for (owner, proto, daddr, guest, _shift), spans in runs.items():
             net = ip_network(daddr, strict=False)
             host = None if net.prefixlen == 0 else net.network_address
-            guest = ip_address(e.value.split(" . ")[0])
-            owned[Claim(proto=proto, host_port=port, guest=guest, host_ip=host)] = None
-        return {owner: list(specs) for owner, specs in out.items()}
+            for first, last in spans:
+                out[owner][Claim(proto=proto, host_port=PortRange(first, last),
+                                 guest=ip_address(guest), host_ip=host)] = None
+        return {owner: list(claims) for owner, claims in out.items()}
 
     def end_flows(self, change: Change, log: Log) -> None:
         """End the conntrack flows of the DNAT elements ``change`` deleted."""
