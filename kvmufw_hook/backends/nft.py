@@ -30,22 +30,24 @@ Promises:
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
 from ..errors import ApplyError
-from ..intents import Claim, Forward, Intent
 from ..names import Tag
-from .base import Backend, HostPort, Log, Owners
 from .iptables import LIBVIRT_CHAINS as LIBVIRT_IPTABLES_CHAINS
 from .iptables import SEARCH_PATH, TOOLS, find_tool, ip_text, net_text, run
-from .rules import Rule
 from .tags import comment as tag_comment
 from .tags import parse_comment
 
+# A guest's stop imports this module and nothing heavier (no dataclasses, typing,
+# intents or planner): plain classes, and what only a start needs imported there.
 TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
+
+    from ..intents import Claim, Forward, Intent
+    from .base import Backend, HostPort, Log, Owners
+    from .rules import Rule
+
 TABLE = "kvmufw"
 # The packet mark bit our table sets on what it accepts (forward, input) and the glue
 # matches: bit 24. Clear of kube-proxy (0x4000, 0x8000), Cilium (0x0f00), Docker swarm
@@ -162,14 +164,33 @@ def _if(name: str | None) -> str:
     return f'"{name}"'
 
 
-@dataclass(frozen=True)
-class Element:
-    """One element of one of our sets or maps, as ``nft list`` prints it."""
+class Element(tuple):  # type: ignore[type-arg]
+    """One element of one of our sets or maps, as ``nft list`` prints it: (set, key,
+    value or None, comment), compared and hashed as that tuple."""
 
-    set: str
-    key: str
-    value: str | None
-    comment: str
+    __slots__ = ()
+
+    def __new__(cls, set: str, key: str, value: str | None, comment: str) -> Element:
+        return tuple.__new__(cls, (set, key, value, comment))
+
+    @property
+    def set(self) -> str:
+        return self[0]  # type: ignore[no-any-return]
+
+    @property
+    def key(self) -> str:
+        return self[1]  # type: ignore[no-any-return]
+
+    @property
+    def value(self) -> str | None:
+        return self[2]  # type: ignore[no-any-return]
+
+    @property
+    def comment(self) -> str:
+        return self[3]  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"Element{tuple.__repr__(self)}"
 
     @property
     def text(self) -> str:
@@ -284,6 +305,7 @@ def forward_elements(fw: Forward) -> list[Element]:
 
 def wanted(intents: Owners) -> dict[Element, None]:
     """Every element the owners' intents stand for, once each, in order."""
+    from ..intents import Forward
     from .rules import expand
     out: dict[Element, None] = {}
     for owner in sorted(intents):
@@ -323,14 +345,15 @@ def _parse_element(name: str, text: str) -> Element:
     return Element(name, text[:at].strip(), mapped, text[at + len(' comment "'):end])
 
 
-@dataclass
 class Table:
     """``nft list table inet kvmufw`` as printed: whether it is there, each chain's
     rules, each set's elements."""
 
-    present: bool = False
-    chains: dict[str, list[str]] = field(default_factory=dict)
-    elements: list[Element] = field(default_factory=list)
+    def __init__(self, present: bool = False, chains: dict[str, list[str]] | None = None,
+                 elements: list[Element] | None = None) -> None:
+        self.present = present
+        self.chains = chains or {}
+        self.elements = elements or []
 
     @classmethod
     def parse(cls, text: str) -> Table:
@@ -371,25 +394,28 @@ class Table:
                                     for c, (_hook, rules) in CHAINS.items())
 
 
-@dataclass
 class Glue:
     """The glue rules outside our table as read: per iptables family, the filter table's
     INPUT and FORWARD rules (and libvirt's chains); per libvirt nft family
     (``ip``/``ip6``), libvirt's table as ``nft -a list`` printed it."""
 
-    iptables: dict[int, dict[str, list[str]]] = field(default_factory=dict)
-    libvirt_chains: set[str] = field(default_factory=set)
-    libvirt: dict[str, dict[str, list[tuple[int, str]]]] = field(default_factory=dict)
-    other: dict[int, Any] = field(default_factory=dict)  # family -> iptables Snapshot
+    def __init__(self) -> None:
+        self.iptables: dict[int, dict[str, list[str]]] = {}
+        self.libvirt_chains: set[str] = set()
+        self.libvirt: dict[str, dict[str, list[tuple[int, str]]]] = {}
+        self.other: dict[int, Any] = {}  # family -> iptables Snapshot
 
 
-@dataclass
 class Ruleset:
-    table: Table
-    unavailable: dict[int, str] = field(default_factory=dict)
-    generation: int | None = None  # nf_tables' generation it was read at, if known
-    glue_reader: Callable[[], Glue] | None = None
-    _glue: Glue | None = None
+    """Our table as read, and the glue outside it, read when first asked for."""
+
+    def __init__(self, table: Table, generation: int | None = None,
+                 glue_reader: Callable[[], Glue] | None = None) -> None:
+        self.table = table
+        self.unavailable: dict[int, str] = {}  # one inet table: no family is left out
+        self.generation = generation  # nf_tables' generation it was read at, if known
+        self.glue_reader = glue_reader
+        self._glue: Glue | None = None
 
     @property
     def families(self) -> set[int]:
@@ -403,14 +429,22 @@ class Ruleset:
         return self._glue
 
 
-@dataclass
 class Change:
-    script: str = ""  # one nft -f transaction on our table
-    glue: dict[str, str] = field(default_factory=dict)  # "4"/"6"/"nft" -> payload
-    ended: list[Element] = field(default_factory=list)  # DNAT elements deleted
-    skipped: dict[int, str] = field(default_factory=dict)
-    base: Ruleset | None = None  # what it was made from
-    after: list[Element] | None = None  # our elements once it is written
+    """One ``nft -f`` script on our table, the glue payloads ("4"/"6": iptables-restore,
+    "nft": libvirt's tables), the DNAT elements it deletes (their flows end), what it
+    was made from and our elements once it is written."""
+
+    def __init__(self, script: str = "", ended: list[Element] | None = None,
+                 base: Ruleset | None = None, after: list[Element] | None = None) -> None:
+        self.script = script
+        self.glue: dict[str, str] = {}
+        self.ended = ended or []
+        self.skipped: dict[int, str] = {}
+        self.base = base
+        self.after = after
+
+    def __repr__(self) -> str:
+        return f"Change({self.text!r})"
 
     def __bool__(self) -> bool:
         return bool(self.script or any(self.glue.values()))
@@ -589,6 +623,7 @@ class NftBackend:
     def _nft(self) -> str:
         if self.prefix:
             return "nft"
+        import shutil
         found = shutil.which("nft", path=SEARCH_PATH)
         if found is None:
             raise ApplyError("nft not found: install the nftables package")
@@ -773,6 +808,7 @@ class NftBackend:
         shifted range (one element per port) is one claim again, as declared."""
         from ipaddress import ip_address, ip_network
 
+        from ..intents import Claim
         from ..model import PortRange
         wanted_near = None if near is None else [
             (s.proto, s.host_port.first, s.host_port.last) for s in near]
