@@ -16,10 +16,13 @@ from .names import domain_owner
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: typing and collections cost milliseconds to import
     from collections.abc import Callable, Mapping, Sequence
-    from typing import TypeVar
+    from typing import Any, TypeVar
 
+    from .backends.base import Backend, Ruleset
     from .intents import Intent
+    from .names import Tag
     T = TypeVar("T")
+    R = TypeVar("R", bound=Ruleset)
 
 
 def _quiet(_msg: str) -> None:
@@ -46,7 +49,7 @@ def retrying(nothing: Callable[[], T]) -> Callable[[Callable[..., T]], Callable[
     ApplyError; after ``uninstall`` (``state.Uninstalled``) it applies nothing and
     returns ``nothing()``."""
     def wrap(operation: Callable[..., T]) -> Callable[..., T]:
-        def run(*args, **kwargs) -> T:
+        def run(*args: Any, **kwargs: Any) -> T:
             for left in range(ATTEMPTS - 1, -1, -1):
                 try:
                     return operation(*args, **kwargs)
@@ -84,7 +87,7 @@ def families_of(rules: Mapping[str, Sequence[Intent]]) -> set[int]:
     return {rule.family for owned in rules.values() for rule in owned}
 
 
-def covering(backend, before, rules: Mapping[str, Sequence[Intent]]):
+def covering(backend: Backend[R, Any], before: R, rules: Mapping[str, Sequence[Intent]]) -> R:
     """``before``, or a fresh read when it lacks a family ``rules`` write to (a ruleset
     read before planning holds IPv6 only where rules of ours already were)."""
     wanted = families_of(rules)
@@ -93,8 +96,10 @@ def covering(backend, before, rules: Mapping[str, Sequence[Intent]]):
     return backend.read(wanted | set(before.families))
 
 
-def apply_rules(rules: Mapping[str, Sequence[Intent]], drop=None, backend=None,
-                log: Callable[[str], None] = _quiet, before=None) -> Applied:
+def apply_rules(rules: Mapping[str, Sequence[Intent]],
+                drop: Callable[[Tag], bool] | None = None,
+                backend: Backend[Any, Any] | None = None,
+                log: Callable[[str], None] = _quiet, before: Any = None) -> Applied:
     """Replace the named owners' rules (and drop matching others) in one write per
     family; ``before``: the ruleset already read under the lock, if any (read with the
     families of ``rules``).
@@ -129,7 +134,8 @@ def apply_rules(rules: Mapping[str, Sequence[Intent]], drop=None, backend=None,
 
 
 @retrying(lambda: Applied(""))
-def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet) -> Applied:
+def domain_stopped(name: str, backend: Backend[Any, Any] | None = None,
+                   log: Callable[[str], None] = _quiet) -> Applied:
     """Remove the guest's forwards (qemu stopped, release): found by their owner tag.
     The guest is gone whatever happens here: if the removal fails, its state goes all
     the same (``restore`` must never bring its forwards back) and a ``stopped`` marker

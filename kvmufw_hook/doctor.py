@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from . import state
 from .backends import default_backend, libvirt_firewall
-from .backends.base import Backend
+from .backends.base import AnyBackend
 from .errors import ApplyError, InputError
 from .installation import (
     HOOK_DRIVERS,
@@ -151,7 +150,7 @@ def _ufw_ipv6(default: str | None, networks) -> Finding:
                    "ufw reload")
 
 
-def check_libvirt_firewall(ruleset, active_networks: int, backend: Backend[Any, Any]):
+def check_libvirt_firewall(ruleset, active_networks: int, backend: AnyBackend):
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
     and our accepts in it (one per forward and direction, ahead of libvirt's rejects:
     the backend's participants read and check them with our rules)."""
@@ -184,7 +183,7 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend: Backend[Any, 
     return firewall, out
 
 
-def check_rules(backend, ruleset, active_networks: int,
+def check_rules(backend: AnyBackend, ruleset, active_networks: int,
                 libvirt_backend: str = "iptables", ipv6_networks: bool = True) -> list[Finding]:
     """libvirt's chains (where it uses iptables), our rules and our jumps, through the
     backend's interface (``libvirt_missing``, ``has_rules``, ``entry_problems``); a family
@@ -263,7 +262,7 @@ def check_hooks(root: str = "") -> list[Finding]:
     return out
 
 
-def check_forwards(uri: str, backend) -> list[Finding]:
+def check_forwards(uri: str, backend: AnyBackend) -> list[Finding]:
     from .ops import replay
     from .virt import live_xml
     try:
@@ -285,7 +284,7 @@ def check_forwards(uri: str, backend) -> list[Finding]:
     return out
 
 
-def run(uri: str, backend=None) -> list[Finding]:
+def run(uri: str, backend: AnyBackend | None = None) -> list[Finding]:
     backend = backend or default_backend()
     try:
         networks = state.load_networks()

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from . import state
+from .backends.base import AnyBackend
 from .doctor import Finding
 from .errors import ApplyError, InputError
 from .model import Domain, Network
@@ -64,7 +65,7 @@ def bridge_findings(on: Sequence[int], networks: Iterable[Network],
     return out
 
 
-def _hairpin_off(backend) -> list[str]:
+def _hairpin_off(backend: AnyBackend) -> list[str]:
     """The ports our state says need hairpin mode now and lack it."""
     from .backends.bridgeports import BridgePorts
     from .hairpin import plan_host_hairpin
@@ -89,7 +90,7 @@ def _parsed(raws: Iterable[bytes], parse) -> list:
     return out
 
 
-def check_bridge_netfilter(uri: str, backend) -> list[Finding]:
+def check_bridge_netfilter(uri: str, backend: AnyBackend) -> list[Finding]:
     from .backends.bridgeports import BridgePorts
     from .parse import parse_domain_xml, parse_network_xml
     try:
@@ -133,7 +134,7 @@ def docker_nft_finding(policies: dict[int, str]) -> list[Finding]:
                     "with --ip-forward-no-drop, then restart dockerd")]
 
 
-def docker_nft_policies(backend) -> dict[int, str]:
+def docker_nft_policies(backend: AnyBackend) -> dict[int, str]:
     """family -> the policy of Docker's forward base chain, where its table exists (one
     netlink request per family on the host; ``nft`` only where the table is there)."""
     from .backends.iptables import run

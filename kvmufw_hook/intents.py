@@ -12,6 +12,7 @@ None for one that serves the whole bridge); ``tag`` is the owner tag a backend w
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .model import FAMILIES, IPAddress, IPNetwork, PortRange
@@ -122,3 +123,6 @@ class Claim:
             return f"forward {self.proto} {self.host_port}"
         host = f"[{self.host_ip}]" if self.host_ip.version == 6 else str(self.host_ip)
         return f"forward {self.proto} {host}:{self.host_port}"
+
+
+Held = Mapping[str, Sequence[Claim]]  # owner -> the host ports its rules hold (``claims``)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
 
 from . import host, state
 from .apply import (  # noqa: F401 - the stop path lives there
@@ -33,11 +32,10 @@ from .apply import (  # noqa: F401 - the stop path lives there
     retrying,
 )
 from .backends import default_backend
-from .backends.base import Backend
 from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
-from .intents import Intent
+from .intents import Claim, Held, Intent
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner, safe_name
 from .plan import (
@@ -61,6 +59,10 @@ from .policy import (
     withdraws,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
+    from .backends.base import AnyBackend
+
 Log = Callable[[str], None]
 
 
@@ -68,19 +70,19 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
+def kernel_claims(backend: AnyBackend | None = None) -> dict[str, list[Claim]]:
     """owner -> the host ports its rules in the kernel hold right now."""
     backend = backend or default_backend()
     return backend.claims(backend.read())
 
 
-def host_facts(backend=None) -> Callable[[], host.HostFacts]:
+def host_facts(backend: AnyBackend | None = None) -> Callable[[], host.HostFacts]:
     """How to read the host's facts in the backend's namespace, and root's configuration,
     when a check needs them."""
     return lambda: read_facts(backend)
 
 
-def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
+def read_facts(backend: AnyBackend | None = None, log: Log | None = None) -> host.HostFacts:
     """The host's facts with root's configuration; ``log``: a wrong configuration is
     said there and read as no consent at all (``restore`` must put rules back), instead
     of refusing the operation (``ConfigError``)."""
@@ -96,7 +98,7 @@ def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
     return facts
 
 
-def _prefix(backend: Backend[Any, Any] | None) -> Sequence[str]:
+def _prefix(backend: AnyBackend | None) -> Sequence[str]:
     return backend.prefix if backend is not None else ()
 
 
@@ -125,12 +127,12 @@ class _Owner:
         self.resolved = resolved_specs(specs, targets)  # each in the families it takes
         self.rules: Sequence[Intent] = tuple(own) + plan_forwards(owner, targets)
 
-    def check(self, held, backend, networks: Mapping[str, Network]) -> None:
+    def check(self, held, backend: AnyBackend, networks: Mapping[str, Network]) -> None:
         _check_held(self.label, self.owner, self.specs, self.targets, held, backend, networks)
 
 
 def _check_held(label: str, owner: str, specs: Sequence[ForwardSpec], targets, held,
-                backend, networks: Mapping[str, Network]) -> None:
+                backend: AnyBackend, networks: Mapping[str, Network]) -> None:
     """A network event's checks of ``owner``'s forwards: against the ports the others'
     rules hold (``held``) and against the host."""
     check_conflicts(label, resolved_specs(specs, targets),
@@ -151,7 +153,7 @@ def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
 
 
 def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Intent]],
-             held, backend, networks: Mapping[str, Network], log: Log,
+             held, backend: AnyBackend, networks: Mapping[str, Network], log: Log,
              bare: Sequence[Intent] = ()) -> None:
     """Re-plan an owner a network event may affect into ``rules``: its rules if every
     check passes. If not, ``bare`` (a network's own bridge rules and fences, re-planned
@@ -182,7 +184,7 @@ def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[
         log(f"forwards withdrawn: {exc}")
 
 
-def _captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[str]:
+def _captured(net: Network, held: Held) -> set[str]:
     """Owners whose forwards in the kernel reach a guest address inside ``net``'s
     subnets: a network that starts or changes may capture them (a narrower subnet
     beside theirs wins the route)."""
@@ -193,7 +195,8 @@ def _captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[st
 
 
 @retrying(lambda: Applied(""))
-def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
+def network_started(net: Network, raw: bytes, backend: AnyBackend | None = None,
+                    log: Log = _quiet) -> Applied:
     """Add the network's rules and forwards; re-add forwards of running guests on it.
     The state file is written after the rules: if they fail (or this is killed), libvirt
     counts the network as not started and runs no ``stopped``: nothing may say it is
@@ -240,7 +243,7 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
 
 
 @retrying(lambda: Applied(""))
-def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
+def network_stopped(net: Network, backend: AnyBackend | None = None, log: Log = _quiet) -> Applied:
     """Remove everything that targets the network: its rules and guests' forwards to it.
     The rules first: if their removal fails, the state file stays, and as libvirt removed
     its status file before calling us, ``restore`` removes what is left."""
@@ -272,7 +275,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
 
 @retrying(lambda: Applied(""))
 def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bool,
-                 backend=None, log: Log = _quiet) -> Applied:
+                 backend: AnyBackend | None = None, log: Log = _quiet) -> Applied:
     """port-created/-deleted/updated: keep the network's and the owner guest's rules
     current (after a daemon restart libvirt re-creates every port, then reconnects). An
     owner whose re-planned forwards would take a port someone else holds keeps the rules
@@ -310,18 +313,18 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
                     dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != mac))
                 _recheck(tag, partial(_domain_owner, dom, networks), rules, held,
                          backend, networks, log)
-        for other in networks.values():
-            if other.name != net.name and network_owner(other.name) in again:
-                _recheck(network_owner(other.name),
-                         partial(_network_owner, other, networks), rules, held,
-                         backend, networks, log, plan_network(other, networks))
+        for neighbour in networks.values():
+            if neighbour.name != net.name and network_owner(neighbour.name) in again:
+                _recheck(network_owner(neighbour.name),
+                         partial(_network_owner, neighbour, networks), rules, held,
+                         backend, networks, log, plan_network(neighbour, networks))
         return apply_rules(rules, backend=backend, log=log,
                            before=covering(backend, before, rules))
 
 
 # --------------------------------------------------------------------------- domains
 
-def _domain_checked(dom: Domain, backend) -> tuple[tuple[Intent, ...], object]:
+def _domain_checked(dom: Domain, backend: AnyBackend) -> tuple[tuple[Intent, ...], object]:
     """Every check of a guest's forwards against this host, under the state lock:
     (its rules, the firewall as read). InputError names the guest, forward and reason."""
     owner = domain_owner(dom.name)
@@ -345,7 +348,7 @@ def _domain_checked(dom: Domain, backend) -> tuple[tuple[Intent, ...], object]:
 
 
 @retrying(lambda: None)  # after uninstall: nothing to check
-def domain_arriving(dom: Domain, backend=None) -> None:
+def domain_arriving(dom: Domain, backend: AnyBackend | None = None) -> None:
     """qemu ``migrate``, on the destination: the checks of ``domain_started`` and
     nothing else (no state, no rule). A host port held here, a ``host-ip`` that is not
     this host's, ... refuse the migration before anything moves; the guest keeps running
@@ -357,7 +360,7 @@ def domain_arriving(dom: Domain, backend=None) -> None:
 
 
 @retrying(lambda: Applied(""))
-def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
+def domain_started(dom: Domain, raw: bytes, backend: AnyBackend | None = None, log: Log = _quiet,
                    running: bool = False) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
     reconnect, replay of one guest). ``running``: the guest runs whatever happens here
@@ -410,7 +413,7 @@ class HostPlan:
 
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
-              holders: Mapping[str, list[ForwardSpec]] | None = None,
+              holders: Held | None = None,
               facts: host.HostFacts | None = None, broken: Iterable[str] = (),
               reserved: Iterable[str] = (),
               ports: Callable[[str], list[tuple[str, str]]] | None = None) -> HostPlan:
@@ -508,8 +511,7 @@ class Replayed:
     owners: int
 
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
+if TYPE_CHECKING:
     from typing import TypeVar
     Parsed = TypeVar("Parsed", Network, Domain)
 
@@ -558,7 +560,7 @@ def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
 
 @retrying(lambda: Replayed("", [], 0))
 def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
-           backend=None, log: Log = _quiet) -> Replayed:
+           backend: AnyBackend | None = None, log: Log = _quiet) -> Replayed:
     """Re-derive every rule from the live XML of active networks and running guests:
     add what is missing, remove our rules that no longer match, fix the jumps, and
     rewrite the state files. An owner that fails keeps whatever rules it has. The way an
@@ -603,7 +605,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
 
 
 @retrying(lambda: Replayed("", [], 0))
-def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
+def restore(jumps_only: bool = False, backend: AnyBackend | None = None, log: Log = _quiet,
             lock_timeout: float | None = None) -> Replayed:
     """Put our rules back from our own state and the kernel, never asking libvirt (it
     runs from UFW's after.init and from libvirt's own unit, where a call into libvirt
@@ -669,8 +671,8 @@ def _stopped(networks: dict[str, Network],
     return gone, stopped
 
 
-def watch_jumps(seconds: float, interval: float = 1.0, backend=None, log: Log = _quiet,
-                lock_timeout: float | None = None) -> int:
+def watch_jumps(seconds: float, interval: float = 1.0, backend: AnyBackend | None = None,
+                log: Log = _quiet, lock_timeout: float | None = None) -> int:
     """Put our jumps back first now, and again whenever they lose first place during the
     next ``seconds``: libvirt reloads its networks' rules (and puts its jumps at position
     1) a few seconds after its unit counts as started. The number of repairs."""
@@ -697,14 +699,14 @@ def _report(what: str, planned: HostPlan, payload: str, problems: list[str],
             + (f", {len(problems)} problem(s)" if problems else ""))
 
 
-def flush(backend=None) -> Applied:
+def flush(backend: AnyBackend | None = None) -> Applied:
     """Remove all our rules and chains, and our accepts in libvirt's nftables table."""
     backend = backend or default_backend()
     with state.locked(installing=True):
         return _flush(backend)
 
 
-def _flush(backend: Backend[Any, Any]) -> Applied:
+def _flush(backend: AnyBackend) -> Applied:
     change = backend.clear(backend.read())
     backend.write(change)
     text = change.text
@@ -712,7 +714,7 @@ def _flush(backend: Backend[Any, Any]) -> Applied:
     return Applied(text)
 
 
-def uninstall(backend=None) -> Applied:
+def uninstall(backend: AnyBackend | None = None) -> Applied:
     """What an uninstaller calls once no new hook can start (hook files and UFW's
     ``after.init`` entry removed): under the state lock, remove all our rules, chains and
     accepts and every state file, and leave the ``uninstalled`` marker, so that a hook

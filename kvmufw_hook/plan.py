@@ -16,6 +16,7 @@ from ipaddress import IPv6Network
 from .errors import InputError, Unavailable, shown
 from .intents import (
     BridgeLocal,
+    Claim,
     Egress,
     Fence,
     Forward,
@@ -229,7 +230,8 @@ def _check_guest_address(where: str, ip: IPAddress, net: Network,
                          "on its bridge (the host itself), not a guest")
 
 
-def _reserved_by_others(dom: Domain, attached: list[tuple[str, Network]]) -> dict:
+def _reserved_by_others(dom: Domain,
+                        attached: list[tuple[str, Network]]) -> dict[IPAddress, str]:
     """address -> who holds it by a <dhcp><host> reservation in the domain's networks:
     a MAC that is none of the domain's NICs, or a name-only entry (every IPv6 one) not
     named as it. Built once per domain: a guest may have thousands of forwards, a
@@ -296,7 +298,7 @@ def resolve_domain_forwards(dom: Domain,
     """
     what = f"domain {shown(dom.name)}"
     attached = domain_networks(dom, networks)
-    others: dict | None = None
+    others: dict[IPAddress, str] | None = None
     booked: dict[tuple[str, int], dict[int, IPAddress]] = {}  # once per NIC, not per forward
     out: list[Resolved] = []
 
@@ -420,7 +422,7 @@ def plan_domain_owner(dom: Domain, networks: Mapping[str, Network]) -> tuple[For
 
 # --------------------------------------------------------------------------- conflicts
 
-def same_host_port(a: ForwardSpec, b: ForwardSpec) -> bool:
+def same_host_port(a: ForwardSpec | Claim, b: ForwardSpec | Claim) -> bool:
     """The one definition of "the same forward": both would catch a connection (the
     same proto, overlapping host ports, the same host-ip or either on every address, a
     family in common).
@@ -431,19 +433,19 @@ def same_host_port(a: ForwardSpec, b: ForwardSpec) -> bool:
 
 
 def check_conflicts(owner_label: str, specs: Iterable[ForwardSpec],
-                    others: Iterable[tuple[str, Iterable[ForwardSpec]]]) -> None:
+                    others: Iterable[tuple[str, Iterable[ForwardSpec | Claim]]]) -> None:
     """InputError if a host port (proto, host-ip) is claimed twice.
 
     ``others`` is (label, forwards) of every other owner currently applied. A sweep
     over port ranges sorted by their start: O(n log n), so that a guest with thousands
     of forwards is checked in milliseconds.
     """
-    entries: list[tuple[str, int, int, ForwardSpec, str | None]] = [
+    entries: list[tuple[str, int, int, ForwardSpec | Claim, str | None]] = [
         (s.proto, s.host_port.first, i, s, None) for i, s in enumerate(specs)]
     entries += [(s.proto, s.host_port.first, -1, s, label)
                 for label, theirs in others for s in theirs]
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
-    active: list[tuple] = []
+    active: list[tuple[str, int, int, ForwardSpec | Claim, str | None]] = []
     for entry in entries:
         proto, first, _i, spec, label = entry
         active = [a for a in active if a[0] == proto and a[3].host_port.last >= first]

@@ -7,6 +7,7 @@ import threading
 
 from . import state
 from .backends import default_backend, libvirt_firewall
+from .backends.base import AnyBackend
 from .errors import ApplyError, InputError, printable, shown
 from .host import network_leases
 from .names import domain_owner, network_owner
@@ -52,7 +53,7 @@ class _Reading(threading.Thread):
     """The firewall read in the background: iptables-save takes about as long as loading
     and planning the state, and while it runs the waiting is in another process."""
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend: AnyBackend) -> None:
         super().__init__(name="iptables-save", daemon=True)
         self.backend = backend
         self.snapshot = None
@@ -75,7 +76,7 @@ class _Reading(threading.Thread):
         return self.snapshot, self.error
 
 
-def collect(backend=None) -> dict:
+def collect(backend: AnyBackend | None = None) -> dict:
     """Every network and guest of the state with its forwards; whether each one's rules
     are in the kernel is decided once the snapshot is in, from one set of its lines."""
     backend = backend or default_backend()
@@ -92,8 +93,9 @@ def collect(backend=None) -> dict:
         if not net.managed:
             continue
         owner = network_owner(name)
-        entry = {"name": name, "bridge": net.bridge, "mode": net.mode,
-                 "subnets": [str(s) for s in net.subnets], "rules_present": False}
+        entry: dict[str, object] = {"name": name, "bridge": net.bridge, "mode": net.mode,
+                                     "subnets": [str(s) for s in net.subnets],
+                                     "rules_present": False}
         check(entry, "rules_present", plan_network(net, networks))
         entry["forwards"] = _forwards(owner, net.forwards,
                                       lambda net=net: resolve_network_forwards(net, networks),

@@ -154,7 +154,8 @@ class LibvirtAccepts:
     def entry_problems(ruleset: Tables) -> list[str]:
         """Each chain of libvirt's where accepts of ours sit behind a rule of libvirt's
         (its reject then comes first)."""
-        from .libvirt_nft import CHAINS, TABLE
+        from .libvirt_nft import CHAINS
+        from .nftprobe import TABLE
         return [f"{chain} ({family} {TABLE})" for family, snap in sorted(ruleset.tables.items())
                 for chain in CHAINS if any(not ahead for _r, ahead in snap.ours(chain))]
 

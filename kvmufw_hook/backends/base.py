@@ -19,7 +19,7 @@ Promises every backend keeps (``tests/test_backend_contract.py`` checks them all
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..intents import Claim, Intent
 from ..model import PortRange
@@ -136,3 +136,6 @@ class Backend(Protocol[R, C]):
     def libvirt_missing(self, ruleset: R) -> list[str]:
         """What of libvirt's own rules (its iptables backend's chains) is not in this
         ruleset: meaningful only where libvirt uses the iptables backend."""
+
+
+AnyBackend = Backend[Any, Any]  # a backend parameter: whichever backend, its own types

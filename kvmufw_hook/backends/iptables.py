@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from typing import Protocol
 
+    from ..conntrack import Flow
     from ..intents import Claim, Intent
+    from ..model import IPAddress, IPNetwork, PortRange
     from ..names import Tag
     from .base import HostPort, Log, Owners
     from .rules import Rule
@@ -69,11 +71,11 @@ def our_chains(table: str) -> tuple[str, ...]:
     return tuple(ours for t, _, ours in JUMPS if t == table)
 
 
-def _ports(ports, sep: str) -> str:
+def _ports(ports: PortRange, sep: str) -> str:
     return str(ports.first) if ports.first == ports.last else f"{ports.first}{sep}{ports.last}"
 
 
-def ip_text(addr) -> str:
+def ip_text(addr: IPAddress) -> str:
     """An address as iptables prints it: IPv6 through inet_ntop, as ip6tables-save does
     (Python writes ``::a00:1`` where inet_ntop writes ``::10.0.0.1``)."""
     if addr.version == 4:
@@ -82,11 +84,11 @@ def ip_text(addr) -> str:
     return inet_ntop(AF_INET6, addr.packed)
 
 
-def net_text(net) -> str:
+def net_text(net: IPNetwork) -> str:
     return f"{ip_text(net.network_address)}/{net.prefixlen}"
 
 
-def _address(addr) -> str:
+def _address(addr: IPAddress) -> str:
     return f"[{ip_text(addr)}]" if addr.version == 6 else str(addr)
 
 
@@ -523,8 +525,8 @@ class Record:
 
     @staticmethod
     def path() -> str:
-        from .. import state
-        return os.path.join(state.state_dir(), "cache", "ruleset")
+        from ..names import state_dir
+        return os.path.join(state_dir(), "cache", "ruleset")
 
     @classmethod
     def load(cls, generation: int, families: set[int]) -> Ruleset | None:
@@ -871,7 +873,7 @@ def _tokens_after(tokens: list[str], flag: str) -> str | None:
         return None
 
 
-def _flow(family: int, line: str):
+def _flow(family: int, line: str) -> Flow | None:
     """``conntrack.Flow`` of one of our DNAT lines: what connections it translated."""
     from _socket import AF_INET, AF_INET6, inet_pton
 

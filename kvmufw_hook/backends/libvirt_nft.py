@@ -30,17 +30,19 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import ApplyError
 from ..intents import Forward, Intent
 from ..model import PortRange
 from ..names import Tag
-from .base import Backend, Owners
 from .iptables import SEARCH_PATH, ip_text, run
 from .nftprobe import IPV4, IPV6, TABLE, table_in_kernel
 from .tags import comment as tag_comment
 from .tags import parse_comment
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # a guest's start imports this module where libvirt uses nftables
+    from .base import Owners
 
 FAMILY = "ip"  # libvirt's IPv4 table; its IPv6 rules live in ``ip6 libvirt_network``
 NFT_FAMILY = {4: "ip", 6: "ip6"}
@@ -273,11 +275,6 @@ class LibvirtNft:
     def __init__(self, prefix: Iterable[str] = (), family: str = FAMILY):
         self.prefix = list(prefix)
         self.family = family
-
-    @classmethod
-    def beside(cls, backend: Backend[Any, Any], family: str = FAMILY) -> LibvirtNft:
-        """The one in the same network namespace as a backend."""
-        return cls(backend.prefix, family)
 
     def _nft(self) -> str:
         if self.prefix:
