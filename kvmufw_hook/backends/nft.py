@@ -44,7 +44,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
     from typing import Any
 
+    from ..conntrack import Flow
     from ..intents import Claim, Forward, Intent
+    from ..model import IPNetwork, PortRange
     from .base import Backend, HostPort, Log, Owners
     from .rules import Rule
 
@@ -149,14 +151,14 @@ CHAINS = _chains()
 
 # --------------------------------------------------------------------------- render
 
-def _addr(net) -> str:
+def _addr(net: IPNetwork) -> str:
     """An address or network as nft prints it: a host without its /32 or /128."""
     if net.prefixlen == net.max_prefixlen:
         return ip_text(net.network_address)
     return net_text(net)
 
 
-def _ports(ports) -> str:
+def _ports(ports: PortRange) -> str:
     return str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
 
 
@@ -571,8 +573,8 @@ class Record:
     def path(cls) -> str:
         import os
 
-        from .. import state
-        return os.path.join(state.state_dir(), "cache", cls.NAME)
+        from ..names import state_dir
+        return os.path.join(state_dir(), "cache", cls.NAME)
 
     @classmethod
     def load(cls, generation: int) -> Table | None:
@@ -812,7 +814,7 @@ class NftBackend:
         from ..model import PortRange
         wanted_near = None if near is None else [
             (s.proto, s.host_port.first, s.host_port.last) for s in near]
-        runs: dict[tuple, list[list[int]]] = {}  # (owner, proto, host, guest, shift) -> runs
+        runs: dict[tuple[str, str, str, str, int], list[list[int]]] = {}  # (owner, proto, host, guest, shift) -> runs
         out: dict[str, dict[Claim, None]] = {}
         for e in ruleset.table.elements:
             tag = e.tag
@@ -868,7 +870,7 @@ class NftBackend:
             log(f"conntrack flows of removed forwards not ended: {exc}")
 
 
-def _end_elsewhere(prefix: list[str], flows: list, log: Callable[[str], None]) -> None:
+def _end_elsewhere(prefix: list[str], flows: list[Flow], log: Callable[[str], None]) -> None:
     import json
     import os
     import subprocess
