@@ -814,7 +814,8 @@ class NftBackend:
         from ..model import PortRange
         wanted_near = None if near is None else [
             (s.proto, s.host_port.first, s.host_port.last) for s in near]
-        runs: dict[tuple[str, str, str, str, int], list[list[int]]] = {}  # (owner, proto, host, guest, shift) -> runs
+        # (owner, proto, host, guest, shift) -> runs of ports
+        runs: dict[tuple[str, str, str, str, int], list[list[int]]] = {}
         out: dict[str, dict[Claim, None]] = {}
         for e in ruleset.table.elements:
             tag = e.tag
