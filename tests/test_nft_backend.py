@@ -301,3 +301,23 @@ def test_switching_from_iptables_keeps_every_forward_and_leaves_none_of_its_rule
     ops.apply_rules(owners, backend=iptables)
     assert table(topo) == "" and GLUE_COMMENT not in topo.host.save()
     assert probes(topo)["dnat"] == "203.0.113.2"
+
+
+def test_restore_puts_the_glue_back_after_ufw_flushes_the_builtin_chains(topo, state_env):
+    """``ufw reload`` with MANAGE_BUILTINS=yes flushes INPUT and FORWARD, our glue with
+    them: ``restore --jumps-only`` (UFW's after.init) puts it back, and the forwards pass
+    again without any element written."""
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    elements = table(topo)
+    for family in ("iptables", "ip6tables"):
+        for chain in ("INPUT", "FORWARD"):
+            topo.host.run(family, "-F", chain)
+    topo.host.run("iptables", "-A", "FORWARD", "-j", "ufw-before-forward")
+    assert probes(topo)["dnat"] is None
+    assert backend.entry_problems(backend.read()) != []
+    ops.restore(jumps_only=True, backend=backend)
+    assert backend.entry_problems(backend.read()) == []
+    assert probes(topo)["dnat"] == "203.0.113.2" and table(topo) == elements

@@ -732,7 +732,9 @@ class NftBackend:
                drop: Callable[[Tag], bool] | None = None) -> Change:
         """The owners' elements replaced (and others' that ``drop`` accepts removed) in
         one transaction; the glue checked and put back where a network's owner changes,
-        on a drop, or where our table is not as it should be."""
+        on a drop, where no owner is named (the way in repaired alone) or where our table
+        is not as it should be. A guest's start or stop reads no glue: the glue is per
+        host, not per forward."""
         have = ruleset.table.elements
 
         def replaced(e: Element) -> bool:
@@ -748,7 +750,8 @@ class NftBackend:
                      ended=[e for e in deletes if e.set.startswith("dnat")], base=ruleset,
                      after=after)
         networks = any(o.startswith("n=") for o in intents)
-        if networks or drop is not None or not ruleset.table.skeleton_ok():
+        repair = not intents  # nothing to replace: ``restore --jumps-only`` (UFW's reload)
+        if networks or repair or drop is not None or not ruleset.table.skeleton_ok():
             out.glue = _glue_change(ruleset.glue, keep=bool(after))
         return out
 
