@@ -321,3 +321,30 @@ def test_restore_puts_the_glue_back_after_ufw_flushes_the_builtin_chains(topo, s
     ops.restore(jumps_only=True, backend=backend)
     assert backend.entry_problems(backend.read()) == []
     assert probes(topo)["dnat"] == "203.0.113.2" and table(topo) == elements
+
+
+FLOWS = """
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook import conntrack
+sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 12)
+flow = (4, 17, 6000, 6000, socket.inet_pton(socket.AF_INET, "10.0.0.5"), None)
+print(len(conntrack._dump(sock, 9, 4, [flow])))
+"""
+
+
+def test_a_stop_ends_the_conntrack_flows_its_dnat_elements_made(topo, state_env):
+    """A UDP client that keeps sending would keep its translation forever: the elements
+    a stop deletes name the flows to end (host port, guest)."""
+    import pathlib
+    import sys
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
+    assert topo.inet.ask("udp", "203.0.113.1", 6000) == "203.0.113.2"
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    flows = lambda: topo.host.run(sys.executable, "-c", FLOWS, root).stdout.strip()  # noqa: E731
+    assert flows() == "1"
+    ops.domain_stopped("g5", backend=backend)
+    assert flows() == "0"
