@@ -306,7 +306,10 @@ def forward_elements(fw: Forward) -> list[Element]:
 
 
 def wanted(intents: Owners) -> dict[Element, None]:
-    """Every element the owners' intents stand for, once each, in order."""
+    """Every element the owners' intents stand for, once each, in order (a guest's stop
+    names its owner with no intent: nothing of the planner is imported then)."""
+    if not any(intents.values()):
+        return {}
     from ..intents import Forward
     from .rules import expand
     out: dict[Element, None] = {}
