@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from . import state
-from .backends import default_backend, libvirt_firewall
+from .backends import LibvirtFirewall, default_backend, libvirt_firewall
 from .backends.base import AnyBackend
 from .errors import ApplyError, InputError
 from .installation import (
@@ -21,7 +23,9 @@ from .installation import (
     missed_hooks,
     running_daemons,
 )
+from .model import Network
 
+Networks = Mapping[str, Network]
 
 @dataclass
 class Finding:
@@ -58,17 +62,17 @@ UFW_AFTER_INIT = "/etc/ufw/after.init"
 ROUTING_MODES = ("nat", "route", "open")
 
 
-def _routing(networks, family: int) -> list[str]:
+def _routing(networks: Networks, family: int) -> list[str]:
     """The active networks that route guests of ``family`` beyond the host."""
     return sorted(n.name for n in networks.values() if n.mode in ROUTING_MODES
                   and any(i.version == family for i in n.interfaces))
 
 
-def _has_ipv6(networks) -> list[str]:
-    return sorted(n.name for n in networks.values() if n.managed and n.ipv6)
+def _has_ipv6(networks: Networks | None) -> list[str]:
+    return sorted(n.name for n in (networks or {}).values() if n.managed and n.ipv6)
 
 
-def check_forwarding(networks, family: int = 4, root: str = "") -> Finding:
+def check_forwarding(networks: Networks, family: int = 4, root: str = "") -> Finding:
     """Forwarding off is a failure only while a network that routes that family is
     active: libvirt turns it on itself when such a network starts."""
     check = "IP forwarding" if family == 4 else "IPv6 forwarding"
@@ -97,7 +101,7 @@ def check_forwarding(networks, family: int = 4, root: str = "") -> Finding:
                    f"anything beyond the host{' over IPv6' if family == 6 else ''}", fix)
 
 
-def check_ufw(networks=None, root: str = "") -> list[Finding]:
+def check_ufw(networks: Networks | None = None, root: str = "") -> list[Finding]:
     conf, default = _read(root + UFW_CONF), _read(root + UFW_DEFAULT)
     if conf is None:
         return [Finding("OK", "UFW", "not installed: kvmufw_hook works beside any iptables "
@@ -132,7 +136,7 @@ def check_ufw(networks=None, root: str = "") -> list[Finding]:
     return out
 
 
-def _ufw_ipv6(default: str | None, networks) -> Finding:
+def _ufw_ipv6(default: str | None, networks: Networks | None) -> Finding:
     """UFW's IPV6 setting: with ``no`` UFW leaves ip6tables alone (ufw's backend uses
     IPv6 only if it is ``yes``, so a missing line is ``no``)."""
     setting = (_setting(default, "IPV6") or "no").lower()
@@ -150,7 +154,8 @@ def _ufw_ipv6(default: str | None, networks) -> Finding:
                    "ufw reload")
 
 
-def check_libvirt_firewall(ruleset, active_networks: int, backend: AnyBackend):
+def check_libvirt_firewall(ruleset: Any, active_networks: int,
+                           backend: AnyBackend) -> tuple[LibvirtFirewall, list[Finding]]:
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
     and our accepts in it (one per forward and direction, ahead of libvirt's rejects:
     the backend's participants read and check them with our rules)."""
@@ -183,7 +188,7 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend: AnyBackend):
     return firewall, out
 
 
-def check_rules(backend: AnyBackend, ruleset, active_networks: int,
+def check_rules(backend: AnyBackend, ruleset: Any, active_networks: int,
                 libvirt_backend: str = "iptables", ipv6_networks: bool = True) -> list[Finding]:
     """libvirt's chains (where it uses iptables), our rules and our jumps, through the
     backend's interface (``libvirt_missing``, ``has_rules``, ``entry_problems``); a family
@@ -308,7 +313,7 @@ def run(uri: str, backend: AnyBackend | None = None) -> list[Finding]:
     return findings
 
 
-def as_json(findings: list[Finding]) -> list[dict]:
+def as_json(findings: list[Finding]) -> list[dict[str, str]]:
     return [asdict(f) for f in findings]
 
 

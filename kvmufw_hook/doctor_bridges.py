@@ -14,7 +14,8 @@ forward policy can drop our guests' traffic (``docker_nft_finding``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from . import state
 from .backends.base import AnyBackend
@@ -79,7 +80,10 @@ def _hairpin_off(backend: AnyBackend) -> list[str]:
                   and now[1] == p.bridge and not now[2])
 
 
-def _parsed(raws: Iterable[bytes], parse) -> list:
+T = TypeVar("T")
+
+
+def _parsed(raws: Iterable[bytes], parse: Callable[[bytes], T]) -> list[T]:
     """Each document that parses (the forwards check reports those that do not)."""
     out = []
     for raw in raws:
@@ -137,9 +141,9 @@ def docker_nft_finding(policies: dict[int, str]) -> list[Finding]:
 def docker_nft_policies(backend: AnyBackend) -> dict[int, str]:
     """family -> the policy of Docker's forward base chain, where its table exists (one
     netlink request per family on the host; ``nft`` only where the table is there)."""
-    from .backends.iptables import run
     from .backends.nftprobe import IPV4, IPV6, table_in_kernel
-    prefix = list(getattr(backend, "prefix", None) or ())
+    from .process import run
+    prefix = list(backend.prefix)
     out = {}
     for family, nfproto, name in ((4, IPV4, "ip"), (6, IPV6, "ip6")):
         if not prefix and not table_in_kernel(nfproto, DOCKER_TABLE):

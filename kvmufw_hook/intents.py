@@ -21,6 +21,9 @@ from .names import Tag
 
 @dataclass(frozen=True)
 class _Owned:
+    """What every intent has (a docstring of its own: dataclasses would otherwise build
+    one with ``inspect``, which a guest's start never loads)."""
+
     owner: str
     family: int  # 4 or 6
     bridge: str

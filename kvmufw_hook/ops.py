@@ -39,6 +39,7 @@ from .intents import Claim, Held, Intent
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner, safe_name
 from .plan import (
+    check_conflicts,
     forward_families,
     plan_forwards,
     plan_network,
@@ -49,7 +50,6 @@ from .plan import (
 from .policy import (
     _Claimed,
     check_claims,
-    check_conflicts,
     check_host,
     check_libvirt_ports,
     kept_for_availability,
@@ -62,6 +62,8 @@ from .policy import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
     from .backends.base import AnyBackend
+    from .names import Tag
+    from .plan import Resolved
 
 Log = Callable[[str], None]
 
@@ -120,19 +122,20 @@ class _Owner:
     why its current rules stay (a forward now takes a port another owner or a host
     service holds: a guest that gains an IPv6 address gains the IPv6 ports too)."""
 
-    def __init__(self, label: str, owner: str, specs: Sequence[ForwardSpec], targets,
-                 own: Sequence[Intent] = ()) -> None:
+    def __init__(self, label: str, owner: str, specs: Sequence[ForwardSpec],
+                 targets: Iterable[Resolved], own: Sequence[Intent] = ()) -> None:
         self.label, self.owner, self.specs, self.targets = label, owner, specs, tuple(targets)
         self.families = forward_families(specs, targets)
         self.resolved = resolved_specs(specs, targets)  # each in the families it takes
         self.rules: Sequence[Intent] = tuple(own) + plan_forwards(owner, targets)
 
-    def check(self, held, backend: AnyBackend, networks: Mapping[str, Network]) -> None:
+    def check(self, held: Held, backend: AnyBackend, networks: Mapping[str, Network]) -> None:
         _check_held(self.label, self.owner, self.specs, self.targets, held, backend, networks)
 
 
-def _check_held(label: str, owner: str, specs: Sequence[ForwardSpec], targets, held,
-                backend: AnyBackend, networks: Mapping[str, Network]) -> None:
+def _check_held(label: str, owner: str, specs: Sequence[ForwardSpec],
+                targets: Sequence[Resolved], held: Held, backend: AnyBackend,
+                networks: Mapping[str, Network]) -> None:
     """A network event's checks of ``owner``'s forwards: against the ports the others'
     rules hold (``held``) and against the host."""
     check_conflicts(label, resolved_specs(specs, targets),
@@ -153,7 +156,7 @@ def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
 
 
 def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Intent]],
-             held, backend: AnyBackend, networks: Mapping[str, Network], log: Log,
+             held: Held, backend: AnyBackend, networks: Mapping[str, Network], log: Log,
              bare: Sequence[Intent] = ()) -> None:
     """Re-plan an owner a network event may affect into ``rules``: its rules if every
     check passes. If not, ``bare`` (a network's own bridge rules and fences, re-planned
@@ -440,7 +443,8 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
         if o in held:
             claimed.add(owner_label(o), held[o])
 
-    def check(label: str, owner: str, forwards, targets) -> list[ForwardSpec]:
+    def check(label: str, owner: str, forwards: Sequence[ForwardSpec],
+              targets: Iterable[Resolved]) -> list[ForwardSpec]:
         mine = resolved_specs(forwards, targets)  # the families each really takes
         check_conflicts(label, mine, claimed.near(mine))
         if facts is not None:
@@ -450,8 +454,10 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
             check_libvirt_ports(label, forwards, networks)
         return mine
 
-    def add(owner: str, label: str, forwards, resolve, plan_own) -> None:
-        targets: Sequence = ()
+    def add(owner: str, label: str, forwards: Sequence[ForwardSpec],
+            resolve: Callable[[], Sequence[Resolved]],
+            plan_own: Callable[[], tuple[Intent, ...]]) -> None:
+        targets: Sequence[Resolved] = ()
         try:
             targets = resolve()
             mine = check(label, owner, forwards, targets)
@@ -461,7 +467,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
         except InputError as exc:
             problem = exc
         if not withdraws(problem):  # each forward alone: its new rules, or those it has
-            def alone(one: list) -> None:
+            def alone(one: list[Resolved]) -> None:
                 claimed.add(label, check(label, owner, [one[0].spec], one))
 
             try:
@@ -483,7 +489,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
                                else str(problem))
         result.rules[owner] = plan_own()
 
-    def resolve(dom: Domain):
+    def resolve(dom: Domain) -> tuple[Resolved, ...]:
         if ports is None:  # plan: XML files, not this host
             return resolve_domain_forwards(dom, networks)
         return resolve_domain(dom, networks, ports, host.network_leases)
@@ -539,7 +545,9 @@ def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
 
 
 def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
-               problems: list[str]):
+               problems: list[str]) -> tuple[dict[str, tuple[Network, bytes]],
+                                             dict[str, tuple[Domain, bytes]],
+                                             set[str], set[tuple[str, str]]]:
     from .parse import parse_domain_xml, parse_network_xml
     broken: set[str] = set()
     kept: set[tuple[str, str]] = set()  # (state kind, name) whose files stay
@@ -582,7 +590,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                          ports=state.network_ports)
         problems += planned.problems
 
-        def drop(tagged) -> bool:
+        def drop(tagged: Tag) -> bool:
             return tagged.owner not in planned.failed
 
         if dry_run:
@@ -636,7 +644,7 @@ def restore(jumps_only: bool = False, backend: AnyBackend | None = None, log: Lo
                             ports=state.network_ports)
         problems += planned.problems
 
-        def drop(tagged) -> bool:  # guests' forwards into a stopped network go with it
+        def drop(tagged: Tag) -> bool:  # guests' forwards into a stopped network go with it
             return tagged.bridge in bridges and tagged.owner not in planned.rules
 
         rules = {**{o: () for o in gone}, **planned.rules}

@@ -4,7 +4,9 @@ tier), every backend of the registry and every participant of a transaction (our
 in libvirt's nftables table), on a real kernel in a network namespace.
 
 A new backend is one module and one line in ``backends.REGISTRY``: it is then a
-parameter of ``TestOnTheKernel`` by itself, and must pass all of this.
+parameter of ``TestOnTheKernel`` by itself (with its ``Subject`` in ``KERNEL_SUBJECTS``:
+how to see others' rules in its kernel, and take one of ours away), and must pass all of
+this.
 """
 
 from __future__ import annotations
@@ -131,9 +133,9 @@ class NftTable(Subject):
     """Our own ``table inet kvmufw`` (``nftables``), with UFW's chain beside it and its
     glue at the top of filter INPUT and FORWARD."""
 
-    def __init__(self, ns) -> None:
+    def __init__(self, name: str, ns) -> None:
         need_root_tools("nft")
-        super().__init__(backends.backend_only("nftables", prefix=ns.prefix))
+        super().__init__(backends.backend_only(name, prefix=ns.prefix))
         self.ns = ns
         ns.run("iptables", "-N", "ufw-before-forward")
         ns.run("iptables", "-A", "FORWARD", "-j", "ufw-before-forward")
@@ -235,12 +237,17 @@ class TestTheFake(Contract):
         return Fake()
 
 
+# name -> how its kernel is looked at and broken: every registered backend and every
+# participant of the registry's transaction (a new backend adds its line here)
+KERNEL_SUBJECTS = {"iptables": Iptables, "libvirt-nft": LibvirtNft, "nftables": NftTable}
+
+
 class TestOnTheKernel(Contract):
-    @pytest.fixture(params=[*backends.names(), "libvirt-nft"])
+    @pytest.fixture(params=sorted(set(backends.names()) | set(KERNEL_SUBJECTS)))
     def subject(self, request, netns):
-        if request.param == "libvirt-nft":
+        make = KERNEL_SUBJECTS.get(request.param)
+        assert make is not None, f"backend {request.param}: add its Subject to KERNEL_SUBJECTS"
+        if make is LibvirtNft:
             need_root_tools("nft")
             return LibvirtNft(netns)
-        if request.param == "nftables":
-            return NftTable(netns)
-        return Iptables(request.param, netns)
+        return make(request.param, netns)

@@ -15,7 +15,6 @@ if TYPE_CHECKING:  # the hooks' start-up path imports this package: no typing at
     from typing import Any
 
     from .base import Backend
-    from .libvirt_nft import LibvirtFirewall
 
 # name -> (module under backends/, class): imported only when chosen
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -25,6 +24,20 @@ REGISTRY: dict[str, tuple[str, str]] = {
 # backends that pass libvirt's nftables rejects with their own glue: no accept per forward
 OWN_GLUE = frozenset({"nftables"})
 DEFAULT = "iptables"
+
+
+class LibvirtFirewall:
+    """Which firewall backend libvirt uses (``"nftables"`` or ``"iptables"``), how we know
+    (``reason``), and whether its nftables table (where our accepts go) is in the kernel
+    (``table``). A plain class: a guest's start may build one."""
+
+    __slots__ = ("backend", "reason", "table")
+
+    def __init__(self, backend: str, reason: str, table: bool) -> None:
+        self.backend, self.reason, self.table = backend, reason, table
+
+    def __repr__(self) -> str:
+        return f"LibvirtFirewall({self.backend!r}, {self.reason!r}, {self.table!r})"
 
 
 def names() -> tuple[str, ...]:

@@ -142,6 +142,8 @@ class LibvirtAccepts:
 
     @staticmethod
     def owners(ruleset: Tables) -> set[str]:
+        if not ruleset.tables:
+            return set()
         from .libvirt_nft import CHAINS
         return {rule.tag.owner for snap in ruleset.tables.values() for chain in CHAINS
                 for rule, _ahead in snap.ours(chain) if rule.tag is not None}
@@ -154,6 +156,8 @@ class LibvirtAccepts:
     def entry_problems(ruleset: Tables) -> list[str]:
         """Each chain of libvirt's where accepts of ours sit behind a rule of libvirt's
         (its reject then comes first)."""
+        if not ruleset.tables:
+            return []
         from .libvirt_nft import CHAINS
         from .nftprobe import TABLE
         return [f"{chain} ({family} {TABLE})" for family, snap in sorted(ruleset.tables.items())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ApplyError
-from ..process import communicate
+from ..process import run
 from .tags import PREFIX as TAG_PREFIX
 from .tags import comment as tag_comment
 from .tags import parse_comment
@@ -423,25 +423,6 @@ def ipv6_unavailable() -> str | None:
     except ApplyError:
         return "ip6tables-restore not found"
     return None
-
-
-def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60,
-        name: str | None = None) -> str:
-    """The one place that runs a firewall command. ApplyError with one line on failure,
-    naming the tool (``name``, when argv starts with a wrapper such as ``ip netns exec``)."""
-    name = name or argv[0].rsplit("/", 1)[-1]
-    data = stdin.encode("utf-8", "surrogateescape") if stdin is not None else None
-    try:
-        status, out, err = communicate(list(argv), data, timeout)
-    except FileNotFoundError:
-        raise ApplyError(f"{name} not found") from None
-    except TimeoutError:
-        raise ApplyError(f"{name} did not finish within {timeout:.0f}s") from None
-    if status != 0:
-        text = err.decode("utf-8", "replace")
-        first = next((l for l in text.splitlines() if l.strip()), "").strip()
-        raise ApplyError(f"{name} failed (exit {status})" + (f": {first}" if first else ""))
-    return out.decode("utf-8", "surrogateescape")
 
 
 class Ruleset:

@@ -35,7 +35,9 @@ from ..errors import ApplyError
 from ..intents import Forward, Intent
 from ..model import PortRange
 from ..names import Tag
-from .iptables import SEARCH_PATH, ip_text, run
+from ..process import run
+from . import LibvirtFirewall
+from .iptables import SEARCH_PATH, ip_text
 from .nftprobe import IPV4, IPV6, TABLE, table_in_kernel
 from .tags import comment as tag_comment
 from .tags import parse_comment
@@ -61,16 +63,6 @@ _PRIORITY = re.compile(r"^#\s*\[\s*([a-z]+(?:\s*,\s*[a-z]+)*)\s*\]\s*$", re.MULT
 
 
 # --------------------------------------------------------------------------- the kernel
-
-@dataclass(frozen=True)
-class LibvirtFirewall:
-    """Which firewall backend libvirt uses, how we know, and whether its nftables table
-    (where our accepts go) is in the kernel."""
-
-    backend: str  # "nftables" or "iptables"
-    reason: str
-    table: bool
-
 
 def build_order(conf_text: str | None) -> tuple[str, ...]:
     """The backends in the order this libvirt build tries them: libvirt >= 10.4 ships a
@@ -153,6 +145,9 @@ def _accepts(intents: Iterable[Intent], family: str) -> Iterable[tuple[str, str]
 
 @dataclass(frozen=True)
 class NftRule:
+    """One rule of libvirt's table as listed, with its handle and our tag (None: not
+    ours)."""
+
     handle: int
     text: str  # as ``nft list`` prints it, without the handle
     tag: Tag | None  # our owner tag, or None: not ours

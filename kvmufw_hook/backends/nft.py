@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from ..errors import ApplyError
 from ..names import Tag
+from ..process import run
 from .iptables import LIBVIRT_CHAINS as LIBVIRT_IPTABLES_CHAINS
-from .iptables import SEARCH_PATH, TOOLS, find_tool, ip_text, net_text, run
+from .iptables import SEARCH_PATH, TOOLS, find_tool, ip_text, net_text
 from .tags import comment as tag_comment
 from .tags import parse_comment
 
