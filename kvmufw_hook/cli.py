@@ -25,7 +25,7 @@ def _err(message: object) -> None:
     sys.stderr.write(f"kvmufw_hook: {printable(' '.join(str(message).split()))}\n")
 
 
-def cmd_plan(args) -> int:
+def cmd_plan(args: argparse.Namespace) -> int:
     """Print what the given XML files would apply on a host with none of our rules, in
     the host's firewall backend's terms (iptables: one restore payload per family)."""
     from .backends import default_backend
@@ -60,7 +60,7 @@ def _refusals(what: str, problems: list[str]) -> int:
     return 1 if problems else 0
 
 
-def cmd_replay(args) -> int:
+def cmd_replay(args: argparse.Namespace) -> int:
     from .log import log
     from .ops import replay
     from .virt import live_xml
@@ -75,7 +75,7 @@ def cmd_replay(args) -> int:
     return _refusals("replay", result.problems)
 
 
-def cmd_restore(args) -> int:
+def cmd_restore(args: argparse.Namespace) -> int:
     from .log import log
     from .ops import restore
     if args.watch:
@@ -94,7 +94,7 @@ def cmd_restore(args) -> int:
     return _refusals("restore", result.problems)
 
 
-def cmd_status(args) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect, format_table
     report = collect()
     if args.json:
@@ -105,7 +105,7 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_flush(args) -> int:
+def cmd_flush(args: argparse.Namespace) -> int:
     from .log import log
     from .ops import flush
     result = flush()
@@ -116,7 +116,7 @@ def cmd_flush(args) -> int:
     return 0
 
 
-def cmd_forward(args) -> int:
+def cmd_forward(args: argparse.Namespace) -> int:
     from . import edit
     from .log import log
     if args.action == "list":
@@ -171,7 +171,7 @@ def cmd_forward(args) -> int:
     return 0
 
 
-def cmd_doctor(args) -> int:
+def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor
     findings = doctor.run(args.connect)
     if args.json:
@@ -182,7 +182,7 @@ def cmd_doctor(args) -> int:
     return 1 if any(f.level == "FAIL" for f in findings) else 0
 
 
-def cmd_install(args) -> int:
+def cmd_install(args: argparse.Namespace) -> int:
     from .commands import install
     action = args.command if args.command != "ufw-entry" else f"ufw-entry-{args.action}"
     return install.run(action, root=args.root, source=getattr(args, "source", ""),
@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
              f"sudo kvmufw_hook {args.command} ...")
         return 1
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except InputError as exc:
         _err(exc)
         return 2

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from . import backends, config, state
+from .backends import LibvirtFirewall, libvirt_firewall
+from .backends.base import AnyBackend
 from .errors import ApplyError, ConfigError, InputError
 from .installation import (
     HOOK_DRIVERS,
@@ -19,8 +23,10 @@ from .installation import (
     missed_hooks,
     running_daemons,
 )
+from .model import Network
 from .names import config_path
 
+Networks = Mapping[str, Network]
 
 @dataclass
 class Finding:
@@ -57,17 +63,17 @@ UFW_AFTER_INIT = "/etc/ufw/after.init"
 ROUTING_MODES = ("nat", "route", "open")
 
 
-def _routing(networks, family: int) -> list[str]:
+def _routing(networks: Networks, family: int) -> list[str]:
     """The active networks that route guests of ``family`` beyond the host."""
     return sorted(n.name for n in networks.values() if n.mode in ROUTING_MODES
                   and any(i.version == family for i in n.interfaces))
 
 
-def _has_ipv6(networks) -> list[str]:
-    return sorted(n.name for n in networks.values() if n.managed and n.ipv6)
+def _has_ipv6(networks: Networks | None) -> list[str]:
+    return sorted(n.name for n in (networks or {}).values() if n.managed and n.ipv6)
 
 
-def check_forwarding(networks, family: int = 4, root: str = "") -> Finding:
+def check_forwarding(networks: Networks, family: int = 4, root: str = "") -> Finding:
     """Forwarding off is a failure only while a network that routes that family is
     active: libvirt turns it on itself when such a network starts."""
     check = "IP forwarding" if family == 4 else "IPv6 forwarding"
@@ -96,7 +102,7 @@ def check_forwarding(networks, family: int = 4, root: str = "") -> Finding:
                    f"anything beyond the host{' over IPv6' if family == 6 else ''}", fix)
 
 
-def check_ufw(networks=None, root: str = "") -> list[Finding]:
+def check_ufw(networks: Networks | None = None, root: str = "") -> list[Finding]:
     conf, default = _read(root + UFW_CONF), _read(root + UFW_DEFAULT)
     if conf is None:
         return [Finding("OK", "UFW", "not installed: kvmufw_hook works beside any iptables "
@@ -131,7 +137,7 @@ def check_ufw(networks=None, root: str = "") -> list[Finding]:
     return out
 
 
-def _ufw_ipv6(default: str | None, networks) -> Finding:
+def _ufw_ipv6(default: str | None, networks: Networks | None) -> Finding:
     """UFW's IPV6 setting: with ``no`` UFW leaves ip6tables alone (ufw's backend uses
     IPv6 only if it is ``yes``, so a missing line is ``no``)."""
     setting = (_setting(default, "IPV6") or "no").lower()
@@ -164,7 +170,7 @@ def check_backend(selected: str, forwards: int, libvirt_backend: str,
     where = f"firewall_backend in {config_path()}"
     if selected == "nftables" or "nftables" not in available:
         return Finding("OK", "kvmufw_hook firewall backend", f"{selected} ({where})")
-    reasons = []
+    reasons: list[str] = []
     if forwards >= MANY_FORWARDS:
         reasons.append(f"{forwards} forwards: every new connection walks their iptables rules, "
                        "one nftables map lookup whatever their number")
@@ -178,19 +184,13 @@ def check_backend(selected: str, forwards: int, libvirt_backend: str,
                    f'firewall_backend = "nftables" in {config_path()}, then kvmufw_hook replay')
 
 
-def check_libvirt_firewall(ruleset, active_networks: int, backend):
+def check_libvirt_firewall(ruleset: Any, active_networks: int,
+                           backend: AnyBackend) -> tuple[LibvirtFirewall, list[Finding]]:
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
-    and our accepts in it (one per forward and direction, ahead of libvirt's rejects)."""
-    from .backends.libvirt_nft import (
-        CHAINS,
-        LibvirtNft,
-        libvirt_firewall,
-        read_tables,
-        tables_present,
-    )
+    and our accepts in it (one per forward and direction, ahead of libvirt's rejects:
+    the backend's participants read and check them with our rules)."""
     from .ops import plan_host
-    nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
+    firewall = libvirt_firewall(backend, ruleset)
     out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]
     if firewall.backend != "nftables":
         return firewall, out
@@ -203,35 +203,28 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend):
         return firewall, out
     out.append(Finding("OK", "libvirt's table", "table ip libvirt_network present"))
     try:
-        accepts = read_tables(backend, True)
-    except ApplyError as exc:
-        return firewall, [*out, Finding("FAIL", "our accepts in libvirt's table", str(exc),
-                                        "install nftables")]
-    try:
         host = plan_host(state.load_networks(), state.load_domains())
     except InputError:
         return firewall, out
-    missing = sorted(o for o, rules in host.rules.items() if not tables_present(accepts, rules))
+    missing = sorted(o for o, intents in host.rules.items()
+                     if not backend.present(ruleset, intents))
     if missing:
         out.append(Finding("FAIL", "our accepts in libvirt's table", "missing, or behind "
                            "libvirt's rejects, for " + ", ".join(missing) + ": libvirt "
                            "rejects those forwards", "kvmufw_hook replay"))
     else:
-        count = sum(len(snap.ours(chain)) for snap in accepts.values() for chain in CHAINS)
-        out.append(Finding("OK", "our accepts in libvirt's table", f"{count}: every "
-                           "forward's, ahead of libvirt's rejects"))
+        out.append(Finding("OK", "our accepts in libvirt's table", "every forward's, ahead "
+                           "of libvirt's rejects"))
     return firewall, out
 
 
-def check_rules(backend, ruleset, active_networks: int,
+def check_rules(backend: AnyBackend, ruleset: Any, active_networks: int,
                 libvirt_backend: str = "iptables", ipv6_networks: bool = True) -> list[Finding]:
     """libvirt's chains (where it uses iptables), our rules and our jumps, through the
-    backend's interface (``libvirt_chains``, ``has_rules``, ``bad_jumps``); a family the
-    backend cannot reach, where a network needs it (``ipv6_networks``)."""
-    from .backends.iptables import LIBVIRT_CHAINS
+    backend's interface (``libvirt_missing``, ``has_rules``, ``entry_problems``); a family
+    the backend cannot reach, where a network needs it (``ipv6_networks``)."""
     out = []
-    present = backend.libvirt_chains(ruleset)
-    missing = [c for c in LIBVIRT_CHAINS if c not in present]
+    missing = backend.libvirt_missing(ruleset)
     # with its nftables backend libvirt has no iptables chains: check_libvirt_firewall
     libvirt_chains_expected = active_networks and libvirt_backend == "iptables"
     if libvirt_chains_expected and missing:
@@ -242,7 +235,7 @@ def check_rules(backend, ruleset, active_networks: int,
     elif libvirt_chains_expected:
         out.append(Finding("OK", "libvirt's chains", "present"))
     if backend.has_rules(ruleset):
-        bad = backend.bad_jumps(ruleset)
+        bad = backend.entry_problems(ruleset)
         if bad:
             out.append(Finding("FAIL", "our jumps", "not exactly once at position 1 in: "
                                + ", ".join(bad), "kvmufw_hook restore --jumps-only"))
@@ -304,7 +297,7 @@ def check_hooks(root: str = "") -> list[Finding]:
     return out
 
 
-def check_forwards(uri: str, backend) -> list[Finding]:
+def check_forwards(uri: str, backend: AnyBackend) -> list[Finding]:
     from .ops import replay
     from .virt import live_xml
     try:
@@ -326,8 +319,8 @@ def check_forwards(uri: str, backend) -> list[Finding]:
     return out
 
 
-def run(uri: str, backend=None) -> list[Finding]:
-    findings = []
+def run(uri: str, backend: AnyBackend | None = None) -> list[Finding]:
+    findings: list[Finding] = []
     try:
         selected = config.load().firewall_backend
         backend = backend or backends.selected()
@@ -358,7 +351,7 @@ def run(uri: str, backend=None) -> list[Finding]:
     return findings
 
 
-def as_json(findings: list[Finding]) -> list[dict]:
+def as_json(findings: list[Finding]) -> list[dict[str, str]]:
     return [asdict(f) for f in findings]
 
 

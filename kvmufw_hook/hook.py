@@ -18,6 +18,10 @@ Neither writes to stdout (stdout would replace the domain XML).
 
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: a hook call imports nothing it does not need
+    from types import ModuleType
+
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
 QEMU_OPS = {"start", "stopped", "release", "reconnect", "migrate", "restore"}
 # Where distributions install python3-lxml. The shims run python with -S, and site.main()
@@ -49,7 +53,7 @@ def _has_our_metadata(data: bytes) -> bool:
     return NAMESPACE.encode() in data
 
 
-def main(kind: str, argv=None, stdin=None) -> int:
+def main(kind: str, argv: list[str] | None = None, stdin: bytes | None = None) -> int:
     """Run one hook call; returns the exit status. Never writes to stdout."""
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # nothing we call may write to libvirt's stdout
@@ -67,7 +71,7 @@ def main(kind: str, argv=None, stdin=None) -> int:
         sys.stdout = real_stdout
 
 
-def _main(kind: str, argv, stdin) -> int:
+def _main(kind: str, argv: list[str], stdin: bytes | None) -> int:
     if len(argv) < 2:
         return 0
     name, op = argv[0], argv[1]
@@ -144,21 +148,21 @@ class _DeferredInspect(type(sys)):  # type: ignore[misc]
     answers from it, so a use nobody foresaw is slower, never wrong.
     """
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> object:
         if name.startswith("__"):  # the import system asks for __path__, __spec__, ...
             raise AttributeError(name)
         return getattr(_real_inspect(), name)
 
     @staticmethod
-    def getfullargspec(func):
+    def getfullargspec(func: object) -> object:
         return _real_inspect().getfullargspec(func)
 
     @staticmethod
-    def isgenerator(obj) -> bool:
-        return _real_inspect().isgenerator(obj)
+    def isgenerator(obj: object) -> bool:
+        return bool(_real_inspect().isgenerator(obj))
 
 
-def _real_inspect():
+def _real_inspect() -> "ModuleType":
     if isinstance(sys.modules.get("inspect"), _DeferredInspect):
         del sys.modules["inspect"]
     import inspect

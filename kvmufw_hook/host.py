@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # annotations only: collections.abc costs a guest start milli
     from collections.abc import Iterable, Sequence
 
     from .config import Config
+    from .intents import Claim
+    from .model import Network, PortRange
 
 _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"
@@ -308,8 +310,8 @@ def consent_entry(owner: str, proto: str, port: int) -> str:
     return f"{'network' if kind == 'n' else 'domain'}:{name}:{proto}:{port}"
 
 
-def check_forwards(label: str, specs, facts: HostFacts | None = None,
-                   held: Iterable[ForwardSpec] = (), prefix: Sequence[str] = (),
+def check_forwards(label: str, specs: Iterable[ForwardSpec], facts: HostFacts | None = None,
+                   held: Iterable[ForwardSpec | Claim] = (), prefix: Sequence[str] = (),
                    families: Sequence[Iterable[int]] | None = None, owner: str = "") -> None:
     """Every forward of one owner against the host (read once, only when needed).
     ``families``: for each spec, in order, the families it takes its host port in once
@@ -322,7 +324,7 @@ def check_forwards(label: str, specs, facts: HostFacts | None = None,
     if not specs:
         return
     facts = facts or HostFacts.read(prefix)
-    taken: dict[tuple, set[int]] = {}
+    taken: dict[tuple[str, PortRange, IPAddress | None], set[int]] = {}
     for h in held:
         taken.setdefault((h.proto, h.host_port, h.host_ip), set()).update(h.families)
     for index, spec in enumerate(specs, start=1):
@@ -378,6 +380,6 @@ def duid_mac(client_id: str) -> str | None:
     return ":".join(f"{b:02x}" for b in address)
 
 
-def network_leases(net) -> tuple[tuple[IPAddress, str | None], ...]:
+def network_leases(net: Network) -> tuple[tuple[IPAddress, str | None], ...]:
     """The leases of a network's dnsmasq (``policy.Leases``)."""
     return read_leases(net.bridge)

@@ -35,10 +35,11 @@ from .backends import default_backend
 from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
+from .intents import Claim, Held, Intent
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner, safe_name
 from .plan import (
-    Rule,
+    check_conflicts,
     forward_families,
     plan_forwards,
     plan_network,
@@ -49,7 +50,6 @@ from .plan import (
 from .policy import (
     _Claimed,
     check_claims,
-    check_conflicts,
     check_host,
     check_libvirt_ports,
     kept_for_availability,
@@ -59,6 +59,12 @@ from .policy import (
     withdraws,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
+    from .backends.base import AnyBackend
+    from .names import Tag
+    from .plan import Resolved
+
 Log = Callable[[str], None]
 
 
@@ -66,19 +72,19 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
+def kernel_claims(backend: AnyBackend | None = None) -> dict[str, list[Claim]]:
     """owner -> the host ports its rules in the kernel hold right now."""
     backend = backend or default_backend()
     return backend.claims(backend.read())
 
 
-def host_facts(backend=None) -> Callable[[], host.HostFacts]:
+def host_facts(backend: AnyBackend | None = None) -> Callable[[], host.HostFacts]:
     """How to read the host's facts in the backend's namespace, and root's configuration,
     when a check needs them."""
     return lambda: read_facts(backend)
 
 
-def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
+def read_facts(backend: AnyBackend | None = None, log: Log | None = None) -> host.HostFacts:
     """The host's facts with root's configuration; ``log``: a wrong configuration is
     said there and read as no consent at all (``restore`` must put rules back), instead
     of refusing the operation (``ConfigError``)."""
@@ -94,8 +100,8 @@ def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
     return facts
 
 
-def _prefix(backend) -> Sequence[str]:
-    return getattr(backend, "prefix", None) or ()
+def _prefix(backend: AnyBackend | None) -> Sequence[str]:
+    return backend.prefix if backend is not None else ()
 
 
 # --------------------------------------------------------------------------- networks
@@ -116,19 +122,20 @@ class _Owner:
     why its current rules stay (a forward now takes a port another owner or a host
     service holds: a guest that gains an IPv6 address gains the IPv6 ports too)."""
 
-    def __init__(self, label: str, owner: str, specs: Sequence[ForwardSpec], targets,
-                 own: Sequence[Rule] = ()) -> None:
+    def __init__(self, label: str, owner: str, specs: Sequence[ForwardSpec],
+                 targets: Iterable[Resolved], own: Sequence[Intent] = ()) -> None:
         self.label, self.owner, self.specs, self.targets = label, owner, specs, tuple(targets)
         self.families = forward_families(specs, targets)
         self.resolved = resolved_specs(specs, targets)  # each in the families it takes
-        self.rules: Sequence[Rule] = tuple(own) + plan_forwards(owner, targets)
+        self.rules: Sequence[Intent] = tuple(own) + plan_forwards(owner, targets)
 
-    def check(self, held, backend, networks: Mapping[str, Network]) -> None:
+    def check(self, held: Held, backend: AnyBackend, networks: Mapping[str, Network]) -> None:
         _check_held(self.label, self.owner, self.specs, self.targets, held, backend, networks)
 
 
-def _check_held(label: str, owner: str, specs: Sequence[ForwardSpec], targets, held,
-                backend, networks: Mapping[str, Network]) -> None:
+def _check_held(label: str, owner: str, specs: Sequence[ForwardSpec],
+                targets: Sequence[Resolved], held: Held, backend: AnyBackend,
+                networks: Mapping[str, Network]) -> None:
     """A network event's checks of ``owner``'s forwards: against the ports the others'
     rules hold (``held``) and against the host."""
     check_conflicts(label, resolved_specs(specs, targets),
@@ -148,9 +155,9 @@ def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
                   resolve_domain(dom, networks, state.network_ports, host.network_leases))
 
 
-def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Rule]],
-             held, backend, networks: Mapping[str, Network], log: Log,
-             bare: Sequence[Rule] = ()) -> None:
+def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Intent]],
+             held: Held, backend: AnyBackend, networks: Mapping[str, Network], log: Log,
+             bare: Sequence[Intent] = ()) -> None:
     """Re-plan an owner a network event may affect into ``rules``: its rules if every
     check passes. If not, ``bare`` (a network's own bridge rules and fences, re-planned
     whatever happens) and, when the reason is availability (``policy.withdraws``), each
@@ -180,7 +187,7 @@ def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[
         log(f"forwards withdrawn: {exc}")
 
 
-def _captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[str]:
+def _captured(net: Network, held: Held) -> set[str]:
     """Owners whose forwards in the kernel reach a guest address inside ``net``'s
     subnets: a network that starts or changes may capture them (a narrower subnet
     beside theirs wins the route)."""
@@ -191,7 +198,8 @@ def _captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[st
 
 
 @retrying(lambda: Applied(""))
-def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
+def network_started(net: Network, raw: bytes, backend: AnyBackend | None = None,
+                    log: Log = _quiet) -> Applied:
     """Add the network's rules and forwards; re-add forwards of running guests on it.
     The state file is written after the rules: if they fail (or this is killed), libvirt
     counts the network as not started and runs no ``stopped``: nothing may say it is
@@ -206,7 +214,7 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         mine = _network_owner(net, networks)
         before = backend.read(families_of({mine.owner: mine.rules}))
         held = backend.claims(before)
-        rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
+        rules: dict[str, Sequence[Intent]] = {mine.owner: mine.rules}
         if net.forwards:
             check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
             check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
@@ -238,7 +246,7 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
 
 
 @retrying(lambda: Applied(""))
-def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
+def network_stopped(net: Network, backend: AnyBackend | None = None, log: Log = _quiet) -> Applied:
     """Remove everything that targets the network: its rules and guests' forwards to it.
     The rules first: if their removal fails, the state file stays, and as libvirt removed
     its status file before calling us, ``restore`` removes what is left."""
@@ -248,7 +256,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
         if not net.with_rules:
             state.forget_network(net.name)
             return Applied("")
-        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): ()}
+        rules: dict[str, Sequence[Intent]] = {network_owner(net.name): ()}
         networks = state.load_networks()
         networks.pop(net.name, None)  # its state file goes only once its rules are gone
         if any(n.managed and n.bridge for n in networks.values()):
@@ -270,7 +278,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
 
 @retrying(lambda: Applied(""))
 def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bool,
-                 backend=None, log: Log = _quiet) -> Applied:
+                 backend: AnyBackend | None = None, log: Log = _quiet) -> Applied:
     """port-created/-deleted/updated: keep the network's and the owner guest's rules
     current (after a daemon restart libvirt re-creates every port, then reconnects). An
     owner whose re-planned forwards would take a port someone else holds keeps the rules
@@ -286,7 +294,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         networks[net.name] = net
         owner = port.owner_name if port else None
         domains = state.load_domains()
-        rules: dict[str, Sequence[Rule]] = {}
+        rules: dict[str, Sequence[Intent]] = {}
         mac = port.mac if port else None
         twins = same_mac(net, domains, mac, owner) if mac and owner else []
         if not deleted:
@@ -308,18 +316,18 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
                     dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != mac))
                 _recheck(tag, partial(_domain_owner, dom, networks), rules, held,
                          backend, networks, log)
-        for other in networks.values():
-            if other.name != net.name and network_owner(other.name) in again:
-                _recheck(network_owner(other.name),
-                         partial(_network_owner, other, networks), rules, held,
-                         backend, networks, log, plan_network(other, networks))
+        for neighbour in networks.values():
+            if neighbour.name != net.name and network_owner(neighbour.name) in again:
+                _recheck(network_owner(neighbour.name),
+                         partial(_network_owner, neighbour, networks), rules, held,
+                         backend, networks, log, plan_network(neighbour, networks))
         return apply_rules(rules, backend=backend, log=log,
                            before=covering(backend, before, rules))
 
 
 # --------------------------------------------------------------------------- domains
 
-def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
+def _domain_checked(dom: Domain, backend: AnyBackend) -> tuple[tuple[Intent, ...], object]:
     """Every check of a guest's forwards against this host, under the state lock:
     (its rules, the firewall as read). InputError names the guest, forward and reason."""
     owner = domain_owner(dom.name)
@@ -343,7 +351,7 @@ def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
 
 
 @retrying(lambda: None)  # after uninstall: nothing to check
-def domain_arriving(dom: Domain, backend=None) -> None:
+def domain_arriving(dom: Domain, backend: AnyBackend | None = None) -> None:
     """qemu ``migrate``, on the destination: the checks of ``domain_started`` and
     nothing else (no state, no rule). A host port held here, a ``host-ip`` that is not
     this host's, ... refuse the migration before anything moves; the guest keeps running
@@ -355,7 +363,7 @@ def domain_arriving(dom: Domain, backend=None) -> None:
 
 
 @retrying(lambda: Applied(""))
-def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
+def domain_started(dom: Domain, raw: bytes, backend: AnyBackend | None = None, log: Log = _quiet,
                    running: bool = False) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
     reconnect, replay of one guest). ``running``: the guest runs whatever happens here
@@ -402,13 +410,13 @@ def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
 class HostPlan:
     """Every owner's rules for a whole host, and the owners that failed."""
 
-    rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
+    rules: dict[str, Sequence[Intent]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
     failed: set[str]  # owners whose XML did not parse: their current rules stay as they are
 
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
-              holders: Mapping[str, list[ForwardSpec]] | None = None,
+              holders: Held | None = None,
               facts: host.HostFacts | None = None, broken: Iterable[str] = (),
               reserved: Iterable[str] = (),
               ports: Callable[[str], list[tuple[str, str]]] | None = None) -> HostPlan:
@@ -435,7 +443,8 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
         if o in held:
             claimed.add(owner_label(o), held[o])
 
-    def check(label: str, owner: str, forwards, targets) -> list[ForwardSpec]:
+    def check(label: str, owner: str, forwards: Sequence[ForwardSpec],
+              targets: Iterable[Resolved]) -> list[ForwardSpec]:
         mine = resolved_specs(forwards, targets)  # the families each really takes
         check_conflicts(label, mine, claimed.near(mine))
         if facts is not None:
@@ -445,8 +454,10 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
             check_libvirt_ports(label, forwards, networks)
         return mine
 
-    def add(owner: str, label: str, forwards, resolve, plan_own) -> None:
-        targets: Sequence = ()
+    def add(owner: str, label: str, forwards: Sequence[ForwardSpec],
+            resolve: Callable[[], Sequence[Resolved]],
+            plan_own: Callable[[], tuple[Intent, ...]]) -> None:
+        targets: Sequence[Resolved] = ()
         try:
             targets = resolve()
             mine = check(label, owner, forwards, targets)
@@ -456,7 +467,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
         except InputError as exc:
             problem = exc
         if not withdraws(problem):  # each forward alone: its new rules, or those it has
-            def alone(one: list) -> None:
+            def alone(one: list[Resolved]) -> None:
                 claimed.add(label, check(label, owner, [one[0].spec], one))
 
             try:
@@ -478,7 +489,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
                                else str(problem))
         result.rules[owner] = plan_own()
 
-    def resolve(dom: Domain):
+    def resolve(dom: Domain) -> tuple[Resolved, ...]:
         if ports is None:  # plan: XML files, not this host
             return resolve_domain_forwards(dom, networks)
         return resolve_domain(dom, networks, ports, host.network_leases)
@@ -506,8 +517,7 @@ class Replayed:
     owners: int
 
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
+if TYPE_CHECKING:
     from typing import TypeVar
     Parsed = TypeVar("Parsed", Network, Domain)
 
@@ -535,7 +545,9 @@ def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
 
 
 def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
-               problems: list[str]):
+               problems: list[str]) -> tuple[dict[str, tuple[Network, bytes]],
+                                             dict[str, tuple[Domain, bytes]],
+                                             set[str], set[tuple[str, str]]]:
     from .parse import parse_domain_xml, parse_network_xml
     broken: set[str] = set()
     kept: set[tuple[str, str]] = set()  # (state kind, name) whose files stay
@@ -556,7 +568,7 @@ def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
 
 @retrying(lambda: Replayed("", [], 0))
 def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
-           backend=None, log: Log = _quiet) -> Replayed:
+           backend: AnyBackend | None = None, log: Log = _quiet) -> Replayed:
     """Re-derive every rule from the live XML of active networks and running guests:
     add what is missing, remove our rules that no longer match, fix the jumps, and
     rewrite the state files. An owner that fails keeps whatever rules it has. The way an
@@ -578,14 +590,12 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                          ports=state.network_ports)
         problems += planned.problems
 
-        def drop(tagged) -> bool:
+        def drop(tagged: Tag) -> bool:
             return tagged.owner not in planned.failed
 
         if dry_run:
-            from .backends.libvirt_nft import plan_accepts
             before = covering(backend, before, planned.rules)
-            payload = (backend.change(before, planned.rules, drop).text
-                       + plan_accepts(backend, before, planned.rules, drop).text)
+            payload = backend.change(before, planned.rules, drop).text
         else:
             payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
                                   before=before).payload
@@ -604,7 +614,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
 
 
 @retrying(lambda: Replayed("", [], 0))
-def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
+def restore(jumps_only: bool = False, backend: AnyBackend | None = None, log: Log = _quiet,
             lock_timeout: float | None = None) -> Replayed:
     """Put our rules back from our own state and the kernel, never asking libvirt (it
     runs from UFW's after.init and from libvirt's own unit, where a call into libvirt
@@ -635,7 +645,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
                             ports=state.network_ports)
         problems += planned.problems
 
-        def drop(tagged) -> bool:  # guests' forwards into a stopped network go with it
+        def drop(tagged: Tag) -> bool:  # guests' forwards into a stopped network go with it
             return tagged.bridge in bridges and tagged.owner not in planned.rules
 
         rules = {**{o: () for o in gone}, **planned.rules}
@@ -671,8 +681,8 @@ def _stopped(networks: dict[str, Network],
     return gone, stopped
 
 
-def watch_jumps(seconds: float, interval: float = 1.0, backend=None, log: Log = _quiet,
-                lock_timeout: float | None = None) -> int:
+def watch_jumps(seconds: float, interval: float = 1.0, backend: AnyBackend | None = None,
+                log: Log = _quiet, lock_timeout: float | None = None) -> int:
     """Put our jumps back first now, and again whenever they lose first place during the
     next ``seconds``: libvirt reloads its networks' rules (and puts its jumps at position
     1) a few seconds after its unit counts as started. The number of repairs."""
@@ -699,14 +709,14 @@ def _report(what: str, planned: HostPlan, payload: str, problems: list[str],
             + (f", {len(problems)} problem(s)" if problems else ""))
 
 
-def flush(backend=None) -> Applied:
+def flush(backend: AnyBackend | None = None) -> Applied:
     """Remove all our rules and chains, and our accepts in libvirt's nftables table."""
     backend = backend or default_backend()
     with state.locked(installing=True):
         return _flush(backend)
 
 
-def _clear_others(backend, log: Log = _quiet) -> str:
+def _clear_others(backend: AnyBackend, log: Log = _quiet) -> str:
     """Remove what other backends of ours hold (``firewall_backend`` was switched): run
     after ``backend`` holds every forward, so none is lost meanwhile; their conntrack
     flows stay (the same forwards carry them on)."""
@@ -722,16 +732,15 @@ def _clear_others(backend, log: Log = _quiet) -> str:
     return text
 
 
-def _flush(backend) -> Applied:
-    from .backends.libvirt_nft import clear_accepts
+def _flush(backend: AnyBackend) -> Applied:
     change = backend.clear(backend.read())
     backend.write(change)
-    text = change.text + _clear_others(backend) + clear_accepts(backend)
+    text = change.text + _clear_others(backend)
     text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)
 
 
-def uninstall(backend=None) -> Applied:
+def uninstall(backend: AnyBackend | None = None) -> Applied:
     """What an uninstaller calls once no new hook can start (hook files and UFW's
     ``after.init`` entry removed): under the state lock, remove all our rules, chains and
     accepts and every state file, and leave the ``uninstalled`` marker, so that a hook

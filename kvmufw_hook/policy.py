@@ -16,18 +16,18 @@ from dataclasses import replace
 
 from . import host
 from .errors import ConfigError, InputError, Unavailable, shown
-from .model import Domain, ForwardSpec, IPAddress, Network
+from .intents import Claim, Held, Intent
+from .model import Domain, ForwardSpec, IPAddress, Network, PortRange
 from .names import domain_owner, network_owner
 from .plan import (
     Resolved,
-    Rule,
     check_conflicts,
     eui64_address,
     plan_forwards,
     resolve_domain_forwards,
 )
 
-Claims = list[tuple[str, Iterable[ForwardSpec]]]
+Claims = list[tuple[str, Iterable[ForwardSpec | Claim]]]
 Facts = host.HostFacts | Callable[[], host.HostFacts]
 Ports = Callable[[str], list[tuple[str, str]]]  # network name -> (MAC, owner) of its ports
 Leases = Callable[[Network], Iterable[tuple[IPAddress, str | None]]]  # (address, MAC)
@@ -43,8 +43,8 @@ def withdraws(exc: InputError) -> bool:
 
 
 def kept_for_availability(owner: str, targets: Iterable[Resolved],
-                          held: Iterable[ForwardSpec],
-                          check: Callable[[list[Resolved]], None]) -> tuple[Rule, ...]:
+                          held: Iterable[Claim],
+                          check: Callable[[list[Resolved]], None]) -> tuple[Intent, ...]:
     """An owner's forward rules after a refusal for availability (``withdraws`` false):
     each forward checked alone (``check``, given its resolved targets); one that passes
     gets its rules, one refused for availability keeps only the rules it has now (its
@@ -56,7 +56,7 @@ def kept_for_availability(owner: str, targets: Iterable[Resolved],
     for t in targets:
         forwards.setdefault(id(t.spec), []).append(t)
     held = tuple(held)
-    out: list[Rule] = []
+    out: list[Intent] = []
     for mine in forwards.values():
         try:
             check(mine)
@@ -137,7 +137,7 @@ def owner_label(owner: str) -> str:
 
 
 def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip: str,
-           kernel: Mapping[str, list[ForwardSpec]] | None = None,
+           kernel: Held | None = None,
            held_only: bool = False) -> Claims:
     """Forwards of every owner but ``skip``, labelled for conflict messages: what our
     state says (the forwards as declared), and what the kernel holds for every owner
@@ -146,7 +146,7 @@ def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip:
     the families the kernel holds it in, not in every family its metadata allows."""
     kernel = kernel or {}
 
-    def theirs(owner: str, specs: Sequence[ForwardSpec]) -> Sequence[ForwardSpec]:
+    def theirs(owner: str, specs: Sequence[ForwardSpec]) -> Sequence[ForwardSpec | Claim]:
         return _as_held(specs, kernel[owner]) if held_only and owner in kernel else specs
 
     out: Claims = [(f"network {shown(n.name)}", theirs(network_owner(n.name), n.forwards))
@@ -159,10 +159,10 @@ def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip:
     return out
 
 
-def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[ForwardSpec]:
+def _as_held(specs: Sequence[ForwardSpec], held: Sequence[Claim]) -> list[ForwardSpec]:
     """Each forward in the families its rules in the kernel hold it in (the kernel's
     claims carry the guest address, so their family); as declared where none does."""
-    guests: dict[tuple, dict[int, IPAddress]] = {}
+    guests: dict[tuple[str, PortRange, IPAddress | None], dict[int, IPAddress]] = {}
     for h in held:
         for ip in h.guest_ips:
             guests.setdefault((h.proto, h.host_port, h.host_ip), {}).setdefault(ip.version, ip)
@@ -175,7 +175,7 @@ def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[
 
 def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
                  networks: Mapping[str, Network], domains: Mapping[str, Domain],
-                 kernel: Mapping[str, list[ForwardSpec]] | None = None) -> None:
+                 kernel: Held | None = None) -> None:
     """InputError if ``owner``'s forwards claim a host port another owner has. Checked
     first against what the others declare (cheap: no copies); only if that finds a
     clash, again against the families their rules in the kernel really hold (a guest
@@ -190,7 +190,7 @@ def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
 
 
 def check_host(label: str, owner: str, forwards: Sequence[ForwardSpec], facts: Facts,
-               networks: Mapping[str, Network], held: Iterable[ForwardSpec] = (),
+               networks: Mapping[str, Network], held: Iterable[Claim] = (),
                families: Sequence[Iterable[int]] | None = None) -> None:
     """InputError if a forward takes libvirt's own DNS/DHCP on a bridge address, if its
     host-ip is not the host's, or if it takes a host service's port without root's
@@ -265,10 +265,11 @@ class _Claimed:
 
     def __init__(self) -> None:
         self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
-        self.entries: list[tuple[str, ForwardSpec]] = []
+        self.entries: list[tuple[str, ForwardSpec | Claim]] = []
         self.widest = 0
 
-    def near(self, forwards: Iterable[ForwardSpec]) -> list[tuple[str, tuple[ForwardSpec]]]:
+    def near(self, forwards: Iterable[ForwardSpec]
+             ) -> list[tuple[str, tuple[ForwardSpec | Claim]]]:
         found = []
         for spec in forwards:  # an overlap starts within [first - widest, last]
             starts = self.starts.get(spec.proto, [])
@@ -277,7 +278,7 @@ class _Claimed:
             found += [self.entries[i] for _first, i in starts[lo:hi]]
         return [(label, (spec,)) for label, spec in found]
 
-    def add(self, label: str, forwards: Iterable[ForwardSpec]) -> None:
+    def add(self, label: str, forwards: Iterable[ForwardSpec | Claim]) -> None:
         for spec in forwards:
             insort(self.starts.setdefault(spec.proto, []),
                    (spec.host_port.first, len(self.entries)))

@@ -3,7 +3,7 @@ what someone who writes a domain's or a network's XML can make the hooks do with
 and where IPv6 loses a user's forward silently.
 
 Pure tests run parser and planner; kernel tests run the real shims (hooks/, as libvirt
-runs them, with the host's own backend and probes) or ops with ``IptablesBackend(prefix=…)``
+runs them, with the host's own backend and probes) or ops with ``backends.get("iptables", prefix=…)``
 inside a network namespace the test creates. A test marked ``xfail(strict=True, reason=
 "hole: …")`` shows a hole still open on this branch; the report names its fix.
 """
@@ -14,8 +14,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 import pytest
 from test_hook import run_hook
 
-from kvmufw_hook import ops, state
-from kvmufw_hook.backends.iptables import IptablesBackend, render_rule
+from kvmufw_hook import backends, ops, state
+from kvmufw_hook.backends.iptables import render_rule
+from kvmufw_hook.backends.rules import owner_rules
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
 from kvmufw_hook.plan import (
@@ -210,7 +211,7 @@ def test_a_v4_only_and_a_v6_only_forward_of_two_owners_share_a_port():
 # --------------------------------------------------------------------------- the kernel
 
 def ns_backend(netns):
-    return IptablesBackend(prefix=netns.prefix)
+    return backends.get("iptables", prefix=netns.prefix)
 
 
 def start_net(netns, raw: bytes):
@@ -419,7 +420,7 @@ def test_ipv6_rules_render_the_family_they_claim():
     rules = plan_domain_owner(parse_domain_xml(dom_xml(
         "web1", WEB1_MAC, 'host-port="2222" guest-port="22" '
         'source="2001:db8::/32,198.51.100.0/24"')), {"lab": parse_network_xml(net_xml())})
-    for rule in rules:
+    for rule in owner_rules(rules):
         line = render_rule(rule)[1].split(' -m comment')[0]
         for word in line.split():
             addr = word.strip("[]").split("]:")[0].split("/")[0]

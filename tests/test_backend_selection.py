@@ -16,7 +16,7 @@ def conf(tmp_path, monkeypatch):
 
 
 def test_without_a_configuration_the_backend_is_iptables(conf):
-    assert type(backends.default_backend()).__name__ == "IptablesBackend"
+    assert backends.default_backend().name == "iptables"
 
 
 def test_the_configured_backend_is_the_one_the_registry_holds_under_that_name(
@@ -94,11 +94,11 @@ def test_other_backends_are_every_registered_one_but_the_selected_in_the_same_pl
     selected = backends.get("iptables", ["ip", "netns", "exec", "x"])
     found = backends.others(selected)
     assert [name for name, _ in found] == [n for n in backends.names() if n != "iptables"]
-    assert all(other.prefix == ["ip", "netns", "exec", "x"] for _, other in found)
+    assert all(list(other.prefix) == ["ip", "netns", "exec", "x"] for _, other in found)
 
 
 def test_a_stand_in_backend_has_no_others_to_clear():
     """A test's fake must never make a replay clear the real host's firewall."""
     class StandIn:
-        prefix = ()
+        name, prefix = "fake", ()
     assert backends.others(StandIn()) == []

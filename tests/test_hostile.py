@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from test_hook import run_hook
 
 from kvmufw_hook.backends.iptables import render_rule
+from kvmufw_hook.backends.rules import owner_rules
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata, parse_network_xml
 from kvmufw_hook.plan import check_conflicts, plan_domain_owner, plan_network_owner
@@ -91,7 +92,7 @@ def test_parser_and_planner_accept_or_refuse_in_one_line(elements):
         assert "\n" not in text and text.startswith("domain 'web1': ")
         assert len(text) < 600
         return
-    for rule in rules:  # whatever was accepted renders into valid, bounded rule text
+    for rule in owner_rules(rules):  # whatever was accepted renders into valid, bounded text
         line = render_rule(rule)[1]
         assert "\n" not in line and TAG.search(line) and len(TAG.search(line).group(1)) <= 256
 
@@ -117,7 +118,7 @@ def test_hostile_names_make_safe_tags(name):
     rules = plan_domain_owner(dom, {"lab": LAB})
     net = parse_network_xml((SAMPLES / "net-lab.xml").read_text().replace(
         "<name>lab</name>", f"<name>{xml_attr(name)}</name>"))
-    for rule in rules + plan_network_owner(net):
+    for rule in owner_rules(rules + plan_network_owner(net)):
         comment = TAG.search(render_rule(rule)[1]).group(1)
         assert len(comment) <= 256 and set(comment) <= set(string.printable)
         owner = comment.split(",")[0]

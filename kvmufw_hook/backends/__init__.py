@@ -1,9 +1,11 @@
-"""Firewall backends, by name. A backend renders the planner's rules in its own terms,
+"""Firewall backends, by name. A backend turns the planner's intents into its own rules,
 reads the kernel's ruleset back and applies a change with one write per address family,
-behind ``base.Backend``. Callers ask ``selected()`` (the one root's configuration names)
-or ``get(name)``; nothing else picks a backend.
+behind the one interface of ``base.Backend``. Nothing outside this package imports a
+backend's module: callers ask ``default_backend()`` (the one root's configuration names,
+``selected``) or ``get(name)``.
 
-Adding a backend is one module and one line in ``REGISTRY``.
+Adding a backend is one module and one line in ``REGISTRY``; the contract suite
+(``tests/test_backend_contract.py``) then runs against it too.
 """
 
 from __future__ import annotations
@@ -13,13 +15,30 @@ if TYPE_CHECKING:  # the hooks' start-up path imports this package: no typing at
     from collections.abc import Iterable
     from typing import Any
 
-# name (as root's configuration spells it) -> (module under backends/, class): imported
-# only when chosen
+    from .base import Backend
+
+# name -> (module under backends/, class): imported only when chosen
 REGISTRY: dict[str, tuple[str, str]] = {
     "iptables": ("iptables", "IptablesBackend"),
     "nftables": ("nft", "NftBackend"),
 }
+# backends that pass libvirt's nftables rejects with their own glue: no accept per forward
+OWN_GLUE = frozenset({"nftables"})
 DEFAULT = "iptables"
+
+
+class LibvirtFirewall:
+    """Which firewall backend libvirt uses (``"nftables"`` or ``"iptables"``), how we know
+    (``reason``), and whether its nftables table (where our accepts go) is in the kernel
+    (``table``). A plain class: a guest's start may build one."""
+
+    __slots__ = ("backend", "reason", "table")
+
+    def __init__(self, backend: str, reason: str, table: bool) -> None:
+        self.backend, self.reason, self.table = backend, reason, table
+
+    def __repr__(self) -> str:
+        return f"LibvirtFirewall({self.backend!r}, {self.reason!r}, {self.table!r})"
 
 
 def names() -> tuple[str, ...]:
@@ -27,33 +46,33 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def get(name: str = DEFAULT, prefix: Iterable[str] = ()) -> Any:
-    """The backend registered as ``name``; ``prefix`` runs its tools elsewhere (e.g.
-    ``ip netns exec NS``). KeyError for a name nobody registered."""
-    return _class(name)(prefix)
-
-
-def _class(name: str) -> type:
+def backend_only(name: str = DEFAULT, prefix: Iterable[str] = ()) -> Backend[Any, Any]:
+    """The backend registered as ``name`` alone, without participants (the contract
+    suite); ``prefix`` runs its tools elsewhere (e.g. ``ip netns exec NS``). KeyError for
+    a name nobody registered."""
     module_name, class_name = REGISTRY[name]
     module = __import__(f"{__name__}.{module_name}", fromlist=[class_name])
-    cls: type = getattr(module, class_name)
-    return cls
+    backend: Backend[Any, Any] = getattr(module, class_name)(prefix)
+    return backend
 
 
-def others(backend: Any) -> list[tuple[str, Any]]:
-    """(name, backend) of every registered backend but ``backend``'s, running where it
-    runs (its ``prefix``): where rules of ours may be left from before a switch of
-    ``firewall_backend``. None for a backend the registry does not hold (a test's
-    stand-in): nothing else of ours is its business."""
-    names_of = {name: _class(name) for name in REGISTRY}
-    if type(backend) not in names_of.values():
-        return []
-    prefix = getattr(backend, "prefix", ())
-    return [(name, cls(prefix)) for name, cls in names_of.items()
-            if cls is not type(backend)]
+def get(name: str = DEFAULT, prefix: Iterable[str] = ()) -> Backend[Any, Any]:
+    """The backend registered as ``name`` in one transaction with the participants every
+    forward needs (our accepts in libvirt's nftables table, where it is): what every
+    operation uses. KeyError for a name nobody registered."""
+    return with_participants(backend_only(name, prefix))
 
 
-def selected(prefix: Iterable[str] = ()) -> Any:
+def with_participants(backend: Backend[Any, Any]) -> Backend[Any, Any]:
+    """``backend`` in one transaction with our accepts in libvirt's nftables table."""
+    if backend.name in OWN_GLUE:
+        return backend
+    from .accepts import LibvirtAccepts
+    from .transaction import Transaction
+    return Transaction((backend, LibvirtAccepts(backend.prefix)))
+
+
+def selected(prefix: Iterable[str] = ()) -> Backend[Any, Any]:
     """The backend ``firewall_backend`` names in root's configuration (iptables when the
     file or the key is missing); ConfigError, one line naming the file, when the file is
     wrong or names a backend this build lacks."""
@@ -67,6 +86,25 @@ def selected(prefix: Iterable[str] = ()) -> Any:
     return get(name, prefix)
 
 
-def default_backend() -> Any:
+def default_backend() -> Backend[Any, Any]:
     """The backend for this host: the one root's configuration selects."""
     return selected()
+
+
+def others(backend: Backend[Any, Any]) -> list[tuple[str, Backend[Any, Any]]]:
+    """(name, backend) of every registered backend but ``backend``'s, running where it
+    runs (its ``prefix``): where rules of ours may be left from before a switch of
+    ``firewall_backend``. None for a backend the registry does not hold (a test's
+    stand-in): nothing else of ours is its business."""
+    if backend.name not in REGISTRY:
+        return []
+    return [(name, get(name, backend.prefix)) for name in REGISTRY if name != backend.name]
+
+
+def libvirt_firewall(backend: Backend[Any, Any], ruleset: Any | None) -> LibvirtFirewall:
+    """Which firewall backend libvirt really uses and why (``status``, ``doctor``): what
+    ``ruleset`` (read by ``backend``) shows first, else libvirt's configuration and build."""
+    from .libvirt_nft import LibvirtNft
+    from .libvirt_nft import libvirt_firewall as detect
+    seen = backend.libvirt_backend(ruleset) if ruleset is not None else None
+    return detect(seen, LibvirtNft(backend.prefix))

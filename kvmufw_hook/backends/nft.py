@@ -30,17 +30,26 @@ Promises:
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-
 from ..errors import ApplyError
-from ..model import ForwardSpec
 from ..names import Tag
-from ..plan import Rule
-from .iptables import SEARCH_PATH, TOOLS, find_tool, ip_text, net_text, run
+from ..process import run
+from .iptables import LIBVIRT_CHAINS as LIBVIRT_IPTABLES_CHAINS
+from .iptables import SEARCH_PATH, TOOLS, find_tool, ip_text, net_text
 from .tags import comment as tag_comment
 from .tags import parse_comment
+
+# A guest's stop imports this module and nothing heavier (no dataclasses, typing,
+# intents or planner): plain classes, and what only a start needs imported there.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
+
+    from ..conntrack import Flow
+    from ..intents import Claim, Forward, Intent
+    from ..model import IPNetwork, PortRange
+    from .base import Backend, HostPort, Log, Owners
+    from .rules import Rule
 
 TABLE = "kvmufw"
 # The packet mark bit our table sets on what it accepts (forward, input) and the glue
@@ -143,14 +152,14 @@ CHAINS = _chains()
 
 # --------------------------------------------------------------------------- render
 
-def _addr(net) -> str:
+def _addr(net: IPNetwork) -> str:
     """An address or network as nft prints it: a host without its /32 or /128."""
     if net.prefixlen == net.max_prefixlen:
         return ip_text(net.network_address)
     return net_text(net)
 
 
-def _ports(ports) -> str:
+def _ports(ports: PortRange) -> str:
     return str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
 
 
@@ -158,14 +167,33 @@ def _if(name: str | None) -> str:
     return f'"{name}"'
 
 
-@dataclass(frozen=True)
-class Element:
-    """One element of one of our sets or maps, as ``nft list`` prints it."""
+class Element(tuple):  # type: ignore[type-arg]
+    """One element of one of our sets or maps, as ``nft list`` prints it: (set, key,
+    value or None, comment), compared and hashed as that tuple."""
 
-    set: str
-    key: str
-    value: str | None
-    comment: str
+    __slots__ = ()
+
+    def __new__(cls, set: str, key: str, value: str | None, comment: str) -> Element:
+        return tuple.__new__(cls, (set, key, value, comment))
+
+    @property
+    def set(self) -> str:
+        return self[0]  # type: ignore[no-any-return]
+
+    @property
+    def key(self) -> str:
+        return self[1]  # type: ignore[no-any-return]
+
+    @property
+    def value(self) -> str | None:
+        return self[2]  # type: ignore[no-any-return]
+
+    @property
+    def comment(self) -> str:
+        return self[3]  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"Element{tuple.__repr__(self)}"
 
     @property
     def text(self) -> str:
@@ -249,58 +277,89 @@ def elements(rule: Rule) -> list[Element]:
     return [el("b2b", f"{_if(rule.iif)} . {_if(rule.oif)}")]
 
 
-def wanted(rules: Mapping[str, Sequence[Rule]]) -> dict[Element, None]:
-    """Every element ``rules`` stand for, once each, in order."""
+def forward_elements(fw: Forward) -> list[Element]:
+    """A forward's elements, straight from its intent (the same as ``elements`` gives for
+    its rules, measured twice as fast: a replay of thousands renders these): DNAT per
+    source, the accept of its DNAT'd packets both ways, its hairpin masquerade. Sources
+    are collapsed first (overlapping intervals cannot share a set)."""
+    from ipaddress import collapse_addresses
+    f, comment, guest = fw.family, tag_comment(fw.tag), ip_text(fw.guest)
+    host = ip_text(fw.host_ip) if fw.host_ip is not None else ANY[f]
+    sources = [ANY[f]] if not fw.sources or any(s.prefixlen == 0 for s in fw.sources) \
+        else [_addr(s) for s in (fw.sources if len(fw.sources) == 1
+                                 else collapse_addresses(fw.sources))]  # type: ignore[type-var]
+    proto, hp, gp = fw.proto, fw.host_ports, fw.guest_ports
+    if gp == hp:
+        out = [Element(f"dnat{f}_addr", f"{host} . {src} . {proto} . {_ports(hp)}", guest,
+                       comment) for src in sources]
+    else:
+        shift = gp.first - hp.first
+        out = [Element(f"dnat{f}_port", f"{host} . {src} . {proto} . {port}",
+                       f"{guest} . {port + shift}", comment)
+               for src in sources for port in range(hp.first, hp.last + 1)]
+    bridge = _if(fw.bridge)
+    assert fw.subnet is not None
+    out.append(Element(f"guest{f}", f"{bridge} . {guest} . {proto} . {_ports(gp)}", None,
+                       comment))
+    out.append(Element(f"hairpin{f}", f"{_addr(fw.subnet)} . {guest} . {bridge} . {proto} . "
+                                      f"{_ports(gp)}", None, comment))
+    return out
+
+
+def wanted(intents: Owners) -> dict[Element, None]:
+    """Every element the owners' intents stand for, once each, in order (a guest's stop
+    names its owner with no intent: nothing of the planner is imported then)."""
+    if not any(intents.values()):
+        return {}
+    from ..intents import Forward
+    from .rules import expand
     out: dict[Element, None] = {}
-    for owner in sorted(rules):
-        for rule in rules[owner]:
-            for element in elements(rule):
-                out[element] = None
+    for owner in sorted(intents):
+        for intent in intents[owner]:
+            if isinstance(intent, Forward):
+                out.update(dict.fromkeys(forward_elements(intent)))
+            else:
+                for rule in expand(intent):
+                    out.update(dict.fromkeys(elements(rule)))
     return out
 
 
 # --------------------------------------------------------------------------- read back
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """``text`` split at ``sep`` outside double quotes."""
-    out, start, quoted, i = [], 0, False, 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and quoted:
-            i += 2
-            continue
-        if ch == '"':
-            quoted = not quoted
-        elif not quoted and text.startswith(sep, i):
-            out.append(text[start:i])
-            start = i + len(sep)
-            i = start
-            continue
-        i += 1
-    out.append(text[start:])
-    return out
+_PARTS = None  # the regular expression below, compiled on first use (not on a stop's path)
+
+
+def _split_elements(body: str) -> list[str]:
+    """The elements of an ``elements = { … }`` body: split at commas outside double
+    quotes (our comments hold commas; nothing we write holds a quote)."""
+    global _PARTS
+    if _PARTS is None:
+        import re
+        _PARTS = re.compile(r'(?:"[^"]*"|[^",])+')
+    return [m.strip() for m in _PARTS.findall(body) if m.strip()]
 
 
 def _parse_element(name: str, text: str) -> Element:
-    value = None
-    parts = _split_top(text, " : ")
-    if len(parts) == 2:
-        text, value = parts
-    key, comment = text, ""
-    at = key.find(' comment "')
-    if at >= 0:
-        key, comment = key[:at], key[at + len(' comment "'):].rstrip()[:-1]
-    return Element(name, key.strip(), value.strip() if value is not None else None, comment)
+    """One element as ``nft list`` prints it: key, ``comment "…"``, `` : value``."""
+    at = text.find(' comment "')
+    if at < 0:
+        key, sep, value = text.partition(" : ")
+        return Element(name, key.strip(), value.strip() if sep else None, "")
+    end = text.find('"', at + len(' comment "'))
+    rest = text[end + 1:].strip()
+    mapped = rest[1:].strip() if rest.startswith(":") else None
+    return Element(name, text[:at].strip(), mapped, text[at + len(' comment "'):end])
 
 
-@dataclass
 class Table:
     """``nft list table inet kvmufw`` as printed: whether it is there, each chain's
     rules, each set's elements."""
 
-    present: bool = False
-    chains: dict[str, list[str]] = field(default_factory=dict)
-    elements: list[Element] = field(default_factory=list)
+    def __init__(self, present: bool = False, chains: dict[str, list[str]] | None = None,
+                 elements: list[Element] | None = None) -> None:
+        self.present = present
+        self.chains = chains or {}
+        self.elements = elements or []
 
     @classmethod
     def parse(cls, text: str) -> Table:
@@ -334,36 +393,40 @@ class Table:
 
     def _elements(self, name: str, text: str) -> None:
         body = text[text.index("{") + 1:text.rindex("}")].strip()
-        self.elements += [_parse_element(name, part.strip())
-                          for part in _split_top(body, ",") if part.strip()]
+        self.elements += [_parse_element(name, part) for part in _split_elements(body)]
 
     def skeleton_ok(self) -> bool:
         return self.present and all(self.chains.get(c) == rules
                                     for c, (_hook, rules) in CHAINS.items())
 
 
-@dataclass
 class Glue:
     """The glue rules outside our table as read: per iptables family, the filter table's
     INPUT and FORWARD rules (and libvirt's chains); per libvirt nft family
     (``ip``/``ip6``), libvirt's table as ``nft -a list`` printed it."""
 
-    iptables: dict[int, dict[str, list[str]]] = field(default_factory=dict)
-    libvirt_chains: set[str] = field(default_factory=set)
-    libvirt: dict[str, dict[str, list[tuple[int, str]]]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.iptables: dict[int, dict[str, list[str]]] = {}
+        self.libvirt_chains: set[str] = set()
+        self.libvirt: dict[str, dict[str, list[tuple[int, str]]]] = {}
+        self.other: dict[int, Any] = {}  # family -> iptables Snapshot
 
 
-@dataclass
 class Ruleset:
-    table: Table
-    unavailable: dict[int, str] = field(default_factory=dict)
-    glue_reader: Callable[[], Glue] | None = None
-    _glue: Glue | None = None
+    """Our table as read, and the glue outside it, read when first asked for."""
+
+    def __init__(self, table: Table, generation: int | None = None,
+                 glue_reader: Callable[[], Glue] | None = None) -> None:
+        self.table = table
+        self.unavailable: dict[int, str] = {}  # one inet table: no family is left out
+        self.generation = generation  # nf_tables' generation it was read at, if known
+        self.glue_reader = glue_reader
+        self._glue: Glue | None = None
 
     @property
-    def snapshots(self) -> dict[int, Table]:
-        """Both families, always: one table holds them (what ``apply`` asks for)."""
-        return {4: self.table, 6: self.table}
+    def families(self) -> set[int]:
+        """Both, always: one table holds them."""
+        return {4, 6}
 
     @property
     def glue(self) -> Glue:
@@ -372,12 +435,22 @@ class Ruleset:
         return self._glue
 
 
-@dataclass
 class Change:
-    script: str = ""  # one nft -f transaction on our table
-    glue: dict[str, str] = field(default_factory=dict)  # "4"/"6"/"nft" -> payload
-    ended: list[Element] = field(default_factory=list)  # DNAT elements deleted
-    skipped: dict[int, str] = field(default_factory=dict)
+    """One ``nft -f`` script on our table, the glue payloads ("4"/"6": iptables-restore,
+    "nft": libvirt's tables), the DNAT elements it deletes (their flows end), what it
+    was made from and our elements once it is written."""
+
+    def __init__(self, script: str = "", ended: list[Element] | None = None,
+                 base: Ruleset | None = None, after: list[Element] | None = None) -> None:
+        self.script = script
+        self.glue: dict[str, str] = {}
+        self.ended = ended or []
+        self.skipped: dict[int, str] = {}
+        self.base = base
+        self.after = after
+
+    def __repr__(self) -> str:
+        return f"Change({self.text!r})"
 
     def __bool__(self) -> bool:
         return bool(self.script or any(self.glue.values()))
@@ -434,6 +507,52 @@ def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element
     return deletes, adds
 
 
+def _guest_of(e: Element) -> tuple[str, str, str, int, int] | None:
+    """(family, guest, protocol, first, last guest port) a guest or hairpin element
+    serves, or a DNAT element leads to."""
+    parts = [p.strip() for p in e.key.split(" . ")]
+    if e.set.startswith(("guest", "hairpin")):
+        first, _, last = parts[-1].partition("-")
+        guest = parts[1]  # "bridge" . guest … or subnet . guest …
+        return e.set[-1], guest, parts[-2], int(first), int(last or first)
+    if e.set.startswith("dnat") and e.value is not None:
+        address, _, port = e.value.partition(" . ")
+        first, _, last = parts[-1].partition("-")
+        if port:
+            return e.set[4], address.strip(), parts[2], int(port), int(port)
+        return e.set[4], address.strip(), parts[2], int(first), int(last or first)
+    return None
+
+
+def adopted(deletes: Sequence[Element], remaining: Sequence[Element]) -> list[Element]:
+    """Two owners' forwards to one guest port share its accept and hairpin elements (a
+    key is in a set once, under the comment of whoever added it first). When that owner
+    goes, another whose DNAT still leads there takes the element over (deleted and added
+    again in the same transaction, under its comment), so that removal by owner never
+    takes what someone else still needs."""
+    shared = [e for e in deletes if e.set.startswith(("guest", "hairpin"))]
+    if not shared:
+        return []
+    leading: dict[tuple[str, str, str], list[tuple[int, int, str]]] = {}
+    for e in remaining:
+        if e.set.startswith("dnat") and (found := _guest_of(e)) is not None:
+            family, guest, proto, first, last = found
+            leading.setdefault((family, guest, proto), []).append((first, last, e.comment))
+    taken = {(e.set, e.key) for e in remaining}
+    out = []
+    for e in shared:
+        found = _guest_of(e)
+        if found is None or (e.set, e.key) in taken:
+            continue
+        family, guest, proto, first, last = found
+        heir = next((c for a, b, c in leading.get((family, guest, proto), ()) if a <= last
+                     and first <= b), None)
+        if heir is not None:
+            out.append(Element(e.set, e.key, None, heir))
+            taken.add((e.set, e.key))
+    return out
+
+
 def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) -> str:
     """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds."""
     if not deletes and not adds and table.skeleton_ok():
@@ -443,6 +562,57 @@ def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) ->
     return out + "".join(line + "\n" for line in lines)
 
 
+# --------------------------------------------------------------------------- record
+
+class Record:
+    """Our table as our own last write left it, and nf_tables' generation right after
+    that write (a file of the state's cache, written under the state lock): a guest's
+    start or stop while the generation is still that one reads no table (one netlink
+    request instead of an ``nft`` process). Any change by anyone moves the generation
+    on: then the kernel is read again."""
+
+    NAME = "nft-table"
+
+    @classmethod
+    def path(cls) -> str:
+        import os
+
+        from ..names import state_dir
+        return os.path.join(state_dir(), "cache", cls.NAME)
+
+    @classmethod
+    def load(cls, generation: int) -> Table | None:
+        import marshal
+        try:
+            with open(cls.path(), "rb") as fh:
+                recorded, items = marshal.loads(fh.read())
+            if recorded != generation:
+                return None
+            elements = [Element(*item) for item in items]
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+        return Table(True, {c: list(rules) for c, (_hook, rules) in CHAINS.items()}, elements)
+
+    @classmethod
+    def save(cls, generation: int, elements: list[Element]) -> None:
+        import marshal
+
+        from .. import state
+        data = (generation, [(e.set, e.key, e.value, e.comment) for e in elements])
+        try:
+            state.write_cache(cls.NAME, marshal.dumps(data))
+        except (OSError, ApplyError):
+            cls.forget()
+
+    @classmethod
+    def forget(cls) -> None:
+        import os
+        try:
+            os.unlink(cls.path())
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------------- backend
 
 class NftBackend:
@@ -450,7 +620,6 @@ class NftBackend:
     exec NS``."""
 
     name = "nftables"
-    glued = True  # libvirt's guest chains get our glue, not an accept per forward
 
     def __init__(self, prefix: Iterable[str] = ()) -> None:
         self.prefix = list(prefix)
@@ -460,6 +629,7 @@ class NftBackend:
     def _nft(self) -> str:
         if self.prefix:
             return "nft"
+        import shutil
         found = shutil.which("nft", path=SEARCH_PATH)
         if found is None:
             raise ApplyError("nft not found: install the nftables package")
@@ -472,39 +642,54 @@ class NftBackend:
         if not self.prefix:
             from .nftprobe import table_in_kernel
             return table_in_kernel(1, TABLE)  # NFPROTO_INET
-        try:
-            self._run([self._nft(), "list", "table", "inet", TABLE])
-        except ApplyError:
-            return False
-        return True
+        listed = self._run([self._nft(), "list", "tables", "inet"])  # not their content
+        return f"table inet {TABLE}\n" in listed + "\n"
 
     def read(self, families: Iterable[int] = ()) -> Ruleset:
-        """Our table (one ``nft`` process; none where it is not there). The glue outside
-        it is read only when a change needs it (a network's, a clear, a missing table)."""
+        """Our table: from our record of it after our own last write while nf_tables'
+        generation says nobody changed anything since (``Record``: no process at all),
+        else with one ``nft`` process (none where the table is not there). The glue
+        outside it is read only when a change needs it (a network's, a clear, a missing
+        table)."""
+        generation = self._generation()
+        if generation is not None:
+            known = Record.load(generation)
+            if known is not None:
+                return Ruleset(known, generation=generation, glue_reader=self._read_glue)
         text = ""
         if self._table_present():
             text = self._run([self._nft(), "list", "table", "inet", TABLE])
-        return Ruleset(Table.parse(text), glue_reader=self._read_glue)
+        if generation is not None and self._generation() != generation:
+            generation = None  # changed while being read
+        return Ruleset(Table.parse(text), generation=generation, glue_reader=self._read_glue)
+
+    def _generation(self) -> int | None:
+        if self.prefix:
+            return None
+        from .nftprobe import generation
+        return generation()
 
     def _tool(self, name: str) -> str:
         return name if self.prefix else find_tool(name)
 
     def _read_glue(self) -> Glue:
+        """The filter table's INPUT and FORWARD per iptables family (our glue, libvirt's
+        chains) and whatever the iptables backend left of ours (switching backends: it
+        goes with our next glue write), and libvirt's nftables tables."""
+        from .iptables import Snapshot
         glue = Glue()
         for family in (4, 6):
             try:
-                text = self._run([self._tool(TOOLS[family][0]), "-t", "filter"],
-                                 name=TOOLS[family][0])
+                text = self._run([self._tool(TOOLS[family][0])], name=TOOLS[family][0])
             except ApplyError:
                 continue
-            chains: dict[str, list[str]] = {"INPUT": [], "FORWARD": []}
-            for line in text.splitlines():
-                if line.startswith(":LIBVIRT_") and family == 4:
-                    glue.libvirt_chains.add(line[1:].split()[0])
-                parts = line.split(None, 2)
-                if line.startswith("-A ") and parts[1] in chains:
-                    chains[parts[1]].append(line)
-            glue.iptables[family] = chains
+            snap = Snapshot.parse(text)
+            rules = snap.tables["filter"].rules
+            glue.iptables[family] = {c: list(rules.get(c, [])) for c in IPT_GLUE}
+            glue.other[family] = snap
+            if family == 4:
+                glue.libvirt_chains = {c for t in snap.tables.values() for c in t.chains
+                                       if c.startswith("LIBVIRT_")}
         for fam in ("ip", "ip6"):
             try:
                 text = self._run([self._nft(), "-a", "list", "table", fam, LIBVIRT_TABLE])
@@ -516,36 +701,62 @@ class NftBackend:
     def write(self, change: Change) -> None:
         """Our table in one ``nft -f`` (one transaction), then the glue: one
         ``iptables-restore --noflush`` per family that needs it, one ``nft -f`` for
-        libvirt's tables."""
-        if change.script:
-            self._run([self._nft(), "-f", "-"], stdin=change.script)
-        for where, payload in sorted(change.glue.items()):
-            if not payload:
-                continue
-            if where == "nft":
-                self._run([self._nft(), "-f", "-"], stdin=payload)
-            else:
-                restore = TOOLS[int(where)][1]
-                self._run([self._tool(restore), "--noflush", "-w"], stdin=payload,
-                          name=restore)
+        libvirt's tables. Afterwards our table as written is recorded (``Record``) when
+        nf_tables' generation proves nobody else changed anything meanwhile."""
+        base = change.base
+        start = base.generation if base is not None else None
+        if start is not None and self._generation() != start:
+            start = None
+        try:
+            if change.script:
+                self._run([self._nft(), "-f", "-"], stdin=change.script)
+            for where, payload in sorted(change.glue.items()):
+                if not payload:
+                    continue
+                if where == "nft":
+                    self._run([self._nft(), "-f", "-"], stdin=payload)
+                else:
+                    restore = TOOLS[int(where)][1]
+                    self._run([self._tool(restore), "--noflush", "-w"], stdin=payload,
+                              name=restore)
+        except ApplyError:
+            Record.forget()
+            raise
+        glued = any(change.glue.values())
+        if (start is None or change.after is None or glued or not change.script
+                or self._generation() != start + 1):
+            if change:
+                Record.forget()
+            return
+        Record.save(start + 1, change.after)
 
     # ------------------------------------------------------------------ changes
 
-    def change(self, ruleset: Ruleset, rules: Mapping[str, Sequence[Rule]],
+    def change(self, ruleset: Ruleset, intents: Owners,
                drop: Callable[[Tag], bool] | None = None) -> Change:
+        """The owners' elements replaced (and others' that ``drop`` accepts removed) in
+        one transaction; the glue checked and put back where a network's owner changes,
+        on a drop, where no owner is named (the way in repaired alone) or where our table
+        is not as it should be. A guest's start or stop reads no glue: the glue is per
+        host, not per forward."""
         have = ruleset.table.elements
 
         def replaced(e: Element) -> bool:
             tag = e.tag
-            return tag is not None and (tag.owner in rules or bool(drop and drop(tag)))
+            return tag is not None and (tag.owner in intents or bool(drop and drop(tag)))
 
         kept = [e for e in have if not replaced(e)]
-        deletes, adds = diff(have, kept + list(wanted(rules)))
+        deletes, adds = diff(have, kept + list(wanted(intents)))
+        adds += adopted(deletes, kept + adds)
+        gone = set(deletes)
+        after = [e for e in have if e not in gone] + adds
         out = Change(script(ruleset.table, deletes, adds),
-                     ended=[e for e in deletes if e.set.startswith("dnat")])
-        networks = any(o.startswith("n=") for o in rules)
-        if networks or drop is not None or not ruleset.table.skeleton_ok():
-            out.glue = _glue_change(ruleset.glue, keep=bool(kept or adds))
+                     ended=[e for e in deletes if e.set.startswith("dnat")], base=ruleset,
+                     after=after)
+        networks = any(o.startswith("n=") for o in intents)
+        repair = not intents  # nothing to replace: ``restore --jumps-only`` (UFW's reload)
+        if networks or repair or drop is not None or not ruleset.table.skeleton_ok():
+            out.glue = _glue_change(ruleset.glue, keep=bool(after))
         return out
 
     def revert(self, now: Ruleset, before: Ruleset) -> Change:
@@ -560,15 +771,15 @@ class NftBackend:
         out.glue = _glue_change(ruleset.glue, keep=False)
         return out
 
-    def render(self, rules: Mapping[str, Sequence[Rule]]) -> str:
-        return Change(script(Table(), [], list(wanted(rules)))).text
+    def render(self, intents: Owners) -> str:
+        return Change(script(Table(), [], list(wanted(intents)))).text
 
     # ------------------------------------------------------------------ readings
 
     @staticmethod
-    def present(ruleset: Ruleset, rules: Iterable[Rule]) -> bool:
-        have = set(ruleset.table.elements)
-        return all(e in have for rule in rules for e in elements(rule))
+    def present(ruleset: Ruleset, intents: Iterable[Intent]) -> bool:
+        have = {(e.set, e.key, e.value) for e in ruleset.table.elements}
+        return all((e.set, e.key, e.value) in have for e in wanted({"": tuple(intents)}))
 
     @staticmethod
     def owners(ruleset: Ruleset) -> set[str]:
@@ -578,46 +789,69 @@ class NftBackend:
     def has_rules(ruleset: Ruleset) -> bool:
         return ruleset.table.present
 
-    def bad_jumps(self, ruleset: Ruleset) -> list[str]:
-        """Where a glue rule is missing or not first (while our table holds elements)."""
+    def entry_problems(self, ruleset: Ruleset) -> list[str]:
+        """Where a glue rule is missing, repeated or not first (while our table holds
+        elements), and our table's chains if they are not as they should be."""
         if not ruleset.table.elements:
             return []
-        return _glue_bad(ruleset.glue)
+        bad = [] if ruleset.table.skeleton_ok() else [f"table inet {TABLE} (its chains)"]
+        return bad + _glue_bad(ruleset.glue)
 
     @staticmethod
-    def libvirt_chains(ruleset: Ruleset) -> set[str]:
-        return set(ruleset.glue.libvirt_chains)
+    def libvirt_backend(ruleset: Ruleset) -> str | None:
+        """``nftables`` where libvirt's table is there, ``iptables`` where its
+        ``LIBVIRT_*`` chains are."""
+        if ruleset.glue.libvirt:
+            return "nftables"
+        return "iptables" if ruleset.glue.libvirt_chains else None
 
     @staticmethod
-    def claims(ruleset: Ruleset, near: Iterable[ForwardSpec] | None = None,
-               mine: str | None = None) -> dict[str, list[ForwardSpec]]:
-        """owner -> the host ports its DNAT elements hold (read from the kernel's maps)."""
+    def libvirt_missing(ruleset: Ruleset) -> list[str]:
+        present = ruleset.glue.libvirt_chains
+        return [c for c in LIBVIRT_IPTABLES_CHAINS if c not in present]
+
+    @staticmethod
+    def claims(ruleset: Ruleset, near: Iterable[HostPort] | None = None,
+               mine: str | None = None) -> dict[str, list[Claim]]:
+        """owner -> the host ports its DNAT elements hold, read from the kernel's maps: a
+        shifted range (one element per port) is one claim again, as declared."""
         from ipaddress import ip_address, ip_network
 
+        from ..intents import Claim
         from ..model import PortRange
         wanted_near = None if near is None else [
             (s.proto, s.host_port.first, s.host_port.last) for s in near]
-        out: dict[str, dict[ForwardSpec, None]] = {}
+        # (owner, proto, host, guest, shift) -> runs of ports
+        runs: dict[tuple[str, str, str, str, int], list[list[int]]] = {}
+        out: dict[str, dict[Claim, None]] = {}
         for e in ruleset.table.elements:
             tag = e.tag
             if not e.set.startswith("dnat") or tag is None or e.value is None:
                 continue
+            out.setdefault(tag.owner, {})
             daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
-            first, _, last = ports.partition("-")
-            port = PortRange(int(first), int(last or first))
-            owned = out.setdefault(tag.owner, {})
+            first_text, _, last_text = ports.partition("-")
+            first, last = int(first_text), int(last_text or first_text)
             if wanted_near is not None and tag.owner != mine and not any(
-                    p == proto and a <= port.last and port.first <= b
-                    for p, a, b in wanted_near):
+                    p == proto and a <= last and first <= b for p, a, b in wanted_near):
                 continue
+            guest, _, port = e.value.partition(" . ")
+            shift = int(port) - first if port else 0
+            key = (tag.owner, proto, daddr, guest.strip(), shift)
+            spans = runs.setdefault(key, [])
+            if spans and spans[-1][1] + 1 == first:
+                spans[-1][1] = last  # the next port of a shifted range
+            elif [first, last] not in spans:  # the same ports from another source
+                spans.append([first, last])
+        for (owner, proto, daddr, guest, _shift), spans in runs.items():
             net = ip_network(daddr, strict=False)
             host = None if net.prefixlen == 0 else net.network_address
-            guest = ip_address(e.value.split(" . ")[0])
-            owned[ForwardSpec(proto=proto, host_port=port, guest_port=port, host_ip=host,
-                              guest_ips=(guest,))] = None
-        return {owner: list(specs) for owner, specs in out.items()}
+            for first, last in spans:
+                out[owner][Claim(proto=proto, host_port=PortRange(first, last),
+                                 guest=ip_address(guest), host_ip=host)] = None
+        return {owner: list(claims) for owner, claims in out.items()}
 
-    def end_flows(self, change: Change, log: Callable[[str], None]) -> None:
+    def end_flows(self, change: Change, log: Log) -> None:
         """End the conntrack flows of the DNAT elements ``change`` deleted."""
         from _socket import AF_INET, AF_INET6, inet_pton
 
@@ -644,7 +878,7 @@ class NftBackend:
             log(f"conntrack flows of removed forwards not ended: {exc}")
 
 
-def _end_elsewhere(prefix: list[str], flows: list, log: Callable[[str], None]) -> None:
+def _end_elsewhere(prefix: list[str], flows: list[Flow], log: Callable[[str], None]) -> None:
     import json
     import os
     import subprocess
@@ -699,10 +933,18 @@ def _glue_bad(glue: Glue) -> list[str]:
 
 
 def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
-    """The payloads that put each glue rule exactly once at the top of its chain
-    (``keep``), or take every one of them out."""
+    """The payloads that put each glue rule exactly once at the top of its chain and take
+    out what the iptables backend left of ours (``keep``: switching backends with guests
+    running loses nothing, the next network change or replay leaves nothing of the
+    other), or take every glue rule out (and nothing of the iptables backend's: a switch
+    the other way clears this backend first, then writes its own)."""
+    from .iptables import transition
     out: dict[str, str] = {}
     for family, chains in glue.iptables.items():
+        other = glue.other.get(family)  # the iptables backend's chains and jumps go
+        cleared = transition(other, {}) if other is not None and keep else ""
+        if cleared:
+            out[str(family)] = cleared
         lines = []
         for chain, line in IPT_GLUE.items():
             rules = chains.get(chain, [])
@@ -712,7 +954,7 @@ def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
             if keep:
                 lines.append(f"-I {chain} 1" + line[len(f"-A {chain}"):])
         if lines:
-            out[str(family)] = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
+            out[str(family)] = cleared + "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
     nft = []
     for fam, guest_chains in sorted(glue.libvirt.items()):
         for chain in LIBVIRT_CHAINS:
@@ -729,3 +971,7 @@ def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
     if nft:
         out["nft"] = "\n".join(nft) + "\n"
     return out
+
+
+if TYPE_CHECKING:  # the compiler checks that this is a backend
+    _IS_A_BACKEND: Backend[Ruleset, Change] = NftBackend()
