@@ -102,3 +102,11 @@ def test_a_stand_in_backend_has_no_others_to_clear():
     class StandIn:
         name, prefix = "fake", ()
     assert backends.others(StandIn()) == []
+
+
+def test_the_traces_a_hook_probes_are_the_backends_own_names():
+    from kvmufw_hook.backends import TRACES, iptables, nft
+    ours = {(table, chain) for table, _, chain in iptables.JUMPS}
+    assert {(t, c) for _, t, c in TRACES["iptables"]} <= ours
+    assert TRACES["nftables"] == ((1, nft.TABLE, ""),)
+    assert set(TRACES) == set(backends.names())

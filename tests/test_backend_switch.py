@@ -4,9 +4,13 @@ and leaves nothing of the other one; packets keep reaching the guest through UFW
 and libvirt's rejects all along. In a network namespace this test creates, with real
 iptables and nft. Root only; CI runs them."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from netlab import SEED, TOPOLOGY_NET, Topology
 
 from kvmufw_hook import backends, ops
@@ -89,3 +93,35 @@ def test_a_replay_after_a_switch_moves_every_forward_and_flush_clears_both(topo,
     start(backends.get(old, topo.host.prefix))  # both hold forwards: a switch half done
     ops.flush(backends.get(new, topo.host.prefix))
     assert ours(topo) == {old: False, new: False}
+
+
+GUEST6 = b"""<domain><name>g6</name><metadata><forwards xmlns="urn:kvmufw:1">
+    <forward host-port="2223" guest-port="22"/>
+  </forwards></metadata><devices><interface type='network'>
+    <source network='lab' bridge='virbr1'/><mac address='52:54:00:00:00:06'/>
+    <target dev='vnet6'/></interface></devices></domain>"""
+
+
+def hook(topo, kind: str, *argv: str, stdin: bytes = b"") -> None:
+    """The installed-style hook as libvirt calls it, in the namespace (one process)."""
+    proc = subprocess.run([*topo.host.prefix, sys.executable, "-IS", str(ROOT / "hooks" / kind),
+                           *argv], input=stdin, capture_output=True, env=dict(os.environ),
+                          check=False)
+    assert proc.returncode == 0 and not proc.stdout, proc.stderr.decode()
+
+
+@pytest.mark.parametrize("old,new", [("iptables", "nftables"), ("nftables", "iptables")])
+def test_the_next_hook_after_a_switch_moves_every_forward_first(topo, state_env, old, new):
+    """No replay: the first hook call after the switch (another guest starting) finds our
+    rules in the other backend, restores every owner into the selected one and clears
+    the other, then does its own work."""
+    start(backends.get(old, topo.host.prefix))
+    Path(state_env["KVMUFW_CONFIG"]).write_text(f'firewall_backend = "{new}"\n')
+    topo.guests[6].serve("tcp", 22)
+    hook(topo, "qemu", "g6", "start", "begin", "-", stdin=GUEST6)
+    assert ours(topo) == {old: False, new: True}
+    assert probes(topo) == WORKING
+    assert topo.inet.ask("tcp", "203.0.113.1", 2223) == "203.0.113.2"
+    hook(topo, "qemu", "g5", "stopped", "end", "-")  # and the stop works in the new one
+    assert probes(topo)["dnat"] is None
+    assert topo.inet.ask("tcp", "203.0.113.1", 2223) == "203.0.113.2"

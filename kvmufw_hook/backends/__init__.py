@@ -91,6 +91,30 @@ def default_backend() -> Backend[Any, Any]:
     return selected()
 
 
+# Where each backend's rules show, as one netlink request to nf_tables can tell: a table
+# (family, table, "") or a chain in one (family, table, chain). How a hook notices that
+# firewall_backend was switched (``switched``); the names are iptables.JUMPS' and
+# nft.TABLE (a unit test holds them equal), not imported: a hook loads one backend only.
+TRACES: dict[str, tuple[tuple[int, str, str], ...]] = {
+    "iptables": ((2, "filter", "KVMUFW-FORWARD"), (2, "nat", "KVMUFW-PREROUTING")),
+    "nftables": ((1, "kvmufw", ""),),  # NFPROTO_INET
+}
+
+
+def switched() -> bool:
+    """Whether a backend other than the selected one holds rules of ours in this
+    namespace: ``firewall_backend`` was switched and nothing has run ``replay`` since.
+    One netlink request per trace, no process. (Legacy iptables cannot be asked so: a
+    switch away from it is completed by ``replay`` or ``restore``.)"""
+    from .. import config
+    from .nftprobe import chain_in_kernel, table_in_kernel
+    name = config.load().firewall_backend
+    return any(chain_in_kernel(family, table, chain) if chain else
+               table_in_kernel(family, table)
+               for other, traces in TRACES.items() if other != name
+               for family, table, chain in traces)
+
+
 def others(backend: Backend[Any, Any]) -> list[tuple[str, Backend[Any, Any]]]:
     """(name, backend) of every registered backend but ``backend``'s, running where it
     runs (its ``prefix``): where rules of ours may be left from before a switch of
