@@ -716,10 +716,11 @@ def flush(backend: AnyBackend | None = None) -> Applied:
         return _flush(backend)
 
 
-def _clear_others(backend: AnyBackend, log: Log = _quiet) -> str:
+def _clear_others(backend: AnyBackend, log: Log = _quiet, flushing: bool = False) -> str:
     """Remove what other backends of ours hold (``firewall_backend`` was switched): run
     after ``backend`` holds every forward, so none is lost meanwhile; their conntrack
-    flows stay (the same forwards carry them on)."""
+    flows stay (the same forwards carry them on). ``flushing``: ``backend`` was just
+    cleared too, and nothing of it is put back."""
     from .backends import others
     text = ""
     for name, other in others(backend):
@@ -729,13 +730,17 @@ def _clear_others(backend: AnyBackend, log: Log = _quiet) -> str:
             other.write(change)
             text += change.text
             log(f"firewall backend switched: every rule of ours in {name} removed")
+    if text and not flushing:  # the other's clear takes every rule with our tag in
+        # libvirt's chains, the selected backend's glue there too: its entry points back,
+        # as restore --jumps-only puts them
+        text += apply_rules({}, backend=backend, log=log).payload
     return text
 
 
 def _flush(backend: AnyBackend) -> Applied:
     change = backend.clear(backend.read())
     backend.write(change)
-    text = change.text + _clear_others(backend)
+    text = change.text + _clear_others(backend, flushing=True)
     text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from netlab import SEED, TOPOLOGY_NET, Topology
+from netlab import SEED, TOPOLOGY_LIBVIRT_NFT, TOPOLOGY_NET, Topology
 
 from kvmufw_hook import backends, ops
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
@@ -125,3 +125,22 @@ def test_the_next_hook_after_a_switch_moves_every_forward_first(topo, state_env,
     hook(topo, "qemu", "g5", "stopped", "end", "-")  # and the stop works in the new one
     assert probes(topo)["dnat"] is None
     assert topo.inet.ask("tcp", "203.0.113.1", 2223) == "203.0.113.2"
+
+
+@pytest.mark.parametrize("old,new", [("iptables", "nftables"), ("nftables", "iptables")])
+def test_a_switch_where_libvirt_uses_nftables_keeps_libvirts_table_passable(topo, old, new):
+    """libvirt's nftables rejects: the iptables backend passes them with an accept per
+    forward in libvirt's chains, the nftables backend with its glue there. After the
+    switch only the new backend's rules are in libvirt's chains, and every forward passes."""
+    topo.host.run("nft", "-f", "-", input=TOPOLOGY_LIBVIRT_NFT)
+    start(backends.get(old, topo.host.prefix))
+    assert probes(topo) == WORKING
+    ops.replay([NET], [GUEST], backend=backends.get(new, topo.host.prefix))
+    libvirt = topo.host.run("nft", "list", "table", "ip", "libvirt_network").stdout
+    tagged = [line for line in libvirt.splitlines() if "kvmufw:" in line]
+    if new == "nftables":  # one glue rule per chain, no accept per forward
+        assert len(tagged) == 2 and all("g=glue" in line for line in tagged), libvirt
+    else:
+        assert tagged and not [line for line in tagged if "g=glue" in line], libvirt
+    assert ours(topo) == {old: False, new: True}
+    assert probes(topo) == WORKING
