@@ -4,6 +4,7 @@ same elements, and a change is element adds and deletes only."""
 
 from kvmufw_hook.backends.nft import (
     CHAINS,
+    EXACT,
     Element,
     NftBackend,
     Ruleset,
@@ -40,7 +41,20 @@ def test_a_shifted_range_is_one_element_per_port_and_a_kept_range_one_interval()
     assert {("dnat4_port", f"0.0.0.0/0 . 0.0.0.0/0 . udp . {6000 + i}", f"10.0.0.5 . {5000 + i}")
             for i in range(3)} <= found
     assert ("dnat4_addr", "0.0.0.0/0 . 0.0.0.0/0 . udp . 7000-7999", "10.0.0.5") in found
-    assert ("dnat6_port", "::/0 . ::/0 . tcp . 2222", "fd00::5 . 22") in found
+
+
+def test_a_forward_of_one_port_from_anyone_is_an_exact_key_in_every_set_it_needs():
+    """The common forward is looked up in hash sets only: a new connection through it
+    costs the same whatever the number of forwards."""
+    mine = [e for e in wanted({"d=g5": RULES["d=g5"]}) if e.key.endswith(" . 22")
+            or e.key.endswith("tcp . 2222") or e.set.startswith("hairnet")]
+    found = {(e.set, e.key, e.value) for e in mine}
+    assert ("dnat6_any", "tcp . 2222", "fd00::5 . 22") in found
+    assert ("dnat4_any", "tcp . 2222", "10.0.0.5 . 22") in found
+    assert ("guestx4", '"virbr1" . 10.0.0.5 . tcp . 22', None) in found
+    assert ("hairpinx4", '10.0.0.5 . "virbr1" . tcp . 22', None) in found
+    assert ("hairnet4", '"virbr1" . 10.0.0.0/24', None) in found
+    assert all(e.set in EXACT or e.set.startswith("hairnet") for e in mine)
 
 
 def test_each_source_is_its_own_key_and_every_element_names_its_owner():

@@ -75,12 +75,19 @@ LIBVIRT_CHAINS = ("guest_input", "guest_output")
 
 
 def _sets(f: int) -> dict[str, str]:
-    """set or map name -> its type, in family ``f``."""
+    """set or map name -> its type, in family ``f``. The common forward (any source, one
+    port) is in the exact maps ``EXACT`` (a hash: one lookup whatever their size); a
+    source prefix or a port range needs an interval one, which costs what it holds."""
     a = ADDR_TYPE[f]
     return {
+        f"dnat{f}_any": f"inet_proto . inet_service : {a} . inet_service",
+        f"dnat{f}_at": f"{a} . inet_proto . inet_service : {a} . inet_service",
         f"dnat{f}_addr": f"{a} . {a} . inet_proto . inet_service : {a}",
         f"dnat{f}_port": f"{a} . {a} . inet_proto . inet_service : {a} . inet_service",
+        f"guestx{f}": f"ifname . {a} . inet_proto . inet_service",
         f"guest{f}": f"ifname . {a} . inet_proto . inet_service",
+        f"hairpinx{f}": f"{a} . ifname . inet_proto . inet_service",
+        f"hairnet{f}": f"ifname . {a}",
         f"hairpin{f}": f"{a} . {a} . ifname . inet_proto . inet_service",
         f"fence_out{f}": f"ifname . {a} . ifname",
         f"fence_in{f}": f"ifname . {a} . ifname",
@@ -98,6 +105,8 @@ def _sets(f: int) -> dict[str, str]:
     }
 
 
+EXACT = {name for f in (4, 6)
+         for name in (f"dnat{f}_any", f"dnat{f}_at", f"guestx{f}", f"hairpinx{f}")}
 SETS: dict[str, str] = {**_sets(4), **_sets(6)}
 PORTS = "meta l4proto { tcp, udp, sctp }"  # nft maps ports only after a protocol match
 
@@ -114,7 +123,10 @@ def _chains() -> dict[str, tuple[str, list[str]]]:
     for f in (4, 6):
         a = ADDR[f]
         key = f"{a} daddr . {a} saddr . meta l4proto . th dport"
-        dnat = [f"dnat {a} to {key} map @dnat{f}_addr",
+        dnat = [f"{PORTS} dnat {a} to {a} daddr . meta l4proto . th dport map @dnat{f}_at",
+                f"meta nfproto {NFPROTO[f]} {PORTS} dnat {a} to meta l4proto . th dport "
+                f"map @dnat{f}_any",
+                f"dnat {a} to {key} map @dnat{f}_addr",
                 f"{PORTS} dnat {a} to {key} map @dnat{f}_port"]
         out["prerouting"][1].extend(f"fib daddr type local {d}" for d in dnat)
         out["output"][1].extend(f"{a} daddr != {LOOPBACK[f]} fib daddr type local {d}"
@@ -123,8 +135,10 @@ def _chains() -> dict[str, tuple[str, list[str]]]:
             f"ct status ! dnat iifname . {a} saddr . oifname @fence_out{f} return",
             f"ct status ! dnat iifname . {a} daddr . oifname @fence_in{f} return"]
         out["forward"][1].extend([
-            f"ct status dnat oifname . {a} daddr . meta l4proto . th dport @guest{f} {MARKED}",
-            f"ct status dnat iifname . {a} saddr . meta l4proto . th sport @guest{f} {MARKED}",
+            *(f"ct status dnat oifname . {a} daddr . meta l4proto . th dport @{s} {MARKED}"
+              for s in (f"guestx{f}", f"guest{f}")),
+            *(f"ct status dnat iifname . {a} saddr . meta l4proto . th sport @{s} {MARKED}"
+              for s in (f"guestx{f}", f"guest{f}")),
             f"iifname . {a} saddr @egress{f} {MARKED}",
             f"iifname . {a} saddr . oifname @egress_dev{f} {MARKED}",
             f"ct state established,related oifname . {a} daddr @replies{f} {MARKED}",
@@ -135,7 +149,9 @@ def _chains() -> dict[str, tuple[str, list[str]]]:
             f"meta nfproto {NFPROTO[f]} iifname . oifname @b2b{f} {MARKED}"])
         out["input"][1].append(
             f"meta nfproto {NFPROTO[f]} iifname . meta l4proto . th dport @host_in{f} {MARKED}")
-        post = [f"ct status dnat {a} saddr . {a} daddr . oifname . meta l4proto . th dport "
+        post = [f"ct status dnat {a} daddr . oifname . meta l4proto . th dport "
+                f"@hairpinx{f} oifname . {a} saddr @hairnet{f} masquerade",
+                f"ct status dnat {a} saddr . {a} daddr . oifname . meta l4proto . th dport "
                 f"@hairpin{f} masquerade",
                 f"{a} saddr . {a} daddr @inside{f} return"]
         if f == 4:  # IPv6 has no broadcast; its multicast is masqueraded as libvirt does
@@ -218,20 +234,14 @@ def elements(rule: Rule) -> list[Element]:
         assert rule.to_addr is not None and rule.to_ports is not None and rule.dport
         daddr = _addr(rule.dst) if rule.dst is not None else ANY[f]
         saddr = _addr(rule.src) if rule.src is not None else ANY[f]
-        guest = ip_text(rule.to_addr)
-        if rule.to_ports == rule.dport:  # the port is kept: one element for the range
-            return [el(f"dnat{f}_addr", f"{daddr} . {saddr} . {rule.proto} . "
-                                         f"{_ports(rule.dport)}", guest)]
-        shift = rule.to_ports.first - rule.dport.first
-        return [el(f"dnat{f}_port", f"{daddr} . {saddr} . {rule.proto} . {port}",
-                   f"{guest} . {port + shift}")
-                for port in range(rule.dport.first, rule.dport.last + 1)]
+        return _dnat(f, daddr, [saddr], rule.proto or "", rule.dport, ip_text(rule.to_addr),
+                     rule.to_ports, comment)
     if rule.stage == "postrouting":  # MASQUERADE
         assert rule.src is not None
         if rule.ctstate == "DNAT":  # hairpin
             assert rule.dst is not None and rule.dport
-            return [el("hairpin", f"{_addr(rule.src)} . {_addr(rule.dst)} . {_if(rule.oif)}"
-                                  f" . {rule.proto} . {_ports(rule.dport)}")]
+            return _hairpin(f, _if(rule.oif), _addr(rule.dst), rule.proto or "", rule.dport,
+                            _addr(rule.src), comment)
         out = []
         if rule.not_dst is not None:
             out.append(el("inside", f"{_addr(rule.src)} . {_addr(rule.not_dst)}"))
@@ -247,11 +257,11 @@ def elements(rule: Rule) -> list[Element]:
     if rule.ctstate == "DNAT":
         if rule.oif:
             assert rule.dst is not None and rule.dport
-            return [el("guest", f"{_if(rule.oif)} . {_addr(rule.dst)} . {rule.proto} . "
-                                f"{_ports(rule.dport)}")]
+            return [_accept(f, _if(rule.oif), _addr(rule.dst), rule.proto or "", rule.dport,
+                            comment)]
         assert rule.src is not None and rule.sport
-        return [el("guest", f"{_if(rule.iif)} . {_addr(rule.src)} . {rule.proto} . "
-                            f"{_ports(rule.sport)}")]
+        return [_accept(f, _if(rule.iif), _addr(rule.src), rule.proto or "", rule.sport,
+                        comment)]
     if rule.verdict == "RETURN":
         if rule.src is not None:
             return [el("fence_out", f"{_if(rule.iif)} . {_addr(rule.src)} . {_if(rule.oif)}")]
@@ -288,22 +298,59 @@ def forward_elements(fw: Forward) -> list[Element]:
     sources = [ANY[f]] if not fw.sources or any(s.prefixlen == 0 for s in fw.sources) \
         else [_addr(s) for s in (fw.sources if len(fw.sources) == 1
                                  else collapse_addresses(fw.sources))]  # type: ignore[type-var]
-    proto, hp, gp = fw.proto, fw.host_ports, fw.guest_ports
-    if gp == hp:
-        out = [Element(f"dnat{f}_addr", f"{host} . {src} . {proto} . {_ports(hp)}", guest,
-                       comment) for src in sources]
-    else:
-        shift = gp.first - hp.first
-        out = [Element(f"dnat{f}_port", f"{host} . {src} . {proto} . {port}",
-                       f"{guest} . {port + shift}", comment)
-               for src in sources for port in range(hp.first, hp.last + 1)]
     bridge = _if(fw.bridge)
     assert fw.subnet is not None
-    out.append(Element(f"guest{f}", f"{bridge} . {guest} . {proto} . {_ports(gp)}", None,
-                       comment))
-    out.append(Element(f"hairpin{f}", f"{_addr(fw.subnet)} . {guest} . {bridge} . {proto} . "
-                                      f"{_ports(gp)}", None, comment))
+    return [*_dnat(f, host, sources, fw.proto, fw.host_ports, guest, fw.guest_ports, comment),
+            _accept(f, bridge, guest, fw.proto, fw.guest_ports, comment),
+            *_hairpin(f, bridge, guest, fw.proto, fw.guest_ports, _addr(fw.subnet), comment)]
+
+
+def _dnat(f: int, host: str, sources: Iterable[str], proto: str, hp: PortRange, guest: str,
+          gp: PortRange, comment: str) -> list[Element]:
+    """A forward's DNAT elements, per source: the common one (any source, one port) in an
+    exact map (``dnatF_any``, or ``dnatF_at`` for a host address); a range whose guest
+    ports equal its host ports one interval element mapping only the address (the port
+    is kept); a shifted range one element per port."""
+    out = []
+    for src in sources:
+        if src == ANY[f] and hp.first == hp.last:
+            value = f"{guest} . {gp.first}"
+            if host == ANY[f]:
+                out.append(Element(f"dnat{f}_any", f"{proto} . {hp.first}", value, comment))
+            else:
+                out.append(Element(f"dnat{f}_at", f"{host} . {proto} . {hp.first}", value,
+                                   comment))
+        elif gp == hp:
+            out.append(Element(f"dnat{f}_addr", f"{host} . {src} . {proto} . {_ports(hp)}",
+                               guest, comment))
+        else:
+            shift = gp.first - hp.first
+            out += [Element(f"dnat{f}_port", f"{host} . {src} . {proto} . {port}",
+                            f"{guest} . {port + shift}", comment)
+                    for port in range(hp.first, hp.last + 1)]
     return out
+
+
+def _accept(f: int, bridge: str, guest: str, proto: str, gp: PortRange,
+            comment: str) -> Element:
+    """The accept of a forward's DNAT'd packets (both ways): exact for one guest port."""
+    if gp.first == gp.last:
+        return Element(f"guestx{f}", f"{bridge} . {guest} . {proto} . {gp.first}", None,
+                       comment)
+    return Element(f"guest{f}", f"{bridge} . {guest} . {proto} . {_ports(gp)}", None, comment)
+
+
+def _hairpin(f: int, bridge: str, guest: str, proto: str, gp: PortRange, subnet: str,
+             comment: str) -> list[Element]:
+    """The hairpin masquerade: for one guest port an exact key, and the subnet behind the
+    bridge (``hairnetF``, one element per network that any of its forwards holds); for a
+    range one interval element with the subnet in its key."""
+    if gp.first == gp.last:
+        return [Element(f"hairpinx{f}", f"{guest} . {bridge} . {proto} . {gp.first}", None,
+                        comment),
+                Element(f"hairnet{f}", f"{bridge} . {subnet}", None, comment)]
+    return [Element(f"hairpin{f}", f"{subnet} . {guest} . {bridge} . {proto} . {_ports(gp)}",
+                    None, comment)]
 
 
 def wanted(intents: Owners) -> dict[Element, None]:
@@ -476,7 +523,8 @@ def skeleton() -> str:
     out = [f"add table inet {TABLE}"]
     for name, kind in SETS.items():
         word = "map" if ":" in kind else "set"
-        out.append(f"add {word} inet {TABLE} {name} {{ type {kind}; flags interval; }}")
+        flags = "" if name in EXACT else " flags interval;"
+        out.append(f"add {word} inet {TABLE} {name} {{ type {kind};{flags} }}")
     for chain, (hook, rules) in CHAINS.items():
         out.append(f"add chain inet {TABLE} {chain} {{ {hook} }}")
         out.append(f"flush chain inet {TABLE} {chain}")
@@ -507,20 +555,33 @@ def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element
     return deletes, adds
 
 
+def _dnat_key(e: Element) -> tuple[str, str, str, str]:
+    """(host address, source, protocol, host ports) of a DNAT element, whichever map."""
+    parts = [p.strip() for p in e.key.split(" . ")]
+    any_ = ANY[int(e.set[4])]
+    if e.set.endswith("_any"):
+        return any_, any_, parts[0], parts[1]
+    if e.set.endswith("_at"):
+        return parts[0], any_, parts[1], parts[2]
+    return parts[0], parts[1], parts[2], parts[3]
+
+
 def _guest_of(e: Element) -> tuple[str, str, str, int, int] | None:
     """(family, guest, protocol, first, last guest port) a guest or hairpin element
     serves, or a DNAT element leads to."""
     parts = [p.strip() for p in e.key.split(" . ")]
     if e.set.startswith(("guest", "hairpin")):
         first, _, last = parts[-1].partition("-")
-        guest = parts[1]  # "bridge" . guest … or subnet . guest …
+        # "bridge" . guest …, subnet . guest …, or guest . "bridge" … (hairpinx)
+        guest = parts[0] if e.set.startswith("hairpinx") else parts[1]
         return e.set[-1], guest, parts[-2], int(first), int(last or first)
     if e.set.startswith("dnat") and e.value is not None:
         address, _, port = e.value.partition(" . ")
-        first, _, last = parts[-1].partition("-")
+        _host, _src, proto, ports = _dnat_key(e)
+        first, _, last = ports.partition("-")
         if port:
-            return e.set[4], address.strip(), parts[2], int(port), int(port)
-        return e.set[4], address.strip(), parts[2], int(first), int(last or first)
+            return e.set[4], address.strip(), proto, int(port), int(port)
+        return e.set[4], address.strip(), proto, int(first), int(last or first)
     return None
 
 
@@ -530,19 +591,32 @@ def adopted(deletes: Sequence[Element], remaining: Sequence[Element]) -> list[El
     goes, another whose DNAT still leads there takes the element over (deleted and added
     again in the same transaction, under its comment), so that removal by owner never
     takes what someone else still needs."""
-    shared = [e for e in deletes if e.set.startswith(("guest", "hairpin"))]
+    shared = [e for e in deletes if e.set.startswith(("guest", "hairpin", "hairnet"))]
     if not shared:
         return []
+    shared.sort(key=lambda e: e.set.startswith("hairnet"))  # after the hairpins' heirs
     leading: dict[tuple[str, str, str], list[tuple[int, int, str]]] = {}
     for e in remaining:
         if e.set.startswith("dnat") and (found := _guest_of(e)) is not None:
             family, guest, proto, first, last = found
             leading.setdefault((family, guest, proto), []).append((first, last, e.comment))
     taken = {(e.set, e.key) for e in remaining}
-    out = []
+    out: list[Element] = []
     for e in shared:
+        if (e.set, e.key) in taken:
+            continue
+        if e.set.startswith("hairnet"):  # held for the network's exact hairpins
+            network = e.tag
+            heir_of = next((h.comment for h in [*remaining, *out]
+                            if h.set == f"hairpinx{e.set[-1]}" and (t := h.tag) is not None
+                            and network is not None and (t.bridge, t.subnet)
+                            == (network.bridge, network.subnet)), None)
+            if heir_of is not None:
+                out.append(Element(e.set, e.key, None, heir_of))
+                taken.add((e.set, e.key))
+            continue
         found = _guest_of(e)
-        if found is None or (e.set, e.key) in taken:
+        if found is None:
             continue
         family, guest, proto, first, last = found
         heir = next((c for a, b, c in leading.get((family, guest, proto), ()) if a <= last
@@ -829,7 +903,7 @@ class NftBackend:
             if not e.set.startswith("dnat") or tag is None or e.value is None:
                 continue
             out.setdefault(tag.owner, {})
-            daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
+            daddr, _saddr, proto, ports = _dnat_key(e)
             first_text, _, last_text = ports.partition("-")
             first, last = int(first_text), int(last_text or first_text)
             if wanted_near is not None and tag.owner != mine and not any(
@@ -860,7 +934,7 @@ class NftBackend:
         for e in change.ended:
             if e.value is None:
                 continue
-            daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
+            daddr, _saddr, proto, ports = _dnat_key(e)
             family = 4 if e.set.startswith("dnat4") else 6
             af = AF_INET if family == 4 else AF_INET6
             first, _, last = ports.partition("-")
