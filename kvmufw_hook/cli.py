@@ -95,7 +95,7 @@ def cmd_restore(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .status import collect, format_table
+    from .commands.status import collect, format_table
     report = collect()
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -117,7 +117,7 @@ def cmd_flush(args) -> int:
 
 
 def cmd_forward(args) -> int:
-    from . import edit
+    from .commands import forward as edit
     from .log import log
     if args.action == "list":
         if len(args.args) > 1 or (args.network and args.args):
@@ -172,7 +172,7 @@ def cmd_forward(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from . import doctor
+    from .commands import doctor
     findings = doctor.run(args.connect)
     if args.json:
         json.dump(doctor.as_json(findings), sys.stdout, indent=2)

@@ -373,7 +373,7 @@ def _libvirt_is(conn: _Conn, fake, monkeypatch) -> None:
     """``edit`` talks to ``conn`` as to libvirt, and the hooks it runs to ``fake``."""
     import types
 
-    from kvmufw_hook import edit
+    from kvmufw_hook.commands import forward as edit
     module = types.SimpleNamespace(VIR_NETWORK_XML_INACTIVE=1,
                                    VIR_CONNECT_LIST_NETWORKS_ACTIVE=1,
                                    VIR_CONNECT_LIST_DOMAINS_ACTIVE=1,
@@ -395,7 +395,7 @@ def test_a_refused_network_forward_add_changes_nothing(quiet_host, monkeypatch):
     resolves the live forwards without ``others``, so that check lives in the hook only:
     the persistent definition is redefined and the override saved before the refusal.
     The next boot's network ``start`` hook then refuses lab itself."""
-    from kvmufw_hook import edit
+    from kvmufw_hook.commands import forward as edit
     fake = FakeBackend()
     start_net(fake, nat_net())
     start_net(fake, NARROW)
@@ -409,7 +409,7 @@ def test_a_refused_network_forward_add_changes_nothing(quiet_host, monkeypatch):
 def test_a_network_forward_add_refused_by_the_apply_defines_nothing(quiet_host, monkeypatch):
     """Every check of ``edit`` passes but the hook's apply refuses (another owner took
     the port under the lock meanwhile): neither the definition nor the override stays."""
-    from kvmufw_hook import edit
+    from kvmufw_hook.commands import forward as edit
     from kvmufw_hook.errors import Unavailable
     fake = FakeBackend()
     start_net(fake, nat_net())

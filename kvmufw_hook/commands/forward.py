@@ -15,11 +15,11 @@ from contextlib import contextmanager
 
 from lxml import etree
 
-from . import host, ops, policy, state
-from .errors import InputError, shown
-from .model import Domain, ForwardSpec, Network
-from .names import NAMESPACE, domain_owner, network_owner
-from .parse import (
+from .. import host, ops, policy, state
+from ..errors import InputError, shown
+from ..model import Domain, ForwardSpec, Network
+from ..names import NAMESPACE, domain_owner, network_owner
+from ..parse import (
     DOMAIN_ATTRS,
     NETWORK_ATTRS,
     load,
@@ -28,14 +28,14 @@ from .parse import (
     parse_forwards,
     parse_network,
 )
-from .plan import (
+from ..plan import (
     check_conflicts,
     forward_families,
     resolve_domain_forwards,
     resolve_network_forwards,
     same_host_port,
 )
-from .virt import KEY, connect, libvirt_module, lookup
+from ..virt import KEY, connect, libvirt_module, lookup
 
 Attrs = dict[str, str]
 _SPEC = re.compile(r"([0-9]+(?:-[0-9]+)?)(?::([0-9]+(?:-[0-9]+)?))?(?:/([A-Za-z]+))?")
@@ -402,7 +402,7 @@ def list_row(row: dict) -> tuple[str, ...]:
 def format_list(rows: list[dict]) -> str:
     """The ``forward list`` table: every cell escaped (``--json`` keeps the exact
     text); the comment last and not padded."""
-    from .errors import printable
+    from ..errors import printable
     table = [tuple(printable(cell) for cell in row)
              for row in (LIST_HEADER, *(list_row(r) for r in rows))]
     widths = [max(len(row[i]) for row in table) for i in range(len(LIST_HEADER) - 1)]

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import threading
 
-from . import state
-from .backends import default_backend
-from .errors import ApplyError, InputError, printable, shown
-from .host import network_leases
-from .names import domain_owner, network_owner
-from .plan import (
+from .. import state
+from ..backends import default_backend
+from ..errors import ApplyError, InputError, printable, shown
+from ..host import network_leases
+from ..names import domain_owner, network_owner
+from ..plan import (
     Resolved,
     plan_forwards,
     plan_network,
     resolve_network_forwards,
 )
-from .policy import resolve_domain
+from ..policy import resolve_domain
 
 
 def _forward(owner: str, target: Resolved | None, spec, error: str | None, check) -> dict:
@@ -106,7 +106,7 @@ def collect(backend=None) -> dict:
             check)})
     snapshot, report["kernel_error"] = reading.result()
     # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
-    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present
+    from ..backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present
     nft, accepts = LibvirtNft.beside(backend), None
     firewall = libvirt_firewall(backend.libvirt_chains(snapshot) if snapshot else (), nft)
     report["libvirt_firewall"] = firewall.backend
