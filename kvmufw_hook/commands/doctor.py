@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,6 +22,7 @@ from ..installation import (
     missed_hooks,
     running_daemons,
 )
+from . import add_connect, describe, write_json
 
 
 @dataclass
@@ -336,3 +339,21 @@ def format_findings(findings: list[Finding]) -> str:
     lines.append(f"{fails} FAIL, {warns} WARN, {len(findings) - fails - warns} OK"
                  f" ({time.strftime('%Y-%m-%d %H:%M:%S')})")
     return "\n".join(lines) + "\n"
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    describe(parser, "Check IP forwarding, UFW, libvirt's firewall backend and chains, our "
+             "jumps, the hooks, and every forward. Exit 1 if anything FAILs.",
+             "example:\n  kvmufw_hook doctor --json")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_connect(parser)
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    findings = run(args.connect)
+    if args.json:
+        write_json(as_json(findings))
+    else:
+        sys.stdout.write(format_findings(findings))
+    return 1 if any(f.level == "FAIL" for f in findings) else 0
