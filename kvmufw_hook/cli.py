@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import typing
+from collections.abc import Sequence
 from importlib import import_module
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import ApplyError, InputError, printable
@@ -51,29 +52,33 @@ class Parser(argparse.ArgumentParser):
     """Every parser of the command line: bad usage is one line on stderr and exit
     status 2 (``--help`` says the rest)."""
 
-    def error(self, message: str) -> typing.NoReturn:
+    def error(self, message: str) -> NoReturn:
         command = self.prog.partition(" ")[2]
         _err(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
         raise SystemExit(2)
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(  # type: ignore[override]
+            self, args: Sequence[str] | None = None,
+            namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
         """A command's own parser says what it does not take (``forward add:
         unrecognized arguments: ...``), not the top one after it."""
-        namespace, extra = super().parse_known_args(args, namespace)
+        parsed, extra = super().parse_known_args(args, namespace)
         if extra and self._subparsers is None:
             self.error(f"unrecognized arguments: {' '.join(extra)}")
-        return namespace, extra
+        return parsed, extra
 
 
 class _Command(Parser):
     """A command's parser, filled in by its module (``register``) when the command line
     names it: before parsing its arguments or printing its help."""
 
-    def __init__(self, *, module: str = "", command: str = "", **kwargs) -> None:
+    def __init__(self, *, module: str = "", command: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._module, self._command = module, command
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(  # type: ignore[override]
+            self, args: Sequence[str] | None = None,
+            namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
         if self._module:
             module, self._module = import_module(f".commands.{self._module}", __package__), ""
             self.set_defaults(needs_root=True)  # unless the module says otherwise
