@@ -52,6 +52,8 @@ class Parser(argparse.ArgumentParser):
     """Every parser of the command line: bad usage is one line on stderr and exit
     status 2 (``--help`` says the rest)."""
 
+    _intermixed = False
+
     def error(self, message: str) -> NoReturn:
         command = self.prog.partition(" ")[2]
         _err(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
@@ -60,10 +62,17 @@ class Parser(argparse.ArgumentParser):
     def parse_known_args(  # type: ignore[override]
             self, args: Sequence[str] | None = None,
             namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
-        """A command's own parser says what it does not take (``forward add:
-        unrecognized arguments: ...``), not the top one after it."""
-        parsed, extra = super().parse_known_args(args, namespace)
-        if extra and self._subparsers is None:
+        """A command's own parser takes its options and positionals in any order
+        (``forward add web1 --source 10.0.0.0/8 2222:22``) and says what it does not take
+        (``forward add: unrecognized arguments: ...``), not the top one after it."""
+        if self._subparsers is not None or self._intermixed:
+            return super().parse_known_args(args, namespace)
+        self._intermixed = True  # parse_known_intermixed_args calls back here (3.11)
+        try:
+            parsed, extra = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = False
+        if extra:
             self.error(f"unrecognized arguments: {' '.join(extra)}")
         return parsed, extra
 

@@ -64,6 +64,14 @@ def test_a_forward_line_carries_what_was_typed():
     assert parsed("kvmufw_hook forward add web1 22").connect == "qemu:///system"
 
 
+def test_options_and_positionals_go_in_any_order():
+    for line in ("kvmufw_hook forward add web1 2222:22 --comment ssh",
+                 "kvmufw_hook forward add web1 --comment ssh 2222:22",
+                 "kvmufw_hook forward add --comment ssh web1 2222:22"):
+        args = parsed(line)
+        assert (args.domain, args.spec, args.comment) == ("web1", "2222:22", "ssh"), line
+
+
 def test_every_readme_command_line_parses():
     text = (ROOT / "README.md").read_text()
     lines = [line for block in re.findall(r"```sh\n(.*?)```", text, re.S)
