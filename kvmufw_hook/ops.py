@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 
 from . import host, state
 from .apply import (  # noqa: F401 - the stop path lives there
@@ -35,24 +34,21 @@ from .backends import default_backend
 from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
-from .hostplan import HostPlan, _parse_all, plan_host
+from .hostplan import HostPlan, _parse_all, compose, owner_of, plan_host, settle
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner, safe_name
 from .plan import (
+    Resolved,
     Rule,
     forward_families,
-    plan_forwards,
-    plan_network,
     resolve_network_forwards,
-    resolved_specs,
 )
 from .policy import (
+    captured,
     check_claims,
-    check_conflicts,
+    check_forwards,
     check_host,
-    kept_for_availability,
-    owner_label,
-    resolve_domain,
+    held_by_others,
     same_mac,
     withdraws,
 )
@@ -109,83 +105,44 @@ def validate_network(net: Network) -> None:
                    families=forward_families(net.forwards, targets))
 
 
-class _Owner:
-    """An owner's forwards re-planned by a network event (start, port): its rules, or
-    why its current rules stay (a forward now takes a port another owner or a host
-    service holds: a guest that gains an IPv6 address gains the IPv6 ports too)."""
+def _recheck(subject: Network | Domain, rules: dict[str, Sequence[Rule]],
+             held: Mapping[str, Sequence[ForwardSpec]], backend,
+             networks: Mapping[str, Network], log: Log) -> None:
+    """Re-plan into ``rules`` an owner an event may affect (``hostplan.settle``), checked
+    against the ports the others' rules hold (``held``) and against the host: a forward
+    now taking a port another owner or a host service holds keeps the rules it has (a
+    guest that gains an IPv6 address gains the IPv6 ports too); one reaching what its
+    owner does not own is withdrawn at once. The log says so in one line."""
+    owner = owner_of(subject)
 
-    def __init__(self, label: str, owner: str, specs: Sequence[ForwardSpec], targets,
-                 own: Sequence[Rule] = ()) -> None:
-        self.label, self.owner, self.specs, self.targets = label, owner, specs, tuple(targets)
-        self.families = forward_families(specs, targets)
-        self.resolved = resolved_specs(specs, targets)  # each in the families it takes
-        self.rules: Sequence[Rule] = tuple(own) + plan_forwards(owner, targets)
+    def check(label: str, owner: str, specs: Sequence[ForwardSpec],
+              targets: Sequence[Resolved]) -> None:
+        check_forwards(label, owner, specs, targets, held_by_others(owner, held), networks,
+                       host_facts(backend), held.get(owner, ()))
 
-    def check(self, held, backend, networks: Mapping[str, Network]) -> None:
-        _check_held(self.label, self.owner, self.specs, self.targets, held, backend, networks)
-
-
-def _check_held(label: str, owner: str, specs: Sequence[ForwardSpec], targets, held,
-                backend, networks: Mapping[str, Network]) -> None:
-    """A network event's checks of ``owner``'s forwards: against the ports the others'
-    rules hold (``held``) and against the host."""
-    check_conflicts(label, resolved_specs(specs, targets),
-                    [(owner_label(o), claimed) for o, claimed in held.items() if o != owner])
-    check_host(label, owner, specs, host_facts(backend), networks, held.get(owner, ()),
-               forward_families(specs, targets))
+    settled = settle(subject, networks, check, held.get(owner, ()), state.network_ports,
+                     host.network_leases)
+    rules[owner] = settled.rules
+    if settled.problem is not None:
+        log(("forwards withdrawn: " if settled.withdrawn else "keeping the current rules: ")
+            + str(settled.problem))
 
 
-def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
-    return _Owner(f"network {shown(net.name)}", network_owner(net.name), net.forwards,
-                  resolve_network_forwards(net, networks), plan_network(net, networks))
+def _settle_and_apply(rules: dict[str, Sequence[Rule]], affected: Iterable[Network | Domain],
+                      before, held: Mapping[str, Sequence[ForwardSpec]], backend,
+                      networks: Mapping[str, Network], log: Log) -> Applied:
+    """A network event's one path after its own decisions (``rules``): every other owner
+    it may affect re-planned (``_recheck``), then one write of them all."""
+    for subject in affected:
+        if owner_of(subject) not in rules:
+            _recheck(subject, rules, held, backend, networks, log)
+    return apply_rules(rules, backend=backend, log=log,
+                       before=covering(backend, before, rules))
 
 
-def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
-    # a guest holding a copy of another running guest's MAC gets no forwards back
-    return _Owner(f"domain {shown(dom.name)}", domain_owner(dom.name), dom.forwards,
-                  resolve_domain(dom, networks, state.network_ports, host.network_leases))
-
-
-def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Rule]],
-             held, backend, networks: Mapping[str, Network], log: Log,
-             bare: Sequence[Rule] = ()) -> None:
-    """Re-plan an owner a network event may affect into ``rules``: its rules if every
-    check passes. If not, ``bare`` (a network's own bridge rules and fences, re-planned
-    whatever happens) and, when the reason is availability (``policy.withdraws``), each
-    forward checked alone: its new rules, or the current ones of a forward refused
-    for availability (``policy.kept_for_availability``); otherwise its forwards are
-    withdrawn at once. The log says so in one line."""
-    planned: _Owner | None = None
-    try:
-        planned = build()
-        if planned.specs:
-            planned.check(held, backend, networks)
-        rules[owner] = planned.rules
-    except InputError as exc:
-        if not withdraws(exc):  # each forward alone: its new rules, or those it has
-            targets = planned.targets if planned else getattr(exc, "resolved", ())
-            label = planned.label if planned else owner_label(owner)
-            try:
-                rules[owner] = tuple(bare) + kept_for_availability(
-                    owner, targets, held.get(owner, ()),
-                    lambda mine: _check_held(label, owner, [mine[0].spec], mine, held,
-                                             backend, networks))
-                log(f"keeping the current rules: {exc}")
-                return
-            except InputError as worse:  # one forward's refusal withdraws: all go
-                exc = worse
-        rules[owner] = tuple(bare)
-        log(f"forwards withdrawn: {exc}")
-
-
-def _captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[str]:
-    """Owners whose forwards in the kernel reach a guest address inside ``net``'s
-    subnets: a network that starts or changes may capture them (a narrower subnet
-    beside theirs wins the route)."""
-    subnets = net.subnets
-    return {owner for owner, specs in held.items()
-            if any(ip in s for spec in specs for ip in spec.guest_ips for s in subnets
-                   if ip.version == s.version)}
+def _attached(dom: Domain, net: Network) -> bool:
+    return any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
+               for nic in dom.nics)
 
 
 @retrying(lambda: Applied(""))
@@ -201,10 +158,9 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         networks = state.load_networks()
         networks[net.name] = net
         domains = state.load_domains()
-        mine = _network_owner(net, networks)
+        mine = compose(net, networks)
         before = backend.read(families_of({mine.owner: mine.rules}))
         held = backend.claims(before)
-        rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
         if net.forwards:
             check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
             check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
@@ -212,22 +168,15 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         # every owner this network could capture or contradict is re-checked: guests on
         # it, and every owner whose forwards reach into its subnets (a port taken
         # meanwhile keeps the rules it has; a forward now reaching someone else's is
-        # withdrawn)
-        captured = _captured(net, held)
-        for dom in domains.values():
-            if domain_owner(dom.name) in captured or any(
-                    nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
-                    for nic in dom.nics):
-                _recheck(domain_owner(dom.name), partial(_domain_owner, dom, networks),
-                         rules, held, backend, networks, log)
-        for other in networks.values():  # all: their fences (``plan_network``) name it
-            if other.name != net.name and other.managed:
-                _recheck(network_owner(other.name),
-                         partial(_network_owner, other, networks), rules, held,
-                         backend, networks, log, plan_network(other, networks))
-        if set(rules) - {mine.owner}:
-            before = covering(backend, before, rules)
-        applied = apply_rules(rules, backend=backend, log=log, before=before)
+        # withdrawn), and every other network: their fences (``plan_network``) name it
+        reached = captured(net, held)
+        affected: list[Network | Domain] = [
+            dom for dom in domains.values()
+            if domain_owner(dom.name) in reached or _attached(dom, net)]
+        affected += [other for other in networks.values()
+                     if other.name != net.name and other.managed]
+        rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
+        applied = _settle_and_apply(rules, affected, before, held, backend, networks, log)
         state.save_network(net.name, raw)
         state.mark_starting(net.name)
     log(f"network {shown(net.name)} ({net.bridge}): rules for "
@@ -252,13 +201,10 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
         if any(n.managed and n.bridge for n in networks.values()):
             # the others' fences (``plan_network``) no longer name its bridge
             backend = backend or default_backend()
-            before = backend.read()
-            held = backend.claims(before)
+            held = backend.claims(backend.read())
             for other in networks.values():
                 if other.managed:
-                    _recheck(network_owner(other.name),
-                             partial(_network_owner, other, networks), rules, held,
-                             backend, networks, log, plan_network(other, networks))
+                    _recheck(other, rules, held, backend, networks, log)
         applied = apply_rules(rules, drop=(lambda t: t.bridge == bridge) if bridge else None,
                               backend=backend, log=log)
         state.forget_network(net.name)
@@ -294,25 +240,18 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
                     f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
         before = backend.read()
         held = backend.claims(before)
-        _recheck(network_owner(net.name), lambda: _network_owner(net, networks), rules, held,
-                 backend, networks, log, plan_network(net, networks))
-        again = _captured(net, held) | {domain_owner(o) for o in twins if deleted}
+        again = captured(net, held) | {domain_owner(o) for o in twins if deleted}
         if owner and owner in domains:
             again.add(domain_owner(owner))
+        affected: list[Network | Domain] = [net]
         for dom in domains.values():  # the port's guest, guests whose twin left, and
-            tag = domain_owner(dom.name)  # every guest whose forwards reach in here
-            if tag in again and tag not in rules:
+            if domain_owner(dom.name) in again:  # every guest whose forwards reach in here
                 if deleted and mac and dom.name == owner:
                     dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != mac))
-                _recheck(tag, partial(_domain_owner, dom, networks), rules, held,
-                         backend, networks, log)
-        for other in networks.values():
-            if other.name != net.name and network_owner(other.name) in again:
-                _recheck(network_owner(other.name),
-                         partial(_network_owner, other, networks), rules, held,
-                         backend, networks, log, plan_network(other, networks))
-        return apply_rules(rules, backend=backend, log=log,
-                           before=covering(backend, before, rules))
+                affected.append(dom)
+        affected += [other for other in networks.values()
+                     if other.name != net.name and network_owner(other.name) in again]
+        return _settle_and_apply(rules, affected, before, held, backend, networks, log)
 
 
 # --------------------------------------------------------------------------- domains
@@ -320,24 +259,20 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
 def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
     """Every check of a guest's forwards against this host, under the state lock:
     (its rules, the firewall as read). InputError names the guest, forward and reason."""
-    owner = domain_owner(dom.name)
-    label = f"domain {shown(dom.name)}"
     networks = state.load_networks()
-    targets = resolve_domain(dom, networks, state.network_ports, host.network_leases)
-    rules = plan_forwards(owner, targets)
-    before = backend.read(families_of({owner: rules}))
-    mine = resolved_specs(dom.forwards, targets)
-    held = backend.claims(before, near=mine, mine=owner)  # only what could clash
+    mine = compose(dom, networks, state.network_ports, host.network_leases)
+    before = backend.read(families_of({mine.owner: mine.rules}))
+    held = backend.claims(before, near=mine.resolved, mine=mine.owner)  # what could clash
     try:
-        check_claims(label, owner, mine, networks,
+        check_claims(mine.label, mine.owner, mine.resolved, networks,
                      state.load_domains(known=frozenset(held)), held)
     except Unavailable:  # a clash: named by the holder's forward as declared
-        check_claims(label, owner, mine, networks, state.load_domains(), held)
+        check_claims(mine.label, mine.owner, mine.resolved, networks, state.load_domains(),
+                     held)
         raise
-    families = forward_families(dom.forwards, targets)
-    check_host(label, owner, dom.forwards, host_facts(backend), networks,
-               held.get(owner, ()), families)
-    return rules, before
+    check_host(mine.label, mine.owner, dom.forwards, host_facts(backend), networks,
+               held.get(mine.owner, ()), mine.families)
+    return mine.rules, before
 
 
 @retrying(lambda: None)  # after uninstall: nothing to check
