@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from . import host, state
 from .errors import InputError, shown
 from .model import Domain, ForwardSpec, Network
 from .names import domain_owner, network_owner
+from .parse import object_name, parse_domain_xml, parse_network_xml
 from .plan import (
     Resolved,
     Rule,
@@ -210,10 +212,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     return result
 
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
-    from typing import TypeVar
-    Parsed = TypeVar("Parsed", Network, Domain)
+Parsed = TypeVar("Parsed", Network, Domain)
 
 
 def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
@@ -222,7 +221,6 @@ def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
     """name -> (model, raw) of each document that parses. One that does not is a
     problem; if its name can still be read, that owner fails: its rules, ports and state
     stay as they are."""
-    from .parse import object_name
     out: dict[str, tuple[Parsed, bytes]] = {}
     for raw in raws:
         try:
@@ -240,7 +238,6 @@ def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
 
 def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
                problems: list[str]):
-    from .parse import parse_domain_xml, parse_network_xml
     broken: set[str] = set()
     kept: set[tuple[str, str]] = set()  # (state kind, name) whose files stay
     networks = _parse_each(network_xmls, parse_network_xml, network_owner, "networks",

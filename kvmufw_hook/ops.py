@@ -18,10 +18,12 @@ nothing of a stopped one. After ``uninstall`` every operation applies nothing.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from . import host, state
+from . import config, host, state
 from .apply import (  # noqa: F401 - the stop path lives there
     Applied,
     apply_rules,
@@ -32,7 +34,7 @@ from .apply import (  # noqa: F401 - the stop path lives there
 )
 from .backends import default_backend
 from .backends.bridgeports import BridgePorts, follow
-from .errors import ApplyError, InputError, Unavailable, shown
+from .errors import ApplyError, ConfigError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
 from .hostplan import HostPlan, _parse_all, compose, owner_of, plan_host, settle
 from .model import Domain, ForwardSpec, Network, NetworkPort
@@ -76,8 +78,6 @@ def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
     """The host's facts with root's configuration; ``log``: a wrong configuration is
     said there and read as no consent at all (``restore`` must put rules back), instead
     of refusing the operation (``ConfigError``)."""
-    from . import config
-    from .errors import ConfigError
     facts = host.HostFacts.read(_prefix(backend))
     try:
         facts.config = config.load()
@@ -460,8 +460,6 @@ def watch_jumps(seconds: float, interval: float = 1.0, backend=None, log: Log = 
     """Put our jumps back first now, and again whenever they lose first place during the
     next ``seconds``: libvirt reloads its networks' rules (and puts its jumps at position
     1) a few seconds after its unit counts as started. The number of repairs."""
-    import os
-    import time
     deadline = time.monotonic() + seconds
     repaired = 0
     while os.path.exists(__file__):  # uninstalled meanwhile: nothing more to keep

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from . import host
 from .errors import ConfigError, InputError, Unavailable, shown
@@ -300,15 +300,16 @@ def check_own_macs(dom: Domain, networks: Mapping[str, Network],
 
 
 
+@dataclass
 class _Claimed:
     """Forwards claimed so far, by protocol and first host port: each owner is checked
     against the few that could overlap its own, not against all (a replay of hundreds
     of guests would be quadratic). Same answers and messages as checking against all."""
 
-    def __init__(self) -> None:
-        self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
-        self.entries: list[tuple[str, ForwardSpec]] = []
-        self.widest = 0
+    # proto -> sorted (first host port, index into ``entries``)
+    starts: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    entries: list[tuple[str, ForwardSpec]] = field(default_factory=list)  # (label, forward)
+    widest: int = 0  # the widest range claimed: how far back an overlap may start
 
     def near(self, forwards: Iterable[ForwardSpec]) -> Claims:
         found = []
