@@ -1,4 +1,9 @@
-"""Operations: what a hook call or a command does, from parsed model to applied rules.
+"""Operations: what a hook call or a command does, from parsed model to applied rules:
+lock, read, decide, one transaction. Deciding is pure and lives elsewhere: an owner's
+rules are composed one way (``hostplan.compose``, ``hostplan.settle``), every check
+between owners is ``policy``'s, and the whole host's desired state is
+``hostplan.plan_host``; what they need of the kernel, the host and our state is read
+here and handed to them as data.
 
 Each operation that changes rules holds the state lock for its whole
 read-check-write, so concurrent hooks cannot interleave or both claim a port.
