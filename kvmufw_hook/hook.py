@@ -66,7 +66,7 @@ def _has_our_metadata(data: bytes) -> bool:
     return NAMESPACE.encode() in data
 
 
-def main(kind: str, argv=None, stdin=None) -> int:
+def main(kind: str, argv: list[str] | None = None, stdin: bytes | None = None) -> int:
     """Run one hook call; returns the exit status. Never writes to stdout."""
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # nothing we call may write to libvirt's stdout
@@ -84,7 +84,7 @@ def main(kind: str, argv=None, stdin=None) -> int:
         sys.stdout = real_stdout
 
 
-def _main(kind: str, argv, stdin) -> int:
+def _main(kind: str, argv: list[str], stdin: bytes | None) -> int:
     if len(argv) < 2:
         return 0
     name, op = argv[0], argv[1]

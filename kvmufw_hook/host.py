@@ -24,7 +24,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from .config import Config
 from .errors import InputError, Unavailable, printable, shown
-from .model import ForwardSpec, IPAddress
+from .model import ForwardSpec, IPAddress, Network, PortRange
 from .names import dnsmasq_dir, login_defs_path, unsafe_name
 from .process import communicate
 from .sockdiag import tcp_listeners
@@ -296,7 +296,7 @@ def consent_entry(owner: str, proto: str, port: int) -> str:
     return f"{'network' if kind == 'n' else 'domain'}:{name}:{proto}:{port}"
 
 
-def check_forwards(label: str, specs, facts: HostFacts | None = None,
+def check_forwards(label: str, specs: Sequence[ForwardSpec], facts: HostFacts | None = None,
                    held: Iterable[ForwardSpec] = (), prefix: Sequence[str] = (),
                    families: Sequence[Iterable[int]] | None = None, owner: str = "") -> None:
     """Every forward of one owner against the host (read once, only when needed).
@@ -310,7 +310,7 @@ def check_forwards(label: str, specs, facts: HostFacts | None = None,
     if not specs:
         return
     facts = facts or HostFacts.read(prefix)
-    taken: dict[tuple, set[int]] = {}
+    taken: dict[tuple[str, PortRange, IPAddress | None], set[int]] = {}
     for h in held:
         taken.setdefault((h.proto, h.host_port, h.host_ip), set()).update(h.families)
     for index, spec in enumerate(specs, start=1):
@@ -364,6 +364,6 @@ def duid_mac(client_id: str) -> str | None:
     return ":".join(f"{b:02x}" for b in address)
 
 
-def network_leases(net) -> tuple[tuple[IPAddress, str | None], ...]:
+def network_leases(net: Network) -> tuple[tuple[IPAddress, str | None], ...]:
     """The leases of a network's dnsmasq (``policy.Leases``)."""
     return read_leases(net.bridge)

@@ -237,7 +237,11 @@ def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
 
 
 def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
-               problems: list[str]):
+               problems: list[str]) -> tuple[dict[str, tuple[Network, bytes]],
+                                             dict[str, tuple[Domain, bytes]],
+                                             set[str], set[tuple[str, str]]]:
+    """The parsed networks and guests (name -> (model, raw)), the owners that failed
+    (``broken``) and the state files that stay (``kept``), as ``replay`` needs them."""
     broken: set[str] = set()
     kept: set[tuple[str, str]] = set()  # (state kind, name) whose files stay
     networks = _parse_each(network_xmls, parse_network_xml, network_owner, "networks",

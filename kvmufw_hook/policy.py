@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from . import host
 from .errors import ConfigError, InputError, Unavailable, shown
-from .model import Domain, ForwardSpec, IPAddress, Network
+from .model import Domain, ForwardSpec, IPAddress, Network, PortRange
 from .names import domain_owner, network_owner
 from .plan import (
     Resolved,
@@ -166,7 +166,7 @@ def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip:
 def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[ForwardSpec]:
     """Each forward in the families its rules in the kernel hold it in (the kernel's
     claims carry the guest address, so their family); as declared where none does."""
-    guests: dict[tuple, dict[int, IPAddress]] = {}
+    guests: dict[tuple[str, PortRange, IPAddress | None], dict[int, IPAddress]] = {}
     for h in held:
         for ip in h.guest_ips:
             guests.setdefault((h.proto, h.host_port, h.host_ip), {}).setdefault(ip.version, ip)
