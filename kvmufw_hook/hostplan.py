@@ -1,7 +1,9 @@
-"""The whole host's desired state from everything known: every owner's rules, each
-checked against the owners planned before it, and the parsing of the recorded owners'
-XML. Pure: the kernel's holders, the host's facts and libvirt's records of ports come
-in as data. ``replay``, ``restore``, ``plan``, ``status`` and ``doctor`` plan through here.
+"""An owner's rules, composed one way for every operation (``compose``; ``settle`` when
+checks may refuse some of its forwards), and the whole host's desired state from
+everything known (``plan_host``: every owner's rules, each checked against the owners
+planned before it), with the parsing of the recorded owners' XML. Pure: the kernel's
+holders, the host's facts and libvirt's records of ports and leases come in as data.
+Hooks, ``replay``, ``restore``, ``plan``, ``status`` and ``doctor`` plan through here.
 """
 
 from __future__ import annotations
