@@ -7,8 +7,8 @@ import sys
 
 from ..backends import default_backend
 from ..errors import InputError
+from ..hostplan import plan_host
 from ..model import Domain, Network
-from ..ops import plan_host
 from ..parse import parse_any
 from . import describe
 
