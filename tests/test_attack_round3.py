@@ -392,9 +392,8 @@ def test_a_refused_network_forward_add_changes_nothing(quiet_host, monkeypatch):
     """``forward add --network lab 2222:22 --guest-ip 10.0.0.5`` while the route network
     ``narrow`` (10.0.0.0/29) is active: the kernel routes 10.0.0.5 to narrow, and
     ``network_started`` refuses the forward (``_routed_elsewhere``). ``edit_network``
-    resolves the live forwards without ``others``, so that check lives in the hook only:
-    the persistent definition is redefined and the override saved before the refusal.
-    The next boot's network ``start`` hook then refuses lab itself."""
+    runs the same checks first (``ops.network_arriving``): neither the persistent
+    definition nor the override is written."""
     from kvmufw_hook.commands import forward as edit
     fake = FakeBackend()
     start_net(fake, nat_net())

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 
 from lxml import etree
 
-from .. import ops, policy, state
+from .. import ops, state
 from ..errors import InputError, shown
 from ..log import log
 from ..model import Domain, ForwardSpec, Network
-from ..names import NAMESPACE, network_owner
+from ..names import NAMESPACE
 from ..parse import (
     DOMAIN_ATTRS,
     NETWORK_ATTRS,
@@ -33,7 +33,6 @@ from ..parse import (
 )
 from ..plan import (
     check_conflicts,
-    forward_families,
     resolve_domain_forwards,
     resolve_network_forwards,
     same_host_port,
@@ -305,18 +304,9 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
         new_persistent = _with_forwards(persistent, config or [])
         resolve_network_forwards(parse_network(new_persistent))
         if live_root is not None and live is not None:
-            # every check before anything is written: against the other networks too (a
-            # narrower one routes the guest address away), as the hook will check it
+            # the start hook's own checks before anything is written
             live_model = parse_network(_with_forwards(live_root, live))
-            networks, domains = _live(conn)
-            networks[name] = live_model
-            targets = resolve_network_forwards(live_model, networks)
-            held = ops.kernel_claims()
-            owner = network_owner(name)
-            policy.check_claims(what, owner, live_model.forwards, networks, domains, held)
-            policy.check_host(what, owner, live_model.forwards, ops.host_facts(), networks,
-                              held=held.get(owner, ()),
-                              families=forward_families(live_model.forwards, targets))
+            ops.network_arriving(live_model)
             previous = state.network_override(name)
             state.save_network_override(name, etree.tostring(_forwards_element(live)))
             try:
