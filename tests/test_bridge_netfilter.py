@@ -250,7 +250,7 @@ def test_a_bridge_network_passes_what_crosses_the_bridge_and_nothing_routed(topo
 
 
 def test_doctor_says_per_family_whether_bridged_frames_meet_iptables_and_what_follows():
-    from kvmufw_hook.doctor_bridges import bridge_findings
+    from kvmufw_hook.commands.doctor_bridges import bridge_findings
     from kvmufw_hook.parse import parse_network_xml
     off = bridge_findings([], [], [], [])
     assert [(f.level, f.check) for f in off] == [("OK", "br_netfilter")]
@@ -272,7 +272,7 @@ def test_doctor_says_per_family_whether_bridged_frames_meet_iptables_and_what_fo
 
 
 def test_doctor_finds_a_guest_port_that_lost_its_hairpin(topo):
-    from kvmufw_hook.doctor_bridges import check_bridge_netfilter
+    from kvmufw_hook.commands.doctor_bridges import check_bridge_netfilter
     br_netfilter(topo, True, False)
     backend = start(topo)
     uri = "test:///nowhere"  # libvirt is not asked here: the hairpin check needs our state
@@ -348,7 +348,7 @@ DOCKER_NFT = """table ip docker-bridges {
 
 
 def test_dockers_nftables_rules_leave_our_guests_alone_unless_their_policy_drops(topo):
-    from kvmufw_hook.doctor_bridges import docker_nft_finding, docker_nft_policies
+    from kvmufw_hook.commands.doctor_bridges import docker_nft_finding, docker_nft_policies
     host = topo.host
     topo.add_bridge("docker0", "172.17.0.1/16")
     topo.inet.serve("tcp", 9000)

@@ -31,6 +31,7 @@ a temporary directory without root; only ``main`` talks to daemons, systemd and 
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import stat
@@ -62,6 +63,7 @@ from ..installation import (
     sha256,
 )
 from ..installation import packaged as is_packaged
+from . import describe
 from .install_files import (
     BEGIN,
     END,
@@ -763,3 +765,37 @@ def run(action: str, root: str = "", source: str = "", prefix: str = "/usr/local
     except Refused as exc:
         print(f"kvmufw_hook install: error: {exc}", file=sys.stderr)
         return 1
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    """``install``, ``uninstall`` (the same options) and ``ufw-entry add|remove``."""
+    if name == "ufw-entry":
+        describe(parser, "Add (or remove) the entry in UFW's after.init that puts our rules "
+                 "back after every ufw reload.", "example:\n  kvmufw_hook ufw-entry add")
+        parser.add_argument("action", choices=("add", "remove"))
+    else:
+        what = ("Install the hooks (and, from the source tree, the package), tell libvirt, "
+                "re-apply every rule" if name == "install"
+                else "Remove every rule and everything install wrote")
+        describe(parser, f"{what}. Never overwrites, deletes or follows a file it did not "
+                 "write.", f"example:\n  sudo ./install.sh{' --uninstall' * (name != 'install')}"
+                 f"   (from the source tree)\n  kvmufw_hook {name} --packaged"
+                 "   (the Debian package's maintainer scripts)")
+        parser.add_argument("--source", default="", metavar="DIR",
+                            help="the source tree to install from (install.sh passes it)")
+        parser.add_argument("--prefix", default="/usr/local", metavar="DIR",
+                            help="with --source: where the package and command go "
+                            "(default: %(default)s)")
+        parser.add_argument("--packaged", action="store_true",
+                            help="the Debian package's files, which dpkg owns")
+    parser.add_argument("--root", default="", metavar="DIR",
+                        help="the host's file system under DIR (a mounted image, a test's "
+                        "temporary directory): no daemon is told, no rule is applied")
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    action = f"ufw-entry-{args.action}" if args.command == "ufw-entry" else args.command
+    return run(action, root=args.root, source=getattr(args, "source", ""),
+               prefix=getattr(args, "prefix", "/usr/local"),
+               packaged=getattr(args, "packaged", False))
