@@ -428,21 +428,17 @@ def install(lay: Layout, outside: Outside) -> int:
     check_install(lay, record)
     found = {d for d in HOOK_DRIVERS if hooks_found(d, lay.root)}  # before any write
     outside.mark_installed(lay)
-    tx = Transaction(lay, record.copy())
     try:
-        install_package(tx)
-        install_hooks(tx)
-        install_after_init(tx)
-        install_systemd(tx)
-        write_record(tx)
-        tx.commit()
+        with Transaction(lay, record.copy()) as tx:
+            install_package(tx)
+            install_hooks(tx)
+            install_after_init(tx)
+            install_systemd(tx)
+            write_record(tx)
     except BaseException:
-        tx.rollback()
         print("kvmufw_hook install: failed after it had started writing; rolled back what "
               "this run wrote", file=sys.stderr)
         raise
-    finally:
-        tx.close()
     signal_where_needed(lay, outside, found, tx.changed)
     return finish(lay, outside, tx.changed)
 
@@ -455,18 +451,12 @@ def install_packaged(lay: Layout, outside: Outside) -> int:
     safe_dir(lay, MANIFEST_DIR)
     no_symlink(lay, MANIFEST)
     outside.mark_installed(lay)  # dpkg has unpacked the hooks: they must apply again
-    tx = Transaction(lay, record.copy())
-    try:
+    with Transaction(lay, record.copy()) as tx:
         if not record.packaged and record.lines:
             retire_script_install(tx)
         tx.record.lines.add("packaged")
         tx.record.set_hooks({drv: f"{HOOKS}/{drv}.d/kvmufw_hook" for drv in HOOK_DRIVERS})
         write_record(tx)
-    except BaseException:
-        tx.rollback()
-        raise
-    finally:
-        tx.close()
     found = hooks_found_before_unpack(lay)
     signal_where_needed(lay, outside, found, True)
     changed = not record.packaged
@@ -540,8 +530,7 @@ def ufw_entry(lay: Layout, action: str) -> int:
             raise Refused("UFW is not installed (no /etc/ufw): nothing to add")
         safe_dir(lay, MANIFEST_DIR)
         check_after_init(lay, record)
-    tx = Transaction(lay, record.copy())
-    try:
+    with Transaction(lay, record.copy()) as tx:
         if action == "add":
             install_after_init(tx)
             if not tx.changed:
@@ -549,11 +538,6 @@ def ufw_entry(lay: Layout, action: str) -> int:
         else:
             uninstall_after_init(tx)
         write_record(tx)
-    except BaseException:
-        tx.rollback()
-        raise
-    finally:
-        tx.close()
     return 0
 
 
