@@ -196,16 +196,16 @@ def test_replay_follows_br_netfilter_and_takes_back_what_is_no_longer_wanted(top
 
 def test_hairpin_is_planned_only_for_a_guests_own_ports_into_its_forwards_bridges():
     from kvmufw_hook.hairpin import HairpinPort, plan_hairpin
-    from kvmufw_hook.plan import plan_domain_owner
+    from kvmufw_hook.hostplan import owner_rules
     dom = parse_domain_xml(G5.replace(b"</devices>", b"""<interface type='bridge'>
         <source bridge='br0'/><mac address='52:54:00:00:00:99'/><target dev='vnet9'/>
       </interface></devices>"""))
     lab, _ = parse_hookdata(LAB)
-    rules = plan_domain_owner(dom, {"lab": lab})
+    rules = owner_rules(dom, {"lab": lab})
     assert plan_hairpin(dom, rules) == (HairpinPort("vp10005", "virbr1", (4, 6)),)
     assert plan_hairpin(dom, ()) == ()  # no forwards: no hairpin
     v4 = parse_domain_xml(G5_V4_ONLY)
-    assert plan_hairpin(v4, plan_domain_owner(v4, {"lab": lab})) == (
+    assert plan_hairpin(v4, owner_rules(v4, {"lab": lab})) == (
         HairpinPort("vp10005", "virbr1", (4,)),)
 
 
@@ -249,7 +249,7 @@ def test_a_bridge_network_passes_what_crosses_the_bridge_and_nothing_routed(topo
 
 
 def test_doctor_says_per_family_whether_bridged_frames_meet_iptables_and_what_follows():
-    from kvmufw_hook.doctor_bridges import bridge_findings
+    from kvmufw_hook.commands.doctor_bridges import bridge_findings
     from kvmufw_hook.parse import parse_network_xml
     off = bridge_findings([], [], [], [])
     assert [(f.level, f.check) for f in off] == [("OK", "br_netfilter")]
@@ -271,7 +271,7 @@ def test_doctor_says_per_family_whether_bridged_frames_meet_iptables_and_what_fo
 
 
 def test_doctor_finds_a_guest_port_that_lost_its_hairpin(topo):
-    from kvmufw_hook.doctor_bridges import check_bridge_netfilter
+    from kvmufw_hook.commands.doctor_bridges import check_bridge_netfilter
     br_netfilter(topo, True, False)
     backend = start(topo)
     uri = "test:///nowhere"  # libvirt is not asked here: the hairpin check needs our state
@@ -347,7 +347,7 @@ DOCKER_NFT = """table ip docker-bridges {
 
 
 def test_dockers_nftables_rules_leave_our_guests_alone_unless_their_policy_drops(topo):
-    from kvmufw_hook.doctor_bridges import docker_nft_finding, docker_nft_policies
+    from kvmufw_hook.commands.doctor_bridges import docker_nft_finding, docker_nft_policies
     host = topo.host
     topo.add_bridge("docker0", "172.17.0.1/16")
     topo.inet.serve("tcp", 9000)

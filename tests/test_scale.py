@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmufw_hook import ops, policy, status
+from kvmufw_hook import ops, policy
 from kvmufw_hook.backends.iptables import (
     IptablesBackend,
     Snapshot,
@@ -18,6 +18,7 @@ from kvmufw_hook.backends.iptables import (
     compose,
     transition,
 )
+from kvmufw_hook.commands import status
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.model import ForwardSpec, PortRange
 from kvmufw_hook.plan import check_conflicts
@@ -140,7 +141,7 @@ def test_a_stop_deletes_in_short_chains_and_rewrites_long_ones(netns, state_env)
 
 def test_status_finds_each_forward_of_many_guests(netns, state_env, monkeypatch):
     backend = IptablesBackend(prefix=netns.prefix)
-    monkeypatch.setattr("kvmufw_hook.status.default_backend", lambda: backend)
+    monkeypatch.setattr("kvmufw_hook.commands.status.default_backend", lambda: backend)
     ops.replay([network_xml(GUESTS)], [domain_xml(i, 10) for i in range(GUESTS)],
                backend=backend)
     victim = next(l for l in backend.read()[4].ours()["nat"]["KVMUFW-PREROUTING"]

@@ -3,26 +3,30 @@ resolved target, and whether its rules are in the kernel right now."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from . import state
-from .backends import default_backend, libvirt_firewall
-from .backends.base import AnyBackend
-from .errors import ApplyError, InputError, printable, shown
-from .host import network_leases
-from .intents import Intent
-from .model import ForwardSpec
-from .names import domain_owner, network_owner
-from .plan import (
+from .. import state
+from ..backends import default_backend, libvirt_firewall
+from ..backends.base import AnyBackend
+from ..errors import ApplyError, InputError, printable
+from ..host import network_leases
+from ..intents import Intent
+from ..model import ForwardSpec
+from ..names import domain_owner, network_owner
+from ..plan import (
     Resolved,
     plan_forwards,
     plan_network,
     resolve_network_forwards,
 )
-from .policy import resolve_domain
+from ..policy import resolve_domain
+from . import describe, write_json
+from .table import shown_name, table
 
 Row = dict[str, Any]  # one line of the report, as ``--json`` prints it
 Check = Callable[[Row, str, Sequence[Intent]], None]  # look up once the kernel is read
@@ -104,8 +108,7 @@ def collect(backend: AnyBackend | None = None) -> Row:
             continue
         owner = network_owner(name)
         entry: Row = {"name": name, "bridge": net.bridge, "mode": net.mode,
-                                     "subnets": [str(s) for s in net.subnets],
-                                     "rules_present": False}
+                 "subnets": [str(s) for s in net.subnets], "rules_present": False}
         check(entry, "rules_present", plan_network(net, networks))
         entry["forwards"] = _forwards(owner, net.forwards,
                                       partial(resolve_network_forwards, net, networks), check)
@@ -124,12 +127,6 @@ def collect(backend: AnyBackend | None = None) -> Row:
     return report
 
 
-def shown_name(name: str) -> str:
-    """A name in a table: quoted when a space at either end would hide what it is
-    (``domain 'victim '`` beside ``domain victim``), and never with raw control text."""
-    return printable(name) if name == name.strip() and name else shown(name)
-
-
 def _bracketed(address: str | None) -> str | None:
     """An IPv6 address in brackets, so that the port after it reads as a port."""
     return f"[{address}]" if address and ":" in address else address
@@ -138,7 +135,8 @@ def _bracketed(address: str | None) -> str | None:
 def format_table(report: Row) -> str:
     """The report for people: every cell escaped (a comment may not draw a row of its
     own or move the cursor); ``--json`` keeps the exact text."""
-    rows = [("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "RULES", "COMMENT")]
+    rows: list[tuple[str, ...]] = [
+        ("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "RULES", "COMMENT")]
     for kind in ("networks", "domains"):
         for entry in report[kind]:
             owner = f"{kind[:-1]} {shown_name(entry['name'])}"
@@ -152,13 +150,24 @@ def format_table(report: Row) -> str:
                 state_text = "ok" if f["present"] else ("ERROR" if f.get("error") else "MISSING")
                 rows.append((owner, f["proto"], host, guest, ",".join(f["sources"]) or "any",
                              state_text, f.get("error") or f["comment"] or ""))
-    rows = [tuple(printable(cell) for cell in row) for row in rows]  # type: ignore[misc]
-    if len(rows) == 1:
-        text = "no networks or guests with kvmufw rules known\n"
-    else:
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        text = "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
-                       + "  " + r[-1] + "\n" for r in rows)
+    text = table(rows) if len(rows) > 1 else "no networks or guests with kvmufw rules known\n"
     if report.get("kernel_error"):
         text += f"cannot read the firewall: {printable(report['kernel_error'])}\n"
     return text
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    describe(parser, "Each network and guest kvmufw_hook knows of, each forward with its "
+             "resolved target, and whether its rules are in the kernel right now.",
+             "example:\n  kvmufw_hook status --json")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    report = collect()
+    if args.json:
+        write_json(report)
+    else:
+        sys.stdout.write(format_table(report))
+    return 0

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import state
-from .backends import LibvirtFirewall, default_backend, libvirt_firewall
-from .backends.base import AnyBackend
-from .errors import ApplyError, InputError
-from .installation import (
+from .. import state
+from ..backends import LibvirtFirewall, default_backend, libvirt_firewall
+from ..backends.base import AnyBackend
+from ..errors import ApplyError, InputError
+from ..installation import (
     HOOK_DRIVERS,
     MANIFEST,
     after_init_command,
@@ -23,7 +25,8 @@ from .installation import (
     missed_hooks,
     running_daemons,
 )
-from .model import Network
+from ..model import Network
+from . import add_connect, describe, write_json
 
 Networks = Mapping[str, Network]
 
@@ -159,7 +162,7 @@ def check_libvirt_firewall(ruleset: Any, active_networks: int,
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
     and our accepts in it (one per forward and direction, ahead of libvirt's rejects:
     the backend's participants read and check them with our rules)."""
-    from .ops import plan_host
+    from ..hostplan import plan_host
     firewall = libvirt_firewall(backend, ruleset)
     out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]
     if firewall.backend != "nftables":
@@ -268,8 +271,8 @@ def check_hooks(root: str = "") -> list[Finding]:
 
 
 def check_forwards(uri: str, backend: AnyBackend) -> list[Finding]:
-    from .ops import replay
-    from .virt import live_xml
+    from ..ops import replay
+    from ..virt import live_xml
     try:
         nets, doms = live_xml(uri)
     except ApplyError as exc:
@@ -297,7 +300,7 @@ def run(uri: str, backend: AnyBackend | None = None) -> list[Finding]:
         networks = {}
     findings = [check_forwarding(networks, 4), check_forwarding(networks, 6),
                 *check_ufw(networks)]
-    from .model import FAMILIES
+    from ..model import FAMILIES
     try:
         ruleset = backend.read(FAMILIES)
     except ApplyError as exc:
@@ -328,3 +331,21 @@ def format_findings(findings: list[Finding]) -> str:
     lines.append(f"{fails} FAIL, {warns} WARN, {len(findings) - fails - warns} OK"
                  f" ({time.strftime('%Y-%m-%d %H:%M:%S')})")
     return "\n".join(lines) + "\n"
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    describe(parser, "Check IP forwarding, UFW, libvirt's firewall backend and chains, our "
+             "jumps, the hooks, and every forward. Exit 1 if anything FAILs.",
+             "example:\n  kvmufw_hook doctor --json")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_connect(parser)
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    findings = run(args.connect)
+    if args.json:
+        write_json(as_json(findings))
+    else:
+        sys.stdout.write(format_findings(findings))
+    return 1 if any(f.level == "FAIL" for f in findings) else 0
