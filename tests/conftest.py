@@ -8,6 +8,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # lab, netlab, fakebackend...
+# until no test module imports another: the tier folders on the path too
+for _tier in ("unit", "kernel", "lab"):
+    sys.path.insert(0, str(Path(__file__).resolve().parent / _tier))
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SAMPLES = FIXTURES / "samples"
@@ -71,7 +75,7 @@ def pytest_collection_modifyitems(items):
         module = item.module.__name__.rsplit(".", 1)[-1]
         tier = TIERS.get(module)
         fixtures = set(getattr(item, "fixturenames", ()))
-        if tier is None and "lab" in fixtures:  # a real libvirtd (tests/lab.py)
+        if tier is None and "lab" in fixtures:  # a real libvirtd (tests/support/lab.py)
             tier = "lab"
         if tier is None:
             uses_kernel = {"netns", "topo", "hook_ns"} & fixtures

@@ -6,7 +6,7 @@ API (run as root on the host, with the host's Python):
 
     from debian13.root import ensure_root, run_in_root   # tests/ on sys.path
     root = ensure_root()          # Path; first build about 2 minutes, then at once
-    run_in_root(["python3", "-m", "pytest", "-q", "tests/test_lab.py"],
+    run_in_root(["python3", "-m", "pytest", "-q", "tests/lab/test_lab.py"],
                 capture_output=True, text=True)
 
 ``ensure_root()`` debootstraps trixie (``--variant=minbase``) into
@@ -21,7 +21,7 @@ lock file serialises concurrent callers.
 ``unshare --mount --net --pid --fork`` (no ``--net`` with network=True), the tree bind-mounted
 onto itself, proc, sysfs, /dev (rbind), tmpfs on /run and /tmp, this checkout bound read-only
 at /src, then ``pivot_root`` and the host's tree unmounted. Nothing of the host's mounts stays
-visible, so ``nsenter -m`` (tests/lab.py) lands in the root, not on the host. The namespaces
+visible, so ``nsenter -m`` (tests/support/lab.py) lands in the root, not on the host. The namespaces
 die with the command: every process left in them is killed. Keyword arguments go to
 ``subprocess.run``; KVMUFW_* variables of the caller are passed in, and
 KVMUFW_DEBIAN13_ROOT=1 tells code inside that it runs there.

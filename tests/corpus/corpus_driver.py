@@ -1,5 +1,5 @@
 """Runs libvirt's own test XML through the hook entry and ``plan``, in-process, inside the
-network namespace it was started in (tests/test_corpus.py starts it with ip netns exec).
+network namespace it was started in (tests/corpus/test_corpus.py starts it with ip netns exec).
 
     corpus_driver.py DOMAIN_DIR NETWORK_DIR  ->  JSON summary on stdout
 
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 QEMU_OPS = {"prepare": (0, 2), "start": (0, 2), "reconnect": (0,), "stopped": (0,),

@@ -1,7 +1,7 @@
 """The Python installer (kvmufw_hook/commands/install.py) in a temporary root: what it
 writes, what it refuses before its first write, what it rolls back, and what uninstall
 removes: only what it recorded, exactly as it wrote it. No root, no daemon, milliseconds;
-tests/test_install.py runs the same installer through install.sh in a private host."""
+tests/lab/test_install.py runs the same installer through install.sh in a private host."""
 
 from __future__ import annotations
 

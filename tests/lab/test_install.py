@@ -1,4 +1,4 @@
-"""install.sh in a private host (tests/lab.py): what it writes, what it refuses, what it
+"""install.sh in a private host (tests/support/lab.py): what it writes, what it refuses, what it
 leaves behind, and when it signals libvirt.
 
 Most tests need no libvirt daemon: a fresh lab (namespaces and overlays, 0.2 s) per test,

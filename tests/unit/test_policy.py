@@ -325,7 +325,7 @@ def test_a_recheck_withdraws_a_forward_to_an_address_now_reserved_for_another_gu
 
 @pytest.fixture
 def fake(monkeypatch, state_env):
-    """iptables in memory (tests/fakebackend.py) and a host with no services."""
+    """iptables in memory (tests/support/fakebackend.py) and a host with no services."""
     from ipaddress import IPv4Address
 
     from fakebackend import FakeBackend

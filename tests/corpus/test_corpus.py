@@ -84,7 +84,7 @@ def libvirt_corpus() -> tuple[Path, Path]:
 def test_libvirt_test_corpus_through_hooks_and_plan(netns):
     need_root_tools("apt-get", "dpkg-query")
     domains, networks = libvirt_corpus()
-    proc = subprocess.run([*netns.prefix, "/usr/bin/python3", str(ROOT / "tests" / "corpus_driver.py"),
+    proc = subprocess.run([*netns.prefix, "/usr/bin/python3", str(ROOT / "tests" / "corpus" / "corpus_driver.py"),
                            str(domains), str(networks)], capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]

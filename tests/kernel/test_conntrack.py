@@ -10,7 +10,7 @@ import pytest
 
 from kvmufw_hook import conntrack
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # In the namespace: track new flows, send one UDP packet to each address on port 7000,
 # end the flows of the guests given, print (deleted, addresses whose flow is left).
 SCRIPT = """

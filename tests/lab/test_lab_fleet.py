@@ -1,4 +1,4 @@
-"""A fleet of two KVM hosts (tests/lab.py, twice): the Ansible role of the README's
+"""A fleet of two KVM hosts (tests/support/lab.py, twice): the Ansible role of the README's
 ``## Fleets`` section run with ``ansible-playbook`` against both, and guests live-migrated
 between them with their forwards (docs/fleet.md).
 

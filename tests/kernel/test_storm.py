@@ -1,7 +1,7 @@
-"""Hook storms in the normal suite: a few fixed seeds of ``tests/storm.py`` (real hooks,
+"""Hook storms in the normal suite: a few fixed seeds of ``tests/support/storm.py`` (real hooks,
 real iptables in a namespace this test creates, SIGKILLs, 2-4 concurrent ops, ``ufw
 reload`` with MANAGE_BUILTINS=yes, daemon restarts), then ``restore`` and ``replay``
-checked against libvirt's truth. The long soak is ``python3 tests/storm.py --seeds 1-50
+checked against libvirt's truth. The long soak is ``python3 tests/support/storm.py --seeds 1-50
 --events 2000`` (README, testing)."""
 
 import pytest

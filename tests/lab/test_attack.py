@@ -213,7 +213,7 @@ __all__ = ["INSTALL", "host"]
 
 
 # --------------------------------------------------------------------------- lab (libvirt)
-# A real libvirtd (tests/lab.py), module-scoped, with test_lab's networks and guests.
+# A real libvirtd (tests/support/lab.py), module-scoped, with test_lab's networks and guests.
 lab, guest = test_lab.lab, test_lab.guest
 
 

@@ -19,7 +19,7 @@ guest and active network exactly once and nothing of a stopped one, jumps first,
 left; through the storm: nothing on stdout, no traceback, and no hook failed unless it
 was killed.
 
-    sudo python3 tests/storm.py --seeds 1-50 --events 2000    # the long soak
+    sudo python3 tests/support/storm.py --seeds 1-50 --events 2000    # the long soak
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 from netlab import Netns
 

@@ -3,7 +3,7 @@
 Each test here shows a promise still broken on main: it is marked
 ``xfail(strict=True, reason="hole: ...")`` so the branch stays green, and turns into an
 XPASS (a failure) the day the hole is closed. Unit tests run ops on iptables in memory
-(tests/fakebackend.py) and the pure policy; kernel tests use real iptables in network
+(tests/support/fakebackend.py) and the pure policy; kernel tests use real iptables in network
 namespaces they create (test_policy_kernel's topology). None touches the host's firewall.
 """
 

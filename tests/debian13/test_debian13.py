@@ -30,7 +30,7 @@ def need_debian13_root() -> None:
     need_root_tools("debootstrap", "unshare", "pivot_root")
 
 
-# What tests/lab.py does: a holder in new mount + net namespaces, then nsenter -m -n into it.
+# What tests/support/lab.py does: a holder in new mount + net namespaces, then nsenter -m -n into it.
 # After a plain chroot that would land on the host's root and run the host's binaries.
 NSENTER_PROBE = """
 unshare --mount --net --propagation private sleep 60 &
@@ -64,8 +64,8 @@ def test_whole_suite_passes_in_a_debian13_root(capsys):
     try:
         # not again inside: the boot test boots its own Debian 12 VM, and test_lab_nft.py
         # already ran its lab in this very root through its own wrapper
-        proc = pytest_in_root(["-q", "-ra", "--ignore=tests/test_debian13.py",
-                               "--ignore=tests/test_boot.py", "--ignore=tests/test_lab_nft.py",
+        proc = pytest_in_root(["-q", "-ra", "--ignore=tests/debian13",
+                               "--ignore=tests/boot", "--ignore=tests/lab/test_lab_nft.py",
                                "tests"],
                               capture_output=True, text=True, timeout=INNER_TIMEOUT)
     except subprocess.TimeoutExpired as timeout:

@@ -1,5 +1,5 @@
 """The Debian package kvmufw-hook, built from this tree by ./build-deb.sh (lintian clean),
-installed with apt in a private host whose /usr is an overlay too (tests/lab.py) beside a
+installed with apt in a private host whose /usr is an overlay too (tests/support/lab.py) beside a
 real libvirtd: it works without a reboot, takes an install.sh install over without losing
 a forward, `remove` takes the rules away and keeps the configuration, reinstall keeps
 every forward, and `purge` leaves nothing of ours."""

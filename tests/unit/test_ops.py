@@ -1,4 +1,4 @@
-"""ops on iptables in memory (tests/fakebackend.py): what each hook op and command
+"""ops on iptables in memory (tests/support/fakebackend.py): what each hook op and command
 changes, the revert path across tables, and state that follows the kernel. No root, no
 kernel: the fast tier (``pytest -m unit``)."""
 

@@ -9,7 +9,7 @@ real packets: the forward is rejected by libvirt's ``oif virbr1 reject`` without
 accepts and reaches the guest with them.
 
 Regenerate the golden file after an intended change with
-``KVMUFW_UPDATE_GOLDEN=1 python3 -m pytest tests/test_nft.py`` and read the diff.
+``KVMUFW_UPDATE_GOLDEN=1 python3 -m pytest tests/kernel/test_nft.py`` and read the diff.
 """
 
 import os

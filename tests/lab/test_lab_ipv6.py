@@ -1,6 +1,6 @@
 """Lab tests for IPv6 (issue 11): a real libvirtd calling the installed hooks, real QEMU
 guests, real UFW with its defaults (IPV6=yes, routed traffic denied in ip6tables too) and
-real packets in both families, inside namespaces this test creates (tests/lab.py).
+real packets in both families, inside namespaces this test creates (tests/support/lab.py).
 
 The uplink eth0 holds 203.0.113.1/24 and 2001:db8:ff::1/64; the "internet" namespace inet
 holds 203.0.113.2 and 2001:db8:ff::2 (plus 2001:db8:ff::3, a second IPv6 client that a

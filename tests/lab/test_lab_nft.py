@@ -1,6 +1,6 @@
 """The lab with libvirt's nftables backend: a real libvirtd (>= 10.4; Debian 13's 11.3) with
 ``firewall_backend = "nftables"``, real UFW enabled with its defaults, the installed hooks,
-real packets (tests/lab.py). libvirt keeps its rules in ``table ip libvirt_network``, whose
+real packets (tests/support/lab.py). libvirt keeps its rules in ``table ip libvirt_network``, whose
 ``guest_input`` ends in ``oif BRIDGE reject``: forwards work only through our owner-tagged
 accepts in that chain, and the control below shows them failing without. The dual-stack
 network ``dual`` (NAT44 and NAT66) has its IPv6 rules in ``table ip6 libvirt_network``, the
@@ -79,7 +79,7 @@ ip -6 route add default via {INET6}
 ip netns exec inet ip addr add {INET6}/64 dev eth0 nodad
 """
 TC_SHIM = r"""#!/bin/sh
-# TEST-ONLY SHIM of tests/test_lab_nft.py: this kernel has no act_csum; libvirt 11's nftables
+# TEST-ONLY SHIM of tests/lab/test_lab_nft.py: this kernel has no act_csum; libvirt 11's nftables
 # backend adds a tc "action csum ip and udp" filter per network. Skip exactly that call.
 case " $* " in
   *" u32 match ip dport 68 ffff action csum ip and udp"*) exit 0 ;;
@@ -111,7 +111,7 @@ def test_in_a_debian13_root(capsys):
     """On a host with an older libvirt, this module inside the Debian 13 root."""
     if NATIVE:
         pytest.skip("libvirt >= 10.4 here: the lab tests ran natively")
-    from test_debian13 import os_release
+    from debian13.test_debian13 import os_release
     release = os_release()
     if release.get("ID") != "debian":
         pytest.skip(f"the Debian 13 root is built from Debian's archive; this is "
@@ -121,7 +121,7 @@ def test_in_a_debian13_root(capsys):
     ensure_root()
     started = time.monotonic()
     proc = run_in_root(["python3", "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider",
-                        "tests/test_lab_nft.py"], capture_output=True, text=True, timeout=1800)
+                        "tests/lab/test_lab_nft.py"], capture_output=True, text=True, timeout=1800)
     lines = proc.stdout.rstrip().splitlines()
     with capsys.disabled():
         print(f"\nnftables lab in the Debian 13 root ({time.monotonic() - started:.0f}s): "

@@ -510,7 +510,7 @@ def test_hook_error_lines_escape_control_characters(netns, state_env):
 
 
 # --------------------------------------------------------------------------- the lab: real
-# libvirtd, QEMU guests, UFW and packets (tests/lab.py); g5/g6 answer for 10.0.0.5/.6
+# libvirtd, QEMU guests, UFW and packets (tests/support/lab.py); g5/g6 answer for 10.0.0.5/.6
 
 from test_lab import forwards, guest, kvmufw, lab  # noqa: F401  (fixtures)
 

@@ -11,7 +11,7 @@ with MANAGE_BUILTINS=yes, with no guest running, that `apt remove` takes the rul
 and keeps the configuration, and that `apt purge` leaves nothing. The
 results are read back from the powered-off disk with debugfs; each check is one test here.
 
-Run it alone: /usr/bin/python3 -m pytest -q tests/test_boot.py (as root): 7-8 minutes with
+Run it alone: /usr/bin/python3 -m pytest -q tests/boot/test_boot.py (as root): 7-8 minutes with
 the image cached on a 2-core machine, 2-4 more to build the image once. The run's console,
 results and logs stay in $KVMUFW_TEST_CACHE/boot/runs/<pid>/ (the disk copy is deleted).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, need_root_tools
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "boot"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import image
 
 TIMEOUT = float(os.environ.get("KVMUFW_BOOT_TIMEOUT", "1200"))  # both boots, all checks

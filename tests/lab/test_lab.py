@@ -1,5 +1,5 @@
 """Lab tests: a real libvirtd calling the installed hooks, real QEMU guests, real UFW
-and real packets, inside namespaces this test creates (tests/lab.py).
+and real packets, inside namespaces this test creates (tests/support/lab.py).
 
 Every scenario asserts what packets did. ``test_without_the_product`` runs the same
 probes on a lab where kvmufw_hook is not installed and shows them failing.

@@ -19,7 +19,7 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PEER = Path(__file__).resolve().parent / "peer.py"
 PACKAGES_TOOLS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "dnsmasq", "ufw",
                   "iptables", "unshare", "nsenter", "ip")

@@ -1,7 +1,7 @@
 """Planner and renderer: XML fixtures in, golden iptables-restore text out (no root).
 
 Regenerate the golden files after an intended change with
-``KVMUFW_UPDATE_GOLDEN=1 python3 -m pytest tests/test_plan.py`` and read the diff.
+``KVMUFW_UPDATE_GOLDEN=1 python3 -m pytest tests/unit/test_plan.py`` and read the diff.
 """
 
 import os
