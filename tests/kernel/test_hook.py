@@ -8,37 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ROOT, SAMPLES
-
-HOOKS = ROOT / "hooks"
-
-
-def run_hook(kind, argv, stdin: bytes, env: dict, netns=None):
-    """Run hooks/KIND like libvirt does: argv, XML on stdin, a cleared environment."""
-    prefix = netns.prefix if netns else []
-    clean = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-             "LC_ALL": "C", **env}
-    return subprocess.run([*prefix, str(HOOKS / kind), *argv], input=stdin,
-                          capture_output=True, env=clean, timeout=60, check=False)
-
-
-def sample(name):
-    argv = (SAMPLES / f"{name}.argv").read_text().split()
-    kind = name.split("-", 1)[1].split(".")[0]
-    return kind, argv, (SAMPLES / f"{name}.xml").read_bytes()
-
-
-def kvmufw_lines(netns):
-    return [l for l in netns.save().splitlines() if "kvmufw:" in l]
-
-
-def owners(netns):
-    return {l.split('kvmufw:')[1].split(",")[0] for l in kvmufw_lines(netns)}
-
-
-def default_started_xml():
-    """The default network's hookData as at `started` (the port sample minus its port)."""
-    xml = (SAMPLES / "02-network.default.port-created.xml").read_text()
-    return (xml.split("<networkport>")[0] + "</hookData>").encode()
+from hookrun import HOOKS, default_started_xml, kvmufw_lines, owners, run_hook, sample
 
 
 def test_whole_lifecycle_of_the_samples(netns, state_env):

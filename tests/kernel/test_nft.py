@@ -580,7 +580,7 @@ def test_isolated_network_replies_need_the_guest_output_accept(nftns, state_env)
 def test_the_real_hooks_sync_the_accepts_in_their_namespace(topo, state_env):
     """The hook shims as libvirt runs them (cleared environment, default backend): the
     detection there is the netlink probe, inside the namespace the hook runs in."""
-    from test_hook import run_hook
+    from hookrun import run_hook
     host = topo.host
     env = dict(state_env)
     proc = run_hook("network", ["lab", "started", "begin", "-"], LAB_NET, env, host)

@@ -6,7 +6,7 @@ someone else makes the next hook read the kernel again."""
 import sys
 
 from conftest import ROOT
-from test_hook import run_hook, sample
+from hookrun import run_hook, sample
 
 # In the namespace: the record for the current generation, compared with a fresh read;
 # prints "same", "none" (no record for this generation) or the first difference.

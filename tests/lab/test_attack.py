@@ -11,12 +11,12 @@ import re
 import sys
 
 import test_lab
-from test_hook import run_hook
-from test_host_safety import (
+from hookrun import (
     dnat_owners,
     domain_xml,
     hook_ok,
     lab_network,
+    run_hook,
     started_lab,
 )
 from test_install import AFTER_INIT, INSTALL, content, host, install

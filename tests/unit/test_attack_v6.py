@@ -12,7 +12,7 @@ import re
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 
 import pytest
-from test_hook import run_hook
+from hookrun import run_hook
 
 from kvmufw_hook import ops, state
 from kvmufw_hook.backends.iptables import IptablesBackend, render_rule
@@ -470,7 +470,7 @@ def test_an_ipv6_network_applies_once(netns, state_env, nat):
 
 def test_restore_jumps_only_puts_the_ipv6_jumps_first_again(netns, state_env):
     """libvirt puts its jumps at position 1 in ip6tables too when it reloads."""
-    from test_host_safety import cli
+    from hookrun import cli
     hook(netns, state_env, "network", ["lab", "started", "begin", "-"], net_xml())
     netns.run("ip6tables", "-N", "LIBVIRT_FWX")
     netns.run("ip6tables", "-I", "FORWARD", "1", "-j", "LIBVIRT_FWX")

@@ -6,9 +6,9 @@ import string
 
 import pytest
 from conftest import SAMPLES
+from hookrun import run_hook
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_hook import run_hook
 
 from kvmufw_hook.backends.iptables import render_rule
 from kvmufw_hook.errors import InputError

@@ -169,7 +169,7 @@ def test_safe_name_is_injective_and_reversible():
 
 
 def _start(name: str, port: int, netns, env):
-    from test_hook import run_hook
+    from hookrun import run_hook
     xml = START.replace("<name>web1</name>", f"<name>{_xml_text(name)}</name>")
     head, rest = xml.split("<kvmufw:forwards", 1)
     xml = (head + '<kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1">'
@@ -179,7 +179,7 @@ def _start(name: str, port: int, netns, env):
 
 
 def test_a_whitespace_twin_neither_replaces_nor_outlives_its_namesake(netns, state_env):
-    from test_hook import kvmufw_lines, run_hook, sample
+    from hookrun import kvmufw_lines, run_hook, sample
     assert run_hook(*sample("16-network.lab.started"), state_env, netns).returncode == 0
     assert _start("victim", 2222, netns, state_env).returncode == 0
     victims = kvmufw_lines(netns)
@@ -236,7 +236,7 @@ def test_ordinary_interface_names_are_kept(good):
 
 
 def test_network_hook_refuses_a_wildcard_bridge(netns, state_env):
-    from test_hook import kvmufw_lines, run_hook
+    from hookrun import kvmufw_lines, run_hook
     xml = (SAMPLES / "16-network.lab.started.xml").read_bytes().replace(
         b"name='virbr1'", b"name='vir+'")
     for op in ("start", "started"):
@@ -315,7 +315,7 @@ def test_a_network_forward_never_targets_network_broadcast_or_gateway(attrs, rea
 
 
 def test_the_hook_refuses_a_forward_to_another_guests_reservation(netns, state_env):
-    from test_hook import kvmufw_lines, run_hook
+    from hookrun import kvmufw_lines, run_hook
     started = (SAMPLES / "16-network.lab.started.xml").read_text()
     xml = started.replace("</dhcp>", "<host mac='52:54:00:00:00:77' name='db2' "
                                      "ip='10.0.0.7'/></dhcp>").encode()
@@ -498,7 +498,7 @@ def test_printable_keeps_ordinary_text():
 
 
 def test_hook_error_lines_escape_control_characters(netns, state_env):
-    from test_hook import run_hook
+    from hookrun import run_hook
     name = "evil\x1b[2J\x9b1A"
     xml = START.replace("<name>web1</name>", f"<name>{name}</name>").replace(
         'host-port="2222"', 'host-port="22abc"')
