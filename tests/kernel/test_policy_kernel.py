@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from hookrun import FORWARDS
 from netlab import Netns, Topology, veth
 
 from kvmufw_hook import ops, state
@@ -247,3 +248,107 @@ def test_removing_a_forward_ends_its_conntrack_flows(topo, backend, state_env, h
     assert _udp_from_40000(topo.inet, host) is not None
     ops.domain_stopped("g5", backend=backend)
     assert _udp_from_40000(topo.inet, host) is None
+
+
+# --------------------------------------------------------------------------- kept, static, open
+
+def test_a_guest_reaches_no_isolated_network_after_its_network_was_kept_for_a_port(
+        topo, backend, state_env):
+    """lab's
+    ``updated`` brings a forward of lab's own on host port 2222, which the guest
+    ``victim`` holds: lab's rules are kept, rightly. Then ``iso`` (isolated) starts:
+    lab's accept out of virbr1 to anywhere gets no fence for virbr2, and g5 on lab
+    opens 10.0.2.5:5432 on iso, in both families."""
+    g5, iso_guest = topo.guests[5], topo.guests[25]
+    iso_guest.serve("tcp", 5432)
+    _start_network(LAB, backend)
+    _start_domain(VICTIM, backend)
+    updated = LAB.replace(b"<bridge", b"<metadata>" + FORWARDS.format(
+        '<kvmufw:forward host-port="2222" guest-port="22" guest-ip="10.0.0.6"/>').encode()
+        + b"</metadata><bridge")
+    net, _ = parse_hookdata(updated)
+    said: list[str] = []
+    ops.network_port(net, updated, None, False, backend=backend, log=said.append)
+    assert any("keeping the current rules" in line for line in said), said
+    _start_network(ISO, backend)
+    assert g5.ask("tcp", "203.0.113.2", 9000) == "203.0.113.1"  # its way out stays
+    assert g5.ask("tcp", "10.0.2.5", 5432, 1.0) is None
+    assert g5.ask("tcp", "fd00:2::5", 5432, 1.0) is None
+
+
+@pytest.mark.xfail(strict=True, reason="hole: an address with no reservation and no "
+                   "lease (a static or a stable-privacy SLAAC address) is nobody's: the "
+                   "kernel's neighbour table and libvirt's ports, which say whose it is, "
+                   "are not read")
+@pytest.mark.parametrize("address", ["10.0.0.6", "fd00:10::6"])
+def test_a_domain_cannot_forward_to_another_guests_static_address(
+        topo, backend, state_env, address):
+    """g6 runs with a static 10.0.0.6 on lab (no ``<dhcp><host>``, no dnsmasq lease:
+    common on ``default``), and fd00:10::6, which is not the EUI-64 of its MAC (what
+    every guest with RFC 7217 stable-privacy addresses, Debian's and Ubuntu's default,
+    autoconfigures); libvirt created its port (MAC recorded from port-created) and the
+    host's neighbour table maps the address to that MAC. ``evil``, another guest on
+    lab, declares that guest-ip and publishes g6's port 22 on host port 2223. The host
+    knows whose address it is; the policy reads only reservations, leases and EUI-64
+    SLAAC addresses (issue 17: "given everything the host knows")."""
+    g6 = topo.guests[6]
+    mac = g6.run("cat", "/sys/class/net/eth0/address").stdout.strip()
+    _start_network(LAB, backend)
+    state.record_port("lab", mac, "victim6", False)  # as port-created records it
+    topo.host.run("ip", "neigh", "replace", address, "lladdr", mac, "dev", "virbr1",
+                  "nud", "reachable")  # what ARP / neighbour discovery give the host
+    evil = _domain("evil", "52:54:00:00:00:66",
+                   f'<forward host-port="2223" guest-port="22" guest-ip="{address}"/>')
+    with pytest.raises(InputError, match=address):
+        _start_domain(evil, backend)
+
+
+RECEIVE = """import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5433))
+print("ready", flush=True)
+s.settimeout(float(sys.argv[2]))
+try:
+    print(s.recvfrom(99)[1][0], flush=True)
+except OSError:
+    print("nothing", flush=True)
+"""
+SEND = """import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
+for _ in range(5):
+    s.sendto(b"x", (sys.argv[1], 5433))
+"""
+
+
+def _datagram_reaches(sender, receiver, address: str) -> bool:
+    """Whether a datagram ``sender`` sends to ``address``:5433 arrives at ``receiver``
+    (one way: no answer needed, as a UDP attack or a TCP SYN needs none)."""
+    listen = receiver.spawn(sys.executable, "-c", RECEIVE, address, "2")
+    assert listen.stdout.readline().strip() == "ready"
+    sender.run(sys.executable, "-c", SEND, address)
+    return listen.stdout.readline().strip() != "nothing"
+
+
+OPEN = (b"<network><name>lab</name><forward mode='open'/><bridge name='virbr1'/>"
+        b"<ip address='10.0.0.1' prefix='24'/>"
+        b"<ip family='ipv6' address='fd00:10::1' prefix='64'/></network>")
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5", "fd00:10::5"])
+def test_an_isolated_guest_sends_nothing_into_an_open_network(
+        topo, backend, state_env, address):
+    """libvirt adds no rule for an open network, and refuses everything out of an
+    isolated one (``LIBVIRT_FWO -i virbr2 -j REJECT``). Ours for the open network ``lab``
+    accept ``-d 10.0.0.0/24 -o virbr1`` from any interface at position 1: g25 on the
+    isolated ``iso`` then sends datagrams (or SYNs) to g5 on lab, in both families. The
+    fences of ``plan_network`` guard only the way out of a network, not the way in
+    (replies are stopped by lab's fence: the hole is one way)."""
+    host = topo.host
+    host.run("iptables-restore", input=_seed(4, ["virbr2"]))  # libvirt: nothing for open
+    host.run("ip6tables-restore", input=_seed(6, ["virbr2"]))
+    assert not _datagram_reaches(topo.guests[25], topo.guests[5], address)  # libvirt's own
+    _start_network(OPEN, backend)
+    _start_network(ISO, backend)
+    assert not _datagram_reaches(topo.guests[25], topo.guests[5], address)
