@@ -9,9 +9,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # lab, netlab, fakebackend...
-# until no test module imports another: the tier folders on the path too
-for _tier in ("unit", "kernel", "lab"):
-    sys.path.insert(0, str(Path(__file__).resolve().parent / _tier))
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SAMPLES = FIXTURES / "samples"
@@ -59,6 +56,46 @@ def netns():
         yield ns
     finally:
         ns.destroy()
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """The standard lab (tests/support/lab.py: networks lab, routed and opennet, UFW,
+    kvmufw_hook installed), one libvirtd per module. A module with another topology
+    defines its own ``lab``."""
+    import lab as lab_module
+    need_root_tools(*lab_module.PACKAGES_TOOLS)
+    the_lab = lab_module.make_lab(install=True)
+    yield the_lab
+    the_lab.destroy()
+
+
+@pytest.fixture
+def guest(lab):
+    """Define and start guests in this module's lab; every guest is destroyed and
+    undefined afterwards."""
+    names = []
+
+    def start(name, nics, metadata=""):
+        lab.define_domain(name, nics, metadata)
+        names.append(name)
+        lab.virsh("start", name)
+
+    yield start
+    for name in names:
+        lab.virsh("destroy", name, check=False)
+        lab.virsh("undefine", name, check=False)
+
+
+@pytest.fixture
+def host():
+    """A private host without libvirtd running (tests/support/lab.py): its own /etc,
+    /usr/local, /var/lib, /run; a fresh one per test (0.2 s)."""
+    import lab as lab_module
+    need_root_tools(*lab_module.PACKAGES_TOOLS)
+    the_lab = lab_module.Lab()
+    yield the_lab
+    the_lab.destroy()
 
 
 TIERS = {"test_lab": "lab", "test_lab_nft": "lab", "test_lab_ipv6": "lab",

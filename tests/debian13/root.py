@@ -83,6 +83,13 @@ exit $status
 """
 
 
+
+def os_release() -> dict[str, str]:
+    text = Path("/etc/os-release").read_text()
+    pairs = (l.split("=", 1) for l in text.splitlines() if "=" in l)
+    return {key: value.strip('"') for key, value in pairs}
+
+
 def packages() -> list[str]:
     """tests/packages.txt (what the suite needs) + the extras, as installed in the root."""
     listed = (REPO / "tests" / "packages.txt").read_text().split("\n")

@@ -6,18 +6,13 @@ printed; on failure its whole output is the message."""
 
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from conftest import need_root_tools
 
+from debian13.root import os_release
+
 INNER_TIMEOUT = 40 * 60
-
-
-def os_release() -> dict[str, str]:
-    text = Path("/etc/os-release").read_text()
-    pairs = (l.split("=", 1) for l in text.splitlines() if "=" in l)
-    return {key: value.strip('"') for key, value in pairs}
 
 
 def need_debian13_root() -> None:

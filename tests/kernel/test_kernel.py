@@ -2,6 +2,7 @@
 real packets through veth pairs. Root only; CI runs them."""
 
 import pytest
+from breaking import BreaksNat
 from conftest import FIXTURES, SAMPLES
 from netlab import SEED, Topology
 
@@ -95,17 +96,6 @@ def test_jumps_are_repaired_to_position_one(netns):
     assert forward == ["-A FORWARD -j KVMUFW-FORWARD", "-A FORWARD -j LIBVIRT_FWX"]
     assert [l for l in save.splitlines() if l.startswith("-A PREROUTING ")] == [
         "-A PREROUTING -j KVMUFW-PREROUTING"]
-
-
-class BreaksNat(IptablesBackend):
-    """A real backend whose payload the kernel refuses in the nat table, after the
-    filter table was already committed."""
-
-    def _restore(self, family, payload):
-        if "*nat" in payload and "KVMUFW-POSTROUTING" in payload and not getattr(self, "hit", 0):
-            self.hit = 1
-            payload = payload.replace("*nat\n", "*nat\n-A KVMUFW-POSTROUTING -j NO-SUCH-TARGET\n")
-        super()._restore(family, payload)
 
 
 def test_refused_change_leaves_nothing_behind(netns):

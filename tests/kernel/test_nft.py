@@ -400,7 +400,7 @@ def test_nft_refused_reverts_the_iptables_change_too(nftns):
 
 
 def test_iptables_refused_writes_nothing_in_libvirts_table(nftns):
-    from test_kernel import BreaksNat
+    from breaking import BreaksNat
     lab_table(nftns)
     backend = IptablesBackend(prefix=nftns.prefix)
     apply_rules({"n=lab": plan_network_owner(LAB)}, backend=backend)

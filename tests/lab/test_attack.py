@@ -10,7 +10,6 @@ hole it shows was closed.
 import re
 import sys
 
-import test_lab
 from hookrun import (
     dnat_owners,
     domain_xml,
@@ -19,8 +18,7 @@ from hookrun import (
     run_hook,
     started_lab,
 )
-from test_install import AFTER_INIT, INSTALL, content, host, install
-from test_lab import forwards, kvmufw
+from lab import AFTER_INIT, content, forwards, install, kvmufw
 
 VICTIM_MAC = "52:54:00:00:00:21"  # lab_network(): reserved 10.0.0.21
 
@@ -209,12 +207,8 @@ def test_issue10_item16_an_after_init_without_a_final_newline_stays_runnable(hos
     assert content(host, AFTER_INIT).strip() == "#!/bin/sh"
 
 
-__all__ = ["INSTALL", "host"]
-
-
 # --------------------------------------------------------------------------- lab (libvirt)
-# A real libvirtd (tests/support/lab.py), module-scoped, with test_lab's networks and guests.
-lab, guest = test_lab.lab, test_lab.guest
+# The standard lab (fixture ``lab`` of tests/conftest.py): a real libvirtd, QEMU guests, UFW.
 
 
 def test_lab_issue10_item5_a_copied_mac_publishes_another_guests_service(lab, guest):
@@ -271,3 +265,55 @@ def test_lab_issue9_a_live_net_update_after_forward_add_is_seen_by_the_hooks(lab
         lab.virsh("net-update", "lab", "delete", "ip-dhcp-host", host_xml, "--live",
                   check=False)
         kvmufw(lab, "forward", "remove", "--network", "lab", "8095")
+
+
+# --------------------------------------------------------------------------- the lab: real
+# libvirtd, QEMU guests, UFW and packets (tests/support/lab.py); g5/g6 answer for 10.0.0.5/.6
+
+def test_lab_whitespace_twin_cannot_take_or_keep_a_port(lab, guest):
+    guest("victim", [("lab", "52:54:00:00:00:06")], forwards('host-port="2240" guest-port="22"'))
+    assert lab.ask("inet", "tcp", "203.0.113.1", 2240) == "203.0.113.2"
+    lab.define_domain("victim ", [("lab", "52:54:00:00:00:07")],
+                      forwards('host-port="2240" guest-port="22"'))
+    try:
+        proc = lab.run("virsh", "-q", "-c", "qemu:///system", "start", "victim ", check=False)
+        assert proc.returncode != 0 and "already forwarded by domain 'victim'" in proc.stderr
+        assert lab.ask("inet", "tcp", "203.0.113.1", 2240) == "203.0.113.2"
+        kvmufw(lab, "forward", "remove", "victim ", "2240")
+        kvmufw(lab, "forward", "add", "victim ", "2241:22")
+        lab.virsh("start", "victim ")
+        assert "d=victim~20," in lab.save()
+        lab.virsh("destroy", "victim ")
+        save = lab.save()
+        assert "d=victim~20," not in save and "d=victim," in save
+        assert lab.ask("inet", "tcp", "203.0.113.1", 2240) == "203.0.113.2"
+    finally:
+        lab.virsh("destroy", "victim ", check=False)
+        lab.virsh("undefine", "victim ", check=False)
+
+
+def test_lab_forward_to_another_guests_reservation_is_refused(lab, guest):
+    # attacker on .5; .6 is another guest's reservation, and g6 answers there
+    guest("atk", [("lab", "52:54:00:00:00:05")])
+    before = lab.save()
+    err = kvmufw(lab, "forward", "add", "atk", "3306:22", "--guest-ip", "10.0.0.6",
+                 status=2).stderr
+    assert err.count("\n") == 1 and "guest-ip 10.0.0.6 is reserved for another guest" in err
+    for gateway_or_bcast in ("10.0.0.1", "10.0.0.255"):
+        kvmufw(lab, "forward", "add", "atk", "3306:22", "--guest-ip", gateway_or_bcast,
+               status=2)
+    assert lab.save() == before
+    assert lab.ask("inet", "tcp", "203.0.113.1", 3306, 1.0) is None
+
+
+def test_lab_two_host_ips_one_port_and_remove_by_host_ip(lab, guest):
+    guest("hip", [("lab", "52:54:00:00:00:05")])
+    kvmufw(lab, "forward", "add", "hip", "3307:22", "--host-ip", "203.0.113.1")
+    kvmufw(lab, "forward", "add", "hip", "3307:80", "--host-ip", "10.0.0.1")
+    err = kvmufw(lab, "forward", "add", "hip", "3307:443", status=2).stderr
+    assert "tcp 3307 is already forwarded" in err
+    err = kvmufw(lab, "forward", "remove", "hip", "3307", status=2).stderr
+    assert err.count("\n") == 1 and "2 forwards match tcp 3307" in err
+    kvmufw(lab, "forward", "remove", "hip", "3307", "--host-ip", "10.0.0.1")
+    assert lab.ask("inet", "tcp", "203.0.113.1", 3307) == "203.0.113.2"
+    assert 'host-ip="10.0.0.1"' not in lab.virsh("dumpxml", "hip")

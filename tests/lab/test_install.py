@@ -10,16 +10,12 @@ import hashlib
 import time
 
 import pytest
-from conftest import ROOT, need_root_tools
+from conftest import ROOT
+from lab import AFTER_INIT, content, install
 
-lab_module = pytest.importorskip("lab")
-Lab = lab_module.Lab
-
-INSTALL = str(ROOT / "install.sh")
 LIB = "/usr/local/lib/kvmufw_hook"
 BIN = "/usr/local/sbin/kvmufw_hook"
 QEMU_HOOK = "/etc/libvirt/hooks/qemu.d/kvmufw_hook"
-AFTER_INIT = "/etc/ufw/after.init"
 TRACKED = ("/etc/libvirt/hooks /etc/ufw /usr/local/lib /usr/local/sbin /var/lib/kvmufw_hook "
            "/etc/systemd/system /etc/hookstarget")
 MARK = "# kvmufw_hook: written by kvmufw_hook install.sh; removed by install.sh --uninstall"
@@ -34,21 +30,6 @@ fi
 """
 
 
-@pytest.fixture
-def host():
-    """A private host without libvirtd running: its own /etc, /usr/local, /var/lib, /run."""
-    need_root_tools(*lab_module.PACKAGES_TOOLS)
-    the_lab = Lab()
-    yield the_lab
-    the_lab.destroy()
-
-
-def install(lab, *args, status=0):
-    proc = lab.run(INSTALL, *args, check=False)
-    assert proc.returncode == status, (args, proc.stdout, proc.stderr)
-    return proc
-
-
 def digest(lab) -> str:
     """Every file and directory install.sh may touch: name, mode, owner, type, content,
     symlink target; byte-exact (the package's bytecode aside)."""
@@ -56,10 +37,6 @@ def digest(lab) -> str:
                   "while read f; do stat -c '%n %a %U %F' \"$f\"; "
                   "[ -L \"$f\" ] && readlink \"$f\"; "
                   "[ -f \"$f\" ] && [ ! -L \"$f\" ] && sha256sum < \"$f\"; done; true").stdout
-
-
-def content(lab, path: str) -> str:
-    return lab.run("cat", path).stdout
 
 
 def mode(lab, path: str) -> str:

@@ -9,88 +9,8 @@ import json
 import re
 import time
 
-import pytest
 from conftest import ROOT, need_root_tools
-
-lab_module = pytest.importorskip("lab")
-Lab = lab_module.Lab
-
-NETS = {
-    "lab": """<network><name>lab</name><forward mode='nat' dev='eth0'/>
-      <bridge name='virbr1' stp='off'/>
-      <ip address='10.0.0.1' prefix='24'><dhcp><range start='10.0.0.100' end='10.0.0.200'/>
-        <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
-        <host mac='52:54:00:00:00:07' ip='10.0.0.7'/>
-      </dhcp></ip></network>""",
-    "routed": """<network><name>routed</name><forward mode='route'/>
-      <bridge name='virbr2' stp='off'/>
-      <ip address='10.20.0.1' prefix='24'><dhcp><range start='10.20.0.100' end='10.20.0.200'/>
-        <host mac='52:54:00:00:20:05' ip='10.20.0.5'/></dhcp></ip></network>""",
-    "opennet": """<network><name>opennet</name><forward mode='open'/>
-      <bridge name='virbr4' stp='off'/>
-      <ip address='10.40.0.1' prefix='24'><dhcp><range start='10.40.0.100' end='10.40.0.200'/>
-        <host mac='52:54:00:00:40:05' ip='10.40.0.5'/></dhcp></ip></network>""",
-}
-GUEST_NS = {  # namespace: (bridge, ip, gateway)
-    "g5": ("virbr1", "10.0.0.5", "10.0.0.1"),
-    "g6": ("virbr1", "10.0.0.6", "10.0.0.1"),
-    "r5": ("virbr2", "10.20.0.5", "10.20.0.1"),
-    "o5": ("virbr4", "10.40.0.5", "10.40.0.1"),
-}
-
-
-def forwards(*lines: str) -> str:
-    return ('<kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1">'
-            + "".join(f"<kvmufw:forward {l}/>" for l in lines) + "</kvmufw:forwards>")
-
-
-def make_lab(install: bool) -> "Lab":
-    need_root_tools(*lab_module.PACKAGES_TOOLS)
-    lab = Lab()
-    try:
-        lab.start_libvirt()
-        for xml in NETS.values():
-            lab.define_network(xml)
-        # the "internet" routes the routed/open subnets back to the host, as an ISP would
-        lab.sh("ip netns exec inet ip route add 10.20.0.0/16 via 203.0.113.1; "
-               "ip netns exec inet ip route add 10.40.0.0/16 via 203.0.113.1")
-        lab.sh("ufw --force enable >/dev/null")  # defaults: deny incoming, deny routed
-        for ns, (bridge, ip, gw) in GUEST_NS.items():
-            lab.add_guest_ns(ns, bridge, ip, 24, gw)
-            lab.serve(ns, "tcp", 22, 80, 443)
-            lab.serve(ns, "udp", 5000, 5001, 5002)
-        lab.serve("inet", "tcp", 9000)
-        lab.pre_install = files_digest(lab)
-        lab.pre_install_rules = not_ours(lab.save())
-        if install:
-            lab.run(str(ROOT / "install.sh"))
-    except BaseException:
-        lab.destroy()
-        raise
-    return lab
-
-
-@pytest.fixture(scope="module")
-def lab():
-    the_lab = make_lab(install=True)
-    yield the_lab
-    the_lab.destroy()
-
-
-@pytest.fixture
-def guest(lab):
-    """Define and start guests; every guest is destroyed and undefined afterwards."""
-    names = []
-
-    def start(name, nics, metadata=""):
-        lab.define_domain(name, nics, metadata)
-        names.append(name)
-        lab.virsh("start", name)
-
-    yield start
-    for name in names:
-        lab.virsh("destroy", name, check=False)
-        lab.virsh("undefine", name, check=False)
+from lab import PACKAGES_TOOLS, files_digest, forwards, kvmufw, make_lab, not_ours
 
 
 def settled(lab, expected_not_ours: list[str], timeout: float = 15) -> str:
@@ -105,10 +25,6 @@ def settled(lab, expected_not_ours: list[str], timeout: float = 15) -> str:
 
 def ours(save: str) -> list[str]:
     return [l for l in save.splitlines() if "KVMUFW" in l]
-
-
-def not_ours(save: str) -> list[str]:
-    return [re.sub(r"\[\d+:\d+\]", "", l) for l in save.splitlines() if "KVMUFW" not in l]
 
 
 # --------------------------------------------------------------------------- networks
@@ -360,6 +276,7 @@ def test_a_dozen_guests_started_and_stopped_at_once(lab):
 
 def test_without_the_product_the_same_probes_fail():
     """Same lab, kvmufw_hook not installed: the seed problems are real."""
+    need_root_tools(*PACKAGES_TOOLS)
     bare = make_lab(install=False)
     try:
         bare.define_domain("web1", [("lab", "52:54:00:00:00:05")],
@@ -409,12 +326,6 @@ def test_status_flush_and_replay_from_the_command_line(lab, guest):
 
 
 # --------------------------------------------------------------------------- operators
-
-def kvmufw(lab, *argv, status=0):
-    proc = lab.run("kvmufw_hook", *argv, check=False)
-    assert proc.returncode == status, (argv, proc.stdout, proc.stderr)
-    return proc
-
 
 def test_forward_add_and_remove_on_a_running_guest(lab, guest):
     guest("fa1", [("lab", "52:54:00:00:00:05")])
@@ -557,15 +468,6 @@ def test_doctor_on_a_healthy_host_and_after_a_reload_that_wiped_libvirt(lab, gue
 
 
 # --------------------------------------------------------------------------- install.sh
-
-TRACKED = "/etc/libvirt/hooks /etc/ufw/after.init /usr/local/lib/kvmufw_hook /usr/local/sbin"
-
-
-def files_digest(lab) -> str:
-    return lab.sh(f"find {TRACKED} -path '*__pycache__*' -prune -o -print 2>/dev/null | sort | "
-                  "while read f; do stat -c '%n %a %F' \"$f\"; "
-                  "[ -f \"$f\" ] && md5sum < \"$f\"; done; true").stdout
-
 
 def test_install_twice_is_install_once_and_uninstall_leaves_nothing(lab):
     installed_files, installed_rules = files_digest(lab), ours(lab.save())

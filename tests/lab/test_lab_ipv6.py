@@ -22,6 +22,7 @@ from conftest import ROOT, need_root_tools
 
 lab_module = pytest.importorskip("lab")
 Lab = lab_module.Lab
+forwards = lab_module.forwards
 
 HOST4, HOST6 = "203.0.113.1", "2001:db8:ff::1"
 INET4, INET6, INET6_OTHER = "203.0.113.2", "2001:db8:ff::2", "2001:db8:ff::3"
@@ -62,11 +63,6 @@ ip netns exec inet ip route add 10.40.0.0/16 via {HOST4}
 """
 
 
-def forwards(*lines: str) -> str:
-    return ('<kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1">'
-            + "".join(f"<kvmufw:forward {l}/>" for l in lines) + "</kvmufw:forwards>")
-
-
 def make_lab(install: bool) -> "Lab":
     need_root_tools(*lab_module.PACKAGES_TOOLS, "ip6tables", "ip6tables-save")
     lab = Lab()
@@ -93,22 +89,6 @@ def lab():
     the_lab = make_lab(install=True)
     yield the_lab
     the_lab.destroy()
-
-
-@pytest.fixture
-def guest(lab):
-    """Define and start guests; every guest is destroyed and undefined afterwards."""
-    names = []
-
-    def start(name, nics, metadata=""):
-        lab.define_domain(name, nics, metadata)
-        names.append(name)
-        lab.virsh("start", name)
-
-    yield start
-    for name in names:
-        lab.virsh("destroy", name, check=False)
-        lab.virsh("undefine", name, check=False)
 
 
 def ours(save: str) -> list[str]:

@@ -26,19 +26,12 @@ import pytest
 from conftest import ROOT, need_root_tools
 
 lab_module = pytest.importorskip("lab")
+forwards, kvmufw = lab_module.forwards, lab_module.kvmufw
 
 NEEDS = (10, 4)
-NETS = {
-    "lab": """<network><name>lab</name><forward mode='nat' dev='eth0'/>
-      <bridge name='virbr1' stp='off'/>
-      <ip address='10.0.0.1' prefix='24'><dhcp><range start='10.0.0.100' end='10.0.0.200'/>
-        <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
-        <host mac='52:54:00:00:00:07' ip='10.0.0.7'/>
-      </dhcp></ip></network>""",
-    "routed": """<network><name>routed</name><forward mode='route'/>
-      <bridge name='virbr2' stp='off'/>
-      <ip address='10.20.0.1' prefix='24'><dhcp><range start='10.20.0.100' end='10.20.0.200'/>
-        <host mac='52:54:00:00:20:05' ip='10.20.0.5'/></dhcp></ip></network>""",
+NETS = {  # the standard lab's networks, one isolated with a forward, one dual-stack
+    "lab": lab_module.NETS["lab"],
+    "routed": lab_module.NETS["routed"],
     "isolated": """<network><name>isolated</name>
       <metadata><kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1">
         <kvmufw:forward host-port="8093" guest-port="80" guest-ip="10.30.0.5"/>
@@ -46,10 +39,7 @@ NETS = {
       <bridge name='virbr3' stp='off'/>
       <ip address='10.30.0.1' prefix='24'><dhcp><range start='10.30.0.100' end='10.30.0.200'/>
         </dhcp></ip></network>""",
-    "opennet": """<network><name>opennet</name><forward mode='open'/>
-      <bridge name='virbr4' stp='off'/>
-      <ip address='10.40.0.1' prefix='24'><dhcp><range start='10.40.0.100' end='10.40.0.200'/>
-        <host mac='52:54:00:00:40:05' ip='10.40.0.5'/></dhcp></ip></network>""",
+    "opennet": lab_module.NETS["opennet"],
     # NAT66: libvirt 11 lets only replies (iifname "eth0" ... ct state established,related)
     # into fd00:50::/64, so a new inbound IPv6 connection meets its reject. Without
     # <nat ipv6='yes'/> it routes the subnet (ip6 daddr fd00:.../64 iifname "eth0" oif
@@ -62,13 +52,8 @@ NETS = {
       <ip family='ipv6' address='fd00:50::1' prefix='64'><dhcp>
         <host name='web6' ip='fd00:50::5'/></dhcp></ip></network>""",
 }
-GUEST_NS = {  # namespace: (bridge, ip, gateway)
-    "g5": ("virbr1", "10.0.0.5", "10.0.0.1"),
-    "g6": ("virbr1", "10.0.0.6", "10.0.0.1"),
-    "r5": ("virbr2", "10.20.0.5", "10.20.0.1"),
-    "i5": ("virbr3", "10.30.0.5", "10.30.0.1"),
-    "o5": ("virbr4", "10.40.0.5", "10.40.0.1"),
-}
+GUEST_NS = {**lab_module.GUEST_NS,  # namespace: (bridge, ip, gateway)
+            "i5": ("virbr3", "10.30.0.5", "10.30.0.1")}
 GUEST_NS6 = {"d5": ("virbr5", "10.50.0.5", "10.50.0.1", "fd00:50::5", "fd00:50::1")}
 HOST4, INET4 = "203.0.113.1", "203.0.113.2"
 HOST6, INET6 = "2001:db8:ff::1", "2001:db8:ff::2"
@@ -111,7 +96,7 @@ def test_in_a_debian13_root(capsys):
     """On a host with an older libvirt, this module inside the Debian 13 root."""
     if NATIVE:
         pytest.skip("libvirt >= 10.4 here: the lab tests ran natively")
-    from debian13.test_debian13 import os_release
+    from debian13.root import os_release
     release = os_release()
     if release.get("ID") != "debian":
         pytest.skip(f"the Debian 13 root is built from Debian's archive; this is "
@@ -146,15 +131,7 @@ def make_nft_lab(install: bool = True):
         """)
         lab.sh(UPLINK6)
         lab.start_libvirt()
-        for xml in NETS.values():
-            lab.define_network(xml)
-        lab.sh("ip netns exec inet ip route add 10.20.0.0/16 via 203.0.113.1; "
-               "ip netns exec inet ip route add 10.40.0.0/16 via 203.0.113.1")
-        lab.sh("ufw --force enable >/dev/null")  # defaults: deny incoming, deny routed
-        for ns, (bridge, ip, gw) in GUEST_NS.items():
-            lab.add_guest_ns(ns, bridge, ip, 24, gw)
-            lab.serve(ns, "tcp", 22, 80, 443)
-            lab.serve(ns, "udp", 5000, 5001, 5002)
+        lab_module.populate(lab, NETS, GUEST_NS)
         for ns, (bridge, ip, gw, ip6, gw6) in GUEST_NS6.items():
             lab.add_guest_ns(ns, bridge, ip, 24, gw, ip6, gw6)
             lab.serve(ns, "tcp", 22)
@@ -196,26 +173,6 @@ def lab():
     the_lab = make_nft_lab()
     yield the_lab
     the_lab.destroy()
-
-
-@pytest.fixture
-def guest(lab):
-    names = []
-
-    def start(name, nics, metadata=""):
-        lab.define_domain(name, nics, metadata)
-        names.append(name)
-        lab.virsh("start", name)
-
-    yield start
-    for name in names:
-        lab.virsh("destroy", name, check=False)
-        lab.virsh("undefine", name, check=False)
-
-
-def forwards(*lines: str) -> str:
-    return ('<kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1">'
-            + "".join(f"<kvmufw:forward {l}/>" for l in lines) + "</kvmufw:forwards>")
 
 
 def listing(lab, family: int = 4) -> str:
@@ -262,12 +219,6 @@ def eventually(check, timeout: float = 20.0):
     while not (result := check()) and time.monotonic() < deadline:
         time.sleep(0.3)
     return result
-
-
-def kvmufw(lab, *argv, status=0):
-    proc = lab.run("kvmufw_hook", *argv, check=False)
-    assert proc.returncode == status, (argv, proc.stdout, proc.stderr)
-    return proc
 
 
 # --------------------------------------------------------------------------- tests

@@ -21,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PEER = Path(__file__).resolve().parent / "peer.py"
+INSTALL = str(ROOT / "install.sh")
+AFTER_INIT = "/etc/ufw/after.init"
 PACKAGES_TOOLS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "dnsmasq", "ufw",
                   "iptables", "unshare", "nsenter", "ip")
 OVERLAID = ("etc", "opt", "usr/local", "var/lib", "var/log", "var/cache")
@@ -322,3 +324,98 @@ def kvm_usable() -> bool:
 def missing_tools() -> list[str]:
     path = "/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin"
     return [t for t in PACKAGES_TOOLS if shutil.which(t, path=path) is None]
+
+
+# --------------------------------------------------------------------------- the standard lab
+# what most lab tests share: tests/conftest.py starts one per module (fixture ``lab``)
+
+NETS = {
+    "lab": """<network><name>lab</name><forward mode='nat' dev='eth0'/>
+      <bridge name='virbr1' stp='off'/>
+      <ip address='10.0.0.1' prefix='24'><dhcp><range start='10.0.0.100' end='10.0.0.200'/>
+        <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
+        <host mac='52:54:00:00:00:07' ip='10.0.0.7'/>
+      </dhcp></ip></network>""",
+    "routed": """<network><name>routed</name><forward mode='route'/>
+      <bridge name='virbr2' stp='off'/>
+      <ip address='10.20.0.1' prefix='24'><dhcp><range start='10.20.0.100' end='10.20.0.200'/>
+        <host mac='52:54:00:00:20:05' ip='10.20.0.5'/></dhcp></ip></network>""",
+    "opennet": """<network><name>opennet</name><forward mode='open'/>
+      <bridge name='virbr4' stp='off'/>
+      <ip address='10.40.0.1' prefix='24'><dhcp><range start='10.40.0.100' end='10.40.0.200'/>
+        <host mac='52:54:00:00:40:05' ip='10.40.0.5'/></dhcp></ip></network>""",
+}
+GUEST_NS = {  # namespace: (bridge, ip, gateway)
+    "g5": ("virbr1", "10.0.0.5", "10.0.0.1"),
+    "g6": ("virbr1", "10.0.0.6", "10.0.0.1"),
+    "r5": ("virbr2", "10.20.0.5", "10.20.0.1"),
+    "o5": ("virbr4", "10.40.0.5", "10.40.0.1"),
+}
+
+
+def forwards(*lines: str) -> str:
+    return ('<kvmufw:forwards xmlns:kvmufw="urn:kvmufw:1">'
+            + "".join(f"<kvmufw:forward {l}/>" for l in lines) + "</kvmufw:forwards>")
+
+
+def populate(lab: Lab, nets: dict[str, str], guest_ns: dict[str, tuple[str, str, str]]) -> None:
+    """Networks defined and started in a running libvirtd, UFW enabled, and a namespace
+    per guest address serving tcp 22, 80, 443 and udp 5000-5002."""
+    for xml in nets.values():
+        lab.define_network(xml)
+    # the "internet" routes the routed/open subnets back to the host, as an ISP would
+    lab.sh("ip netns exec inet ip route add 10.20.0.0/16 via 203.0.113.1; "
+           "ip netns exec inet ip route add 10.40.0.0/16 via 203.0.113.1")
+    lab.sh("ufw --force enable >/dev/null")  # defaults: deny incoming, deny routed
+    for ns, (bridge, ip, gw) in guest_ns.items():
+        lab.add_guest_ns(ns, bridge, ip, 24, gw)
+        lab.serve(ns, "tcp", 22, 80, 443)
+        lab.serve(ns, "udp", 5000, 5001, 5002)
+
+
+def make_lab(install: bool) -> Lab:
+    """The standard lab: networks ``lab`` (nat), ``routed`` and ``opennet`` (open), a guest
+    namespace answering for each reserved address, UFW enabled, kvmufw_hook installed
+    by install.sh if ``install``."""
+    lab = Lab()
+    try:
+        lab.start_libvirt()
+        populate(lab, NETS, GUEST_NS)
+        lab.serve("inet", "tcp", 9000)
+        lab.pre_install = files_digest(lab)  # type: ignore[attr-defined]
+        lab.pre_install_rules = not_ours(lab.save())
+        if install:
+            lab.run(INSTALL)
+    except BaseException:
+        lab.destroy()
+        raise
+    return lab
+
+
+def kvmufw(lab, *argv, status=0):
+    proc = lab.run("kvmufw_hook", *argv, check=False)
+    assert proc.returncode == status, (argv, proc.stdout, proc.stderr)
+    return proc
+
+
+def install(lab, *args, status=0):
+    proc = lab.run(INSTALL, *args, check=False)
+    assert proc.returncode == status, (args, proc.stdout, proc.stderr)
+    return proc
+
+
+def content(lab, path: str) -> str:
+    return lab.run("cat", path).stdout
+
+
+INSTALLED_PATHS = "/etc/libvirt/hooks /etc/ufw/after.init /usr/local/lib/kvmufw_hook /usr/local/sbin"
+
+
+def files_digest(lab) -> str:
+    return lab.sh(f"find {INSTALLED_PATHS} -path '*__pycache__*' -prune -o -print 2>/dev/null | sort | "
+                  "while read f; do stat -c '%n %a %F' \"$f\"; "
+                  "[ -f \"$f\" ] && md5sum < \"$f\"; done; true").stdout
+
+
+def not_ours(save: str) -> list[str]:
+    return [re.sub(r"\[\d+:\d+\]", "", l) for l in save.splitlines() if "KVMUFW" not in l]
