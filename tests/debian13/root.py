@@ -190,7 +190,8 @@ def _docker_debs(log) -> None:
     with the network (the suite inside has none); a file check when they are there."""
     if (ROOT / "var/tmp/kvmufw-test-cache/docker/root/usr/sbin/dockerd").exists():
         return
-    fetch = ("import sys; sys.path[:0] = ['/src/tests']; import test_docker_beside; "
+    fetch = ("import sys; sys.path[:0] = ['/src/tests', '/src/tests/support', '/src/tests/lab']; "
+             "import test_docker_beside; "
              "test_docker_beside.docker_root()")
     _step("fetch Docker's debs for test_docker_beside", ["python3", "-c", fetch], True, log)
 
@@ -216,7 +217,8 @@ def ensure_root(log=sys.stderr) -> Path:
         _step("install packages", install, False, log)
         _step("apt-get clean", ["apt-get", "clean"], False, log)
         # the corpus test's own fetch of libvirt's source, into the root's /var/tmp cache
-        fetch = ("import sys; sys.path[:0] = ['/src/tests']; import test_corpus; "
+        fetch = ("import sys; sys.path[:0] = ['/src/tests', '/src/tests/corpus']; "
+                 "import test_corpus; "
                  "test_corpus.libvirt_corpus()")
         _step("fetch libvirt's source for the corpus test", ["python3", "-c", fetch], True, log)
         _docker_debs(log)
