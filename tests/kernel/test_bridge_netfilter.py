@@ -11,6 +11,7 @@ own) and g6 (.6/::6, port vp10006, none).
 import time
 
 import pytest
+from bridged import G5, G5_V4_ONLY, HOST_BRIDGE, LAB
 from netlab import SEED, Topology
 
 from kvmufw_hook import ops, state
@@ -29,21 +30,6 @@ SEED6 = """*filter
 -A LIBVIRT_FWO -i virbr1 -j REJECT --reject-with icmp6-port-unreachable
 COMMIT
 """
-LAB = b"""<network><name>lab</name>
-  <forward mode='nat' dev='eth0'/><bridge name='virbr1'/>
-  <ip address='10.0.0.1' prefix='24'><dhcp>
-    <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
-  </dhcp></ip>
-  <ip family='ipv6' address='fd00:10::1' prefix='64'><dhcp>
-    <host name='g5' ip='fd00:10::5'/>
-  </dhcp></ip></network>"""
-G5 = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
-    <forward host-port="2222" guest-port="22"/>
-  </forwards></metadata><devices><interface type='network'>
-    <source network='lab' bridge='virbr1'/><mac address='52:54:00:00:00:05'/>
-    <target dev='vp10005'/>
-  </interface></devices></domain>"""
-G5_V4_ONLY = G5.replace(b'guest-port="22"/>', b'guest-port="22" host-ip="203.0.113.1"/>')
 # every address of the host: the uplink's and the bridge's own, in both families
 HOST_ADDRESSES = ("203.0.113.1", "10.0.0.1", "2001:db8:ff::1", "fd00:10::1")
 SYSCTLS = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
@@ -195,25 +181,6 @@ def test_replay_follows_br_netfilter_and_takes_back_what_is_no_longer_wanted(top
     assert not hairpin(topo, "vp10005")
 
 
-def test_hairpin_is_planned_only_for_a_guests_own_ports_into_its_forwards_bridges():
-    from kvmufw_hook.hairpin import HairpinPort, plan_hairpin
-    from kvmufw_hook.plan import plan_domain_owner
-    dom = parse_domain_xml(G5.replace(b"</devices>", b"""<interface type='bridge'>
-        <source bridge='br0'/><mac address='52:54:00:00:00:99'/><target dev='vnet9'/>
-      </interface></devices>"""))
-    lab, _ = parse_hookdata(LAB)
-    rules = plan_domain_owner(dom, {"lab": lab})
-    assert plan_hairpin(dom, rules) == (HairpinPort("vp10005", "virbr1", (4, 6)),)
-    assert plan_hairpin(dom, ()) == ()  # no forwards: no hairpin
-    v4 = parse_domain_xml(G5_V4_ONLY)
-    assert plan_hairpin(v4, plan_domain_owner(v4, {"lab": lab})) == (
-        HairpinPort("vp10005", "virbr1", (4,)),)
-
-
-HOST_BRIDGE = b"""<network><name>host-bridge</name><forward mode='bridge'/>
-  <bridge name='br0'/></network>"""
-
-
 def test_a_bridge_network_passes_what_crosses_the_bridge_and_nothing_routed(topo):
     """A guest on libvirt's ``<forward mode='bridge'>`` network and a machine of the LAN
     on the same host bridge: with br_netfilter on, FORWARD's DROP policy (UFW's) drops
@@ -247,28 +214,6 @@ def test_a_bridge_network_passes_what_crosses_the_bridge_and_nothing_routed(topo
     assert probes() == refused
     br_netfilter(topo, False, False)  # without it bridged frames never meet iptables
     assert probes() == {**refused, "guest_to_lan": "10.9.0.8", "lan_to_guest_v6": "fd00:99::2"}
-
-
-def test_doctor_says_per_family_whether_bridged_frames_meet_iptables_and_what_follows():
-    from kvmufw_hook.doctor_bridges import bridge_findings
-    from kvmufw_hook.parse import parse_network_xml
-    off = bridge_findings([], [], [], [])
-    assert [(f.level, f.check) for f in off] == [("OK", "br_netfilter")]
-    assert "off for IPv4 and IPv6" in off[0].detail
-    vm = parse_domain_xml(b"""<domain><name>vm</name><devices><interface type='bridge'>
-        <source bridge='br0'/><mac address='52:54:00:00:00:99'/><target dev='vnet9'/>
-      </interface><interface type='bridge'><source bridge='br1'/>
-      <mac address='52:54:00:00:00:98'/></interface></devices></domain>""")
-    declared = parse_network_xml(HOST_BRIDGE.replace(b"br0", b"br1"))
-    found = bridge_findings([4], [declared], [vm], ["vp10005"])
-    assert [(f.level, f.check) for f in found] == [
-        ("OK", "br_netfilter"), ("WARN", "hairpin mode"), ("WARN", "bridged guests")]
-    assert "IPv4 (net.bridge.bridge-nf-call-iptables = 1)" in found[0].detail
-    assert "IPv6" not in found[0].detail
-    assert found[1].fix == "kvmufw_hook replay" and "vp10005" in found[1].detail
-    # br1 is a libvirt bridge network's: ours to open; br0 is not, and is named
-    assert "vm on host bridge br0" in found[2].detail and "br1" not in found[2].detail
-    assert found[2].fix.endswith("sysctl -w net.bridge.bridge-nf-call-iptables=0")
 
 
 def test_doctor_finds_a_guest_port_that_lost_its_hairpin(topo):

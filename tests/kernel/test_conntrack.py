@@ -6,8 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from kvmufw_hook import conntrack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,14 +61,3 @@ def test_ipv6_flows_are_ended_for_their_guest_only(netns):
     matched from a whole dump, the guest's ended and its neighbour's kept."""
     guests = ["fd00::5", "fd00::6", "127.0.0.5"]
     assert _end(netns, guests, ["fd00::5", "127.0.0.5"]) == (2, ["fd00::6"])
-
-
-@pytest.mark.unit
-def test_few_ipv4_guests_get_a_filtered_dump_each_the_rest_one_per_family():
-    v4 = [(4, 6, 22, 22, bytes([10, 0, 0, i]), None) for i in range(1, 3)]
-    v6 = [(6, 6, 22, 22, bytes(15) + b"\x05", None)]
-    assert conntrack._dumps(v4 + v6) == [(4, v4[0][4], v4[:1]), (4, v4[1][4], v4[1:]),
-                                          (6, None, v6)]
-    many = [(4, 6, 22, 22, bytes([10, 0, 0, i]), None)
-            for i in range(1, conntrack.FILTERED_DUMPS + 2)]
-    assert conntrack._dumps(many) == [(4, None, many)]

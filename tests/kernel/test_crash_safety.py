@@ -17,16 +17,14 @@ import time
 
 import pytest
 from conftest import ROOT, SAMPLES
+from lifecycle import LAB, WEB1
 
 from kvmufw_hook import ops, state
 from kvmufw_hook.backends.iptables import IptablesBackend
 from kvmufw_hook.errors import ApplyError
 from kvmufw_hook.names import libvirt_network_dir, state_dir
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
-from kvmufw_hook.plan import plan_forwards, resolve_domain_forwards
 
-LAB = (SAMPLES / "16-network.lab.started.xml").read_bytes()
-WEB1 = (SAMPLES / "04-qemu.web1.start.xml").read_bytes()
 DEFAULT = ((SAMPLES / "02-network.default.port-created.xml").read_text()
            .split("<networkport>")[0] + "</hookData>").encode()
 
@@ -366,19 +364,3 @@ def test_a_hook_during_a_package_replacement_exits_0_quietly(netns, state_env, t
         out, err = proc.communicate(data, timeout=30)
         assert (proc.returncode, out, err) == (0, b"", b""), err.decode()
     assert lines(netns) == []
-
-
-# ---------------------------------------------------------------------- identical rules
-
-def test_two_forwards_to_one_guest_port_render_each_rule_once():
-    net, _ = parse_hookdata(LAB)
-    dom = parse_domain_xml(WEB1.replace(
-        b'<kvmufw:forward proto="tcp" host-port="2222" guest-port="22"/>',
-        b'<kvmufw:forward proto="tcp" host-port="2222" guest-port="22"/>'
-        b'<kvmufw:forward proto="tcp" host-port="2223" guest-port="22"/>'))
-    rules = plan_forwards("d=web1", resolve_domain_forwards(dom, {"lab": net}))
-    assert len(rules) == len(set(rules))
-    text = IptablesBackend.render({"d=web1": rules})
-    body = [line for line in text.splitlines() if line.startswith("-A KVMUFW")]
-    assert len(body) == len(set(body))
-    assert sum("--dport 2223" in line for line in body) == 2  # its own DNATs stay
