@@ -98,24 +98,29 @@ def host():
     the_lab.destroy()
 
 
-TIERS = {"test_lab": "lab", "test_lab_nft": "lab", "test_lab_ipv6": "lab",
-         "test_install": "lab", "test_attack": "lab", "test_boot": "boot",
-         "test_corpus": "corpus", "test_debian13": "lab", "test_lab_fleet": "lab",
-         "test_docker_beside": "lab", "test_package": "lab"}
+# The tier of a test is its folder: ``pytest -m unit`` is tests/unit, and so on. The
+# Debian 13 run is a lab test (it runs the lab inside a Debian 13 root).
+TIERS = {"unit": "unit", "kernel": "kernel", "lab": "lab", "boot": "boot",
+         "corpus": "corpus", "debian13": "lab"}
+# fixtures that need root: a unit test asking for one is in the wrong folder
+ROOT_FIXTURES = {"netns", "lab", "guest", "host", "hook_ns", "topo"}
 
 
 def pytest_collection_modifyitems(items):
-    """Tiers: ``lab``/``boot``/``corpus`` by module, ``kernel`` for tests that use a
-    network namespace, ``unit`` for the rest (no root, milliseconds: the quick loop is
-    ``pytest -m unit``)."""
+    """Tiers by folder: ``unit`` (no root, milliseconds: the quick loop is ``pytest -m
+    unit``), ``kernel`` (a network namespace, real iptables/nft), ``lab`` (a real
+    libvirtd), ``boot``, ``corpus``."""
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        tier = TIERS.get(module)
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if tier is None and "lab" in fixtures:  # a real libvirtd (tests/support/lab.py)
-            tier = "lab"
+        folder = item.path.parent.name
+        tier = TIERS.get(folder)
         if tier is None:
-            uses_kernel = {"netns", "topo", "hook_ns"} & fixtures
-            tier = "kernel" if uses_kernel or module in ("test_kernel", "test_hook") \
-                else "unit"
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in one of the tier "
+                                    f"folders tests/{{{','.join(TIERS)}}}")
+        callspec = getattr(item, "callspec", None)
+        params = set(callspec.params) if callspec else set()  # a parameter, not a fixture
+        wants_root = ROOT_FIXTURES & set(getattr(item, "fixturenames", ())) - params
+        if tier == "unit" and wants_root:
+            raise pytest.UsageError(f"{item.nodeid}: a unit test needs no root, but asks "
+                                    f"for {', '.join(sorted(wants_root))}: tests/kernel "
+                                    "or tests/lab is its place")
         item.add_marker(getattr(pytest.mark, tier))
