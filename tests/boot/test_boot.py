@@ -1,4 +1,4 @@
-"""The boot test: kvmufw_hook on a real booted Debian 12 with systemd (issue 9).
+"""The boot test: kvmufw_hook on a real booted Debian 12 with systemd.
 
 A VM (QEMU/TCG, or KVM with KVMUFW_BOOT_ACCEL=kvm; the image's own kernel) boots a cached debootstrap image (tests/boot/image.py)
 that holds a copy of this source tree. A oneshot-like unit in the image

@@ -1,4 +1,4 @@
-"""What the host and its owners keep, whatever the XML or the state says (issues 9, 10):
+"""What the host and its owners keep, whatever the XML or the state says:
 restore that never asks libvirt, overrides that replay keeps, host-ip only the host's,
 host services never taken by surprise, the current holder of a port kept, state that is
 private and never followed through a symlink, a corrupt state file that blinds nothing.
@@ -26,7 +26,7 @@ from hookrun import (
     started_lab,
 )
 
-# --------------------------------------------------------------------------- issue 9
+# --------------------------------------------------------------------------- restore and replay
 
 def test_restore_puts_rules_back_from_state_without_libvirt(netns, state_env, tmp_path):
     """After a reload that wiped everything (MANAGE_BUILTINS=yes), restore brings every
@@ -83,7 +83,7 @@ def test_replay_keeps_a_forward_added_to_a_running_network(netns, state_env, tmp
     assert dry.payload == ""  # doctor's comparison: nothing differs
 
 
-# --------------------------------------------------------------------------- issue 10
+# --------------------------------------------------------------------------- host addresses, services and holders
 
 def test_host_ip_must_be_an_address_of_this_host(netns, state_env):
     started_lab(netns, state_env)

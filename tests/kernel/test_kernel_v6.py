@@ -1,4 +1,4 @@
-"""Kernel tests for IPv6 (issue 11): the dual-stack twin of test_kernel's packet test.
+"""Kernel tests for IPv6: the dual-stack twin of test_kernel's packet test.
 Real iptables-restore and ip6tables-restore in network namespaces this test creates,
 real packets through veth pairs and bridges, no libvirt. Root only; CI runs them.
 

@@ -290,7 +290,7 @@ def test_a_domain_cannot_forward_to_another_guests_static_address(
     host's neighbour table maps the address to that MAC. ``evil``, another guest on
     lab, declares that guest-ip and publishes g6's port 22 on host port 2223. The host
     knows whose address it is; the policy reads only reservations, leases and EUI-64
-    SLAAC addresses (issue 17: "given everything the host knows")."""
+    SLAAC addresses: the hole is that it does not ask the neighbour table."""
     g6 = topo.guests[6]
     mac = g6.run("cat", "/sys/class/net/eth0/address").stdout.strip()
     _start_network(LAB, backend)

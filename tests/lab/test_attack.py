@@ -1,10 +1,9 @@
-"""Adversarial checks of the fixes for issues 9 and 10: what an attacker who writes XML,
-or a careless admin, can still make the hooks, replay and the CLI do. Each test names the
-issue item it belongs to. The real shims in hooks/ (and ops with the real iptables) run in
-a network namespace this test creates, as in test_host_safety.py.
-
-Each test here failed on main when it was written (attack branch) and passes since the
-hole it shows was closed.
+"""What an adversary who writes XML, or a careless admin, cannot make the hooks, replay
+and the CLI do: publish another guest's reservation with a copied MAC, take a running
+guest's port while its network restarts, lose an override's or a live update's forwards,
+block a guest with a socket of their own, break UFW with an after.init. The real shims in
+hooks/ (and ops with the real iptables) run in a network namespace this test creates, as
+in tests/kernel/test_host_safety.py; the last ones in the standard lab (a real libvirtd).
 """
 
 import re
@@ -43,9 +42,9 @@ def second_network() -> bytes:
             .replace("52:54:00:00:00:2", "52:54:00:00:01:2")).encode()
 
 
-# --------------------------------------------------------------------------- issue 10 item 5
+# --------------------------------------------------------------------------- copied MACs
 
-def test_issue10_item5_a_guest_cannot_publish_another_guests_reservation_by_copying_its_mac(
+def test_a_guest_cannot_publish_another_guests_reservation_by_copying_its_mac(
         netns, state_env):
     """``victim`` runs on lab with the MAC of the 10.0.0.21 reservation (libvirt told us so
     by port-created). ``evil`` declares a NIC with the same MAC (``<link state='down'/>``
@@ -85,9 +84,9 @@ def test_a_copied_mac_started_first_loses_its_forwards_when_the_real_owner_comes
     assert not [l for l in netns.save().splitlines() if "d=evil" in l]
 
 
-# --------------------------------------------------------------------------- issue 10 item 6
+# --------------------------------------------------------------------------- a network restarting
 
-def test_issue10_item6_replay_while_a_guests_network_is_down_gives_its_port_away(
+def test_replay_while_a_guests_network_is_down_keeps_its_port(
         netns, state_env):
     """``victim`` (running, forward 8088) keeps running while its network ``lab`` is
     restarted. In between, a replay (any ``ufw reload``/doctor's advice) sees victim fail
@@ -111,9 +110,9 @@ def test_issue10_item6_replay_while_a_guests_network_is_down_gives_its_port_away
     assert len(holders) == 1, f"8088 is DNATed by {sorted(holders)} at once"
 
 
-# --------------------------------------------------------------------------- issue 9 item 2
+# --------------------------------------------------------------------------- overrides
 
-def test_issue9_overrides_a_live_net_update_after_forward_add_is_not_lost(netns, state_env):
+def test_a_live_net_update_after_a_network_forward_add_is_not_lost(netns, state_env):
     """After ``forward add --network lab`` (an override), the admin adds a DHCP
     reservation live (``virsh net-update lab add ip-dhcp-host ... --live``): libvirt runs
     the network ``updated`` hook with the new live XML. The hook takes the override
@@ -137,7 +136,7 @@ def test_issue9_overrides_a_live_net_update_after_forward_add_is_not_lost(netns,
     assert dnat_owners(netns, 8088) == {"n=lab"}  # and the added forward stays
 
 
-# --------------------------------------------------------------------------- issue 10 item 2
+# --------------------------------------------------------------------------- host services
 
 V6ONLY_LISTENER = """
 import socket, sys, time
@@ -148,7 +147,7 @@ print("ready", flush=True); time.sleep(120)
 """
 
 
-def test_issue10_item2_an_ipv6_only_listener_does_not_refuse_an_ipv4_forward(netns, state_env):
+def test_an_ipv6_only_listener_does_not_refuse_an_ipv4_forward(netns, state_env):
     """A service bound to ``[::]:8443`` with IPV6_V6ONLY (nginx's ``listen [::]:8443``,
     whose default is ipv6only=on) never sees IPv4 traffic, and this forward is IPv4 only;
     yet ``Listener.reaches`` counts every ``::`` socket as taking IPv4: the guest's start
@@ -169,7 +168,7 @@ print("ready", flush=True); time.sleep(120)
 """
 
 
-def test_issue10_item2_an_unprivileged_user_cannot_stop_a_guest_from_starting(
+def test_an_unprivileged_user_cannot_stop_a_guest_from_starting(
         netns, state_env):
     """``victim`` holds 8088. Any local user (here uid 1500: a person's, within login.defs'
     UID_MIN..UID_MAX; nobody, 65534, is a system account) may listen on a port above
@@ -191,9 +190,9 @@ def test_issue10_item2_an_unprivileged_user_cannot_stop_a_guest_from_starting(
 
 
 
-# --------------------------------------------------------------------------- issue 10 item 16
+# --------------------------------------------------------------------------- after.init
 
-def test_issue10_item16_an_after_init_without_a_final_newline_stays_runnable(host):
+def test_an_after_init_without_a_final_newline_stays_runnable(host):
     """A careless admin's after.init that is only a shebang without a newline
     (``printf '#!/bin/sh' > after.init``): install.sh glues the block to the shebang
     (``#!/bin/sh# BEGIN kvmufw_hook``), so after.init can no longer be executed at all
@@ -211,7 +210,7 @@ def test_issue10_item16_an_after_init_without_a_final_newline_stays_runnable(hos
 # The standard lab (fixture ``lab`` of tests/conftest.py): a real libvirtd, QEMU guests, UFW.
 
 
-def test_lab_issue10_item5_a_copied_mac_publishes_another_guests_service(lab, guest):
+def test_lab_a_copied_mac_cannot_publish_another_guests_service(lab, guest):
     """With a real libvirtd: ``victim`` (no forwards) has the MAC of the 10.0.0.5
     reservation; ``evil`` is defined with the same MAC (libvirt starts it: MACs are not
     unique across guests) and a forward 2501 -> 22. A connection from the internet to
@@ -230,7 +229,7 @@ def test_lab_issue10_item5_a_copied_mac_publishes_another_guests_service(lab, gu
         lab.virsh("undefine", "evil5", check=False)
 
 
-def test_lab_issue9_forward_add_on_a_running_guest_keeps_its_next_boot_forwards(lab, guest):
+def test_lab_forward_add_on_a_running_guest_keeps_its_next_boot_forwards(lab, guest):
     """The admin prepared a forward for the next boot (persistent definition only:
     ``virsh metadata --config`` or ``virsh edit``), then adds another on the running
     guest with ``forward add``. edit_domain writes the LIVE list (+ the new one) to the
@@ -246,7 +245,7 @@ def test_lab_issue9_forward_add_on_a_running_guest_keeps_its_next_boot_forwards(
     assert 'host-port="2402"' in persistent, "the next-boot forward 2402 was dropped"
 
 
-def test_lab_issue9_a_live_net_update_after_forward_add_is_seen_by_the_hooks(lab):
+def test_lab_a_live_net_update_after_a_network_forward_add_is_seen_by_the_hooks(lab):
     """With a real libvirtd: ``forward add --network lab`` (an override), then the admin
     adds a reservation live (``virsh net-update lab add ip-dhcp-host ... --live``). A guest
     with that MAC and a forward by reservation must start; the hooks take the stale

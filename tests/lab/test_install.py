@@ -60,7 +60,7 @@ def uninstalled_the_rest(lab) -> None:
 # --------------------------------------------------------------------------- after.init
 
 def test_a_symlinked_after_init_is_never_written_through(host):
-    """Issue 10 item 4: install refuses to edit it (one line, nothing written); uninstall
+    """install refuses to edit it (one line, nothing written); uninstall
     leaves a link and its target as they are, and removes the rest."""
     host.sh(f"mv {AFTER_INIT} /etc/ufw/after.init.real; ln -s after.init.real {AFTER_INIT}")
     before = digest(host)
@@ -85,7 +85,7 @@ def test_a_symlinked_after_init_is_never_written_through(host):
 
 @pytest.mark.parametrize("broken", ["END", "BEGIN"])
 def test_uninstall_leaves_after_init_byte_for_byte_when_the_block_is_not_whole(host, broken):
-    """Issue 10 item 8: a BEGIN without its END (or the reverse) is said in one line, the
+    """A BEGIN without its END (or the reverse) is said in one line, the
     file stays as it was, and everything else is uninstalled."""
     install(host)
     host.sh(f"sed -i '/^# {broken} kvmufw_hook$/d' {AFTER_INIT}")
@@ -160,7 +160,7 @@ def test_an_upgrade_from_the_bash_install_sh_changes_nothing_and_keeps_every_rul
 # --------------------------------------------------------------------------- ownership
 
 def test_an_admin_edited_hook_is_never_overwritten_nor_deleted(host):
-    """Issue 10 item 16: ours only if exactly what we wrote (the sha256 we recorded)."""
+    """Ours only if exactly what we wrote (the sha256 we recorded)."""
     install(host)
     host.sh(f"echo '# my own line' >> {QEMU_HOOK}")
     edited = content(host, QEMU_HOOK)

@@ -1,4 +1,4 @@
-"""Lab tests for IPv6 (issue 11): a real libvirtd calling the installed hooks, real QEMU
+"""Lab tests for IPv6: a real libvirtd calling the installed hooks, real QEMU
 guests, real UFW with its defaults (IPV6=yes, routed traffic denied in ip6tables too) and
 real packets in both families, inside namespaces this test creates (tests/support/lab.py).
 

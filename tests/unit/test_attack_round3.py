@@ -107,7 +107,7 @@ def test_a_network_kept_for_availability_is_still_fenced_from_a_network_started_
     as it should). From then on every re-check of ``lab`` is refused as Unavailable, and
     ``_recheck`` keeps *all* of lab's rules, so the isolated network ``iso`` started
     next gets no RETURN fence in lab's accept out of virbr1 to anywhere: lab's guests
-    reach iso's guests, which libvirt alone refuses (issue 17 item 1, back again)."""
+    reach iso's guests, which libvirt alone refuses."""
     fake = FakeBackend()
     start_net(fake, nat_net())
     start_dom(fake, dom_xml("web1", WEB1_MAC, 'host-port="8080" guest-port="80"'))
@@ -194,7 +194,7 @@ def test_a_domain_cannot_forward_to_another_guests_dhcpv6_lease(state_env):
     only when dnsmasq knows one. ``read_leases`` gives such a lease MAC None ("IPv6
     leases carry no MAC") and ``check_own_addresses`` skips every lease with MAC None:
     ``evil`` publishes db's DHCPv6 address fd00:10::1a7 on host port 2222, the IPv6
-    half of issue 17 item 4."""
+    half of the DHCP leases' attribution."""
     import json
     import os
     leases = [{"ip-address": "10.0.0.150", "mac-address": DB_MAC, "hostname": "db",
@@ -250,7 +250,7 @@ def reserve_50_for_another_guest(fake, said: list[str]) -> None:
 
 def test_a_forward_to_an_address_reserved_later_for_another_guest_is_withdrawn(quiet_host):
     """The control: web1's forward to 10.0.0.50 (no reservation yet) goes as soon as
-    10.0.0.50 is reserved for another MAC (issue 17 item 6 holds on its own)."""
+    10.0.0.50 is reserved for another MAC (the withdrawal holds on its own)."""
     fake = FakeBackend()
     start_net(fake, nat_net())
     start_net(fake, nat_net(name="lab2", bridge="virbr3", prefix="10.0.1"))
@@ -302,7 +302,7 @@ def test_a_reconnect_withdraws_a_forward_reaching_another_guest_beside_an_unavai
 def test_restore_withdraws_a_forward_reaching_another_guest_beside_an_unavailable_one(
         quiet_host):
     """The same through ``restore`` (``replay`` shares ``plan_host``): the ``updated``
-    hook saves lab's new XML first and is killed before its re-check (issue 18's storm),
+    hook saves lab's new XML first and is killed before its re-check (a hook storm),
     so the state says 10.0.0.50 is db2's. ``restore`` must withdraw web1's forward to
     it; ``plan_host`` marks web1 failed (forward #1: lab2 is down) and leaves all of
     web1's rules in the kernel."""
@@ -433,7 +433,7 @@ def test_a_network_forward_add_refused_by_the_apply_defines_nothing(quiet_host, 
 
 def test_a_configuration_file_others_may_write_grants_nothing(tmp_path):
     """``allow_host_service`` lives in root's file because guest-writable XML must never
-    be enough (issue 17 item 5); ``config.load`` trusts the file whatever its mode or
+    be enough; ``config.load`` trusts the file whatever its mode or
     owner, so a world- (or libvirt-group-) writable file is as good as the XML was.
     Refuse it in one line (as sshd's StrictModes does), or read it as no consent."""
     import os

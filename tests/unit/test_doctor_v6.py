@@ -1,4 +1,4 @@
-"""doctor covers both families (issue 11): net.ipv6.conf.all.forwarding and UFW's IPV6
+"""doctor covers both families: net.ipv6.conf.all.forwarding and UFW's IPV6
 setting, each verdict from a temp directory standing in for /proc and /etc."""
 
 from __future__ import annotations

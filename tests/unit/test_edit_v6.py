@@ -1,5 +1,5 @@
-"""``forward list`` and the messages of ``forward add/remove`` in both families (issue
-11): addresses as typed, IPv6 in brackets so that the port stays readable."""
+"""``forward list`` and the messages of ``forward add/remove`` in both families:
+addresses as typed, IPv6 in brackets so that the port stays readable."""
 
 from __future__ import annotations
 

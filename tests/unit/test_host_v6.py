@@ -1,4 +1,4 @@
-"""Issue 11: the host checks (``host.py``) in both families. A forward's host-ip may be
+"""The host checks (``host.py``) in both families. A forward's host-ip may be
 one of the host's IPv6 addresses, never ``::1``, a link-local address or one another host
 on the link holds; a host service's port is taken from it only in the families the
 forward and the socket share.
@@ -123,7 +123,7 @@ def test_a_port_held_in_one_family_is_not_held_in_the_other():
 def test_the_families_the_plan_resolved_decide():
     """No guest-ip: the metadata allows both families, but the guest's address comes from
     an IPv4 reservation, so the plan knows the forward takes only the IPv4 port; an
-    IPv6-only service on it refuses nothing (test_attack's issue 10 item 2)."""
+    IPv6-only service on it refuses nothing (as in tests/lab/test_attack.py)."""
     spec = forward(8443)
     assert spec.families == (4, 6)
     assert refusal(FACTS, spec, families=(4,)) is None

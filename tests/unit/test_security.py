@@ -1,6 +1,7 @@
-"""Issue 10: a forward reaches only what its owner owns. Each test here failed before
-its fix: unit tests over parser, names and planner; the hook entry through the real
-shims in a network namespace this test creates."""
+"""A forward reaches only what its owner owns, and hostile text reaches nobody: XML that
+is bounded (no entities, no DTD, no bombs), names read exactly as libvirt keeps them,
+interface names and sources checked, output escaped. Parser, names and planner without a
+kernel; the hook entry through the real shims is tests/kernel/test_security_kernel.py."""
 
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from hostile_input import START, xml_text
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.parse import load, parse_domain_xml
 
-# --------------------------------------------------------------------------- item 10: XML
+# --------------------------------------------------------------------------- XML
 
 ENTITY_DOC = ('<?xml version="1.0" encoding="{enc}"?>'
               '<!DOCTYPE d [<!ENTITY e "EVIL">]><domain a="&e;"><name>x&e;</name></domain>')
@@ -113,7 +114,7 @@ def test_too_many_elements_are_refused():
         load(b"<domain>" + b"<a/>" * 300000 + b"</domain>", "domain XML")
 
 
-# --------------------------------------------------------------------------- item 3: names
+# --------------------------------------------------------------------------- names
 
 WHITESPACE_TWINS = ["victim", "victim ", "victim\t", "victim\u00a0", " victim", "victim\n"]
 
@@ -163,7 +164,7 @@ def test_safe_name_is_injective_and_reversible():
     roundtrip()
 
 
-# --------------------------------------------------------------------------- item 7: ifnames
+# --------------------------------------------------------------------------- interface names
 
 BAD_IFNAMES = ["vir+", "virbr+", "+", "!virbr0", "a/b", "eth0:1", "br 0", "br\t0", ".", "..",
                "x" * 16, "vir'0", 'vir"0', "vir#0", "-i", "brü"]
@@ -271,7 +272,7 @@ def test_a_network_forward_never_targets_network_broadcast_or_gateway(attrs, rea
     assert reason in str(exc.value)
 
 
-# --------------------------------------------------------------------------- item 14: source
+# --------------------------------------------------------------------------- sources
 
 @pytest.mark.parametrize("value", ["", " ", ","])
 def test_an_empty_source_is_an_error_not_anyone(value):
@@ -365,7 +366,7 @@ def test_cli_remove_takes_host_ip(monkeypatch):
     assert seen == {"host-port": "80", "host-ip": "192.0.2.2"}
 
 
-# --------------------------------------------------------------------------- item 11: output
+# --------------------------------------------------------------------------- output
 
 EVIL = "db\n domain victim     tcp  *:22  10.0.0.5:22  any  ok\x1b[2J\x9b2J\u202e"
 
