@@ -97,7 +97,7 @@ def test_kernel_an_address_another_host_holds_is_refused(v6host):
 
 # port, the forward, whether a service of LISTENERS refuses it
 CONFLICTS = [
-    (8443, {"families": (4,)}, False),  # guest IPv4 only (as in tests/lab/test_attack.py)
+    (8443, {"families": (4,)}, False),  # guest IPv4 only (as in tests/lab/test_adversarial.py)
     (8443, {"families": (4, 6)}, True),
     (8443, {"guest_ips": [GUEST_V4]}, False),  # v6only: IPv4 is free
     (8443, {"guest_ips": [GUEST_V6]}, True),

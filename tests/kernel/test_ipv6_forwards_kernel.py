@@ -4,7 +4,7 @@ removed by a stop, put back by restore and replay, claims read back whole, anoth
 network's guests unreachable, a host service's port kept in the families it listens in.
 The real shims (hooks/, as libvirt runs them) or ops with ``IptablesBackend(prefix=…)``
 run inside a network namespace the test creates; the pure side is
-tests/unit/test_attack_v6.py.
+tests/unit/test_ipv6_policy.py.
 """
 
 import re

@@ -123,7 +123,7 @@ def test_a_port_held_in_one_family_is_not_held_in_the_other():
 def test_the_families_the_plan_resolved_decide():
     """No guest-ip: the metadata allows both families, but the guest's address comes from
     an IPv4 reservation, so the plan knows the forward takes only the IPv4 port; an
-    IPv6-only service on it refuses nothing (as in tests/lab/test_attack.py)."""
+    IPv6-only service on it refuses nothing (as in tests/lab/test_adversarial.py)."""
     spec = forward(8443)
     assert spec.families == (4, 6)
     assert refusal(FACTS, spec, families=(4,)) is None
