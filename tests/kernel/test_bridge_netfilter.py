@@ -8,11 +8,10 @@ fd00:10::1/64 (network ``lab``) with guests g5 (.5/::5, port vp10005, forwards o
 own) and g6 (.6/::6, port vp10006, none).
 """
 
-import time
 
 import pytest
 from bridged import G5, G5_V4_ONLY, HOST_BRIDGE, LAB
-from netlab import SEED, Topology
+from netlab import SEED, Topology, settle
 
 from kvmufw_hook import ops, state
 from kvmufw_hook.backends.iptables import IptablesBackend
@@ -45,11 +44,7 @@ def _dual_stack(topo: Topology) -> None:
     for n in (5, 6):
         topo.guests[n].run("ip", "-6", "route", "add", "default", "via", "fd00:10::1")
     host.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-    deadline = time.monotonic() + 10  # link-locals still doing DAD send nothing
-    for ns in (host, topo.inet, *topo.guests.values()):
-        while ns.run("ip", "-6", "addr", "show", "tentative").stdout.strip():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    settle((host, topo.inet, *topo.guests.values()))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from netlab import SEED, Topology
+from netlab import SEED, Topology, settle
 
 from kvmufw_hook import ops
 from kvmufw_hook.backends.iptables import IptablesBackend
@@ -102,16 +102,6 @@ FAR6 = "2001:db8:ee::9"  # beyond inet, on a route whose MTU is 1280
 BIG = 1400  # bytes of UDP payload: more than that route takes
 
 
-def _settle(namespaces) -> None:
-    """Wait until no address is tentative (link-locals doing DAD): until then the
-    kernel neither sends from them nor answers neighbour solicitations for them."""
-    deadline = time.monotonic() + 10
-    for ns in namespaces:
-        while ns.run("ip", "-6", "addr", "show", "tentative").stdout.strip():
-            assert time.monotonic() < deadline, ns.run("ip", "-6", "addr").stdout
-            time.sleep(0.1)
-
-
 def dual_stack(host) -> Topology:
     """test_kernel's topology with IPv6 added, and a second bridge for NAT66."""
     topo = Topology(host)
@@ -148,7 +138,7 @@ def _add_ipv6(topo: Topology) -> None:
     topo.inet.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
     topo.inet.run("ip", "-6", "route", "add", "2001:db8:ee::/64", "dev", "eth0",
                   "mtu", "lock", "1280")
-    _settle([host, topo.inet, *topo.guests.values()])
+    settle([host, topo.inet, *topo.guests.values()])
 
 
 @pytest.fixture

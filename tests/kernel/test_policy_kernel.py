@@ -8,11 +8,10 @@ bridge virbr2 (network ``iso``, isolated: 10.0.2.0/24, fd00:2::/64) with guest g
 """
 
 import sys
-import time
 
 import pytest
 from hookrun import FORWARDS
-from netlab import Netns, Topology, veth
+from netlab import Netns, Topology, settle, veth
 
 from kvmufw_hook import ops, state
 from kvmufw_hook.backends.iptables import IptablesBackend
@@ -54,15 +53,6 @@ def _v6(ns, addr: str, gateway: str | None = None, dev: str = "eth0") -> None:
         ns.run("ip", "-6", "route", "add", "default", "via", gateway)
 
 
-def _settle(namespaces) -> None:
-    """Until no address is tentative (link-locals doing DAD)."""
-    deadline = time.monotonic() + 10
-    for ns in namespaces:
-        while ns.run("ip", "-6", "addr", "show", "tentative").stdout.strip():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-
-
 @pytest.fixture
 def topo(netns):
     topology = Topology(netns)
@@ -82,7 +72,7 @@ def topo(netns):
         inet.run("ip", "-6", "route", "add", "fd00::/16", "via", HOST6)
         host.run("iptables-restore", input=_seed(4, ["virbr1", "virbr2"]))
         host.run("ip6tables-restore", input=_seed(6, ["virbr1", "virbr2"]))
-        _settle([host, inet, *topology.guests.values()])
+        settle([host, inet, *topology.guests.values()])
         inet.serve("tcp", 9000)
         yield topology
     finally:
@@ -175,7 +165,7 @@ def test_a_narrower_network_started_later_does_not_capture_a_forward(topo, backe
     attacker.run("ip", "addr", "add", "10.0.0.5/29", "dev", "eth0")
     attacker.run("ip", "route", "add", "default", "via", "10.0.0.2")
     _v6(attacker, "fd00:10::5/80", "fd00:10::2")
-    _settle([attacker])
+    settle([attacker])
     attacker.serve("tcp", 22)
     logs: list[str] = []
     net, _ = parse_hookdata(EVIL)
@@ -195,7 +185,7 @@ def test_a_forward_to_an_address_dnsmasq_leased_to_another_guest_is_refused(
     g6 = topo.guests[6]
     slaac = eui64_address(parse_hookdata(LAB)[0].subnets[1], G6_MAC)
     _v6(g6, f"{slaac}/64")
-    _settle([g6])
+    settle([g6])
     g6.serve("tcp", 22)
     with open(f"{state_env['KVMUFW_DNSMASQ_DIR']}/virbr1.status", "w") as fh:
         fh.write(f'[{{"ip-address": "10.0.0.6", "mac-address": "{G6_MAC}", '

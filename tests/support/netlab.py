@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PEER = str(Path(__file__).resolve().parent / "peer.py")
@@ -182,3 +183,13 @@ COMMIT
 -A LIBVIRT_PRT -s 10.0.0.0/24 -d 224.0.0.0/24 -j RETURN
 COMMIT
 """
+
+
+def settle(namespaces) -> None:
+    """Wait until no address is tentative (link-locals doing DAD): until then the
+    kernel neither sends from them nor answers neighbour solicitations for them."""
+    deadline = time.monotonic() + 10
+    for ns in namespaces:
+        while ns.run("ip", "-6", "addr", "show", "tentative").stdout.strip():
+            assert time.monotonic() < deadline, ns.run("ip", "-6", "addr").stdout
+            time.sleep(0.1)
