@@ -29,8 +29,8 @@ def cmd_plan(args) -> int:
     """Print what the given XML files would apply on a host with none of our rules, in
     the host's firewall backend's terms (iptables: one restore payload per family)."""
     from .backends import default_backend
+    from .hostplan import plan_host
     from .model import Domain, Network
-    from .ops import plan_host
     from .parse import parse_any
 
     networks: dict[str, Network] = {}

@@ -159,7 +159,7 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend):
         read_tables,
         tables_present,
     )
-    from .ops import plan_host
+    from .hostplan import plan_host
     nft = LibvirtNft.beside(backend)
     firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
     out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]

@@ -68,7 +68,7 @@ def _hairpin_off(backend) -> list[str]:
     """The ports our state says need hairpin mode now and lack it."""
     from .backends.bridgeports import BridgePorts
     from .hairpin import plan_host_hairpin
-    from .ops import plan_host
+    from .hostplan import plan_host
     domains = state.load_domains()
     wanted = plan_host_hairpin(domains, plan_host(state.load_networks(), domains).rules)
     ports = BridgePorts.beside(backend)

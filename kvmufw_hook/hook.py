@@ -8,6 +8,13 @@ heavy: lxml, the planner and the backends are imported only when there is work. 
 same. A guest's stop needs only its name: no XML, no lxml, one iptables-save (none
 after a write of ours: ``backends.iptables.Record``) and one iptables-restore.
 
+The guest-stop budget: a stop (qemu ``stopped``, then ``release``) runs on libvirt's
+critical path of every shutdown, so it loads the package's modules of ``STOP_MODULES``
+and nothing else of ours, and of the standard library only ``STOP_STDLIB`` beyond what
+the interpreter loads to start (``tests/test_hook.py`` runs a real stop and checks
+both). Only those modules keep start-up tricks (imports inside functions, annotations
+behind ``TYPE_CHECKING``); every other module is written plainly.
+
 Exit status follows libvirt's semantics: a failing validation or start op returns
 non-zero so libvirt refuses the start; ``stopped``, ``release`` and ``reconnect`` always
 return 0 (non-zero from ``reconnect`` kills the running guest); ``restore`` returns 0.
@@ -18,6 +25,16 @@ Neither writes to stdout (stdout would replace the domain XML).
 
 import sys
 
+STOP_MODULES = frozenset({
+    "kvmufw_hook", "kvmufw_hook.hook", "kvmufw_hook.log", "kvmufw_hook.errors",
+    "kvmufw_hook.names", "kvmufw_hook.state", "kvmufw_hook.apply", "kvmufw_hook.process",
+    "kvmufw_hook.conntrack", "kvmufw_hook.backends", "kvmufw_hook.backends.bridgeports",
+    "kvmufw_hook.backends.iptables", "kvmufw_hook.backends.nftprobe",
+    "kvmufw_hook.backends.tags"})
+STOP_STDLIB = frozenset({
+    "__future__", "os", "posixpath", "genericpath", "stat", "_stat", "_collections_abc",
+    "errno", "fcntl", "time", "select", "_socket", "struct", "_struct", "syslog",
+    "encodings.unicode_escape"})
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
 QEMU_OPS = {"start", "stopped", "release", "reconnect", "migrate", "restore"}
 # Where distributions install python3-lxml. The shims run python with -S, and site.main()
@@ -49,7 +66,7 @@ def _has_our_metadata(data: bytes) -> bool:
     return NAMESPACE.encode() in data
 
 
-def main(kind: str, argv=None, stdin=None) -> int:
+def main(kind: str, argv: list[str] | None = None, stdin: bytes | None = None) -> int:
     """Run one hook call; returns the exit status. Never writes to stdout."""
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # nothing we call may write to libvirt's stdout
@@ -67,7 +84,7 @@ def main(kind: str, argv=None, stdin=None) -> int:
         sys.stdout = real_stdout
 
 
-def _main(kind: str, argv, stdin) -> int:
+def _main(kind: str, argv: list[str], stdin: bytes | None) -> int:
     if len(argv) < 2:
         return 0
     name, op = argv[0], argv[1]
@@ -120,10 +137,9 @@ def _quiet_log(message: str) -> None:
 
 def _prepare_lxml() -> None:
     """In the shims' process (python -S): put the directory that holds lxml on sys.path,
-    the distribution's own when it has lxml, else whatever site finds; and defer inspect."""
+    the distribution's own when it has lxml, else whatever site finds."""
     if not sys.flags.no_site or "lxml" in sys.modules:
         return
-    _defer_inspect()
     import os
     for directory in DIST_PACKAGES:
         if os.path.isdir(os.path.join(directory, "lxml")):
@@ -132,42 +148,6 @@ def _prepare_lxml() -> None:
             return
     import site
     site.main()
-
-
-class _DeferredInspect(type(sys)):  # type: ignore[misc]
-    """Stands in for the inspect module until something really uses it.
-
-    lxml (``from inspect import getfullargspec``, and Cython wraps ``isgenerator``) and
-    dataclasses (``import inspect``) import it when they load, and a hook never calls
-    it; loading it (ast, dis, tokenize, enum, ...) costs about a third of the
-    interpreter's own start-up. Any attribute but those two loads the real module and
-    answers from it, so a use nobody foresaw is slower, never wrong.
-    """
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):  # the import system asks for __path__, __spec__, ...
-            raise AttributeError(name)
-        return getattr(_real_inspect(), name)
-
-    @staticmethod
-    def getfullargspec(func):
-        return _real_inspect().getfullargspec(func)
-
-    @staticmethod
-    def isgenerator(obj) -> bool:
-        return _real_inspect().isgenerator(obj)
-
-
-def _real_inspect():
-    if isinstance(sys.modules.get("inspect"), _DeferredInspect):
-        del sys.modules["inspect"]
-    import inspect
-    return inspect
-
-
-def _defer_inspect() -> None:
-    if "inspect" not in sys.modules:
-        sys.modules["inspect"] = _DeferredInspect("inspect")
 
 
 def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:

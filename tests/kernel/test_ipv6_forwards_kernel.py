@@ -17,8 +17,8 @@ from hookrun import run_hook
 from kvmufw_hook import ops, state
 from kvmufw_hook.backends.iptables import IptablesBackend
 from kvmufw_hook.errors import InputError
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
-from kvmufw_hook.plan import plan_domain_owner
 
 # --------------------------------------------------------------------------- the kernel
 
@@ -45,7 +45,7 @@ def ours4(netns) -> list[str]:
 def present(netns, name: str, net_raw: bytes, dom_raw: bytes) -> bool:
     backend = ns_backend(netns)
     net = parse_network_xml(net_raw)
-    rules = plan_domain_owner(parse_domain_xml(dom_raw), {net.name: net})
+    rules = owner_rules(parse_domain_xml(dom_raw), {net.name: net})
     return backend.present(backend.read((4, 6)), rules)
 
 

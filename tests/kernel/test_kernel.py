@@ -9,9 +9,9 @@ from netlab import SEED, Topology
 from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot, compose, split_by_family
 from kvmufw_hook.cli import main
 from kvmufw_hook.errors import ApplyError
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.ops import apply_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
-from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
 
 LAB = parse_network_xml((SAMPLES / "net-lab.xml").read_bytes())
 DEFAULT = parse_network_xml((SAMPLES / "02-network.default.port-created.xml").read_bytes())
@@ -21,8 +21,8 @@ NETS = {"lab": LAB, "default": DEFAULT}
 
 
 def everything():
-    return {"n=lab": plan_network_owner(LAB), "n=default": plan_network_owner(DEFAULT),
-            "d=web1": plan_domain_owner(WEB1, NETS)}
+    return {"n=lab": owner_rules(LAB), "n=default": owner_rules(DEFAULT),
+            "d=web1": owner_rules(WEB1, NETS)}
 
 
 def ours(save: str) -> list[str]:
@@ -44,7 +44,7 @@ def test_plan_output_passes_iptables_restore_test(netns, capsys, tmp_path):
 def test_rendered_rules_read_back_byte_identical(netns):
     backend = IptablesBackend(prefix=netns.prefix)
     rules = everything()
-    rules["d=app2"] = plan_domain_owner(APP2, NETS)
+    rules["d=app2"] = owner_rules(APP2, NETS)
     apply_rules(rules, backend=backend)
     ruleset = backend.read()
     for family, owned in split_by_family(rules).items():  # IPv6 too: lab has fd00:10::/64
@@ -101,7 +101,7 @@ def test_jumps_are_repaired_to_position_one(netns):
 def test_refused_change_leaves_nothing_behind(netns):
     netns.run("iptables-restore", input=SEED)
     backend = IptablesBackend(prefix=netns.prefix)
-    apply_rules({"n=default": plan_network_owner(DEFAULT)}, backend=backend)
+    apply_rules({"n=default": owner_rules(DEFAULT)}, backend=backend)
     before = netns.save()
     with pytest.raises(ApplyError) as exc:
         apply_rules(everything(), backend=BreaksNat(prefix=netns.prefix))
@@ -201,8 +201,8 @@ def test_a_guest_start_only_appends_and_a_stop_only_deletes(netns):
     """Flushing a chain costs the kernel an RCU grace period (tens of ms on these
     machines); appending does not. A guest start must not flush anything."""
     backend = IptablesBackend(prefix=netns.prefix)
-    apply_rules({"n=lab": plan_network_owner(LAB)}, backend=backend)
-    start = apply_rules({"d=web1": plan_domain_owner(WEB1, NETS)}, backend=backend).payload
+    apply_rules({"n=lab": owner_rules(LAB)}, backend=backend)
+    start = apply_rules({"d=web1": owner_rules(WEB1, NETS)}, backend=backend).payload
     body = [l for l in start.splitlines() if l not in ("*filter", "*nat", "COMMIT")]
     assert body and all(l.startswith("-A KVMUFW-") for l in body), start
     stop = apply_rules({"d=web1": ()}, backend=backend).payload

@@ -36,10 +36,10 @@ from kvmufw_hook.backends.libvirt_nft import (
 )
 from kvmufw_hook.backends.tags import parse_comment
 from kvmufw_hook.errors import ApplyError
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.names import Tag
 from kvmufw_hook.ops import apply_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata, parse_network_xml
-from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
 
 GOLDEN = ROOT / "tests" / "golden" / "nft-accepts.nft"
 
@@ -69,8 +69,8 @@ TAG = "kvmufw:d=g5,b=virbr1,s=10.0.0.0/24"
 
 
 def owners_rules():
-    return {"n=lab": plan_network_owner(LAB),
-            "d=g5": plan_domain_owner(parse_domain_xml(GUEST), NETS)}
+    return {"n=lab": owner_rules(LAB),
+            "d=g5": owner_rules(parse_domain_xml(GUEST), NETS)}
 
 
 def empty_table() -> NftSnapshot:
@@ -81,7 +81,7 @@ def empty_table() -> NftSnapshot:
 
 def test_golden_nft_text_for_forwards():
     rules = owners_rules()
-    rules["n=isolated"] = plan_network_owner(parse_network_xml(ISOLATED))
+    rules["n=isolated"] = owner_rules(parse_network_xml(ISOLATED))
     script = LibvirtNft.change(empty_table(), rules)
     if os.environ.get("KVMUFW_UPDATE_GOLDEN"):
         GOLDEN.write_text(script)
@@ -89,7 +89,7 @@ def test_golden_nft_text_for_forwards():
 
 
 def test_exactly_the_forwarded_guest_port_with_ct_status_dnat():
-    accepts = [render_accept(r) for r in plan_domain_owner(parse_domain_xml(GUEST), NETS)]
+    accepts = [render_accept(r) for r in owner_rules(parse_domain_xml(GUEST), NETS)]
     accepts = [a for a in accepts if a]
     assert accepts[:2] == [
         (INPUT, (f'oif "virbr1" ip daddr 10.0.0.5 tcp dport 22 ct status dnat accept '
@@ -390,11 +390,11 @@ def test_nft_refused_reverts_the_iptables_change_too(nftns):
     lab_table(nftns)
     nftns.run("iptables-restore", input=UFW_ONLY)
     backend = IptablesBackend(prefix=nftns.prefix)
-    apply_rules({"n=lab": plan_network_owner(LAB)}, backend=backend)
+    apply_rules({"n=lab": owner_rules(LAB)}, backend=backend)
     before, listed = saved(nftns), listing(nftns)
     ghost = parse_network_xml(LAB_NET.replace(b"virbr1", b"virbr9").replace(b"lab<", b"gh<"))
     with pytest.raises(ApplyError) as exc:
-        apply_rules({"n=gh": plan_network_owner(ghost)}, backend=backend)
+        apply_rules({"n=gh": owner_rules(ghost)}, backend=backend)
     assert "nft failed" in str(exc.value) and "\n" not in str(exc.value)
     assert saved(nftns) == before and listing(nftns) == listed
 
@@ -403,7 +403,7 @@ def test_iptables_refused_writes_nothing_in_libvirts_table(nftns):
     from breaking import BreaksNat
     lab_table(nftns)
     backend = IptablesBackend(prefix=nftns.prefix)
-    apply_rules({"n=lab": plan_network_owner(LAB)}, backend=backend)
+    apply_rules({"n=lab": owner_rules(LAB)}, backend=backend)
     before, listed = saved(nftns), listing(nftns)
     with pytest.raises(ApplyError):
         apply_rules(owners_rules(), backend=BreaksNat(prefix=nftns.prefix))
@@ -618,7 +618,7 @@ def test_ipv6_forwards_get_their_accepts_in_libvirts_ip6_table():
     """libvirt keeps an IPv6 subnet's rules in ``table ip6 libvirt_network``: each table
     gets the accepts of its own family, and nothing of the other."""
     dual = parse_network_xml(DUAL_NET)
-    rules = {"d=g5": plan_domain_owner(parse_domain_xml(GUEST), {"lab": dual})}
+    rules = {"d=g5": owner_rules(parse_domain_xml(GUEST), {"lab": dual})}
     v4 = LibvirtNft.change(empty_table(), rules)
     v6 = LibvirtNft.change(NftSnapshot(table=True, chains={INPUT: [], OUTPUT: []},
                                        family="ip6"), rules)
@@ -667,7 +667,7 @@ def test_dual_stack_accepts_in_both_of_libvirts_tables_and_a_stop_removes_both(n
         return nftns.run("nft", "-a", "list", "table", "ip6", "libvirt_network").stdout
     before4, before6 = listing(nftns), six()
     dual = parse_network_xml(DUAL_NET)
-    rules = {"d=g5": plan_domain_owner(parse_domain_xml(GUEST), {"lab": dual})}
+    rules = {"d=g5": owner_rules(parse_domain_xml(GUEST), {"lab": dual})}
     backend = IptablesBackend(prefix=nftns.prefix)
     apply_rules(rules, backend=backend)
     snap6 = LibvirtNft(nftns.prefix, "ip6").read()

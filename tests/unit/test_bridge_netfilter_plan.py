@@ -12,16 +12,16 @@ from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 
 def test_hairpin_is_planned_only_for_a_guests_own_ports_into_its_forwards_bridges():
     from kvmufw_hook.hairpin import HairpinPort, plan_hairpin
-    from kvmufw_hook.plan import plan_domain_owner
+    from kvmufw_hook.hostplan import owner_rules
     dom = parse_domain_xml(G5.replace(b"</devices>", b"""<interface type='bridge'>
         <source bridge='br0'/><mac address='52:54:00:00:00:99'/><target dev='vnet9'/>
       </interface></devices>"""))
     lab, _ = parse_hookdata(LAB)
-    rules = plan_domain_owner(dom, {"lab": lab})
+    rules = owner_rules(dom, {"lab": lab})
     assert plan_hairpin(dom, rules) == (HairpinPort("vp10005", "virbr1", (4, 6)),)
     assert plan_hairpin(dom, ()) == ()  # no forwards: no hairpin
     v4 = parse_domain_xml(G5_V4_ONLY)
-    assert plan_hairpin(v4, plan_domain_owner(v4, {"lab": lab})) == (
+    assert plan_hairpin(v4, owner_rules(v4, {"lab": lab})) == (
         HairpinPort("vp10005", "virbr1", (4,)),)
 
 

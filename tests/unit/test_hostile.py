@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from kvmufw_hook.backends.iptables import render_rule
 from kvmufw_hook.errors import InputError
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata, parse_network_xml
-from kvmufw_hook.plan import check_conflicts, plan_domain_owner, plan_network_owner
+from kvmufw_hook.plan import check_conflicts
 
 LAB = parse_network_xml((SAMPLES / "net-lab.xml").read_bytes())
 
@@ -24,7 +25,7 @@ def test_parser_and_planner_accept_or_refuse_in_one_line(elements):
     try:
         dom = parse_domain_xml(xml)
         check_conflicts("domain 'web1'", dom.forwards, [])
-        rules = plan_domain_owner(dom, {"lab": LAB})
+        rules = owner_rules(dom, {"lab": LAB})
     except InputError as exc:
         text = str(exc)
         assert "\n" not in text and text.startswith("domain 'web1': ")
@@ -49,10 +50,10 @@ def test_arbitrary_bytes_never_crash_the_parser(data):
 def test_hostile_names_make_safe_tags(name):
     dom = parse_domain_xml(domain_with('<kvmufw:forward host-port="2222" guest-port="22"/>',
                                        name=xml_attr(name)))
-    rules = plan_domain_owner(dom, {"lab": LAB})
+    rules = owner_rules(dom, {"lab": LAB})
     net = parse_network_xml((SAMPLES / "net-lab.xml").read_text().replace(
         "<name>lab</name>", f"<name>{xml_attr(name)}</name>"))
-    for rule in rules + plan_network_owner(net):
+    for rule in rules + owner_rules(net):
         comment = TAG.search(render_rule(rule)[1]).group(1)
         assert len(comment) <= 256 and set(comment) <= set(string.printable)
         owner = comment.split(",")[0]

@@ -14,10 +14,10 @@ from dualstack import DB_MAC, EVIL_MAC, WEB1_MAC, WIDE, dom_xml, net_xml, wide_w
 from kvmufw_hook import ops
 from kvmufw_hook.backends.iptables import render_rule
 from kvmufw_hook.errors import InputError
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
 from kvmufw_hook.plan import (
     check_conflicts,
-    plan_domain_owner,
     resolve_domain_forwards,
     resolve_network_forwards,
 )
@@ -106,14 +106,14 @@ def test_a_domain_cannot_forward_to_the_slaac_address_of_another_guests_mac():
 # --------------------------------------------------------------------------- families
 
 def test_a_v6_source_list_never_opens_ipv4():
-    rules = plan_domain_owner(parse_domain_xml(dom_xml(
+    rules = owner_rules(parse_domain_xml(dom_xml(
         "web1", WEB1_MAC, 'host-port="2222" guest-port="22" source="2001:db8::/32"')),
         {"lab": parse_network_xml(net_xml())})
     assert rules and {r.family for r in rules} == {6}
 
 
 def test_dual_guest_ip_with_a_v4_host_ip_only_forwards_ipv4():
-    rules = plan_domain_owner(parse_domain_xml(dom_xml(
+    rules = owner_rules(parse_domain_xml(dom_xml(
         "web1", WEB1_MAC, 'host-port="2222" guest-ip="10.0.0.20,fd00:10::20" '
         'host-ip="203.0.113.1"')), {"lab": parse_network_xml(net_xml())})
     assert rules and {r.family for r in rules} == {4}
@@ -179,7 +179,7 @@ def test_a_v4_only_and_a_v6_only_forward_of_two_owners_share_a_port():
 def test_ipv6_rules_render_the_family_they_claim():
     """Every IPv6 rule renders IPv6 addresses only (ip6tables-restore would refuse the
     whole payload for one IPv4 address)."""
-    rules = plan_domain_owner(parse_domain_xml(dom_xml(
+    rules = owner_rules(parse_domain_xml(dom_xml(
         "web1", WEB1_MAC, 'host-port="2222" guest-port="22" '
         'source="2001:db8::/32,198.51.100.0/24"')), {"lab": parse_network_xml(net_xml())})
     for rule in rules:

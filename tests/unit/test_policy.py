@@ -300,7 +300,7 @@ def test_a_recheck_withdraws_a_forward_to_an_address_now_reserved_for_another_gu
     for a new guest; a forward whose port another owner holds keeps the rules it has
     (none: ``late``'s 8080 was never applied), and nothing of a forward its XML no
     longer declares (``late``'s 9090) stays."""
-    from kvmufw_hook.ops import plan_host
+    from kvmufw_hook.hostplan import plan_host
     from kvmufw_hook.parse import parse_network_xml
     lab = parse_network_xml(LAB.replace(b"</dhcp>", b"<host mac='52:54:00:00:00:50' "
                                                     b"ip='10.0.0.50'/></dhcp>"))
