@@ -67,12 +67,6 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def kernel_claims(backend=None) -> dict[str, list[ForwardSpec]]:
-    """owner -> the host ports its rules in the kernel hold right now."""
-    backend = backend or default_backend()
-    return backend.claims(backend.read())
-
-
 def host_facts(backend=None) -> Callable[[], host.HostFacts]:
     """How to read the host's facts in the backend's namespace, and root's configuration,
     when a check needs them."""
@@ -150,6 +144,33 @@ def _attached(dom: Domain, net: Network) -> bool:
                for nic in dom.nics)
 
 
+def _network_checked(net: Network, backend):
+    """Every check of a network's forwards against this host, under the state lock:
+    (the networks with it, the guests, its rules composed, the firewall as read, the
+    ports each owner's rules hold). InputError names the network, forward and reason."""
+    networks = state.load_networks()
+    networks[net.name] = net
+    domains = state.load_domains()
+    mine = compose(net, networks)
+    before = backend.read(families_of({mine.owner: mine.rules}))
+    held = backend.claims(before)
+    if net.forwards:
+        check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
+        check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
+                   held.get(mine.owner, ()), mine.families)
+    return networks, domains, mine, before, held
+
+
+@retrying(lambda: None)  # after uninstall: nothing to check
+def network_arriving(net: Network, backend=None) -> None:
+    """The checks of ``network_started`` and nothing else (no state, no rule):
+    ``forward add --network`` checks a running network's new forwards with them before
+    it writes anything."""
+    if net.with_rules and net.forwards:
+        with state.locked():
+            _network_checked(net, backend or default_backend())
+
+
 @retrying(lambda: Applied(""))
 def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
     """Add the network's rules and forwards; re-add forwards of running guests on it.
@@ -160,16 +181,7 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
         return Applied("")
     backend = backend or default_backend()
     with state.locked():
-        networks = state.load_networks()
-        networks[net.name] = net
-        domains = state.load_domains()
-        mine = compose(net, networks)
-        before = backend.read(families_of({mine.owner: mine.rules}))
-        held = backend.claims(before)
-        if net.forwards:
-            check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
-            check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
-                       held.get(mine.owner, ()), mine.families)
+        networks, domains, mine, before, held = _network_checked(net, backend)
         # every owner this network could capture or contradict is re-checked: guests on
         # it, and every owner whose forwards reach into its subnets (a port taken
         # meanwhile keeps the rules it has; a forward now reaching someone else's is

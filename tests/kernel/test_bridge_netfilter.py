@@ -212,7 +212,7 @@ def test_a_bridge_network_passes_what_crosses_the_bridge_and_nothing_routed(topo
 
 
 def test_doctor_finds_a_guest_port_that_lost_its_hairpin(topo):
-    from kvmufw_hook.doctor_bridges import check_bridge_netfilter
+    from kvmufw_hook.commands.doctor_bridges import check_bridge_netfilter
     br_netfilter(topo, True, False)
     backend = start(topo)
     uri = "test:///nowhere"  # libvirt is not asked here: the hairpin check needs our state
@@ -288,7 +288,7 @@ DOCKER_NFT = """table ip docker-bridges {
 
 
 def test_dockers_nftables_rules_leave_our_guests_alone_unless_their_policy_drops(topo):
-    from kvmufw_hook.doctor_bridges import docker_nft_finding, docker_nft_policies
+    from kvmufw_hook.commands.doctor_bridges import docker_nft_finding, docker_nft_policies
     host = topo.host
     topo.add_bridge("docker0", "172.17.0.1/16")
     topo.inet.serve("tcp", 9000)

@@ -219,8 +219,8 @@ def test_without_root_one_line_says_so(netns, state_env):
 def test_doctor_verdicts_are_exact(netns, state_env):
     """No FAIL for ip_forward off without an active routing network; a jump FAIL names
     only the chains that are wrong."""
-    from kvmufw_hook import doctor
     from kvmufw_hook.backends.iptables import IptablesBackend
+    from kvmufw_hook.commands import doctor
     from kvmufw_hook.parse import parse_network_xml
     finding = doctor.check_forwarding({})
     assert finding.level in ("OK", "WARN")

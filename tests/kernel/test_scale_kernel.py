@@ -4,12 +4,13 @@ lists the listeners /proc lists (timings belong to benchmarks/run.py)."""
 
 import sys
 
-from kvmufw_hook import ops, status
+from kvmufw_hook import ops
 from kvmufw_hook.backends.iptables import (
     IptablesBackend,
     compose,
     transition,
 )
+from kvmufw_hook.commands import status
 
 GUESTS = 60
 
@@ -51,7 +52,7 @@ def test_a_stop_deletes_in_short_chains_and_rewrites_long_ones(netns, state_env)
 
 def test_status_finds_each_forward_of_many_guests(netns, state_env, monkeypatch):
     backend = IptablesBackend(prefix=netns.prefix)
-    monkeypatch.setattr("kvmufw_hook.status.default_backend", lambda: backend)
+    monkeypatch.setattr("kvmufw_hook.commands.status.default_backend", lambda: backend)
     ops.replay([network_xml(GUESTS)], [domain_xml(i, 10) for i in range(GUESTS)],
                backend=backend)
     victim = next(l for l in backend.read()[4].ours()["nat"]["KVMUFW-PREROUTING"]

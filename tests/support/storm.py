@@ -309,8 +309,9 @@ class Host:
         return self._in_env(lambda: self._check(phase))
 
     def _check(self, phase: str) -> list[str]:
-        from kvmufw_hook import state, status
+        from kvmufw_hook import state
         from kvmufw_hook.backends.iptables import IptablesBackend, Ruleset
+        from kvmufw_hook.commands import status
         from kvmufw_hook.hostplan import plan_host
         from kvmufw_hook.names import domain_owner, network_owner
         from kvmufw_hook.parse import parse_domain_xml, parse_hookdata

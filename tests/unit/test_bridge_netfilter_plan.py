@@ -26,7 +26,7 @@ def test_hairpin_is_planned_only_for_a_guests_own_ports_into_its_forwards_bridge
 
 
 def test_doctor_says_per_family_whether_bridged_frames_meet_iptables_and_what_follows():
-    from kvmufw_hook.doctor_bridges import bridge_findings
+    from kvmufw_hook.commands.doctor_bridges import bridge_findings
     from kvmufw_hook.parse import parse_network_xml
     off = bridge_findings([], [], [], [])
     assert [(f.level, f.check) for f in off] == [("OK", "br_netfilter")]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmufw_hook import doctor
+from kvmufw_hook.commands import doctor
 from kvmufw_hook.model import Network
 
 pytestmark = pytest.mark.unit

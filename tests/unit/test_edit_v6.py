@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmufw_hook import edit
+from kvmufw_hook.commands import forward as edit
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,7 @@ import stat
 import pytest
 from conftest import ROOT
 
-from kvmufw_hook import doctor
+from kvmufw_hook.commands import doctor
 from kvmufw_hook.commands import install as inst
 from kvmufw_hook.installation import MANIFEST, Record
 

@@ -376,7 +376,7 @@ def _libvirt_is(conn: _Conn, fake, monkeypatch) -> None:
     """``edit`` talks to ``conn`` as to libvirt, and the hooks it runs to ``fake``."""
     import types
 
-    from kvmufw_hook import edit
+    from kvmufw_hook.commands import forward as edit
     module = types.SimpleNamespace(VIR_NETWORK_XML_INACTIVE=1,
                                    VIR_CONNECT_LIST_NETWORKS_ACTIVE=1,
                                    VIR_CONNECT_LIST_DOMAINS_ACTIVE=1,
@@ -395,10 +395,9 @@ def test_a_refused_network_forward_add_changes_nothing(quiet_host, monkeypatch):
     """``forward add --network lab 2222:22 --guest-ip 10.0.0.5`` while the route network
     ``narrow`` (10.0.0.0/29) is active: the kernel routes 10.0.0.5 to narrow, and
     ``network_started`` refuses the forward (``_routed_elsewhere``). ``edit_network``
-    resolves the live forwards without ``others``, so that check lives in the hook only:
-    the persistent definition is redefined and the override saved before the refusal.
-    The next boot's network ``start`` hook then refuses lab itself."""
-    from kvmufw_hook import edit
+    runs the same checks first (``ops.network_arriving``): neither the persistent
+    definition nor the override is written."""
+    from kvmufw_hook.commands import forward as edit
     fake = FakeBackend()
     start_net(fake, nat_net())
     start_net(fake, NARROW)
@@ -412,7 +411,7 @@ def test_a_refused_network_forward_add_changes_nothing(quiet_host, monkeypatch):
 def test_a_network_forward_add_refused_by_the_apply_defines_nothing(quiet_host, monkeypatch):
     """Every check of ``edit`` passes but the hook's apply refuses (another owner took
     the port under the lock meanwhile): neither the definition nor the override stays."""
-    from kvmufw_hook import edit
+    from kvmufw_hook.commands import forward as edit
     from kvmufw_hook.errors import Unavailable
     fake = FakeBackend()
     start_net(fake, nat_net())

@@ -303,8 +303,8 @@ def test_allow_host_service_is_parsed_for_domains_and_networks():
 
 
 def test_cli_allow_host_service_maps_to_the_attribute(monkeypatch):
-    from kvmufw_hook import edit
     from kvmufw_hook.cli import main
+    from kvmufw_hook.commands import forward as edit
     seen = {}
     monkeypatch.setattr(edit, "edit_domain",
                         lambda uri, name, action, spec, log: seen.update(spec) or "ok")
@@ -315,7 +315,7 @@ def test_cli_allow_host_service_maps_to_the_attribute(monkeypatch):
 # --------------------------------------------------------------------------- the same forward
 
 def _edited(action, spec, existing):
-    from kvmufw_hook.edit import _change
+    from kvmufw_hook.commands.forward import _change
     from kvmufw_hook.parse import DOMAIN_ATTRS
     return _change(action, spec, "domain 'web1'", DOMAIN_ATTRS)(existing)
 
@@ -357,8 +357,8 @@ def test_remove_picks_one_by_host_ip_and_refuses_an_ambiguous_remove():
 
 
 def test_cli_remove_takes_host_ip(monkeypatch):
-    from kvmufw_hook import edit
     from kvmufw_hook.cli import main
+    from kvmufw_hook.commands import forward as edit
     seen = {}
     monkeypatch.setattr(edit, "edit_domain",
                         lambda uri, name, action, spec, log: seen.update(spec) or "ok")
@@ -391,8 +391,8 @@ def _no_raw_control(text: str):
 def test_status_table_escapes_comments_and_shows_whitespace_twins_apart(monkeypatch, capsys):
     import json
 
-    from kvmufw_hook import status
     from kvmufw_hook.cli import main
+    from kvmufw_hook.commands import status
     monkeypatch.setattr(status, "collect", lambda backend=None: _report())
     assert main(["status"]) == 0
     lines = _no_raw_control(capsys.readouterr().out)
@@ -407,8 +407,8 @@ def test_status_table_escapes_comments_and_shows_whitespace_twins_apart(monkeypa
 def test_forward_list_table_escapes_and_json_is_exact(monkeypatch, capsys):
     import json
 
-    from kvmufw_hook import edit
     from kvmufw_hook.cli import main
+    from kvmufw_hook.commands import forward as edit
     rows = [{"owner": "domain victim\x1b[1A", "active": True, "host-port": "2222",
              "comment": EVIL, "source": "10.0.0.0/8"}]
     monkeypatch.setattr(edit, "list_forwards", lambda uri, dom, net: rows)
@@ -420,8 +420,8 @@ def test_forward_list_table_escapes_and_json_is_exact(monkeypatch, capsys):
 
 
 def test_error_lines_escape_control_characters(monkeypatch, capsys):
-    from kvmufw_hook import edit
     from kvmufw_hook.cli import main
+    from kvmufw_hook.commands import forward as edit
 
     def refuse(*_args, **_kw):
         raise InputError("libvirt refused: name\x1b]0;pwned\x07 \x9bx")

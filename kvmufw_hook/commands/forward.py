@@ -9,17 +9,20 @@ inactive one: persistent; a network: its persistent definition) and the rules ap
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from lxml import etree
 
-from . import host, ops, policy, state
-from .errors import InputError, shown
-from .model import Domain, ForwardSpec, Network
-from .names import NAMESPACE, domain_owner, network_owner
-from .parse import (
+from .. import ops, state
+from ..errors import InputError, shown
+from ..log import log
+from ..model import Domain, ForwardSpec, Network
+from ..names import NAMESPACE
+from ..parse import (
     DOMAIN_ATTRS,
     NETWORK_ATTRS,
     load,
@@ -28,14 +31,15 @@ from .parse import (
     parse_forwards,
     parse_network,
 )
-from .plan import (
+from ..plan import (
     check_conflicts,
-    forward_families,
     resolve_domain_forwards,
     resolve_network_forwards,
     same_host_port,
 )
-from .virt import KEY, connect, libvirt_module, lookup
+from ..virt import KEY, connect, libvirt_module, lookup
+from . import add_connect, describe, write_json
+from .table import shown_name, table
 
 Attrs = dict[str, str]
 _SPEC = re.compile(r"([0-9]+(?:-[0-9]+)?)(?::([0-9]+(?:-[0-9]+)?))?(?:/([A-Za-z]+))?")
@@ -257,15 +261,8 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: Non
             _change(action, spec, what, DOMAIN_ATTRS),
             [_forwards_of(r) if r is not None else None for r in (live_root, config_root)])
         if live_root is not None and live is not None:
-            candidate = parse_domain(_with_forwards(live_root, live))
-            networks, domains = _live(conn)
-            policy.resolve_domain(candidate, networks, state.network_ports,
-                                  host.network_leases)
-            held = ops.kernel_claims()
-            owner = domain_owner(name)
-            policy.check_claims(what, owner, candidate.forwards, networks, domains, held)
-            policy.check_host(what, owner, candidate.forwards, ops.host_facts(), networks,
-                              held=held.get(owner, ()))
+            # the start hook's own checks, and nothing else: no state, no rule
+            ops.domain_arriving(parse_domain(_with_forwards(live_root, live)))
         if config_root is not None and config is not None:
             later = parse_domain(_with_forwards(config_root, config))
             check_conflicts(what, later.forwards, ())
@@ -307,18 +304,9 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: No
         new_persistent = _with_forwards(persistent, config or [])
         resolve_network_forwards(parse_network(new_persistent))
         if live_root is not None and live is not None:
-            # every check before anything is written: against the other networks too (a
-            # narrower one routes the guest address away), as the hook will check it
+            # the start hook's own checks before anything is written
             live_model = parse_network(_with_forwards(live_root, live))
-            networks, domains = _live(conn)
-            networks[name] = live_model
-            targets = resolve_network_forwards(live_model, networks)
-            held = ops.kernel_claims()
-            owner = network_owner(name)
-            policy.check_claims(what, owner, live_model.forwards, networks, domains, held)
-            policy.check_host(what, owner, live_model.forwards, ops.host_facts(), networks,
-                              held=held.get(owner, ()),
-                              families=forward_families(live_model.forwards, targets))
+            ops.network_arriving(live_model)
             previous = state.network_override(name)
             state.save_network_override(name, etree.tostring(_forwards_element(live)))
             try:
@@ -393,18 +381,141 @@ def list_row(row: dict) -> tuple[str, ...]:
     else:  # a MAC is no address: no brackets
         guest = f"{row.get('guest-mac') or row.get('mac') or '(reservation)'}:{guest_port}"
     kind, _, name = row["owner"].partition(" ")
-    from .status import shown_name
     owner = f"{kind} {shown_name(name)}" + ("" if row["active"] else " (inactive)")
     source = ",".join(_addresses(row["source"])) if "source" in row else "any"
     return (owner, row.get("proto", "tcp"), host, guest, source, row.get("comment", ""))
 
 
 def format_list(rows: list[dict]) -> str:
-    """The ``forward list`` table: every cell escaped (``--json`` keeps the exact
-    text); the comment last and not padded."""
-    from .errors import printable
-    table = [tuple(printable(cell) for cell in row)
-             for row in (LIST_HEADER, *(list_row(r) for r in rows))]
-    widths = [max(len(row[i]) for row in table) for i in range(len(LIST_HEADER) - 1)]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
-                   + "  " + row[-1] + "\n" for row in table)
+    """The ``forward list`` table (``--json`` keeps the exact text)."""
+    return table([LIST_HEADER, *(list_row(r) for r in rows)])
+
+
+# --------------------------------------------------------------------------- command line
+
+SPEC_HELP = "HOST_PORT[:GUEST_PORT][/PROTO]"
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    describe(parser, "Edit the forwards metadata through libvirt and apply it at once: a "
+             "running guest keeps running; a network's persistent definition is updated and "
+             "its rules applied now. Everything is checked before anything is written.",
+             "examples:\n"
+             "  kvmufw_hook forward add web1 2222:22\n"
+             "  kvmufw_hook forward add web1 6000-6002:5000-5002/udp --source 198.51.100.0/24\n"
+             "  kvmufw_hook forward add --network lab 8080:80 --guest-mac 52:54:00:00:00:20\n"
+             "  kvmufw_hook forward remove web1 2222/tcp [--host-ip IP]\n"
+             "  kvmufw_hook forward list web1")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    add = actions.add_parser("add", help="add a forward and apply it")
+    describe(add, "Add a forward to a domain (DOMAIN SPEC) or a network (--network NAME "
+             f"SPEC), SPEC being {SPEC_HELP}, and apply it at once.",
+             "examples:\n"
+             "  kvmufw_hook forward add web1 2222:22\n"
+             "  kvmufw_hook forward add web1 6000-6002:5000-5002/udp --source 198.51.100.0/24\n"
+             "  kvmufw_hook forward add --network lab 8080:80 --guest-mac 52:54:00:00:00:20")
+    _target(add)
+    add.add_argument("--source", metavar="CIDR[,CIDR…]", help="only from these addresses")
+    add.add_argument("--host-ip", metavar="IP", help="only to this host address")
+    add.add_argument("--mac", metavar="MAC", help="domain: which NIC")
+    add.add_argument("--guest-ip", metavar="IP", help="the guest's address")
+    add.add_argument("--guest-mac", metavar="MAC",
+                     help="network: resolve the guest through <dhcp><host>")
+    add.add_argument("--comment", metavar="TEXT", help="shown by status and list")
+    add.add_argument("--allow-host-service", action="store_true",
+                     help="set allow-host-service=yes (grants nothing by itself: root "
+                     "allows host services in /etc/kvmufw_hook/kvmufw_hook.conf)")
+    add.set_defaults(func=add_command)
+
+    remove = actions.add_parser("remove", help="remove a forward and apply that")
+    describe(remove, "Remove a domain's (DOMAIN SPEC) or a network's (--network NAME SPEC) "
+             "forward, SPEC being HOST_PORT[/PROTO]; --host-ip picks one where several "
+             "forwards share the port.",
+             "examples:\n  kvmufw_hook forward remove web1 2222/tcp\n"
+             "  kvmufw_hook forward remove --network lab 8080")
+    _target(remove)
+    remove.add_argument("--host-ip", metavar="IP", help="the forward to this host address")
+    remove.set_defaults(func=remove_command)
+
+    listing = actions.add_parser("list", help="list forwards as the metadata has them")
+    describe(listing, "The forwards of one domain, one network (--network NAME), or all, as "
+             "their metadata says (status says whether their rules are in).",
+             "examples:\n  kvmufw_hook forward list web1\n  kvmufw_hook forward list --json")
+    listing.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this domain's")
+    listing.add_argument("--network", metavar="NAME", help="only this network's")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    add_connect(listing)
+    listing.set_defaults(func=list_command, needs_root=False)
+
+
+def _target(parser: argparse.ArgumentParser) -> None:
+    """``DOMAIN SPEC`` or ``--network NAME SPEC``."""
+    parser.add_argument("domain", nargs="?", metavar="DOMAIN",
+                        help="the domain (leave out with --network)")
+    parser.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    parser.add_argument("--network", metavar="NAME",
+                        help="a network's forward instead of a domain's")
+    add_connect(parser)
+
+
+def _target_of(args: argparse.Namespace) -> tuple[str, str]:
+    """The domain or network a change is for, and its SPEC."""
+    if bool(args.network) == bool(args.domain):
+        raise InputError(f"usage: kvmufw_hook forward {args.action} "
+                         "DOMAIN SPEC | --network NAME SPEC"
+                         f"  (SPEC: {SPEC_HELP})")
+    return args.network or args.domain, args.spec
+
+
+def _apply(args: argparse.Namespace, target: str, spec: Attrs) -> int:
+    change = edit_network if args.network else edit_domain
+    message = change(args.connect, target, args.action, spec, log=log)
+    log(message)
+    print(message)
+    return 0
+
+
+def add_command(args: argparse.Namespace) -> int:
+    target, spec_text = _target_of(args)
+    spec = parse_spec(spec_text)
+    # `is not None`: an empty value (--source '') is checked, and refused, as typed
+    for option, attr in (("source", "source"), ("host_ip", "host-ip"),
+                         ("comment", "comment"), ("mac", "mac"),
+                         ("guest_ip", "guest-ip"), ("guest_mac", "guest-mac")):
+        if getattr(args, option) is not None:
+            spec[attr] = getattr(args, option)
+    if args.allow_host_service:
+        spec["allow-host-service"] = "yes"
+    if args.network and not (args.guest_ip or args.guest_mac):
+        raise InputError("a network forward needs --guest-ip or --guest-mac")
+    if args.network and args.mac:
+        raise InputError("--mac picks a domain's NIC; with --network use --guest-mac")
+    if not args.network and args.guest_mac:
+        raise InputError("--guest-mac is for --network forwards; a domain forward "
+                         "picks its NIC with --mac")
+    validate_spec(spec, bool(args.network),
+                  f"{'network' if args.network else 'domain'} '{target}'")
+    return _apply(args, target, spec)
+
+
+def remove_command(args: argparse.Namespace) -> int:
+    target, spec_text = _target_of(args)
+    if ":" in spec_text:
+        raise InputError("forward remove takes only DOMAIN (or --network NAME), "
+                         "HOST_PORT[/PROTO] and --host-ip")
+    spec = parse_spec(spec_text)
+    if args.host_ip is not None:
+        spec["host-ip"] = args.host_ip
+    return _apply(args, target, spec)
+
+
+def list_command(args: argparse.Namespace) -> int:
+    if args.network and args.domain:
+        raise InputError("usage: kvmufw_hook forward list [DOMAIN | --network NAME]")
+    rows = list_forwards(args.connect, args.domain, args.network)
+    if args.json:
+        write_json(rows)
+    else:
+        sys.stdout.write(format_list(rows))
+    return 0

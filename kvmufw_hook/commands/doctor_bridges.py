@@ -16,10 +16,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from . import state
+from .. import state
+from ..errors import ApplyError, InputError
+from ..model import Domain, Network
 from .doctor import Finding
-from .errors import ApplyError, InputError
-from .model import Domain, Network
 
 SYSCTL_NAMES = {4: "net.bridge.bridge-nf-call-iptables", 6: "net.bridge.bridge-nf-call-ip6tables"}
 # Docker >= 29 with --firewall-backend=nftables: its table and its forward base chain
@@ -66,9 +66,9 @@ def bridge_findings(on: Sequence[int], networks: Iterable[Network],
 
 def _hairpin_off(backend) -> list[str]:
     """The ports our state says need hairpin mode now and lack it."""
-    from .backends.bridgeports import BridgePorts
-    from .hairpin import plan_host_hairpin
-    from .hostplan import plan_host
+    from ..backends.bridgeports import BridgePorts
+    from ..hairpin import plan_host_hairpin
+    from ..hostplan import plan_host
     domains = state.load_domains()
     wanted = plan_host_hairpin(domains, plan_host(state.load_networks(), domains).rules)
     ports = BridgePorts.beside(backend)
@@ -90,8 +90,8 @@ def _parsed(raws: Iterable[bytes], parse) -> list:
 
 
 def check_bridge_netfilter(uri: str, backend) -> list[Finding]:
-    from .backends.bridgeports import BridgePorts
-    from .parse import parse_domain_xml, parse_network_xml
+    from ..backends.bridgeports import BridgePorts
+    from ..parse import parse_domain_xml, parse_network_xml
     try:
         on = BridgePorts.beside(backend).netfilter()
         hairpin_off = _hairpin_off(backend) if on else []
@@ -100,7 +100,7 @@ def check_bridge_netfilter(uri: str, backend) -> list[Finding]:
     networks: list[Network] = []
     domains: list[Domain] = []
     if on:
-        from .virt import live_xml
+        from ..virt import live_xml
         try:
             nets, doms = live_xml(uri)
         except ApplyError:
@@ -136,8 +136,8 @@ def docker_nft_finding(policies: dict[int, str]) -> list[Finding]:
 def docker_nft_policies(backend) -> dict[int, str]:
     """family -> the policy of Docker's forward base chain, where its table exists (one
     netlink request per family on the host; ``nft`` only where the table is there)."""
-    from .backends.iptables import run
-    from .backends.nftprobe import IPV4, IPV6, table_in_kernel
+    from ..backends.iptables import run
+    from ..backends.nftprobe import IPV4, IPV6, table_in_kernel
     prefix = list(getattr(backend, "prefix", None) or ())
     out = {}
     for family, nfproto, name in ((4, IPV4, "ip"), (6, IPV6, "ip6")):

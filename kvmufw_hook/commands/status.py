@@ -3,20 +3,24 @@ resolved target, and whether its rules are in the kernel right now."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 import threading
 
-from . import state
-from .backends import default_backend
-from .errors import ApplyError, InputError, printable, shown
-from .host import network_leases
-from .names import domain_owner, network_owner
-from .plan import (
+from .. import state
+from ..backends import default_backend
+from ..errors import ApplyError, InputError, printable
+from ..host import network_leases
+from ..names import domain_owner, network_owner
+from ..plan import (
     Resolved,
     plan_forwards,
     plan_network,
     resolve_network_forwards,
 )
-from .policy import resolve_domain
+from ..policy import resolve_domain
+from . import describe, write_json
+from .table import shown_name, table
 
 
 def _forward(owner: str, target: Resolved | None, spec, error: str | None, check) -> dict:
@@ -106,7 +110,7 @@ def collect(backend=None) -> dict:
             check)})
     snapshot, report["kernel_error"] = reading.result()
     # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
-    from .backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present
+    from ..backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present
     nft, accepts = LibvirtNft.beside(backend), None
     firewall = libvirt_firewall(backend.libvirt_chains(snapshot) if snapshot else (), nft)
     report["libvirt_firewall"] = firewall.backend
@@ -121,12 +125,6 @@ def collect(backend=None) -> dict:
     return report
 
 
-def shown_name(name: str) -> str:
-    """A name in a table: quoted when a space at either end would hide what it is
-    (``domain 'victim '`` beside ``domain victim``), and never with raw control text."""
-    return printable(name) if name == name.strip() and name else shown(name)
-
-
 def _bracketed(address: str | None) -> str | None:
     """An IPv6 address in brackets, so that the port after it reads as a port."""
     return f"[{address}]" if address and ":" in address else address
@@ -135,7 +133,8 @@ def _bracketed(address: str | None) -> str | None:
 def format_table(report: dict) -> str:
     """The report for people: every cell escaped (a comment may not draw a row of its
     own or move the cursor); ``--json`` keeps the exact text."""
-    rows = [("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "RULES", "COMMENT")]
+    rows: list[tuple[str, ...]] = [
+        ("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "RULES", "COMMENT")]
     for kind in ("networks", "domains"):
         for entry in report[kind]:
             owner = f"{kind[:-1]} {shown_name(entry['name'])}"
@@ -149,13 +148,24 @@ def format_table(report: dict) -> str:
                 state_text = "ok" if f["present"] else ("ERROR" if f.get("error") else "MISSING")
                 rows.append((owner, f["proto"], host, guest, ",".join(f["sources"]) or "any",
                              state_text, f.get("error") or f["comment"] or ""))
-    rows = [tuple(printable(cell) for cell in row) for row in rows]  # type: ignore[misc]
-    if len(rows) == 1:
-        text = "no networks or guests with kvmufw rules known\n"
-    else:
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        text = "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False))
-                       + "  " + r[-1] + "\n" for r in rows)
+    text = table(rows) if len(rows) > 1 else "no networks or guests with kvmufw rules known\n"
     if report.get("kernel_error"):
         text += f"cannot read the firewall: {printable(report['kernel_error'])}\n"
     return text
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    describe(parser, "Each network and guest kvmufw_hook knows of, each forward with its "
+             "resolved target, and whether its rules are in the kernel right now.",
+             "example:\n  kvmufw_hook status --json")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    report = collect()
+    if args.json:
+        write_json(report)
+    else:
+        sys.stdout.write(format_table(report))
+    return 0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
-from . import state
-from .backends import default_backend
-from .errors import ApplyError, InputError
-from .installation import (
+from .. import state
+from ..backends import default_backend
+from ..errors import ApplyError, InputError
+from ..installation import (
     HOOK_DRIVERS,
     MANIFEST,
     after_init_command,
@@ -20,6 +22,7 @@ from .installation import (
     missed_hooks,
     running_daemons,
 )
+from . import add_connect, describe, write_json
 
 
 @dataclass
@@ -152,14 +155,14 @@ def _ufw_ipv6(default: str | None, networks) -> Finding:
 def check_libvirt_firewall(ruleset, active_networks: int, backend):
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
     and our accepts in it (one per forward and direction, ahead of libvirt's rejects)."""
-    from .backends.libvirt_nft import (
+    from ..backends.libvirt_nft import (
         CHAINS,
         LibvirtNft,
         libvirt_firewall,
         read_tables,
         tables_present,
     )
-    from .hostplan import plan_host
+    from ..hostplan import plan_host
     nft = LibvirtNft.beside(backend)
     firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
     out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]
@@ -199,7 +202,7 @@ def check_rules(backend, ruleset, active_networks: int,
     """libvirt's chains (where it uses iptables), our rules and our jumps, through the
     backend's interface (``libvirt_chains``, ``has_rules``, ``bad_jumps``); a family the
     backend cannot reach, where a network needs it (``ipv6_networks``)."""
-    from .backends.iptables import LIBVIRT_CHAINS
+    from ..backends.iptables import LIBVIRT_CHAINS
     out = []
     present = backend.libvirt_chains(ruleset)
     missing = [c for c in LIBVIRT_CHAINS if c not in present]
@@ -276,8 +279,8 @@ def check_hooks(root: str = "") -> list[Finding]:
 
 
 def check_forwards(uri: str, backend) -> list[Finding]:
-    from .ops import replay
-    from .virt import live_xml
+    from ..ops import replay
+    from ..virt import live_xml
     try:
         nets, doms = live_xml(uri)
     except ApplyError as exc:
@@ -305,7 +308,7 @@ def run(uri: str, backend=None) -> list[Finding]:
         networks = {}
     findings = [check_forwarding(networks, 4), check_forwarding(networks, 6),
                 *check_ufw(networks)]
-    from .model import FAMILIES
+    from ..model import FAMILIES
     try:
         ruleset = backend.read(FAMILIES)
     except ApplyError as exc:
@@ -336,3 +339,21 @@ def format_findings(findings: list[Finding]) -> str:
     lines.append(f"{fails} FAIL, {warns} WARN, {len(findings) - fails - warns} OK"
                  f" ({time.strftime('%Y-%m-%d %H:%M:%S')})")
     return "\n".join(lines) + "\n"
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    describe(parser, "Check IP forwarding, UFW, libvirt's firewall backend and chains, our "
+             "jumps, the hooks, and every forward. Exit 1 if anything FAILs.",
+             "example:\n  kvmufw_hook doctor --json")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_connect(parser)
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    findings = run(args.connect)
+    if args.json:
+        write_json(as_json(findings))
+    else:
+        sys.stdout.write(format_findings(findings))
+    return 1 if any(f.level == "FAIL" for f in findings) else 0
