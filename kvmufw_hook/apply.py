@@ -16,10 +16,13 @@ from .names import domain_owner
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: typing and collections cost milliseconds to import
     from collections.abc import Callable, Mapping, Sequence
-    from typing import TypeVar
+    from typing import Any, TypeVar
 
-    from .plan import Rule
+    from .backends.base import Backend, Ruleset
+    from .intents import Intent
+    from .names import Tag
     T = TypeVar("T")
+    R = TypeVar("R", bound=Ruleset)
 
 
 def _quiet(_msg: str) -> None:
@@ -46,7 +49,7 @@ def retrying(nothing: Callable[[], T]) -> Callable[[Callable[..., T]], Callable[
     ApplyError; after ``uninstall`` (``state.Uninstalled``) it applies nothing and
     returns ``nothing()``."""
     def wrap(operation: Callable[..., T]) -> Callable[..., T]:
-        def run(*args, **kwargs) -> T:
+        def run(*args: Any, **kwargs: Any) -> T:
             for left in range(ATTEMPTS - 1, -1, -1):
                 try:
                     return operation(*args, **kwargs)
@@ -78,43 +81,36 @@ class Applied:
         return f"Applied({self.payload!r})"
 
 
-def _libvirt_table(backend) -> bool:
-    """Whether libvirt's nftables table may be there (then our accepts go in it too):
-    one netlink request here; a backend that runs elsewhere (``prefix``, tests in a
-    namespace) lets ``libvirt_nft`` ask with ``nft`` in that namespace."""
-    if getattr(backend, "prefix", None):
-        return True
-    from .backends.nftprobe import IPV4, IPV6, table_in_kernel
-    return table_in_kernel(IPV4) or table_in_kernel(IPV6)
-
-
-def families_of(rules: Mapping[str, Sequence[Rule]]) -> set[int]:
+def families_of(rules: Mapping[str, Sequence[Intent]]) -> set[int]:
     """The address families ``rules`` write to (the backend reads those, and those where
     rules of ours already are)."""
     return {rule.family for owned in rules.values() for rule in owned}
 
 
-def covering(backend, before, rules: Mapping[str, Sequence[Rule]]):
+def covering(backend: Backend[R, Any], before: R, rules: Mapping[str, Sequence[Intent]]) -> R:
     """``before``, or a fresh read when it lacks a family ``rules`` write to (a ruleset
     read before planning holds IPv6 only where rules of ours already were)."""
     wanted = families_of(rules)
-    if wanted <= set(before.snapshots) | set(before.unavailable):
+    if wanted <= set(before.families) | set(before.unavailable):
         return before
-    return backend.read(wanted | set(before.snapshots))
+    return backend.read(wanted | set(before.families))
 
 
-def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
-                log: Callable[[str], None] = _quiet, before=None) -> Applied:
+def apply_rules(rules: Mapping[str, Sequence[Intent]],
+                drop: Callable[[Tag], bool] | None = None,
+                backend: Backend[Any, Any] | None = None,
+                log: Callable[[str], None] = _quiet, before: Any = None) -> Applied:
     """Replace the named owners' rules (and drop matching others) in one write per
     family; ``before``: the ruleset already read under the lock, if any (read with the
     families of ``rules``).
 
-    Where libvirt uses its nftables backend, the forwards' accepts inside libvirt's table
-    follow in one ``nft -f`` after the iptables write, even when iptables has nothing to
-    change (libvirt rebuilt its table: the hooks that run after that put them back).
-    If the kernel refuses either write, our chains are put back as they were and
-    ``Stale`` is raised (the operation runs again on a fresh read: ``retrying``); a
-    change is applied whole or not at all.
+    The backend is one transaction across its participants (``backends.transaction``):
+    where libvirt uses its nftables backend, the forwards' accepts inside libvirt's table
+    follow in one ``nft -f`` after our rules, even when our rules have nothing to change
+    (libvirt rebuilt its table: the hooks that run after that put them back). If the
+    kernel refuses any write, every participant is put back as it was and ``Stale`` is
+    raised (the operation runs again on a fresh read: ``retrying``); a change is applied
+    whole or not at all.
     """
     backend = backend or default_backend()
     before = (backend.read(families_of(rules)) if before is None
@@ -122,30 +118,24 @@ def apply_rules(rules: Mapping[str, Sequence[Rule]], drop=None, backend=None,
     change = backend.change(before, rules, drop)
     for family, why in sorted(change.skipped.items()):
         log(f"IPv{family} rules left out: {why}")
-    accepts = None
-    if _libvirt_table(backend):
-        from .backends.libvirt_nft import plan_accepts
-        accepts = plan_accepts(backend, before, rules, drop)
-    if not change and not (accepts and accepts.script):
+    if not change:
         return Applied("", change.skipped)
     try:
         backend.write(change)
-        if accepts:
-            accepts.write()  # last: one transaction, so if it fails nothing of it is in
     except ApplyError as exc:
-        try:
-            if change:  # every family back as it was, those written before the failure too
-                backend.write(backend.revert(backend.read(before.snapshots), before))
+        try:  # every participant and family back as it was, those written before too
+            backend.write(backend.revert(backend.read(before.families), before))
         except ApplyError as rollback:
             log(f"rollback failed too: {rollback}")
         raise Stale(str(exc)) from None
     if change.ends_forwards():
         backend.end_flows(change, log)
-    return Applied(change.text + (accepts.text if accepts else ""), change.skipped)
+    return Applied(change.text, change.skipped)
 
 
 @retrying(lambda: Applied(""))
-def domain_stopped(name: str, backend=None, log: Callable[[str], None] = _quiet) -> Applied:
+def domain_stopped(name: str, backend: Backend[Any, Any] | None = None,
+                   log: Callable[[str], None] = _quiet) -> Applied:
     """Remove the guest's forwards (qemu stopped, release): found by their owner tag.
     The guest is gone whatever happens here: if the removal fails, its state goes all
     the same (``restore`` must never bring its forwards back) and a ``stopped`` marker

@@ -41,6 +41,13 @@ _ATTR = struct.Struct("=HH")  # struct nlattr
 #  host-ip as bytes or None): the flows one forward made
 Flow = tuple[int, int, int, int, bytes, "bytes | None"]
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # a guest's stop ends flows: no typing at run time
+    from collections.abc import Iterator
+    from typing import Any
+
+    Tuple = tuple[bytes | None, bytes | None, int | None, int | None]  # src, dst, proto, port
+
 
 def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
     """type -> (start, end) of each attribute's payload (nested flag masked off); the
@@ -55,7 +62,7 @@ def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _tuple(data: bytes, span: tuple[int, int], family: int):
+def _tuple(data: bytes, span: tuple[int, int], family: int) -> Tuple:
     """(source, destination, protocol, destination port) of a CTA_TUPLE_* attribute."""
     inner = _attrs(data, *span)
     ip = _attrs(data, *inner.get(CTA_TUPLE_IP, (0, 0)))
@@ -73,7 +80,7 @@ def _whole(data: bytes, span: tuple[int, int]) -> bytes:
     return data[span[0] - 4:span[1]]
 
 
-def _matches(orig, reply, flows: list[Flow]) -> bool:
+def _matches(orig: Tuple, reply: Tuple, flows: list[Flow]) -> bool:
     _src, dst, proto, port = orig
     guest = reply[0]  # a DNAT'd flow's replies come from the guest
     return any(proto == p and port is not None and first <= port <= last and guest == g
@@ -153,7 +160,7 @@ def _tracking() -> bool:
         return True
 
 
-def _messages(sock):
+def _messages(sock: Any) -> Iterator[tuple[int, int, bytes, int, int]]:
     """(type, sequence, data, start, end) of each netlink message received, for ever:
     the caller stops when it has what it waits for."""
     while True:
@@ -167,7 +174,7 @@ def _messages(sock):
             at += (length + 3) & ~3
 
 
-def _dump(sock, seq: int, family: int, flows: list[Flow], filter_: bytes = b"") -> list[bytes]:
+def _dump(sock: Any, seq: int, family: int, flows: list[Flow], filter_: bytes = b"") -> list[bytes]:
     """The identifying attributes (original tuple, zone, id) of each entry to delete;
     ``filter_``: attributes the kernel narrows the dump with."""
     request = _NFGEN.pack(AF[family], 0, 0) + filter_
@@ -194,7 +201,7 @@ def _dump(sock, seq: int, family: int, flows: list[Flow], filter_: bytes = b"") 
     return out
 
 
-def _acks(sock, count: int) -> int:
+def _acks(sock: Any, count: int) -> int:
     """Read ``count`` acknowledgements; the number of entries really deleted (one that
     ended meanwhile answers ENOENT)."""
     done = deleted = 0

@@ -3,6 +3,12 @@ being wrong: its message is the one line the user reads (naming the object, the 
 the reason); the CLI maps it to exit 2. ``ApplyError`` is the firewall refusing a change;
 exit 1."""
 
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .plan import Resolved
+
 
 class KvmufwError(Exception):
     """Base of every error we raise on purpose."""
@@ -18,7 +24,8 @@ class Unavailable(InputError):
     refusal a re-check may answer by keeping an owner's current rules; every other one
     withdraws them (fail closed)."""
 
-    resolved: tuple = ()  # a guest's other forwards, resolved: still checked for ownership
+    # a guest's other forwards, resolved: still checked for ownership
+    resolved: tuple[Resolved, ...] = ()
 
 
 class ConfigError(InputError):

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .intents import Forward, Intent
 from .model import Domain
 from .names import domain_owner
-from .plan import Rule
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,13 @@ class HairpinPort:
     families: tuple[int, ...]
 
 
-def plan_hairpin(dom: Domain, rules: Iterable[Rule]) -> tuple[HairpinPort, ...]:
-    """The ports of ``dom`` that its own forward ``rules`` lead back to: each NIC with a
-    known tap on a bridge into which one of its forwards is accepted (``--ctstate
-    DNAT``), with the families of those forwards."""
+def plan_hairpin(dom: Domain, intents: Iterable[Intent]) -> tuple[HairpinPort, ...]:
+    """The ports of ``dom`` that its own forwards lead back to: each NIC with a known tap
+    on a bridge one of its forwards goes to, with the families of those forwards."""
     families: dict[str, set[int]] = {}
-    for rule in rules:
-        if rule.stage == "forward" and rule.ctstate == "DNAT" and rule.oif:
-            families.setdefault(rule.oif, set()).add(rule.family)
+    for intent in intents:
+        if isinstance(intent, Forward):
+            families.setdefault(intent.bridge, set()).add(intent.family)
     out: dict[str, HairpinPort] = {}
     for nic in dom.nics:
         if nic.target and nic.bridge and nic.bridge in families:
@@ -53,8 +52,8 @@ def plan_hairpin(dom: Domain, rules: Iterable[Rule]) -> tuple[HairpinPort, ...]:
 
 
 def plan_host_hairpin(domains: Mapping[str, Domain],
-                      rules: Mapping[str, Sequence[Rule]]) -> dict[str, tuple[HairpinPort, ...]]:
-    """owner -> its ports needing hairpin, for every domain that has rules in ``rules``
+                      rules: Mapping[str, Sequence[Intent]]) -> dict[str, tuple[HairpinPort, ...]]:
+    """owner -> its ports needing hairpin, for every domain that has intents in ``rules``
     (a whole host's plan: ``replay``, ``restore``)."""
     out = {}
     for name, dom in domains.items():

@@ -30,7 +30,8 @@ STOP_MODULES = frozenset({
     "kvmufw_hook.names", "kvmufw_hook.state", "kvmufw_hook.apply", "kvmufw_hook.process",
     "kvmufw_hook.conntrack", "kvmufw_hook.backends", "kvmufw_hook.backends.bridgeports",
     "kvmufw_hook.backends.iptables", "kvmufw_hook.backends.nftprobe",
-    "kvmufw_hook.backends.tags"})
+    "kvmufw_hook.backends.tags", "kvmufw_hook.backends.transaction",
+    "kvmufw_hook.backends.accepts"})
 STOP_STDLIB = frozenset({
     "__future__", "os", "posixpath", "genericpath", "stat", "_stat", "_collections_abc",
     "errno", "fcntl", "time", "select", "_socket", "struct", "_struct", "syslog",

@@ -29,6 +29,10 @@ from .names import dnsmasq_dir, login_defs_path, unsafe_name
 from .process import communicate
 from .sockdiag import tcp_listeners
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only
+    from .intents import Claim
+
 _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"
 IFA_F_DADFAILED = 0x08  # if_inet6 flags: duplicate address detection found another holder
@@ -297,7 +301,7 @@ def consent_entry(owner: str, proto: str, port: int) -> str:
 
 
 def check_forwards(label: str, specs: Sequence[ForwardSpec], facts: HostFacts | None = None,
-                   held: Iterable[ForwardSpec] = (), prefix: Sequence[str] = (),
+                   held: Iterable[ForwardSpec | Claim] = (), prefix: Sequence[str] = (),
                    families: Sequence[Iterable[int]] | None = None, owner: str = "") -> None:
     """Every forward of one owner against the host (read once, only when needed).
     ``families``: for each spec, in order, the families it takes its host port in once

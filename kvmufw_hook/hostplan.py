@@ -14,12 +14,12 @@ from typing import TypeVar
 
 from . import host, state
 from .errors import InputError, shown
+from .intents import Claim, Held, Intent
 from .model import Domain, ForwardSpec, Network
 from .names import domain_owner, network_owner
 from .parse import object_name, parse_domain_xml, parse_network_xml
 from .plan import (
     Resolved,
-    Rule,
     forward_families,
     plan_forwards,
     plan_network,
@@ -62,7 +62,7 @@ class Composed:
     label: str
     specs: tuple[ForwardSpec, ...]
     targets: tuple[Resolved, ...]
-    rules: tuple[Rule, ...]  # its own (a network's bridge rules and fences), then forwards
+    rules: tuple[Intent, ...]  # its own (a network's bridge rules and fences), then forwards
 
     @property
     def resolved(self) -> list[ForwardSpec]:
@@ -75,7 +75,7 @@ class Composed:
 
 
 def own_rules(subject: Network | Domain,
-              networks: Mapping[str, Network] | None = None) -> tuple[Rule, ...]:
+              networks: Mapping[str, Network] | None = None) -> tuple[Intent, ...]:
     """What an owner has whatever its forwards: a network's bridge rules and fences."""
     return plan_network(subject, networks) if isinstance(subject, Network) else ()
 
@@ -96,7 +96,7 @@ def compose(subject: Network | Domain, networks: Mapping[str, Network] | None = 
 
 
 def owner_rules(subject: Network | Domain, networks: Mapping[str, Network] | None = None,
-                ports: Ports = no_ports, leases: Leases = no_leases) -> tuple[Rule, ...]:
+                ports: Ports = no_ports, leases: Leases = no_leases) -> tuple[Intent, ...]:
     """Everything an owner's rules are (``compose``), checked against no other owner."""
     return compose(subject, networks, ports, leases).rules
 
@@ -108,13 +108,13 @@ Check = Callable[[str, str, Sequence[ForwardSpec], Sequence[Resolved]], None]
 class Settled:
     """An owner's rules after its checks, and why not every forward got its new ones."""
 
-    rules: tuple[Rule, ...]
+    rules: tuple[Intent, ...]
     problem: InputError | None = None
     withdrawn: bool = False  # fail closed: its forwards went (else kept for availability)
 
 
 def settle(subject: Network | Domain, networks: Mapping[str, Network], check: Check,
-           held: Iterable[ForwardSpec] = (), ports: Ports = no_ports,
+           held: Iterable[Claim] = (), ports: Ports = no_ports,
            leases: Leases = no_leases) -> Settled:
     """An owner re-planned (a network event, ``replay``, ``restore``): its composed rules
     if ``check`` (``policy.check_forwards``, given label, owner, forwards and targets)
@@ -147,13 +147,13 @@ def settle(subject: Network | Domain, networks: Mapping[str, Network], check: Ch
 class HostPlan:
     """Every owner's rules for a whole host, and the owners that failed."""
 
-    rules: dict[str, Sequence[Rule]]  # owner -> rules, for every owner that planned
+    rules: dict[str, Sequence[Intent]]  # owner -> rules, for every owner that planned
     problems: list[str]  # one line per owner that did not
     failed: set[str]  # owners whose XML did not parse: their current rules stay as they are
 
 
 def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
-              holders: Mapping[str, list[ForwardSpec]] | None = None,
+              holders: Held | None = None,
               facts: host.HostFacts | None = None, broken: Iterable[str] = (),
               reserved: Iterable[str] = (),
               ports: Ports | None = None) -> HostPlan:

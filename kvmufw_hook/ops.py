@@ -41,12 +41,12 @@ from .backends import default_backend
 from .backends.bridgeports import BridgePorts, follow
 from .errors import ApplyError, ConfigError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
-from .hostplan import HostPlan, _parse_all, compose, owner_of, plan_host, settle
+from .hostplan import Composed, HostPlan, _parse_all, compose, owner_of, plan_host, settle
+from .intents import Held, Intent
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner, safe_name
 from .plan import (
     Resolved,
-    Rule,
     forward_families,
     resolve_network_forwards,
 )
@@ -60,6 +60,13 @@ from .policy import (
     withdraws,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only (a guest's start imports this module)
+    from typing import Any
+
+    from .backends.base import AnyBackend
+    from .names import Tag
+
 Log = Callable[[str], None]
 
 
@@ -67,13 +74,13 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def host_facts(backend=None) -> Callable[[], host.HostFacts]:
+def host_facts(backend: AnyBackend | None = None) -> Callable[[], host.HostFacts]:
     """How to read the host's facts in the backend's namespace, and root's configuration,
     when a check needs them."""
     return lambda: read_facts(backend)
 
 
-def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
+def read_facts(backend: AnyBackend | None = None, log: Log | None = None) -> host.HostFacts:
     """The host's facts with root's configuration; ``log``: a wrong configuration is
     said there and read as no consent at all (``restore`` must put rules back), instead
     of refusing the operation (``ConfigError``)."""
@@ -87,8 +94,8 @@ def read_facts(backend=None, log: Log | None = None) -> host.HostFacts:
     return facts
 
 
-def _prefix(backend) -> Sequence[str]:
-    return getattr(backend, "prefix", None) or ()
+def _prefix(backend: AnyBackend | None) -> Sequence[str]:
+    return backend.prefix if backend is not None else ()
 
 
 # --------------------------------------------------------------------------- networks
@@ -104,8 +111,8 @@ def validate_network(net: Network) -> None:
                    families=forward_families(net.forwards, targets))
 
 
-def _recheck(subject: Network | Domain, rules: dict[str, Sequence[Rule]],
-             held: Mapping[str, Sequence[ForwardSpec]], backend,
+def _recheck(subject: Network | Domain, rules: dict[str, Sequence[Intent]],
+             held: Held, backend: AnyBackend,
              networks: Mapping[str, Network], log: Log) -> None:
     """Re-plan into ``rules`` an owner an event may affect (``hostplan.settle``), checked
     against the ports the others' rules hold (``held``) and against the host: a forward
@@ -127,8 +134,8 @@ def _recheck(subject: Network | Domain, rules: dict[str, Sequence[Rule]],
             + str(settled.problem))
 
 
-def _settle_and_apply(rules: dict[str, Sequence[Rule]], affected: Iterable[Network | Domain],
-                      before, held: Mapping[str, Sequence[ForwardSpec]], backend,
+def _settle_and_apply(rules: dict[str, Sequence[Intent]], affected: Iterable[Network | Domain],
+                      before: Any, held: Held, backend: AnyBackend,
                       networks: Mapping[str, Network], log: Log) -> Applied:
     """A network event's one path after its own decisions (``rules``): every other owner
     it may affect re-planned (``_recheck``), then one write of them all."""
@@ -144,7 +151,8 @@ def _attached(dom: Domain, net: Network) -> bool:
                for nic in dom.nics)
 
 
-def _network_checked(net: Network, backend):
+def _network_checked(net: Network, backend: AnyBackend
+                     ) -> tuple[dict[str, Network], dict[str, Domain], Composed, Any, Held]:
     """Every check of a network's forwards against this host, under the state lock:
     (the networks with it, the guests, its rules composed, the firewall as read, the
     ports each owner's rules hold). InputError names the network, forward and reason."""
@@ -162,7 +170,7 @@ def _network_checked(net: Network, backend):
 
 
 @retrying(lambda: None)  # after uninstall: nothing to check
-def network_arriving(net: Network, backend=None) -> None:
+def network_arriving(net: Network, backend: AnyBackend | None = None) -> None:
     """The checks of ``network_started`` and nothing else (no state, no rule):
     ``forward add --network`` checks a running network's new forwards with them before
     it writes anything."""
@@ -172,7 +180,8 @@ def network_arriving(net: Network, backend=None) -> None:
 
 
 @retrying(lambda: Applied(""))
-def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -> Applied:
+def network_started(net: Network, raw: bytes, backend: AnyBackend | None = None,
+                    log: Log = _quiet) -> Applied:
     """Add the network's rules and forwards; re-add forwards of running guests on it.
     The state file is written after the rules: if they fail (or this is killed), libvirt
     counts the network as not started and runs no ``stopped``: nothing may say it is
@@ -192,7 +201,7 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
             if domain_owner(dom.name) in reached or _attached(dom, net)]
         affected += [other for other in networks.values()
                      if other.name != net.name and other.managed]
-        rules: dict[str, Sequence[Rule]] = {mine.owner: mine.rules}
+        rules: dict[str, Sequence[Intent]] = {mine.owner: mine.rules}
         applied = _settle_and_apply(rules, affected, before, held, backend, networks, log)
         state.save_network(net.name, raw)
         state.mark_starting(net.name)
@@ -202,7 +211,7 @@ def network_started(net: Network, raw: bytes, backend=None, log: Log = _quiet) -
 
 
 @retrying(lambda: Applied(""))
-def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
+def network_stopped(net: Network, backend: AnyBackend | None = None, log: Log = _quiet) -> Applied:
     """Remove everything that targets the network: its rules and guests' forwards to it.
     The rules first: if their removal fails, the state file stays, and as libvirt removed
     its status file before calling us, ``restore`` removes what is left."""
@@ -212,7 +221,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
         if not net.with_rules:
             state.forget_network(net.name)
             return Applied("")
-        rules: dict[str, Sequence[Rule]] = {network_owner(net.name): ()}
+        rules: dict[str, Sequence[Intent]] = {network_owner(net.name): ()}
         networks = state.load_networks()
         networks.pop(net.name, None)  # its state file goes only once its rules are gone
         if any(n.managed and n.bridge for n in networks.values()):
@@ -231,7 +240,7 @@ def network_stopped(net: Network, backend=None, log: Log = _quiet) -> Applied:
 
 @retrying(lambda: Applied(""))
 def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bool,
-                 backend=None, log: Log = _quiet) -> Applied:
+                 backend: AnyBackend | None = None, log: Log = _quiet) -> Applied:
     """port-created/-deleted/updated: keep the network's and the owner guest's rules
     current (after a daemon restart libvirt re-creates every port, then reconnects). An
     owner whose re-planned forwards would take a port someone else holds keeps the rules
@@ -247,7 +256,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
         networks[net.name] = net
         owner = port.owner_name if port else None
         domains = state.load_domains()
-        rules: dict[str, Sequence[Rule]] = {}
+        rules: dict[str, Sequence[Intent]] = {}
         mac = port.mac if port else None
         twins = same_mac(net, domains, mac, owner) if mac and owner else []
         if not deleted:
@@ -273,7 +282,7 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
 
 # --------------------------------------------------------------------------- domains
 
-def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
+def _domain_checked(dom: Domain, backend: AnyBackend) -> tuple[tuple[Intent, ...], object]:
     """Every check of a guest's forwards against this host, under the state lock:
     (its rules, the firewall as read). InputError names the guest, forward and reason."""
     networks = state.load_networks()
@@ -293,7 +302,7 @@ def _domain_checked(dom: Domain, backend) -> tuple[tuple[Rule, ...], object]:
 
 
 @retrying(lambda: None)  # after uninstall: nothing to check
-def domain_arriving(dom: Domain, backend=None) -> None:
+def domain_arriving(dom: Domain, backend: AnyBackend | None = None) -> None:
     """qemu ``migrate``, on the destination: the checks of ``domain_started`` and
     nothing else (no state, no rule). A host port held here, a ``host-ip`` that is not
     this host's, ... refuse the migration before anything moves; the guest keeps running
@@ -305,7 +314,7 @@ def domain_arriving(dom: Domain, backend=None) -> None:
 
 
 @retrying(lambda: Applied(""))
-def domain_started(dom: Domain, raw: bytes, backend=None, log: Log = _quiet,
+def domain_started(dom: Domain, raw: bytes, backend: AnyBackend | None = None, log: Log = _quiet,
                    running: bool = False) -> Applied:
     """Resolve the guest's forwards, refuse conflicts, add its rules (qemu start,
     reconnect, replay of one guest). ``running``: the guest runs whatever happens here
@@ -359,7 +368,7 @@ class Replayed:
 
 @retrying(lambda: Replayed("", [], 0))
 def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run: bool = False,
-           backend=None, log: Log = _quiet) -> Replayed:
+           backend: AnyBackend | None = None, log: Log = _quiet) -> Replayed:
     """Re-derive every rule from the live XML of active networks and running guests:
     add what is missing, remove our rules that no longer match, fix the jumps, and
     rewrite the state files. An owner that fails keeps whatever rules it has. The way an
@@ -381,14 +390,12 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                          ports=state.network_ports)
         problems += planned.problems
 
-        def drop(tagged) -> bool:
+        def drop(tagged: Tag) -> bool:
             return tagged.owner not in planned.failed
 
         if dry_run:
-            from .backends.libvirt_nft import plan_accepts
             before = covering(backend, before, planned.rules)
-            payload = (backend.change(before, planned.rules, drop).text
-                       + plan_accepts(backend, before, planned.rules, drop).text)
+            payload = backend.change(before, planned.rules, drop).text
         else:
             payload = apply_rules(planned.rules, drop=drop, backend=backend, log=log,
                                   before=before).payload
@@ -406,7 +413,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
 
 
 @retrying(lambda: Replayed("", [], 0))
-def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
+def restore(jumps_only: bool = False, backend: AnyBackend | None = None, log: Log = _quiet,
             lock_timeout: float | None = None) -> Replayed:
     """Put our rules back from our own state and the kernel, never asking libvirt (it
     runs from UFW's after.init and from libvirt's own unit, where a call into libvirt
@@ -437,7 +444,7 @@ def restore(jumps_only: bool = False, backend=None, log: Log = _quiet,
                             ports=state.network_ports)
         problems += planned.problems
 
-        def drop(tagged) -> bool:  # guests' forwards into a stopped network go with it
+        def drop(tagged: Tag) -> bool:  # guests' forwards into a stopped network go with it
             return tagged.bridge in bridges and tagged.owner not in planned.rules
 
         rules = {**{o: () for o in gone}, **planned.rules}
@@ -472,8 +479,8 @@ def _stopped(networks: dict[str, Network],
     return gone, stopped
 
 
-def watch_jumps(seconds: float, interval: float = 1.0, backend=None, log: Log = _quiet,
-                lock_timeout: float | None = None) -> int:
+def watch_jumps(seconds: float, interval: float = 1.0, backend: AnyBackend | None = None,
+                log: Log = _quiet, lock_timeout: float | None = None) -> int:
     """Put our jumps back first now, and again whenever they lose first place during the
     next ``seconds``: libvirt reloads its networks' rules (and puts its jumps at position
     1) a few seconds after its unit counts as started. The number of repairs."""
@@ -498,23 +505,22 @@ def _report(what: str, planned: HostPlan, payload: str, problems: list[str],
             + (f", {len(problems)} problem(s)" if problems else ""))
 
 
-def flush(backend=None) -> Applied:
+def flush(backend: AnyBackend | None = None) -> Applied:
     """Remove all our rules and chains, and our accepts in libvirt's nftables table."""
     backend = backend or default_backend()
     with state.locked(installing=True):
         return _flush(backend)
 
 
-def _flush(backend) -> Applied:
-    from .backends.libvirt_nft import clear_accepts
+def _flush(backend: AnyBackend) -> Applied:
     change = backend.clear(backend.read())
     backend.write(change)
-    text = change.text + clear_accepts(backend)
+    text = change.text
     text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)
 
 
-def uninstall(backend=None) -> Applied:
+def uninstall(backend: AnyBackend | None = None) -> Applied:
     """What an uninstaller calls once no new hook can start (hook files and UFW's
     ``after.init`` entry removed): under the state lock, remove all our rules, chains and
     accepts and every state file, and leave the ``uninstalled`` marker, so that a hook

@@ -27,6 +27,10 @@ from .model import (
 )
 from .names import NAMESPACE
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: a guest's start parses
+    from collections.abc import Iterable
+
 MAX_XML_BYTES = 16 * 1024 * 1024
 MAX_ELEMENTS = 200_000  # libvirt's largest documents hold a few thousand
 MAX_PARSE_SECONDS = 2.0  # a 16 MiB document of plain elements parses in a fraction
@@ -367,7 +371,7 @@ def _parse_forward(el: etree._Element, where: str, allowed: frozenset[str]) -> F
 
 def _families_disagree(spec: ForwardSpec) -> str:
     """``host-ip (IPv4) and source (IPv6)``: the attributes that limit the family."""
-    def names(addrs) -> str:
+    def names(addrs: Iterable[IPAddress | IPNetwork]) -> str:
         return "/".join(f"IPv{f}" for f in sorted({a.version for a in addrs}))
     parts = [(attr, names(addrs)) for attr, addrs in (
         ("host-ip", [spec.host_ip] if spec.host_ip is not None else []),

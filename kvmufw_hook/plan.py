@@ -1,19 +1,29 @@
-"""model -> plan: the rules each owner wants, as backend-neutral data. Pure.
+"""model -> plan: what each owner wants, as intents (``intents.py``). Pure.
 
-A network owns the rules that make its bridge and subnet work (masquerade, forward
-accepts, DHCP/DNS to the host) and the forwards of its own metadata. A domain owns
-the forwards of its metadata. Every rule records its owner and the bridge and subnet
-it serves, so that removal is exact.
+A network owns what makes its bridge and subnet work (egress, masquerade, fences
+between networks, DHCP/DNS to the host) and the forwards of its own metadata. A domain
+owns the forwards of its metadata. Every intent records its owner and the bridge and
+subnet it serves, so that removal is exact; each backend turns intents into its own
+rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from functools import partial
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv6Network
 
 from .errors import InputError, Unavailable, shown
+from .intents import (
+    BridgeLocal,
+    Claim,
+    Egress,
+    Fence,
+    Forward,
+    HostServices,
+    Intent,
+    NetworkIntent,
+)
 from .model import (
     FAMILIES,
     Domain,
@@ -23,54 +33,9 @@ from .model import (
     Network,
     PortRange,
 )
-from .names import Tag, domain_owner, network_owner
+from .names import domain_owner, network_owner
 
 DEFAULT_NAT_PORTS = PortRange(1024, 65535)  # libvirt's default for <nat>
-LOOPBACK = {4: IPv4Network("127.0.0.0/8"), 6: IPv6Network("::1/128")}
-DHCP_SERVER_PORT = {4: 67, 6: 547}  # DHCPv4, DHCPv6: dnsmasq on the bridge
-DNS_PORT = 53
-
-
-def host_network(ip: IPAddress) -> IPNetwork:
-    """The /32 or /128 of one address (from its int: no text round trip, 5x faster)."""
-    return IPv4Network(int(ip)) if ip.version == 4 else IPv6Network(int(ip))
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One firewall rule, independent of the backend that renders it.
-
-    ``stage`` is where in the packet's path it sits: input, forward, prerouting, output,
-    postrouting (netfilter's hooks). ``family`` is 4 or 6, the family of the addresses
-    it serves (set even on rules that match no address, such as bridge to bridge).
-    """
-
-    stage: str
-    family: int
-    owner: str
-    bridge: str
-    subnet: str
-    verdict: str  # ACCEPT, DNAT, MASQUERADE, RETURN (back to the built-in chain)
-    src: IPNetwork | None = None
-    dst: IPNetwork | None = None
-    not_dst: IPNetwork | None = None
-    iif: str | None = None
-    oif: str | None = None
-    proto: str | None = None
-    sport: PortRange | None = None
-    dport: PortRange | None = None  # DNAT: the host ports
-    dst_local: bool = False  # destination is one of the host's addresses
-    bridged: bool = False  # a frame the bridge forwards between its ports (br_netfilter)
-    not_bcast_mcast: bool = False  # destination is neither broadcast nor multicast
-    ctstate: str | None = None
-    not_ctstate: str | None = None
-    to_addr: IPAddress | None = None  # DNAT: the guest
-    to_ports: PortRange | None = None  # DNAT (guest ports, same width as dport) or
-    #                                    MASQUERADE (source ports)
-
-    @property
-    def tag(self) -> Tag:
-        return Tag(self.owner, self.bridge, self.subnet)
 
 
 @dataclass(frozen=True)
@@ -99,15 +64,14 @@ def _routes(net: Network, subnet: IPNetwork) -> bool:
 
 
 def plan_network(net: Network,
-                 others: Mapping[str, Network] | None = None) -> tuple[Rule, ...]:
-    """The rules that let a managed network's guests talk, beside UFW's DROP policies,
-    in each family the network has an address in. ``others``: the other active
-    networks: an accept out of the bridge to any interface (no ``<forward dev=…>``)
-    first returns traffic bound for their bridges to libvirt's own rules, which refuse
-    it (``LIBVIRT_FWI``) unless that network is routed; an open network's accept into
-    its bridge from any interface first returns what comes out of their bridges
-    (``LIBVIRT_FWO`` refuses it out of an isolated one): between networks we are never
-    looser than libvirt."""
+                 others: Mapping[str, Network] | None = None) -> tuple[NetworkIntent, ...]:
+    """What lets a managed network's guests talk, beside UFW's DROP policies, in each
+    family the network has an address in. ``others``: the other active networks: a way
+    out of the bridge to any interface (no ``<forward dev=…>``) is fenced from their
+    bridges, whose libvirt rules refuse it (``LIBVIRT_FWI``) unless that network is
+    routed; an open network's way into its bridge from any interface is fenced from what
+    comes out of their bridges (``LIBVIRT_FWO`` refuses it out of an isolated one):
+    between networks we are never looser than libvirt."""
     if net.bridged:
         return plan_bridged(net)
     if not net.managed:
@@ -115,59 +79,35 @@ def plan_network(net: Network,
     owner = network_owner(net.name)
     bridge = net.bridge
     assert bridge is not None
-    rules: list[Rule] = []
-    fenced = _fenced(net, others or {})
+    out: list[NetworkIntent] = []
+    fenced = tuple(_fenced(net, others or {}))
     for subnet in net.subnets:
-        rule = partial(Rule, family=subnet.version, owner=owner, bridge=bridge,
-                       subnet=str(subnet))
-        out = net.dev if net.mode != "open" else None
-        if net.mode != "isolated" and out is None:  # before the accept out to anywhere
-            rules += [rule("forward", src=subnet, iif=bridge, oif=other, not_ctstate="DNAT",
-                           verdict="RETURN") for other in fenced]  # DNAT'd: a forward's
+        mine = (owner, subnet.version, bridge, subnet)
+        dev = net.dev if net.mode != "open" else None
+        if net.mode != "isolated" and dev is None and fenced:  # before the way out to
+            out.append(Fence(*mine, others=fenced))  # anywhere (a forward's: never fenced)
         if net.mode == "nat" and not _routes(net, subnet):
-            rules.append(rule("forward", src=subnet, iif=bridge, oif=net.dev,
-                              verdict="ACCEPT"))
-            rules.append(rule("forward", dst=subnet, iif=net.dev, oif=bridge,
-                              ctstate="RELATED,ESTABLISHED", verdict="ACCEPT"))
-            ports = net.nat_ports or DEFAULT_NAT_PORTS
-            for proto in ("tcp", "udp", None):  # IPv6 has no broadcast; multicast stays
-                rules.append(rule("postrouting", src=subnet, not_dst=subnet, oif=net.dev,
-                                  proto=proto, not_bcast_mcast=subnet.version == 4,
-                                  verdict="MASQUERADE", to_ports=ports if proto else None))
-        elif net.mode != "isolated":  # routed: both ways, as libvirt does
-            dev = net.dev if net.mode != "open" else None
-            rules.append(rule("forward", src=subnet, iif=bridge, oif=dev,
-                              verdict="ACCEPT"))
-            if net.mode == "open":  # libvirt has no rule for it: what comes out of
-                # another network's bridge is libvirt's to refuse (LIBVIRT_FWO), not ours
-                rules += [rule("forward", dst=subnet, iif=other, oif=bridge,
-                               not_ctstate="DNAT", verdict="RETURN") for other in fenced]
-            rules.append(rule("forward", dst=subnet, iif=dev, oif=bridge,
-                              verdict="ACCEPT"))
+            out.append(Egress(*mine, dev=net.dev, masquerade=True,
+                              nat_ports=net.nat_ports or DEFAULT_NAT_PORTS))
+        elif net.mode != "isolated":  # routed: both ways, as libvirt does; an open
+            # network's way in from another network's bridge is libvirt's to refuse
+            out.append(Egress(*mine, dev=dev,
+                              fence_inbound=fenced if net.mode == "open" else ()))
     for family in _families(net):
-        first = next((str(s) for s in net.subnets if s.version == family), "-")
-        rule = partial(Rule, family=family, owner=owner, bridge=bridge, subnet=first)
-        rules.append(rule("forward", iif=bridge, oif=bridge, verdict="ACCEPT"))
-        if first != "-":  # libvirt runs dnsmasq for it: DHCP and DNS to the host
-            dhcp = DHCP_SERVER_PORT[family]
-            rules.append(rule("input", iif=bridge, proto="udp", dport=PortRange(dhcp, dhcp),
-                              verdict="ACCEPT"))
-            for proto in ("udp", "tcp"):
-                rules.append(rule("input", iif=bridge, proto=proto,
-                                  dport=PortRange(DNS_PORT, DNS_PORT), verdict="ACCEPT"))
-    return tuple(rules)
+        first = next((s for s in net.subnets if s.version == family), None)
+        out.append(BridgeLocal(owner, family, bridge, first))
+        if first is not None:  # libvirt runs dnsmasq for it: DHCP and DNS to the host
+            out.append(HostServices(owner, family, bridge, first))
+    return tuple(out)
 
 
-def plan_bridged(net: Network) -> tuple[Rule, ...]:
+def plan_bridged(net: Network) -> tuple[NetworkIntent, ...]:
     """A bridge network's guests beside br_netfilter: frames that merely cross the bridge
-    (between its ports: guests, the host's NIC) go through FORWARD, where UFW's policy
-    drops them. Accept exactly those, in both families (``--physdev-is-bridged``): never
-    a packet the host routes, into, out of or back into the bridge. Without br_netfilter
-    they never reach iptables, and the rule matches nothing."""
+    (between its ports: guests, the host's NIC) must pass UFW's FORWARD policy, in both
+    families: never a packet the host routes, into, out of or back into the bridge."""
     assert net.bridge is not None
-    return tuple(Rule("forward", family=family, owner=network_owner(net.name),
-                      bridge=net.bridge, subnet="-", iif=net.bridge, oif=net.bridge,
-                      bridged=True, verdict="ACCEPT") for family in FAMILIES)
+    return tuple(BridgeLocal(network_owner(net.name), family, net.bridge, None, bridged=True)
+                 for family in FAMILIES)
 
 
 def _fenced(net: Network, others: Mapping[str, Network]) -> list[str]:
@@ -290,7 +230,8 @@ def _check_guest_address(where: str, ip: IPAddress, net: Network,
                          "on its bridge (the host itself), not a guest")
 
 
-def _reserved_by_others(dom: Domain, attached: list[tuple[str, Network]]) -> dict:
+def _reserved_by_others(dom: Domain,
+                        attached: list[tuple[str, Network]]) -> dict[IPAddress, str]:
     """address -> who holds it by a <dhcp><host> reservation in the domain's networks:
     a MAC that is none of the domain's NICs, or a name-only entry (every IPv6 one) not
     named as it. Built once per domain: a guest may have thousands of forwards, a
@@ -357,7 +298,7 @@ def resolve_domain_forwards(dom: Domain,
     """
     what = f"domain {shown(dom.name)}"
     attached = domain_networks(dom, networks)
-    others: dict | None = None
+    others: dict[IPAddress, str] | None = None
     booked: dict[tuple[str, int], dict[int, IPAddress]] = {}  # once per NIC, not per forward
     out: list[Resolved] = []
 
@@ -428,50 +369,18 @@ def resolve_domain_forwards(dom: Domain,
 
 # --------------------------------------------------------------------------- forwards
 
-def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Rule, ...]:
-    """DNAT from outside and from the host, FORWARD accepts limited to DNAT'd
-    connections (both directions: replies must pass libvirt's and UFW's rejects on
-    isolated networks too), and hairpin masquerade for guests on the same subnet; in
-    the family of each resolved target, from the sources of that family."""
-    rules: list[Rule] = []
+def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Forward, ...]:
+    """Each resolved target as a forward of ``owner``, in its family, from the sources of
+    that family."""
+    out = []
     for t in targets:
-        spec, bridge, family = t.spec, t.network.bridge, t.family
+        spec, bridge = t.spec, t.network.bridge
         assert bridge is not None
-        guest = host_network(t.guest_ip)
-        rule = partial(Rule, family=family, owner=owner, bridge=bridge, subnet=str(t.subnet),
-                       proto=spec.proto)
-        dnat = partial(rule, verdict="DNAT", dport=spec.host_port, to_addr=t.guest_ip,
-                       to_ports=spec.guest_port)
-        host = host_network(spec.host_ip) if spec.host_ip is not None else None
-        sources = _source_matches(spec, family)
-        # dst_local always, host-ip or not: a forward never matches traffic that is not
-        # addressed to this host (a host-ip that stops being local matches nothing)
-        for src in sources:
-            rules.append(dnat("prerouting", src=src, dst=host, dst_local=True))
-        for src in sources:
-            rules.append(dnat("output", src=src, dst=host,
-                              not_dst=LOOPBACK[family] if host is None else None,
-                              dst_local=True))
-        rules.append(rule("forward", dst=guest, oif=bridge, dport=spec.guest_port,
-                          ctstate="DNAT", verdict="ACCEPT"))
-        rules.append(rule("forward", src=guest, iif=bridge, sport=spec.guest_port,
-                          ctstate="DNAT", verdict="ACCEPT"))
-        rules.append(rule("postrouting", src=t.subnet, dst=guest, oif=bridge,
-                          dport=spec.guest_port, ctstate="DNAT", verdict="MASQUERADE"))
-    # two forwards to one guest port (2222->22, 2223->22) share their accepts and hairpin:
-    # each identical rule once, in first-seen order
-    return tuple(dict.fromkeys(rules))
-
-
-def _source_matches(spec: ForwardSpec, family: int) -> tuple[IPNetwork | None, ...]:
-    """The ``-s`` of each DNAT rule in ``family``: one per source, or one matching every
-    source (None) when there is none or one is a whole family (``::/0``, ``0.0.0.0/0``:
-    iptables-save prints no ``-s`` for those, so a rule written with one would never be
-    seen in place again, and every apply would delete and re-add it)."""
-    sources = spec.sources_in(family)
-    if not sources or any(net.prefixlen == 0 for net in sources):
-        return (None,)
-    return sources
+        out.append(Forward(owner, t.family, bridge, t.subnet, proto=spec.proto,
+                           host_ports=spec.host_port, guest=t.guest_ip,
+                           guest_ports=spec.guest_port, host_ip=spec.host_ip,
+                           sources=spec.sources_in(t.family)))
+    return tuple(out)
 
 
 def forward_families(specs: Iterable[ForwardSpec],
@@ -500,20 +409,20 @@ def resolved_specs(specs: Iterable[ForwardSpec],
 
 
 def plan_network_owner(net: Network,
-                       others: Mapping[str, Network] | None = None) -> tuple[Rule, ...]:
+                       others: Mapping[str, Network] | None = None) -> tuple[Intent, ...]:
     """Everything the network owns: its bridge rules and its metadata forwards
     (``others``: the other active networks, see ``resolve_network_forwards``)."""
     return plan_network(net, others) + plan_forwards(network_owner(net.name),
                                              resolve_network_forwards(net, others))
 
 
-def plan_domain_owner(dom: Domain, networks: Mapping[str, Network]) -> tuple[Rule, ...]:
+def plan_domain_owner(dom: Domain, networks: Mapping[str, Network]) -> tuple[Forward, ...]:
     return plan_forwards(domain_owner(dom.name), resolve_domain_forwards(dom, networks))
 
 
 # --------------------------------------------------------------------------- conflicts
 
-def same_host_port(a: ForwardSpec, b: ForwardSpec) -> bool:
+def same_host_port(a: ForwardSpec | Claim, b: ForwardSpec | Claim) -> bool:
     """The one definition of "the same forward": both would catch a connection (the
     same proto, overlapping host ports, the same host-ip or either on every address, a
     family in common).
@@ -524,19 +433,19 @@ def same_host_port(a: ForwardSpec, b: ForwardSpec) -> bool:
 
 
 def check_conflicts(owner_label: str, specs: Iterable[ForwardSpec],
-                    others: Iterable[tuple[str, Iterable[ForwardSpec]]]) -> None:
+                    others: Iterable[tuple[str, Iterable[ForwardSpec | Claim]]]) -> None:
     """InputError if a host port (proto, host-ip) is claimed twice.
 
     ``others`` is (label, forwards) of every other owner currently applied. A sweep
     over port ranges sorted by their start: O(n log n), so that a guest with thousands
     of forwards is checked in milliseconds.
     """
-    entries: list[tuple[str, int, int, ForwardSpec, str | None]] = [
+    entries: list[tuple[str, int, int, ForwardSpec | Claim, str | None]] = [
         (s.proto, s.host_port.first, i, s, None) for i, s in enumerate(specs)]
     entries += [(s.proto, s.host_port.first, -1, s, label)
                 for label, theirs in others for s in theirs]
     entries.sort(key=lambda e: (e[0], e[1], e[2]))
-    active: list[tuple] = []
+    active: list[tuple[str, int, int, ForwardSpec | Claim, str | None]] = []
     for entry in entries:
         proto, first, _i, spec, label = entry
         active = [a for a in active if a[0] == proto and a[3].host_port.last >= first]

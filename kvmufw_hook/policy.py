@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, replace
 
 from . import host
 from .errors import ConfigError, InputError, Unavailable, shown
+from .intents import Claim, Held, Intent
 from .model import Domain, ForwardSpec, IPAddress, Network, PortRange
 from .names import domain_owner, network_owner
 from .plan import (
     Resolved,
-    Rule,
     check_conflicts,
     eui64_address,
     forward_families,
@@ -29,7 +29,7 @@ from .plan import (
     resolved_specs,
 )
 
-Claims = list[tuple[str, Iterable[ForwardSpec]]]
+Claims = list[tuple[str, Iterable[ForwardSpec | Claim]]]
 Facts = host.HostFacts | Callable[[], host.HostFacts]
 Ports = Callable[[str], list[tuple[str, str]]]  # network name -> (MAC, owner) of its ports
 Leases = Callable[[Network], Iterable[tuple[IPAddress, str | None]]]  # (address, MAC)
@@ -47,8 +47,8 @@ def withdraws(exc: InputError) -> bool:
 
 
 def kept_for_availability(owner: str, targets: Iterable[Resolved],
-                          held: Iterable[ForwardSpec],
-                          check: Callable[[list[Resolved]], None]) -> tuple[Rule, ...]:
+                          held: Iterable[Claim],
+                          check: Callable[[list[Resolved]], None]) -> tuple[Intent, ...]:
     """An owner's forward rules after a refusal for availability (``withdraws`` false):
     each forward checked alone (``check``, given its resolved targets); one that passes
     gets its rules, one refused for availability keeps only the rules it has now (its
@@ -60,7 +60,7 @@ def kept_for_availability(owner: str, targets: Iterable[Resolved],
     for t in targets:
         forwards.setdefault(id(t.spec), []).append(t)
     held = tuple(held)
-    out: list[Rule] = []
+    out: list[Intent] = []
     for mine in forwards.values():
         try:
             check(mine)
@@ -141,7 +141,7 @@ def owner_label(owner: str) -> str:
 
 
 def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip: str,
-           kernel: Mapping[str, list[ForwardSpec]] | None = None,
+           kernel: Held | None = None,
            held_only: bool = False) -> Claims:
     """Forwards of every owner but ``skip``, labelled for conflict messages: what our
     state says (the forwards as declared), and what the kernel holds for every owner
@@ -150,7 +150,7 @@ def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip:
     the families the kernel holds it in, not in every family its metadata allows."""
     kernel = kernel or {}
 
-    def theirs(owner: str, specs: Sequence[ForwardSpec]) -> Sequence[ForwardSpec]:
+    def theirs(owner: str, specs: Sequence[ForwardSpec]) -> Sequence[ForwardSpec | Claim]:
         return _as_held(specs, kernel[owner]) if held_only and owner in kernel else specs
 
     out: Claims = [(f"network {shown(n.name)}", theirs(network_owner(n.name), n.forwards))
@@ -163,7 +163,7 @@ def claims(networks: Mapping[str, Network], domains: Mapping[str, Domain], skip:
     return out
 
 
-def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[ForwardSpec]:
+def _as_held(specs: Sequence[ForwardSpec], held: Sequence[Claim]) -> list[ForwardSpec]:
     """Each forward in the families its rules in the kernel hold it in (the kernel's
     claims carry the guest address, so their family); as declared where none does."""
     guests: dict[tuple[str, PortRange, IPAddress | None], dict[int, IPAddress]] = {}
@@ -179,7 +179,7 @@ def _as_held(specs: Sequence[ForwardSpec], held: Sequence[ForwardSpec]) -> list[
 
 def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
                  networks: Mapping[str, Network], domains: Mapping[str, Domain],
-                 kernel: Mapping[str, list[ForwardSpec]] | None = None) -> None:
+                 kernel: Held | None = None) -> None:
     """InputError if ``owner``'s forwards claim a host port another owner has. Checked
     first against what the others declare (cheap: no copies); only if that finds a
     clash, again against the families their rules in the kernel really hold (a guest
@@ -194,7 +194,7 @@ def check_claims(label: str, owner: str, forwards: Iterable[ForwardSpec],
 
 
 def check_host(label: str, owner: str, forwards: Sequence[ForwardSpec], facts: Facts,
-               networks: Mapping[str, Network], held: Iterable[ForwardSpec] = (),
+               networks: Mapping[str, Network], held: Iterable[Claim] = (),
                families: Sequence[Iterable[int]] | None = None) -> None:
     """InputError if a forward takes libvirt's own DNS/DHCP on a bridge address, if its
     host-ip is not the host's, or if it takes a host service's port without root's
@@ -212,7 +212,7 @@ def check_host(label: str, owner: str, forwards: Sequence[ForwardSpec], facts: F
 def check_forwards(label: str, owner: str, specs: Sequence[ForwardSpec],
                    targets: Sequence[Resolved], others: Others,
                    networks: Mapping[str, Network], facts: Facts | None,
-                   held: Iterable[ForwardSpec] = ()) -> list[ForwardSpec]:
+                   held: Iterable[Claim] = ()) -> list[ForwardSpec]:
     """Every check of one owner's forwards (``specs``, resolved to ``targets``) against
     the other owners and the host, as each operation re-plans it: InputError names the
     owner, forward and reason. ``others``: given the forwards in the families they take,
@@ -230,14 +230,14 @@ def check_forwards(label: str, owner: str, specs: Sequence[ForwardSpec],
     return mine
 
 
-def held_by_others(owner: str, held: Mapping[str, Iterable[ForwardSpec]]) -> Others:
+def held_by_others(owner: str, held: Held) -> Others:
     """``check_forwards``' ``others`` for an event: the ports the other owners' rules in
     the kernel hold (``held``)."""
     claimed: Claims = [(owner_label(o), specs) for o, specs in held.items() if o != owner]
     return lambda _mine: claimed
 
 
-def captured(net: Network, held: Mapping[str, Sequence[ForwardSpec]]) -> set[str]:
+def captured(net: Network, held: Held) -> set[str]:
     """Owners whose forwards in the kernel reach a guest address inside ``net``'s
     subnets: a network that starts or changes may capture them (a narrower subnet
     beside theirs wins the route)."""
@@ -308,7 +308,8 @@ class _Claimed:
 
     # proto -> sorted (first host port, index into ``entries``)
     starts: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    entries: list[tuple[str, ForwardSpec]] = field(default_factory=list)  # (label, forward)
+    # (label, forward or claim)
+    entries: list[tuple[str, ForwardSpec | Claim]] = field(default_factory=list)
     widest: int = 0  # the widest range claimed: how far back an overlap may start
 
     def near(self, forwards: Iterable[ForwardSpec]) -> Claims:
@@ -320,7 +321,7 @@ class _Claimed:
             found += [self.entries[i] for _first, i in starts[lo:hi]]
         return [(label, (spec,)) for label, spec in found]
 
-    def add(self, label: str, forwards: Iterable[ForwardSpec]) -> None:
+    def add(self, label: str, forwards: Iterable[ForwardSpec | Claim]) -> None:
         for spec in forwards:
             insort(self.starts.setdefault(spec.proto, []),
                    (spec.host_port.first, len(self.entries)))

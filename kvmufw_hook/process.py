@@ -12,6 +12,12 @@ import os
 import select
 import time
 
+from .errors import ApplyError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 CHUNK = 65536
 
 
@@ -84,3 +90,22 @@ def _exchange(pid: int, out_r: int, err_r: int, in_w: int, data: bytes, deadline
             busy.discard(fd)
             ours.discard(fd)
     return {fd: b"".join(parts) for fd, parts in chunks.items()}
+
+
+def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60,
+        name: str | None = None) -> str:
+    """The one place that runs a firewall command. ApplyError with one line on failure,
+    naming the tool (``name``, when argv starts with a wrapper such as ``ip netns exec``)."""
+    name = name or argv[0].rsplit("/", 1)[-1]
+    data = stdin.encode("utf-8", "surrogateescape") if stdin is not None else None
+    try:
+        status, out, err = communicate(list(argv), data, timeout)
+    except FileNotFoundError:
+        raise ApplyError(f"{name} not found") from None
+    except TimeoutError:
+        raise ApplyError(f"{name} did not finish within {timeout:.0f}s") from None
+    if status != 0:
+        text = err.decode("utf-8", "replace")
+        first = next((l for l in text.splitlines() if l.strip()), "").strip()
+        raise ApplyError(f"{name} failed (exit {status})" + (f": {first}" if first else ""))
+    return out.decode("utf-8", "surrogateescape")

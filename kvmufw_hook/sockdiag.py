@@ -55,7 +55,7 @@ def _v6only(data: bytes, start: int, end: int) -> bool:
     return False
 
 
-def _dump(sock, seq: int, size: int) -> list[Listening]:
+def _dump(sock: _socket.socket, seq: int, size: int) -> list[Listening]:
     found: list[Listening] = []
     while True:
         data, (sender, _groups) = sock.recvfrom(1 << 17)

@@ -37,6 +37,16 @@ import time
 from .errors import ApplyError, InputError
 from .names import libvirt_network_dir, safe_name, state_dir
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # a guest's stop runs through here: no typing at run time
+    from collections.abc import Callable, Iterator
+    from typing import Any, TypeVar
+
+    from .model import Domain, Network
+
+    Log = Callable[[str], None] | None
+    Parsed = TypeVar("Parsed")
+
 LOCK_TIMEOUT = float(os.environ.get("KVMUFW_LOCK_TIMEOUT", "30"))
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -231,7 +241,8 @@ def _default_log(message: str) -> None:
     log(message, error=True)
 
 
-def _parsed(paths: list[str], parse, log):
+def _parsed(paths: list[str], parse: Callable[[bytes], Parsed],
+            log: Log) -> Iterator[Parsed]:
     """The object of each file that parses. Each one that does not is reported (as an
     error: it is never skipped in silence); callers take the owner's claims from the
     kernel, and ``replay`` rewrites the file from libvirt."""
@@ -247,7 +258,7 @@ def _parsed(paths: list[str], parse, log):
                    "ports are taken from the kernel's rules; kvmufw_hook replay rewrites it")
 
 
-def with_override(net):
+def with_override(net: Network) -> Network:
     """The running network as ``forward add --network`` left it: its forwards from the
     override, everything else as libvirt has it live. InputError if the override is bad."""
     data = network_override(net.name)
@@ -259,10 +270,10 @@ def with_override(net):
     return replace(net, forwards=parse_override(data, f"{net.name}: override"))
 
 
-def load_networks(log=None) -> dict:
+def load_networks(log: Log = None) -> dict[str, Network]:
     """name -> Network of every active network we know of (overrides applied)."""
     from .parse import parse_network_xml
-    networks: dict = {}
+    networks: dict[str, Network] = {}
     paths = _files(os.path.join(state_dir(), "networks")) + _files(libvirt_network_dir())
     for net in _parsed(paths, parse_network_xml, log):
         networks.setdefault(net.name, net)
@@ -274,7 +285,7 @@ def load_networks(log=None) -> dict:
     return networks
 
 
-def load_domains(log=None, known=frozenset()) -> dict:
+def load_domains(log: Log = None, known: frozenset[str] = frozenset()) -> dict[str, Domain]:
     """name -> Domain of every running guest we applied forwards for; ``known``: owner
     tags (``d=NAME``) whose forwards the caller has already (the kernel's claims): their
     files are not even parsed (a guest's start amid hundreds parses none)."""
@@ -474,7 +485,7 @@ class locked:
                         raise ApplyError(f"{directory}/lock is held by another kvmufw_hook "
                                          f"for more than {self.timeout:.0f}s") from None
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         os.close(self.fd)  # closing releases the lock
 
 

@@ -3,22 +3,26 @@ that calls back into libvirt deadlocks it)."""
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 from .errors import ApplyError, InputError
 
 KEY = "kvmufw"  # the prefix libvirt writes our metadata element with (kvmufw:forwards)
 
 
-def libvirt_module():
+def libvirt_module() -> ModuleType:
     try:
         import libvirt
     except ImportError:
         raise ApplyError("libvirt-python is not installed (apt install python3-libvirt)") \
             from None
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors come as exceptions
-    return libvirt
+    module: ModuleType = libvirt
+    return module
 
 
-def connect(uri: str, readonly: bool = True):
+def connect(uri: str, readonly: bool = True) -> Any:
     libvirt = libvirt_module()
     try:
         return libvirt.openReadOnly(uri) if readonly else libvirt.open(uri)
@@ -42,7 +46,7 @@ def live_xml(uri: str) -> tuple[list[bytes], list[bytes]]:
     return nets, doms
 
 
-def lookup(conn, kind: str, name: str):
+def lookup(conn: Any, kind: str, name: str) -> Any:
     """The libvirt domain or network object of that name; InputError if there is none."""
     libvirt = libvirt_module()
     try:

@@ -26,8 +26,12 @@ from .. import state
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
+    from typing import Any
 
     from ..hairpin import HairpinPort
+    from .base import Backend
+
+    Ports = dict[str, tuple[int, str | None, bool] | None]  # port -> (ifindex, bridge, hairpin)
 
 SYSCTL = {4: "net/bridge/bridge-nf-call-iptables", 6: "net/bridge/bridge-nf-call-ip6tables"}
 
@@ -102,11 +106,11 @@ class BridgePorts:
         self.prefix = list(prefix)
 
     @classmethod
-    def beside(cls, backend) -> BridgePorts:
+    def beside(cls, backend: Backend[Any, Any] | None) -> BridgePorts:
         """The ports in the namespace where ``backend`` writes (None: the host's own)."""
-        return cls(getattr(backend, "prefix", None) or ())
+        return cls(backend.prefix if backend is not None else ())
 
-    def _elsewhere(self, request: dict):
+    def _elsewhere(self, request: dict[str, Any]) -> Any:
         import json
         import sys
 
@@ -124,7 +128,7 @@ class BridgePorts:
         """The families where br_netfilter is on here."""
         return self.read([])[0]
 
-    def read(self, ports: list[str]):
+    def read(self, ports: list[str]) -> tuple[list[int], Ports]:
         """(families where br_netfilter is on, port -> (ifindex, bridge, hairpin on))."""
         if not self.prefix:
             return read_netfilter(), read_ports(ports)
@@ -136,7 +140,8 @@ class BridgePorts:
             return []
         if not self.prefix:
             return write_ports(changes)
-        return self._elsewhere({"op": "write", "changes": changes})
+        written: list[str] = self._elsewhere({"op": "write", "changes": changes})
+        return written
 
     def sync(self, wanted: Mapping[str, Sequence[HairpinPort]], everyone: bool = False,
              keep: Iterable[str] = ()) -> list[str]:
@@ -193,8 +198,8 @@ class BridgePorts:
         return self.sync({}, everyone=True)
 
 
-def follow(backend, wanted: Mapping[str, Sequence[HairpinPort]], log: Callable[[str], None],
-           everyone: bool = False, keep: Iterable[str] = ()) -> None:
+def follow(backend: Backend[Any, Any] | None, wanted: Mapping[str, Sequence[HairpinPort]],
+           log: Callable[[str], None], everyone: bool = False, keep: Iterable[str] = ()) -> None:
     """``BridgePorts.sync`` beside ``backend``, each line logged. A port that cannot be
     set costs the guest only the way to its own forwards: logged, never a failure of the
     rules just applied."""

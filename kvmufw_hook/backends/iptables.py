@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ApplyError
-from ..process import communicate
+from ..process import run
 from .tags import PREFIX as TAG_PREFIX
 from .tags import comment as tag_comment
 from .tags import parse_comment
@@ -27,10 +27,24 @@ from .tags import parse_comment
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
+    from typing import Protocol
 
-    from ..model import ForwardSpec
+    from ..conntrack import Flow
+    from ..intents import Claim, Intent
+    from ..model import IPAddress, IPNetwork, PortRange
     from ..names import Tag
-    from ..plan import Rule
+    from .base import HostPort, Log, Owners
+    from .rules import Rule
+
+    class Kernel(Protocol):
+        """What the backend reads and writes through (``Tools``, or iptables in memory)."""
+
+        def save(self, family: int) -> str: ...
+        def restore(self, family: int, payload: str) -> None: ...
+        def unavailable(self, family: int) -> str | None: ...
+        def ours_in(self, family: int) -> bool: ...
+        def generation(self) -> int | None: ...
+        def end_flows(self, ended: dict[int, list[str]], log: Log) -> None: ...
 
 PREFIX = "KVMUFW-"
 # (table, built-in chain, our chain). Each built-in chain gets exactly one jump to our
@@ -57,11 +71,11 @@ def our_chains(table: str) -> tuple[str, ...]:
     return tuple(ours for t, _, ours in JUMPS if t == table)
 
 
-def _ports(ports, sep: str) -> str:
+def _ports(ports: PortRange, sep: str) -> str:
     return str(ports.first) if ports.first == ports.last else f"{ports.first}{sep}{ports.last}"
 
 
-def ip_text(addr) -> str:
+def ip_text(addr: IPAddress) -> str:
     """An address as iptables prints it: IPv6 through inet_ntop, as ip6tables-save does
     (Python writes ``::a00:1`` where inet_ntop writes ``::10.0.0.1``)."""
     if addr.version == 4:
@@ -70,11 +84,11 @@ def ip_text(addr) -> str:
     return inet_ntop(AF_INET6, addr.packed)
 
 
-def net_text(net) -> str:
+def net_text(net: IPNetwork) -> str:
     return f"{ip_text(net.network_address)}/{net.prefixlen}"
 
 
-def _address(addr) -> str:
+def _address(addr: IPAddress) -> str:
     return f"[{ip_text(addr)}]" if addr.version == 6 else str(addr)
 
 
@@ -411,25 +425,6 @@ def ipv6_unavailable() -> str | None:
     return None
 
 
-def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60,
-        name: str | None = None) -> str:
-    """The one place that runs a firewall command. ApplyError with one line on failure,
-    naming the tool (``name``, when argv starts with a wrapper such as ``ip netns exec``)."""
-    name = name or argv[0].rsplit("/", 1)[-1]
-    data = stdin.encode("utf-8", "surrogateescape") if stdin is not None else None
-    try:
-        status, out, err = communicate(list(argv), data, timeout)
-    except FileNotFoundError:
-        raise ApplyError(f"{name} not found") from None
-    except TimeoutError:
-        raise ApplyError(f"{name} did not finish within {timeout:.0f}s") from None
-    if status != 0:
-        text = err.decode("utf-8", "replace")
-        first = next((l for l in text.splitlines() if l.strip()), "").strip()
-        raise ApplyError(f"{name} failed (exit {status})" + (f": {first}" if first else ""))
-    return out.decode("utf-8", "surrogateescape")
-
-
 class Ruleset:
     """The kernel's ruleset as read: one ``Snapshot`` per family read, and why a family
     was not (``unavailable``: no IPv6 on this host)."""
@@ -447,6 +442,10 @@ class Ruleset:
 
     def __getitem__(self, family: int) -> Snapshot:
         return self.snapshots[family]
+
+    @property
+    def families(self) -> set[int]:
+        return set(self.snapshots)
 
 
 class Change:
@@ -507,8 +506,8 @@ class Record:
 
     @staticmethod
     def path() -> str:
-        from .. import state
-        return os.path.join(state.state_dir(), "cache", "ruleset")
+        from ..names import state_dir
+        return os.path.join(state_dir(), "cache", "ruleset")
 
     @classmethod
     def load(cls, generation: int, families: set[int]) -> Ruleset | None:
@@ -550,45 +549,40 @@ class Record:
             pass
 
 
-class IptablesBackend:
-    """IPv4 and IPv6 through whichever ``iptables`` and ``ip6tables`` the host selects
-    (nf_tables or legacy), the ones UFW uses. ``prefix`` runs the commands elsewhere,
-    e.g. ``ip netns exec NS``.
-
-    Reading IPv6 costs a process: a ruleset holds IPv6 only when asked for
-    (``read(families)``) or when rules of ours are there (one netlink request says so,
-    or the legacy tables are loaded), so that an IPv4-only host pays nothing for it."""
+class Tools:
+    """The kernel as the iptables backend reaches it: the host's ``iptables-save`` and
+    ``iptables-restore`` (and ip6tables'), nf_tables' generation, conntrack. ``prefix``
+    runs the commands elsewhere, e.g. ``ip netns exec NS``. (The unit tier puts iptables
+    in memory here: ``tests/fakebackend.py``.)"""
 
     def __init__(self, prefix: Iterable[str] = ()) -> None:
         self.prefix = list(prefix)
 
-    # ------------------------------------------------------------------ the kernel
-
-    def _tool(self, name: str) -> str:
+    def tool(self, name: str) -> str:
         return name if self.prefix or "/" in name else find_tool(name)
 
-    def _save(self, family: int) -> str:
+    def save(self, family: int) -> str:
         save = TOOLS[family][0]
-        return run([*self.prefix, self._tool(save)], name=save)
+        return run([*self.prefix, self.tool(save)], name=save)
 
-    def _restore(self, family: int, payload: str) -> None:
+    def restore(self, family: int, payload: str) -> None:
         restore = TOOLS[family][1]
-        run([*self.prefix, self._tool(restore), "--noflush", "-w"], stdin=payload,
+        run([*self.prefix, self.tool(restore), "--noflush", "-w"], stdin=payload,
             name=restore)
 
-    def _unavailable(self, family: int) -> str | None:
+    def unavailable(self, family: int) -> str | None:
         """Why ``family`` cannot be read or written here (None: it can)."""
         if family == 4:
             return None
         if self.prefix:  # elsewhere: ask that namespace's ip6tables itself
             try:
-                self._save(6)
+                self.save(6)
             except ApplyError as exc:
                 return str(exc)
             return None
         return ipv6_unavailable()
 
-    def _ours_in(self, family: int) -> bool:
+    def ours_in(self, family: int) -> bool:
         """Whether we may have rules in ``family`` (IPv4: always read)."""
         if family == 4 or self.prefix:
             return True
@@ -605,6 +599,81 @@ class IptablesBackend:
         from .nftprobe import IPV6, chain_in_kernel
         return (chain_in_kernel(IPV6, "filter", "KVMUFW-FORWARD")
                 or chain_in_kernel(IPV6, "nat", "KVMUFW-PREROUTING"))
+
+    def generation(self) -> int | None:
+        """nf_tables' ruleset generation, where our reads and writes go to this
+        namespace's nf_tables (never through ``prefix``, nor with legacy iptables)."""
+        if self.prefix:
+            return None
+        try:
+            if "legacy" in os.path.basename(os.path.realpath(find_tool(TOOLS[4][0]))):
+                return None
+        except ApplyError:
+            return None
+        from .nftprobe import generation
+        return generation()
+
+    def end_flows(self, ended: dict[int, list[str]], log: Log) -> None:
+        """End the conntrack flows of the DNAT lines ``ended`` (per family) took out
+        (``conntrack.py``): in this process, or in one child in the namespace ``prefix``
+        runs in."""
+        from ..conntrack import end_flows
+        flows = [flow for family, lines in ended.items() for line in lines
+                 if (flow := _flow(family, line)) is not None]
+        if not flows:
+            return
+        if not self.prefix:
+            try:
+                end_flows(flows)
+            except OSError as exc:
+                log(f"conntrack flows of removed forwards not ended: {exc}")
+            return
+        import json
+        import subprocess
+        import sys
+        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (f"import sys; sys.path.insert(0, {package!r}); "
+                "from kvmufw_hook.conntrack import main; main()")
+        data = json.dumps([[f, p, a, b, g.hex(), h.hex() if h else ""]
+                           for f, p, a, b, g, h in flows])
+        try:
+            subprocess.run([*self.prefix, sys.executable, "-c", code], input=data, text=True,
+                           capture_output=True, check=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log(f"conntrack flows of removed forwards not ended: {exc}")
+
+
+class IptablesBackend:
+    """IPv4 and IPv6 through whichever ``iptables`` and ``ip6tables`` the host selects
+    (nf_tables or legacy), the ones UFW uses. ``prefix`` runs the commands elsewhere,
+    e.g. ``ip netns exec NS``; ``kernel``: what reads and writes (``Tools`` by default).
+
+    Reading IPv6 costs a process: a ruleset holds IPv6 only when asked for
+    (``read(families)``) or when rules of ours are there (one netlink request says so,
+    or the legacy tables are loaded), so that an IPv4-only host pays nothing for it."""
+
+    name = "iptables"
+
+    def __init__(self, prefix: Iterable[str] = (), kernel: Kernel | None = None) -> None:
+        self.prefix = list(prefix)
+        self.kernel = kernel if kernel is not None else Tools(self.prefix)
+
+    # ------------------------------------------------------------------ the kernel
+
+    def _save(self, family: int) -> str:
+        return self.kernel.save(family)
+
+    def _restore(self, family: int, payload: str) -> None:
+        self.kernel.restore(family, payload)
+
+    def _unavailable(self, family: int) -> str | None:
+        return self.kernel.unavailable(family)
+
+    def _ours_in(self, family: int) -> bool:
+        return self.kernel.ours_in(family)
+
+    def _generation(self) -> int | None:
+        return self.kernel.generation()
 
     def read(self, families: Iterable[int] = ()) -> Ruleset:
         """IPv4, and each other family in ``families`` or holding rules of ours: from
@@ -660,29 +729,16 @@ class IptablesBackend:
         Record.save(Ruleset({f: s for f, s in after.items() if s is not None},
                             base.unavailable, start + commits))
 
-    def _generation(self) -> int | None:
-        """nf_tables' ruleset generation, where our reads and writes go to this
-        namespace's nf_tables (never through ``prefix``, nor with legacy iptables)."""
-        if self.prefix:
-            return None
-        try:
-            if "legacy" in os.path.basename(os.path.realpath(find_tool(TOOLS[4][0]))):
-                return None
-        except ApplyError:
-            return None
-        from .nftprobe import generation
-        return generation()
-
     # ------------------------------------------------------------------ changes
 
     @staticmethod
-    def change(ruleset: Ruleset, rules: Mapping[str, Sequence[Rule]],
+    def change(ruleset: Ruleset, intents: Owners,
                drop: Callable[[Tag], bool] | None = None) -> Change:
         """What replaces the named owners' rules in every family (and drops matching
         tagged rules of others). Rules of a family the ruleset does not hold are left
         out and said so (``Change.skipped``)."""
         parts, skipped, ended = {}, {}, {}
-        for family, owned in split_by_family(rules).items():
+        for family, owned in split_by_family(as_rules(intents)).items():
             snapshot = ruleset.snapshots.get(family)
             if snapshot is not None:
                 target = compose(snapshot, owned, drop)
@@ -705,57 +761,34 @@ class IptablesBackend:
                       base=ruleset)
 
     @staticmethod
-    def render(rules: Mapping[str, Sequence[Rule]]) -> str:
+    def render(intents: Owners) -> str:
         """The rules as they would be written to empty tables (``plan``)."""
-        return IptablesBackend.change(Ruleset.empty(), rules).text
+        return IptablesBackend.change(Ruleset.empty(), intents).text
 
     # ------------------------------------------------------------------ readings
 
-    def end_flows(self, change: Change, log: Callable[[str], None]) -> None:
-        """End the conntrack flows of the DNAT rules ``change`` took out
-        (``conntrack.py``): in this process, or in one child in the namespace ``prefix``
-        runs in."""
-        from ..conntrack import end_flows
-        flows = [flow for family, lines in change.ended.items() for line in lines
-                 if (flow := _flow(family, line)) is not None]
-        if not flows:
-            return
-        if not self.prefix:
-            try:
-                end_flows(flows)
-            except OSError as exc:
-                log(f"conntrack flows of removed forwards not ended: {exc}")
-            return
-        import json
-        import subprocess
-        import sys
-        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        code = (f"import sys; sys.path.insert(0, {package!r}); "
-                "from kvmufw_hook.conntrack import main; main()")
-        data = json.dumps([[f, p, a, b, g.hex(), h.hex() if h else ""]
-                           for f, p, a, b, g, h in flows])
-        try:
-            subprocess.run([*self.prefix, sys.executable, "-c", code], input=data, text=True,
-                           capture_output=True, check=True, timeout=30)
-        except (OSError, subprocess.SubprocessError) as exc:
-            log(f"conntrack flows of removed forwards not ended: {exc}")
+    def end_flows(self, change: Change, log: Log) -> None:
+        """End the conntrack flows of the DNAT rules ``change`` took out."""
+        if change.ended:
+            self.kernel.end_flows(change.ended, log)
 
     @staticmethod
-    def claims(ruleset: Ruleset, near: Iterable[ForwardSpec] | None = None,
-               mine: str | None = None) -> dict[str, list[ForwardSpec]]:
+    def claims(ruleset: Ruleset, near: Iterable[HostPort] | None = None,
+               mine: str | None = None) -> dict[str, list[Claim]]:
         """owner -> the host ports its rules hold, in every family read. ``near``: only
         the claims that could overlap these forwards (and every claim of ``mine``); the
         other owners are still keys, with no claim."""
-        out: dict[str, list[ForwardSpec]] = {}
+        out: dict[str, list[Claim]] = {}
         for snapshot in ruleset.snapshots.values():
             for owner, specs in kernel_claims(snapshot, near, mine).items():
                 out.setdefault(owner, []).extend(specs)
         return out
 
     @staticmethod
-    def present(ruleset: Ruleset, rules: Iterable[Rule]) -> bool:
-        """Whether every one of ``rules`` is in the kernel."""
-        for rule in rules:
+    def present(ruleset: Ruleset, intents: Iterable[Intent]) -> bool:
+        """Whether every rule of ``intents`` is in the kernel."""
+        from .rules import netfilter_rules
+        for rule in netfilter_rules(intents):
             snapshot = ruleset.snapshots.get(rule.family)
             if snapshot is None or render_rule(rule)[1] not in snapshot.our_lines():
                 return False
@@ -772,7 +805,7 @@ class IptablesBackend:
                    for chains in snap.ours().values() for lines in chains.values())
 
     @staticmethod
-    def bad_jumps(ruleset: Ruleset) -> list[str]:
+    def entry_problems(ruleset: Ruleset) -> list[str]:
         """``FORWARD (filter)`` (``FORWARD (filter, IPv6)``) for each built-in chain whose
         jump is wrong, in tables where we have rules (elsewhere no jump is expected)."""
         out = []
@@ -784,12 +817,32 @@ class IptablesBackend:
         return out
 
     @staticmethod
-    def libvirt_chains(ruleset: Ruleset) -> set[str]:
-        """libvirt's own chains (``LIBVIRT_*``) in the IPv4 tables."""
-        snap = ruleset.snapshots.get(4)
-        if snap is None:
-            return set()
-        return {c for t in snap.tables.values() for c in t.chains if c.startswith("LIBVIRT_")}
+    def libvirt_backend(ruleset: Ruleset) -> str | None:
+        """``iptables`` where libvirt's own chains (``LIBVIRT_*``) are in the IPv4
+        tables."""
+        return "iptables" if _libvirt_chains(ruleset) else None
+
+    @staticmethod
+    def libvirt_missing(ruleset: Ruleset) -> list[str]:
+        """libvirt's chains its iptables backend keeps that are not there."""
+        present = _libvirt_chains(ruleset)
+        return [c for c in LIBVIRT_CHAINS if c not in present]
+
+
+def _libvirt_chains(ruleset: Ruleset) -> set[str]:
+    snap = ruleset.snapshots.get(4)
+    if snap is None:
+        return set()
+    return {c for t in snap.tables.values() for c in t.chains if c.startswith("LIBVIRT_")}
+
+
+def as_rules(intents: Owners) -> dict[str, Sequence[Rule]]:
+    """owner -> the rules of its intents (``rules.py``, imported only when an owner has
+    any: a guest's stop removes an owner and expands nothing)."""
+    if not any(intents.values()):
+        return {owner: () for owner in intents}
+    from .rules import netfilter_rules
+    return {owner: netfilter_rules(owned) for owner, owned in intents.items()}
 
 
 # --------------------------------------------------------------------------- readings
@@ -801,7 +854,7 @@ def _tokens_after(tokens: list[str], flag: str) -> str | None:
         return None
 
 
-def _flow(family: int, line: str):
+def _flow(family: int, line: str) -> Flow | None:
     """``conntrack.Flow`` of one of our DNAT lines: what connections it translated."""
     from _socket import AF_INET, AF_INET6, inet_pton
 
@@ -838,15 +891,16 @@ def _quick_owner(line: str) -> str | None:
     return owner if "=" in owner and '"' not in owner and " " not in owner else None
 
 
-def kernel_claims(snapshot: Snapshot, near: Iterable[ForwardSpec] | None = None,
-                  mine: str | None = None) -> dict[str, list[ForwardSpec]]:
+def kernel_claims(snapshot: Snapshot, near: Iterable[HostPort] | None = None,
+                  mine: str | None = None) -> dict[str, list[Claim]]:
     """owner -> the host ports its DNAT rules in the kernel hold right now (proto, port
     range, host address): who holds a port is what the kernel says, whatever our state
     files say (they can be lost or corrupt)."""
     from ipaddress import ip_address  # here: a guest's stop never needs it
 
-    from ..model import ForwardSpec, PortRange
-    seen: dict[str, dict[ForwardSpec, None]] = {}
+    from ..intents import Claim
+    from ..model import PortRange
+    seen: dict[str, dict[Claim, None]] = {}
     wanted = None if near is None else [(spec.proto, spec.host_port.first, spec.host_port.last)
                                          for spec in near]
     for line in snapshot.tables["nat"].rules.get(STAGE_CHAIN["prerouting"][1], []):
@@ -873,10 +927,14 @@ def kernel_claims(snapshot: Snapshot, near: Iterable[ForwardSpec] | None = None,
         # the guest address gives the claim its family: [fd00::5]:22 or 10.0.0.5:22
         guest = to[1:].split("]")[0] if to.startswith("[") else to.split(":")[0]
         try:
-            guests = (ip_address(guest),) if guest else ()
+            to_guest = ip_address(guest) if guest else None
         except ValueError:
-            guests = ()
-        spec = ForwardSpec(proto=proto, host_port=ports, guest_port=ports, host_ip=host_ip,
-                           guest_ips=guests)
-        seen.setdefault(owner, {})[spec] = None  # ordered, and linear: one per source
-    return {owner: list(specs) for owner, specs in seen.items()}
+            to_guest = None
+        claim = Claim(proto=proto, host_port=ports, guest=to_guest, host_ip=host_ip)
+        seen.setdefault(owner, {})[claim] = None  # ordered, and linear: one per source
+    return {owner: list(claims) for owner, claims in seen.items()}
+
+
+if TYPE_CHECKING:  # the compiler checks that this is a backend (as Calico's ``var _ Table``)
+    from .base import Backend
+    _IS_A_BACKEND: Backend[Ruleset, Change] = IptablesBackend()

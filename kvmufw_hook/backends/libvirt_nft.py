@@ -28,17 +28,23 @@ from __future__ import annotations
 import re
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
 
 from ..errors import ApplyError
+from ..intents import Forward, Intent
+from ..model import PortRange
 from ..names import Tag
-from ..plan import Rule
-from .iptables import SEARCH_PATH, ip_text, net_text, run
+from ..process import run
+from . import LibvirtFirewall
+from .iptables import SEARCH_PATH, ip_text
 from .nftprobe import IPV4, IPV6, TABLE, table_in_kernel
 from .tags import comment as tag_comment
 from .tags import parse_comment
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # a guest's start imports this module where libvirt uses nftables
+    from .base import Owners
 
 FAMILY = "ip"  # libvirt's IPv4 table; its IPv6 rules live in ``ip6 libvirt_network``
 NFT_FAMILY = {4: "ip", 6: "ip6"}
@@ -57,16 +63,6 @@ _PRIORITY = re.compile(r"^#\s*\[\s*([a-z]+(?:\s*,\s*[a-z]+)*)\s*\]\s*$", re.MULT
 
 
 # --------------------------------------------------------------------------- the kernel
-
-@dataclass(frozen=True)
-class LibvirtFirewall:
-    """Which firewall backend libvirt uses, how we know, and whether its nftables table
-    (where our accepts go) is in the kernel."""
-
-    backend: str  # "nftables" or "iptables"
-    reason: str
-    table: bool
-
 
 def build_order(conf_text: str | None) -> tuple[str, ...]:
     """The backends in the order this libvirt build tries them: libvirt >= 10.4 ships a
@@ -96,16 +92,15 @@ def _read(path: str) -> str | None:
         return None
 
 
-def libvirt_firewall(libvirt_chains: Iterable[str] = (), nft: LibvirtNft | None = None,
+def libvirt_firewall(seen: str | None = None, nft: LibvirtNft | None = None,
                      conf: str = NETWORK_CONF) -> LibvirtFirewall:
     """The backend libvirt really uses, from the running host first: its nftables table in
     the kernel, else its LIBVIRT_* chains in iptables, else ``firewall_backend`` in
     network.conf, else the first backend of the build's order whose tool is installed.
     Hooks, replay, status and doctor all decide through this one function."""
-    table = (nft or LibvirtNft()).table_present()
-    if table:
+    if seen == "nftables" or (nft or LibvirtNft()).table_present():
         return LibvirtFirewall("nftables", f"kernel: table {FAMILY} {TABLE}", True)
-    if any(libvirt_chains):
+    if seen == "iptables":
         return LibvirtFirewall("iptables", "kernel: libvirt's LIBVIRT_* iptables chains", False)
     text = _read(conf)
     chosen = configured(text)
@@ -121,45 +116,38 @@ def libvirt_firewall(libvirt_chains: Iterable[str] = (), nft: LibvirtNft | None 
 
 # --------------------------------------------------------------------------- render
 
-def _addr(net: IPv4Network | IPv6Network) -> str:
-    """An address as nft prints it: a host without its /32 or /128."""
-    if net.prefixlen == net.max_prefixlen:
-        return ip_text(net.network_address)
-    return net_text(net)
-
-
-def _ports(ports) -> str:
+def _ports(ports: PortRange) -> str:
     return str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
 
 
-def render_accept(rule: Rule) -> tuple[str, str] | None:
-    """(chain, rule text as ``nft list`` prints it) for a forward's FORWARD accept of
-    DNAT'd connections, or None for every other rule (those need nothing in libvirt's
-    table). Bridge names are interface names, checked by the parser ([A-Za-z0-9_.:@+-])."""
-    if rule.stage != "forward" or rule.ctstate != "DNAT" or rule.verdict != "ACCEPT":
-        return None
-    family = NFT_FAMILY[rule.family]  # ip daddr / ip6 daddr, in the table of that family
-    if rule.oif and rule.dst is not None and rule.dport:
-        chain = INPUT
-        match = [f'oif "{rule.oif}"', f"{family} daddr {_addr(rule.dst)}",
-                 f"{rule.proto} dport {_ports(rule.dport)}"]
-    elif rule.iif and rule.src is not None and rule.sport:
-        chain = OUTPUT
-        match = [f'iif "{rule.iif}"', f"{family} saddr {_addr(rule.src)}",
-                 f"{rule.proto} sport {_ports(rule.sport)}"]
-    else:
-        return None
-    comment = tag_comment(rule.tag)
+def render_accepts(forward: Forward) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(chain, rule text as ``nft list`` prints it) of a forward's two accepts of its
+    translated connections: into the bridge to the guest port, and the replies out of it.
+    Bridge names are interface names, checked by the parser ([A-Za-z0-9_.:@+-])."""
+    family = NFT_FAMILY[forward.family]  # ip daddr / ip6 daddr, in the table of that family
+    guest, ports, proto = ip_text(forward.guest), _ports(forward.guest_ports), forward.proto
+    comment = tag_comment(forward.tag)
     if len(comment.encode()) > NFT_COMMENT_MAX:  # a long name and an IPv6 subnet
-        comment = tag_comment(Tag(rule.owner, rule.bridge, ""))  # owner and bridge decide
-    text = " ".join([*match, "ct status dnat accept", f'comment "{comment}"'])
-    return chain, text
+        comment = tag_comment(Tag(forward.owner, forward.bridge, ""))  # owner and bridge decide
+    tail = f'ct status dnat accept comment "{comment}"'
+    return ((INPUT, f'oif "{forward.bridge}" {family} daddr {guest} {proto} dport {ports} {tail}'),
+            (OUTPUT, f'iif "{forward.bridge}" {family} saddr {guest} {proto} sport {ports} {tail}'))
+
+
+def _accepts(intents: Iterable[Intent], family: str) -> Iterable[tuple[str, str]]:
+    """The accepts of the forwards among ``intents`` in the table of ``family``."""
+    for intent in intents:
+        if isinstance(intent, Forward) and NFT_FAMILY[intent.family] == family:
+            yield from render_accepts(intent)
 
 
 # --------------------------------------------------------------------------- snapshot
 
 @dataclass(frozen=True)
 class NftRule:
+    """One rule of libvirt's table as listed, with its handle and our tag (None: not
+    ours)."""
+
     handle: int
     text: str  # as ``nft list`` prints it, without the handle
     tag: Tag | None  # our owner tag, or None: not ours
@@ -208,7 +196,7 @@ class NftSnapshot:
 Target = dict[str, list[str]]  # chain -> our rule texts
 
 
-def compose(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
+def compose(snapshot: NftSnapshot, intents: Owners,
             drop: Callable[[Tag], bool] | None = None) -> Target:
     """Our accepts as they should be: ``rules`` replaces each named owner's (an empty
     sequence removes the owner), ``drop`` removes any other owner's it accepts; the rest
@@ -218,15 +206,12 @@ def compose(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
         for ours, _ahead in snapshot.ours(chain):
             tagged = ours.tag
             assert tagged is not None  # ours() yields tagged rules only
-            if tagged.owner not in rules and not (drop and drop(tagged)):
+            if tagged.owner not in intents and not (drop and drop(tagged)):
                 target[chain].append(ours.text)
     seen: set[tuple[str, str]] = set()  # two forwards to one guest port need one accept
-    for owner in sorted(rules):
-        for rule in rules[owner]:
-            if NFT_FAMILY[rule.family] != snapshot.family:
-                continue  # the other family's table
-            rendered = render_accept(rule)
-            if rendered and rendered not in seen:
+    for owner in sorted(intents):
+        for rendered in _accepts(intents[owner], snapshot.family):
+            if rendered not in seen:
                 seen.add(rendered)
                 target[rendered[0]].append(rendered[1])
     return target
@@ -267,31 +252,24 @@ class LibvirtNft:
     e.g. ``ip netns exec NS`` (then whether the table exists is asked with ``nft`` too)."""
 
     @staticmethod
-    def change(snapshot: NftSnapshot, rules: Mapping[str, Sequence[Rule]],
+    def change(snapshot: NftSnapshot, intents: Owners,
                drop: Callable[[Tag], bool] | None = None) -> str:
-        return transition(snapshot, compose(snapshot, rules, drop))
+        return transition(snapshot, compose(snapshot, intents, drop))
 
     @staticmethod
     def clear(snapshot: NftSnapshot) -> str:
         return transition(snapshot, {})
 
     @staticmethod
-    def present(snapshot: NftSnapshot, rules: Iterable[Rule]) -> bool:
-        """Every accept ``rules`` need in the snapshot's table is in, ahead of libvirt's
+    def present(snapshot: NftSnapshot, intents: Iterable[Intent]) -> bool:
+        """Every accept ``intents`` need in the snapshot's table is in, ahead of libvirt's
         rules."""
         placed = {(c, r.text) for c in CHAINS for r, ahead in snapshot.ours(c) if ahead}
-        return all(r in placed for r in map(render_accept, (
-            rule for rule in rules if NFT_FAMILY[rule.family] == snapshot.family))
-            if r is not None)
+        return all(r in placed for r in _accepts(intents, snapshot.family))
 
     def __init__(self, prefix: Iterable[str] = (), family: str = FAMILY):
         self.prefix = list(prefix)
         self.family = family
-
-    @classmethod
-    def beside(cls, backend, family: str = FAMILY) -> LibvirtNft:
-        """The one in the same network namespace as an iptables backend."""
-        return cls(getattr(backend, "prefix", ()), family)
 
     def _nft(self) -> str:
         if self.prefix:
@@ -330,57 +308,15 @@ class LibvirtNft:
 
 # --------------------------------------------------------------------------- one change
 
-@dataclass
-class Accepts:
-    """The libvirt-table side of one change, in each of libvirt's tables that is there
-    (``ip`` and ``ip6``): planned beside an iptables change, written after it in one
-    ``nft -f`` (one transaction: if it fails, nothing of it is in)."""
-
-    nft: LibvirtNft
-    before: dict[str, NftSnapshot]  # nft family -> libvirt's table as read
-    script: str
-
-    @property
-    def text(self) -> str:
-        """The script as shown with an iptables payload (dry runs, logs)."""
-        return NFT_SECTION + self.script if self.script else ""
-
-    def write(self) -> None:
-        self.nft.write(self.script)
+def held(snapshot: NftSnapshot | None) -> Target:
+    """Our accepts in ``snapshot`` as a target (``revert``: back to what was there)."""
+    if snapshot is None:
+        return {}
+    return {chain: [r.text for r, _ahead in snapshot.ours(chain)] for chain in CHAINS}
 
 
-def read_tables(backend, ip_table: bool | None = None) -> dict[str, NftSnapshot]:
-    """libvirt's tables that are in the kernel, by nft family (``ip_table``: whether the
-    ``ip`` one is, when already known)."""
-    out = {}
-    for family in NFT_FAMILY.values():
-        nft = LibvirtNft.beside(backend, family)
-        here = ip_table if family == FAMILY and ip_table is not None else nft.table_present()
-        if here:
-            out[family] = nft.read()
-    return out
-
-
-def tables_present(snapshots: Mapping[str, NftSnapshot], rules: Iterable[Rule]) -> bool:
-    """Every accept ``rules`` need is in, in each of libvirt's tables that is there (a
+def tables_present(snapshots: Mapping[str, NftSnapshot], intents: Iterable[Intent]) -> bool:
+    """Every accept ``intents`` need is in, in each of libvirt's tables that is there (a
     family without libvirt's table has no reject to pass)."""
-    rules = tuple(rules)
-    return all(LibvirtNft.present(snap, rules) for snap in snapshots.values())
-
-
-def plan_accepts(backend, ruleset, rules: Mapping[str, Sequence[Rule]],
-                 drop: Callable[[Tag], bool] | None = None) -> Accepts:
-    """Our accepts in libvirt's tables for this change, where libvirt's tables are there
-    (``ruleset``: the firewall backend's, read for this change)."""
-    nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
-    before = read_tables(backend, firewall.table)
-    script = "".join(LibvirtNft.change(snap, rules, drop) for snap in before.values())
-    return Accepts(nft, before, script)
-
-
-def clear_accepts(backend) -> str:
-    """Remove every accept of ours from libvirt's tables (flush, uninstall); the script."""
-    script = "".join(LibvirtNft.clear(snap) for snap in read_tables(backend).values())
-    LibvirtNft.beside(backend).write(script)
-    return NFT_SECTION + script if script else ""
+    intents = tuple(intents)
+    return all(LibvirtNft.present(snap, intents) for snap in snapshots.values())

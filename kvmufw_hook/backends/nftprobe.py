@@ -46,7 +46,7 @@ def _exists(request: int, answer: int, family: int, attrs: bytes) -> bool:
     if reply is None or len(reply) < 16:
         return False
     _length, rtype = struct.unpack_from("=IH", reply)
-    return rtype == _SUBSYS | answer  # NLMSG_ERROR (2) otherwise
+    return bool(rtype == _SUBSYS | answer)  # NLMSG_ERROR (2) otherwise
 
 
 def table_in_kernel(family: int = IPV4, name: str = TABLE) -> bool:

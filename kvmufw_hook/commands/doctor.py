@@ -6,10 +6,13 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .. import state
-from ..backends import default_backend
+from ..backends import LibvirtFirewall, default_backend, libvirt_firewall
+from ..backends.base import AnyBackend
 from ..errors import ApplyError, InputError
 from ..installation import (
     HOOK_DRIVERS,
@@ -22,8 +25,10 @@ from ..installation import (
     missed_hooks,
     running_daemons,
 )
+from ..model import Network
 from . import add_connect, describe, write_json
 
+Networks = Mapping[str, Network]
 
 @dataclass
 class Finding:
@@ -60,17 +65,17 @@ UFW_AFTER_INIT = "/etc/ufw/after.init"
 ROUTING_MODES = ("nat", "route", "open")
 
 
-def _routing(networks, family: int) -> list[str]:
+def _routing(networks: Networks, family: int) -> list[str]:
     """The active networks that route guests of ``family`` beyond the host."""
     return sorted(n.name for n in networks.values() if n.mode in ROUTING_MODES
                   and any(i.version == family for i in n.interfaces))
 
 
-def _has_ipv6(networks) -> list[str]:
-    return sorted(n.name for n in networks.values() if n.managed and n.ipv6)
+def _has_ipv6(networks: Networks | None) -> list[str]:
+    return sorted(n.name for n in (networks or {}).values() if n.managed and n.ipv6)
 
 
-def check_forwarding(networks, family: int = 4, root: str = "") -> Finding:
+def check_forwarding(networks: Networks, family: int = 4, root: str = "") -> Finding:
     """Forwarding off is a failure only while a network that routes that family is
     active: libvirt turns it on itself when such a network starts."""
     check = "IP forwarding" if family == 4 else "IPv6 forwarding"
@@ -99,7 +104,7 @@ def check_forwarding(networks, family: int = 4, root: str = "") -> Finding:
                    f"anything beyond the host{' over IPv6' if family == 6 else ''}", fix)
 
 
-def check_ufw(networks=None, root: str = "") -> list[Finding]:
+def check_ufw(networks: Networks | None = None, root: str = "") -> list[Finding]:
     conf, default = _read(root + UFW_CONF), _read(root + UFW_DEFAULT)
     if conf is None:
         return [Finding("OK", "UFW", "not installed: kvmufw_hook works beside any iptables "
@@ -134,7 +139,7 @@ def check_ufw(networks=None, root: str = "") -> list[Finding]:
     return out
 
 
-def _ufw_ipv6(default: str | None, networks) -> Finding:
+def _ufw_ipv6(default: str | None, networks: Networks | None) -> Finding:
     """UFW's IPV6 setting: with ``no`` UFW leaves ip6tables alone (ufw's backend uses
     IPv6 only if it is ``yes``, so a missing line is ``no``)."""
     setting = (_setting(default, "IPV6") or "no").lower()
@@ -152,19 +157,13 @@ def _ufw_ipv6(default: str | None, networks) -> Finding:
                    "ufw reload")
 
 
-def check_libvirt_firewall(ruleset, active_networks: int, backend):
+def check_libvirt_firewall(ruleset: Any, active_networks: int,
+                           backend: AnyBackend) -> tuple[LibvirtFirewall, list[Finding]]:
     """Which firewall backend libvirt really uses; where it is nftables, libvirt's table
-    and our accepts in it (one per forward and direction, ahead of libvirt's rejects)."""
-    from ..backends.libvirt_nft import (
-        CHAINS,
-        LibvirtNft,
-        libvirt_firewall,
-        read_tables,
-        tables_present,
-    )
+    and our accepts in it (one per forward and direction, ahead of libvirt's rejects:
+    the backend's participants read and check them with our rules)."""
     from ..hostplan import plan_host
-    nft = LibvirtNft.beside(backend)
-    firewall = libvirt_firewall(backend.libvirt_chains(ruleset), nft)
+    firewall = libvirt_firewall(backend, ruleset)
     out = [Finding("OK", "libvirt firewall backend", f"{firewall.backend} ({firewall.reason})")]
     if firewall.backend != "nftables":
         return firewall, out
@@ -177,35 +176,28 @@ def check_libvirt_firewall(ruleset, active_networks: int, backend):
         return firewall, out
     out.append(Finding("OK", "libvirt's table", "table ip libvirt_network present"))
     try:
-        accepts = read_tables(backend, True)
-    except ApplyError as exc:
-        return firewall, [*out, Finding("FAIL", "our accepts in libvirt's table", str(exc),
-                                        "install nftables")]
-    try:
         host = plan_host(state.load_networks(), state.load_domains())
     except InputError:
         return firewall, out
-    missing = sorted(o for o, rules in host.rules.items() if not tables_present(accepts, rules))
+    missing = sorted(o for o, intents in host.rules.items()
+                     if not backend.present(ruleset, intents))
     if missing:
         out.append(Finding("FAIL", "our accepts in libvirt's table", "missing, or behind "
                            "libvirt's rejects, for " + ", ".join(missing) + ": libvirt "
                            "rejects those forwards", "kvmufw_hook replay"))
     else:
-        count = sum(len(snap.ours(chain)) for snap in accepts.values() for chain in CHAINS)
-        out.append(Finding("OK", "our accepts in libvirt's table", f"{count}: every "
-                           "forward's, ahead of libvirt's rejects"))
+        out.append(Finding("OK", "our accepts in libvirt's table", "every forward's, ahead "
+                           "of libvirt's rejects"))
     return firewall, out
 
 
-def check_rules(backend, ruleset, active_networks: int,
+def check_rules(backend: AnyBackend, ruleset: Any, active_networks: int,
                 libvirt_backend: str = "iptables", ipv6_networks: bool = True) -> list[Finding]:
     """libvirt's chains (where it uses iptables), our rules and our jumps, through the
-    backend's interface (``libvirt_chains``, ``has_rules``, ``bad_jumps``); a family the
-    backend cannot reach, where a network needs it (``ipv6_networks``)."""
-    from ..backends.iptables import LIBVIRT_CHAINS
+    backend's interface (``libvirt_missing``, ``has_rules``, ``entry_problems``); a family
+    the backend cannot reach, where a network needs it (``ipv6_networks``)."""
     out = []
-    present = backend.libvirt_chains(ruleset)
-    missing = [c for c in LIBVIRT_CHAINS if c not in present]
+    missing = backend.libvirt_missing(ruleset)
     # with its nftables backend libvirt has no iptables chains: check_libvirt_firewall
     libvirt_chains_expected = active_networks and libvirt_backend == "iptables"
     if libvirt_chains_expected and missing:
@@ -216,7 +208,7 @@ def check_rules(backend, ruleset, active_networks: int,
     elif libvirt_chains_expected:
         out.append(Finding("OK", "libvirt's chains", "present"))
     if backend.has_rules(ruleset):
-        bad = backend.bad_jumps(ruleset)
+        bad = backend.entry_problems(ruleset)
         if bad:
             out.append(Finding("FAIL", "our jumps", "not exactly once at position 1 in: "
                                + ", ".join(bad), "kvmufw_hook restore --jumps-only"))
@@ -278,7 +270,7 @@ def check_hooks(root: str = "") -> list[Finding]:
     return out
 
 
-def check_forwards(uri: str, backend) -> list[Finding]:
+def check_forwards(uri: str, backend: AnyBackend) -> list[Finding]:
     from ..ops import replay
     from ..virt import live_xml
     try:
@@ -300,7 +292,7 @@ def check_forwards(uri: str, backend) -> list[Finding]:
     return out
 
 
-def run(uri: str, backend=None) -> list[Finding]:
+def run(uri: str, backend: AnyBackend | None = None) -> list[Finding]:
     backend = backend or default_backend()
     try:
         networks = state.load_networks()
@@ -324,7 +316,7 @@ def run(uri: str, backend=None) -> list[Finding]:
     return findings
 
 
-def as_json(findings: list[Finding]) -> list[dict]:
+def as_json(findings: list[Finding]) -> list[dict[str, str]]:
     return [asdict(f) for f in findings]
 
 

@@ -14,9 +14,11 @@ forward policy can drop our guests' traffic (``docker_nft_finding``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from .. import state
+from ..backends.base import AnyBackend
 from ..errors import ApplyError, InputError
 from ..model import Domain, Network
 from .doctor import Finding
@@ -64,7 +66,7 @@ def bridge_findings(on: Sequence[int], networks: Iterable[Network],
     return out
 
 
-def _hairpin_off(backend) -> list[str]:
+def _hairpin_off(backend: AnyBackend) -> list[str]:
     """The ports our state says need hairpin mode now and lack it."""
     from ..backends.bridgeports import BridgePorts
     from ..hairpin import plan_host_hairpin
@@ -78,7 +80,10 @@ def _hairpin_off(backend) -> list[str]:
                   and now[1] == p.bridge and not now[2])
 
 
-def _parsed(raws: Iterable[bytes], parse) -> list:
+T = TypeVar("T")
+
+
+def _parsed(raws: Iterable[bytes], parse: Callable[[bytes], T]) -> list[T]:
     """Each document that parses (the forwards check reports those that do not)."""
     out = []
     for raw in raws:
@@ -89,7 +94,7 @@ def _parsed(raws: Iterable[bytes], parse) -> list:
     return out
 
 
-def check_bridge_netfilter(uri: str, backend) -> list[Finding]:
+def check_bridge_netfilter(uri: str, backend: AnyBackend) -> list[Finding]:
     from ..backends.bridgeports import BridgePorts
     from ..parse import parse_domain_xml, parse_network_xml
     try:
@@ -133,12 +138,12 @@ def docker_nft_finding(policies: dict[int, str]) -> list[Finding]:
                     "with --ip-forward-no-drop, then restart dockerd")]
 
 
-def docker_nft_policies(backend) -> dict[int, str]:
+def docker_nft_policies(backend: AnyBackend) -> dict[int, str]:
     """family -> the policy of Docker's forward base chain, where its table exists (one
     netlink request per family on the host; ``nft`` only where the table is there)."""
-    from ..backends.iptables import run
     from ..backends.nftprobe import IPV4, IPV6, table_in_kernel
-    prefix = list(getattr(backend, "prefix", None) or ())
+    from ..process import run
+    prefix = list(backend.prefix)
     out = {}
     for family, nfproto, name in ((4, IPV4, "ip"), (6, IPV6, "ip6")):
         if not prefix and not table_in_kernel(nfproto, DOCKER_TABLE):

@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from lxml import etree
 
@@ -196,7 +197,7 @@ def _change(action: str, spec: Attrs, what: str,
 
 # --------------------------------------------------------------------------- live state
 
-def _live(conn) -> tuple[dict[str, Network], dict[str, Domain]]:
+def _live(conn: Any) -> tuple[dict[str, Network], dict[str, Domain]]:
     libvirt = libvirt_module()
     networks: dict[str, Network] = {}
     for net in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
@@ -215,7 +216,7 @@ def _live(conn) -> tuple[dict[str, Network], dict[str, Domain]]:
 # --------------------------------------------------------------------------- commands
 
 @contextmanager
-def _editing(uri: str, kind: str, name: str) -> Iterator[tuple]:
+def _editing(uri: str, kind: str, name: str) -> Iterator[tuple[Any, Any, Any]]:
     """(libvirt module, connection, object) for a change; libvirt's refusals become one
     line naming the object."""
     libvirt = libvirt_module()
@@ -235,7 +236,7 @@ def _done(what: str, action: str, spec: Attrs, now: bool, later: str) -> str:
             + ("applied" if now else f"saved; applied when {later}"))
 
 
-def _resolve_if_networks_up(dom: Domain, conn) -> None:
+def _resolve_if_networks_up(dom: Domain, conn: Any) -> None:
     """An inactive guest whose networks are all active: its addresses are checked now,
     through the same planner path as at its start (a ``guest-ip`` that is another
     guest's is refused now, not at the next boot)."""
@@ -247,7 +248,8 @@ def _resolve_if_networks_up(dom: Domain, conn) -> None:
         resolve_domain_forwards(dom, networks)
 
 
-def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
+def edit_domain(uri: str, name: str, action: str, spec: Attrs,
+                log: Callable[[str], None] = lambda m: None) -> str:
     """The running guest's forwards (live) and its next boot's (persistent) are changed
     each as they are: a forward prepared for the next boot (``virsh edit``, ``metadata
     --config``) is not lost by an add on the running guest, nor started early."""
@@ -283,13 +285,14 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs, log=lambda m: Non
         return _done(what, action, spec, running, "the guest starts")
 
 
-def _set_forwards(libvirt, dom, forwards: list[Attrs], flags: int) -> None:
+def _set_forwards(libvirt: Any, dom: Any, forwards: list[Attrs], flags: int) -> None:
     meta = _plain_forwards(forwards) if forwards else None
     dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, meta, KEY if meta else None,
                     NAMESPACE, flags)
 
 
-def edit_network(uri: str, name: str, action: str, spec: Attrs, log=lambda m: None) -> str:
+def edit_network(uri: str, name: str, action: str, spec: Attrs,
+                 log: Callable[[str], None] = lambda m: None) -> str:
     """The persistent definition and, for an active network, its running forwards (libvirt
     keeps the running XML until the network restarts: ours go in an override that the
     hooks, replay, status and doctor apply until then) are changed each as they are."""
@@ -342,7 +345,7 @@ def validate_spec(spec: Attrs, network: bool, label: str) -> None:
     parse_forwards(element, label, allowed)
 
 
-def list_forwards(uri: str, domain: str | None, network: str | None) -> list[dict]:
+def list_forwards(uri: str, domain: str | None, network: str | None) -> list[dict[str, Any]]:
     libvirt = libvirt_module()
     conn = connect(uri)
     try:
@@ -369,7 +372,7 @@ def list_forwards(uri: str, domain: str | None, network: str | None) -> list[dic
 LIST_HEADER = ("OWNER", "PROTO", "HOST", "GUEST", "SOURCE", "COMMENT")
 
 
-def list_row(row: dict) -> tuple[str, ...]:
+def list_row(row: dict[str, Any]) -> tuple[str, ...]:
     """One row of ``forward list``, as typed but readable in both families: HOST
     ``*:8080`` or ``[2001:db8::1]:8080``; GUEST the guest-ip addresses joined by ","
     (``10.0.0.5,[2001:db8::5]:22``), else the NIC or reservation it names."""
@@ -386,7 +389,7 @@ def list_row(row: dict) -> tuple[str, ...]:
     return (owner, row.get("proto", "tcp"), host, guest, source, row.get("comment", ""))
 
 
-def format_list(rows: list[dict]) -> str:
+def format_list(rows: list[dict[str, Any]]) -> str:
     """The ``forward list`` table (``--json`` keeps the exact text)."""
     return table([LIST_HEADER, *(list_row(r) for r in rows)])
 

@@ -6,11 +6,17 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 from .. import state
-from ..backends import default_backend
+from ..backends import default_backend, libvirt_firewall
+from ..backends.base import AnyBackend
 from ..errors import ApplyError, InputError, printable
 from ..host import network_leases
+from ..intents import Intent
+from ..model import ForwardSpec
 from ..names import domain_owner, network_owner
 from ..plan import (
     Resolved,
@@ -22,8 +28,12 @@ from ..policy import resolve_domain
 from . import describe, write_json
 from .table import shown_name, table
 
+Row = dict[str, Any]  # one line of the report, as ``--json`` prints it
+Check = Callable[[Row, str, Sequence[Intent]], None]  # look up once the kernel is read
 
-def _forward(owner: str, target: Resolved | None, spec, error: str | None, check) -> dict:
+
+def _forward(owner: str, target: Resolved | None, spec: ForwardSpec, error: str | None,
+             check: Check) -> Row:
     """One row per forward and family (a dual-stack forward has two)."""
     row = {
         "family": f"ipv{target.family}" if target else None,
@@ -44,7 +54,8 @@ def _forward(owner: str, target: Resolved | None, spec, error: str | None, check
     return row
 
 
-def _forwards(owner: str, specs, resolve, check) -> list[dict]:
+def _forwards(owner: str, specs: Sequence[ForwardSpec],
+              resolve: Callable[[], Sequence[Resolved]], check: Check) -> list[Row]:
     """Rows for an owner's forwards: resolved, or each carrying the reason it is not."""
     try:
         return [_forward(owner, t, t.spec, None, check) for t in resolve()]
@@ -56,7 +67,7 @@ class _Reading(threading.Thread):
     """The firewall read in the background: iptables-save takes about as long as loading
     and planning the state, and while it runs the waiting is in another process."""
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend: AnyBackend) -> None:
         super().__init__(name="iptables-save", daemon=True)
         self.backend = backend
         self.snapshot = None
@@ -72,56 +83,47 @@ class _Reading(threading.Thread):
         except BaseException as exc:  # raised again in the caller's thread
             self.failure = exc
 
-    def result(self):
+    def result(self) -> tuple[Any, str | None]:
         self.join()
         if self.failure is not None:
             raise self.failure
         return self.snapshot, self.error
 
 
-def collect(backend=None) -> dict:
+def collect(backend: AnyBackend | None = None) -> Row:
     """Every network and guest of the state with its forwards; whether each one's rules
     are in the kernel is decided once the snapshot is in, from one set of its lines."""
     backend = backend or default_backend()
     reading = _Reading(backend)
-    checks: list[tuple[dict, str, tuple]] = []  # (row, key, rules) to look up
+    checks: list[tuple[Row, str, Sequence[Intent]]] = []  # (row, key, intents) to look up
 
-    def check(row: dict, key: str, rules) -> None:
+    def check(row: Row, key: str, rules: Sequence[Intent]) -> None:
         checks.append((row, key, rules))
 
     networks = state.load_networks()
-    report: dict = {"networks": [], "domains": [], "kernel_error": None,
+    report: Row = {"networks": [], "domains": [], "kernel_error": None,
                     "libvirt_firewall": None}
     for name, net in sorted(networks.items()):
         if not net.managed:
             continue
         owner = network_owner(name)
-        entry = {"name": name, "bridge": net.bridge, "mode": net.mode,
+        entry: Row = {"name": name, "bridge": net.bridge, "mode": net.mode,
                  "subnets": [str(s) for s in net.subnets], "rules_present": False}
         check(entry, "rules_present", plan_network(net, networks))
         entry["forwards"] = _forwards(owner, net.forwards,
-                                      lambda net=net: resolve_network_forwards(net, networks),
-                                      check)
+                                      partial(resolve_network_forwards, net, networks), check)
         report["networks"].append(entry)
     for name, dom in sorted(state.load_domains().items()):
         report["domains"].append({"name": name, "forwards": _forwards(
             domain_owner(name), dom.forwards,
-            lambda dom=dom: resolve_domain(dom, networks, state.network_ports, network_leases),
+            partial(resolve_domain, dom, networks, state.network_ports, network_leases),
             check)})
     snapshot, report["kernel_error"] = reading.result()
-    # where libvirt uses nftables, a forward also needs its accepts in libvirt's table
-    from ..backends.libvirt_nft import LibvirtNft, libvirt_firewall, read_tables, tables_present
-    nft, accepts = LibvirtNft.beside(backend), None
-    firewall = libvirt_firewall(backend.libvirt_chains(snapshot) if snapshot else (), nft)
-    report["libvirt_firewall"] = firewall.backend
-    if snapshot is not None and firewall.table:
-        try:
-            accepts = read_tables(backend, True)
-        except ApplyError as exc:
-            report["kernel_error"] = str(exc)
-    for row, key, rules in checks:
-        row[key] = snapshot is not None and backend.present(snapshot, rules) and (
-            accepts is None or tables_present(accepts, rules))
+    # where libvirt uses nftables, a forward also needs its accepts in libvirt's table:
+    # the backend's participants read and check those too
+    report["libvirt_firewall"] = libvirt_firewall(backend, snapshot).backend
+    for row, key, intents in checks:
+        row[key] = snapshot is not None and backend.present(snapshot, intents)
     return report
 
 
@@ -130,7 +132,7 @@ def _bracketed(address: str | None) -> str | None:
     return f"[{address}]" if address and ":" in address else address
 
 
-def format_table(report: dict) -> str:
+def format_table(report: Row) -> str:
     """The report for people: every cell escaped (a comment may not draw a row of its
     own or move the cursor); ``--json`` keeps the exact text."""
     rows: list[tuple[str, ...]] = [

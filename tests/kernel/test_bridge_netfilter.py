@@ -13,8 +13,7 @@ import pytest
 from bridged import G5, G5_V4_ONLY, HOST_BRIDGE, LAB
 from netlab import SEED, Topology, settle
 
-from kvmufw_hook import ops, state
-from kvmufw_hook.backends.iptables import IptablesBackend
+from kvmufw_hook import backends, ops, state
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 
 SEED6 = """*filter
@@ -71,7 +70,7 @@ def hairpin(topo, port: str) -> bool:
 
 
 def start(topo, guest: bytes = G5):
-    backend = IptablesBackend(prefix=topo.host.prefix)
+    backend = backends.get("iptables", prefix=topo.host.prefix)
     net, _ = parse_hookdata(LAB)
     ops.network_started(net, LAB, backend=backend)
     ops.domain_started(parse_domain_xml(guest), guest, backend=backend)
@@ -201,7 +200,7 @@ def test_a_bridge_network_passes_what_crosses_the_bridge_and_nothing_routed(topo
     refused = dict.fromkeys(["guest_to_lan", "lan_to_guest_v6", "routed_out", "routed_in"])
     topo.inet.run("ip", "route", "add", "10.9.0.0/24", "via", "203.0.113.1")
     assert probes() == refused
-    backend = IptablesBackend(prefix=host.prefix)
+    backend = backends.get("iptables", prefix=host.prefix)
     net, _ = parse_hookdata(HOST_BRIDGE)
     ops.network_started(net, HOST_BRIDGE, backend=backend)
     assert probes() == {**refused, "guest_to_lan": "10.9.0.8", "lan_to_guest_v6": "fd00:99::2"}

@@ -68,10 +68,9 @@ def test_replay_keeps_a_forward_added_to_a_running_network(netns, state_env, tmp
     live = lab_network()
     with_forward = lab_network('host-port="8088" guest-port="80" guest-ip="10.0.0.22"')
     started_lab(netns, state_env)
-    from kvmufw_hook import state
-    from kvmufw_hook.backends.iptables import IptablesBackend
+    from kvmufw_hook import backends, state
     from kvmufw_hook.ops import network_started, replay
-    backend = IptablesBackend(prefix=netns.prefix)
+    backend = backends.get("iptables", prefix=netns.prefix)
     from kvmufw_hook.parse import parse_network_xml
     state.save_network_override("lab", with_forward)
     network_started(parse_network_xml(with_forward), with_forward, backend=backend)
@@ -231,4 +230,4 @@ def test_doctor_verdicts_are_exact(netns, state_env):
     netns.run("iptables", "-N", "LIBVIRT_FWX")
     netns.run("iptables", "-I", "FORWARD", "1", "-j", "LIBVIRT_FWX")
     backend = IptablesBackend(netns.prefix)
-    assert backend.bad_jumps(backend.read()) == ["FORWARD (filter)"]
+    assert backend.entry_problems(backend.read()) == ["FORWARD (filter)"]

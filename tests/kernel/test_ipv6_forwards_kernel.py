@@ -2,7 +2,7 @@
 XML can make the hooks do: rules present once in ip6tables whatever the address text,
 removed by a stop, put back by restore and replay, claims read back whole, another
 network's guests unreachable, a host service's port kept in the families it listens in.
-The real shims (hooks/, as libvirt runs them) or ops with ``IptablesBackend(prefix=…)``
+The real shims (hooks/, as libvirt runs them) or ops with ``backends.get("iptables", prefix=…)``
 run inside a network namespace the test creates; the pure side is
 tests/unit/test_ipv6_policy.py.
 """
@@ -14,8 +14,7 @@ import pytest
 from dualstack import DB_MAC, EVIL_MAC, WEB1_MAC, WIDE, dom_xml, net_xml, wide_with_forward
 from hookrun import run_hook
 
-from kvmufw_hook import ops, state
-from kvmufw_hook.backends.iptables import IptablesBackend
+from kvmufw_hook import backends, ops, state
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
@@ -23,7 +22,7 @@ from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
 # --------------------------------------------------------------------------- the kernel
 
 def ns_backend(netns):
-    return IptablesBackend(prefix=netns.prefix)
+    return backends.get("iptables", prefix=netns.prefix)
 
 
 def start_net(netns, raw: bytes):

@@ -6,7 +6,13 @@ from breaking import BreaksNat
 from conftest import FIXTURES, SAMPLES
 from netlab import SEED, Topology
 
-from kvmufw_hook.backends.iptables import IptablesBackend, Snapshot, compose, split_by_family
+from kvmufw_hook.backends.iptables import (
+    IptablesBackend,
+    Snapshot,
+    as_rules,
+    compose,
+    split_by_family,
+)
 from kvmufw_hook.cli import main
 from kvmufw_hook.errors import ApplyError
 from kvmufw_hook.hostplan import owner_rules
@@ -47,10 +53,10 @@ def test_rendered_rules_read_back_byte_identical(netns):
     rules["d=app2"] = owner_rules(APP2, NETS)
     apply_rules(rules, backend=backend)
     ruleset = backend.read()
-    for family, owned in split_by_family(rules).items():  # IPv6 too: lab has fd00:10::/64
+    for family, owned in split_by_family(as_rules(rules)).items():  # IPv6 too: lab has fd00:10::/64
         assert ruleset[family].ours() == compose(Snapshot.parse(""), owned), family
     snap = ruleset[4]
-    wanted = compose(Snapshot.parse(""), split_by_family(rules)[4])
+    wanted = compose(Snapshot.parse(""), split_by_family(as_rules(rules))[4])
     assert sum(len(v) for t in wanted.values() for v in t.values()) == 60
     for table, builtin, chain in (("filter", "INPUT", "KVMUFW-INPUT"),
                                   ("nat", "POSTROUTING", "KVMUFW-POSTROUTING")):

@@ -18,8 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from netlab import SEED, Topology, settle
 
-from kvmufw_hook import ops
-from kvmufw_hook.backends.iptables import IptablesBackend
+from kvmufw_hook import backends, ops
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 
 # Both bridges get libvirt's REJECTs in IPv4 as in test_kernel's SEED.
@@ -210,7 +209,7 @@ def packet_too_big(guest) -> int | None:
 
 
 def test_dual_stack_packets_before_and_after(topo, state_env):
-    backend = IptablesBackend(prefix=topo.host.prefix)
+    backend = backends.get("iptables", prefix=topo.host.prefix)
     seeded = {f: saved(topo.host, f) for f in (4, 6)}
     # Without our rules UFW's DROP policies and libvirt's REJECTs stop everything.
     before = probes(topo)
@@ -285,7 +284,7 @@ def without_ip6tables(ns, tmp_path) -> list[str]:
 
 def test_a_host_without_ipv6_keeps_ipv4_and_says_once_what_it_left_out(topo, state_env,
                                                                        tmp_path):
-    backend = IptablesBackend(prefix=without_ip6tables(topo.host, tmp_path))
+    backend = backends.get("iptables", prefix=without_ip6tables(topo.host, tmp_path))
     g5, inet = topo.guests[5], topo.inet
     seeded6 = saved(topo.host, 6)
     assert inet.ask("tcp", HOST4, 2222) is None and g5.ask("tcp", "203.0.113.2", 9000) is None

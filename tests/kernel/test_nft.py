@@ -15,12 +15,13 @@ Regenerate the golden file after an intended change with
 import os
 import sys
 import textwrap
+from ipaddress import ip_address
 
 import pytest
 from conftest import ROOT, SAMPLES, need_root_tools
 
+from kvmufw_hook import backends
 from kvmufw_hook.backends import libvirt_nft as nftmod
-from kvmufw_hook.backends.iptables import IptablesBackend
 from kvmufw_hook.backends.libvirt_nft import (
     INPUT,
     OUTPUT,
@@ -31,7 +32,7 @@ from kvmufw_hook.backends.libvirt_nft import (
     compose,
     configured,
     libvirt_firewall,
-    render_accept,
+    render_accepts,
     transition,
 )
 from kvmufw_hook.backends.tags import parse_comment
@@ -89,8 +90,8 @@ def test_golden_nft_text_for_forwards():
 
 
 def test_exactly_the_forwarded_guest_port_with_ct_status_dnat():
-    accepts = [render_accept(r) for r in owner_rules(parse_domain_xml(GUEST), NETS)]
-    accepts = [a for a in accepts if a]
+    accepts = [a for f in owner_rules(parse_domain_xml(GUEST), NETS)
+               for a in render_accepts(f)]
     assert accepts[:2] == [
         (INPUT, (f'oif "virbr1" ip daddr 10.0.0.5 tcp dport 22 ct status dnat accept '
                 f'comment "{TAG}"')),
@@ -102,7 +103,7 @@ def test_exactly_the_forwarded_guest_port_with_ct_status_dnat():
     assert len(accepts) == 8  # in and out for each of the four forwards
     # the network's own rules (masquerade, egress, DHCP/DNS) need nothing in libvirt's table
     from kvmufw_hook.plan import plan_network
-    assert not any(map(render_accept, plan_network(LAB)))
+    assert LibvirtNft.change(empty_table(), {"n=lab": plan_network(LAB)}) == ""
 
 
 # --------------------------------------------------------------------------- unit: parse
@@ -124,6 +125,7 @@ LISTED = textwrap.dedent(f"""\
     \t}}
 
     \tchain guest_output {{ # handle 2
+    \t\tiif "virbr1" ip saddr 10.0.0.5 tcp sport 22 ct status dnat accept comment "{TAG}" # handle 41
     \t}}
     }}
     """)
@@ -144,19 +146,19 @@ def test_parse_finds_ours_by_tag_and_which_sit_behind_libvirts_rules():
 
 def test_a_change_moves_ours_ahead_of_libvirts_and_touches_nothing_else():
     snap = NftSnapshot.parse(LISTED)
-    script = LibvirtNft.change(snap, {"d=g5": [r for r in owners_rules()["d=g5"]
-                                               if r.proto == "tcp" and r.dport
-                                               and r.dport.first in (22,)][:1]})
+    tcp22 = [f for f in owners_rules()["d=g5"] if f.proto == "tcp"
+             and f.guest_ports.first == 22]
+    script = LibvirtNft.change(snap, {"d=g5": tcp22})
     # 22 is in place (kept), 5000-5002 is behind libvirt's reject and not wanted: deleted
     assert script == f"delete rule ip libvirt_network {INPUT} handle 30\n"
     # wanting it back re-inserts it at the top, never below the reject
-    udp = [r for r in owners_rules()["d=g5"] if r.proto == "udp" and r.oif]
-    tcp22 = [r for r in owners_rules()["d=g5"] if r.proto == "tcp" and r.oif and
-             r.dport.first == 22 and r.stage == "forward"]
+    udp = [f for f in owners_rules()["d=g5"] if f.proto == "udp"]
     script = LibvirtNft.change(snap, {"d=g5": tcp22 + udp})
+    into, out = render_accepts(udp[0])
     assert script.splitlines() == [
         f"delete rule ip libvirt_network {INPUT} handle 30",
-        f"insert rule ip libvirt_network {INPUT} " + render_accept(udp[0])[1]]
+        f"insert rule ip libvirt_network {INPUT} " + into[1],
+        f"insert rule ip libvirt_network {OUTPUT} " + out[1]]
     assert "handle 11" not in script and "handle 12" not in script
 
 
@@ -209,8 +211,8 @@ class Kernel:
 def test_detection_order_kernel_then_chains_then_config_then_build(tmp_path):
     conf = tmp_path / "network.conf"
     conf.write_text(DEBIAN13_CONF)
-    with_chains = {"LIBVIRT_FWI"}  # what the iptables backend's libvirt_chains() found
-    without: set[str] = set()
+    with_chains = "iptables"  # what the iptables backend's libvirt_backend() found
+    without = None
     nft_table = libvirt_firewall(with_chains, Kernel(True), str(conf))
     assert (nft_table.backend, nft_table.table) == ("nftables", True)
     assert nft_table.reason == "kernel: table ip libvirt_network"
@@ -239,7 +241,7 @@ def test_first_installed_backend_of_the_build_order(tmp_path, monkeypatch):
     conf = tmp_path / "network.conf"
     conf.write_text(DEBIAN13_CONF)
     monkeypatch.setattr(nftmod.shutil, "which", lambda t, path=None: "/x" if t == "nft" else None)
-    found = libvirt_firewall((), Kernel(False), str(conf))
+    found = libvirt_firewall(None, Kernel(False), str(conf))
     assert found.backend == "nftables" and found.reason.endswith("first installed")
 
 
@@ -343,7 +345,7 @@ def lab_table(ns) -> None:
 def test_accepts_read_back_byte_identical_and_apply_twice_changes_nothing(nftns):
     lab_table(nftns)
     before = listing(nftns)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     first = apply_rules(owners_rules(), backend=backend)
     assert "# nft -f: our accepts in libvirt's tables (ip and ip6 libvirt_network)" in first.payload
     after = listing(nftns)
@@ -364,7 +366,7 @@ def test_accepts_read_back_byte_identical_and_apply_twice_changes_nothing(nftns)
 
 def test_accepts_behind_a_rebuilt_libvirt_table_go_back_to_the_top(nftns):
     lab_table(nftns)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules(owners_rules(), backend=backend)
     # libvirtd restarts: it deletes its rules and inserts them again, at the top
     snap = LibvirtNft(nftns.prefix).read()
@@ -389,7 +391,7 @@ def test_nft_refused_reverts_the_iptables_change_too(nftns):
     """A real refusal: a forward on a bridge the kernel does not have (``oif`` needs it)."""
     lab_table(nftns)
     nftns.run("iptables-restore", input=UFW_ONLY)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules({"n=lab": owner_rules(LAB)}, backend=backend)
     before, listed = saved(nftns), listing(nftns)
     ghost = parse_network_xml(LAB_NET.replace(b"virbr1", b"virbr9").replace(b"lab<", b"gh<"))
@@ -402,11 +404,12 @@ def test_nft_refused_reverts_the_iptables_change_too(nftns):
 def test_iptables_refused_writes_nothing_in_libvirts_table(nftns):
     from breaking import BreaksNat
     lab_table(nftns)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules({"n=lab": owner_rules(LAB)}, backend=backend)
     before, listed = saved(nftns), listing(nftns)
     with pytest.raises(ApplyError):
-        apply_rules(owners_rules(), backend=BreaksNat(prefix=nftns.prefix))
+        apply_rules(owners_rules(), backend=backends.with_participants(
+            BreaksNat(prefix=nftns.prefix)))
     assert saved(nftns) == before and listing(nftns) == listed
 
 
@@ -414,7 +417,7 @@ def test_flush_removes_our_accepts_and_nothing_of_libvirts(nftns):
     from kvmufw_hook.ops import flush
     lab_table(nftns)
     before = listing(nftns)
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules(owners_rules(), backend=backend)
     assert "delete rule ip libvirt_network" in flush(backend=backend).payload
     assert listing(nftns) == before  # handles, order, everything: as libvirt left it
@@ -515,7 +518,7 @@ WORKING = {
 def test_packets_pass_libvirts_reject_only_with_our_accepts(topo):
     from kvmufw_hook import ops
     host = topo.host
-    backend = IptablesBackend(prefix=host.prefix)
+    backend = backends.get("iptables", prefix=host.prefix)
     libvirt_before = libvirts(listing(host))
     net, _ = parse_hookdata(LAB_NET)
     ops.network_started(net, LAB_NET, backend=backend)
@@ -565,7 +568,7 @@ def test_isolated_network_replies_need_the_guest_output_accept(nftns, state_env)
             "counter reject\ninsert rule ip libvirt_network guest_input oif \"virbr3\" counter "
             "reject\ninsert rule ip libvirt_network guest_cross iif \"virbr3\" oif \"virbr3\" "
             "counter accept\n")
-        backend = IptablesBackend(prefix=host.prefix)
+        backend = backends.get("iptables", prefix=host.prefix)
         net, _ = parse_hookdata(ISOLATED)
         ops.network_started(net, ISOLATED, backend=backend)
         assert topology.inet.ask("tcp", "203.0.113.1", 8093) == "203.0.113.2"
@@ -597,15 +600,14 @@ def test_longest_owner_tag_fits_an_nft_comment():
     """nft keeps at most 128 bytes of a comment; our longest tag stays under it."""
     from ipaddress import IPv4Network
 
+    from kvmufw_hook.intents import Forward
     from kvmufw_hook.model import PortRange
     from kvmufw_hook.names import domain_owner
-    from kvmufw_hook.plan import Rule
     for name in ("x" * 64, "é" * 200):
-        rule = Rule("forward", family=4, owner=domain_owner(name), bridge="b" * 15,
-                    subnet="255.255.255.255/32", verdict="ACCEPT", proto="sctp",
-                    dst=IPv4Network("10.0.0.5/32"), oif="b" * 15,
-                    dport=PortRange(65534, 65535), ctstate="DNAT")
-        text = render_accept(rule)[1]
+        forward = Forward(domain_owner(name), 4, "b" * 15, IPv4Network("255.255.255.255/32"),
+                          proto="sctp", host_ports=PortRange(65534, 65535),
+                          guest=ip_address("10.0.0.5"), guest_ports=PortRange(65534, 65535))
+        text = render_accepts(forward)[0][1]
         assert len(text.split('comment "')[1][:-1].encode()) <= 128, text
         assert "ip daddr 10.0.0.5 sctp dport 65534-65535" in text  # a host: no /32
 
@@ -640,15 +642,15 @@ def test_ipv6_forwards_get_their_accepts_in_libvirts_ip6_table():
 def test_an_ipv6_tag_too_long_for_nft_keeps_owner_and_bridge():
     from ipaddress import IPv6Network
 
+    from kvmufw_hook.intents import Forward
     from kvmufw_hook.model import PortRange
     from kvmufw_hook.names import domain_owner
-    from kvmufw_hook.plan import Rule
     subnet = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff00/120"
-    rule = Rule("forward", family=6, owner=domain_owner("x" * 64), bridge="b" * 15,
-                subnet=subnet, verdict="ACCEPT", proto="tcp",
-                dst=IPv6Network("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff05/128"), oif="b" * 15,
-                dport=PortRange(22, 22), ctstate="DNAT")
-    text = render_accept(rule)[1]
+    forward = Forward(domain_owner("x" * 64), 6, "b" * 15, IPv6Network(subnet), proto="tcp",
+                      host_ports=PortRange(22, 22),
+                      guest=ip_address("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff05"),
+                      guest_ports=PortRange(22, 22))
+    text = render_accepts(forward)[0][1]
     comment = text.split('comment "')[1][:-1]
     assert len(comment.encode()) <= 128 and subnet not in comment
     assert parse_comment(comment) == Tag(domain_owner("x" * 64), "b" * 15, "")
@@ -668,7 +670,7 @@ def test_dual_stack_accepts_in_both_of_libvirts_tables_and_a_stop_removes_both(n
     before4, before6 = listing(nftns), six()
     dual = parse_network_xml(DUAL_NET)
     rules = {"d=g5": owner_rules(parse_domain_xml(GUEST), {"lab": dual})}
-    backend = IptablesBackend(prefix=nftns.prefix)
+    backend = backends.get("iptables", prefix=nftns.prefix)
     apply_rules(rules, backend=backend)
     snap6 = LibvirtNft(nftns.prefix, "ip6").read()
     assert LibvirtNft.present(snap6, rules["d=g5"])

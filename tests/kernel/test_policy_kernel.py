@@ -13,8 +13,7 @@ import pytest
 from hookrun import FORWARDS
 from netlab import Netns, Topology, settle, veth
 
-from kvmufw_hook import ops, state
-from kvmufw_hook.backends.iptables import IptablesBackend
+from kvmufw_hook import backends, ops, state
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 from kvmufw_hook.plan import eui64_address
@@ -81,7 +80,7 @@ def topo(netns):
 
 @pytest.fixture
 def backend(topo):
-    return IptablesBackend(prefix=topo.host.prefix)
+    return backends.get("iptables", prefix=topo.host.prefix)
 
 
 def _network(name: str, bridge: str, body: str) -> bytes:

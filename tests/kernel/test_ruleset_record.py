@@ -14,7 +14,8 @@ COMPARE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from kvmufw_hook.backends import nftprobe
-from kvmufw_hook.backends.iptables import Record, Snapshot, TOOLS, run
+from kvmufw_hook.backends.iptables import Record, Snapshot, TOOLS
+from kvmufw_hook.process import run
 recorded = Record.load(nftprobe.generation(), set())
 if recorded is None:
     print("none")

@@ -26,8 +26,7 @@ import pytest
 from conftest import need_root_tools
 from lab import Lab
 
-from kvmufw_hook import ops
-from kvmufw_hook.backends.iptables import IptablesBackend
+from kvmufw_hook import backends, ops
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 
 CACHE = Path("/var/tmp/kvmufw-test-cache/docker")
@@ -66,7 +65,7 @@ class DockerLab:
 
     def __init__(self, lab: Lab, root: Path, state: Path) -> None:
         self.lab, self.root, self.state = lab, root, state
-        self.backend = IptablesBackend(prefix=["nsenter", "-t", str(lab.pid), "-m", "-n", "--"])
+        self.backend = backends.get("iptables", prefix=["nsenter", "-t", str(lab.pid), "-m", "-n", "--"])
 
     def start_dockerd(self) -> None:
         path = f"{self.root}/usr/bin:{self.root}/usr/sbin:$PATH"

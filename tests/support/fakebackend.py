@@ -3,51 +3,52 @@
 with its rules: a table is committed whole or not at all, tables before it stay committed,
 ``-D`` of a rule that is not there and ``-A`` to a chain that does not exist fail.
 
-It stands in for the kernel only where the kernel is not what a test is about (ops,
-compose/transition, the revert path); the kernel tests prove the same payloads against a
-real iptables-restore.
+``MemoryIptables`` is the kernel the real iptables backend reads and writes through (its
+``kernel``); ``FakeBackend`` is that backend on it, a ``backends.base.Backend`` by
+composition (no subclass of the iptables backend): the backend's own read, change,
+write and revert run unchanged. It stands in for the kernel only where the kernel is not
+what a test is about (ops, compose/transition, the revert path); the kernel tests prove
+the same payloads against a real iptables-restore.
 """
 
 from __future__ import annotations
 
-from kvmufw_hook.backends.iptables import IptablesBackend
+from kvmufw_hook.backends import backend_only
 from kvmufw_hook.errors import ApplyError
 
 BUILTIN = {"filter": ("INPUT", "FORWARD", "OUTPUT"),
            "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")}
 
 
-class FakeBackend(IptablesBackend):
-    """Both families in memory (``tables`` is IPv4's, ``families[6]`` IPv6's); the
-    backend's own read/change/write/revert run on top of them unchanged."""
+class MemoryIptables:
+    """Both families in memory (``tables`` is IPv4's, ``families[6]`` IPv6's)."""
 
     def __init__(self, fail_tables: tuple[str, ...] = (), fail_family: int | None = None,
                  ipv6: bool = True) -> None:
-        super().__init__()
         self.fail_tables = set(fail_tables)
         self.fail_family = fail_family  # with fail_tables: fail only in that family
         self.families: dict[int, dict[str, dict[str, list[str]]]] = {
             f: {t: {c: [] for c in chains} for t, chains in BUILTIN.items()}
             for f in ((4, 6) if ipv6 else (4,))}
         self.writes: list[str] = []
+        self.ended: list[str] = []
 
     @property
     def tables(self) -> dict[str, dict[str, list[str]]]:
         return self.families[4]
 
-    def end_flows(self, change, log) -> None:
+    def end_flows(self, ended, log) -> None:
         """Conntrack is the kernel's: only remembered here (never this host's flows)."""
-        self.ended = [*getattr(self, "ended", []), *(line for lines in change.ended.values()
-                                                     for line in lines)]
+        self.ended += [line for lines in ended.values() for line in lines]
 
-    def _unavailable(self, family: int) -> str | None:
+    def unavailable(self, family: int) -> str | None:
         return None if family in self.families else "IPv6 is disabled in the kernel"
 
-    def _ours_in(self, family: int) -> bool:
+    def ours_in(self, family: int) -> bool:
         return True
 
-    def _save(self, family: int) -> str:
-        return self.save(family)
+    def generation(self) -> int | None:
+        return None  # no nf_tables generation: every read reads
 
     def save(self, family: int = 4) -> str:
         out = []
@@ -58,7 +59,7 @@ class FakeBackend(IptablesBackend):
             out.append("COMMIT")
         return "\n".join(out) + "\n"
 
-    def _restore(self, family: int, payload: str) -> None:
+    def restore(self, family: int, payload: str) -> None:
         if not payload:
             return
         self.writes.append(payload)
@@ -102,3 +103,89 @@ class FakeBackend(IptablesBackend):
             del chains[chain]
         else:
             raise ApplyError(f"iptables-restore failed (exit 1): {line}: unknown")
+
+
+class FakeBackend:
+    """The iptables backend (from the registry) on ``MemoryIptables``: every method of the
+    backend interface goes to the backend, the memory's state (``tables``, ``save``,
+    ``writes``, ``fail_tables``, ``ended``) is the kernel's."""
+
+    def __init__(self, fail_tables: tuple[str, ...] = (), fail_family: int | None = None,
+                 ipv6: bool = True) -> None:
+        self.kernel = MemoryIptables(fail_tables, fail_family, ipv6)
+        self.backend = backend_only("iptables")
+        self.backend.kernel = self.kernel  # type: ignore[attr-defined]
+
+    # the backend interface
+    name = "fake"
+    prefix: tuple[str, ...] = ()
+
+    def read(self, families=()):
+        return self.backend.read(families)
+
+    def write(self, change) -> None:
+        self.backend.write(change)
+
+    def change(self, ruleset, intents, drop=None):
+        return self.backend.change(ruleset, intents, drop)
+
+    def revert(self, now, before):
+        return self.backend.revert(now, before)
+
+    def clear(self, ruleset):
+        return self.backend.clear(ruleset)
+
+    def render(self, intents) -> str:
+        return self.backend.render(intents)
+
+    def present(self, ruleset, intents) -> bool:
+        return self.backend.present(ruleset, intents)
+
+    def claims(self, ruleset, near=None, mine=None):
+        return self.backend.claims(ruleset, near, mine)
+
+    def end_flows(self, change, log) -> None:
+        self.backend.end_flows(change, log)
+
+    def owners(self, ruleset) -> set[str]:
+        return self.backend.owners(ruleset)
+
+    def has_rules(self, ruleset) -> bool:
+        return self.backend.has_rules(ruleset)
+
+    def entry_problems(self, ruleset) -> list[str]:
+        return self.backend.entry_problems(ruleset)
+
+    def libvirt_backend(self, ruleset) -> str | None:
+        return self.backend.libvirt_backend(ruleset)
+
+    def libvirt_missing(self, ruleset) -> list[str]:
+        return self.backend.libvirt_missing(ruleset)
+
+    # the kernel's state, as tests look at and break it
+    @property
+    def tables(self) -> dict[str, dict[str, list[str]]]:
+        return self.kernel.tables
+
+    @property
+    def families(self) -> dict[int, dict[str, dict[str, list[str]]]]:
+        return self.kernel.families
+
+    @property
+    def writes(self) -> list[str]:
+        return self.kernel.writes
+
+    @property
+    def ended(self) -> list[str]:
+        return self.kernel.ended
+
+    @property
+    def fail_tables(self) -> set[str]:
+        return self.kernel.fail_tables
+
+    @fail_tables.setter
+    def fail_tables(self, tables) -> None:
+        self.kernel.fail_tables = set(tables)
+
+    def save(self, family: int = 4) -> str:
+        return self.kernel.save(family)

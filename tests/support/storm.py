@@ -349,7 +349,7 @@ class Host:
                 problems.append(f"{phase}: IPv{family}: missing {len(missing)}: {missing[:2]}")
             if extra:
                 problems.append(f"{phase}: IPv{family}: left over {len(extra)}: {extra[:2]}")
-        bad = backend.bad_jumps(ruleset)
+        bad = backend.entry_problems(ruleset)
         if bad:
             problems.append(f"{phase}: jumps not first: {bad}")
         report = status.collect(backend)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmufw_hook.backends.iptables import render_rule
+from kvmufw_hook.backends.rules import netfilter_rules
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata, parse_network_xml
@@ -31,7 +32,7 @@ def test_parser_and_planner_accept_or_refuse_in_one_line(elements):
         assert "\n" not in text and text.startswith("domain 'web1': ")
         assert len(text) < 600
         return
-    for rule in rules:  # whatever was accepted renders into valid, bounded rule text
+    for rule in netfilter_rules(rules):  # whatever was accepted renders into valid, bounded text
         line = render_rule(rule)[1]
         assert "\n" not in line and TAG.search(line) and len(TAG.search(line).group(1)) <= 256
 
@@ -53,7 +54,7 @@ def test_hostile_names_make_safe_tags(name):
     rules = owner_rules(dom, {"lab": LAB})
     net = parse_network_xml((SAMPLES / "net-lab.xml").read_text().replace(
         "<name>lab</name>", f"<name>{xml_attr(name)}</name>"))
-    for rule in rules + owner_rules(net):
+    for rule in netfilter_rules(rules + owner_rules(net)):
         comment = TAG.search(render_rule(rule)[1]).group(1)
         assert len(comment) <= 256 and set(comment) <= set(string.printable)
         owner = comment.split(",")[0]

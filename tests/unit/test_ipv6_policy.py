@@ -13,6 +13,7 @@ from dualstack import DB_MAC, EVIL_MAC, WEB1_MAC, WIDE, dom_xml, net_xml, wide_w
 
 from kvmufw_hook import ops
 from kvmufw_hook.backends.iptables import render_rule
+from kvmufw_hook.backends.rules import netfilter_rules
 from kvmufw_hook.errors import InputError
 from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
@@ -182,7 +183,7 @@ def test_ipv6_rules_render_the_family_they_claim():
     rules = owner_rules(parse_domain_xml(dom_xml(
         "web1", WEB1_MAC, 'host-port="2222" guest-port="22" '
         'source="2001:db8::/32,198.51.100.0/24"')), {"lab": parse_network_xml(net_xml())})
-    for rule in rules:
+    for rule in netfilter_rules(rules):
         line = render_rule(rule)[1].split(' -m comment')[0]
         for word in line.split():
             addr = word.strip("[]").split("]:")[0].split("/")[0]

@@ -95,9 +95,9 @@ def test_restore_jumps_only_and_network_stop():
     lab_started(backend)
     backend.tables["filter"]["LIBVIRT_FWX"] = []
     backend.tables["filter"]["FORWARD"].insert(0, "-A FORWARD -j LIBVIRT_FWX")
-    assert backend.bad_jumps(backend.read()) == ["FORWARD (filter)"]
+    assert backend.entry_problems(backend.read()) == ["FORWARD (filter)"]
     ops.restore(jumps_only=True, backend=backend)
-    assert backend.bad_jumps(backend.read()) == []
+    assert backend.entry_problems(backend.read()) == []
     assert backend.tables["filter"]["FORWARD"][0] == "-A FORWARD -j KVMUFW-FORWARD"
     net, _ = parse_hookdata((SAMPLES / "14-network.lab.stopped.xml").read_bytes())
     ops.network_stopped(net, backend=backend)
@@ -125,4 +125,4 @@ def test_watch_puts_our_jumps_back_after_libvirts_late_reload():
     lab_started(backend)
     assert ops.watch_jumps(1.0, interval=0.1, backend=backend) == 1
     assert backend.tables["filter"]["FORWARD"][0] == "-A FORWARD -j KVMUFW-FORWARD"
-    assert backend.bad_jumps(backend.read()) == []
+    assert backend.entry_problems(backend.read()) == []

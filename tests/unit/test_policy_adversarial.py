@@ -92,7 +92,13 @@ def test_an_open_networks_accept_into_its_bridge_returns_what_other_bridges_send
     from kvmufw_hook.plan import plan_network
     nets = {n.name: n for n in map(parse_network_xml, (
         OPEN, isolated_net(), nat_net(name="nat", bridge="virbr3", prefix="10.0.1")))}
-    rules = plan_network(nets["lab"], nets)
+    from kvmufw_hook.backends.rules import netfilter_rules
+    from kvmufw_hook.intents import Egress
+    intents = plan_network(nets["lab"], nets)
+    egress = [i for i in intents if isinstance(i, Egress)]
+    assert sorted(i.family for i in egress) == [4, 6]
+    assert all(i.fence_inbound == ("virbr2", "virbr3") and i.dev is None for i in egress)
+    rules = netfilter_rules(intents)  # as the iptables backend expands them
     inbound = [r for r in rules if r.stage == "forward" and r.oif == "virbr1"
                and r.iif != "virbr1"]
     for family in (4, 6):
