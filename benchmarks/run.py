@@ -166,36 +166,72 @@ class Spawns:
             setattr(mod, name, real)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=21, help="repetitions per median")
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
-    parser.add_argument("--in-netns", metavar="SCRATCH", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+class Report:
+    """Each figure as one line, met or not, kept for the summary and the JSON."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, bool]] = []
+        self.results: dict = {}
+
+    def __call__(self, name: str, value: str, target: str, met: bool, **extra) -> None:
+        self.rows.append((name, value, target, met))
+        self.results[name] = {"value": value, "target": target, "met": met, **extra}
+        print(f"  {name}: {value}  [{target}: {'met' if met else 'NOT MET'}]", flush=True)
+
+    def write(self, path: str) -> int:
+        """The JSON written to ``path``; the exit status: 1 when a target is not met."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.results, indent=2) + "\n")
+        print(f"written: {path}")
+        return 0 if all(row[3] for row in self.rows) else 1
+
+
+def in_scratch(script: str, scratch: str | None, needs: str) -> int | None:
+    """Where a benchmark runs: outside (``scratch`` None), ``script`` runs again with
+    the same arguments in a fresh network and mount namespace, and its exit status is
+    returned (2 without root); inside, a tmpfs is mounted on ``scratch`` (the state lives
+    on one, as /run does) and None says: measure here. The host's firewall is never
+    touched."""
     if os.geteuid() != 0:
-        print("benchmarks/run.py needs root (a scratch network namespace and iptables)",
-              file=sys.stderr)
+        print(f"{Path(script).name} needs root ({needs})", file=sys.stderr)
         return 2
-    if not args.in_netns:
+    if scratch is None:
         scratch = tempfile.mkdtemp(prefix="kvmufw-bench-")
-        try:  # a scratch firewall, and a tmpfs for the state as /run is in production
+        try:
             return subprocess.call(["unshare", "--net", "--mount", "--propagation", "private",
-                                    "--", PY, __file__, "--in-netns", scratch,
-                                    "--reps", str(args.reps), "--json", args.json])
+                                    "--", PY, script, *sys.argv[1:], "--in-netns", scratch])
         finally:
             os.rmdir(scratch)  # the tmpfs went with the mount namespace
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["mount", "-t", "tmpfs", "kvmufw-bench", args.in_netns], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "kvmufw-bench", scratch], check=True)
+    return None
+
+
+def arguments(doc: str, reps: int, json_name: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: ``--reps``, ``--json`` (under benchmarks/results/),
+    and the scratch directory of ``in_scratch``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=reps, help="repetitions per median")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / json_name))
+    parser.add_argument("--in-netns", metavar="SCRATCH", help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> int:
+    parser = arguments(__doc__, 21, "latest.json")
+    parser.add_argument("--packets", action="store_true",
+                        help="also the packet benchmark (benchmarks/packets.py: a new "
+                        "connection through 1 and 2,000 forwards, iptables beside nftables) "
+                        "and one nft process against libnftables (benchmarks/nft_api.py)")
+    args = parser.parse_args()
+    status = in_scratch(__file__, args.in_netns, "a scratch network namespace and iptables")
+    if status is not None:
+        return status
     bench = Bench(args.reps, args.in_netns)
     install_hooks(args.in_netns)
-    results: dict = {"reps": args.reps, "python": sys.version.split()[0]}
-    rows: list[tuple[str, str, str, bool]] = []
-
-    def report(name, value, target, met, **extra):
-        rows.append((name, value, target, met))
-        results[name] = {"value": value, "target": target, "met": met, **extra}
-        print(f"  {name}: {value}  [{target}: {'met' if met else 'NOT MET'}]", flush=True)
-
+    report = Report()
+    results, rows = report.results, report.rows
+    results.update({"reps": args.reps, "python": sys.version.split()[0]})
     print("measuring…", flush=True)
     started = time.perf_counter()
     net = hookdata(network(hosts=1))
@@ -203,16 +239,20 @@ def main() -> int:
     hook_calls(bench, report, net)
     bulk(bench, report)
     memory(bench, report)
+    if args.packets:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import nft_api
+        import packets
+        results["packets"] = packets.measure(7, 200, args.in_netns, report)
+        results["nft_api"] = nft_api.measure(bench.reps, args.in_netns, report)
 
     width = max(len(r[0]) for r in rows)
     print("\n" + f"{'benchmark':<{width}}  result  |  target  |  met")
     for name, value, target, met in rows:
         print(f"{name:<{width}}  {value}  |  {target}  |  {'yes' if met else 'NO'}")
     results["run_seconds"] = time.perf_counter() - started
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nran {results['run_seconds']:.0f} s; written: {args.json}")
-    return 0 if all(r[3] for r in rows) else 1
+    print(f"\nran {results['run_seconds']:.0f} s")
+    return report.write(args.json)
 
 
 def hook_calls(bench: Bench, report, net: bytes) -> None:

@@ -23,7 +23,13 @@ return 0 (non-zero from ``reconnect`` kills the running guest); ``restore`` retu
 Neither writes to stdout (stdout would replace the domain XML).
 """
 
+from __future__ import annotations
+
 import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: the stop path imports no collections
+    from collections.abc import Callable
 
 STOP_MODULES = frozenset({
     "kvmufw_hook", "kvmufw_hook.hook", "kvmufw_hook.log", "kvmufw_hook.errors",
@@ -151,8 +157,27 @@ def _prepare_lxml() -> None:
     site.main()
 
 
+def _finish_switch(log: Callable[[str], None]) -> None:
+    """``firewall_backend`` was switched and nothing has run ``replay`` since: ``restore``
+    first moves every owner of our state into the selected backend and clears the other
+    one, so that no forward is lost and this call finds one backend. A configuration
+    error is left to the operation itself (it refuses, or logs, as it always has)."""
+    from .backends import switched
+    from .errors import ConfigError
+    try:
+        if not switched():
+            return
+    except ConfigError:
+        return
+    _prepare_lxml()  # restore plans from our state's XML
+    from .ops import restore
+    restore(log=log)
+    log("firewall backend switched: every owner moved by restore")
+
+
 def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
     from .log import log  # here: calls that need nothing import nothing, not even os
+    _finish_switch(log)
     if kind == "qemu" and op in ("stopped", "release"):
         from .apply import domain_stopped
         domain_stopped(name, log=log)

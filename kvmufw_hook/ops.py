@@ -408,6 +408,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                 keep=kept)
             for owner in state.stopped_owners():  # every stale rule is gone now
                 state.forget_stopped(owner)
+            _clear_others(backend, log)
     _report("replay", planned, payload, problems, dry_run, log)
     return Replayed(payload, problems, len(planned.rules))
 
@@ -455,6 +456,7 @@ def restore(jumps_only: bool = False, backend: AnyBackend | None = None, log: Lo
             state.forget_stopped(owner)
         for name in stopped:
             state.forget_network(name)
+        _clear_others(backend, log)
     _report("restore", planned, payload, problems, False, log)
     return Replayed(payload, problems, len(planned.rules))
 
@@ -512,10 +514,31 @@ def flush(backend: AnyBackend | None = None) -> Applied:
         return _flush(backend)
 
 
+def _clear_others(backend: AnyBackend, log: Log = _quiet, flushing: bool = False) -> str:
+    """Remove what other backends of ours hold (``firewall_backend`` was switched): run
+    after ``backend`` holds every forward, so none is lost meanwhile; their conntrack
+    flows stay (the same forwards carry them on). ``flushing``: ``backend`` was just
+    cleared too, and nothing of it is put back."""
+    from .backends import others
+    text = ""
+    for name, other in others(backend):
+        before = other.read()
+        if other.has_rules(before):
+            change = other.clear(before)
+            other.write(change)
+            text += change.text
+            log(f"firewall backend switched: every rule of ours in {name} removed")
+    if text and not flushing:  # the other's clear takes every rule with our tag in
+        # libvirt's chains, the selected backend's glue there too: its entry points back,
+        # as restore --jumps-only puts them
+        text += apply_rules({}, backend=backend, log=log).payload
+    return text
+
+
 def _flush(backend: AnyBackend) -> Applied:
     change = backend.clear(backend.read())
     backend.write(change)
-    text = change.text
+    text = change.text + _clear_others(backend, flushing=True)
     text += "".join(f"# {line}\n" for line in BridgePorts.beside(backend).release_all())
     return Applied(text)
 

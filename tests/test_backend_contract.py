@@ -129,6 +129,35 @@ class LibvirtNft(Subject):
         self.ns.run("nft", "delete", "rule", "ip6", "libvirt_network", chain, "handle", handle)
 
 
+class NftTable(Subject):
+    """Our own ``table inet kvmufw`` (``nftables``), with UFW's chain beside it and its
+    glue at the top of filter INPUT and FORWARD."""
+
+    def __init__(self, name: str, ns) -> None:
+        need_root_tools("nft")
+        super().__init__(backends.backend_only(name, prefix=ns.prefix))
+        self.ns = ns
+        ns.run("iptables", "-N", "ufw-before-forward")
+        ns.run("iptables", "-A", "FORWARD", "-j", "ufw-before-forward")
+
+    def foreign(self) -> str:
+        """Others' iptables rules and nftables tables: everything but our table and our
+        glue (and the empty built-in chains iptables-nft shows once a table is used)."""
+        ipt = "".join(l for f in BOTH for l in self.ns.save(f).splitlines(True)
+                      if "kvmufw:" not in l and l.startswith(("-A ", ":"))
+                      and not re.match(r":[A-Z]+ (ACCEPT|DROP) ", l))
+        tables = [t for t in self.ns.run("nft", "list", "tables").stdout.splitlines()
+                  if t.strip() != "table inet kvmufw" and " filter" not in t]
+        return ipt + "\n".join(tables)
+
+    def sabotage(self, owner: str) -> None:
+        from kvmufw_hook.backends.nft import TABLE
+        element = next(e for e in self.backend.read().table.elements
+                       if e.comment.startswith(f"kvmufw:{owner},") and e.set.startswith("dnat6"))
+        self.ns.run("nft", "delete", "element", "inet", TABLE, element.set,
+                    f"{{ {element.key} }}")
+
+
 def apply(backend, intents, drop=None):
     change = backend.change(backend.read(BOTH), intents, drop)
     backend.write(change)
@@ -210,7 +239,7 @@ class TestTheFake(Contract):
 
 # name -> how its kernel is looked at and broken: every registered backend and every
 # participant of the registry's transaction (a new backend adds its line here)
-KERNEL_SUBJECTS = {"iptables": Iptables, "libvirt-nft": LibvirtNft}
+KERNEL_SUBJECTS = {"iptables": Iptables, "libvirt-nft": LibvirtNft, "nftables": NftTable}
 
 
 class TestOnTheKernel(Contract):

@@ -1,7 +1,8 @@
 """Firewall backends, by name. A backend turns the planner's intents into its own rules,
 reads the kernel's ruleset back and applies a change with one write per address family,
 behind the one interface of ``base.Backend``. Nothing outside this package imports a
-backend's module: callers ask ``get(name)`` (or ``default_backend()``).
+backend's module: callers ask ``default_backend()`` (the one root's configuration names,
+``selected``) or ``get(name)``.
 
 Adding a backend is one module and one line in ``REGISTRY``; the contract suite
 (``tests/test_backend_contract.py``) then runs against it too.
@@ -19,7 +20,10 @@ if TYPE_CHECKING:  # the hooks' start-up path imports this package: no typing at
 # name -> (module under backends/, class): imported only when chosen
 REGISTRY: dict[str, tuple[str, str]] = {
     "iptables": ("iptables", "IptablesBackend"),
+    "nftables": ("nft", "NftBackend"),
 }
+# backends that pass libvirt's nftables rejects with their own glue: no accept per forward
+OWN_GLUE = frozenset({"nftables"})
 DEFAULT = "iptables"
 
 
@@ -61,14 +65,64 @@ def get(name: str = DEFAULT, prefix: Iterable[str] = ()) -> Backend[Any, Any]:
 
 def with_participants(backend: Backend[Any, Any]) -> Backend[Any, Any]:
     """``backend`` in one transaction with our accepts in libvirt's nftables table."""
+    if backend.name in OWN_GLUE:
+        return backend
     from .accepts import LibvirtAccepts
     from .transaction import Transaction
     return Transaction((backend, LibvirtAccepts(backend.prefix)))
 
 
+def selected(prefix: Iterable[str] = ()) -> Backend[Any, Any]:
+    """The backend ``firewall_backend`` names in root's configuration (iptables when the
+    file or the key is missing); ConfigError, one line naming the file, when the file is
+    wrong or names a backend this build lacks."""
+    from .. import config
+    from ..errors import ConfigError
+    from ..names import config_path
+    name = config.load().firewall_backend
+    if name not in REGISTRY:
+        raise ConfigError(f'{config_path()}: firewall_backend "{name}" has no backend in '
+                          "this build of kvmufw_hook")
+    return get(name, prefix)
+
+
 def default_backend() -> Backend[Any, Any]:
-    """The backend for this host: iptables, whichever variant the host selects."""
-    return get(DEFAULT)
+    """The backend for this host: the one root's configuration selects."""
+    return selected()
+
+
+# Where each backend's rules show, as one netlink request to nf_tables can tell: a table
+# (family, table, "") or a chain in one (family, table, chain). How a hook notices that
+# firewall_backend was switched (``switched``); the names are iptables.JUMPS' and
+# nft.TABLE (a unit test holds them equal), not imported: a hook loads one backend only.
+TRACES: dict[str, tuple[tuple[int, str, str], ...]] = {
+    "iptables": ((2, "filter", "KVMUFW-FORWARD"), (2, "nat", "KVMUFW-PREROUTING")),
+    "nftables": ((1, "kvmufw", ""),),  # NFPROTO_INET
+}
+
+
+def switched() -> bool:
+    """Whether a backend other than the selected one holds rules of ours in this
+    namespace: ``firewall_backend`` was switched and nothing has run ``replay`` since.
+    One netlink request per trace, no process. (Legacy iptables cannot be asked so: a
+    switch away from it is completed by ``replay`` or ``restore``.)"""
+    from .. import config
+    from .nftprobe import chain_in_kernel, table_in_kernel
+    name = config.load().firewall_backend
+    return any(chain_in_kernel(family, table, chain) if chain else
+               table_in_kernel(family, table)
+               for other, traces in TRACES.items() if other != name
+               for family, table, chain in traces)
+
+
+def others(backend: Backend[Any, Any]) -> list[tuple[str, Backend[Any, Any]]]:
+    """(name, backend) of every registered backend but ``backend``'s, running where it
+    runs (its ``prefix``): where rules of ours may be left from before a switch of
+    ``firewall_backend``. None for a backend the registry does not hold (a test's
+    stand-in): nothing else of ours is its business."""
+    if backend.name not in REGISTRY:
+        return []
+    return [(name, get(name, backend.prefix)) for name in REGISTRY if name != backend.name]
 
 
 def libvirt_firewall(backend: Backend[Any, Any], ruleset: Any | None) -> LibvirtFirewall:

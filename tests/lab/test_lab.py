@@ -467,6 +467,58 @@ def test_doctor_on_a_healthy_host_and_after_a_reload_that_wiped_libvirt(lab, gue
     assert proc.returncode == 0 and "FAIL" not in proc.stdout.replace("0 FAIL", ""), proc.stdout
 
 
+# --------------------------------------------------------------------------- backends
+
+CONF = "/etc/kvmufw_hook/kvmufw_hook.conf"
+
+
+def test_switching_the_backend_with_guests_running_keeps_every_forward(lab, guest):
+    """firewall_backend switched to nftables and back, each time followed by ``replay``:
+    every forward keeps working through UFW's DROP and libvirt's rejects, nothing of the
+    other backend is left, and the hooks, ``ufw reload`` and doctor follow the choice."""
+    guest("web1", [("lab", "52:54:00:00:00:05")],
+          forwards('host-port="2222" guest-port="22"',
+                   'proto="udp" host-port="6000-6001" guest-port="5000-5001"'))
+
+    def working() -> dict:
+        return {"dnat": lab.ask("inet", "tcp", "203.0.113.1", 2222),
+                "udp": lab.ask("inet", "udp", "203.0.113.1", 6001),
+                "hairpin": lab.ask("g6", "tcp", "203.0.113.1", 2222), **egress(lab)}
+
+    def table() -> str:
+        return lab.run("nft", "list", "table", "inet", "kvmufw", check=False).stdout
+
+    expected = {"dnat": "203.0.113.2", "udp": "203.0.113.2", "hairpin": "10.0.0.1",
+                "g5": "203.0.113.1", "r5": "10.20.0.5", "o5": "10.40.0.5"}
+    assert working() == expected
+    try:
+        lab.sh(f"mkdir -p /etc/kvmufw_hook && echo 'firewall_backend = \"nftables\"' > {CONF}")
+        kvmufw(lab, "replay")
+        assert "KVMUFW" not in lab.save() + lab.save(6)
+        assert "d=web1" in table()
+        assert working() == expected
+        report = lab.run("kvmufw_hook", "doctor", check=False).stdout
+        assert "OK    kvmufw_hook firewall backend: nftables (firewall_backend in" in report
+        assert "FAIL" not in report.replace("0 FAIL", ""), report
+        lab.sh("ufw reload >/dev/null")  # UFW's after.init puts the glue back
+        assert working() == expected
+        lab.virsh("destroy", "web1")  # the hooks now write into table inet kvmufw
+        assert lab.ask("inet", "tcp", "203.0.113.1", 2222, 1.0) is None
+        assert "d=web1" not in table()
+        lab.virsh("start", "web1")
+        assert working() == expected
+        assert "KVMUFW" not in lab.save()
+
+        lab.sh(f"echo 'firewall_backend = \"iptables\"' > {CONF}")
+        kvmufw(lab, "replay")
+        assert table() == ""
+        assert working() == expected
+        assert [l for l in ours(lab.save()) if "d=web1" in l]
+    finally:
+        lab.sh(f"rm -f {CONF}")
+        kvmufw(lab, "replay")
+
+
 # --------------------------------------------------------------------------- install.sh
 
 def test_install_twice_is_install_once_and_uninstall_leaves_nothing(lab):

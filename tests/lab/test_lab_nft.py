@@ -481,3 +481,53 @@ def test_a_libvirt_reload_puts_its_rejects_first_until_a_hook_or_replay(lab, gue
     assert ahead_of_libvirt(listing(lab))  # any hook puts every accept of ours back first
     assert lab.ask("inet", "tcp", "203.0.113.1", 2222) == "203.0.113.2"
     assert lab.ask("inet", "tcp", "203.0.113.1", 8093) == "203.0.113.2"
+
+
+CONF = "/etc/kvmufw_hook/kvmufw_hook.conf"
+
+
+@native_only
+def test_our_nftables_backend_passes_libvirts_rejects_with_its_glue_alone(lab, guest):
+    """firewall_backend = "nftables" in root's configuration, then replay: every forward
+    (IPv4, a shifted UDP range, hairpin, the host itself, the isolated network's, IPv6
+    through NAT66) passes libvirt's rejects through a fixed glue rule per chain instead
+    of an accept per forward; doctor names the backend; switching back puts the accepts
+    back."""
+    guest("web1", [("lab", "52:54:00:00:00:05")],
+          forwards('host-port="2222" guest-port="22"',
+                   'proto="udp" host-port="6000-6002" guest-port="5000-5002"'))
+    guest("web6", [("dual", "52:54:00:00:50:05")], forwards('host-port="2232" guest-port="22"'))
+
+    def probes():
+        return {"dnat": lab.ask("inet", "tcp", HOST4, 2222, 1.5),
+                "udp": lab.ask("inet", "udp", HOST4, 6002, 1.5),
+                "hairpin": lab.ask("g6", "tcp", HOST4, 2222, 1.5),
+                "host_local": lab.ask(None, "tcp", HOST4, 2222, 1.5),
+                "isolated": lab.ask("inet", "tcp", HOST4, 8093, 1.5),
+                "ipv6": lab.ask("inet", "tcp", HOST6, 2232, 1.5), **egress(lab)}
+
+    working = {"dnat": INET4, "udp": INET4, "hairpin": "10.0.0.1", "host_local": HOST4,
+               "isolated": INET4, "ipv6": INET6, **EGRESS}
+    assert probes() == working
+    per_forward = len(ours(listing(lab)))
+    try:
+        lab.sh(f"mkdir -p /etc/kvmufw_hook && echo 'firewall_backend = \"nftables\"' > {CONF}")
+        kvmufw(lab, "replay")
+        assert "KVMUFW" not in lab.save() + lab.save(6)
+        mine = ours(listing(lab))
+        assert mine and all("d=" not in l and "n=" not in l for l in mine), mine  # glue only
+        assert probes() == working
+        report = kvmufw(lab, "doctor").stdout
+        assert "OK    kvmufw_hook firewall backend: nftables" in report, report
+        guest("web2", [("lab", "52:54:00:00:00:06")], forwards('host-port="2223" guest-port="22"'))
+        assert lab.ask("inet", "tcp", HOST4, 2223, 1.5) == INET4
+        assert len(ours(listing(lab))) == len(mine)  # a new forward adds no rule there
+
+        lab.sh(f"echo 'firewall_backend = \"iptables\"' > {CONF}")
+        kvmufw(lab, "replay")
+        assert lab.run("nft", "list", "table", "inet", "kvmufw", check=False).returncode
+        assert len(ours(listing(lab))) > per_forward  # web2's accepts beside the others
+        assert probes() == working
+    finally:
+        lab.sh(f"rm -f {CONF}")
+        kvmufw(lab, "replay")

@@ -193,3 +193,33 @@ def settle(namespaces) -> None:
         while ns.run("ip", "-6", "addr", "show", "tentative").stdout.strip():
             assert time.monotonic() < deadline, ns.run("ip", "-6", "addr").stdout
             time.sleep(0.1)
+
+# The libvirt network of ``Topology`` (bridge virbr1, 10.0.0.0/24, guests .5 and .6
+# reserved), with one network forward 8080 -> 10.0.0.5:80.
+TOPOLOGY_NET = b"""<network><name>lab</name>
+  <metadata><forwards xmlns="urn:kvmufw:1">
+    <forward host-port="8080" guest-port="80" guest-ip="10.0.0.5"/>
+  </forwards></metadata>
+  <forward mode='nat' dev='eth0'/><bridge name='virbr1'/>
+  <ip address='10.0.0.1' prefix='24'><dhcp>
+    <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
+  </dhcp></ip></network>"""
+
+# libvirt's nftables backend for ``Topology``'s bridge (as libvirt 11 writes it, abridged):
+# guest_input rejects whatever enters virbr1 that is not a reply.
+TOPOLOGY_LIBVIRT_NFT = """table ip libvirt_network {
+  chain guest_output {
+    iif "virbr1" ip saddr 10.0.0.0/24 accept
+    iif "virbr1" reject
+  }
+  chain guest_input {
+    oif "virbr1" ip daddr 10.0.0.0/24 ct state established,related accept
+    oif "virbr1" reject
+  }
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    jump guest_output
+    jump guest_input
+  }
+}
+"""

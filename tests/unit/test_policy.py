@@ -106,10 +106,27 @@ def test_the_configuration_file_reads_libvirt_conf_syntax(tmp_path):
     assert not config.load(str(tmp_path / "missing")).allow_host_service
 
 
+def test_the_configuration_selects_the_nftables_backend(tmp_path):
+    from kvmufw_hook import config
+    path = tmp_path / "kvmufw_hook.conf"
+    path.write_text('firewall_backend = "nftables"\n')
+    assert config.load(str(path)).firewall_backend == "nftables"
+    assert config.load(str(tmp_path / "missing")).firewall_backend == "iptables"
+
+
 @pytest.mark.parametrize("text,line,reason", [
     ('colour = "red"\n', 1, "unknown key 'colour'"),
     ('\n\nfirewall_backend = iptables\n', 3, "is not a quoted string"),
-    ('firewall_backend = "nftables"\n', 1, 'firewall_backend "nftables" is not supported yet'),
+    ('firewall_backend = "nftables\\"\n', 1, "is not a quoted string"),
+    ('firewall_backend = "nft"ables"\n', 1, "is not a quoted string"),
+    ('firewall_backend = "\n', 1, "is not a quoted string"),
+    ('2nd_backend = "iptables"\n', 1, 'not key = "value"'),
+    ('firewall-backend = "iptables"\n', 1, 'not key = "value"'),
+    ('fïrewall_backend = "iptables"\n', 1, 'not key = "value"'),
+    ('allow_host_service = [ "domain:web1:tcp:22-23-24" ]\n', 1, "is not a port or range"),
+    ('allow_host_service = [ "domain:web1:tcp:\u0662\u0662" ]\n', 1, "is not a port or range"),
+    ('allow_host_service = [ "domain:web1:tcp:222222" ]\n', 1, "is not a port or range"),
+    ('allow_host_service = [ "domain:web1:tcp:-22" ]\n', 1, "is not a port or range"),
     ('firewall_backend = "pf"\n', 1, "'pf' is not one of"),
     ('allow_host_service = [ "web1:tcp:22" ]\n', 1, "not KIND:NAME:PROTO:PORTS"),
     ('allow_host_service = [ "domain:web1:icmp:22" ]\n', 1, "is not tcp or udp"),

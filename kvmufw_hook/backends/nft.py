@@ -1,0 +1,977 @@
+"""The nftables backend: our own ``table inet kvmufw`` (both families), where every
+forward and every network is data, elements of sets and maps, and the rules are a fixed
+skeleton that looks each packet up once.
+
+Promises:
+- Everything of ours lives in ``table inet kvmufw``, except a fixed number of glue rules
+  (``GLUE``: one accept at the top of filter INPUT and FORWARD in each iptables family,
+  and of libvirt's ``guest_input`` / ``guest_output`` where libvirt uses nftables),
+  whatever the number of forwards. An accept in one table does not stop another table's
+  base chain at the same hook, so our table marks what it accepts with ``MARK`` and the
+  glue lets marked packets through UFW's DROP policy and libvirt's rejects.
+- A forward is elements only: DNAT by host address . source . protocol . host port (a
+  map to the guest address, or to address . port where the port changes), the FORWARD
+  accept of DNAT'd packets by bridge . guest . protocol . guest port, and the hairpin
+  masquerade. A network is elements too (fences, egress, replies, masquerade, DHCP/DNS
+  to the host). A guest's start or stop is one ``nft -f`` transaction of element adds
+  and deletes: never a rule walk, never a flush.
+- Every element carries its owner tag as its comment (``backends/tags.py``), so that
+  removal by owner is exact and derives from the kernel alone (after a crash, with our
+  state files lost, ``nft list table inet kvmufw`` still says whose each element is);
+  claims are read back from the DNAT maps the same way.
+- Port ranges keep their offset. nftables has no offset DNAT (iptables'
+  ``--to-destination G:5000-5002/6000``): a range whose guest ports equal its host ports
+  is one interval element mapping only the address (the port is kept); a shifted range
+  is one element per port. Measured cheaper than a rule per range (a rule needs a
+  handle to be removed, so a read of the chain; elements are deleted by key).
+- Isolation between networks is libvirt's: the fences (``RETURN`` in plan terms) leave
+  our chain without the mark, before any accept, so libvirt's own rules decide.
+"""
+
+from __future__ import annotations
+
+from ..errors import ApplyError
+from ..names import Tag
+from ..process import run
+from .iptables import LIBVIRT_CHAINS as LIBVIRT_IPTABLES_CHAINS
+from .iptables import SEARCH_PATH, TOOLS, find_tool, ip_text, net_text
+from .tags import comment as tag_comment
+from .tags import parse_comment
+
+# A guest's stop imports this module and nothing heavier (no dataclasses, typing,
+# intents or planner): plain classes, and what only a start needs imported there.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
+
+    from ..conntrack import Flow
+    from ..intents import Claim, Forward, Intent
+    from ..model import IPNetwork, PortRange
+    from .base import Backend, HostPort, Log, Owners
+    from .rules import Rule
+
+TABLE = "kvmufw"
+# The packet mark bit our table sets on what it accepts (forward, input) and the glue
+# matches: bit 24. Clear of kube-proxy (0x4000, 0x8000), Cilium (0x0f00), Docker swarm
+# (small service numbers), Tailscale (0xff0000), wg-quick (0xca6c) and Istio (0x539);
+# only Calico's default mask (0xffff0000) covers it. Only ever or-ed in, never cleared.
+MARK = 0x01000000
+MARKED = f"meta mark set meta mark | 0x{MARK:08x} accept"
+GLUE_TAG = Tag("g=glue", "-", "-")  # owners are n=… or d=…: never this one
+GLUE_COMMENT = tag_comment(GLUE_TAG)
+ANY = {4: "0.0.0.0/0", 6: "::/0"}
+LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
+NAT_PORTS = "1024-65535"  # libvirt's default; the only range the skeleton masquerades to
+NFPROTO = {4: "ipv4", 6: "ipv6"}
+ADDR = {4: "ip", 6: "ip6"}
+ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+IPT_GLUE = {  # (iptables chain) -> the glue line as iptables-save prints it
+    chain: f'-A {chain} -m mark --mark 0x{MARK:x}/0x{MARK:x} -m comment '
+           f'--comment "{GLUE_COMMENT}" -j ACCEPT' for chain in ("INPUT", "FORWARD")}
+LIBVIRT_TABLE = "libvirt_network"
+LIBVIRT_GLUE = f'meta mark & 0x{MARK:08x} == 0x{MARK:08x} accept comment "{GLUE_COMMENT}"'
+LIBVIRT_CHAINS = ("guest_input", "guest_output")
+
+
+def _sets(f: int) -> dict[str, str]:
+    """set or map name -> its type, in family ``f``."""
+    a = ADDR_TYPE[f]
+    return {
+        f"dnat{f}_addr": f"{a} . {a} . inet_proto . inet_service : {a}",
+        f"dnat{f}_port": f"{a} . {a} . inet_proto . inet_service : {a} . inet_service",
+        f"guest{f}": f"ifname . {a} . inet_proto . inet_service",
+        f"hairpin{f}": f"{a} . {a} . ifname . inet_proto . inet_service",
+        f"fence_out{f}": f"ifname . {a} . ifname",
+        f"fence_in{f}": f"ifname . {a} . ifname",
+        f"egress{f}": f"ifname . {a}",
+        f"egress_dev{f}": f"ifname . {a} . ifname",
+        f"replies{f}": f"ifname . {a}",
+        f"replies_dev{f}": f"ifname . {a} . ifname",
+        f"ingress{f}": f"ifname . {a}",
+        f"ingress_dev{f}": f"ifname . {a} . ifname",
+        f"b2b{f}": "ifname . ifname",
+        f"host_in{f}": "ifname . inet_proto . inet_service",
+        f"inside{f}": f"{a} . {a}",
+        f"masq{f}": f"{a} . ifname",
+        f"masq_any{f}": a,
+    }
+
+
+SETS: dict[str, str] = {**_sets(4), **_sets(6)}
+PORTS = "meta l4proto { tcp, udp, sctp }"  # nft maps ports only after a protocol match
+
+
+def _chains() -> dict[str, tuple[str, list[str]]]:
+    """chain -> (its hook line, its rules as ``nft list`` prints them)."""
+    out: dict[str, tuple[str, list[str]]] = {
+        "prerouting": ("type nat hook prerouting priority dstnat - 5; policy accept;", []),
+        "output": ("type nat hook output priority -105; policy accept;", []),
+        "forward": ("type filter hook forward priority filter - 5; policy accept;", []),
+        "input": ("type filter hook input priority filter - 5; policy accept;", []),
+        "postrouting": ("type nat hook postrouting priority srcnat - 5; policy accept;", []),
+    }
+    for f in (4, 6):
+        a = ADDR[f]
+        key = f"{a} daddr . {a} saddr . meta l4proto . th dport"
+        dnat = [f"dnat {a} to {key} map @dnat{f}_addr",
+                f"{PORTS} dnat {a} to {key} map @dnat{f}_port"]
+        out["prerouting"][1].extend(f"fib daddr type local {d}" for d in dnat)
+        out["output"][1].extend(f"{a} daddr != {LOOPBACK[f]} fib daddr type local {d}"
+                                for d in dnat)
+        out["forward"][1][:0] = [  # fences first: before any accept of any family
+            f"ct status ! dnat iifname . {a} saddr . oifname @fence_out{f} return",
+            f"ct status ! dnat iifname . {a} daddr . oifname @fence_in{f} return"]
+        out["forward"][1].extend([
+            f"ct status dnat oifname . {a} daddr . meta l4proto . th dport @guest{f} {MARKED}",
+            f"ct status dnat iifname . {a} saddr . meta l4proto . th sport @guest{f} {MARKED}",
+            f"iifname . {a} saddr @egress{f} {MARKED}",
+            f"iifname . {a} saddr . oifname @egress_dev{f} {MARKED}",
+            f"ct state established,related oifname . {a} daddr @replies{f} {MARKED}",
+            f"ct state established,related iifname . {a} daddr . oifname @replies_dev{f} "
+            f"{MARKED}",
+            f"oifname . {a} daddr @ingress{f} {MARKED}",
+            f"iifname . {a} daddr . oifname @ingress_dev{f} {MARKED}",
+            f"meta nfproto {NFPROTO[f]} iifname . oifname @b2b{f} {MARKED}"])
+        out["input"][1].append(
+            f"meta nfproto {NFPROTO[f]} iifname . meta l4proto . th dport @host_in{f} {MARKED}")
+        post = [f"ct status dnat {a} saddr . {a} daddr . oifname . meta l4proto . th dport "
+                f"@hairpin{f} masquerade",
+                f"{a} saddr . {a} daddr @inside{f} return"]
+        if f == 4:  # IPv6 has no broadcast; its multicast is masqueraded as libvirt does
+            post.append("meta nfproto ipv4 fib daddr type { broadcast, multicast } return")
+        for match in (f"{a} saddr . oifname @masq{f}", f"{a} saddr @masq_any{f}"):
+            post += [f"meta l4proto {{ tcp, udp }} {match} masquerade to :{NAT_PORTS}",
+                     f"{match} masquerade"]
+        out["postrouting"][1].extend(post)
+    return out
+
+
+CHAINS = _chains()
+
+
+# --------------------------------------------------------------------------- render
+
+def _addr(net: IPNetwork) -> str:
+    """An address or network as nft prints it: a host without its /32 or /128."""
+    if net.prefixlen == net.max_prefixlen:
+        return ip_text(net.network_address)
+    return net_text(net)
+
+
+def _ports(ports: PortRange) -> str:
+    return str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
+
+
+def _if(name: str | None) -> str:
+    return f'"{name}"'
+
+
+class Element(tuple):  # type: ignore[type-arg]
+    """One element of one of our sets or maps, as ``nft list`` prints it: (set, key,
+    value or None, comment), compared and hashed as that tuple."""
+
+    __slots__ = ()
+
+    def __new__(cls, set: str, key: str, value: str | None, comment: str) -> Element:
+        return tuple.__new__(cls, (set, key, value, comment))
+
+    @property
+    def set(self) -> str:
+        return self[0]  # type: ignore[no-any-return]
+
+    @property
+    def key(self) -> str:
+        return self[1]  # type: ignore[no-any-return]
+
+    @property
+    def value(self) -> str | None:
+        return self[2]  # type: ignore[no-any-return]
+
+    @property
+    def comment(self) -> str:
+        return self[3]  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"Element{tuple.__repr__(self)}"
+
+    @property
+    def text(self) -> str:
+        out = f'{self.key} comment "{self.comment}"'
+        return out + (f" : {self.value}" if self.value is not None else "")
+
+    @property
+    def tag(self) -> Tag | None:
+        return parse_comment(self.comment)
+
+
+def elements(rule: Rule) -> list[Element]:
+    """The elements that stand for one planned rule (several for a shifted range, one
+    per port; none for a rule the skeleton holds whole)."""
+    f, comment = rule.family, tag_comment(rule.tag)
+
+    def el(name: str, key: str, value: str | None = None) -> Element:
+        return Element(f"{name}{f}" if not name.startswith("dnat") else name, key, value,
+                       comment)
+
+    if rule.verdict == "DNAT":
+        assert rule.to_addr is not None and rule.to_ports is not None and rule.dport
+        daddr = _addr(rule.dst) if rule.dst is not None else ANY[f]
+        saddr = _addr(rule.src) if rule.src is not None else ANY[f]
+        guest = ip_text(rule.to_addr)
+        if rule.to_ports == rule.dport:  # the port is kept: one element for the range
+            return [el(f"dnat{f}_addr", f"{daddr} . {saddr} . {rule.proto} . "
+                                         f"{_ports(rule.dport)}", guest)]
+        shift = rule.to_ports.first - rule.dport.first
+        return [el(f"dnat{f}_port", f"{daddr} . {saddr} . {rule.proto} . {port}",
+                   f"{guest} . {port + shift}")
+                for port in range(rule.dport.first, rule.dport.last + 1)]
+    if rule.stage == "postrouting":  # MASQUERADE
+        assert rule.src is not None
+        if rule.ctstate == "DNAT":  # hairpin
+            assert rule.dst is not None and rule.dport
+            return [el("hairpin", f"{_addr(rule.src)} . {_addr(rule.dst)} . {_if(rule.oif)}"
+                                  f" . {rule.proto} . {_ports(rule.dport)}")]
+        out = []
+        if rule.not_dst is not None:
+            out.append(el("inside", f"{_addr(rule.src)} . {_addr(rule.not_dst)}"))
+        if rule.oif:
+            out.append(el("masq", f"{_addr(rule.src)} . {_if(rule.oif)}"))
+        else:
+            out.append(el("masq_any", _addr(rule.src)))
+        return out
+    if rule.stage == "input":
+        assert rule.dport
+        return [el("host_in", f"{_if(rule.iif)} . {rule.proto} . {_ports(rule.dport)}")]
+    assert rule.stage == "forward", rule
+    if rule.ctstate == "DNAT":
+        if rule.oif:
+            assert rule.dst is not None and rule.dport
+            return [el("guest", f"{_if(rule.oif)} . {_addr(rule.dst)} . {rule.proto} . "
+                                f"{_ports(rule.dport)}")]
+        assert rule.src is not None and rule.sport
+        return [el("guest", f"{_if(rule.iif)} . {_addr(rule.src)} . {rule.proto} . "
+                            f"{_ports(rule.sport)}")]
+    if rule.verdict == "RETURN":
+        if rule.src is not None:
+            return [el("fence_out", f"{_if(rule.iif)} . {_addr(rule.src)} . {_if(rule.oif)}")]
+        assert rule.dst is not None
+        return [el("fence_in", f"{_if(rule.iif)} . {_addr(rule.dst)} . {_if(rule.oif)}")]
+    if rule.ctstate == "RELATED,ESTABLISHED":
+        assert rule.dst is not None
+        if rule.iif:
+            return [el("replies_dev", f"{_if(rule.iif)} . {_addr(rule.dst)} . "
+                                      f"{_if(rule.oif)}")]
+        return [el("replies", f"{_if(rule.oif)} . {_addr(rule.dst)}")]
+    if rule.src is not None:
+        if rule.oif:
+            return [el("egress_dev", f"{_if(rule.iif)} . {_addr(rule.src)} . {_if(rule.oif)}")]
+        return [el("egress", f"{_if(rule.iif)} . {_addr(rule.src)}")]
+    if rule.dst is not None:
+        if rule.iif:
+            return [el("ingress_dev", f"{_if(rule.iif)} . {_addr(rule.dst)} . "
+                                      f"{_if(rule.oif)}")]
+        return [el("ingress", f"{_if(rule.oif)} . {_addr(rule.dst)}")]
+    # bridge to bridge; a bridge network's crossing frames too (nft has no
+    # --physdev-is-bridged: in and out of the same bridge, as libvirt's LIBVIRT_FWX)
+    return [el("b2b", f"{_if(rule.iif)} . {_if(rule.oif)}")]
+
+
+def forward_elements(fw: Forward) -> list[Element]:
+    """A forward's elements, straight from its intent (the same as ``elements`` gives for
+    its rules, measured twice as fast: a replay of thousands renders these): DNAT per
+    source, the accept of its DNAT'd packets both ways, its hairpin masquerade. Sources
+    are collapsed first (overlapping intervals cannot share a set)."""
+    from ipaddress import collapse_addresses
+    f, comment, guest = fw.family, tag_comment(fw.tag), ip_text(fw.guest)
+    host = ip_text(fw.host_ip) if fw.host_ip is not None else ANY[f]
+    sources = [ANY[f]] if not fw.sources or any(s.prefixlen == 0 for s in fw.sources) \
+        else [_addr(s) for s in (fw.sources if len(fw.sources) == 1
+                                 else collapse_addresses(fw.sources))]  # type: ignore[type-var]
+    proto, hp, gp = fw.proto, fw.host_ports, fw.guest_ports
+    if gp == hp:
+        out = [Element(f"dnat{f}_addr", f"{host} . {src} . {proto} . {_ports(hp)}", guest,
+                       comment) for src in sources]
+    else:
+        shift = gp.first - hp.first
+        out = [Element(f"dnat{f}_port", f"{host} . {src} . {proto} . {port}",
+                       f"{guest} . {port + shift}", comment)
+               for src in sources for port in range(hp.first, hp.last + 1)]
+    bridge = _if(fw.bridge)
+    assert fw.subnet is not None
+    out.append(Element(f"guest{f}", f"{bridge} . {guest} . {proto} . {_ports(gp)}", None,
+                       comment))
+    out.append(Element(f"hairpin{f}", f"{_addr(fw.subnet)} . {guest} . {bridge} . {proto} . "
+                                      f"{_ports(gp)}", None, comment))
+    return out
+
+
+def wanted(intents: Owners) -> dict[Element, None]:
+    """Every element the owners' intents stand for, once each, in order (a guest's stop
+    names its owner with no intent: nothing of the planner is imported then)."""
+    if not any(intents.values()):
+        return {}
+    from ..intents import Forward
+    from .rules import expand
+    out: dict[Element, None] = {}
+    for owner in sorted(intents):
+        for intent in intents[owner]:
+            if isinstance(intent, Forward):
+                out.update(dict.fromkeys(forward_elements(intent)))
+            else:
+                for rule in expand(intent):
+                    out.update(dict.fromkeys(elements(rule)))
+    return out
+
+
+# --------------------------------------------------------------------------- read back
+
+_PARTS = None  # the regular expression below, compiled on first use (not on a stop's path)
+
+
+def _split_elements(body: str) -> list[str]:
+    """The elements of an ``elements = { … }`` body: split at commas outside double
+    quotes (our comments hold commas; nothing we write holds a quote)."""
+    global _PARTS
+    if _PARTS is None:
+        import re
+        _PARTS = re.compile(r'(?:"[^"]*"|[^",])+')
+    return [m.strip() for m in _PARTS.findall(body) if m.strip()]
+
+
+def _parse_element(name: str, text: str) -> Element:
+    """One element as ``nft list`` prints it: key, ``comment "…"``, `` : value``."""
+    at = text.find(' comment "')
+    if at < 0:
+        key, sep, value = text.partition(" : ")
+        return Element(name, key.strip(), value.strip() if sep else None, "")
+    end = text.find('"', at + len(' comment "'))
+    rest = text[end + 1:].strip()
+    mapped = rest[1:].strip() if rest.startswith(":") else None
+    return Element(name, text[:at].strip(), mapped, text[at + len(' comment "'):end])
+
+
+class Table:
+    """``nft list table inet kvmufw`` as printed: whether it is there, each chain's
+    rules, each set's elements."""
+
+    def __init__(self, present: bool = False, chains: dict[str, list[str]] | None = None,
+                 elements: list[Element] | None = None) -> None:
+        self.present = present
+        self.chains = chains or {}
+        self.elements = elements or []
+
+    @classmethod
+    def parse(cls, text: str) -> Table:
+        table = cls(present=bool(text.strip()))
+        current: str | None = None
+        kind = ""
+        buffer: list[str] | None = None
+        for raw in text.splitlines():
+            line = raw.strip()
+            if buffer is not None:
+                buffer.append(line)
+                if line.endswith("}"):
+                    table._elements(current or "", " ".join(buffer))
+                    buffer = None
+                continue
+            if line.startswith(("set ", "map ", "chain ")):
+                kind, current = line.split()[0], line.split()[1]
+                if kind == "chain":
+                    table.chains[current] = []
+            elif line == "}":
+                current = None
+            elif current and line.startswith("elements = {"):
+                if line.endswith("}"):
+                    table._elements(current, line)
+                else:
+                    buffer = [line]
+            elif (kind == "chain" and current and line
+                  and not line.startswith(("type ", "policy "))):
+                table.chains[current].append(line)
+        return table
+
+    def _elements(self, name: str, text: str) -> None:
+        body = text[text.index("{") + 1:text.rindex("}")].strip()
+        self.elements += [_parse_element(name, part) for part in _split_elements(body)]
+
+    def skeleton_ok(self) -> bool:
+        return self.present and all(self.chains.get(c) == rules
+                                    for c, (_hook, rules) in CHAINS.items())
+
+
+class Glue:
+    """The glue rules outside our table as read: per iptables family, the filter table's
+    INPUT and FORWARD rules (and libvirt's chains); per libvirt nft family
+    (``ip``/``ip6``), libvirt's table as ``nft -a list`` printed it."""
+
+    def __init__(self) -> None:
+        self.iptables: dict[int, dict[str, list[str]]] = {}
+        self.libvirt_chains: set[str] = set()
+        self.libvirt: dict[str, dict[str, list[tuple[int, str]]]] = {}
+        self.other: dict[int, Any] = {}  # family -> iptables Snapshot
+
+
+class Ruleset:
+    """Our table as read, and the glue outside it, read when first asked for."""
+
+    def __init__(self, table: Table, generation: int | None = None,
+                 glue_reader: Callable[[], Glue] | None = None) -> None:
+        self.table = table
+        self.unavailable: dict[int, str] = {}  # one inet table: no family is left out
+        self.generation = generation  # nf_tables' generation it was read at, if known
+        self.glue_reader = glue_reader
+        self._glue: Glue | None = None
+
+    @property
+    def families(self) -> set[int]:
+        """Both, always: one table holds them."""
+        return {4, 6}
+
+    @property
+    def glue(self) -> Glue:
+        if self._glue is None:
+            self._glue = self.glue_reader() if self.glue_reader else Glue()
+        return self._glue
+
+
+class Change:
+    """One ``nft -f`` script on our table, the glue payloads ("4"/"6": iptables-restore,
+    "nft": libvirt's tables), the DNAT elements it deletes (their flows end), what it
+    was made from and our elements once it is written."""
+
+    def __init__(self, script: str = "", ended: list[Element] | None = None,
+                 base: Ruleset | None = None, after: list[Element] | None = None) -> None:
+        self.script = script
+        self.glue: dict[str, str] = {}
+        self.ended = ended or []
+        self.skipped: dict[int, str] = {}
+        self.base = base
+        self.after = after
+
+    def __repr__(self) -> str:
+        return f"Change({self.text!r})"
+
+    def __bool__(self) -> bool:
+        return bool(self.script or any(self.glue.values()))
+
+    @property
+    def text(self) -> str:
+        out = f"# nft -f: table inet {TABLE}\n{self.script}" if self.script else ""
+        for where, payload in sorted(self.glue.items()):
+            if payload:
+                out += f"# glue ({where})\n{payload}"
+        return out
+
+    def ends_forwards(self) -> bool:
+        return bool(self.ended)
+
+
+# --------------------------------------------------------------------------- scripts
+
+def skeleton() -> str:
+    """The table, its sets and maps, and its chains with their rules: added where the
+    table is missing or its chains are not as they should be (the sets keep their
+    elements: only the chains are flushed)."""
+    out = [f"add table inet {TABLE}"]
+    for name, kind in SETS.items():
+        word = "map" if ":" in kind else "set"
+        out.append(f"add {word} inet {TABLE} {name} {{ type {kind}; flags interval; }}")
+    for chain, (hook, rules) in CHAINS.items():
+        out.append(f"add chain inet {TABLE} {chain} {{ {hook} }}")
+        out.append(f"flush chain inet {TABLE} {chain}")
+        out += [f"add rule inet {TABLE} {chain} {rule}" for rule in rules]
+    return "\n".join(out) + "\n"
+
+
+def _by_set(items: Iterable[Element], verb: str) -> list[str]:
+    grouped: dict[str, list[str]] = {}
+    for e in items:
+        grouped.setdefault(e.set, []).append(e.text if verb == "add" else e.key)
+    return [f"{verb} element inet {TABLE} {name} {{ {', '.join(texts)} }}"
+            for name, texts in grouped.items()]
+
+
+def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element],
+                                                                    list[Element]]:
+    """(deletes, adds) that take ``have`` to ``want``: a key the kernel keeps (under
+    another owner's comment) is not added again, and each key is added once."""
+    have_set, want_set = dict.fromkeys(have), dict.fromkeys(want)
+    deletes = [e for e in have_set if e not in want_set]
+    taken = {(e.set, e.key) for e in have_set if e in want_set}
+    adds = []
+    for e in want_set:
+        if e not in have_set and (e.set, e.key) not in taken:
+            taken.add((e.set, e.key))
+            adds.append(e)
+    return deletes, adds
+
+
+def _guest_of(e: Element) -> tuple[str, str, str, int, int] | None:
+    """(family, guest, protocol, first, last guest port) a guest or hairpin element
+    serves, or a DNAT element leads to."""
+    parts = [p.strip() for p in e.key.split(" . ")]
+    if e.set.startswith(("guest", "hairpin")):
+        first, _, last = parts[-1].partition("-")
+        guest = parts[1]  # "bridge" . guest … or subnet . guest …
+        return e.set[-1], guest, parts[-2], int(first), int(last or first)
+    if e.set.startswith("dnat") and e.value is not None:
+        address, _, port = e.value.partition(" . ")
+        first, _, last = parts[-1].partition("-")
+        if port:
+            return e.set[4], address.strip(), parts[2], int(port), int(port)
+        return e.set[4], address.strip(), parts[2], int(first), int(last or first)
+    return None
+
+
+def adopted(deletes: Sequence[Element], remaining: Sequence[Element]) -> list[Element]:
+    """Two owners' forwards to one guest port share its accept and hairpin elements (a
+    key is in a set once, under the comment of whoever added it first). When that owner
+    goes, another whose DNAT still leads there takes the element over (deleted and added
+    again in the same transaction, under its comment), so that removal by owner never
+    takes what someone else still needs."""
+    shared = [e for e in deletes if e.set.startswith(("guest", "hairpin"))]
+    if not shared:
+        return []
+    leading: dict[tuple[str, str, str], list[tuple[int, int, str]]] = {}
+    for e in remaining:
+        if e.set.startswith("dnat") and (found := _guest_of(e)) is not None:
+            family, guest, proto, first, last = found
+            leading.setdefault((family, guest, proto), []).append((first, last, e.comment))
+    taken = {(e.set, e.key) for e in remaining}
+    out = []
+    for e in shared:
+        found = _guest_of(e)
+        if found is None or (e.set, e.key) in taken:
+            continue
+        family, guest, proto, first, last = found
+        heir = next((c for a, b, c in leading.get((family, guest, proto), ()) if a <= last
+                     and first <= b), None)
+        if heir is not None:
+            out.append(Element(e.set, e.key, None, heir))
+            taken.add((e.set, e.key))
+    return out
+
+
+def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) -> str:
+    """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds."""
+    if not deletes and not adds and table.skeleton_ok():
+        return ""
+    out = "" if table.skeleton_ok() else skeleton()
+    lines = _by_set(deletes, "delete") + _by_set(adds, "add")
+    return out + "".join(line + "\n" for line in lines)
+
+
+# --------------------------------------------------------------------------- record
+
+class Record:
+    """Our table as our own last write left it, and nf_tables' generation right after
+    that write (a file of the state's cache, written under the state lock): a guest's
+    start or stop while the generation is still that one reads no table (one netlink
+    request instead of an ``nft`` process). Any change by anyone moves the generation
+    on: then the kernel is read again."""
+
+    NAME = "nft-table"
+
+    @classmethod
+    def path(cls) -> str:
+        import os
+
+        from ..names import state_dir
+        return os.path.join(state_dir(), "cache", cls.NAME)
+
+    @classmethod
+    def load(cls, generation: int) -> Table | None:
+        import marshal
+        try:
+            with open(cls.path(), "rb") as fh:
+                recorded, items = marshal.loads(fh.read())
+            if recorded != generation:
+                return None
+            elements = [Element(*item) for item in items]
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+        return Table(True, {c: list(rules) for c, (_hook, rules) in CHAINS.items()}, elements)
+
+    @classmethod
+    def save(cls, generation: int, elements: list[Element]) -> None:
+        import marshal
+
+        from .. import state
+        data = (generation, [(e.set, e.key, e.value, e.comment) for e in elements])
+        try:
+            state.write_cache(cls.NAME, marshal.dumps(data))
+        except (OSError, ApplyError):
+            cls.forget()
+
+    @classmethod
+    def forget(cls) -> None:
+        import os
+        try:
+            os.unlink(cls.path())
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- backend
+
+class NftBackend:
+    """Our ``table inet kvmufw``. ``prefix`` runs the commands elsewhere, e.g. ``ip netns
+    exec NS``."""
+
+    name = "nftables"
+
+    def __init__(self, prefix: Iterable[str] = ()) -> None:
+        self.prefix = list(prefix)
+
+    # ------------------------------------------------------------------ the kernel
+
+    def _nft(self) -> str:
+        if self.prefix:
+            return "nft"
+        import shutil
+        found = shutil.which("nft", path=SEARCH_PATH)
+        if found is None:
+            raise ApplyError("nft not found: install the nftables package")
+        return found
+
+    def _run(self, argv: list[str], stdin: str | None = None, name: str = "nft") -> str:
+        return run([*self.prefix, *argv], stdin=stdin, name=name)
+
+    def _table_present(self) -> bool:
+        if not self.prefix:
+            from .nftprobe import table_in_kernel
+            return table_in_kernel(1, TABLE)  # NFPROTO_INET
+        listed = self._run([self._nft(), "list", "tables", "inet"])  # not their content
+        return f"table inet {TABLE}\n" in listed + "\n"
+
+    def read(self, families: Iterable[int] = ()) -> Ruleset:
+        """Our table: from our record of it after our own last write while nf_tables'
+        generation says nobody changed anything since (``Record``: no process at all),
+        else with one ``nft`` process (none where the table is not there). The glue
+        outside it is read only when a change needs it (a network's, a clear, a missing
+        table)."""
+        generation = self._generation()
+        if generation is not None:
+            known = Record.load(generation)
+            if known is not None:
+                return Ruleset(known, generation=generation, glue_reader=self._read_glue)
+        text = ""
+        if self._table_present():
+            text = self._run([self._nft(), "list", "table", "inet", TABLE])
+        if generation is not None and self._generation() != generation:
+            generation = None  # changed while being read
+        return Ruleset(Table.parse(text), generation=generation, glue_reader=self._read_glue)
+
+    def _generation(self) -> int | None:
+        if self.prefix:
+            return None
+        from .nftprobe import generation
+        return generation()
+
+    def _tool(self, name: str) -> str:
+        return name if self.prefix else find_tool(name)
+
+    def _read_glue(self) -> Glue:
+        """The filter table's INPUT and FORWARD per iptables family (our glue, libvirt's
+        chains) and whatever the iptables backend left of ours (switching backends: it
+        goes with our next glue write), and libvirt's nftables tables."""
+        from .iptables import Snapshot
+        glue = Glue()
+        for family in (4, 6):
+            try:
+                text = self._run([self._tool(TOOLS[family][0])], name=TOOLS[family][0])
+            except ApplyError:
+                continue
+            snap = Snapshot.parse(text)
+            rules = snap.tables["filter"].rules
+            glue.iptables[family] = {c: list(rules.get(c, [])) for c in IPT_GLUE}
+            glue.other[family] = snap
+            if family == 4:
+                glue.libvirt_chains = {c for t in snap.tables.values() for c in t.chains
+                                       if c.startswith("LIBVIRT_")}
+        for fam in ("ip", "ip6"):
+            try:
+                text = self._run([self._nft(), "-a", "list", "table", fam, LIBVIRT_TABLE])
+            except ApplyError:
+                continue
+            glue.libvirt[fam] = _libvirt_chains(text)
+        return glue
+
+    def write(self, change: Change) -> None:
+        """Our table in one ``nft -f`` (one transaction), then the glue: one
+        ``iptables-restore --noflush`` per family that needs it, one ``nft -f`` for
+        libvirt's tables. Afterwards our table as written is recorded (``Record``) when
+        nf_tables' generation proves nobody else changed anything meanwhile."""
+        base = change.base
+        start = base.generation if base is not None else None
+        if start is not None and self._generation() != start:
+            start = None
+        try:
+            if change.script:
+                self._run([self._nft(), "-f", "-"], stdin=change.script)
+            for where, payload in sorted(change.glue.items()):
+                if not payload:
+                    continue
+                if where == "nft":
+                    self._run([self._nft(), "-f", "-"], stdin=payload)
+                else:
+                    restore = TOOLS[int(where)][1]
+                    self._run([self._tool(restore), "--noflush", "-w"], stdin=payload,
+                              name=restore)
+        except ApplyError:
+            Record.forget()
+            raise
+        glued = any(change.glue.values())
+        if (start is None or change.after is None or glued or not change.script
+                or self._generation() != start + 1):
+            if change:
+                Record.forget()
+            return
+        Record.save(start + 1, change.after)
+
+    # ------------------------------------------------------------------ changes
+
+    def change(self, ruleset: Ruleset, intents: Owners,
+               drop: Callable[[Tag], bool] | None = None) -> Change:
+        """The owners' elements replaced (and others' that ``drop`` accepts removed) in
+        one transaction; the glue checked and put back where a network's owner changes,
+        on a drop, where no owner is named (the way in repaired alone) or where our table
+        is not as it should be. A guest's start or stop reads no glue: the glue is per
+        host, not per forward."""
+        have = ruleset.table.elements
+
+        def replaced(e: Element) -> bool:
+            tag = e.tag
+            return tag is not None and (tag.owner in intents or bool(drop and drop(tag)))
+
+        kept = [e for e in have if not replaced(e)]
+        deletes, adds = diff(have, kept + list(wanted(intents)))
+        adds += adopted(deletes, kept + adds)
+        gone = set(deletes)
+        after = [e for e in have if e not in gone] + adds
+        out = Change(script(ruleset.table, deletes, adds),
+                     ended=[e for e in deletes if e.set.startswith("dnat")], base=ruleset,
+                     after=after)
+        networks = any(o.startswith("n=") for o in intents)
+        repair = not intents  # nothing to replace: ``restore --jumps-only`` (UFW's reload)
+        if networks or repair or drop is not None or not ruleset.table.skeleton_ok():
+            out.glue = _glue_change(ruleset.glue, keep=bool(after))
+        return out
+
+    def revert(self, now: Ruleset, before: Ruleset) -> Change:
+        deletes, adds = diff(now.table.elements, before.table.elements)
+        if not before.table.present:
+            return self.clear(now)
+        return Change(script(now.table, deletes, adds))
+
+    def clear(self, ruleset: Ruleset) -> Change:
+        out = Change(f"delete table inet {TABLE}\n" if ruleset.table.present else "",
+                     ended=[e for e in ruleset.table.elements if e.set.startswith("dnat")])
+        out.glue = _glue_change(ruleset.glue, keep=False)
+        return out
+
+    def render(self, intents: Owners) -> str:
+        return Change(script(Table(), [], list(wanted(intents)))).text
+
+    # ------------------------------------------------------------------ readings
+
+    @staticmethod
+    def present(ruleset: Ruleset, intents: Iterable[Intent]) -> bool:
+        have = {(e.set, e.key, e.value) for e in ruleset.table.elements}
+        return all((e.set, e.key, e.value) in have for e in wanted({"": tuple(intents)}))
+
+    @staticmethod
+    def owners(ruleset: Ruleset) -> set[str]:
+        return {t.owner for e in ruleset.table.elements if (t := e.tag) is not None}
+
+    @staticmethod
+    def has_rules(ruleset: Ruleset) -> bool:
+        return ruleset.table.present
+
+    def entry_problems(self, ruleset: Ruleset) -> list[str]:
+        """Where a glue rule is missing, repeated or not first (while our table holds
+        elements), and our table's chains if they are not as they should be."""
+        if not ruleset.table.elements:
+            return []
+        bad = [] if ruleset.table.skeleton_ok() else [f"table inet {TABLE} (its chains)"]
+        return bad + _glue_bad(ruleset.glue)
+
+    @staticmethod
+    def libvirt_backend(ruleset: Ruleset) -> str | None:
+        """``nftables`` where libvirt's table is there, ``iptables`` where its
+        ``LIBVIRT_*`` chains are."""
+        if ruleset.glue.libvirt:
+            return "nftables"
+        return "iptables" if ruleset.glue.libvirt_chains else None
+
+    @staticmethod
+    def libvirt_missing(ruleset: Ruleset) -> list[str]:
+        present = ruleset.glue.libvirt_chains
+        return [c for c in LIBVIRT_IPTABLES_CHAINS if c not in present]
+
+    @staticmethod
+    def claims(ruleset: Ruleset, near: Iterable[HostPort] | None = None,
+               mine: str | None = None) -> dict[str, list[Claim]]:
+        """owner -> the host ports its DNAT elements hold, read from the kernel's maps: a
+        shifted range (one element per port) is one claim again, as declared."""
+        from ipaddress import ip_address, ip_network
+
+        from ..intents import Claim
+        from ..model import PortRange
+        wanted_near = None if near is None else [
+            (s.proto, s.host_port.first, s.host_port.last) for s in near]
+        # (owner, proto, host, guest, shift) -> runs of ports
+        runs: dict[tuple[str, str, str, str, int], list[list[int]]] = {}
+        out: dict[str, dict[Claim, None]] = {}
+        for e in ruleset.table.elements:
+            tag = e.tag
+            if not e.set.startswith("dnat") or tag is None or e.value is None:
+                continue
+            out.setdefault(tag.owner, {})
+            daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
+            first_text, _, last_text = ports.partition("-")
+            first, last = int(first_text), int(last_text or first_text)
+            if wanted_near is not None and tag.owner != mine and not any(
+                    p == proto and a <= last and first <= b for p, a, b in wanted_near):
+                continue
+            guest, _, port = e.value.partition(" . ")
+            shift = int(port) - first if port else 0
+            key = (tag.owner, proto, daddr, guest.strip(), shift)
+            spans = runs.setdefault(key, [])
+            if spans and spans[-1][1] + 1 == first:
+                spans[-1][1] = last  # the next port of a shifted range
+            elif [first, last] not in spans:  # the same ports from another source
+                spans.append([first, last])
+        for (owner, proto, daddr, guest, _shift), spans in runs.items():
+            net = ip_network(daddr, strict=False)
+            host = None if net.prefixlen == 0 else net.network_address
+            for first, last in spans:
+                out[owner][Claim(proto=proto, host_port=PortRange(first, last),
+                                 guest=ip_address(guest), host_ip=host)] = None
+        return {owner: list(claims) for owner, claims in out.items()}
+
+    def end_flows(self, change: Change, log: Log) -> None:
+        """End the conntrack flows of the DNAT elements ``change`` deleted."""
+        from _socket import AF_INET, AF_INET6, inet_pton
+
+        from ..conntrack import PROTOCOLS, end_flows
+        flows = []
+        for e in change.ended:
+            if e.value is None:
+                continue
+            daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
+            family = 4 if e.set.startswith("dnat4") else 6
+            af = AF_INET if family == 4 else AF_INET6
+            first, _, last = ports.partition("-")
+            host = None if daddr == ANY[family] else inet_pton(af, daddr.split("/")[0])
+            flows.append((family, PROTOCOLS[proto], int(first), int(last or first),
+                          inet_pton(af, e.value.split(" . ")[0]), host))
+        if not flows:
+            return
+        if self.prefix:
+            _end_elsewhere(self.prefix, flows, log)
+            return
+        try:
+            end_flows(flows)
+        except OSError as exc:
+            log(f"conntrack flows of removed forwards not ended: {exc}")
+
+
+def _end_elsewhere(prefix: list[str], flows: list[Flow], log: Callable[[str], None]) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (f"import sys; sys.path.insert(0, {package!r}); "
+            "from kvmufw_hook.conntrack import main; main()")
+    data = json.dumps([[f, p, a, b, g.hex(), h.hex() if h else ""]
+                       for f, p, a, b, g, h in flows])
+    try:
+        subprocess.run([*prefix, sys.executable, "-c", code], input=data, text=True,
+                       capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log(f"conntrack flows of removed forwards not ended: {exc}")
+
+
+# --------------------------------------------------------------------------- glue
+
+def _libvirt_chains(text: str) -> dict[str, list[tuple[int, str]]]:
+    """libvirt's guest chains: (handle, rule text) in order."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    chain = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("chain "):
+            chain = line.split()[1]
+            out[chain] = []
+        elif line == "}":
+            chain = None
+        elif chain is not None and " # handle " in line:
+            body, _, handle = line.rpartition(" # handle ")
+            if not body.startswith(("type ", "policy ")):
+                out[chain].append((int(handle), body))
+    return out
+
+
+def _glue_bad(glue: Glue) -> list[str]:
+    out = []
+    for family, chains in sorted(glue.iptables.items()):
+        where = "" if family == 4 else f", IPv{family}"
+        for chain, line in IPT_GLUE.items():
+            rules = chains.get(chain, [])
+            if not rules or rules[0] != line or rules.count(line) != 1:
+                out.append(f"{chain} (filter{where})")
+    for fam, guest_chains in sorted(glue.libvirt.items()):
+        for chain in LIBVIRT_CHAINS:
+            rules = [text for _h, text in guest_chains.get(chain, [])]
+            if chain in guest_chains and (not rules or rules[0] != LIBVIRT_GLUE
+                                    or rules.count(LIBVIRT_GLUE) != 1):
+                out.append(f"{chain} ({fam} {LIBVIRT_TABLE})")
+    return out
+
+
+def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
+    """The payloads that put each glue rule exactly once at the top of its chain and take
+    out what the iptables backend left of ours (``keep``: switching backends with guests
+    running loses nothing, the next network change or replay leaves nothing of the
+    other), or take every glue rule out (and nothing of the iptables backend's: a switch
+    the other way clears this backend first, then writes its own)."""
+    from .iptables import transition
+    out: dict[str, str] = {}
+    for family, chains in glue.iptables.items():
+        other = glue.other.get(family)  # the iptables backend's chains and jumps go
+        cleared = transition(other, {}) if other is not None and keep else ""
+        if cleared:
+            out[str(family)] = cleared
+        lines = []
+        for chain, line in IPT_GLUE.items():
+            rules = chains.get(chain, [])
+            if keep and rules and rules[0] == line and rules.count(line) == 1:
+                continue
+            lines += ["-D" + line[2:]] * rules.count(line)
+            if keep:
+                lines.append(f"-I {chain} 1" + line[len(f"-A {chain}"):])
+        if lines:
+            out[str(family)] = cleared + "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
+    nft = []
+    for fam, guest_chains in sorted(glue.libvirt.items()):
+        for chain in LIBVIRT_CHAINS:
+            if chain not in guest_chains:
+                continue
+            handles = guest_chains[chain]
+            texts = [t for _h, t in handles]
+            if keep and texts and texts[0] == LIBVIRT_GLUE and texts.count(LIBVIRT_GLUE) == 1:
+                continue
+            nft += [f"delete rule {fam} {LIBVIRT_TABLE} {chain} handle {h}"
+                    for h, t in handles if t == LIBVIRT_GLUE]
+            if keep:
+                nft.append(f"insert rule {fam} {LIBVIRT_TABLE} {chain} {LIBVIRT_GLUE}")
+    if nft:
+        out["nft"] = "\n".join(nft) + "\n"
+    return out
+
+
+if TYPE_CHECKING:  # the compiler checks that this is a backend
+    _IS_A_BACKEND: Backend[Ruleset, Change] = NftBackend()

@@ -1,0 +1,107 @@
+"""The nftables backend's rendering, pure: each planned rule becomes elements of our
+sets and maps with its owner tag as comment, read back from ``nft list`` text as the
+same elements, and a change is element adds and deletes only."""
+
+from kvmufw_hook.backends.nft import (
+    CHAINS,
+    Element,
+    NftBackend,
+    Ruleset,
+    Table,
+    elements,
+    forward_elements,
+    wanted,
+)
+from kvmufw_hook.backends.rules import expand
+from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
+from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
+
+NET = parse_network_xml(b"""<network><name>lab</name><forward mode='nat' dev='eth0'/>
+  <bridge name='virbr1'/><ip address='10.0.0.1' prefix='24'><dhcp>
+  <host mac='52:54:00:00:00:05' ip='10.0.0.5'/></dhcp></ip>
+  <ip family='ipv6' address='fd00::1' prefix='64'/></network>""")
+DOM = parse_domain_xml(b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
+    <forward proto="udp" host-port="6000-6002" guest-port="5000-5002"/>
+    <forward proto="udp" host-port="7000-7999"/>
+    <forward host-port="8443" guest-port="443" source="198.51.100.0/24,192.0.2.7"/>
+    <forward host-port="2222" guest-port="22" guest-ip="10.0.0.5,fd00::5"/>
+  </forwards></metadata><devices><interface type='network'>
+    <source network='lab' bridge='virbr1'/><mac address='52:54:00:00:00:05'/>
+  </interface></devices></domain>""")
+RULES = {"n=lab": plan_network_owner(NET), "d=g5": plan_domain_owner(DOM, {"lab": NET})}
+
+
+def dnat(owner: str = "d=g5") -> list[Element]:
+    return [e for e in wanted({owner: RULES[owner]}) if e.set.startswith("dnat")]
+
+
+def test_a_shifted_range_is_one_element_per_port_and_a_kept_range_one_interval():
+    found = {(e.set, e.key, e.value) for e in dnat()}
+    assert {("dnat4_port", f"0.0.0.0/0 . 0.0.0.0/0 . udp . {6000 + i}", f"10.0.0.5 . {5000 + i}")
+            for i in range(3)} <= found
+    assert ("dnat4_addr", "0.0.0.0/0 . 0.0.0.0/0 . udp . 7000-7999", "10.0.0.5") in found
+    assert ("dnat6_port", "::/0 . ::/0 . tcp . 2222", "fd00::5 . 22") in found
+
+
+def test_each_source_is_its_own_key_and_every_element_names_its_owner():
+    keys = {e.key for e in dnat() if e.key.endswith(". tcp . 8443")}
+    assert keys == {"0.0.0.0/0 . 198.51.100.0/24 . tcp . 8443", "0.0.0.0/0 . 192.0.2.7 . tcp . 8443"}
+    assert all(e.comment.startswith("kvmufw:d=g5,b=virbr1,s=") for e in dnat())
+
+
+def listing(items: list[Element]) -> str:
+    """What ``nft list table inet kvmufw`` prints for these elements."""
+    out = ["table inet kvmufw {"]
+    for name in dict.fromkeys(e.set for e in items):
+        texts = [e.text for e in items if e.set == name]
+        out += [f"\tset {name} {{", "\t\tflags interval",
+                "\t\telements = { " + ",\n\t\t\t     ".join(texts) + " }", "\t}"]
+    for chain, (hook, rules) in CHAINS.items():
+        out += [f"\tchain {chain} {{", f"\t\t{hook}", *(f"\t\t{r}" for r in rules), "\t}"]
+    return "\n".join([*out, "}"]) + "\n"
+
+
+def test_a_listing_reads_back_as_the_elements_written_and_nothing_changes():
+    everything = list(wanted(RULES))
+    table = Table.parse(listing(everything))
+    assert sorted(table.elements, key=repr) == sorted(everything, key=repr)
+    assert table.skeleton_ok()
+    assert not NftBackend().change(Ruleset(table), RULES).script
+
+
+def test_a_stop_deletes_exactly_its_owner_elements_by_key():
+    everything = list(wanted(RULES))
+    change = NftBackend().change(Ruleset(Table.parse(listing(everything))), {"d=g5": ()})
+    lines = change.script.splitlines()
+    assert all(line.startswith("delete element inet kvmufw ") for line in lines)
+    assert "add " not in change.script and "flush" not in change.script
+    assert "kvmufw:" not in change.script  # by key: comments are not part of a key
+    assert set(change.ended) == set(dnat())  # prerouting and output share each element
+    mine = {e for e in everything if e.comment.startswith("kvmufw:d=g5,")}
+    assert sorted(change.after or [], key=repr) == sorted(set(everything) - mine, key=repr)
+
+
+def test_a_forward_renders_straight_from_its_intent_as_through_its_rules():
+    forwards = list(RULES["d=g5"]) + [i for i in RULES["n=lab"] if hasattr(i, "guest")]
+    for fw in forwards:
+        direct = dict.fromkeys(forward_elements(fw))
+        through_rules = dict.fromkeys(e for rule in expand(fw) for e in elements(rule))
+        assert set(direct) == set(through_rules), fw  # sources in sorted order
+
+
+def test_a_guest_port_two_owners_forward_to_stays_when_one_of_them_goes():
+    """The accept and hairpin of 10.0.0.5:22 are one key each; the network's forward
+    8022->22 and the guest's 2222->22 both need them: when the guest's owner goes first,
+    the network takes them over in the same transaction."""
+    from dataclasses import replace
+
+    from kvmufw_hook.intents import Forward
+    mine = [i for i in RULES["d=g5"] if isinstance(i, Forward) and i.guest_ports.first == 22]
+    theirs = [replace(f, owner="n=lab", host_ports=type(f.host_ports)(8022, 8022))
+              for f in mine]
+    both = {"d=g5": mine, "n=lab": theirs}
+    table = Table.parse(listing(NftBackend().change(Ruleset(Table()), both).after or []))
+    change = NftBackend().change(Ruleset(table), {"d=g5": ()})
+    after = Ruleset(Table.parse(listing(change.after or [])))
+    assert NftBackend.present(after, theirs)
+    assert not any(e.comment.startswith("kvmufw:d=g5,") for e in after.table.elements)
