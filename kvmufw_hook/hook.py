@@ -37,7 +37,10 @@ STOP_MODULES = frozenset({
     "kvmufw_hook.conntrack", "kvmufw_hook.backends", "kvmufw_hook.backends.bridgeports",
     "kvmufw_hook.backends.iptables", "kvmufw_hook.backends.nftprobe",
     "kvmufw_hook.backends.tags", "kvmufw_hook.backends.transaction",
-    "kvmufw_hook.backends.accepts"})
+    "kvmufw_hook.backends.accepts",
+    # root's configuration names the backend (firewall_backend), hence its parser, and
+    # with "nftables" that backend instead of iptables'
+    "kvmufw_hook.config", "kvmufw_hook.backends.nft"})
 STOP_STDLIB = frozenset({
     "__future__", "os", "posixpath", "genericpath", "stat", "_stat", "_collections_abc",
     "errno", "fcntl", "time", "select", "_socket", "struct", "_struct", "syslog",

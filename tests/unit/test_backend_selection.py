@@ -49,7 +49,7 @@ BOTH = ("iptables", "nftables")
 
 
 def test_doctor_names_the_backend_in_use_and_where_it_is_chosen(conf):
-    from kvmufw_hook.doctor import check_backend
+    from kvmufw_hook.commands.doctor import check_backend
     found = check_backend("iptables", 3, "iptables", BOTH)
     assert found.level == "OK"
     assert found.detail == f"iptables (firewall_backend in {conf})"
@@ -61,21 +61,21 @@ def test_doctor_names_the_backend_in_use_and_where_it_is_chosen(conf):
     (0, "nftables", "libvirt uses its nftables backend"),
 ])
 def test_doctor_recommends_nftables_where_it_helps(conf, forwards, libvirt, reason):
-    from kvmufw_hook.doctor import check_backend
+    from kvmufw_hook.commands.doctor import check_backend
     found = check_backend("iptables", forwards, libvirt, BOTH)
     assert found.level == "WARN" and reason in found.detail
     assert found.fix == f'firewall_backend = "nftables" in {conf}, then kvmufw_hook replay'
 
 
 def test_doctor_recommends_nothing_for_few_forwards_or_a_build_without_nftables(conf):
-    from kvmufw_hook.doctor import check_backend
+    from kvmufw_hook.commands.doctor import check_backend
     assert check_backend("iptables", 99, "iptables", BOTH).level == "OK"
     assert check_backend("iptables", 5000, "nftables", ("iptables",)).level == "OK"
     assert check_backend("nftables", 5000, "nftables", BOTH).level == "OK"
 
 
 def test_doctor_reports_a_wrong_configuration_and_checks_the_rest(conf, monkeypatch):
-    from kvmufw_hook import doctor
+    from kvmufw_hook.commands import doctor
     conf.write_text('firewall_backend = "pf"\n')
     monkeypatch.setattr(doctor.backends, "get", lambda name="iptables", prefix=(): Broken())
     findings = doctor.run("test:///default")

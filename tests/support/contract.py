@@ -1,4 +1,5 @@
-"""The backend contract: the same behaviours, through the one interface
+"""The backend contract (its tests: tests/unit/test_backend_contract_fake.py and
+tests/kernel/test_backend_contract.py): the same behaviours, through the one interface
 (``backends.base.Backend``), for every backend: the fake (iptables in memory, the unit
 tier), every backend of the registry and every participant of a transaction (our accepts
 in libvirt's nftables table), on a real kernel in a network namespace.
@@ -231,23 +232,6 @@ class Contract:
         assert not backend.clear(ruleset)  # nothing left: clearing again writes nothing
 
 
-class TestTheFake(Contract):
-    @pytest.fixture
-    def subject(self):
-        return Fake()
-
-
 # name -> how its kernel is looked at and broken: every registered backend and every
 # participant of the registry's transaction (a new backend adds its line here)
 KERNEL_SUBJECTS = {"iptables": Iptables, "libvirt-nft": LibvirtNft, "nftables": NftTable}
-
-
-class TestOnTheKernel(Contract):
-    @pytest.fixture(params=sorted(set(backends.names()) | set(KERNEL_SUBJECTS)))
-    def subject(self, request, netns):
-        make = KERNEL_SUBJECTS.get(request.param)
-        assert make is not None, f"backend {request.param}: add its Subject to KERNEL_SUBJECTS"
-        if make is LibvirtNft:
-            need_root_tools("nft")
-            return LibvirtNft(netns)
-        return make(request.param, netns)
