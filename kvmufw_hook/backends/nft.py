@@ -62,7 +62,7 @@ GLUE_TAG = Tag("g=glue", "-", "-")  # owners are n=… or d=…: never this one
 GLUE_COMMENT = tag_comment(GLUE_TAG)
 ANY = {4: "0.0.0.0/0", 6: "::/0"}
 LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
-NAT_PORTS = "1024-65535"  # libvirt's default; the only range the skeleton masquerades to
+RANGE_CHAIN = "masq_"  # + "FIRST_LAST": masquerade to those source ports (tcp, udp)
 NFPROTO = {4: "ipv4", 6: "ipv6"}
 ADDR = {4: "ip", 6: "ip6"}
 ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -102,6 +102,8 @@ def _sets(f: int) -> dict[str, str]:
         f"inside{f}": f"{a} . {a}",
         f"masq{f}": f"{a} . ifname",
         f"masq_any{f}": a,
+        f"masqp{f}": f"{a} . ifname : verdict",
+        f"masqp_any{f}": f"{a} : verdict",
     }
 
 
@@ -156,9 +158,11 @@ def _chains() -> dict[str, tuple[str, list[str]]]:
                 f"{a} saddr . {a} daddr @inside{f} return"]
         if f == 4:  # IPv6 has no broadcast; its multicast is masqueraded as libvirt does
             post.append("meta nfproto ipv4 fib daddr type { broadcast, multicast } return")
-        for match in (f"{a} saddr . oifname @masq{f}", f"{a} saddr @masq_any{f}"):
-            post += [f"meta l4proto {{ tcp, udp }} {match} masquerade to :{NAT_PORTS}",
-                     f"{match} masquerade"]
+        # a network's own source ports (nft 1.0.6 takes no port range as a map value): a
+        # verdict map to a chain per distinct range (``range_chain``), then the rest
+        for match, name in ((f"{a} saddr . oifname", f"masq{f}"), (f"{a} saddr", f"masq_any{f}")):
+            post += [f"meta l4proto {{ tcp, udp }} {match} vmap @{name.replace('masq', 'masqp')}",
+                     f"{match} @{name} masquerade"]
         out["postrouting"][1].extend(post)
     return out
 
@@ -181,6 +185,23 @@ def _ports(ports: PortRange) -> str:
 
 def _if(name: str | None) -> str:
     return f'"{name}"'
+
+
+def range_chain(ports: PortRange) -> str:
+    """The chain that masquerades tcp and udp to these source ports (one per distinct
+    range of the networks that run: there while an element of ``masqpF`` jumps to it)."""
+    return f"{RANGE_CHAIN}{ports.first}_{ports.last}"
+
+
+def _range_rule(chain: str) -> str:
+    first, last = chain[len(RANGE_CHAIN):].split("_")
+    return f"meta l4proto {{ tcp, udp }} masquerade to :{first}-{last}"
+
+
+def _range_chains(items: Iterable[Element]) -> set[str]:
+    """The range chains these elements jump to."""
+    return {e.value.split()[1] for e in items
+            if e.set.startswith("masqp") and e.value is not None}
 
 
 class Element(tuple):  # type: ignore[type-arg]
@@ -245,10 +266,13 @@ def elements(rule: Rule) -> list[Element]:
         out = []
         if rule.not_dst is not None:
             out.append(el("inside", f"{_addr(rule.src)} . {_addr(rule.not_dst)}"))
+        # tcp and udp (to_ports) through the chain of their source port range, the rest
+        name, jump = ("masqp", f"jump {range_chain(rule.to_ports)}") \
+            if rule.to_ports is not None else ("masq", None)
         if rule.oif:
-            out.append(el("masq", f"{_addr(rule.src)} . {_if(rule.oif)}"))
+            out.append(el(name, f"{_addr(rule.src)} . {_if(rule.oif)}", jump))
         else:
-            out.append(el("masq_any", _addr(rule.src)))
+            out.append(el(f"{name}_any", _addr(rule.src), jump))
         return out
     if rule.stage == "input":
         assert rule.dport
@@ -631,8 +655,19 @@ def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) ->
     """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds."""
     if not deletes and not adds and table.skeleton_ok():
         return ""
-    out = "" if table.skeleton_ok() else skeleton()
+    gone = set(deletes)
+    needed = _range_chains([*(e for e in table.elements if e not in gone), *adds])
+    have = {c for c in table.chains if c.startswith(RANGE_CHAIN)}
+    lines = []
+    # a range chain goes ahead of the maps (a verdict map new in the same transaction
+    # cannot jump to a chain added after it), and away once nothing jumps to it
+    for chain in sorted(needed - have):
+        lines += [f"add table inet {TABLE}", f"add chain inet {TABLE} {chain}",
+                  f"add rule inet {TABLE} {chain} {_range_rule(chain)}"]
+    out = "".join(line + "\n" for line in lines)
+    out += "" if table.skeleton_ok() else skeleton()
     lines = _by_set(deletes, "delete") + _by_set(adds, "add")
+    lines += [f"delete chain inet {TABLE} {chain}" for chain in sorted(have - needed)]
     return out + "".join(line + "\n" for line in lines)
 
 
@@ -665,7 +700,9 @@ class Record:
             elements = [Element(*item) for item in items]
         except (OSError, ValueError, EOFError, TypeError):
             return None
-        return Table(True, {c: list(rules) for c, (_hook, rules) in CHAINS.items()}, elements)
+        chains = {c: list(rules) for c, (_hook, rules) in CHAINS.items()}
+        chains.update({c: [_range_rule(c)] for c in _range_chains(elements)})
+        return Table(True, chains, elements)
 
     @classmethod
     def save(cls, generation: int, elements: list[Element]) -> None:

@@ -72,6 +72,10 @@ def listing(items: list[Element]) -> str:
                 "\t\telements = { " + ",\n\t\t\t     ".join(texts) + " }", "\t}"]
     for chain, (hook, rules) in CHAINS.items():
         out += [f"\tchain {chain} {{", f"\t\t{hook}", *(f"\t\t{r}" for r in rules), "\t}"]
+    for chain in sorted({e.value.split()[1] for e in items if e.set.startswith("masqp")}):
+        first, last = chain.split("_")[1:]
+        out += [f"\tchain {chain} {{",
+                f"\t\tmeta l4proto {{ tcp, udp }} masquerade to :{first}-{last}", "\t}"]
     return "\n".join([*out, "}"]) + "\n"
 
 
@@ -119,3 +123,23 @@ def test_a_guest_port_two_owners_forward_to_stays_when_one_of_them_goes():
     after = Ruleset(Table.parse(listing(change.after or [])))
     assert NftBackend.present(after, theirs)
     assert not any(e.comment.startswith("kvmufw:d=g5,") for e in after.table.elements)
+
+
+def test_a_networks_own_nat_port_range_is_a_chain_that_lives_while_an_element_jumps_to_it():
+    """``<nat><port start end>``: tcp and udp masquerade through a verdict map to the chain
+    of that range; the chain is added ahead of the maps (a new verdict map cannot jump to
+    a chain added after it) and deleted with the last element that jumps to it."""
+    xml = b"""<network><name>p</name><forward mode='nat' dev='eth0'><nat>
+      <port start='2000' end='2009'/></nat></forward><bridge name='virbr2'/>
+      <ip address='10.0.2.1' prefix='24'/></network>"""
+    owners = {"n=p": plan_network_owner(parse_network_xml(xml))}
+    found = {(e.set, e.key, e.value) for e in wanted(owners)}
+    assert ("masqp4", '10.0.2.0/24 . "eth0"', "jump masq_2000_2009") in found
+    script = NftBackend().change(Ruleset(Table()), owners).script
+    assert script.index("add chain inet kvmufw masq_2000_2009") < script.index("add map")
+    assert "masquerade to :2000-2009" in script
+    after = NftBackend().change(Ruleset(Table()), owners).after or []
+    table = Table.parse(listing(after))
+    assert not NftBackend().change(Ruleset(table), owners).script
+    stop = NftBackend().change(Ruleset(table), {"n=p": ()}).script
+    assert stop.splitlines()[-1] == "delete chain inet kvmufw masq_2000_2009"
