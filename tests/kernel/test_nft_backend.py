@@ -366,34 +366,12 @@ def test_the_plan_text_is_accepted_by_nft_check(netns):
     netns.run("nft", "-c", "-f", "-", input=text)
 
 
-SOURCE_PORT_PEER = """
-import socket, sys
-kind = socket.SOCK_STREAM if sys.argv[1] == "tcp" else socket.SOCK_DGRAM
-sock = socket.socket(socket.AF_INET, kind)
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-sock.bind(("0.0.0.0", int(sys.argv[2])))
-if kind == socket.SOCK_STREAM:
-    sock.listen(16)
-print("ready", flush=True)
-while True:
-    if kind == socket.SOCK_STREAM:
-        conn, addr = sock.accept()
-        with conn:
-            conn.sendall(f"{addr[0]}:{addr[1]}\\n".encode())
-    else:
-        _data, addr = sock.recvfrom(2048)
-        sock.sendto(f"{addr[0]}:{addr[1]}\\n".encode(), addr)
-"""
-
-
 def test_masquerade_uses_the_networks_own_source_port_range(topo, state_env):
     """A network's ``<nat><port start end>`` is honoured: its guests' connections leave
     from source ports in that range (the peer outside reports the port it saw), and the
     network's stop leaves no chain of that range behind."""
-    import sys
     for proto in ("tcp", "udp"):
-        proc = topo.inet.spawn(sys.executable, "-c", SOURCE_PORT_PEER, proto, "9100")
-        assert proc.stdout.readline().strip() == "ready"
+        topo.inet.serve(proto, 9100, with_port=True)
     backend = NftBackend(prefix=topo.host.prefix)
     xml = LAB_NET.replace(b"<forward mode='nat' dev='eth0'/>",
                           b"<forward mode='nat' dev='eth0'><nat>"
