@@ -143,3 +143,25 @@ def test_a_networks_own_nat_port_range_is_a_chain_that_lives_while_an_element_ju
     assert not NftBackend().change(Ruleset(table), owners).script
     stop = NftBackend().change(Ruleset(table), {"n=p": ()}).script
     assert stop.splitlines()[-1] == "delete chain inet kvmufw masq_2000_2009"
+
+
+def test_a_networks_hairpin_subnet_stays_while_any_of_its_one_port_forwards_does():
+    """``hairnetF`` (bridge . subnet) is one key per network, held under the comment of
+    the first forward that added it: when that owner goes, another forward of the network
+    to another guest port takes it over, so its hairpin still masquerades."""
+    from dataclasses import replace
+
+    from kvmufw_hook.intents import Forward
+    mine = [i for i in RULES["d=g5"] if isinstance(i, Forward) and i.guest_ports.first == 22]
+    port = type(mine[0].host_ports)
+    theirs = [replace(f, owner="d=g6", host_ports=port(3333, 3333),
+                      guest_ports=port(2022, 2022)) for f in mine]
+    both = {"d=g5": mine, "d=g6": theirs}
+    table = Table.parse(listing(NftBackend().change(Ruleset(Table()), both).after or []))
+    held = [e for e in table.elements if e.set.startswith("hairnet")]
+    assert len(held) == 2 and all(e.comment.startswith("kvmufw:d=g5,") for e in held)
+    change = NftBackend().change(Ruleset(table), {"d=g5": ()})
+    after = Ruleset(Table.parse(listing(change.after or [])))
+    assert NftBackend.present(after, theirs)
+    assert {e.set for e in after.table.elements if e.comment.startswith("kvmufw:d=g6,")} \
+        >= {"hairnet4", "hairnet6", "hairpinx4", "hairpinx6"}
