@@ -388,10 +388,10 @@ phase3() {
     setup_guest_ns >> "$STATE/log" 2>&1
     start_peers
     settled
-    # What put the table back: UFW's after.init entry (restore) at UFW's start, then the
-    # network's and the guest's start hooks.
+    # What put the table back (seen in the first run: UFW's after.init entry, restore with no
+    # owner yet, at UFW's start; then the network's and the guest's start hooks fill it).
     record nft-table-at-boot INFO "$(journalctl -b --no-pager -o short-monotonic 2>/dev/null \
-        | grep -iE 'kvmufw|ufw.service|libvirtd.service' | head -n 12)"
+        | grep -E 'kvmufw_hook\[|Finished ufw.service|Started libvirtd.service' | head -n 8)"
     check nft-table-after-boot nft_table
     no_iptables_chains after-boot
     packets nftables-after-boot network
