@@ -8,6 +8,13 @@ heavy: lxml, the planner and the backends are imported only when there is work. 
 same. A guest's stop needs only its name: no XML, no lxml, one iptables-save (none
 after a write of ours: ``backends.iptables.Record``) and one iptables-restore.
 
+The guest-stop budget: a stop (qemu ``stopped``, then ``release``) runs on libvirt's
+critical path of every shutdown, so it loads the package's modules of ``STOP_MODULES``
+and nothing else of ours, and of the standard library only ``STOP_STDLIB`` beyond what
+the interpreter loads to start (``tests/test_hook.py`` runs a real stop and checks
+both). Only those modules keep start-up tricks (imports inside functions, annotations
+behind ``TYPE_CHECKING``); every other module is written plainly.
+
 Exit status follows libvirt's semantics: a failing validation or start op returns
 non-zero so libvirt refuses the start; ``stopped``, ``release`` and ``reconnect`` always
 return 0 (non-zero from ``reconnect`` kills the running guest); ``restore`` returns 0.
@@ -16,13 +23,28 @@ return 0 (non-zero from ``reconnect`` kills the running guest); ``restore`` retu
 Neither writes to stdout (stdout would replace the domain XML).
 """
 
+from __future__ import annotations
+
 import sys
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # annotations only: a hook call imports nothing it does not need
+if TYPE_CHECKING:  # annotations only: the stop path imports no collections
     from collections.abc import Callable
-    from types import ModuleType
 
+STOP_MODULES = frozenset({
+    "kvmufw_hook", "kvmufw_hook.hook", "kvmufw_hook.log", "kvmufw_hook.errors",
+    "kvmufw_hook.names", "kvmufw_hook.state", "kvmufw_hook.apply", "kvmufw_hook.process",
+    "kvmufw_hook.conntrack", "kvmufw_hook.backends", "kvmufw_hook.backends.bridgeports",
+    "kvmufw_hook.backends.iptables", "kvmufw_hook.backends.nftprobe",
+    "kvmufw_hook.backends.tags", "kvmufw_hook.backends.transaction",
+    "kvmufw_hook.backends.accepts",
+    # root's configuration names the backend (firewall_backend), hence its parser, and
+    # with "nftables" that backend instead of iptables'
+    "kvmufw_hook.config", "kvmufw_hook.backends.nft"})
+STOP_STDLIB = frozenset({
+    "__future__", "os", "posixpath", "genericpath", "stat", "_stat", "_collections_abc",
+    "errno", "fcntl", "time", "select", "_socket", "struct", "_struct", "syslog",
+    "encodings.unicode_escape"})
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
 QEMU_OPS = {"start", "stopped", "release", "reconnect", "migrate", "restore"}
 # Where distributions install python3-lxml. The shims run python with -S, and site.main()
@@ -125,10 +147,9 @@ def _quiet_log(message: str) -> None:
 
 def _prepare_lxml() -> None:
     """In the shims' process (python -S): put the directory that holds lxml on sys.path,
-    the distribution's own when it has lxml, else whatever site finds; and defer inspect."""
+    the distribution's own when it has lxml, else whatever site finds."""
     if not sys.flags.no_site or "lxml" in sys.modules:
         return
-    _defer_inspect()
     import os
     for directory in DIST_PACKAGES:
         if os.path.isdir(os.path.join(directory, "lxml")):
@@ -139,43 +160,7 @@ def _prepare_lxml() -> None:
     site.main()
 
 
-class _DeferredInspect(type(sys)):  # type: ignore[misc]
-    """Stands in for the inspect module until something really uses it.
-
-    lxml (``from inspect import getfullargspec``, and Cython wraps ``isgenerator``) and
-    dataclasses (``import inspect``) import it when they load, and a hook never calls
-    it; loading it (ast, dis, tokenize, enum, ...) costs about a third of the
-    interpreter's own start-up. Any attribute but those two loads the real module and
-    answers from it, so a use nobody foresaw is slower, never wrong.
-    """
-
-    def __getattr__(self, name: str) -> object:
-        if name.startswith("__"):  # the import system asks for __path__, __spec__, ...
-            raise AttributeError(name)
-        return getattr(_real_inspect(), name)
-
-    @staticmethod
-    def getfullargspec(func: object) -> object:
-        return _real_inspect().getfullargspec(func)
-
-    @staticmethod
-    def isgenerator(obj: object) -> bool:
-        return bool(_real_inspect().isgenerator(obj))
-
-
-def _real_inspect() -> "ModuleType":
-    if isinstance(sys.modules.get("inspect"), _DeferredInspect):
-        del sys.modules["inspect"]
-    import inspect
-    return inspect
-
-
-def _defer_inspect() -> None:
-    if "inspect" not in sys.modules:
-        sys.modules["inspect"] = _DeferredInspect("inspect")
-
-
-def _finish_switch(log: "Callable[[str], None]") -> None:
+def _finish_switch(log: Callable[[str], None]) -> None:
     """``firewall_backend`` was switched and nothing has run ``replay`` since: ``restore``
     first moves every owner of our state into the selected backend and clears the other
     one, so that no forward is lost and this call finds one backend. A configuration

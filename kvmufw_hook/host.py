@@ -15,21 +15,23 @@ and services come and go.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from .errors import InputError, Unavailable, shown
-from .model import ForwardSpec, IPAddress
+from .config import Config
+from .errors import InputError, Unavailable, printable, shown
+from .model import ForwardSpec, IPAddress, Network, PortRange
+from .names import dnsmasq_dir, login_defs_path, unsafe_name
+from .process import communicate
 from .sockdiag import tcp_listeners
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # annotations only: collections.abc costs a guest start milliseconds
-    from collections.abc import Iterable, Sequence
-
-    from .config import Config
+if TYPE_CHECKING:  # annotations only
     from .intents import Claim
-    from .model import Network, PortRange
 
 _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"
@@ -43,7 +45,6 @@ def read_user_uids(path: str | None = None) -> tuple[int, int]:
     uid outside is root or a system account (Ubuntu's libvirt-qemu 64055, systemd's
     DynamicUser 61184-65519, nobody 65534), whose sockets are host services."""
     if path is None:
-        from .names import login_defs_path
         path = login_defs_path()
     found = dict(zip(("UID_MIN", "UID_MAX"), USER_UIDS, strict=True))
     try:
@@ -66,20 +67,16 @@ def read_unprivileged_port(proc: str = "/proc") -> int:
         return UNPRIVILEGED_PORT
 
 
+@dataclass(frozen=True, slots=True)
 class Listener:
-    """A socket a host service listens on (tcp) or is bound to (udp). A plain class: a
-    dataclass costs every guest start a millisecond to create."""
+    """A socket a host service listens on (tcp) or is bound to (udp)."""
 
-    __slots__ = ("addr", "inode", "port", "proto", "uid", "v6only")
-
-    def __init__(self, proto: str, addr: IPv4Address | IPv6Address, port: int, inode: int,
-                 uid: int = 0, v6only: bool = False) -> None:
-        self.proto = proto  # tcp or udp
-        self.addr = addr  # unspecified (0.0.0.0, ::) = every address
-        self.port = port
-        self.inode = inode
-        self.uid = uid
-        self.v6only = v6only  # known for tcp (sock_diag); a udp ``::`` socket takes both
+    proto: str  # tcp or udp
+    addr: IPv4Address | IPv6Address  # unspecified (0.0.0.0, ::) = every address
+    port: int
+    inode: int
+    uid: int = 0
+    v6only: bool = False  # known for tcp (sock_diag); a udp ``::`` socket takes both
 
     def is_service(self, users: tuple[int, int] = USER_UIDS,
                    unprivileged: int = UNPRIVILEGED_PORT) -> bool:
@@ -204,22 +201,17 @@ def process_of(inode: int, proc: str = "/proc") -> str:
     return "a process"
 
 
+@dataclass(slots=True)
 class HostFacts:
     """The host's local addresses (both families), the IPv6 addresses another host on
     the link holds (DAD failed), and the listening sockets, read once."""
 
-    __slots__ = ("config", "duplicates", "listeners", "local", "unprivileged", "users")
-
-    def __init__(self, local: frozenset[IPAddress], listeners: tuple[Listener, ...],
-                 duplicates: frozenset[IPv6Address] = frozenset(),
-                 users: tuple[int, int] = USER_UIDS,
-                 unprivileged: int = UNPRIVILEGED_PORT) -> None:
-        self.local = local
-        self.listeners = listeners
-        self.duplicates = duplicates
-        self.users = users  # login.defs' UID_MIN, UID_MAX
-        self.unprivileged = unprivileged
-        self.config: Config | None = None  # root's consents (``config.load``); None: none
+    local: frozenset[IPAddress]
+    listeners: tuple[Listener, ...]
+    duplicates: frozenset[IPv6Address] = frozenset()
+    users: tuple[int, int] = USER_UIDS  # login.defs' UID_MIN, UID_MAX
+    unprivileged: int = UNPRIVILEGED_PORT
+    config: Config | None = None  # root's consents (``config.load``); None: none
 
     @classmethod
     def read(cls, prefix: Sequence[str] = ()) -> HostFacts:
@@ -233,16 +225,16 @@ class HostFacts:
 
     @classmethod
     def _read_in(cls, prefix: Sequence[str]) -> HostFacts:
-        import json
-        import subprocess
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (f"import sys; sys.path.insert(0, {package!r}); import json; "
                 "from kvmufw_hook.host import HostFacts; f = HostFacts.read(); "
                 "print(json.dumps([sorted(map(str, f.local)), sorted(map(str, f.duplicates)),"
                 " [[l.proto, str(l.addr), l.port, l.inode, l.uid, l.v6only]"
                 " for l in f.listeners], f.unprivileged]))")
-        out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True,
-                             text=True, check=True, timeout=30).stdout
+        status, out, err = communicate([*prefix, sys.executable, "-c", code], timeout=30)
+        if status:
+            raise OSError(f"reading the host's facts in {' '.join(prefix)} failed: "
+                          + err.decode(errors="replace").strip())
         local, duplicates, listeners, unprivileged = json.loads(out)
         return cls(frozenset(ip_address(a) for a in local),
                    tuple(Listener(p, ip_address(a), port, inode, uid, v6)
@@ -303,14 +295,12 @@ class HostFacts:
 
 def consent_entry(owner: str, proto: str, port: int) -> str:
     """The configuration entry that lets ``owner`` take ``port``: ``domain:web1:tcp:22``."""
-    from .errors import printable
-    from .names import unsafe_name
     kind, _, token = owner.partition("=")
     name = printable(unsafe_name(token) or "NAME") if token else "NAME"
     return f"{'network' if kind == 'n' else 'domain'}:{name}:{proto}:{port}"
 
 
-def check_forwards(label: str, specs: Iterable[ForwardSpec], facts: HostFacts | None = None,
+def check_forwards(label: str, specs: Sequence[ForwardSpec], facts: HostFacts | None = None,
                    held: Iterable[ForwardSpec | Claim] = (), prefix: Sequence[str] = (),
                    families: Sequence[Iterable[int]] | None = None, owner: str = "") -> None:
     """Every forward of one owner against the host (read once, only when needed).
@@ -344,11 +334,9 @@ def read_leases(bridge: str | None, directory: str | None = None
     if not bridge:
         return ()
     if directory is None:
-        from .names import dnsmasq_dir
         directory = dnsmasq_dir()
     try:
         with open(os.path.join(directory, f"{bridge}.status"), encoding="utf-8") as fh:
-            import json
             entries = json.load(fh)
     except (OSError, ValueError):
         return ()

@@ -1,4 +1,9 @@
-"""Operations: what a hook call or a command does, from parsed model to applied rules.
+"""Operations: what a hook call or a command does, from parsed model to applied rules:
+lock, read, decide, one transaction. Deciding is pure and lives elsewhere: an owner's
+rules are composed one way (``hostplan.compose``, ``hostplan.settle``), every check
+between owners is ``policy``'s, and the whole host's desired state is
+``hostplan.plan_host``; what they need of the kernel, the host and our state is read
+here and handed to them as data.
 
 Each operation that changes rules holds the state lock for its whole
 read-check-write, so concurrent hooks cannot interleave or both claim a port.
@@ -18,11 +23,12 @@ nothing of a stopped one. After ``uninstall`` every operation applies nothing.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 
-from . import host, state
+from . import config, host, state
 from .apply import (  # noqa: F401 - the stop path lives there
     Applied,
     apply_rules,
@@ -33,49 +39,39 @@ from .apply import (  # noqa: F401 - the stop path lives there
 )
 from .backends import default_backend
 from .backends.bridgeports import BridgePorts, follow
-from .errors import ApplyError, InputError, Unavailable, shown
+from .errors import ApplyError, ConfigError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
-from .intents import Claim, Held, Intent
+from .hostplan import Composed, HostPlan, _parse_all, compose, owner_of, plan_host, settle
+from .intents import Held, Intent
 from .model import Domain, ForwardSpec, Network, NetworkPort
 from .names import domain_owner, network_owner, safe_name
 from .plan import (
-    check_conflicts,
+    Resolved,
     forward_families,
-    plan_forwards,
-    plan_network,
-    resolve_domain_forwards,
     resolve_network_forwards,
-    resolved_specs,
 )
 from .policy import (
-    _Claimed,
+    captured,
     check_claims,
+    check_forwards,
     check_host,
-    check_libvirt_ports,
-    kept_for_availability,
-    owner_label,
-    resolve_domain,
+    held_by_others,
     same_mac,
     withdraws,
 )
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs a guest start milliseconds; annotations are strings here
+if TYPE_CHECKING:  # annotations only (a guest's start imports this module)
+    from typing import Any
+
     from .backends.base import AnyBackend
     from .names import Tag
-    from .plan import Resolved
 
 Log = Callable[[str], None]
 
 
 def _quiet(_msg: str) -> None:
     pass
-
-
-def kernel_claims(backend: AnyBackend | None = None) -> dict[str, list[Claim]]:
-    """owner -> the host ports its rules in the kernel hold right now."""
-    backend = backend or default_backend()
-    return backend.claims(backend.read())
 
 
 def host_facts(backend: AnyBackend | None = None) -> Callable[[], host.HostFacts]:
@@ -88,8 +84,6 @@ def read_facts(backend: AnyBackend | None = None, log: Log | None = None) -> hos
     """The host's facts with root's configuration; ``log``: a wrong configuration is
     said there and read as no consent at all (``restore`` must put rules back), instead
     of refusing the operation (``ConfigError``)."""
-    from . import config
-    from .errors import ConfigError
     facts = host.HostFacts.read(_prefix(backend))
     try:
         facts.config = config.load()
@@ -117,84 +111,72 @@ def validate_network(net: Network) -> None:
                    families=forward_families(net.forwards, targets))
 
 
-class _Owner:
-    """An owner's forwards re-planned by a network event (start, port): its rules, or
-    why its current rules stay (a forward now takes a port another owner or a host
-    service holds: a guest that gains an IPv6 address gains the IPv6 ports too)."""
+def _recheck(subject: Network | Domain, rules: dict[str, Sequence[Intent]],
+             held: Held, backend: AnyBackend,
+             networks: Mapping[str, Network], log: Log) -> None:
+    """Re-plan into ``rules`` an owner an event may affect (``hostplan.settle``), checked
+    against the ports the others' rules hold (``held``) and against the host: a forward
+    now taking a port another owner or a host service holds keeps the rules it has (a
+    guest that gains an IPv6 address gains the IPv6 ports too); one reaching what its
+    owner does not own is withdrawn at once. The log says so in one line."""
+    owner = owner_of(subject)
 
-    def __init__(self, label: str, owner: str, specs: Sequence[ForwardSpec],
-                 targets: Iterable[Resolved], own: Sequence[Intent] = ()) -> None:
-        self.label, self.owner, self.specs, self.targets = label, owner, specs, tuple(targets)
-        self.families = forward_families(specs, targets)
-        self.resolved = resolved_specs(specs, targets)  # each in the families it takes
-        self.rules: Sequence[Intent] = tuple(own) + plan_forwards(owner, targets)
+    def check(label: str, owner: str, specs: Sequence[ForwardSpec],
+              targets: Sequence[Resolved]) -> None:
+        check_forwards(label, owner, specs, targets, held_by_others(owner, held), networks,
+                       host_facts(backend), held.get(owner, ()))
 
-    def check(self, held: Held, backend: AnyBackend, networks: Mapping[str, Network]) -> None:
-        _check_held(self.label, self.owner, self.specs, self.targets, held, backend, networks)
-
-
-def _check_held(label: str, owner: str, specs: Sequence[ForwardSpec],
-                targets: Sequence[Resolved], held: Held, backend: AnyBackend,
-                networks: Mapping[str, Network]) -> None:
-    """A network event's checks of ``owner``'s forwards: against the ports the others'
-    rules hold (``held``) and against the host."""
-    check_conflicts(label, resolved_specs(specs, targets),
-                    [(owner_label(o), claimed) for o, claimed in held.items() if o != owner])
-    check_host(label, owner, specs, host_facts(backend), networks, held.get(owner, ()),
-               forward_families(specs, targets))
+    settled = settle(subject, networks, check, held.get(owner, ()), state.network_ports,
+                     host.network_leases)
+    rules[owner] = settled.rules
+    if settled.problem is not None:
+        log(("forwards withdrawn: " if settled.withdrawn else "keeping the current rules: ")
+            + str(settled.problem))
 
 
-def _network_owner(net: Network, networks: Mapping[str, Network]) -> _Owner:
-    return _Owner(f"network {shown(net.name)}", network_owner(net.name), net.forwards,
-                  resolve_network_forwards(net, networks), plan_network(net, networks))
+def _settle_and_apply(rules: dict[str, Sequence[Intent]], affected: Iterable[Network | Domain],
+                      before: Any, held: Held, backend: AnyBackend,
+                      networks: Mapping[str, Network], log: Log) -> Applied:
+    """A network event's one path after its own decisions (``rules``): every other owner
+    it may affect re-planned (``_recheck``), then one write of them all."""
+    for subject in affected:
+        if owner_of(subject) not in rules:
+            _recheck(subject, rules, held, backend, networks, log)
+    return apply_rules(rules, backend=backend, log=log,
+                       before=covering(backend, before, rules))
 
 
-def _domain_owner(dom: Domain, networks: Mapping[str, Network]) -> _Owner:
-    # a guest holding a copy of another running guest's MAC gets no forwards back
-    return _Owner(f"domain {shown(dom.name)}", domain_owner(dom.name), dom.forwards,
-                  resolve_domain(dom, networks, state.network_ports, host.network_leases))
+def _attached(dom: Domain, net: Network) -> bool:
+    return any(nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
+               for nic in dom.nics)
 
 
-def _recheck(owner: str, build: Callable[[], _Owner], rules: dict[str, Sequence[Intent]],
-             held: Held, backend: AnyBackend, networks: Mapping[str, Network], log: Log,
-             bare: Sequence[Intent] = ()) -> None:
-    """Re-plan an owner a network event may affect into ``rules``: its rules if every
-    check passes. If not, ``bare`` (a network's own bridge rules and fences, re-planned
-    whatever happens) and, when the reason is availability (``policy.withdraws``), each
-    forward checked alone: its new rules, or the current ones of a forward refused
-    for availability (``policy.kept_for_availability``); otherwise its forwards are
-    withdrawn at once. The log says so in one line."""
-    planned: _Owner | None = None
-    try:
-        planned = build()
-        if planned.specs:
-            planned.check(held, backend, networks)
-        rules[owner] = planned.rules
-    except InputError as exc:
-        if not withdraws(exc):  # each forward alone: its new rules, or those it has
-            targets = planned.targets if planned else getattr(exc, "resolved", ())
-            label = planned.label if planned else owner_label(owner)
-            try:
-                rules[owner] = tuple(bare) + kept_for_availability(
-                    owner, targets, held.get(owner, ()),
-                    lambda mine: _check_held(label, owner, [mine[0].spec], mine, held,
-                                             backend, networks))
-                log(f"keeping the current rules: {exc}")
-                return
-            except InputError as worse:  # one forward's refusal withdraws: all go
-                exc = worse
-        rules[owner] = tuple(bare)
-        log(f"forwards withdrawn: {exc}")
+def _network_checked(net: Network, backend: AnyBackend
+                     ) -> tuple[dict[str, Network], dict[str, Domain], Composed, Any, Held]:
+    """Every check of a network's forwards against this host, under the state lock:
+    (the networks with it, the guests, its rules composed, the firewall as read, the
+    ports each owner's rules hold). InputError names the network, forward and reason."""
+    networks = state.load_networks()
+    networks[net.name] = net
+    domains = state.load_domains()
+    mine = compose(net, networks)
+    before = backend.read(families_of({mine.owner: mine.rules}))
+    held = backend.claims(before)
+    if net.forwards:
+        check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
+        check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
+                   held.get(mine.owner, ()), mine.families)
+    return networks, domains, mine, before, held
 
 
-def _captured(net: Network, held: Held) -> set[str]:
-    """Owners whose forwards in the kernel reach a guest address inside ``net``'s
-    subnets: a network that starts or changes may capture them (a narrower subnet
-    beside theirs wins the route)."""
-    subnets = net.subnets
-    return {owner for owner, specs in held.items()
-            if any(ip in s for spec in specs for ip in spec.guest_ips for s in subnets
-                   if ip.version == s.version)}
+@retrying(lambda: None)  # after uninstall: nothing to check
+def network_arriving(net: Network, backend: AnyBackend | None = None) -> None:
+    """The checks of ``network_started`` and nothing else (no state, no rule):
+    ``forward add --network`` checks a running network's new forwards with them before
+    it writes anything."""
+    if net.with_rules and net.forwards:
+        with state.locked():
+            _network_checked(net, backend or default_backend())
 
 
 @retrying(lambda: Applied(""))
@@ -208,36 +190,19 @@ def network_started(net: Network, raw: bytes, backend: AnyBackend | None = None,
         return Applied("")
     backend = backend or default_backend()
     with state.locked():
-        networks = state.load_networks()
-        networks[net.name] = net
-        domains = state.load_domains()
-        mine = _network_owner(net, networks)
-        before = backend.read(families_of({mine.owner: mine.rules}))
-        held = backend.claims(before)
-        rules: dict[str, Sequence[Intent]] = {mine.owner: mine.rules}
-        if net.forwards:
-            check_claims(mine.label, mine.owner, mine.resolved, networks, domains, held)
-            check_host(mine.label, mine.owner, net.forwards, host_facts(backend), networks,
-                       held.get(mine.owner, ()), mine.families)
+        networks, domains, mine, before, held = _network_checked(net, backend)
         # every owner this network could capture or contradict is re-checked: guests on
         # it, and every owner whose forwards reach into its subnets (a port taken
         # meanwhile keeps the rules it has; a forward now reaching someone else's is
-        # withdrawn)
-        captured = _captured(net, held)
-        for dom in domains.values():
-            if domain_owner(dom.name) in captured or any(
-                    nic.network == net.name or (nic.bridge and nic.bridge == net.bridge)
-                    for nic in dom.nics):
-                _recheck(domain_owner(dom.name), partial(_domain_owner, dom, networks),
-                         rules, held, backend, networks, log)
-        for other in networks.values():  # all: their fences (``plan_network``) name it
-            if other.name != net.name and other.managed:
-                _recheck(network_owner(other.name),
-                         partial(_network_owner, other, networks), rules, held,
-                         backend, networks, log, plan_network(other, networks))
-        if set(rules) - {mine.owner}:
-            before = covering(backend, before, rules)
-        applied = apply_rules(rules, backend=backend, log=log, before=before)
+        # withdrawn), and every other network: their fences (``plan_network``) name it
+        reached = captured(net, held)
+        affected: list[Network | Domain] = [
+            dom for dom in domains.values()
+            if domain_owner(dom.name) in reached or _attached(dom, net)]
+        affected += [other for other in networks.values()
+                     if other.name != net.name and other.managed]
+        rules: dict[str, Sequence[Intent]] = {mine.owner: mine.rules}
+        applied = _settle_and_apply(rules, affected, before, held, backend, networks, log)
         state.save_network(net.name, raw)
         state.mark_starting(net.name)
     log(f"network {shown(net.name)} ({net.bridge}): rules for "
@@ -262,13 +227,10 @@ def network_stopped(net: Network, backend: AnyBackend | None = None, log: Log = 
         if any(n.managed and n.bridge for n in networks.values()):
             # the others' fences (``plan_network``) no longer name its bridge
             backend = backend or default_backend()
-            before = backend.read()
-            held = backend.claims(before)
+            held = backend.claims(backend.read())
             for other in networks.values():
                 if other.managed:
-                    _recheck(network_owner(other.name),
-                             partial(_network_owner, other, networks), rules, held,
-                             backend, networks, log, plan_network(other, networks))
+                    _recheck(other, rules, held, backend, networks, log)
         applied = apply_rules(rules, drop=(lambda t: t.bridge == bridge) if bridge else None,
                               backend=backend, log=log)
         state.forget_network(net.name)
@@ -304,25 +266,18 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
                     f"{shown(net.name)} has the MAC of the port of domain {shown(owner)}")
         before = backend.read()
         held = backend.claims(before)
-        _recheck(network_owner(net.name), lambda: _network_owner(net, networks), rules, held,
-                 backend, networks, log, plan_network(net, networks))
-        again = _captured(net, held) | {domain_owner(o) for o in twins if deleted}
+        again = captured(net, held) | {domain_owner(o) for o in twins if deleted}
         if owner and owner in domains:
             again.add(domain_owner(owner))
+        affected: list[Network | Domain] = [net]
         for dom in domains.values():  # the port's guest, guests whose twin left, and
-            tag = domain_owner(dom.name)  # every guest whose forwards reach in here
-            if tag in again and tag not in rules:
+            if domain_owner(dom.name) in again:  # every guest whose forwards reach in here
                 if deleted and mac and dom.name == owner:
                     dom = replace(dom, nics=tuple(n for n in dom.nics if n.mac != mac))
-                _recheck(tag, partial(_domain_owner, dom, networks), rules, held,
-                         backend, networks, log)
-        for neighbour in networks.values():
-            if neighbour.name != net.name and network_owner(neighbour.name) in again:
-                _recheck(network_owner(neighbour.name),
-                         partial(_network_owner, neighbour, networks), rules, held,
-                         backend, networks, log, plan_network(neighbour, networks))
-        return apply_rules(rules, backend=backend, log=log,
-                           before=covering(backend, before, rules))
+                affected.append(dom)
+        affected += [other for other in networks.values()
+                     if other.name != net.name and network_owner(other.name) in again]
+        return _settle_and_apply(rules, affected, before, held, backend, networks, log)
 
 
 # --------------------------------------------------------------------------- domains
@@ -330,24 +285,20 @@ def network_port(net: Network, raw: bytes, port: NetworkPort | None, deleted: bo
 def _domain_checked(dom: Domain, backend: AnyBackend) -> tuple[tuple[Intent, ...], object]:
     """Every check of a guest's forwards against this host, under the state lock:
     (its rules, the firewall as read). InputError names the guest, forward and reason."""
-    owner = domain_owner(dom.name)
-    label = f"domain {shown(dom.name)}"
     networks = state.load_networks()
-    targets = resolve_domain(dom, networks, state.network_ports, host.network_leases)
-    rules = plan_forwards(owner, targets)
-    before = backend.read(families_of({owner: rules}))
-    mine = resolved_specs(dom.forwards, targets)
-    held = backend.claims(before, near=mine, mine=owner)  # only what could clash
+    mine = compose(dom, networks, state.network_ports, host.network_leases)
+    before = backend.read(families_of({mine.owner: mine.rules}))
+    held = backend.claims(before, near=mine.resolved, mine=mine.owner)  # what could clash
     try:
-        check_claims(label, owner, mine, networks,
+        check_claims(mine.label, mine.owner, mine.resolved, networks,
                      state.load_domains(known=frozenset(held)), held)
     except Unavailable:  # a clash: named by the holder's forward as declared
-        check_claims(label, owner, mine, networks, state.load_domains(), held)
+        check_claims(mine.label, mine.owner, mine.resolved, networks, state.load_domains(),
+                     held)
         raise
-    families = forward_families(dom.forwards, targets)
-    check_host(label, owner, dom.forwards, host_facts(backend), networks,
-               held.get(owner, ()), families)
-    return rules, before
+    check_host(mine.label, mine.owner, dom.forwards, host_facts(backend), networks,
+               held.get(mine.owner, ()), mine.families)
+    return mine.rules, before
 
 
 @retrying(lambda: None)  # after uninstall: nothing to check
@@ -407,163 +358,12 @@ def domain_started(dom: Domain, raw: bytes, backend: AnyBackend | None = None, l
 # --------------------------------------------------------------------------- whole host
 
 @dataclass
-class HostPlan:
-    """Every owner's rules for a whole host, and the owners that failed."""
-
-    rules: dict[str, Sequence[Intent]]  # owner -> rules, for every owner that planned
-    problems: list[str]  # one line per owner that did not
-    failed: set[str]  # owners whose XML did not parse: their current rules stay as they are
-
-
-def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
-              holders: Held | None = None,
-              facts: host.HostFacts | None = None, broken: Iterable[str] = (),
-              reserved: Iterable[str] = (),
-              ports: Callable[[str], list[tuple[str, str]]] | None = None) -> HostPlan:
-    """Every owner's rules for a whole host, each checked against the forwards of
-    those planned before it. The current holders of ports (``holders``: owner -> the
-    ports its rules in the kernel hold) are planned first, so a newcomer never takes a
-    port from the guest or network that has it; then networks before guests, in name
-    order. An owner refused is reported; for availability (``policy.withdraws``) it
-    gets its own rules re-planned (a network's fences included) and, forward by forward,
-    the new rules of those that pass and the current ones of those refused
-    (``policy.kept_for_availability``; the ports they hold stay theirs); otherwise only
-    its own rules (its forwards withdrawn). The others still plan. With ``facts`` forwards are
-    checked against the host itself (``host.py``): not for ``plan``, which describes XML
-    files, not this host. ``broken``: owners whose XML did not even parse; they fail
-    too, keeping their rules and ports. ``reserved``: owners whose forwards were applied
-    and who still run (our state says so): planned right after the holders, and if they
-    fail (their network is down, say) their ports stay theirs. ``ports``: the MACs of
-    each network's ports as libvirt reported them (``check_own_macs``)."""
-    held = holders or {}
-    kept = set(reserved)
-    result = HostPlan({}, [], set(broken))
-    claimed = _Claimed()
-    for o in result.failed:
-        if o in held:
-            claimed.add(owner_label(o), held[o])
-
-    def check(label: str, owner: str, forwards: Sequence[ForwardSpec],
-              targets: Iterable[Resolved]) -> list[ForwardSpec]:
-        mine = resolved_specs(forwards, targets)  # the families each really takes
-        check_conflicts(label, mine, claimed.near(mine))
-        if facts is not None:
-            check_host(label, owner, forwards, facts, networks, held.get(owner, ()),
-                       families=forward_families(forwards, targets))
-        else:  # plan: XML files, not this host; what XML alone decides still holds
-            check_libvirt_ports(label, forwards, networks)
-        return mine
-
-    def add(owner: str, label: str, forwards: Sequence[ForwardSpec],
-            resolve: Callable[[], Sequence[Resolved]],
-            plan_own: Callable[[], tuple[Intent, ...]]) -> None:
-        targets: Sequence[Resolved] = ()
-        try:
-            targets = resolve()
-            mine = check(label, owner, forwards, targets)
-            result.rules[owner] = plan_own() + plan_forwards(owner, targets)
-            claimed.add(label, mine)
-            return
-        except InputError as exc:
-            problem = exc
-        if not withdraws(problem):  # each forward alone: its new rules, or those it has
-            def alone(one: list[Resolved]) -> None:
-                claimed.add(label, check(label, owner, [one[0].spec], one))
-
-            try:
-                kept_rules = kept_for_availability(
-                    owner, targets or getattr(problem, "resolved", ()), held.get(owner, ()),
-                    alone)
-            except InputError as exc:  # one forward's refusal withdraws: all go
-                problem = exc
-            else:
-                result.problems.append(str(problem))
-                result.rules[owner] = plan_own() + kept_rules
-                if owner in held:  # its rules stay in the kernel: so do its ports
-                    claimed.add(label, held[owner])
-                if owner in kept:  # still running with them: its ports wait for it
-                    claimed.add(label, forwards)
-                return
-        # fail closed: its forwards go, its ports are free
-        result.problems.append(f"{problem} (forwards withdrawn)" if owner in held
-                               else str(problem))
-        result.rules[owner] = plan_own()
-
-    def resolve(dom: Domain) -> tuple[Resolved, ...]:
-        if ports is None:  # plan: XML files, not this host
-            return resolve_domain_forwards(dom, networks)
-        return resolve_domain(dom, networks, ports, host.network_leases)
-
-    owners = [(network_owner(name), f"network {shown(name)}", net.forwards,
-               lambda net=net: resolve_network_forwards(net, networks),
-               lambda net=net: plan_network(net, networks))
-              for name, net in sorted(networks.items()) if net.with_rules]
-    owners += [(domain_owner(name), f"domain {shown(name)}", dom.forwards,
-                lambda dom=dom: resolve(dom), tuple)
-               for name, dom in sorted(domains.items()) if dom.forwards]
-    # stable: holders first, then owners still running with theirs, order kept
-    owners.sort(key=lambda o: 0 if o[0] in held else 1 if o[0] in kept else 2)
-    for owner in owners:
-        add(*owner)
-    return result
-
-
-@dataclass
 class Replayed:
     """What ``replay`` wrote and the problems it found."""
 
     payload: str
     problems: list[str]
     owners: int
-
-
-if TYPE_CHECKING:
-    from typing import TypeVar
-    Parsed = TypeVar("Parsed", Network, Domain)
-
-
-def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
-                owner: Callable[[str], str], kind: str, problems: list[str],
-                broken: set[str], kept: set[tuple[str, str]]) -> dict[str, tuple[Parsed, bytes]]:
-    """name -> (model, raw) of each document that parses. One that does not is a
-    problem; if its name can still be read, that owner fails: its rules, ports and state
-    stay as they are."""
-    from .parse import object_name
-    out: dict[str, tuple[Parsed, bytes]] = {}
-    for raw in raws:
-        try:
-            obj = parse(raw)
-        except InputError as exc:
-            problems.append(str(exc))
-            name = object_name(raw)
-            if name is not None:
-                broken.add(owner(name))
-                kept.add((kind, name))
-            continue
-        out[obj.name] = (obj, raw)
-    return out
-
-
-def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
-               problems: list[str]) -> tuple[dict[str, tuple[Network, bytes]],
-                                             dict[str, tuple[Domain, bytes]],
-                                             set[str], set[tuple[str, str]]]:
-    from .parse import parse_domain_xml, parse_network_xml
-    broken: set[str] = set()
-    kept: set[tuple[str, str]] = set()  # (state kind, name) whose files stay
-    networks = _parse_each(network_xmls, parse_network_xml, network_owner, "networks",
-                           problems, broken, kept)
-    domains = _parse_each(domain_xmls, parse_domain_xml, domain_owner, "domains",
-                          problems, broken, kept)
-    # forward add --network on a running network: libvirt's live XML is stale until the
-    # network restarts; the override is the truth (the hooks drop it at network start)
-    for name, (net, raw) in list(networks.items()):
-        try:
-            networks[name] = (state.with_override(net), raw)
-        except InputError as exc:
-            problems.append(f"network {shown(name)}: override: {exc}")
-            broken.add(network_owner(name))
-    return networks, domains, broken, kept
 
 
 @retrying(lambda: Replayed("", [], 0))
@@ -686,8 +486,6 @@ def watch_jumps(seconds: float, interval: float = 1.0, backend: AnyBackend | Non
     """Put our jumps back first now, and again whenever they lose first place during the
     next ``seconds``: libvirt reloads its networks' rules (and puts its jumps at position
     1) a few seconds after its unit counts as started. The number of repairs."""
-    import os
-    import time
     deadline = time.monotonic() + seconds
     repaired = 0
     while os.path.exists(__file__):  # uninstalled meanwhile: nothing more to keep

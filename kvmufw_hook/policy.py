@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from . import host
 from .errors import ConfigError, InputError, Unavailable, shown
@@ -23,14 +23,18 @@ from .plan import (
     Resolved,
     check_conflicts,
     eui64_address,
+    forward_families,
     plan_forwards,
     resolve_domain_forwards,
+    resolved_specs,
 )
 
 Claims = list[tuple[str, Iterable[ForwardSpec | Claim]]]
 Facts = host.HostFacts | Callable[[], host.HostFacts]
 Ports = Callable[[str], list[tuple[str, str]]]  # network name -> (MAC, owner) of its ports
 Leases = Callable[[Network], Iterable[tuple[IPAddress, str | None]]]  # (address, MAC)
+# given an owner's forwards in the families they take: what the others claim that may clash
+Others = Callable[[list[ForwardSpec]], Claims]
 
 
 def withdraws(exc: InputError) -> bool:
@@ -205,6 +209,44 @@ def check_host(label: str, owner: str, forwards: Sequence[ForwardSpec], facts: F
                         else facts(), held=held, families=families, owner=owner)
 
 
+def check_forwards(label: str, owner: str, specs: Sequence[ForwardSpec],
+                   targets: Sequence[Resolved], others: Others,
+                   networks: Mapping[str, Network], facts: Facts | None,
+                   held: Iterable[Claim] = ()) -> list[ForwardSpec]:
+    """Every check of one owner's forwards (``specs``, resolved to ``targets``) against
+    the other owners and the host, as each operation re-plans it: InputError names the
+    owner, forward and reason. ``others``: given the forwards in the families they take,
+    what the other owners claim that could clash; ``facts``: the host's (or how to read
+    them), None for XML files that describe no host (``plan``: only what XML alone
+    decides); ``held``: what the owner's rules take now. Returns the forwards in the
+    families they take (what the owner claims once its rules are in)."""
+    mine = resolved_specs(specs, targets)
+    check_conflicts(label, mine, others(mine))
+    if facts is None:
+        check_libvirt_ports(label, specs, networks)
+    else:
+        check_host(label, owner, specs, facts, networks, held,
+                   forward_families(specs, targets))
+    return mine
+
+
+def held_by_others(owner: str, held: Held) -> Others:
+    """``check_forwards``' ``others`` for an event: the ports the other owners' rules in
+    the kernel hold (``held``)."""
+    claimed: Claims = [(owner_label(o), specs) for o, specs in held.items() if o != owner]
+    return lambda _mine: claimed
+
+
+def captured(net: Network, held: Held) -> set[str]:
+    """Owners whose forwards in the kernel reach a guest address inside ``net``'s
+    subnets: a network that starts or changes may capture them (a narrower subnet
+    beside theirs wins the route)."""
+    subnets = net.subnets
+    return {owner for owner, specs in held.items()
+            if any(ip in s for spec in specs for ip in spec.guest_ips for s in subnets
+                   if ip.version == s.version)}
+
+
 LIBVIRT_PORTS = (("udp", 53), ("tcp", 53), ("udp", 67), ("udp", 547))  # dnsmasq's
 
 
@@ -258,18 +300,19 @@ def check_own_macs(dom: Domain, networks: Mapping[str, Network],
 
 
 
+@dataclass
 class _Claimed:
     """Forwards claimed so far, by protocol and first host port: each owner is checked
     against the few that could overlap its own, not against all (a replay of hundreds
     of guests would be quadratic). Same answers and messages as checking against all."""
 
-    def __init__(self) -> None:
-        self.starts: dict[str, list[tuple[int, int]]] = {}  # proto -> sorted (first, index)
-        self.entries: list[tuple[str, ForwardSpec | Claim]] = []
-        self.widest = 0
+    # proto -> sorted (first host port, index into ``entries``)
+    starts: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # (label, forward or claim)
+    entries: list[tuple[str, ForwardSpec | Claim]] = field(default_factory=list)
+    widest: int = 0  # the widest range claimed: how far back an overlap may start
 
-    def near(self, forwards: Iterable[ForwardSpec]
-             ) -> list[tuple[str, tuple[ForwardSpec | Claim]]]:
+    def near(self, forwards: Iterable[ForwardSpec]) -> Claims:
         found = []
         for spec in forwards:  # an overlap starts within [first - widest, last]
             starts = self.starts.get(spec.proto, [])

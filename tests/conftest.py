@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # lab, netlab, fakebackend...
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SAMPLES = FIXTURES / "samples"
@@ -57,24 +58,69 @@ def netns():
         ns.destroy()
 
 
-TIERS = {"test_lab": "lab", "test_lab_nft": "lab", "test_lab_ipv6": "lab",
-         "test_install": "lab", "test_attack": "lab", "test_boot": "boot",
-         "test_corpus": "corpus", "test_debian13": "lab", "test_lab_fleet": "lab",
-         "test_docker_beside": "lab", "test_package": "lab"}
+@pytest.fixture(scope="module")
+def lab():
+    """The standard lab (tests/support/lab.py: networks lab, routed and opennet, UFW,
+    kvmufw_hook installed), one libvirtd per module. A module with another topology
+    defines its own ``lab``."""
+    import lab as lab_module
+    need_root_tools(*lab_module.PACKAGES_TOOLS)
+    the_lab = lab_module.make_lab(install=True)
+    yield the_lab
+    the_lab.destroy()
+
+
+@pytest.fixture
+def guest(lab):
+    """Define and start guests in this module's lab; every guest is destroyed and
+    undefined afterwards."""
+    names = []
+
+    def start(name, nics, metadata=""):
+        lab.define_domain(name, nics, metadata)
+        names.append(name)
+        lab.virsh("start", name)
+
+    yield start
+    for name in names:
+        lab.virsh("destroy", name, check=False)
+        lab.virsh("undefine", name, check=False)
+
+
+@pytest.fixture
+def host():
+    """A private host without libvirtd running (tests/support/lab.py): its own /etc,
+    /usr/local, /var/lib, /run; a fresh one per test (0.2 s)."""
+    import lab as lab_module
+    need_root_tools(*lab_module.PACKAGES_TOOLS)
+    the_lab = lab_module.Lab()
+    yield the_lab
+    the_lab.destroy()
+
+
+# The tier of a test is its folder: ``pytest -m unit`` is tests/unit, and so on. The
+# Debian 13 run is a lab test (it runs the lab inside a Debian 13 root).
+TIERS = {"unit": "unit", "kernel": "kernel", "lab": "lab", "boot": "boot",
+         "corpus": "corpus", "debian13": "lab"}
+# fixtures that need root: a unit test asking for one is in the wrong folder
+ROOT_FIXTURES = {"netns", "lab", "guest", "host", "hook_ns", "topo"}
 
 
 def pytest_collection_modifyitems(items):
-    """Tiers: ``lab``/``boot``/``corpus`` by module, ``kernel`` for tests that use a
-    network namespace, ``unit`` for the rest (no root, milliseconds: the quick loop is
-    ``pytest -m unit``)."""
+    """Tiers by folder: ``unit`` (no root, milliseconds: the quick loop is ``pytest -m
+    unit``), ``kernel`` (a network namespace, real iptables/nft), ``lab`` (a real
+    libvirtd), ``boot``, ``corpus``."""
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        tier = TIERS.get(module)
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if tier is None and "lab" in fixtures:  # a real libvirtd (tests/lab.py)
-            tier = "lab"
-        if tier is None:
-            uses_kernel = {"netns", "topo", "hook_ns"} & fixtures
-            tier = "kernel" if uses_kernel or module in ("test_kernel", "test_hook") \
-                else "unit"
+        folder = item.path.parent.name
+        callspec = getattr(item, "callspec", None)
+        params = set(callspec.params) if callspec else set()  # a parameter, not a fixture
+        wants_root = ROOT_FIXTURES & set(getattr(item, "fixturenames", ())) - params
+        tier = TIERS.get(folder)
+        if tier is None:  # a new module not yet placed in its folder: by its fixtures
+            tier = ("lab" if {"lab", "guest", "host"} & wants_root else
+                    "kernel" if wants_root else "unit")
+        if tier == "unit" and wants_root:
+            raise pytest.UsageError(f"{item.nodeid}: a unit test needs no root, but asks "
+                                    f"for {', '.join(sorted(wants_root))}: tests/kernel "
+                                    "or tests/lab is its place")
         item.add_marker(getattr(pytest.mark, tier))

@@ -787,8 +787,8 @@ class IptablesBackend:
     @staticmethod
     def present(ruleset: Ruleset, intents: Iterable[Intent]) -> bool:
         """Whether every rule of ``intents`` is in the kernel."""
-        from .rules import owner_rules
-        for rule in owner_rules(intents):
+        from .rules import netfilter_rules
+        for rule in netfilter_rules(intents):
             snapshot = ruleset.snapshots.get(rule.family)
             if snapshot is None or render_rule(rule)[1] not in snapshot.our_lines():
                 return False
@@ -841,8 +841,8 @@ def as_rules(intents: Owners) -> dict[str, Sequence[Rule]]:
     any: a guest's stop removes an owner and expands nothing)."""
     if not any(intents.values()):
         return {owner: () for owner in intents}
-    from .rules import owner_rules
-    return {owner: owner_rules(owned) for owner, owned in intents.items()}
+    from .rules import netfilter_rules
+    return {owner: netfilter_rules(owned) for owner, owned in intents.items()}
 
 
 # --------------------------------------------------------------------------- readings

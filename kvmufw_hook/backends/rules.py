@@ -62,7 +62,7 @@ class Rule:
         return Tag(self.owner, self.bridge, self.subnet)
 
 
-def owner_rules(intents: Iterable[Intent]) -> tuple[Rule, ...]:
+def netfilter_rules(intents: Iterable[Intent]) -> tuple[Rule, ...]:
     """The rules of one owner's intents, in order, each identical rule once."""
     return tuple(dict.fromkeys(rule for intent in intents for rule in expand(intent)))
 

@@ -31,6 +31,7 @@ a temporary directory without root; only ``main`` talks to daemons, systemd and 
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import stat
@@ -62,6 +63,7 @@ from ..installation import (
     sha256,
 )
 from ..installation import packaged as is_packaged
+from . import describe
 from .install_files import (
     BEGIN,
     END,
@@ -426,21 +428,17 @@ def install(lay: Layout, outside: Outside) -> int:
     check_install(lay, record)
     found = {d for d in HOOK_DRIVERS if hooks_found(d, lay.root)}  # before any write
     outside.mark_installed(lay)
-    tx = Transaction(lay, record.copy())
     try:
-        install_package(tx)
-        install_hooks(tx)
-        install_after_init(tx)
-        install_systemd(tx)
-        write_record(tx)
-        tx.commit()
+        with Transaction(lay, record.copy()) as tx:
+            install_package(tx)
+            install_hooks(tx)
+            install_after_init(tx)
+            install_systemd(tx)
+            write_record(tx)
     except BaseException:
-        tx.rollback()
         print("kvmufw_hook install: failed after it had started writing; rolled back what "
               "this run wrote", file=sys.stderr)
         raise
-    finally:
-        tx.close()
     signal_where_needed(lay, outside, found, tx.changed)
     return finish(lay, outside, tx.changed)
 
@@ -453,18 +451,12 @@ def install_packaged(lay: Layout, outside: Outside) -> int:
     safe_dir(lay, MANIFEST_DIR)
     no_symlink(lay, MANIFEST)
     outside.mark_installed(lay)  # dpkg has unpacked the hooks: they must apply again
-    tx = Transaction(lay, record.copy())
-    try:
+    with Transaction(lay, record.copy()) as tx:
         if not record.packaged and record.lines:
             retire_script_install(tx)
         tx.record.lines.add("packaged")
         tx.record.set_hooks({drv: f"{HOOKS}/{drv}.d/kvmufw_hook" for drv in HOOK_DRIVERS})
         write_record(tx)
-    except BaseException:
-        tx.rollback()
-        raise
-    finally:
-        tx.close()
     found = hooks_found_before_unpack(lay)
     signal_where_needed(lay, outside, found, True)
     changed = not record.packaged
@@ -538,8 +530,7 @@ def ufw_entry(lay: Layout, action: str) -> int:
             raise Refused("UFW is not installed (no /etc/ufw): nothing to add")
         safe_dir(lay, MANIFEST_DIR)
         check_after_init(lay, record)
-    tx = Transaction(lay, record.copy())
-    try:
+    with Transaction(lay, record.copy()) as tx:
         if action == "add":
             install_after_init(tx)
             if not tx.changed:
@@ -547,11 +538,6 @@ def ufw_entry(lay: Layout, action: str) -> int:
         else:
             uninstall_after_init(tx)
         write_record(tx)
-    except BaseException:
-        tx.rollback()
-        raise
-    finally:
-        tx.close()
     return 0
 
 
@@ -763,3 +749,37 @@ def run(action: str, root: str = "", source: str = "", prefix: str = "/usr/local
     except Refused as exc:
         print(f"kvmufw_hook install: error: {exc}", file=sys.stderr)
         return 1
+
+
+def register(parser: argparse.ArgumentParser, name: str) -> None:
+    """``install``, ``uninstall`` (the same options) and ``ufw-entry add|remove``."""
+    if name == "ufw-entry":
+        describe(parser, "Add (or remove) the entry in UFW's after.init that puts our rules "
+                 "back after every ufw reload.", "example:\n  kvmufw_hook ufw-entry add")
+        parser.add_argument("action", choices=("add", "remove"))
+    else:
+        what = ("Install the hooks (and, from the source tree, the package), tell libvirt, "
+                "re-apply every rule" if name == "install"
+                else "Remove every rule and everything install wrote")
+        describe(parser, f"{what}. Never overwrites, deletes or follows a file it did not "
+                 "write.", f"example:\n  sudo ./install.sh{' --uninstall' * (name != 'install')}"
+                 f"   (from the source tree)\n  kvmufw_hook {name} --packaged"
+                 "   (the Debian package's maintainer scripts)")
+        parser.add_argument("--source", default="", metavar="DIR",
+                            help="the source tree to install from (install.sh passes it)")
+        parser.add_argument("--prefix", default="/usr/local", metavar="DIR",
+                            help="with --source: where the package and command go "
+                            "(default: %(default)s)")
+        parser.add_argument("--packaged", action="store_true",
+                            help="the Debian package's files, which dpkg owns")
+    parser.add_argument("--root", default="", metavar="DIR",
+                        help="the host's file system under DIR (a mounted image, a test's "
+                        "temporary directory): no daemon is told, no rule is applied")
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    action = f"ufw-entry-{args.action}" if args.command == "ufw-entry" else args.command
+    return run(action, root=args.root, source=getattr(args, "source", ""),
+               prefix=getattr(args, "prefix", "/usr/local"),
+               packaged=getattr(args, "packaged", False))

@@ -392,6 +392,21 @@ class Transaction:
         os.makedirs(base, exist_ok=True)
         self.backup = tempfile.mkdtemp(prefix="kvmufw_hook-install.", dir=base)
 
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        """Committed when the block ends normally, rolled back when it raises; the
+        backup goes either way."""
+        try:
+            if exc is None:
+                self.commit()
+            else:
+                self.rollback()
+        finally:
+            self.close()
+
     def close(self) -> None:
         shutil.rmtree(self.backup, ignore_errors=True)
 

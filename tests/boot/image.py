@@ -174,7 +174,7 @@ trap 'umount "$mnt"' EXIT
 dest="$mnt/root/kvmufw"
 rm -rf "$dest"; mkdir -p "$dest"
 cp -a "$tree/install.sh" "$tree/hooks" "$tree/kvmufw_hook" "$dest/"
-cp -a "$tree/tests/peer.py" "$dest/"
+cp -a "$tree/tests/support/peer.py" "$dest/"
 cp "$deb" "$dest/kvmufw-hook.deb"
 find "$dest" -name __pycache__ -prune -exec rm -rf {} +
 install -m 755 "$boot/driver.sh" "$mnt/usr/local/sbin/kvmufw-boot-driver"

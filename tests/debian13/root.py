@@ -6,7 +6,7 @@ API (run as root on the host, with the host's Python):
 
     from debian13.root import ensure_root, run_in_root   # tests/ on sys.path
     root = ensure_root()          # Path; first build about 2 minutes, then at once
-    run_in_root(["python3", "-m", "pytest", "-q", "tests/test_lab.py"],
+    run_in_root(["python3", "-m", "pytest", "-q", "tests/lab/test_lab.py"],
                 capture_output=True, text=True)
 
 ``ensure_root()`` debootstraps trixie (``--variant=minbase``) into
@@ -21,7 +21,7 @@ lock file serialises concurrent callers.
 ``unshare --mount --net --pid --fork`` (no ``--net`` with network=True), the tree bind-mounted
 onto itself, proc, sysfs, /dev (rbind), tmpfs on /run and /tmp, this checkout bound read-only
 at /src, then ``pivot_root`` and the host's tree unmounted. Nothing of the host's mounts stays
-visible, so ``nsenter -m`` (tests/lab.py) lands in the root, not on the host. The namespaces
+visible, so ``nsenter -m`` (tests/support/lab.py) lands in the root, not on the host. The namespaces
 die with the command: every process left in them is killed. Keyword arguments go to
 ``subprocess.run``; KVMUFW_* variables of the caller are passed in, and
 KVMUFW_DEBIAN13_ROOT=1 tells code inside that it runs there.
@@ -81,6 +81,13 @@ set +e
 status=$?
 exit $status
 """
+
+
+
+def os_release() -> dict[str, str]:
+    text = Path("/etc/os-release").read_text()
+    pairs = (l.split("=", 1) for l in text.splitlines() if "=" in l)
+    return {key: value.strip('"') for key, value in pairs}
 
 
 def packages() -> list[str]:
@@ -183,7 +190,8 @@ def _docker_debs(log) -> None:
     with the network (the suite inside has none); a file check when they are there."""
     if (ROOT / "var/tmp/kvmufw-test-cache/docker/root/usr/sbin/dockerd").exists():
         return
-    fetch = ("import sys; sys.path[:0] = ['/src/tests']; import test_docker_beside; "
+    fetch = ("import sys; sys.path[:0] = ['/src/tests', '/src/tests/support', '/src/tests/lab']; "
+             "import test_docker_beside; "
              "test_docker_beside.docker_root()")
     _step("fetch Docker's debs for test_docker_beside", ["python3", "-c", fetch], True, log)
 
@@ -209,7 +217,8 @@ def ensure_root(log=sys.stderr) -> Path:
         _step("install packages", install, False, log)
         _step("apt-get clean", ["apt-get", "clean"], False, log)
         # the corpus test's own fetch of libvirt's source, into the root's /var/tmp cache
-        fetch = ("import sys; sys.path[:0] = ['/src/tests']; import test_corpus; "
+        fetch = ("import sys; sys.path[:0] = ['/src/tests', '/src/tests/corpus']; "
+                 "import test_corpus; "
                  "test_corpus.libvirt_corpus()")
         _step("fetch libvirt's source for the corpus test", ["python3", "-c", fetch], True, log)
         _docker_debs(log)

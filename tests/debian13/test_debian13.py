@@ -1,0 +1,83 @@
+"""The suite's release-dependent part again on Debian 13 (libvirt 11.3, iptables 1.8.11,
+nftables 1.1, Python 3.13), inside a debootstrapped root entered with unshare + pivot_root
+(tests/debian13/root.py), when this machine runs another Debian release. On Debian 13 the
+suite already runs natively and this test skips. KVMUFW_* variables (KVMUFW_REQUIRE_LAB)
+pass in. The inner run's summary is printed; on failure its whole output is the message."""
+
+import subprocess
+import time
+
+import pytest
+from conftest import need_root_tools
+
+from debian13.root import os_release
+
+INNER_TIMEOUT = 40 * 60
+# What runs again inside the root: what depends on the release. Unit tests (Python 3.13,
+# cheap), every kernel test (iptables 1.8.11 prints and restores rules its own way, nft
+# 1.1, conntrack, the shims on Python 3.13), libvirt 11's own corpus, and the labs of
+# libvirt 11 (its hooks, reloads and firewall), trixie's UFW, apt and Docker, and the
+# fleet's Ansible. Not again: the boot test (it boots its own Debian 12 VM),
+# test_lab_nft.py (its own test runs it in this very root), and what decides nothing by
+# release: tests/lab/test_adversarial.py (our policy against an adversary, proven natively).
+INNER = ["tests/unit", "tests/kernel", "tests/corpus", "tests/lab"]
+NOT_INNER = ["tests/lab/test_lab_nft.py", "tests/lab/test_adversarial.py"]
+
+
+def need_debian13_root() -> None:
+    release = os_release()
+    if release.get("ID") != "debian":
+        pytest.skip("the Debian 13 root is built from Debian's archive; "
+                    f"this is {release.get('ID')}")
+    if release.get("VERSION_ID") == "13":
+        pytest.skip("this machine is Debian 13: the suite ran natively")
+    need_root_tools("debootstrap", "unshare", "pivot_root")
+
+
+# What tests/support/lab.py does: a holder in new mount + net namespaces, then nsenter -m -n into it.
+# After a plain chroot that would land on the host's root and run the host's binaries.
+NSENTER_PROBE = """
+unshare --mount --net --propagation private sleep 60 &
+holder=$!
+while [ "$(readlink /proc/$holder/ns/net)" = "$(readlink /proc/self/ns/net)" ]; do sleep 0.01; done
+nsenter -t $holder -m -n -- sh -c 'cat /etc/debian_version; libvirtd --version; iptables --version'
+python3 -c 'import sys; print(sys.version_info[:2])'
+kill $holder
+"""
+
+
+def test_the_lab_entered_with_nsenter_inside_the_root_is_debian13():
+    need_debian13_root()
+    from debian13.root import ensure_root, run_in_root
+    ensure_root()
+    proc = run_in_root(["bash", "-c", NSENTER_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    release, libvirtd, iptables, python = proc.stdout.splitlines()
+    assert release.startswith("13.")
+    assert libvirtd.startswith("libvirtd (libvirt) 11.")
+    assert iptables.startswith("iptables v1.8.11")
+    assert python == "(3, 13)"
+
+
+def test_the_release_dependent_suite_passes_in_a_debian13_root(capsys):
+    need_debian13_root()
+    from debian13.root import ensure_root, pytest_in_root
+    started = time.monotonic()
+    ensure_root()
+    built = time.monotonic()
+    try:
+        proc = pytest_in_root(["-q", "-ra", *(f"--ignore={path}" for path in NOT_INNER),
+                               *INNER], capture_output=True, text=True, timeout=INNER_TIMEOUT)
+    except subprocess.TimeoutExpired as timeout:
+        output = timeout.stdout or ""
+        output = output.decode(errors="replace") if isinstance(output, bytes) else output
+        pytest.fail(f"the suite inside the Debian 13 root took over {INNER_TIMEOUT}s:\n"
+                    f"{output[-30000:]}", pytrace=False)
+    lines = proc.stdout.rstrip().splitlines()
+    summary = lines[-1] if lines else "(no output)"
+    with capsys.disabled():
+        print(f"\nDebian 13 root: root ready in {built - started:.0f}s, inner suite "
+              f"{time.monotonic() - built:.0f}s: {summary}")
+    assert proc.returncode == 0, (f"the suite failed inside the Debian 13 root "
+                                  f"(exit {proc.returncode}):\n{proc.stdout[-30000:]}\n"
+                                  f"{proc.stderr[-5000:]}")
