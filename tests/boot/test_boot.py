@@ -7,11 +7,15 @@ disk: phase 1 installs the Debian package built from this tree (apt, then the ad
 `kvmufw_hook ufw-entry add`), enables UFW, defines and autostarts a NAT network and a guest with a
 forward, checks packets, reboots; phase 2 checks that the boot finished (UFW's start must not
 hang), then packets after the boot, after `ufw reload`, after `systemctl restart libvirtd`,
-with MANAGE_BUILTINS=yes, with no guest running, that `apt remove` takes the rules away
-and keeps the configuration, and that `apt purge` leaves nothing. The
+with MANAGE_BUILTINS=yes, with no guest running; then selects `firewall_backend = "nftables"`
+(issue 21) and checks with packets, through `table inet kvmufw` and no KVMUFW chain left,
+that the next hook (the guest's start) and `replay` complete the switch, across `ufw reload`
+and a libvirtd restart, and reboots; phase 3 checks the same after the boot with nftables
+selected, that `apt remove` takes the rules away (the table too) and keeps the
+configuration, and that `apt purge` leaves nothing. The
 results are read back from the powered-off disk with debugfs; each check is one test here.
 
-Run it alone: /usr/bin/python3 -m pytest -q tests/boot/test_boot.py (as root): 7-8 minutes with
+Run it alone: /usr/bin/python3 -m pytest -q tests/boot/test_boot.py (as root): 9-11 minutes with
 the image cached on a 2-core machine, 2-4 more to build the image once. The run's console,
 results and logs stay in $KVMUFW_TEST_CACHE/boot/runs/<pid>/ (the disk copy is deleted).
 """
@@ -29,7 +33,7 @@ from conftest import ROOT, need_root_tools
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import image
 
-TIMEOUT = float(os.environ.get("KVMUFW_BOOT_TIMEOUT", "1200"))  # both boots, all checks
+TIMEOUT = float(os.environ.get("KVMUFW_BOOT_TIMEOUT", "1500"))  # three boots, all checks
 TOOLS = ("debootstrap", "mkfs.ext4", "debugfs", "unshare", "losetup", "mount",
          "qemu-system-x86_64")
 STATE = "/var/lib/kvmufw-boot"
@@ -57,11 +61,26 @@ PHASE2 = [
     "dom-destroy", "ufw-reload-no-guest", "network-forward-8080-after-reload-no-guest",
     "libvirtd-restart-no-guest", "jumps-first-after-restart-no-guest",
     "network-forward-8080-after-restart-no-guest",
-    "after-init-never-waits-on-libvirt",
-    "ufw-entry-remove", "remove", "uninstall-rules-gone", "config-kept-after-remove", "purge",
-    "uninstall-files-gone",
+    # the nftables backend selected: the next hook, then replay, complete the switch
+    "select-nftables", "dom-start-nftables",
+    "nft-table-after-next-hook", "no-iptables-chains-after-next-hook",
+    *_packets("nftables-after-next-hook"),
+    "replay-nftables", "nft-table-after-replay", "no-iptables-chains-after-replay",
+    *_packets("nftables-after-replay"), "doctor-names-nftables",
+    "ufw-reload-nftables", *_packets("nftables-after-ufw-reload"),
+    "libvirtd-restart-nftables", *_packets("nftables-after-libvirtd-restart"),
+    "no-iptables-chains-after-libvirtd-restart", "dom-destroy-nftables",
 ]
-CHECKS = [(1, name) for name in PHASE1] + [(2, name) for name in PHASE2]
+PHASE3 = [
+    "boot-finished", "ufw-service-start", "net-autostarted", "dom-autostarted",
+    "nft-table-after-boot", "no-iptables-chains-after-boot", *_packets("nftables-after-boot"),
+    "dom-destroy",
+    "after-init-never-waits-on-libvirt",
+    "ufw-entry-remove", "remove", "uninstall-rules-gone", "uninstall-nft-table-gone",
+    "config-kept-after-remove", "purge", "uninstall-files-gone",
+]
+CHECKS = ([(1, name) for name in PHASE1] + [(2, name) for name in PHASE2]
+          + [(3, name) for name in PHASE3])
 
 
 def progress(started: float, message: str) -> None:
@@ -114,7 +133,7 @@ def boot(disk: Path, kernel_dir: Path, console: Path, started: float) -> str | N
             os.killpg(vm.pid, signal.SIGKILL)
             vm.wait()
     if timed_out:
-        return (f"the VM did not power off within {TIMEOUT:.0f} s (both boots and every "
+        return (f"the VM did not power off within {TIMEOUT:.0f} s (three boots and every "
                 f"check); last console lines:\n{console_tail(console)}")
     _report_progress(console, seen, started)
     if vm.returncode != 0:
@@ -168,7 +187,7 @@ def boot_run():
     progress(started, f"VM off after {time.monotonic() - booted:.0f} s"
              + (f": {stuck.splitlines()[0]}" if stuck else ""))
     files = {}
-    for name in ("results", "log", "journal-phase2.txt", "finished"):
+    for name in ("results", "log", "journal-phase3.txt", "finished"):
         files[name] = image.read_file(disk, f"{STATE}/{name}")
         if files[name] is not None:
             (run / name).write_text(files[name])
@@ -182,10 +201,10 @@ def boot_run():
 
 
 def test_boot_completes(boot_run):
-    """Both boots ran to the end and the VM powered itself off in time."""
+    """All three boots ran to the end and the VM powered itself off in time."""
     assert boot_run["stuck"] is None, boot_run["stuck"]
     assert boot_run["finished"], (
-        "the VM powered off but the driver never finished phase 2; last console lines:\n"
+        "the VM powered off but the driver never finished phase 3; last console lines:\n"
         + console_tail(boot_run["console"]))
 
 
