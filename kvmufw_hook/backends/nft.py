@@ -12,9 +12,13 @@ Promises:
 - A forward is elements only: DNAT by host address . source . protocol . host port (a
   map to the guest address, or to address . port where the port changes), the FORWARD
   accept of DNAT'd packets by bridge . guest . protocol . guest port, and the hairpin
-  masquerade. A network is elements too (fences, egress, replies, masquerade, DHCP/DNS
-  to the host). A guest's start or stop is one ``nft -f`` transaction of element adds
-  and deletes: never a rule walk, never a flush.
+  masquerade. The common forward (any source, one port) is exact keys in hash maps, so
+  that a new connection costs the same through thousands of forwards as through one; a
+  source prefix or a port range goes to interval maps, looked up after the exact ones.
+  A network is elements too (fences, egress, replies, masquerade, DHCP/DNS to the
+  host), and its source-port range a chain that lives while an element jumps to it. A
+  guest's start or stop is one ``nft -f`` transaction of element adds and deletes:
+  never a rule walk, never a flush.
 - Every element carries its owner tag as its comment (``backends/tags.py``), so that
   removal by owner is exact and derives from the kernel alone (after a crash, with our
   state files lost, ``nft list table inet kvmufw`` still says whose each element is);
@@ -62,7 +66,7 @@ GLUE_TAG = Tag("g=glue", "-", "-")  # owners are n=… or d=…: never this one
 GLUE_COMMENT = tag_comment(GLUE_TAG)
 ANY = {4: "0.0.0.0/0", 6: "::/0"}
 LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
-NAT_PORTS = "1024-65535"  # libvirt's default; the only range the skeleton masquerades to
+RANGE_CHAIN = "masq_"  # + "FIRST_LAST": masquerade to those source ports (tcp, udp)
 NFPROTO = {4: "ipv4", 6: "ipv6"}
 ADDR = {4: "ip", 6: "ip6"}
 ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -75,12 +79,19 @@ LIBVIRT_CHAINS = ("guest_input", "guest_output")
 
 
 def _sets(f: int) -> dict[str, str]:
-    """set or map name -> its type, in family ``f``."""
+    """set or map name -> its type, in family ``f``. The common forward (any source, one
+    port) is in the exact maps ``EXACT`` (a hash: one lookup whatever their size); a
+    source prefix or a port range needs an interval one, which costs what it holds."""
     a = ADDR_TYPE[f]
     return {
+        f"dnat{f}_any": f"inet_proto . inet_service : {a} . inet_service",
+        f"dnat{f}_at": f"{a} . inet_proto . inet_service : {a} . inet_service",
         f"dnat{f}_addr": f"{a} . {a} . inet_proto . inet_service : {a}",
         f"dnat{f}_port": f"{a} . {a} . inet_proto . inet_service : {a} . inet_service",
+        f"guestx{f}": f"ifname . {a} . inet_proto . inet_service",
         f"guest{f}": f"ifname . {a} . inet_proto . inet_service",
+        f"hairpinx{f}": f"{a} . ifname . inet_proto . inet_service",
+        f"hairnet{f}": f"ifname . {a}",
         f"hairpin{f}": f"{a} . {a} . ifname . inet_proto . inet_service",
         f"fence_out{f}": f"ifname . {a} . ifname",
         f"fence_in{f}": f"ifname . {a} . ifname",
@@ -95,9 +106,13 @@ def _sets(f: int) -> dict[str, str]:
         f"inside{f}": f"{a} . {a}",
         f"masq{f}": f"{a} . ifname",
         f"masq_any{f}": a,
+        f"masqp{f}": f"{a} . ifname : verdict",
+        f"masqp_any{f}": f"{a} : verdict",
     }
 
 
+EXACT = {name for f in (4, 6)
+         for name in (f"dnat{f}_any", f"dnat{f}_at", f"guestx{f}", f"hairpinx{f}")}
 SETS: dict[str, str] = {**_sets(4), **_sets(6)}
 PORTS = "meta l4proto { tcp, udp, sctp }"  # nft maps ports only after a protocol match
 
@@ -114,7 +129,10 @@ def _chains() -> dict[str, tuple[str, list[str]]]:
     for f in (4, 6):
         a = ADDR[f]
         key = f"{a} daddr . {a} saddr . meta l4proto . th dport"
-        dnat = [f"dnat {a} to {key} map @dnat{f}_addr",
+        dnat = [f"{PORTS} dnat {a} to {a} daddr . meta l4proto . th dport map @dnat{f}_at",
+                f"meta nfproto {NFPROTO[f]} {PORTS} dnat {a} to meta l4proto . th dport "
+                f"map @dnat{f}_any",
+                f"dnat {a} to {key} map @dnat{f}_addr",
                 f"{PORTS} dnat {a} to {key} map @dnat{f}_port"]
         out["prerouting"][1].extend(f"fib daddr type local {d}" for d in dnat)
         out["output"][1].extend(f"{a} daddr != {LOOPBACK[f]} fib daddr type local {d}"
@@ -123,8 +141,10 @@ def _chains() -> dict[str, tuple[str, list[str]]]:
             f"ct status ! dnat iifname . {a} saddr . oifname @fence_out{f} return",
             f"ct status ! dnat iifname . {a} daddr . oifname @fence_in{f} return"]
         out["forward"][1].extend([
-            f"ct status dnat oifname . {a} daddr . meta l4proto . th dport @guest{f} {MARKED}",
-            f"ct status dnat iifname . {a} saddr . meta l4proto . th sport @guest{f} {MARKED}",
+            *(f"ct status dnat oifname . {a} daddr . meta l4proto . th dport @{s} {MARKED}"
+              for s in (f"guestx{f}", f"guest{f}")),
+            *(f"ct status dnat iifname . {a} saddr . meta l4proto . th sport @{s} {MARKED}"
+              for s in (f"guestx{f}", f"guest{f}")),
             f"iifname . {a} saddr @egress{f} {MARKED}",
             f"iifname . {a} saddr . oifname @egress_dev{f} {MARKED}",
             f"ct state established,related oifname . {a} daddr @replies{f} {MARKED}",
@@ -135,14 +155,18 @@ def _chains() -> dict[str, tuple[str, list[str]]]:
             f"meta nfproto {NFPROTO[f]} iifname . oifname @b2b{f} {MARKED}"])
         out["input"][1].append(
             f"meta nfproto {NFPROTO[f]} iifname . meta l4proto . th dport @host_in{f} {MARKED}")
-        post = [f"ct status dnat {a} saddr . {a} daddr . oifname . meta l4proto . th dport "
+        post = [f"ct status dnat {a} daddr . oifname . meta l4proto . th dport "
+                f"@hairpinx{f} oifname . {a} saddr @hairnet{f} masquerade",
+                f"ct status dnat {a} saddr . {a} daddr . oifname . meta l4proto . th dport "
                 f"@hairpin{f} masquerade",
                 f"{a} saddr . {a} daddr @inside{f} return"]
         if f == 4:  # IPv6 has no broadcast; its multicast is masqueraded as libvirt does
             post.append("meta nfproto ipv4 fib daddr type { broadcast, multicast } return")
-        for match in (f"{a} saddr . oifname @masq{f}", f"{a} saddr @masq_any{f}"):
-            post += [f"meta l4proto {{ tcp, udp }} {match} masquerade to :{NAT_PORTS}",
-                     f"{match} masquerade"]
+        # a network's own source ports (nft 1.0.6 takes no port range as a map value): a
+        # verdict map to a chain per distinct range (``range_chain``), then the rest
+        for match, name in ((f"{a} saddr . oifname", f"masq{f}"), (f"{a} saddr", f"masq_any{f}")):
+            post += [f"meta l4proto {{ tcp, udp }} {match} vmap @{name.replace('masq', 'masqp')}",
+                     f"{match} @{name} masquerade"]
         out["postrouting"][1].extend(post)
     return out
 
@@ -165,6 +189,23 @@ def _ports(ports: PortRange) -> str:
 
 def _if(name: str | None) -> str:
     return f'"{name}"'
+
+
+def range_chain(ports: PortRange) -> str:
+    """The chain that masquerades tcp and udp to these source ports (one per distinct
+    range of the networks that run: there while an element of ``masqpF`` jumps to it)."""
+    return f"{RANGE_CHAIN}{ports.first}_{ports.last}"
+
+
+def _range_rule(chain: str) -> str:
+    first, last = chain[len(RANGE_CHAIN):].split("_")
+    return f"meta l4proto {{ tcp, udp }} masquerade to :{first}-{last}"
+
+
+def _range_chains(items: Iterable[Element]) -> set[str]:
+    """The range chains these elements jump to."""
+    return {e.value.split()[1] for e in items
+            if e.set.startswith("masqp") and e.value is not None}
 
 
 class Element(tuple):  # type: ignore[type-arg]
@@ -218,27 +259,24 @@ def elements(rule: Rule) -> list[Element]:
         assert rule.to_addr is not None and rule.to_ports is not None and rule.dport
         daddr = _addr(rule.dst) if rule.dst is not None else ANY[f]
         saddr = _addr(rule.src) if rule.src is not None else ANY[f]
-        guest = ip_text(rule.to_addr)
-        if rule.to_ports == rule.dport:  # the port is kept: one element for the range
-            return [el(f"dnat{f}_addr", f"{daddr} . {saddr} . {rule.proto} . "
-                                         f"{_ports(rule.dport)}", guest)]
-        shift = rule.to_ports.first - rule.dport.first
-        return [el(f"dnat{f}_port", f"{daddr} . {saddr} . {rule.proto} . {port}",
-                   f"{guest} . {port + shift}")
-                for port in range(rule.dport.first, rule.dport.last + 1)]
+        return _dnat(f, daddr, [saddr], rule.proto or "", rule.dport, ip_text(rule.to_addr),
+                     rule.to_ports, comment)
     if rule.stage == "postrouting":  # MASQUERADE
         assert rule.src is not None
         if rule.ctstate == "DNAT":  # hairpin
             assert rule.dst is not None and rule.dport
-            return [el("hairpin", f"{_addr(rule.src)} . {_addr(rule.dst)} . {_if(rule.oif)}"
-                                  f" . {rule.proto} . {_ports(rule.dport)}")]
+            return _hairpin(f, _if(rule.oif), _addr(rule.dst), rule.proto or "", rule.dport,
+                            _addr(rule.src), comment)
         out = []
         if rule.not_dst is not None:
             out.append(el("inside", f"{_addr(rule.src)} . {_addr(rule.not_dst)}"))
+        # tcp and udp (to_ports) through the chain of their source port range, the rest
+        name, jump = ("masqp", f"jump {range_chain(rule.to_ports)}") \
+            if rule.to_ports is not None else ("masq", None)
         if rule.oif:
-            out.append(el("masq", f"{_addr(rule.src)} . {_if(rule.oif)}"))
+            out.append(el(name, f"{_addr(rule.src)} . {_if(rule.oif)}", jump))
         else:
-            out.append(el("masq_any", _addr(rule.src)))
+            out.append(el(f"{name}_any", _addr(rule.src), jump))
         return out
     if rule.stage == "input":
         assert rule.dport
@@ -247,11 +285,11 @@ def elements(rule: Rule) -> list[Element]:
     if rule.ctstate == "DNAT":
         if rule.oif:
             assert rule.dst is not None and rule.dport
-            return [el("guest", f"{_if(rule.oif)} . {_addr(rule.dst)} . {rule.proto} . "
-                                f"{_ports(rule.dport)}")]
+            return [_accept(f, _if(rule.oif), _addr(rule.dst), rule.proto or "", rule.dport,
+                            comment)]
         assert rule.src is not None and rule.sport
-        return [el("guest", f"{_if(rule.iif)} . {_addr(rule.src)} . {rule.proto} . "
-                            f"{_ports(rule.sport)}")]
+        return [_accept(f, _if(rule.iif), _addr(rule.src), rule.proto or "", rule.sport,
+                        comment)]
     if rule.verdict == "RETURN":
         if rule.src is not None:
             return [el("fence_out", f"{_if(rule.iif)} . {_addr(rule.src)} . {_if(rule.oif)}")]
@@ -288,22 +326,59 @@ def forward_elements(fw: Forward) -> list[Element]:
     sources = [ANY[f]] if not fw.sources or any(s.prefixlen == 0 for s in fw.sources) \
         else [_addr(s) for s in (fw.sources if len(fw.sources) == 1
                                  else collapse_addresses(fw.sources))]  # type: ignore[type-var]
-    proto, hp, gp = fw.proto, fw.host_ports, fw.guest_ports
-    if gp == hp:
-        out = [Element(f"dnat{f}_addr", f"{host} . {src} . {proto} . {_ports(hp)}", guest,
-                       comment) for src in sources]
-    else:
-        shift = gp.first - hp.first
-        out = [Element(f"dnat{f}_port", f"{host} . {src} . {proto} . {port}",
-                       f"{guest} . {port + shift}", comment)
-               for src in sources for port in range(hp.first, hp.last + 1)]
     bridge = _if(fw.bridge)
     assert fw.subnet is not None
-    out.append(Element(f"guest{f}", f"{bridge} . {guest} . {proto} . {_ports(gp)}", None,
-                       comment))
-    out.append(Element(f"hairpin{f}", f"{_addr(fw.subnet)} . {guest} . {bridge} . {proto} . "
-                                      f"{_ports(gp)}", None, comment))
+    return [*_dnat(f, host, sources, fw.proto, fw.host_ports, guest, fw.guest_ports, comment),
+            _accept(f, bridge, guest, fw.proto, fw.guest_ports, comment),
+            *_hairpin(f, bridge, guest, fw.proto, fw.guest_ports, _addr(fw.subnet), comment)]
+
+
+def _dnat(f: int, host: str, sources: Iterable[str], proto: str, hp: PortRange, guest: str,
+          gp: PortRange, comment: str) -> list[Element]:
+    """A forward's DNAT elements, per source: the common one (any source, one port) in an
+    exact map (``dnatF_any``, or ``dnatF_at`` for a host address); a range whose guest
+    ports equal its host ports one interval element mapping only the address (the port
+    is kept); a shifted range one element per port."""
+    out = []
+    for src in sources:
+        if src == ANY[f] and hp.first == hp.last:
+            value = f"{guest} . {gp.first}"
+            if host == ANY[f]:
+                out.append(Element(f"dnat{f}_any", f"{proto} . {hp.first}", value, comment))
+            else:
+                out.append(Element(f"dnat{f}_at", f"{host} . {proto} . {hp.first}", value,
+                                   comment))
+        elif gp == hp:
+            out.append(Element(f"dnat{f}_addr", f"{host} . {src} . {proto} . {_ports(hp)}",
+                               guest, comment))
+        else:
+            shift = gp.first - hp.first
+            out += [Element(f"dnat{f}_port", f"{host} . {src} . {proto} . {port}",
+                            f"{guest} . {port + shift}", comment)
+                    for port in range(hp.first, hp.last + 1)]
     return out
+
+
+def _accept(f: int, bridge: str, guest: str, proto: str, gp: PortRange,
+            comment: str) -> Element:
+    """The accept of a forward's DNAT'd packets (both ways): exact for one guest port."""
+    if gp.first == gp.last:
+        return Element(f"guestx{f}", f"{bridge} . {guest} . {proto} . {gp.first}", None,
+                       comment)
+    return Element(f"guest{f}", f"{bridge} . {guest} . {proto} . {_ports(gp)}", None, comment)
+
+
+def _hairpin(f: int, bridge: str, guest: str, proto: str, gp: PortRange, subnet: str,
+             comment: str) -> list[Element]:
+    """The hairpin masquerade: for one guest port an exact key, and the subnet behind the
+    bridge (``hairnetF``, one element per network that any of its forwards holds); for a
+    range one interval element with the subnet in its key."""
+    if gp.first == gp.last:
+        return [Element(f"hairpinx{f}", f"{guest} . {bridge} . {proto} . {gp.first}", None,
+                        comment),
+                Element(f"hairnet{f}", f"{bridge} . {subnet}", None, comment)]
+    return [Element(f"hairpin{f}", f"{subnet} . {guest} . {bridge} . {proto} . {_ports(gp)}",
+                    None, comment)]
 
 
 def wanted(intents: Owners) -> dict[Element, None]:
@@ -476,7 +551,8 @@ def skeleton() -> str:
     out = [f"add table inet {TABLE}"]
     for name, kind in SETS.items():
         word = "map" if ":" in kind else "set"
-        out.append(f"add {word} inet {TABLE} {name} {{ type {kind}; flags interval; }}")
+        flags = "" if name in EXACT else " flags interval;"
+        out.append(f"add {word} inet {TABLE} {name} {{ type {kind};{flags} }}")
     for chain, (hook, rules) in CHAINS.items():
         out.append(f"add chain inet {TABLE} {chain} {{ {hook} }}")
         out.append(f"flush chain inet {TABLE} {chain}")
@@ -507,20 +583,33 @@ def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element
     return deletes, adds
 
 
+def _dnat_key(e: Element) -> tuple[str, str, str, str]:
+    """(host address, source, protocol, host ports) of a DNAT element, whichever map."""
+    parts = [p.strip() for p in e.key.split(" . ")]
+    any_ = ANY[int(e.set[4])]
+    if e.set.endswith("_any"):
+        return any_, any_, parts[0], parts[1]
+    if e.set.endswith("_at"):
+        return parts[0], any_, parts[1], parts[2]
+    return parts[0], parts[1], parts[2], parts[3]
+
+
 def _guest_of(e: Element) -> tuple[str, str, str, int, int] | None:
     """(family, guest, protocol, first, last guest port) a guest or hairpin element
     serves, or a DNAT element leads to."""
     parts = [p.strip() for p in e.key.split(" . ")]
     if e.set.startswith(("guest", "hairpin")):
         first, _, last = parts[-1].partition("-")
-        guest = parts[1]  # "bridge" . guest … or subnet . guest …
+        # "bridge" . guest …, subnet . guest …, or guest . "bridge" … (hairpinx)
+        guest = parts[0] if e.set.startswith("hairpinx") else parts[1]
         return e.set[-1], guest, parts[-2], int(first), int(last or first)
     if e.set.startswith("dnat") and e.value is not None:
         address, _, port = e.value.partition(" . ")
-        first, _, last = parts[-1].partition("-")
+        _host, _src, proto, ports = _dnat_key(e)
+        first, _, last = ports.partition("-")
         if port:
-            return e.set[4], address.strip(), parts[2], int(port), int(port)
-        return e.set[4], address.strip(), parts[2], int(first), int(last or first)
+            return e.set[4], address.strip(), proto, int(port), int(port)
+        return e.set[4], address.strip(), proto, int(first), int(last or first)
     return None
 
 
@@ -530,19 +619,32 @@ def adopted(deletes: Sequence[Element], remaining: Sequence[Element]) -> list[El
     goes, another whose DNAT still leads there takes the element over (deleted and added
     again in the same transaction, under its comment), so that removal by owner never
     takes what someone else still needs."""
-    shared = [e for e in deletes if e.set.startswith(("guest", "hairpin"))]
+    shared = [e for e in deletes if e.set.startswith(("guest", "hairpin", "hairnet"))]
     if not shared:
         return []
+    shared.sort(key=lambda e: e.set.startswith("hairnet"))  # after the hairpins' heirs
     leading: dict[tuple[str, str, str], list[tuple[int, int, str]]] = {}
     for e in remaining:
         if e.set.startswith("dnat") and (found := _guest_of(e)) is not None:
             family, guest, proto, first, last = found
             leading.setdefault((family, guest, proto), []).append((first, last, e.comment))
     taken = {(e.set, e.key) for e in remaining}
-    out = []
+    out: list[Element] = []
     for e in shared:
+        if (e.set, e.key) in taken:
+            continue
+        if e.set.startswith("hairnet"):  # held for the network's exact hairpins
+            network = e.tag
+            heir_of = next((h.comment for h in [*remaining, *out]
+                            if h.set == f"hairpinx{e.set[-1]}" and (t := h.tag) is not None
+                            and network is not None and (t.bridge, t.subnet)
+                            == (network.bridge, network.subnet)), None)
+            if heir_of is not None:
+                out.append(Element(e.set, e.key, None, heir_of))
+                taken.add((e.set, e.key))
+            continue
         found = _guest_of(e)
-        if found is None or (e.set, e.key) in taken:
+        if found is None:
             continue
         family, guest, proto, first, last = found
         heir = next((c for a, b, c in leading.get((family, guest, proto), ()) if a <= last
@@ -557,8 +659,19 @@ def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) ->
     """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds."""
     if not deletes and not adds and table.skeleton_ok():
         return ""
-    out = "" if table.skeleton_ok() else skeleton()
+    gone = set(deletes)
+    needed = _range_chains([*(e for e in table.elements if e not in gone), *adds])
+    have = {c for c in table.chains if c.startswith(RANGE_CHAIN)}
+    lines = []
+    # a range chain goes ahead of the maps (a verdict map new in the same transaction
+    # cannot jump to a chain added after it), and away once nothing jumps to it
+    for chain in sorted(needed - have):
+        lines += [f"add table inet {TABLE}", f"add chain inet {TABLE} {chain}",
+                  f"add rule inet {TABLE} {chain} {_range_rule(chain)}"]
+    out = "".join(line + "\n" for line in lines)
+    out += "" if table.skeleton_ok() else skeleton()
     lines = _by_set(deletes, "delete") + _by_set(adds, "add")
+    lines += [f"delete chain inet {TABLE} {chain}" for chain in sorted(have - needed)]
     return out + "".join(line + "\n" for line in lines)
 
 
@@ -591,7 +704,9 @@ class Record:
             elements = [Element(*item) for item in items]
         except (OSError, ValueError, EOFError, TypeError):
             return None
-        return Table(True, {c: list(rules) for c, (_hook, rules) in CHAINS.items()}, elements)
+        chains = {c: list(rules) for c, (_hook, rules) in CHAINS.items()}
+        chains.update({c: [_range_rule(c)] for c in _range_chains(elements)})
+        return Table(True, chains, elements)
 
     @classmethod
     def save(cls, generation: int, elements: list[Element]) -> None:
@@ -829,7 +944,7 @@ class NftBackend:
             if not e.set.startswith("dnat") or tag is None or e.value is None:
                 continue
             out.setdefault(tag.owner, {})
-            daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
+            daddr, _saddr, proto, ports = _dnat_key(e)
             first_text, _, last_text = ports.partition("-")
             first, last = int(first_text), int(last_text or first_text)
             if wanted_near is not None and tag.owner != mine and not any(
@@ -860,7 +975,7 @@ class NftBackend:
         for e in change.ended:
             if e.value is None:
                 continue
-            daddr, _saddr, proto, ports = [p.strip() for p in e.key.split(" . ")]
+            daddr, _saddr, proto, ports = _dnat_key(e)
             family = 4 if e.set.startswith("dnat4") else 6
             af = AF_INET if family == 4 else AF_INET6
             first, _, last = ports.partition("-")

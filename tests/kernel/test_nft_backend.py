@@ -364,3 +364,25 @@ def test_the_plan_text_is_accepted_by_nft_check(netns):
         {"n=lab": plan_network_owner(lab), "d=web1": plan_domain_owner(web1, {"lab": lab})})
     assert "add element inet kvmufw dnat4" in text and "dnat6" in text
     netns.run("nft", "-c", "-f", "-", input=text)
+
+
+def test_masquerade_uses_the_networks_own_source_port_range(topo, state_env):
+    """A network's ``<nat><port start end>`` is honoured: its guests' connections leave
+    from source ports in that range (the peer outside reports the port it saw), and the
+    network's stop leaves no chain of that range behind."""
+    for proto in ("tcp", "udp"):
+        topo.inet.serve(proto, 9100, with_port=True)
+    backend = NftBackend(prefix=topo.host.prefix)
+    xml = LAB_NET.replace(b"<forward mode='nat' dev='eth0'/>",
+                          b"<forward mode='nat' dev='eth0'><nat>"
+                          b"<port start='2000' end='2009'/></nat></forward>")
+    net, _ = parse_hookdata(xml)
+    ops.network_started(net, xml, backend=backend)
+    seen = [topo.guests[5].ask(proto, "203.0.113.2", 9100) for proto in ("tcp", "udp")
+            for _ in range(3)]
+    assert all(s is not None and s.startswith("203.0.113.1:") for s in seen), seen
+    ports = [int(s.rsplit(":", 1)[1]) for s in seen if s is not None]
+    assert all(2000 <= port <= 2009 for port in ports), seen
+    assert "chain masq_2000_2009 {" in table(topo)
+    ops.network_stopped(net, backend=backend)
+    assert "chain masq_" not in table(topo)

@@ -62,9 +62,11 @@ class Netns:
         self.procs.append(proc)
         return proc
 
-    def serve(self, proto: str, *ports: int) -> subprocess.Popen:
-        """A peer that answers each connection/datagram with the address it saw."""
-        proc = self.spawn(sys.executable, PEER, "serve", proto, *map(str, ports))
+    def serve(self, proto: str, *ports: int, with_port: bool = False) -> subprocess.Popen:
+        """A peer that answers each connection/datagram with the address it saw (and
+        ``:port``, the source port, ``with_port``)."""
+        proc = self.spawn(sys.executable, PEER, "serve-port" if with_port else "serve", proto,
+                          *map(str, ports))
         line = proc.stdout.readline()  # "ready"
         assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() else "")
         return proc

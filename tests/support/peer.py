@@ -1,5 +1,6 @@
 """A packet peer for tests: ``serve PROTO PORT…`` answers every TCP connection or UDP
 datagram with the source address it saw, on IPv4 and (where the namespace has it) IPv6;
+``serve-port`` answers ``address:port`` (the source port it saw);
 ``ask PROTO HOST PORT TIMEOUT [SOURCE]`` prints that answer (exit 1 if nothing answered),
 HOST and SOURCE of either family. A server stops by itself after KVMUFW_PEER_LIFETIME
 seconds (default 1200): long enough for a whole lab module, bounded all the same."""
@@ -13,7 +14,7 @@ import time
 LIFETIME = float(os.environ.get("KVMUFW_PEER_LIFETIME", "1200"))
 
 
-def serve(proto: str, ports: list[int]) -> None:
+def serve(proto: str, ports: list[int], with_port: bool = False) -> None:
     sel = selectors.DefaultSelector()
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     for port in ports:
@@ -23,16 +24,20 @@ def serve(proto: str, ports: list[int]) -> None:
             sel.register(sock, selectors.EVENT_READ)
     print("ready", flush=True)
     deadline = time.monotonic() + LIFETIME
+
+    def seen(addr: tuple) -> bytes:
+        return (f"{addr[0]}:{addr[1]}\n" if with_port else f"{addr[0]}\n").encode()
+
     while time.monotonic() < deadline:
         for key, _ in sel.select(timeout=1):
             sock = key.fileobj
             if proto == "tcp":
                 conn, addr = sock.accept()
                 with conn:
-                    conn.sendall(f"{addr[0]}\n".encode())
+                    conn.sendall(seen(addr))
             else:
                 _data, addr = sock.recvfrom(2048)
-                sock.sendto(f"{addr[0]}\n".encode(), addr)
+                sock.sendto(seen(addr), addr)
 
 
 def listeners(kind: int, port: int) -> list[socket.socket]:
@@ -72,8 +77,8 @@ def ask(proto: str, host: str, port: int, timeout: float, source: str | None = N
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "serve":
-        serve(sys.argv[2], [int(p) for p in sys.argv[3:]])
+    if sys.argv[1] in ("serve", "serve-port"):
+        serve(sys.argv[2], [int(p) for p in sys.argv[3:]], sys.argv[1] == "serve-port")
     else:
         sys.exit(ask(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
                      *sys.argv[6:7]))

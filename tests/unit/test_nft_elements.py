@@ -4,6 +4,7 @@ same elements, and a change is element adds and deletes only."""
 
 from kvmufw_hook.backends.nft import (
     CHAINS,
+    EXACT,
     Element,
     NftBackend,
     Ruleset,
@@ -40,7 +41,20 @@ def test_a_shifted_range_is_one_element_per_port_and_a_kept_range_one_interval()
     assert {("dnat4_port", f"0.0.0.0/0 . 0.0.0.0/0 . udp . {6000 + i}", f"10.0.0.5 . {5000 + i}")
             for i in range(3)} <= found
     assert ("dnat4_addr", "0.0.0.0/0 . 0.0.0.0/0 . udp . 7000-7999", "10.0.0.5") in found
-    assert ("dnat6_port", "::/0 . ::/0 . tcp . 2222", "fd00::5 . 22") in found
+
+
+def test_a_forward_of_one_port_from_anyone_is_an_exact_key_in_every_set_it_needs():
+    """The common forward is looked up in hash sets only: a new connection through it
+    costs the same whatever the number of forwards."""
+    mine = [e for e in wanted({"d=g5": RULES["d=g5"]}) if e.key.endswith(" . 22")
+            or e.key.endswith("tcp . 2222") or e.set.startswith("hairnet")]
+    found = {(e.set, e.key, e.value) for e in mine}
+    assert ("dnat6_any", "tcp . 2222", "fd00::5 . 22") in found
+    assert ("dnat4_any", "tcp . 2222", "10.0.0.5 . 22") in found
+    assert ("guestx4", '"virbr1" . 10.0.0.5 . tcp . 22', None) in found
+    assert ("hairpinx4", '10.0.0.5 . "virbr1" . tcp . 22', None) in found
+    assert ("hairnet4", '"virbr1" . 10.0.0.0/24', None) in found
+    assert all(e.set in EXACT or e.set.startswith("hairnet") for e in mine)
 
 
 def test_each_source_is_its_own_key_and_every_element_names_its_owner():
@@ -58,6 +72,10 @@ def listing(items: list[Element]) -> str:
                 "\t\telements = { " + ",\n\t\t\t     ".join(texts) + " }", "\t}"]
     for chain, (hook, rules) in CHAINS.items():
         out += [f"\tchain {chain} {{", f"\t\t{hook}", *(f"\t\t{r}" for r in rules), "\t}"]
+    for chain in sorted({e.value.split()[1] for e in items if e.set.startswith("masqp")}):
+        first, last = chain.split("_")[1:]
+        out += [f"\tchain {chain} {{",
+                f"\t\tmeta l4proto {{ tcp, udp }} masquerade to :{first}-{last}", "\t}"]
     return "\n".join([*out, "}"]) + "\n"
 
 
@@ -105,3 +123,45 @@ def test_a_guest_port_two_owners_forward_to_stays_when_one_of_them_goes():
     after = Ruleset(Table.parse(listing(change.after or [])))
     assert NftBackend.present(after, theirs)
     assert not any(e.comment.startswith("kvmufw:d=g5,") for e in after.table.elements)
+
+
+def test_a_networks_own_nat_port_range_is_a_chain_that_lives_while_an_element_jumps_to_it():
+    """``<nat><port start end>``: tcp and udp masquerade through a verdict map to the chain
+    of that range; the chain is added ahead of the maps (a new verdict map cannot jump to
+    a chain added after it) and deleted with the last element that jumps to it."""
+    xml = b"""<network><name>p</name><forward mode='nat' dev='eth0'><nat>
+      <port start='2000' end='2009'/></nat></forward><bridge name='virbr2'/>
+      <ip address='10.0.2.1' prefix='24'/></network>"""
+    owners = {"n=p": plan_network_owner(parse_network_xml(xml))}
+    found = {(e.set, e.key, e.value) for e in wanted(owners)}
+    assert ("masqp4", '10.0.2.0/24 . "eth0"', "jump masq_2000_2009") in found
+    script = NftBackend().change(Ruleset(Table()), owners).script
+    assert script.index("add chain inet kvmufw masq_2000_2009") < script.index("add map")
+    assert "masquerade to :2000-2009" in script
+    after = NftBackend().change(Ruleset(Table()), owners).after or []
+    table = Table.parse(listing(after))
+    assert not NftBackend().change(Ruleset(table), owners).script
+    stop = NftBackend().change(Ruleset(table), {"n=p": ()}).script
+    assert stop.splitlines()[-1] == "delete chain inet kvmufw masq_2000_2009"
+
+
+def test_a_networks_hairpin_subnet_stays_while_any_of_its_one_port_forwards_does():
+    """``hairnetF`` (bridge . subnet) is one key per network, held under the comment of
+    the first forward that added it: when that owner goes, another forward of the network
+    to another guest port takes it over, so its hairpin still masquerades."""
+    from dataclasses import replace
+
+    from kvmufw_hook.intents import Forward
+    mine = [i for i in RULES["d=g5"] if isinstance(i, Forward) and i.guest_ports.first == 22]
+    port = type(mine[0].host_ports)
+    theirs = [replace(f, owner="d=g6", host_ports=port(3333, 3333),
+                      guest_ports=port(2022, 2022)) for f in mine]
+    both = {"d=g5": mine, "d=g6": theirs}
+    table = Table.parse(listing(NftBackend().change(Ruleset(Table()), both).after or []))
+    held = [e for e in table.elements if e.set.startswith("hairnet")]
+    assert len(held) == 2 and all(e.comment.startswith("kvmufw:d=g5,") for e in held)
+    change = NftBackend().change(Ruleset(table), {"d=g5": ()})
+    after = Ruleset(Table.parse(listing(change.after or [])))
+    assert NftBackend.present(after, theirs)
+    assert {e.set for e in after.table.elements if e.comment.startswith("kvmufw:d=g6,")} \
+        >= {"hairnet4", "hairnet6", "hairpinx4", "hairpinx6"}
