@@ -135,13 +135,17 @@ class Figures:
 class Host:
     """One simulated libvirt host: a namespace, our state, libvirt's status files."""
 
-    def __init__(self, ns: Netns, workdir: Path, kill_rate: float) -> None:
-        self.ns, self.kill_rate = ns, kill_rate
+    def __init__(self, ns: Netns, workdir: Path, kill_rate: float,
+                 backend: str = "iptables") -> None:
+        self.ns, self.kill_rate, self.backend = ns, kill_rate, backend
         self.state = workdir / "state"
         self.status = workdir / "libvirt-network"
         self.status.mkdir(parents=True, exist_ok=True)
+        config = workdir / "kvmufw_hook.conf"  # root's configuration: the backend
+        config.write_text(f'firewall_backend = "{backend}"\n')
         self.env = {"PATH": PATH, "LC_ALL": "C", "KVMUFW_STATE_DIR": str(self.state),
-                    "KVMUFW_LIBVIRT_NETWORK_DIR": str(self.status)}
+                    "KVMUFW_LIBVIRT_NETWORK_DIR": str(self.status),
+                    "KVMUFW_CONFIG": str(config)}
         self.active: set[str] = set()
         self.running: set[int] = set()
         self.figures = Figures()
@@ -280,12 +284,11 @@ class Host:
 
     def replay(self) -> None:
         """``kvmufw_hook replay``: libvirt's live XML of active networks, running guests."""
-        from kvmufw_hook import ops
-        from kvmufw_hook.backends.iptables import IptablesBackend
+        from kvmufw_hook import backends, ops
         self._in_env(lambda: ops.replay(
             [NETWORKS[n] for n in sorted(self.active)],
             [domain_xml(i) for i in sorted(self.running)],
-            backend=IptablesBackend(self.ns.prefix)))
+            backend=backends.get(self.backend, self.ns.prefix)))
 
     def _in_env(self, call):
         saved = {k: os.environ.get(k) for k in self.env if k.startswith("KVMUFW_")}
@@ -309,9 +312,7 @@ class Host:
         return self._in_env(lambda: self._check(phase))
 
     def _check(self, phase: str) -> list[str]:
-        from kvmufw_hook import state
-        from kvmufw_hook.backends.iptables import IptablesBackend, Ruleset
-        from kvmufw_hook.commands import status
+        from kvmufw_hook import backends, state
         from kvmufw_hook.hostplan import plan_host
         from kvmufw_hook.names import domain_owner, network_owner
         from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
@@ -331,9 +332,31 @@ class Host:
                     unsure |= {domain_owner(f"g{i}") for i in self.running}
             self.figures.unknowable += len(unsure)
         wanted = plan_host(networks, domains).rules
-        expected = IptablesBackend.change(Ruleset.empty(), wanted).parts
-        backend = IptablesBackend(self.ns.prefix)
+        backend = backends.get(self.backend, self.ns.prefix)
         ruleset = backend.read((4, 6))
+        if self.backend == "iptables":
+            problems += self._exactly_once(phase, wanted, unsure)
+        else:  # rules, elements or whatever the backend holds: what it would still change
+            sure = {owner: rules for owner, rules in wanted.items() if owner not in unsure}
+            change = backend.change(ruleset, sure)
+            if change:
+                problems.append(f"{phase}: not as libvirt's truth asks: {change.text[:400]}")
+            extra = backend.owners(ruleset) - set(wanted) - unsure
+            if extra:
+                problems.append(f"{phase}: left over: {sorted(extra)}")
+        bad = backend.entry_problems(ruleset)
+        if bad:
+            problems.append(f"{phase}: jumps not first: {bad}")
+        problems += self._status_agrees(phase, backend, networks, domains, unsure)
+        problems += self.leftovers(phase)
+        return problems
+
+    def _exactly_once(self, phase: str, wanted, unsure: set[str]) -> list[str]:
+        """The iptables backend's rules, line by line: each wanted one exactly once, none
+        of an owner that libvirt does not run."""
+        from kvmufw_hook.backends.iptables import IptablesBackend, Ruleset
+        problems: list[str] = []
+        expected = IptablesBackend.change(Ruleset.empty(), wanted).parts
         for family in (4, 6):
             have = [line for line in self.ns.save(family).splitlines()
                     if line.startswith("-A KVMUFW-")]
@@ -349,9 +372,13 @@ class Host:
                 problems.append(f"{phase}: IPv{family}: missing {len(missing)}: {missing[:2]}")
             if extra:
                 problems.append(f"{phase}: IPv{family}: left over {len(extra)}: {extra[:2]}")
-        bad = backend.entry_problems(ruleset)
-        if bad:
-            problems.append(f"{phase}: jumps not first: {bad}")
+        return problems
+
+    def _status_agrees(self, phase: str, backend, networks, domains,
+                       unsure: set[str]) -> list[str]:
+        from kvmufw_hook.commands import status
+        from kvmufw_hook.names import domain_owner, network_owner
+        problems: list[str] = []
         report = status.collect(backend)
         listed = {network_owner(n["name"]) for n in report["networks"]} | {
             domain_owner(d["name"]) for d in report["domains"]}
@@ -369,7 +396,6 @@ class Host:
             if entry["name"] in domains and owner not in unsure and not all(
                     f["present"] for f in entry["forwards"]):
                 problems.append(f"{phase}: status: {entry['name']} forwards absent")
-        problems += self.leftovers(phase)
         return problems
 
     def leftovers(self, phase: str) -> list[str]:
@@ -423,11 +449,12 @@ def pick(rng: random.Random, host: Host, busy: set[str]) -> tuple[str, tuple, se
 
 
 def storm(seed: int, events: int, ns: Netns, workdir: Path, kill_rate: float = 0.3,
-          log=print) -> Figures:
-    """One storm of ``events`` events from ``seed``, then the admin's way back, checked."""
+          log=print, backend: str = "iptables") -> Figures:
+    """One storm of ``events`` events from ``seed``, then the admin's way back, checked,
+    with ``backend`` chosen in root's configuration."""
     started = time.monotonic()
     rng = random.Random(seed)
-    host = Host(ns, workdir, kill_rate)
+    host = Host(ns, workdir, kill_rate, backend)
     for name in NETWORKS:  # the day starts with both networks up (unkilled)
         host.net_start(random.Random(0), name)
     concurrency = 2 + seed % 3  # 2-4 at once
@@ -480,7 +507,7 @@ def storm(seed: int, events: int, ns: Netns, workdir: Path, kill_rate: float = 0
     host.figures.problems += host.check("replay")
     host.figures.seconds = time.monotonic() - started
     f = host.figures
-    log(f"seed {seed}: {sum(f.events.values())} events ({dict(sorted(f.events.items()))}), "
+    log(f"seed {seed} ({backend}): {sum(f.events.values())} events ({dict(sorted(f.events.items()))}), "
         f"concurrency {concurrency}, {f.hooks} hooks, {f.killed} killed "
         f"({f.killed_with_children} with children), {f.unknowable} left to replay, "
         f"{len(f.problems)} problem(s), {f.seconds:.0f}s")
@@ -503,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=100, help="events per seed")
     parser.add_argument("--kill-rate", type=float, default=0.3,
                         help="share of hooks SIGKILLed (default 0.3)")
+    parser.add_argument("--backend", default="iptables", choices=("iptables", "nftables"),
+                        help="firewall_backend of root's configuration (default iptables)")
     args = parser.parse_args(argv)
     import tempfile
     total = Figures()
@@ -510,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         ns = Netns.create("storm")
         try:
             with tempfile.TemporaryDirectory(prefix="kvmufw-storm-") as work:
-                total.add(storm(seed, args.events, ns, Path(work), args.kill_rate))
+                total.add(storm(seed, args.events, ns, Path(work), args.kill_rate,
+                                backend=args.backend))
         finally:
             ns.destroy()
     print(f"total: {sum(total.events.values())} events, {total.hooks} hooks, "
