@@ -18,4 +18,6 @@ def test_a_hook_storm_leaves_every_running_owner_exactly_once_and_nothing_stoppe
         need_root_tools("nft")
     figures = storm(seed, 40, netns, tmp_path, log=lambda _line: None, backend=backend)
     assert figures.problems == [], "\n".join(figures.problems)
-    assert figures.killed > 0 and figures.hooks > 80  # the storm was one
+    # the storm was one: hooks were killed, and more ran than there were events (how many
+    # depends on the timing: a seed that toggles networks often starts few guests)
+    assert figures.killed > 0 and figures.hooks > 40
