@@ -113,6 +113,36 @@ def write_cache(name: str, data: bytes) -> None:
     _write(os.path.join(state_dir(), "cache", name), data)
 
 
+def read_recorded(name: str, generation: int) -> Any:
+    """What ``write_recorded`` left in ``cache/NAME``, if it was written at nf_tables'
+    ``generation`` (nobody has committed anything since); None otherwise, or when the
+    file is missing or unreadable (the kernel is read instead)."""
+    import marshal
+    try:
+        with open(os.path.join(state_dir(), "cache", name), "rb") as fh:
+            recorded, payload = marshal.loads(fh.read())
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    return payload if recorded == generation else None
+
+
+def write_recorded(name: str, generation: int, payload: Any) -> None:
+    """A backend's record of what its own last write left, at nf_tables' generation right
+    after it; a record that cannot be written is removed (a stale one would lie)."""
+    import marshal
+    try:
+        write_cache(name, marshal.dumps((generation, payload)))
+    except (OSError, ApplyError):
+        forget_recorded(name)
+
+
+def forget_recorded(name: str) -> None:
+    try:
+        os.unlink(os.path.join(state_dir(), "cache", name))
+    except OSError:
+        pass
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)

@@ -504,21 +504,17 @@ class Record:
     a guest's start). Any change by anyone (UFW, libvirt, an admin, a rule of ours put
     in by hand) moves the generation on: then the kernel is read again, as always."""
 
-    @staticmethod
-    def path() -> str:
-        from ..names import state_dir
-        return os.path.join(state_dir(), "cache", "ruleset")
+    NAME = "ruleset"
 
     @classmethod
     def load(cls, generation: int, families: set[int]) -> Ruleset | None:
-        import marshal
+        from .. import state
+        data = state.read_recorded(cls.NAME, generation)
         try:
-            with open(cls.path(), "rb") as fh:
-                data = marshal.loads(fh.read())
-            recorded, unavailable, snapshots = data
-        except (OSError, ValueError, EOFError, TypeError):
+            unavailable, snapshots = data
+        except (ValueError, TypeError):
             return None
-        if recorded != generation or not families <= set(snapshots) | set(unavailable):
+        if not families <= set(snapshots) | set(unavailable):
             return None
         out = {}
         for family, tables in snapshots.items():
@@ -530,23 +526,19 @@ class Record:
 
     @classmethod
     def save(cls, ruleset: Ruleset) -> None:
-        import marshal
-
         from .. import state
-        data = (ruleset.generation, ruleset.unavailable,
-                {f: {name: (t.chains, t.rules) for name, t in snap.tables.items()}
-                 for f, snap in ruleset.snapshots.items()})
-        try:
-            state.write_cache("ruleset", marshal.dumps(data))
-        except (OSError, ApplyError):
-            cls.forget()
+        if ruleset.generation is None:  # nothing to prove it by
+            state.forget_recorded(cls.NAME)
+            return
+        state.write_recorded(cls.NAME, ruleset.generation, (
+            ruleset.unavailable,
+            {f: {name: (t.chains, t.rules) for name, t in snap.tables.items()}
+             for f, snap in ruleset.snapshots.items()}))
 
     @classmethod
     def forget(cls) -> None:
-        try:
-            os.unlink(cls.path())
-        except OSError:
-            pass
+        from .. import state
+        state.forget_recorded(cls.NAME)
 
 
 class Tools:

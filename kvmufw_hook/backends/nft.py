@@ -695,22 +695,12 @@ class Record:
     NAME = "nft-table"
 
     @classmethod
-    def path(cls) -> str:
-        import os
-
-        from ..names import state_dir
-        return os.path.join(state_dir(), "cache", cls.NAME)
-
-    @classmethod
     def load(cls, generation: int) -> Table | None:
-        import marshal
+        from .. import state
+        items = state.read_recorded(cls.NAME, generation)
         try:
-            with open(cls.path(), "rb") as fh:
-                recorded, items = marshal.loads(fh.read())
-            if recorded != generation:
-                return None
             elements = [Element(*item) for item in items]
-        except (OSError, ValueError, EOFError, TypeError):
+        except TypeError:  # None (not recorded at this generation), or not a record
             return None
         chains = {c: list(rules) for c, (_hook, rules) in CHAINS.items()}
         chains.update({c: [_range_rule(c)] for c in _range_chains(elements)})
@@ -718,22 +708,14 @@ class Record:
 
     @classmethod
     def save(cls, generation: int, elements: list[Element]) -> None:
-        import marshal
-
         from .. import state
-        data = (generation, [(e.set, e.key, e.value, e.comment) for e in elements])
-        try:
-            state.write_cache(cls.NAME, marshal.dumps(data))
-        except (OSError, ApplyError):
-            cls.forget()
+        state.write_recorded(cls.NAME, generation,
+                             [(e.set, e.key, e.value, e.comment) for e in elements])
 
     @classmethod
     def forget(cls) -> None:
-        import os
-        try:
-            os.unlink(cls.path())
-        except OSError:
-            pass
+        from .. import state
+        state.forget_recorded(cls.NAME)
 
 
 # --------------------------------------------------------------------------- backend
