@@ -4,7 +4,7 @@ real packets through veth pairs. Root only; CI runs them."""
 import pytest
 from breaking import BreaksNat
 from conftest import FIXTURES, SAMPLES
-from netlab import SEED, Topology
+from netlab import SEED, TOPOLOGY_NET, Topology
 
 from kvmufw_hook.backends.iptables import (
     IptablesBackend,
@@ -128,14 +128,7 @@ def test_flush_removes_everything_of_ours(netns):
 
 # --------------------------------------------------------------------------- packets
 
-LAB_NET = b"""<network><name>lab</name>
-  <metadata><forwards xmlns="urn:kvmufw:1">
-    <forward host-port="8080" guest-port="80" guest-ip="10.0.0.5"/>
-  </forwards></metadata>
-  <forward mode='nat' dev='eth0'/><bridge name='virbr1'/>
-  <ip address='10.0.0.1' prefix='24'><dhcp>
-    <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
-  </dhcp></ip></network>"""
+LAB_NET = TOPOLOGY_NET  # bridge virbr1, 10.0.0.0/24, a network forward 8080 -> .5:80
 GUEST = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
     <forward host-port="2222" guest-port="22"/>
     <forward proto="udp" host-port="6000-6002" guest-port="5000-5002"/>

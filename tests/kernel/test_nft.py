@@ -19,6 +19,7 @@ from ipaddress import ip_address
 
 import pytest
 from conftest import ROOT, SAMPLES, need_root_tools
+from netlab import TOPOLOGY_NET
 
 from kvmufw_hook import backends
 from kvmufw_hook.backends import libvirt_nft as nftmod
@@ -44,14 +45,7 @@ from kvmufw_hook.parse import parse_domain_xml, parse_hookdata, parse_network_xm
 
 GOLDEN = ROOT / "tests" / "golden" / "nft-accepts.nft"
 
-LAB_NET = b"""<network><name>lab</name>
-  <metadata><forwards xmlns="urn:kvmufw:1">
-    <forward host-port="8080" guest-port="80" guest-ip="10.0.0.5"/>
-  </forwards></metadata>
-  <forward mode='nat' dev='eth0'/><bridge name='virbr1'/>
-  <ip address='10.0.0.1' prefix='24'><dhcp>
-    <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
-  </dhcp></ip></network>"""
+LAB_NET = TOPOLOGY_NET  # bridge virbr1, 10.0.0.0/24, a network forward 8080 -> .5:80
 GUEST = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
     <forward host-port="2222" guest-port="22"/>
     <forward proto="udp" host-port="6000-6002" guest-port="5000-5002"/>

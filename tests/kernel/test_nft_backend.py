@@ -3,20 +3,13 @@ creates: real ``nft``, real iptables with UFW's DROP policy and libvirt's reject
 packets through veth pairs. Root only; CI runs them."""
 
 import pytest
-from netlab import SEED, Topology
+from netlab import SEED, TOPOLOGY_LIBVIRT_NFT, TOPOLOGY_NET, Topology
 
 from kvmufw_hook import ops
 from kvmufw_hook.backends.nft import GLUE_COMMENT, NftBackend
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 
-LAB_NET = b"""<network><name>lab</name>
-  <metadata><forwards xmlns="urn:kvmufw:1">
-    <forward host-port="8080" guest-port="80" guest-ip="10.0.0.5"/>
-  </forwards></metadata>
-  <forward mode='nat' dev='eth0'/><bridge name='virbr1'/>
-  <ip address='10.0.0.1' prefix='24'><dhcp>
-    <host mac='52:54:00:00:00:05' ip='10.0.0.5'/><host mac='52:54:00:00:00:06' ip='10.0.0.6'/>
-  </dhcp></ip></network>"""
+LAB_NET = TOPOLOGY_NET  # bridge virbr1, 10.0.0.0/24, a network forward 8080 -> .5:80
 GUEST = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
     <forward host-port="2222" guest-port="22"/>
     <forward proto="udp" host-port="6000-6002" guest-port="5000-5002"/>
@@ -144,22 +137,7 @@ def test_claims_are_read_back_from_the_maps(topo, state_env):
     assert [(s.proto, s.host_port.first) for s in held["n=lab"]] == [("tcp", 8080)]
 
 
-LIBVIRT_NFT = """table ip libvirt_network {
-  chain guest_output {
-    iif "virbr1" ip saddr 10.0.0.0/24 accept
-    iif "virbr1" reject
-  }
-  chain guest_input {
-    oif "virbr1" ip daddr 10.0.0.0/24 ct state established,related accept
-    oif "virbr1" reject
-  }
-  chain forward {
-    type filter hook forward priority filter; policy accept;
-    jump guest_output
-    jump guest_input
-  }
-}
-"""
+LIBVIRT_NFT = TOPOLOGY_LIBVIRT_NFT  # libvirt 11's table for virbr1, abridged
 
 
 def test_forwards_pass_libvirt_nftables_rejects_with_one_glue_rule_per_chain(topo, state_env):
