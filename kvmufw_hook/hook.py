@@ -2,11 +2,12 @@
 
 This module is on the critical path of every guest start and stop, so it decides from
 argv (and a byte search of stdin) whether the call matters before importing anything
-heavy: lxml, the planner and the backends are imported only when there is work. qemu
-``prepare`` does nothing: ``start`` runs before QEMU is launched, validates everything
-``prepare`` could (and more: the bridge is known by then) and refuses the start just the
-same. A guest's stop needs only its name: no XML, no lxml, one iptables-save (none
-after a write of ours: ``backends.iptables.Record``) and one iptables-restore.
+heavy: the XML parser, the planner and the backends are imported only when there is
+work. qemu ``prepare`` does nothing: ``start`` runs before QEMU is launched, validates
+everything ``prepare`` could (and more: the bridge is known by then) and refuses the
+start just the same. A guest's stop needs only its name: no XML, no parser, one
+iptables-save (none after a write of ours: ``backends.iptables.Record``) and one
+iptables-restore.
 
 The guest-stop budget: a stop (qemu ``stopped``, then ``release``) runs on libvirt's
 critical path of every shutdown, so it loads the package's modules of ``STOP_MODULES``
@@ -47,11 +48,6 @@ STOP_STDLIB = frozenset({
     "encodings.unicode_escape"})
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
 QEMU_OPS = {"start", "stopped", "release", "reconnect", "migrate", "restore"}
-# Where distributions install python3-lxml. The shims run python with -S, and site.main()
-# (every .pth file, sitecustomize) costs more than the interpreter's own start-up.
-DIST_PACKAGES = ("/usr/lib/python3/dist-packages",
-                 f"/usr/lib/python3.{sys.version_info[1]}/site-packages",
-                 f"/usr/lib64/python3.{sys.version_info[1]}/site-packages")
 # Ops whose failure must not reach libvirt as a non-zero exit.
 NEVER_FAIL = {("network", "stopped"), ("network", "port-created"),
               ("network", "port-deleted"), ("network", "updated"),
@@ -145,21 +141,6 @@ def _quiet_log(message: str) -> None:
         pass
 
 
-def _prepare_lxml() -> None:
-    """In the shims' process (python -S): put the directory that holds lxml on sys.path,
-    the distribution's own when it has lxml, else whatever site finds."""
-    if not sys.flags.no_site or "lxml" in sys.modules:
-        return
-    import os
-    for directory in DIST_PACKAGES:
-        if os.path.isdir(os.path.join(directory, "lxml")):
-            if directory not in sys.path:
-                sys.path.append(directory)
-            return
-    import site
-    site.main()
-
-
 def _finish_switch(log: Callable[[str], None]) -> None:
     """``firewall_backend`` was switched and nothing has run ``replay`` since: ``restore``
     first moves every owner of our state into the selected backend and clears the other
@@ -172,7 +153,6 @@ def _finish_switch(log: Callable[[str], None]) -> None:
             return
     except ConfigError:
         return
-    _prepare_lxml()  # restore plans from our state's XML
     from .ops import restore
     restore(log=log)
     log("firewall backend switched: every owner moved by restore")
@@ -185,7 +165,6 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         from .apply import domain_stopped
         domain_stopped(name, log=log)
         return
-    _prepare_lxml()
     if kind == "qemu" and op == "restore":
         from .parse import parse_domain_xml
         from .plan import validate_domain

@@ -260,13 +260,14 @@ def test_a_guest_stop_loads_only_the_modules_of_its_budget(netns, state_env):
     assert not {m for m in imported if m.startswith("kvmufw_hook.backends")}, imported
 
 
-def test_a_guest_start_finds_lxml_without_site(netns, state_env):
-    """lxml from the distribution's directory, not through site (``site`` and its .pth
-    files cost more than the interpreter's own start-up)."""
+def test_a_guest_start_parses_with_the_standard_library_alone(netns, state_env):
+    """expat, no lxml, and no site (``site`` and its .pth files cost more than the
+    interpreter's own start-up)."""
     run_hook(*sample("16-network.lab.started"), state_env, netns)
     imported = shim_imports(*sample("04-qemu.web1.start"), state_env, netns)
-    assert {"lxml.etree", "kvmufw_hook.ops"} <= imported
-    assert not imported & {"site", "sitecustomize"}, imported & {"site", "sitecustomize"}
+    assert {"pyexpat", "kvmufw_hook.ops"} <= imported
+    unwanted = {"lxml", "lxml.etree", "site", "sitecustomize"}
+    assert not imported & unwanted, imported & unwanted
     assert len([l for l in kvmufw_lines(netns) if "d=web1" in l]) == 15
 
 
