@@ -14,7 +14,9 @@ critical path of every shutdown, so it loads the package's modules of ``STOP_MOD
 and nothing else of ours, and of the standard library only ``STOP_STDLIB`` beyond what
 the interpreter loads to start (``tests/test_hook.py`` runs a real stop and checks
 both). Only those modules keep start-up tricks (imports inside functions, annotations
-behind ``TYPE_CHECKING``); every other module is written plainly.
+behind ``TYPE_CHECKING``); every other module is written plainly. A guest's start has a
+budget too (``START_MODULES``, ``START_STDLIB``): the one trick it needs, a stand-in for
+``inspect`` while the dataclasses load (``_defer_inspect``), lives here.
 
 Exit status follows libvirt's semantics: a failing validation or start op returns
 non-zero so libvirt refuses the start; ``stopped``, ``release`` and ``reconnect`` always
@@ -46,6 +48,30 @@ STOP_STDLIB = frozenset({
     "__future__", "os", "posixpath", "genericpath", "stat", "_stat", "_collections_abc",
     "errno", "fcntl", "time", "select", "_socket", "struct", "_struct", "syslog",
     "encodings.unicode_escape"})
+# The guest-start budget: qemu ``start`` (and every op that parses XML and plans) loads
+# what a stop loads, the parser, the planner and the checks, and of the standard library
+# only START_STDLIB beyond the interpreter's start-up and STOP_STDLIB. Not ``inspect``
+# (``_defer_inspect``), ``typing``, ``site``, lxml or anything outside the standard
+# library (``tests/kernel/test_hook.py`` runs a real start with each backend and checks).
+START_MODULES = STOP_MODULES | frozenset({
+    "kvmufw_hook.parse", "kvmufw_hook.model", "kvmufw_hook.intents", "kvmufw_hook.plan",
+    "kvmufw_hook.policy", "kvmufw_hook.hostplan", "kvmufw_hook.hairpin",
+    "kvmufw_hook.host", "kvmufw_hook.sockdiag", "kvmufw_hook.ops",
+    "kvmufw_hook.backends.rules"})
+START_STDLIB = STOP_STDLIB | frozenset({
+    # the XML parser: expat through ElementTree's elements
+    "xml", "xml.parsers", "xml.parsers.expat", "pyexpat", "xml.etree",
+    "xml.etree.ElementTree", "xml.etree.ElementPath", "_elementtree", "contextlib",
+    "warnings",
+    # the model's dataclasses (and what they import but inspect)
+    "dataclasses", "copy", "copyreg", "weakref", "_weakrefset", "keyword", "types",
+    "org", "org.python", "org.python.core", "reprlib",  # copy's Jython check; 3.11
+    "functools", "_functools", "collections", "collections.abc", "_collections",
+    "itertools", "operator", "_operator", "enum",
+    # validation: addresses, patterns, sorted holders; dnsmasq's leases are JSON
+    "ipaddress", "re", "re._casefix", "re._compiler", "re._constants", "re._parser",
+    "_sre", "bisect", "_bisect", "json", "json.decoder", "json.encoder", "json.scanner",
+    "_json", "encodings.ascii"})
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
 QEMU_OPS = {"start", "stopped", "release", "reconnect", "migrate", "restore"}
 # Ops whose failure must not reach libvirt as a non-zero exit.
@@ -141,6 +167,32 @@ def _quiet_log(message: str) -> None:
         pass
 
 
+def _defer_inspect() -> None:
+    """Put a stand-in for ``inspect`` in ``sys.modules`` until something really uses it.
+
+    ``dataclasses`` imports ``inspect`` when it loads and calls it only for a class
+    without a docstring (to write one); loading it (ast, dis, tokenize, ...) would cost
+    a guest's start about a third of the interpreter's own start-up. Any attribute of
+    the stand-in loads the real module and answers from it: a use nobody foresaw is
+    slower, never wrong. Only this process's hook call sees it (``START_STDLIB`` and its
+    test keep ``inspect`` out); an interpreter that has ``inspect`` already keeps it.
+    """
+    if "inspect" in sys.modules:
+        return
+    from types import ModuleType
+
+    class DeferredInspect(ModuleType):
+        def __getattr__(self, name: str) -> object:
+            if name.startswith("__"):  # the import system asks for __spec__, __path__, ...
+                raise AttributeError(name)
+            if sys.modules.get("inspect") is self:
+                del sys.modules["inspect"]
+            import inspect
+            return getattr(inspect, name)
+
+    sys.modules["inspect"] = DeferredInspect("inspect")
+
+
 def _finish_switch(log: Callable[[str], None]) -> None:
     """``firewall_backend`` was switched and nothing has run ``replay`` since: ``restore``
     first moves every owner of our state into the selected backend and clears the other
@@ -153,6 +205,7 @@ def _finish_switch(log: Callable[[str], None]) -> None:
             return
     except ConfigError:
         return
+    _defer_inspect()
     from .ops import restore
     restore(log=log)
     log("firewall backend switched: every owner moved by restore")
@@ -165,6 +218,7 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         from .apply import domain_stopped
         domain_stopped(name, log=log)
         return
+    _defer_inspect()  # before the model's dataclasses
     if kind == "qemu" and op == "restore":
         from .parse import parse_domain_xml
         from .plan import validate_domain
