@@ -170,25 +170,38 @@ def _quiet_log(message: str) -> None:
 def _defer_inspect() -> None:
     """Put a stand-in for ``inspect`` in ``sys.modules`` until something really uses it.
 
-    ``dataclasses`` imports ``inspect`` when it loads and calls it only for a class
-    without a docstring (to write one); loading it (ast, dis, tokenize, ...) would cost
-    a guest's start about a third of the interpreter's own start-up. Any attribute of
-    the stand-in loads the real module and answers from it: a use nobody foresaw is
-    slower, never wrong. Only this process's hook call sees it (``START_STDLIB`` and its
-    test keep ``inspect`` out); an interpreter that has ``inspect`` already keeps it.
+    ``dataclasses`` imports ``inspect`` when it loads, and asks it of a class only its
+    own annotations (Python 3.12 on: ``get_annotations``, answered here as ``inspect``
+    answers for a class, without evaluating them) and, for a class without a docstring,
+    its signature; loading it (ast, dis, tokenize, ...) would cost a
+    guest's start about a third of the interpreter's own start-up. Anything else loads
+    the real module and answers from it: a use nobody foresaw is slower, never wrong.
+    Only this process's hook call sees it (``START_STDLIB`` and its test keep
+    ``inspect`` out); an interpreter that has ``inspect`` already keeps it.
     """
     if "inspect" in sys.modules:
         return
     from types import ModuleType
 
+    def real() -> ModuleType:
+        if isinstance(sys.modules.get("inspect"), DeferredInspect):
+            del sys.modules["inspect"]
+        import inspect
+        return inspect
+
     class DeferredInspect(ModuleType):
         def __getattr__(self, name: str) -> object:
             if name.startswith("__"):  # the import system asks for __spec__, __path__, ...
                 raise AttributeError(name)
-            if sys.modules.get("inspect") is self:
-                del sys.modules["inspect"]
-            import inspect
-            return getattr(inspect, name)
+            return getattr(real(), name)
+
+        @staticmethod
+        def get_annotations(obj: object, **options: object) -> object:
+            if isinstance(obj, type) and not options.get("eval_str"):
+                own = obj.__dict__.get("__annotations__")  # noqa: RUF063 - we stand in for it
+                if own is None or isinstance(own, dict):
+                    return dict(own or {})
+            return real().get_annotations(obj, **options)
 
     sys.modules["inspect"] = DeferredInspect("inspect")
 
