@@ -71,7 +71,7 @@ START_STDLIB = STOP_STDLIB | frozenset({
     # validation: addresses, patterns, sorted holders; dnsmasq's leases are JSON
     "ipaddress", "re", "re._casefix", "re._compiler", "re._constants", "re._parser",
     "_sre", "bisect", "_bisect", "json", "json.decoder", "json.encoder", "json.scanner",
-    "_json", "encodings.ascii"})
+    "_json"})
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
 QEMU_OPS = {"start", "stopped", "release", "reconnect", "migrate", "restore"}
 # Ops whose failure must not reach libvirt as a non-zero exit.
