@@ -123,7 +123,8 @@ def load(data: bytes | str, what: str = "input") -> Element:
 
 
 def _clark(name: str) -> str:
-    """expat's ``URI}local`` (namespace_separator "}") as ElementTree's ``{URI}local``."""
+    """expat's ``URI}local`` (namespace_separator "}") as ElementTree's ``{URI}local``.
+    Exact: expat refuses a namespace URI that holds the separator, and a name has none."""
     return "{" + name if "}" in name else name
 
 
