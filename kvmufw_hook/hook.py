@@ -15,8 +15,9 @@ and nothing else of ours, and of the standard library only ``STOP_STDLIB`` beyon
 the interpreter loads to start (``tests/test_hook.py`` runs a real stop and checks
 both). Only those modules keep start-up tricks (imports inside functions, annotations
 behind ``TYPE_CHECKING``); every other module is written plainly. A guest's start has a
-budget too (``START_MODULES``, ``START_STDLIB``): the one trick it needs, a stand-in for
-``inspect`` while the dataclasses load (``_defer_inspect``), lives here.
+budget too (``START_MODULES``, ``START_STDLIB``); the two tricks it needs live here: a
+stand-in for ``inspect`` while the dataclasses load (``_defer_inspect``), and their
+generated methods compiled when first called (``_lazy_dataclass_methods``).
 
 Exit status follows libvirt's semantics: a failing validation or start op returns
 non-zero so libvirt refuses the start; ``stopped``, ``release`` and ``reconnect`` always
@@ -206,6 +207,40 @@ def _defer_inspect() -> None:
     sys.modules["inspect"] = DeferredInspect("inspect")
 
 
+def _lazy_dataclass_methods() -> None:
+    """Compile each method a dataclass generates on its first call, not when the class
+    is created.
+
+    Python 3.11 and 3.12 compile every generated method (``__init__``, ``__repr__``,
+    ``__eq__``, ``__hash__``, a frozen class's ``__setattr__`` and ``__delattr__``) with
+    an ``exec`` of its own while the class is created: ~0.4 ms a class, ~6 ms of a
+    guest's start, mostly for methods the call never runs. Here ``dataclasses`` hands
+    out a stand-in that compiles the very same text (``dataclasses._create_fn``) when
+    first called and then calls it. Python 3.13 compiles a class's methods in one
+    ``exec`` and has no ``_create_fn``: nothing to do. Only this process's hook call
+    sees it, after ``_defer_inspect`` (``dataclasses`` imports ``inspect``).
+    """
+    import dataclasses
+    create = getattr(dataclasses, "_create_fn", None)
+    if create is None or create.__module__ == __name__:
+        return
+
+    def lazy(name: str, args: list[str], body: list[str],
+             **options: object) -> Callable[..., object]:
+        compiled: Callable[..., object] | None = None
+
+        def method(*args_: object, **kwargs: object) -> object:
+            nonlocal compiled
+            if compiled is None:
+                compiled = create(name, args, body, **options)
+            return compiled(*args_, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    setattr(dataclasses, "_create_fn", lazy)  # noqa: B010 - private: not in the stubs
+
+
 def _finish_switch(log: Callable[[str], None]) -> None:
     """``firewall_backend`` was switched and nothing has run ``replay`` since: ``restore``
     first moves every owner of our state into the selected backend and clears the other
@@ -219,6 +254,7 @@ def _finish_switch(log: Callable[[str], None]) -> None:
     except ConfigError:
         return
     _defer_inspect()
+    _lazy_dataclass_methods()
     from .ops import restore
     restore(log=log)
     log("firewall backend switched: every owner moved by restore")
@@ -232,6 +268,7 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         domain_stopped(name, log=log)
         return
     _defer_inspect()  # before the model's dataclasses
+    _lazy_dataclass_methods()
     if kind == "qemu" and op == "restore":
         from .parse import parse_domain_xml
         from .plan import validate_domain
