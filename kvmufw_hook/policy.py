@@ -1,6 +1,7 @@
 """Who may have which forward: every check between owners, for every operation. Pure:
-the facts of the host (networks, running guests, libvirt's records of ports, the host's
-addresses and listeners, the kernel's claims, root's configuration) come in as data,
+the facts of the host (networks, running guests, libvirt's records of ports and leases,
+the kernel's neighbour table, the host's addresses and listeners, the kernel's claims,
+root's configuration) come in as data,
 read by the caller (``ops``, ``edit``, ``status``, ``doctor``); nothing here reads the
 kernel, the disk or libvirt.
 
