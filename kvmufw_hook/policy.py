@@ -22,6 +22,7 @@ from .model import Domain, ForwardSpec, IPAddress, Network, PortRange
 from .names import domain_owner, network_owner
 from .plan import (
     Resolved,
+    _booked_for,
     check_conflicts,
     eui64_address,
     forward_families,
@@ -133,26 +134,33 @@ def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
 def _theirs(dom: Domain, net: Network, ports: Ports, leases: Leases,
             neighbours: Neighbours) -> dict[IPAddress, str]:
     """The addresses on ``net`` the host's records give another than ``dom``, each with
-    the record that says so."""
+    the record that says so. The neighbour table only speaks for addresses no
+    reservation, lease or SLAAC address of this guest names (a guest that answers ARP
+    or neighbour solicitations for another's address takes nothing from it)."""
     own = _on(dom, net)
     theirs: dict[IPAddress, str] = {}
+    slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
+    booked = {ip for mac in own for ip in _booked_for(dom, mac, net).values()}
+    booked |= {eui64_address(subnet, mac) for mac in own for subnet in slaac}
     for ip, mac in leases(net):
         if mac is None:  # a client no record ties to a MAC: not provably this one
             theirs.setdefault(ip, "leased by dnsmasq to a client whose DUID "
                                   "names no MAC of this guest")
         elif mac not in own:
             theirs.setdefault(ip, f"leased by dnsmasq to MAC {mac}")
+        else:
+            booked.add(ip)
     others: dict[str, str] = {}  # MAC -> the other guest whose port has it
     for mac, owner in ports(net.name):
         if owner != dom.name and mac not in own:
             others.setdefault(mac, owner)
     for mac, owner in others.items():
-        for subnet in net.subnets:
-            if subnet.version == 6 and subnet.prefixlen == 64:
-                theirs.setdefault(eui64_address(subnet, mac),
-                                  f"the SLAAC address of domain {shown(owner)}'s MAC {mac}")
+        for subnet in slaac:
+            theirs.setdefault(eui64_address(subnet, mac),
+                              f"the SLAAC address of domain {shown(owner)}'s MAC {mac}")
     for ip, mac in neighbours(net) if others else ():
-        if mac in others:
+        if mac in others and ip not in booked:  # another's ARP never outweighs root's
+            # reservation, dnsmasq's lease or the SLAAC address of this guest's MAC
             theirs.setdefault(ip, f"the host's neighbour table has it at MAC {mac}, "
                                   f"the MAC of domain {shown(others[mac])}'s port")
     return theirs

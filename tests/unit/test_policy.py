@@ -331,6 +331,30 @@ def test_a_neighbour_entry_decides_by_the_current_owner_of_its_mac():
                               policy.no_leases, neighbours)
 
 
+def test_a_guest_answering_for_anothers_reserved_or_leased_address_takes_nothing_from_it():
+    """``squatter`` answers ARP for web1's reservation (10.0.0.10) and its lease
+    (10.0.0.150), and neighbour solicitations for the SLAAC address of web1's MAC: root's
+    reservation, dnsmasq's lease and web1's port still say they are web1's, and its
+    forwards stay (else any guest could withdraw its neighbours' forwards)."""
+    from ipaddress import ip_address
+
+    from kvmufw_hook import policy
+    from kvmufw_hook.plan import eui64_address
+    slaac = str(eui64_address(_networks()["lab"].subnets[1], VICTIM_MAC))
+    web1 = parse_domain_xml(domain('<kvmufw:forward host-port="2222" guest-port="22"/>'
+                                   '<kvmufw:forward host-port="2223" guest-port="22" '
+                                   'guest-ip="10.0.0.150"/><kvmufw:forward '
+                                   f'host-port="2224" guest-port="22" guest-ip="{slaac}"/>'))
+    ports = {"lab": [(STATIC_MAC, "squatter"), (VICTIM_MAC, "web1")]}
+    neighbours, asked = _neighbours(("10.0.0.10", STATIC_MAC), ("10.0.0.150", STATIC_MAC),
+                                    (slaac, STATIC_MAC))
+    leases = {"lab": [(ip_address("10.0.0.150"), VICTIM_MAC)]}
+    targets = policy.resolve_domain(web1, _networks(), lambda n: ports.get(n, []),
+                                    lambda net: leases.get(net.name, ()), neighbours)
+    assert [str(t.guest_ip) for t in targets] == ["10.0.0.10", "10.0.0.150", slaac]
+    assert asked == ["lab"]
+
+
 def test_the_neighbour_table_is_not_read_where_no_other_guest_has_a_port():
     """A guest alone on its network (or with no forwards) costs no read of the table."""
     from kvmufw_hook import policy
