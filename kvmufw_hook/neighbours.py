@@ -128,8 +128,9 @@ def by_device(entries: Iterable[Entry],
 
 def read_table(prefix: Sequence[str] = ()) -> Table:
     """This namespace's neighbour table by device; with ``prefix`` (``ip netns exec NS``,
-    as a backend that runs elsewhere has it) that namespace's, read by a child there.
-    Empty when it cannot be read: an unreadable record names no one."""
+    as a backend that runs elsewhere has it) that namespace's, read by a child there
+    (OSError if that child fails). Empty when the kernel cannot be asked: an unreadable
+    record names no one, as an unreadable lease file."""
     if prefix:
         return _read_in(prefix)
     try:

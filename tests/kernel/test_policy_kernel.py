@@ -317,13 +317,15 @@ def test_a_domain_forwards_to_its_own_static_address(topo, backend, state_env, a
     assert topo.inet.ask("tcp", _host_address(address), 2223) is not None
 
 
+@pytest.mark.parametrize("event", ["port-created", "restore"])
 @pytest.mark.parametrize("address", ["10.0.0.6", "fd00:10::6"])
 def test_a_forward_to_a_static_address_is_withdrawn_when_its_guests_port_appears(
-        topo, backend, state_env, address):
+        topo, backend, state_env, address, event):
     """``evil`` forwarded to the address while no port said whose it is (g6 not yet
     started: the address was nobody's); g6's port-created re-checks every guest whose
-    forwards reach into lab: the neighbour table has the address at the port's MAC, and
-    ``evil``'s forward goes at once, with one line saying why."""
+    forwards reach into lab (and ``restore``, from our state alone, every owner): the
+    neighbour table has the address at the port's MAC, and ``evil``'s forward goes at
+    once, with one line saying why."""
     _start_network(LAB, backend)
     g6 = topo.guests[6]
     mac = g6.run("cat", "/sys/class/net/eth0/address").stdout.strip()
@@ -335,12 +337,16 @@ def test_a_forward_to_a_static_address_is_withdrawn_when_its_guests_port_appears
     _start_domain(evil, backend)
     assert topo.inet.ask("tcp", _host_address(address), 2223) is not None  # the hole, then
     said: list[str] = []
-    net, _ = parse_hookdata(LAB)
-    ops.network_port(net, LAB, NetworkPort("victim6", None, mac, "virbr1"), False,
-                     backend=backend, log=said.append)
-    assert any(line.startswith("forwards withdrawn: domain 'evil': forward tcp 2223->22: "
-                               f"guest {address} on network 'lab' is another guest's")
-               for line in said), said
+    why = (f"domain 'evil': forward tcp 2223->22: guest {address} on network 'lab' is "
+           "another guest's")
+    if event == "restore":
+        state.record_port("lab", mac, "victim6", False)
+        assert any(line.startswith(why) for line in ops.restore(backend=backend).problems)
+    else:
+        net, _ = parse_hookdata(LAB)
+        ops.network_port(net, LAB, NetworkPort("victim6", None, mac, "virbr1"), False,
+                         backend=backend, log=said.append)
+        assert any(line.startswith(f"forwards withdrawn: {why}") for line in said), said
     assert "d=evil" not in backend.claims(backend.read())
     assert topo.inet.ask("tcp", _host_address(address), 2223, 1.0) is None
 
