@@ -128,7 +128,8 @@ def validate_network(net: Network) -> None:
 
 def _recheck(subject: Network | Domain, rules: dict[str, Sequence[Intent]],
              held: Held, backend: AnyBackend,
-             networks: Mapping[str, Network], log: Log) -> None:
+             networks: Mapping[str, Network], log: Log,
+             neighbours: Neighbours | None = None) -> None:
     """Re-plan into ``rules`` an owner an event may affect (``hostplan.settle``), checked
     against the ports the others' rules hold (``held``) and against the host: a forward
     now taking a port another owner or a host service holds keeps the rules it has (a
@@ -142,7 +143,7 @@ def _recheck(subject: Network | Domain, rules: dict[str, Sequence[Intent]],
                        host_facts(backend), held.get(owner, ()))
 
     settled = settle(subject, networks, check, held.get(owner, ()), state.network_ports,
-                     host.network_leases, neighbours_of(backend))
+                     host.network_leases, neighbours or neighbours_of(backend))
     rules[owner] = settled.rules
     if settled.problem is not None:
         log(("forwards withdrawn: " if settled.withdrawn else "keeping the current rules: ")
@@ -153,10 +154,12 @@ def _settle_and_apply(rules: dict[str, Sequence[Intent]], affected: Iterable[Net
                       before: Any, held: Held, backend: AnyBackend,
                       networks: Mapping[str, Network], log: Log) -> Applied:
     """A network event's one path after its own decisions (``rules``): every other owner
-    it may affect re-planned (``_recheck``), then one write of them all."""
+    it may affect re-planned (``_recheck``; the neighbour table read once for them
+    all), then one write of them all."""
+    neighbours = neighbours_of(backend)
     for subject in affected:
         if owner_of(subject) not in rules:
-            _recheck(subject, rules, held, backend, networks, log)
+            _recheck(subject, rules, held, backend, networks, log, neighbours)
     return apply_rules(rules, backend=backend, log=log,
                        before=covering(backend, before, rules))
 
