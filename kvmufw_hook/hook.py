@@ -58,7 +58,9 @@ START_MODULES = STOP_MODULES | frozenset({
     "kvmufw_hook.parse", "kvmufw_hook.model", "kvmufw_hook.intents", "kvmufw_hook.plan",
     "kvmufw_hook.policy", "kvmufw_hook.hostplan", "kvmufw_hook.hairpin",
     "kvmufw_hook.host", "kvmufw_hook.sockdiag", "kvmufw_hook.ops",
-    "kvmufw_hook.backends.rules"})
+    "kvmufw_hook.backends.rules",
+    # where another guest has a port on the network: the host's neighbour table
+    "kvmufw_hook.neighbours"})
 START_STDLIB = STOP_STDLIB | frozenset({
     # the XML parser: expat through ElementTree's elements
     "xml", "xml.parsers", "xml.parsers.expat", "pyexpat", "xml.etree",

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, SAMPLES, need_root_tools
-from hookrun import HOOKS, default_started_xml, kvmufw_lines, owners, run_hook, sample
+from hookrun import (
+    HOOKS,
+    default_started_xml,
+    kvmufw_lines,
+    owners,
+    port_created,
+    run_hook,
+    sample,
+)
 
 
 def test_whole_lifecycle_of_the_samples(netns, state_env):
@@ -274,8 +282,14 @@ def test_a_guest_start_loads_only_the_modules_of_its_budget(backend, netns, stat
         need_root_tools("nft")
         Path(state_env["KVMUFW_CONFIG"]).write_text(f'firewall_backend = "{backend}"\n')
     assert run_hook(*sample("16-network.lab.started"), state_env, netns).returncode == 0
+    # another guest's port on the network: the start reads the neighbour table too
+    other = port_created((SAMPLES / "16-network.lab.started.xml").read_bytes(), "db2",
+                         "52:54:00:00:00:21")
+    assert run_hook("network", ["lab", "port-created", "begin", "-"], other, state_env,
+                    netns).returncode == 0
     imported = shim_imports(*sample("04-qemu.web1.start"), state_env, netns)
-    assert {"kvmufw_hook.ops", f"kvmufw_hook.backends.{BACKEND_MODULES[backend]}"} <= imported
+    assert {"kvmufw_hook.ops", "kvmufw_hook.neighbours",
+            f"kvmufw_hook.backends.{BACKEND_MODULES[backend]}"} <= imported
     ours = {m for m in imported if m.partition(".")[0] == "kvmufw_hook"}
     assert ours <= START_MODULES, sorted(ours - START_MODULES)
     beyond = imported - ours - interpreter_modules() - {"imported package"}
