@@ -383,17 +383,18 @@ def _hairpin(f: int, bridge: str, guest: str, proto: str, gp: PortRange, subnet:
 
 def wanted(intents: Owners) -> dict[Element, None]:
     """Every element the owners' intents stand for, once each, in order (a guest's stop
-    names its owner with no intent: nothing of the planner is imported then)."""
+    names its owner with no intent: nothing of the planner is imported then; a guest's
+    start has forwards only: nothing of the rules a network's intents expand to)."""
     if not any(intents.values()):
         return {}
     from ..intents import Forward
-    from .rules import expand
     out: dict[Element, None] = {}
     for owner in sorted(intents):
         for intent in intents[owner]:
             if isinstance(intent, Forward):
                 out.update(dict.fromkeys(forward_elements(intent)))
             else:
+                from .rules import expand
                 for rule in expand(intent):
                     out.update(dict.fromkeys(elements(rule)))
     return out
