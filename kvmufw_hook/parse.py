@@ -356,6 +356,8 @@ def _parse_forward(el: Element, where: str, allowed: frozenset[str]) -> ForwardS
         local = key.rpartition("}")[2]
         if _namespace(key) not in (None, NAMESPACE) or local not in allowed:
             raise InputError(f"{where}: unknown attribute {shown(local)}")
+        if local in attrs:  # plain and in our namespace: which one would be meant?
+            raise InputError(f"{where}: attribute {shown(local)} given twice")
         attrs[local] = value
     if "host-port" not in attrs:
         raise InputError(f"{where}: host-port is required")
