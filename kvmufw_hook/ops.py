@@ -385,8 +385,8 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                          {n: dom for n, (dom, _r) in domains.items()},
                          holders=backend.claims(before), broken=broken,
                          facts=read_facts(backend),
-                         reserved=[domain_owner(n) for n in state.load_domains()
-                                   if n in domains],
+                         reserved=[domain_owner(n) for n in state.domain_names(
+                             {n: raw for n, (_dom, raw) in domains.items()}) if n in domains],
                          ports=state.network_ports)
         problems += planned.problems
 
