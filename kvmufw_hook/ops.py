@@ -519,9 +519,11 @@ def _clear_others(backend: AnyBackend, log: Log = _quiet, flushing: bool = False
     after ``backend`` holds every forward, so none is lost meanwhile; their conntrack
     flows stay (the same forwards carry them on). ``flushing``: ``backend`` was just
     cleared too, and nothing of it is put back."""
-    from .backends import others
+    from .backends import others, proved_empty
     text = ""
     for name, other in others(backend):
+        if proved_empty(name, backend.prefix):  # most often: no process to read it
+            continue
         before = other.read()
         if other.has_rules(before):
             change = other.clear(before)
