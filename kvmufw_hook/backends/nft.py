@@ -206,8 +206,8 @@ def _range_rule(chain: str) -> str:
 
 def _range_chains(items: Iterable[Element]) -> set[str]:
     """The range chains these elements jump to."""
-    return {e.value.split()[1] for e in items
-            if e.set.startswith("masqp") and e.value is not None}
+    return {e[2].split()[1] for e in items  # (set, key, value, …): thousands, no property
+            if e[0].startswith("masqp") and e[2] is not None}
 
 
 class Element(tuple):  # type: ignore[type-arg]
@@ -317,22 +317,32 @@ def elements(rule: Rule) -> list[Element]:
     return [el("b2b", f"{_if(rule.iif)} . {_if(rule.oif)}")]
 
 
-def forward_elements(fw: Forward) -> list[Element]:
+def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[Element]:
     """A forward's elements, straight from its intent (the same as ``elements`` gives for
     its rules, measured twice as fast: a replay of thousands renders these): DNAT per
     source, the accept of its DNAT'd packets both ways, its hairpin masquerade. Sources
-    are collapsed first (overlapping intervals cannot share a set)."""
-    from ipaddress import collapse_addresses
-    f, comment, guest = fw.family, tag_comment(fw.tag), ip_text(fw.guest)
+    are collapsed first (overlapping intervals cannot share a set). ``texts``: the text
+    of each owner's tag and of each address object already written, kept across the
+    forwards of one rendering (a guest's forwards share the objects: keyed by identity,
+    which only holds while they all live, as the intents of one ``wanted`` do)."""
+    known = {} if texts is None else texts
+    f, owned = fw.family, (fw.owner, fw.bridge, id(fw.subnet))
+    comment = known.get(owned) or known.setdefault(owned, tag_comment(fw.tag))
+    guest = known.get(id(fw.guest)) or known.setdefault(id(fw.guest), ip_text(fw.guest))
     host = ip_text(fw.host_ip) if fw.host_ip is not None else ANY[f]
-    sources = [ANY[f]] if not fw.sources or any(s.prefixlen == 0 for s in fw.sources) \
-        else [_addr(s) for s in (fw.sources if len(fw.sources) == 1
-                                 else collapse_addresses(fw.sources))]  # type: ignore[type-var]
-    bridge = _if(fw.bridge)
+    if not fw.sources or any(s.prefixlen == 0 for s in fw.sources):
+        sources = [ANY[f]]
+    elif len(fw.sources) == 1:
+        sources = [_addr(fw.sources[0])]
+    else:
+        from ipaddress import collapse_addresses
+        sources = [_addr(s) for s in collapse_addresses(fw.sources)]  # type: ignore[type-var]
     assert fw.subnet is not None
+    subnet = known.get(id(fw.subnet)) or known.setdefault(id(fw.subnet), _addr(fw.subnet))
+    bridge = f'"{fw.bridge}"'
     return [*_dnat(f, host, sources, fw.proto, fw.host_ports, guest, fw.guest_ports, comment),
             _accept(f, bridge, guest, fw.proto, fw.guest_ports, comment),
-            *_hairpin(f, bridge, guest, fw.proto, fw.guest_ports, _addr(fw.subnet), comment)]
+            *_hairpin(f, bridge, guest, fw.proto, fw.guest_ports, subnet, comment)]
 
 
 def _dnat(f: int, host: str, sources: Iterable[str], proto: str, hp: PortRange, guest: str,
@@ -391,10 +401,11 @@ def wanted(intents: Owners) -> dict[Element, None]:
     from ..intents import Forward
     from .rules import expand
     out: dict[Element, None] = {}
+    texts: dict[Any, str] = {}
     for owner in sorted(intents):
         for intent in intents[owner]:
             if isinstance(intent, Forward):
-                out.update(dict.fromkeys(forward_elements(intent)))
+                out.update(dict.fromkeys(forward_elements(intent, texts)))
             else:
                 for rule in expand(intent):
                     out.update(dict.fromkeys(elements(rule)))
@@ -591,11 +602,11 @@ def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element
     another owner's comment) is not added again, and each key is added once."""
     have_set, want_set = dict.fromkeys(have), dict.fromkeys(want)
     deletes = [e for e in have_set if e not in want_set]
-    taken = {(e.set, e.key) for e in have_set if e in want_set}
+    taken = {e[:2] for e in have_set if e in want_set}  # (set, key): thousands, no property
     adds = []
     for e in want_set:
-        if e not in have_set and (e.set, e.key) not in taken:
-            taken.add((e.set, e.key))
+        if e not in have_set and e[:2] not in taken:
+            taken.add(e[:2])
             adds.append(e)
     return deletes, adds
 
@@ -869,10 +880,15 @@ class NftBackend:
         is not as it should be. A guest's start or stop reads no glue: the glue is per
         host, not per forward."""
         have = ruleset.table.elements
+        judged: dict[str, bool] = {}  # comment -> replaced: thousands share a few hundred
 
         def replaced(e: Element) -> bool:
-            tag = e.tag
-            return tag is not None and (tag.owner in intents or bool(drop and drop(tag)))
+            found = judged.get(e.comment)
+            if found is None:
+                tag = e.tag
+                found = judged[e.comment] = tag is not None and (
+                    tag.owner in intents or bool(drop and drop(tag)))
+            return found
 
         kept = [e for e in have if not replaced(e)]
         deletes, adds = diff(have, kept + list(wanted(intents)))
