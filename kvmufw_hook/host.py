@@ -26,7 +26,7 @@ from .config import Config
 from .errors import InputError, Unavailable, printable, shown
 from .model import ForwardSpec, IPAddress, Network, PortRange
 from .names import dnsmasq_dir, login_defs_path, unsafe_name
-from .process import communicate
+from .process import read_elsewhere
 from .sockdiag import tcp_listeners
 
 TYPE_CHECKING = False
@@ -225,17 +225,11 @@ class HostFacts:
 
     @classmethod
     def _read_in(cls, prefix: Sequence[str]) -> HostFacts:
-        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (f"import sys; sys.path.insert(0, {package!r}); import json; "
-                "from kvmufw_hook.host import HostFacts; f = HostFacts.read(); "
-                "print(json.dumps([sorted(map(str, f.local)), sorted(map(str, f.duplicates)),"
-                " [[l.proto, str(l.addr), l.port, l.inode, l.uid, l.v6only]"
-                " for l in f.listeners], f.unprivileged]))")
-        status, out, err = communicate([*prefix, sys.executable, "-c", code], timeout=30)
-        if status:
-            raise OSError(f"reading the host's facts in {' '.join(prefix)} failed: "
-                          + err.decode(errors="replace").strip())
-        local, duplicates, listeners, unprivileged = json.loads(out)
+        local, duplicates, listeners, unprivileged = read_elsewhere(
+            prefix, "from kvmufw_hook.host import HostFacts; f = HostFacts.read(); "
+            "print(json.dumps([sorted(map(str, f.local)), sorted(map(str, f.duplicates)),"
+            " [[l.proto, str(l.addr), l.port, l.inode, l.uid, l.v6only]"
+            " for l in f.listeners], f.unprivileged]))", "the host's facts")
         return cls(frozenset(ip_address(a) for a in local),
                    tuple(Listener(p, ip_address(a), port, inode, uid, v6)
                          for p, a, port, inode, uid, v6 in listeners),

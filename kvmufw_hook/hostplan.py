@@ -28,11 +28,13 @@ from .plan import (
 )
 from .policy import (
     Leases,
+    Neighbours,
     Ports,
     _Claimed,
     check_forwards,
     kept_for_availability,
     no_leases,
+    no_neighbours,
     owner_label,
     resolve_domain,
     withdraws,
@@ -81,16 +83,18 @@ def own_rules(subject: Network | Domain,
 
 
 def compose(subject: Network | Domain, networks: Mapping[str, Network] | None = None,
-            ports: Ports = no_ports, leases: Leases = no_leases) -> Composed:
+            ports: Ports = no_ports, leases: Leases = no_leases,
+            neighbours: Neighbours = no_neighbours) -> Composed:
     """The one way an owner's rules are composed, for every operation and every test:
     its own rules, then its forwards resolved (a guest's through ``policy.resolve_domain``,
-    each target proven its own by ``ports`` and ``leases``, libvirt's records) and
-    planned. InputError if a forward cannot be resolved. ``networks``: the active ones."""
+    each target proven its own by ``ports`` and ``leases``, libvirt's records, and
+    ``neighbours``, the host's neighbour table) and planned. InputError if a forward
+    cannot be resolved. ``networks``: the active ones."""
     owner = owner_of(subject)
     if isinstance(subject, Network):
         targets = resolve_network_forwards(subject, networks)
     else:
-        targets = resolve_domain(subject, networks or {}, ports, leases)
+        targets = resolve_domain(subject, networks or {}, ports, leases, neighbours)
     return Composed(owner, label_of(subject), tuple(subject.forwards), tuple(targets),
                     own_rules(subject, networks) + plan_forwards(owner, targets))
 
@@ -115,7 +119,7 @@ class Settled:
 
 def settle(subject: Network | Domain, networks: Mapping[str, Network], check: Check,
            held: Iterable[Claim] = (), ports: Ports = no_ports,
-           leases: Leases = no_leases) -> Settled:
+           leases: Leases = no_leases, neighbours: Neighbours = no_neighbours) -> Settled:
     """An owner re-planned (a network event, ``replay``, ``restore``): its composed rules
     if ``check`` (``policy.check_forwards``, given label, owner, forwards and targets)
     passes. If not, its own rules (a network's bridge rules and fences, re-planned
@@ -126,7 +130,7 @@ def settle(subject: Network | Domain, networks: Mapping[str, Network], check: Ch
     owner, label = owner_of(subject), label_of(subject)
     composed: Composed | None = None
     try:
-        composed = compose(subject, networks, ports, leases)
+        composed = compose(subject, networks, ports, leases, neighbours)
         check(label, owner, composed.specs, composed.targets)
         return Settled(composed.rules)
     except InputError as exc:
@@ -156,7 +160,8 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
               holders: Held | None = None,
               facts: host.HostFacts | None = None, broken: Iterable[str] = (),
               reserved: Iterable[str] = (),
-              ports: Ports | None = None) -> HostPlan:
+              ports: Ports | None = None,
+              neighbours: Neighbours = no_neighbours) -> HostPlan:
     """Every owner's rules for a whole host, each checked against the forwards of
     those planned before it. The current holders of ports (``holders``: owner -> the
     ports its rules in the kernel hold) are planned first, so a newcomer never takes a
@@ -170,7 +175,8 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     and who still run (our state says so): planned right after the holders, and if they
     fail (their network is down, say) their ports stay theirs. ``ports``: the MACs of
     each network's ports as libvirt reported them (``check_own_macs``), with the
-    dnsmasq leases; None for XML files (``plan``): no records of a host."""
+    dnsmasq leases; None for XML files (``plan``): no records of a host. ``neighbours``:
+    the host's neighbour table (``neighbours.reader``)."""
     held = holders or {}
     kept = set(reserved)
     result = HostPlan({}, [], set(broken))
@@ -189,7 +195,7 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     def add(subject: Network | Domain) -> None:
         owner = owner_of(subject)
         settled = settle(subject, networks, check, held.get(owner, ()), ports or no_ports,
-                         leases)
+                         leases, neighbours)
         result.rules[owner] = settled.rules
         if settled.problem is None:
             return

@@ -43,7 +43,7 @@ from .errors import ApplyError, ConfigError, InputError, Unavailable, shown
 from .hairpin import plan_hairpin, plan_host_hairpin
 from .hostplan import Composed, HostPlan, _parse_all, compose, owner_of, plan_host, settle
 from .intents import Held, Intent
-from .model import Domain, ForwardSpec, Network, NetworkPort
+from .model import Domain, ForwardSpec, IPAddress, Network, NetworkPort
 from .names import domain_owner, network_owner, safe_name
 from .plan import (
     Resolved,
@@ -51,6 +51,7 @@ from .plan import (
     resolve_network_forwards,
 )
 from .policy import (
+    Neighbours,
     captured,
     check_claims,
     check_forwards,
@@ -98,6 +99,20 @@ def _prefix(backend: AnyBackend | None) -> Sequence[str]:
     return backend.prefix if backend is not None else ()
 
 
+def neighbours_of(backend: AnyBackend | None = None) -> Neighbours:
+    """The host's neighbour table in the backend's namespace (``policy.Neighbours``),
+    read once, and only if a guest's forwards reach a network where another guest has
+    a port (``policy.check_own_addresses``): its module is imported only then."""
+    read: list[Neighbours] = []
+
+    def on(net: Network) -> Iterable[tuple[IPAddress, str]]:
+        if not read:
+            from .neighbours import reader
+            read.append(reader(_prefix(backend)))
+        return read[0](net)
+    return on
+
+
 # --------------------------------------------------------------------------- networks
 
 def validate_network(net: Network) -> None:
@@ -113,7 +128,8 @@ def validate_network(net: Network) -> None:
 
 def _recheck(subject: Network | Domain, rules: dict[str, Sequence[Intent]],
              held: Held, backend: AnyBackend,
-             networks: Mapping[str, Network], log: Log) -> None:
+             networks: Mapping[str, Network], log: Log,
+             neighbours: Neighbours | None = None) -> None:
     """Re-plan into ``rules`` an owner an event may affect (``hostplan.settle``), checked
     against the ports the others' rules hold (``held``) and against the host: a forward
     now taking a port another owner or a host service holds keeps the rules it has (a
@@ -127,7 +143,7 @@ def _recheck(subject: Network | Domain, rules: dict[str, Sequence[Intent]],
                        host_facts(backend), held.get(owner, ()))
 
     settled = settle(subject, networks, check, held.get(owner, ()), state.network_ports,
-                     host.network_leases)
+                     host.network_leases, neighbours or neighbours_of(backend))
     rules[owner] = settled.rules
     if settled.problem is not None:
         log(("forwards withdrawn: " if settled.withdrawn else "keeping the current rules: ")
@@ -138,10 +154,12 @@ def _settle_and_apply(rules: dict[str, Sequence[Intent]], affected: Iterable[Net
                       before: Any, held: Held, backend: AnyBackend,
                       networks: Mapping[str, Network], log: Log) -> Applied:
     """A network event's one path after its own decisions (``rules``): every other owner
-    it may affect re-planned (``_recheck``), then one write of them all."""
+    it may affect re-planned (``_recheck``; the neighbour table read once for them
+    all), then one write of them all."""
+    neighbours = neighbours_of(backend)
     for subject in affected:
         if owner_of(subject) not in rules:
-            _recheck(subject, rules, held, backend, networks, log)
+            _recheck(subject, rules, held, backend, networks, log, neighbours)
     return apply_rules(rules, backend=backend, log=log,
                        before=covering(backend, before, rules))
 
@@ -286,7 +304,8 @@ def _domain_checked(dom: Domain, backend: AnyBackend) -> tuple[tuple[Intent, ...
     """Every check of a guest's forwards against this host, under the state lock:
     (its rules, the firewall as read). InputError names the guest, forward and reason."""
     networks = state.load_networks()
-    mine = compose(dom, networks, state.network_ports, host.network_leases)
+    mine = compose(dom, networks, state.network_ports, host.network_leases,
+                   neighbours_of(backend))
     before = backend.read(families_of({mine.owner: mine.rules}))
     held = backend.claims(before, near=mine.resolved, mine=mine.owner)  # what could clash
     try:
@@ -387,7 +406,7 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                          facts=read_facts(backend),
                          reserved=[domain_owner(n) for n in state.domain_names(
                              {n: raw for n, (_dom, raw) in domains.items()}) if n in domains],
-                         ports=state.network_ports)
+                         ports=state.network_ports, neighbours=neighbours_of(backend))
         problems += planned.problems
 
         def drop(tagged: Tag) -> bool:
@@ -442,7 +461,7 @@ def restore(jumps_only: bool = False, backend: AnyBackend | None = None, log: Lo
                             holders=backend.claims(before),
                             facts=read_facts(backend, problems.append),
                             reserved=[domain_owner(n) for n in domains],
-                            ports=state.network_ports)
+                            ports=state.network_ports, neighbours=neighbours_of(backend))
         problems += planned.problems
 
         def drop(tagged: Tag) -> bool:  # guests' forwards into a stopped network go with it

@@ -1,6 +1,7 @@
 """Who may have which forward: every check between owners, for every operation. Pure:
-the facts of the host (networks, running guests, libvirt's records of ports, the host's
-addresses and listeners, the kernel's claims, root's configuration) come in as data,
+the facts of the host (networks, running guests, libvirt's records of ports and leases,
+the kernel's neighbour table, the host's addresses and listeners, the kernel's claims,
+root's configuration) come in as data,
 read by the caller (``ops``, ``edit``, ``status``, ``doctor``); nothing here reads the
 kernel, the disk or libvirt.
 
@@ -21,6 +22,7 @@ from .model import Domain, ForwardSpec, IPAddress, Network, PortRange
 from .names import domain_owner, network_owner
 from .plan import (
     Resolved,
+    _booked_for,
     check_conflicts,
     eui64_address,
     forward_families,
@@ -33,6 +35,8 @@ Claims = list[tuple[str, Iterable[ForwardSpec | Claim]]]
 Facts = host.HostFacts | Callable[[], host.HostFacts]
 Ports = Callable[[str], list[tuple[str, str]]]  # network name -> (MAC, owner) of its ports
 Leases = Callable[[Network], Iterable[tuple[IPAddress, str | None]]]  # (address, MAC)
+# the host's neighbour table on a network's bridge: (address, MAC it was last seen at)
+Neighbours = Callable[[Network], Iterable[tuple[IPAddress, str]]]
 # given an owner's forwards in the families they take: what the others claim that may clash
 Others = Callable[[list[ForwardSpec]], Claims]
 
@@ -78,18 +82,23 @@ def no_leases(_net: Network) -> tuple[tuple[IPAddress, str | None], ...]:
     return ()
 
 
+def no_neighbours(_net: Network) -> tuple[tuple[IPAddress, str], ...]:
+    return ()
+
+
 def resolve_domain(dom: Domain, networks: Mapping[str, Network], ports: Ports,
-                   leases: Leases = no_leases) -> tuple[Resolved, ...]:
+                   leases: Leases = no_leases,
+                   neighbours: Neighbours = no_neighbours) -> tuple[Resolved, ...]:
     """A guest's forwards resolved, and each target proven its own: no NIC with a copy
-    of another running guest's MAC (``check_own_macs``), no address libvirt's records
+    of another running guest's MAC (``check_own_macs``), no address the host's records
     give another guest (``check_own_addresses``). Every operation resolves guests here."""
     check_own_macs(dom, networks, ports)
     try:
         targets = resolve_domain_forwards(dom, networks)
     except Unavailable as exc:  # the others are still checked: reaching someone wins
-        check_own_addresses(dom, exc.resolved, ports, leases)
+        check_own_addresses(dom, exc.resolved, ports, leases, neighbours)
         raise
-    check_own_addresses(dom, targets, ports, leases)
+    check_own_addresses(dom, targets, ports, leases, neighbours)
     return targets
 
 
@@ -100,38 +109,61 @@ def _on(dom: Domain, net: Network) -> set[str]:
 
 
 def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
-                        leases: Leases) -> None:
-    """InputError if a forward's guest address is another guest's by libvirt's own
+                        leases: Leases, neighbours: Neighbours = no_neighbours) -> None:
+    """InputError if a forward's guest address is another guest's by the host's own
     records: a dnsmasq lease of a MAC that is none of this guest's NICs on that network
     (or of a client no record ties to a MAC: a DHCPv6 DUID without one),
-    or (IPv6, a /64) the SLAAC address of another guest's port there. Reservations are
-    ``plan``'s (they are in the network's XML). Each network's records are read once."""
+    (IPv6, a /64) the SLAAC address of another guest's port there, or an address the
+    host's neighbour table has at the MAC of another guest's port there (a static or a
+    stable-privacy address: the MAC's owner now decides; a MAC of no port names no
+    one). Reservations are ``plan``'s (they are in the network's XML). Each network's
+    records are read once; the neighbour table only where another guest has a port."""
     seen: dict[str, dict[IPAddress, str]] = {}
     for t in targets:
         net = t.network
         if net.name not in seen:
-            own = _on(dom, net)
-            theirs: dict[IPAddress, str] = {}
-            for ip, mac in leases(net):
-                if mac is None:  # a client no record ties to a MAC: not provably this one
-                    theirs.setdefault(ip, "leased by dnsmasq to a client whose DUID "
-                                          "names no MAC of this guest")
-                elif mac not in own:
-                    theirs.setdefault(ip, f"leased by dnsmasq to MAC {mac}")
-            slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
-            for mac, owner in ports(net.name) if slaac else ():
-                if owner != dom.name and mac not in own:
-                    for subnet in slaac:
-                        theirs.setdefault(eui64_address(subnet, mac),
-                                          f"the SLAAC address of domain {shown(owner)}'s "
-                                          f"MAC {mac}")
-            seen[net.name] = theirs
+            seen[net.name] = _theirs(dom, net, ports, leases, neighbours)
         holder = seen[net.name].get(t.guest_ip)
         if holder is not None:
-            raise InputError(f"domain {shown(dom.name)}: forward {t.spec.label}: guest "
+            raise InputError(f"domain {shown(dom.name)}: {t.spec.label}: guest "
                              f"{t.guest_ip} on network {shown(net.name)} is another "
                              f"guest's ({holder}); a domain forwards only to its own "
                              "addresses")
+
+
+def _theirs(dom: Domain, net: Network, ports: Ports, leases: Leases,
+            neighbours: Neighbours) -> dict[IPAddress, str]:
+    """The addresses on ``net`` the host's records give another than ``dom``, each with
+    the record that says so. The neighbour table only speaks for addresses no
+    reservation, lease or SLAAC address of this guest names (a guest that answers ARP
+    or neighbour solicitations for another's address takes nothing from it)."""
+    own = _on(dom, net)
+    theirs: dict[IPAddress, str] = {}
+    slaac = [s for s in net.subnets if s.version == 6 and s.prefixlen == 64]
+    booked = {ip for mac in own for ip in _booked_for(dom, mac, net).values()}
+    booked |= {eui64_address(subnet, mac) for mac in own for subnet in slaac}
+    for ip, mac in leases(net):
+        if mac is None:  # a client no record ties to a MAC: not provably this one
+            theirs.setdefault(ip, "leased by dnsmasq to a client whose DUID "
+                                  "names no MAC of this guest")
+        elif mac not in own:
+            theirs.setdefault(ip, f"leased by dnsmasq to MAC {mac}")
+        else:
+            booked.add(ip)
+    others: dict[str, str] = {}  # MAC -> the other guest whose port has it
+    for mac, owner in ports(net.name):
+        if owner != dom.name and mac not in own:
+            others.setdefault(mac, owner)
+    for mac, owner in others.items():
+        for subnet in slaac:
+            theirs.setdefault(eui64_address(subnet, mac),
+                              f"the SLAAC address of domain {shown(owner)}'s MAC {mac}")
+    for ip, mac in neighbours(net) if others else ():
+        if mac in others and ip not in booked:  # another's ARP never outweighs root's
+            # reservation, dnsmasq's lease or the SLAAC address of this guest's MAC
+            theirs.setdefault(ip, f"the host's neighbour table has it at MAC {mac}, "
+                                  f"the MAC of domain {shown(others[mac])}'s port")
+    return theirs
 
 
 def owner_label(owner: str) -> str:

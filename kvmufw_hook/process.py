@@ -17,6 +17,7 @@ from .errors import ApplyError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Any
 
 CHUNK = 65536
 
@@ -109,3 +110,19 @@ def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60,
         first = next((l for l in text.splitlines() if l.strip()), "").strip()
         raise ApplyError(f"{name} failed (exit {status})" + (f": {first}" if first else ""))
     return out.decode("utf-8", "surrogateescape")
+
+
+def read_elsewhere(prefix: Sequence[str], code: str, what: str) -> Any:
+    """What ``code`` (this package importable, ``json`` imported) prints as JSON, run by
+    this Python under ``prefix`` (``ip netns exec NS``): how a backend that runs in
+    another namespace reads the host there. OSError naming ``what`` when it fails."""
+    import json
+    import sys
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    status, out, err = communicate(
+        [*prefix, sys.executable, "-c",
+         f"import sys; sys.path.insert(0, {package!r}); import json; {code}"], timeout=30)
+    if status:
+        raise OSError(f"reading {what} in {' '.join(prefix)} failed: "
+                      + err.decode(errors="replace").strip())
+    return json.loads(out)

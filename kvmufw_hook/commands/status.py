@@ -18,6 +18,7 @@ from ..host import network_leases
 from ..intents import Intent
 from ..model import ForwardSpec
 from ..names import domain_owner, network_owner
+from ..neighbours import reader
 from ..plan import (
     Resolved,
     plan_forwards,
@@ -113,10 +114,12 @@ def collect(backend: AnyBackend | None = None) -> Row:
         entry["forwards"] = _forwards(owner, net.forwards,
                                       partial(resolve_network_forwards, net, networks), check)
         report["networks"].append(entry)
+    neighbours = reader(backend.prefix)  # read once, if a guest's forward needs it
     for name, dom in sorted(state.load_domains().items()):
         report["domains"].append({"name": name, "forwards": _forwards(
             domain_owner(name), dom.forwards,
-            partial(resolve_domain, dom, networks, state.network_ports, network_leases),
+            partial(resolve_domain, dom, networks, state.network_ports, network_leases,
+                    neighbours),
             check)})
     snapshot, report["kernel_error"] = reading.result()
     # where libvirt uses nftables, a forward also needs its accepts in libvirt's table:

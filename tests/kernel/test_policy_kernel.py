@@ -7,6 +7,7 @@ The host: uplink eth0 (203.0.113.1, 2001:db8:ee::1) to ``inet``; bridge virbr1 (
 bridge virbr2 (network ``iso``, isolated: 10.0.2.0/24, fd00:2::/64) with guest g25.
 """
 
+import re
 import sys
 
 import pytest
@@ -15,6 +16,7 @@ from netlab import Netns, Topology, settle, veth
 
 from kvmufw_hook import backends, ops, state
 from kvmufw_hook.errors import InputError
+from kvmufw_hook.model import NetworkPort
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 from kvmufw_hook.plan import eui64_address
 
@@ -265,31 +267,88 @@ def test_a_guest_reaches_no_isolated_network_after_its_network_was_kept_for_a_po
     assert g5.ask("tcp", "fd00:2::5", 5432, 1.0) is None
 
 
-@pytest.mark.xfail(strict=True, reason="hole: an address with no reservation and no "
-                   "lease (a static or a stable-privacy SLAAC address) is nobody's: the "
-                   "kernel's neighbour table and libvirt's ports, which say whose it is, "
-                   "are not read")
+def _static(topo, address: str, owner: str) -> str:
+    """g6 runs with the static ``address`` on lab (no ``<dhcp><host>``, no dnsmasq
+    lease), libvirt created its port for ``owner`` (recorded as port-created records
+    it), and the host's neighbour table has the address at g6's MAC (what ARP or
+    neighbour discovery give the host once g6 has said anything). g6's MAC."""
+    g6 = topo.guests[6]
+    mac = g6.run("cat", "/sys/class/net/eth0/address").stdout.strip()
+    state.record_port("lab", mac, owner, False)
+    topo.host.run("ip", "neigh", "replace", address, "lladdr", mac, "dev", "virbr1",
+                  "nud", "reachable")
+    g6.serve("tcp", 22)
+    return mac
+
+
+def _host_address(address: str) -> str:
+    return HOST6 if ":" in address else "203.0.113.1"
+
+
 @pytest.mark.parametrize("address", ["10.0.0.6", "fd00:10::6"])
 def test_a_domain_cannot_forward_to_another_guests_static_address(
         topo, backend, state_env, address):
-    """g6 runs with a static 10.0.0.6 on lab (no ``<dhcp><host>``, no dnsmasq lease:
-    common on ``default``), and fd00:10::6, which is not the EUI-64 of its MAC (what
-    every guest with RFC 7217 stable-privacy addresses, Debian's and Ubuntu's default,
-    autoconfigures); libvirt created its port (MAC recorded from port-created) and the
-    host's neighbour table maps the address to that MAC. ``evil``, another guest on
-    lab, declares that guest-ip and publishes g6's port 22 on host port 2223. The host
-    knows whose address it is; the policy reads only reservations, leases and EUI-64
-    SLAAC addresses: the hole is that it does not ask the neighbour table."""
-    g6 = topo.guests[6]
-    mac = g6.run("cat", "/sys/class/net/eth0/address").stdout.strip()
+    """10.0.0.6 is a static address, fd00:10::6 not the EUI-64 of g6's MAC (what every
+    guest with RFC 7217 stable-privacy addresses, Debian's and Ubuntu's default,
+    autoconfigures): no lease or reservation names them. ``evil``, another guest on
+    lab, declares that guest-ip to publish g6's port 22 on host port 2223: refused in
+    one line naming the forward, the address and whose it is, by the host's neighbour
+    table (the address at g6's MAC) and libvirt's port (that MAC is ``victim6``'s)."""
     _start_network(LAB, backend)
-    state.record_port("lab", mac, "victim6", False)  # as port-created records it
-    topo.host.run("ip", "neigh", "replace", address, "lladdr", mac, "dev", "virbr1",
-                  "nud", "reachable")  # what ARP / neighbour discovery give the host
+    mac = _static(topo, address, "victim6")
     evil = _domain("evil", "52:54:00:00:00:66",
                    f'<forward host-port="2223" guest-port="22" guest-ip="{address}"/>')
-    with pytest.raises(InputError, match=address):
+    with pytest.raises(InputError, match=re.escape(
+            f"domain 'evil': forward tcp 2223->22: guest {address} on network 'lab' is "
+            f"another guest's (the host's neighbour table has it at MAC {mac}, the MAC "
+            "of domain 'victim6''s port)")):
         _start_domain(evil, backend)
+    assert topo.inet.ask("tcp", _host_address(address), 2223, 1.0) is None
+
+
+@pytest.mark.parametrize("address", ["10.0.0.6", "fd00:10::6"])
+def test_a_domain_forwards_to_its_own_static_address(topo, backend, state_env, address):
+    """The same static address, when the guest forwarding to it is the one whose MAC the
+    neighbour table has it at: the forward is applied and reaches g6."""
+    _start_network(LAB, backend)
+    mac = _static(topo, address, "g6")
+    own = _domain("g6", mac, f'<forward host-port="2223" guest-port="22" guest-ip="{address}"/>')
+    _start_domain(own, backend)
+    assert topo.inet.ask("tcp", _host_address(address), 2223) is not None
+
+
+@pytest.mark.parametrize("event", ["port-created", "restore"])
+@pytest.mark.parametrize("address", ["10.0.0.6", "fd00:10::6"])
+def test_a_forward_to_a_static_address_is_withdrawn_when_its_guests_port_appears(
+        topo, backend, state_env, address, event):
+    """``evil`` forwarded to the address while no port said whose it is (g6 not yet
+    started: the address was nobody's); g6's port-created re-checks every guest whose
+    forwards reach into lab (and ``restore``, from our state alone, every owner): the
+    neighbour table has the address at the port's MAC, and ``evil``'s forward goes at
+    once, with one line saying why."""
+    _start_network(LAB, backend)
+    g6 = topo.guests[6]
+    mac = g6.run("cat", "/sys/class/net/eth0/address").stdout.strip()
+    topo.host.run("ip", "neigh", "replace", address, "lladdr", mac, "dev", "virbr1",
+                  "nud", "reachable")
+    g6.serve("tcp", 22)
+    evil = _domain("evil", "52:54:00:00:00:66",
+                   f'<forward host-port="2223" guest-port="22" guest-ip="{address}"/>')
+    _start_domain(evil, backend)
+    assert topo.inet.ask("tcp", _host_address(address), 2223) is not None  # the hole, then
+    said: list[str] = []
+    why = (f"domain 'evil': forward tcp 2223->22: guest {address} on network 'lab' is "
+           "another guest's")
+    if event == "restore":
+        state.record_port("lab", mac, "victim6", False)
+        assert any(line.startswith(why) for line in ops.restore(backend=backend).problems)
+    else:
+        net, _ = parse_hookdata(LAB)
+        ops.network_port(net, LAB, NetworkPort("victim6", None, mac, "virbr1"), False,
+                         backend=backend, log=said.append)
+        assert any(line.startswith(f"forwards withdrawn: {why}") for line in said), said
+    assert "d=evil" not in backend.claims(backend.read())
+    assert topo.inet.ask("tcp", _host_address(address), 2223, 1.0) is None
 
 
 RECEIVE = """import socket, sys

@@ -64,6 +64,48 @@ def test_the_hook_refuses_a_forward_to_another_guests_reservation(netns, state_e
     assert kvmufw_lines(netns) == before
 
 
+def test_the_hook_refuses_a_forward_to_another_guests_static_address(netns, state_env):
+    """The real shims, as libvirt runs them on a host: ``victim``'s port on lab has MAC
+    :31 (port-created), and the host's neighbour table (read by the hook itself, one
+    netlink dump) has the static 10.0.0.31 and the stable-privacy fd00:10::31 at that
+    MAC. ``evil``'s forward to either is refused in one line saying whose it is; the
+    victim's own forward to the same addresses is applied."""
+    from hookrun import (
+        dnat_owners,
+        domain_xml,
+        hook_ok,
+        lab_network,
+        port_created,
+        run_hook,
+        started_lab,
+    )
+    mac = "52:54:00:00:00:31"
+    netns.run("ip", "link", "add", "virbr1", "type", "bridge")
+    netns.run("ip", "addr", "add", "10.0.0.1/24", "dev", "virbr1")
+    netns.run("ip", "addr", "add", "fd00:10::1/64", "dev", "virbr1", "nodad")
+    netns.run("ip", "link", "set", "virbr1", "up")
+    started_lab(netns, state_env)
+    hook_ok(netns, state_env, "network", ["lab", "port-created", "begin", "-"],
+            port_created(lab_network(), "victim", mac))
+    for address, port in (("10.0.0.31", 2231), ("fd00:10::31", 2232)):
+        netns.run("ip", "neigh", "replace", address, "lladdr", mac, "dev", "virbr1",
+                  "nud", "stale")
+        evil = domain_xml("evil", "52:54:00:00:00:66",
+                          f'host-port="{port}" guest-port="22" guest-ip="{address}"')
+        proc = run_hook("qemu", ["evil", "start", "begin", "-"], evil, state_env, netns)
+        assert proc.returncode == 2, proc.stderr
+        assert (f"domain 'evil': forward tcp {port}->22: guest {address} on network 'lab' "
+                "is another guest's (the host's neighbour table has it at MAC "
+                f"{mac}, the MAC of domain 'victim''s port)").encode() in proc.stderr
+        family = 6 if ":" in address else 4
+        assert "d=evil" not in netns.save(family)
+    own = domain_xml("victim", mac, 'host-port="2231" guest-port="22" '
+                                    'guest-ip="10.0.0.31,fd00:10::31"')
+    hook_ok(netns, state_env, "qemu", ["victim", "start", "begin", "-"], own)
+    assert dnat_owners(netns, 2231) == {"d=victim"}
+    assert "d=victim" in netns.save(6)
+
+
 def test_hook_error_lines_escape_control_characters(netns, state_env):
     from hookrun import run_hook
     name = "evil\x1b[2J\x9b1A"

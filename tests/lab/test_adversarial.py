@@ -14,21 +14,13 @@ from hookrun import (
     domain_xml,
     hook_ok,
     lab_network,
+    port_created,
     run_hook,
     started_lab,
 )
 from lab import AFTER_INIT, content, forwards, install, kvmufw
 
 VICTIM_MAC = "52:54:00:00:00:21"  # lab_network(): reserved 10.0.0.21
-
-
-def port_created(network_xml: bytes, owner: str, mac: str, bridge: str = "virbr1") -> bytes:
-    """The hookData of ``port-created``: the network and the new port of ``owner``."""
-    text = network_xml.decode()
-    port = (f"<networkport><uuid>574a15fc-18cc-4338-87ff-85d7caa2a145</uuid><owner>"
-            f"<name>{owner}</name><uuid>fea4d738-cef0-4b4d-8bdd-5ec70873bef7</uuid></owner>"
-            f"<mac address='{mac}'/><plug type='network' bridge='{bridge}'/></networkport>")
-    return text.replace("</hookData>", port + "</hookData>").encode()
 
 
 def second_network() -> bytes:

@@ -86,6 +86,15 @@ def dnat_owners(netns, port: int) -> set[str]:
             if "-j DNAT" in l and f"--dport {port} " in l and "KVMUFW-PREROUTING" in l}
 
 
+def port_created(network_xml: bytes, owner: str, mac: str, bridge: str = "virbr1") -> bytes:
+    """The hookData of ``port-created``: the network and the new port of ``owner``."""
+    text = network_xml.decode()
+    port = (f"<networkport><uuid>574a15fc-18cc-4338-87ff-85d7caa2a145</uuid><owner>"
+            f"<name>{owner}</name><uuid>fea4d738-cef0-4b4d-8bdd-5ec70873bef7</uuid></owner>"
+            f"<mac address='{mac}'/><plug type='network' bridge='{bridge}'/></networkport>")
+    return text.replace("</hookData>", port + "</hookData>").encode()
+
+
 def hook_ok(netns, env, kind, argv, stdin):
     proc = run_hook(kind, argv, stdin, env, netns)
     assert proc.returncode == 0, proc.stderr

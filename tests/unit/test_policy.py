@@ -1,5 +1,6 @@
 """The host policy, pure: who may have which forward, from facts given as data."""
 
+import re
 import time
 
 import pytest
@@ -269,6 +270,121 @@ def test_the_slaac_address_of_another_guests_port_is_not_a_forwards_target():
     ports = {"lab": [(victim_mac, "victim"), ("52:54:00:00:00:66", "evil")]}
     with pytest.raises(InputError, match="the SLAAC address of domain 'victim'"):
         policy.resolve_domain(evil, _networks(), lambda n: ports.get(n, []))
+
+
+STATIC_MAC = "52:54:00:00:00:77"  # a guest with static addresses: no reservation, no lease
+
+
+def _neighbours(*entries: tuple[str, str]):
+    """``policy.Neighbours`` of a host whose table on lab's bridge has ``entries``, and
+    the networks it was asked for."""
+    from ipaddress import ip_address
+    asked: list[str] = []
+
+    def on(net):
+        asked.append(net.name)
+        return [(ip_address(a), m) for a, m in entries] if net.bridge == "virbr9" else []
+    return on, asked
+
+
+@pytest.mark.parametrize("address", ["10.0.0.77", "fd00:10::a8b1:c2ff:fe00:77"])
+def test_an_address_the_neighbour_table_has_at_another_guests_port_is_not_a_target(address):
+    """A static IPv4 address, or a stable-privacy IPv6 one (not the EUI-64 of the MAC):
+    only the host's neighbour table ties it to the MAC, and libvirt's port to a guest."""
+    from kvmufw_hook import policy
+    evil = _attacker("", f'host-port="2222" guest-port="22" guest-ip="{address}"')
+    ports = {"lab": [(STATIC_MAC, "victim"), ("52:54:00:00:00:66", "evil")]}
+    neighbours, _ = _neighbours((address, STATIC_MAC))
+    with pytest.raises(InputError, match=re.escape(
+            f"domain 'evil': forward tcp 2222->22: guest {address} on network 'lab' is "
+            "another guest's (the host's neighbour table has it at MAC "
+            f"{STATIC_MAC}, the MAC of domain 'victim''s port)")) as err:
+        policy.resolve_domain(evil, _networks(), lambda n: ports.get(n, []),
+                              policy.no_leases, neighbours)
+    assert "\n" not in str(err.value)
+
+
+def test_an_address_the_neighbour_table_has_at_the_guests_own_mac_is_its_own():
+    from kvmufw_hook import policy
+    own = _attacker("", 'host-port="2222" guest-port="22" guest-ip="10.0.0.66"')
+    ports = {"lab": [(STATIC_MAC, "victim"), ("52:54:00:00:00:66", "evil")]}
+    neighbours, _ = _neighbours(("10.0.0.66", "52:54:00:00:00:66"),
+                                ("10.0.0.77", STATIC_MAC))
+    (target,) = policy.resolve_domain(own, _networks(), lambda n: ports.get(n, []),
+                                      policy.no_leases, neighbours)
+    assert str(target.guest_ip) == "10.0.0.66"
+
+
+def test_a_neighbour_entry_decides_by_the_current_owner_of_its_mac():
+    """A stale entry: 10.0.0.77 was last seen at a MAC whose port is now ``evil``'s own
+    (its MAC moved), or at a MAC no port has (that guest is gone): nobody else's, as
+    without the table; a MAC whose port is another's now makes the address that one's."""
+    from kvmufw_hook import policy
+    evil = _attacker("", 'host-port="2222" guest-port="22" guest-ip="10.0.0.77"')
+    neighbours, _ = _neighbours(("10.0.0.77", STATIC_MAC))
+    for ports in ([(STATIC_MAC, "evil")], [("52:54:00:00:00:99", "victim")]):
+        policy.resolve_domain(evil, _networks(), lambda n, p=ports: p if n == "lab" else [],
+                              policy.no_leases, neighbours)
+    with pytest.raises(InputError, match="the MAC of domain 'web2''s port"):
+        policy.resolve_domain(evil, _networks(),
+                              lambda n: [(STATIC_MAC, "web2")] if n == "lab" else [],
+                              policy.no_leases, neighbours)
+
+
+def test_a_guest_answering_for_anothers_reserved_or_leased_address_takes_nothing_from_it():
+    """``squatter`` answers ARP for web1's reservation (10.0.0.10) and its lease
+    (10.0.0.150), and neighbour solicitations for the SLAAC address of web1's MAC: root's
+    reservation, dnsmasq's lease and web1's port still say they are web1's, and its
+    forwards stay (else any guest could withdraw its neighbours' forwards)."""
+    from ipaddress import ip_address
+
+    from kvmufw_hook import policy
+    from kvmufw_hook.plan import eui64_address
+    slaac = str(eui64_address(_networks()["lab"].subnets[1], VICTIM_MAC))
+    web1 = parse_domain_xml(domain('<kvmufw:forward host-port="2222" guest-port="22"/>'
+                                   '<kvmufw:forward host-port="2223" guest-port="22" '
+                                   'guest-ip="10.0.0.150"/><kvmufw:forward '
+                                   f'host-port="2224" guest-port="22" guest-ip="{slaac}"/>'))
+    ports = {"lab": [(STATIC_MAC, "squatter"), (VICTIM_MAC, "web1")]}
+    neighbours, asked = _neighbours(("10.0.0.10", STATIC_MAC), ("10.0.0.150", STATIC_MAC),
+                                    (slaac, STATIC_MAC))
+    leases = {"lab": [(ip_address("10.0.0.150"), VICTIM_MAC)]}
+    targets = policy.resolve_domain(web1, _networks(), lambda n: ports.get(n, []),
+                                    lambda net: leases.get(net.name, ()), neighbours)
+    assert [str(t.guest_ip) for t in targets] == ["10.0.0.10", "10.0.0.150", slaac]
+    assert asked == ["lab"]
+
+
+def test_the_neighbour_table_is_not_read_where_no_other_guest_has_a_port():
+    """A guest alone on its network (or with no forwards) costs no read of the table."""
+    from kvmufw_hook import policy
+    evil = _attacker("", 'host-port="2222" guest-port="22" guest-ip="10.0.0.77"')
+    neighbours, asked = _neighbours(("10.0.0.77", STATIC_MAC))
+    policy.resolve_domain(evil, _networks(),
+                          lambda n: [("52:54:00:00:00:66", "evil")] if n == "lab" else [],
+                          policy.no_leases, neighbours)
+    policy.resolve_domain(parse_domain_xml(domain("", "quiet")), _networks(),
+                          lambda n: [(STATIC_MAC, "victim")], policy.no_leases, neighbours)
+    assert asked == []
+
+
+def test_a_recheck_withdraws_a_forward_to_an_address_the_neighbour_table_gives_another():
+    """replay/restore (``plan_host``): the forward of ``evil`` it holds in the kernel to
+    10.0.0.77 goes once the table has that address at ``victim``'s port's MAC."""
+    from kvmufw_hook.hostplan import plan_host
+    evil = _attacker("", 'host-port="2222" guest-port="22" guest-ip="10.0.0.77"')
+    ports = {"lab": [(STATIC_MAC, "victim"), ("52:54:00:00:00:66", "evil")]}
+    neighbours, _ = _neighbours(("10.0.0.77", STATIC_MAC))
+    planned = plan_host(_networks(), {"evil": evil}, ports=lambda n: ports.get(n, []))
+    assert planned.rules["d=evil"] and not planned.problems
+    planned = plan_host(_networks(), {"evil": evil}, ports=lambda n: ports.get(n, []),
+                        neighbours=neighbours)
+    assert planned.rules["d=evil"] == ()
+    assert planned.problems == ["domain 'evil': forward tcp 2222->22: guest 10.0.0.77 on "
+                                "network 'lab' is another guest's (the host's neighbour "
+                                f"table has it at MAC {STATIC_MAC}, the MAC of domain "
+                                "'victim''s port); a domain forwards only to its own "
+                                "addresses"]
 
 
 def test_the_leases_file_of_libvirts_dnsmasq_is_read(tmp_path):
