@@ -28,7 +28,6 @@ if [ "$action" = install ]; then
     missing=""
     [ -x "$PY" ] || missing="$missing python3"
     if [ -x "$PY" ]; then
-        "$PY" -c 'import lxml.etree' 2>/dev/null || missing="$missing python3-lxml"
         "$PY" -c 'import libvirt' 2>/dev/null || missing="$missing python3-libvirt"
     fi
     command -v iptables-restore >/dev/null 2>&1 || missing="$missing iptables"

@@ -2,18 +2,22 @@
 
 This module is on the critical path of every guest start and stop, so it decides from
 argv (and a byte search of stdin) whether the call matters before importing anything
-heavy: lxml, the planner and the backends are imported only when there is work. qemu
-``prepare`` does nothing: ``start`` runs before QEMU is launched, validates everything
-``prepare`` could (and more: the bridge is known by then) and refuses the start just the
-same. A guest's stop needs only its name: no XML, no lxml, one iptables-save (none
-after a write of ours: ``backends.iptables.Record``) and one iptables-restore.
+heavy: the XML parser, the planner and the backends are imported only when there is
+work. qemu ``prepare`` does nothing: ``start`` runs before QEMU is launched, validates
+everything ``prepare`` could (and more: the bridge is known by then) and refuses the
+start just the same. A guest's stop needs only its name: no XML, no parser, one
+iptables-save (none after a write of ours: ``backends.iptables.Record``) and one
+iptables-restore.
 
 The guest-stop budget: a stop (qemu ``stopped``, then ``release``) runs on libvirt's
 critical path of every shutdown, so it loads the package's modules of ``STOP_MODULES``
 and nothing else of ours, and of the standard library only ``STOP_STDLIB`` beyond what
 the interpreter loads to start (``tests/test_hook.py`` runs a real stop and checks
 both). Only those modules keep start-up tricks (imports inside functions, annotations
-behind ``TYPE_CHECKING``); every other module is written plainly.
+behind ``TYPE_CHECKING``); every other module is written plainly. A guest's start has a
+budget too (``START_MODULES``, ``START_STDLIB``); the two tricks it needs live here: a
+stand-in for ``inspect`` while the dataclasses load (``_defer_inspect``), and their
+generated methods compiled when first called (``_lazy_dataclass_methods``).
 
 Exit status follows libvirt's semantics: a failing validation or start op returns
 non-zero so libvirt refuses the start; ``stopped``, ``release`` and ``reconnect`` always
@@ -45,13 +49,34 @@ STOP_STDLIB = frozenset({
     "__future__", "os", "posixpath", "genericpath", "stat", "_stat", "_collections_abc",
     "errno", "fcntl", "time", "select", "_socket", "struct", "_struct", "syslog",
     "encodings.unicode_escape"})
+# The guest-start budget: qemu ``start`` (and every op that parses XML and plans) loads
+# what a stop loads, the parser, the planner and the checks, and of the standard library
+# only START_STDLIB beyond the interpreter's start-up and STOP_STDLIB. Not ``inspect``
+# (``_defer_inspect``), ``typing``, ``site``, lxml or anything outside the standard
+# library (``tests/kernel/test_hook.py`` runs a real start with each backend and checks).
+START_MODULES = STOP_MODULES | frozenset({
+    "kvmufw_hook.parse", "kvmufw_hook.model", "kvmufw_hook.intents", "kvmufw_hook.plan",
+    "kvmufw_hook.policy", "kvmufw_hook.hostplan", "kvmufw_hook.hairpin",
+    "kvmufw_hook.host", "kvmufw_hook.sockdiag", "kvmufw_hook.ops",
+    "kvmufw_hook.backends.rules",
+    # where another guest has a port on the network: the host's neighbour table
+    "kvmufw_hook.neighbours"})
+START_STDLIB = STOP_STDLIB | frozenset({
+    # the XML parser: expat through ElementTree's elements
+    "xml", "xml.parsers", "xml.parsers.expat", "pyexpat", "xml.etree",
+    "xml.etree.ElementTree", "xml.etree.ElementPath", "_elementtree", "contextlib",
+    "warnings",
+    # the model's dataclasses (and what they import but inspect)
+    "dataclasses", "copy", "copyreg", "weakref", "_weakrefset", "keyword", "types",
+    "org", "org.python", "org.python.core", "reprlib",  # copy's Jython check; 3.11
+    "functools", "_functools", "collections", "collections.abc", "_collections",
+    "itertools", "operator", "_operator", "enum",
+    # validation: addresses, patterns, sorted holders; dnsmasq's leases are JSON
+    "ipaddress", "re", "re._casefix", "re._compiler", "re._constants", "re._parser",
+    "_sre", "bisect", "_bisect", "json", "json.decoder", "json.encoder", "json.scanner",
+    "_json"})
 NETWORK_OPS = {"start", "started", "stopped", "port-created", "port-deleted", "updated"}
 QEMU_OPS = {"start", "stopped", "release", "reconnect", "migrate", "restore"}
-# Where distributions install python3-lxml. The shims run python with -S, and site.main()
-# (every .pth file, sitecustomize) costs more than the interpreter's own start-up.
-DIST_PACKAGES = ("/usr/lib/python3/dist-packages",
-                 f"/usr/lib/python3.{sys.version_info[1]}/site-packages",
-                 f"/usr/lib64/python3.{sys.version_info[1]}/site-packages")
 # Ops whose failure must not reach libvirt as a non-zero exit.
 NEVER_FAIL = {("network", "stopped"), ("network", "port-created"),
               ("network", "port-deleted"), ("network", "updated"),
@@ -145,19 +170,77 @@ def _quiet_log(message: str) -> None:
         pass
 
 
-def _prepare_lxml() -> None:
-    """In the shims' process (python -S): put the directory that holds lxml on sys.path,
-    the distribution's own when it has lxml, else whatever site finds."""
-    if not sys.flags.no_site or "lxml" in sys.modules:
+def _defer_inspect() -> None:
+    """Put a stand-in for ``inspect`` in ``sys.modules`` until something really uses it.
+
+    ``dataclasses`` imports ``inspect`` when it loads, and asks it of a class only its
+    own annotations (Python 3.12 on: ``get_annotations``, answered here as ``inspect``
+    answers for a class, without evaluating them) and, for a class without a docstring,
+    its signature; loading it (ast, dis, tokenize, ...) would cost a
+    guest's start about a third of the interpreter's own start-up. Anything else loads
+    the real module and answers from it: a use nobody foresaw is slower, never wrong.
+    Only this process's hook call sees it (``START_STDLIB`` and its test keep
+    ``inspect`` out); an interpreter that has ``inspect`` already keeps it.
+    """
+    if "inspect" in sys.modules:
         return
-    import os
-    for directory in DIST_PACKAGES:
-        if os.path.isdir(os.path.join(directory, "lxml")):
-            if directory not in sys.path:
-                sys.path.append(directory)
-            return
-    import site
-    site.main()
+    from types import ModuleType
+
+    def real() -> ModuleType:
+        if isinstance(sys.modules.get("inspect"), DeferredInspect):
+            del sys.modules["inspect"]
+        import inspect
+        return inspect
+
+    class DeferredInspect(ModuleType):
+        def __getattr__(self, name: str) -> object:
+            if name.startswith("__"):  # the import system asks for __spec__, __path__, ...
+                raise AttributeError(name)
+            return getattr(real(), name)
+
+        @staticmethod
+        def get_annotations(obj: object, **options: object) -> object:
+            if isinstance(obj, type) and not options.get("eval_str"):
+                own = obj.__dict__.get("__annotations__")  # noqa: RUF063 - we stand in for it
+                if own is None or isinstance(own, dict):
+                    return dict(own or {})
+            return real().get_annotations(obj, **options)
+
+    sys.modules["inspect"] = DeferredInspect("inspect")
+
+
+def _lazy_dataclass_methods() -> None:
+    """Compile each method a dataclass generates on its first call, not when the class
+    is created.
+
+    Python 3.11 and 3.12 compile every generated method (``__init__``, ``__repr__``,
+    ``__eq__``, ``__hash__``, a frozen class's ``__setattr__`` and ``__delattr__``) with
+    an ``exec`` of its own while the class is created: ~0.4 ms a class, ~6 ms of a
+    guest's start, mostly for methods the call never runs. Here ``dataclasses`` hands
+    out a stand-in that compiles the very same text (``dataclasses._create_fn``) when
+    first called and then calls it. Python 3.13 compiles a class's methods in one
+    ``exec`` and has no ``_create_fn``: nothing to do. Only this process's hook call
+    sees it, after ``_defer_inspect`` (``dataclasses`` imports ``inspect``).
+    """
+    import dataclasses
+    create = getattr(dataclasses, "_create_fn", None)
+    if create is None or create.__module__ == __name__:
+        return
+
+    def lazy(name: str, args: list[str], body: list[str],
+             **options: object) -> Callable[..., object]:
+        compiled: Callable[..., object] | None = None
+
+        def method(*args_: object, **kwargs: object) -> object:
+            nonlocal compiled
+            if compiled is None:
+                compiled = create(name, args, body, **options)
+            return compiled(*args_, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    setattr(dataclasses, "_create_fn", lazy)  # noqa: B010 - private: not in the stubs
 
 
 def _finish_switch(log: Callable[[str], None]) -> None:
@@ -172,7 +255,8 @@ def _finish_switch(log: Callable[[str], None]) -> None:
             return
     except ConfigError:
         return
-    _prepare_lxml()  # restore plans from our state's XML
+    _defer_inspect()
+    _lazy_dataclass_methods()
     from .ops import restore
     restore(log=log)
     log("firewall backend switched: every owner moved by restore")
@@ -185,7 +269,8 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         from .apply import domain_stopped
         domain_stopped(name, log=log)
         return
-    _prepare_lxml()
+    _defer_inspect()  # before the model's dataclasses
+    _lazy_dataclass_methods()
     if kind == "qemu" and op == "restore":
         from .parse import parse_domain_xml
         from .plan import validate_domain

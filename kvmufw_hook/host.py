@@ -61,7 +61,8 @@ def read_user_uids(path: str | None = None) -> tuple[int, int]:
 def read_unprivileged_port(proc: str = "/proc") -> int:
     """net.ipv4.ip_unprivileged_port_start: below it only privileged processes bind."""
     try:
-        with open(f"{proc}/sys/net/ipv4/ip_unprivileged_port_start", encoding="ascii") as fh:
+        with open(f"{proc}/sys/net/ipv4/ip_unprivileged_port_start", encoding="utf-8",
+                  errors="replace") as fh:
             return int(fh.read().strip())
     except (OSError, ValueError):
         return UNPRIVILEGED_PORT
@@ -129,7 +130,7 @@ def read_listeners(proc: str = "/proc") -> tuple[Listener, ...]:
                 pass  # no sock_diag in this kernel: /proc/net/tcp*
         for name in files:
             try:
-                with open(f"{proc}/net/{name}", encoding="ascii") as fh:
+                with open(f"{proc}/net/{name}", encoding="utf-8", errors="replace") as fh:
                     next(fh, None)
                     for line in fh:
                         fields = line.split()
@@ -152,7 +153,7 @@ def read_local_addresses(proc: str = "/proc") -> frozenset[IPAddress]:
 def read_ipv4_addresses(proc: str = "/proc") -> frozenset[IPv4Address]:
     local = set()
     last = None
-    with open(f"{proc}/net/fib_trie", encoding="ascii") as fh:
+    with open(f"{proc}/net/fib_trie", encoding="utf-8", errors="replace") as fh:
         for line in fh:
             text = line.strip()
             if text.startswith("|--"):
@@ -168,11 +169,13 @@ def read_ipv6_addresses(proc: str = "/proc") -> tuple[frozenset[IPv6Address],
     duplicate address detection failed (another host on the link holds them; the kernel
     keeps them but never uses them). A tentative address (DAD still running, for a
     second after it is added, as at boot) counts as usable: refusing it would fail a
-    guest's autostart for a race with DAD. Both empty without IPv6 in this kernel."""
+    guest's autostart for a race with DAD. Both empty without IPv6 in this kernel. (An
+    interface's name may hold any bytes but '/', ':' and whitespace: text is read with
+    errors replaced, as every /proc file here.)"""
     usable: set[IPv6Address] = set()
     duplicates: set[IPv6Address] = set()
     try:
-        with open(f"{proc}/net/if_inet6", encoding="ascii") as fh:
+        with open(f"{proc}/net/if_inet6", encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 fields = line.split()  # address ifindex prefixlen scope flags device
                 if len(fields) < 5 or len(fields[0]) != 32:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from . import host, state
 from .errors import InputError, shown
@@ -220,42 +219,37 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     return result
 
 
-Parsed = TypeVar("Parsed", Network, Domain)
-
-
-def _parse_each(raws: Iterable[bytes], parse: Callable[[bytes], Parsed],
-                owner: Callable[[str], str], kind: str, problems: list[str],
-                broken: set[str], kept: set[tuple[str, str]]) -> dict[str, tuple[Parsed, bytes]]:
-    """name -> (model, raw) of each document that parses. One that does not is a
-    problem; if its name can still be read, that owner fails: its rules, ports and state
-    stay as they are."""
-    out: dict[str, tuple[Parsed, bytes]] = {}
-    for raw in raws:
-        try:
-            obj = parse(raw)
-        except InputError as exc:
-            problems.append(str(exc))
-            name = object_name(raw)
-            if name is not None:
-                broken.add(owner(name))
-                kept.add((kind, name))
-            continue
-        out[obj.name] = (obj, raw)
-    return out
-
-
 def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],
                problems: list[str]) -> tuple[dict[str, tuple[Network, bytes]],
                                              dict[str, tuple[Domain, bytes]],
                                              set[str], set[tuple[str, str]]]:
     """The parsed networks and guests (name -> (model, raw)), the owners that failed
-    (``broken``) and the state files that stay (``kept``), as ``replay`` needs them."""
+    (``broken``) and the state files that stay (``kept``), as ``replay`` needs them. A
+    document that does not parse is a problem; if its name can still be read, that
+    owner fails: its rules, ports and state stay as they are."""
     broken: set[str] = set()
     kept: set[tuple[str, str]] = set()  # (state kind, name) whose files stay
-    networks = _parse_each(network_xmls, parse_network_xml, network_owner, "networks",
-                           problems, broken, kept)
-    domains = _parse_each(domain_xmls, parse_domain_xml, domain_owner, "domains",
-                          problems, broken, kept)
+    networks: dict[str, tuple[Network, bytes]] = {}
+    domains: dict[str, tuple[Domain, bytes]] = {}
+    kinds: tuple[tuple[Iterable[bytes], Callable[[bytes], Network | Domain],
+                       Callable[[str], str], str], ...] = (
+        (network_xmls, parse_network_xml, network_owner, "networks"),
+        (domain_xmls, parse_domain_xml, domain_owner, "domains"))
+    for raws, parse, owner, kind in kinds:
+        for raw in raws:
+            try:
+                obj = parse(raw)
+            except InputError as exc:
+                problems.append(str(exc))
+                name = object_name(raw)
+                if name is not None:
+                    broken.add(owner(name))
+                    kept.add((kind, name))
+                continue
+            if isinstance(obj, Network):
+                networks[obj.name] = (obj, raw)
+            else:
+                domains[obj.name] = (obj, raw)
     # forward add --network on a running network: libvirt's live XML is stale until the
     # network restarts; the override is the truth (the hooks drop it at network start)
     for name, (net, raw) in list(networks.items()):

@@ -395,11 +395,11 @@ def _hairpin(f: int, bridge: str, guest: str, proto: str, gp: PortRange, subnet:
 
 def wanted(intents: Owners) -> dict[Element, None]:
     """Every element the owners' intents stand for, once each, in order (a guest's stop
-    names its owner with no intent: nothing of the planner is imported then)."""
+    names its owner with no intent: nothing of the planner is imported then; a guest's
+    start has forwards only: nothing of the rules a network's intents expand to)."""
     if not any(intents.values()):
         return {}
     from ..intents import Forward
-    from .rules import expand
     out: dict[Element, None] = {}
     texts: dict[Any, str] = {}
     for owner in sorted(intents):
@@ -407,6 +407,7 @@ def wanted(intents: Owners) -> dict[Element, None]:
             if isinstance(intent, Forward):
                 out.update(dict.fromkeys(forward_elements(intent, texts)))
             else:
+                from .rules import expand
                 for rule in expand(intent):
                     out.update(dict.fromkeys(elements(rule)))
     return out

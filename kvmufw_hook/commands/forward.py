@@ -14,9 +14,10 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from copy import deepcopy
 from typing import Any
-
-from lxml import etree
+from xml.etree import ElementTree
+from xml.etree.ElementTree import Element, SubElement
 
 from .. import ops, state
 from ..errors import InputError, shown
@@ -74,54 +75,52 @@ def endpoint(addresses: list[str], port: str) -> str:
     return f"{','.join(shown_addresses)}:{port}"
 
 
-def _forwards_of(root: etree._Element) -> list[Attrs]:
+# How the elements we write name their namespaces (ElementTree would write ns0:, ns1:):
+# ours as libvirt writes it, and libvirt's dnsmasq options of a network definition.
+ElementTree.register_namespace(KEY, NAMESPACE)
+ElementTree.register_namespace("dnsmasq", "http://libvirt.org/schemas/network/dnsmasq/1.0")
+_OURS = f"{{{NAMESPACE}}}"
+
+
+def _xml(element: Element) -> str:
+    return ElementTree.tostring(element, encoding="unicode")
+
+
+def _forwards_of(root: Element) -> list[Attrs]:
     """The attributes of each ``<forward>`` in our metadata, as written."""
     metadata = root.find("metadata")
     if metadata is None:
         return []
-    out = []
-    for el in metadata:
-        if isinstance(el.tag, str) and etree.QName(el).namespace == NAMESPACE:
-            for fwd in el:
-                if isinstance(fwd.tag, str):
-                    out.append({etree.QName(k).localname: str(v)
-                                for k, v in fwd.attrib.items()})
-    return out
+    return [{key.rpartition("}")[2]: value for key, value in fwd.attrib.items()}
+            for el in metadata if el.tag.startswith(_OURS) for fwd in el]
 
 
-def _forwards_element(forwards: list[Attrs]) -> etree._Element:
-    root = etree.Element(f"{{{NAMESPACE}}}forwards", nsmap={KEY: NAMESPACE})
+def _forwards_element(forwards: list[Attrs]) -> Element:
+    root = Element(f"{_OURS}forwards")
     for attrs in forwards:
-        fwd = etree.SubElement(root, f"{{{NAMESPACE}}}forward")
-        for key, value in attrs.items():
-            fwd.set(key, value)
+        SubElement(root, f"{_OURS}forward", attrs)
     return root
 
 
 def _plain_forwards(forwards: list[Attrs]) -> str:
     """The same without a namespace: what ``virDomainSetMetadata`` takes (libvirt puts
     the element in our namespace under the key itself, as ``virsh metadata`` does)."""
-    root = etree.Element("forwards")
+    root = Element("forwards")
     for attrs in forwards:
-        fwd = etree.SubElement(root, "forward")
-        for key, value in attrs.items():
-            fwd.set(key, value)
-    return etree.tostring(root).decode()
+        SubElement(root, "forward", attrs)
+    return _xml(root)
 
 
-def _with_forwards(root: etree._Element, forwards: list[Attrs]) -> etree._Element:
+def _with_forwards(root: Element, forwards: list[Attrs]) -> Element:
     """A copy of a domain/network element whose metadata holds exactly ``forwards``."""
-    copy = etree.fromstring(etree.tostring(root))
+    copy = deepcopy(root)
     metadata = copy.find("metadata")
     if metadata is None:
-        metadata = etree.Element("metadata")
+        metadata = Element("metadata")
         anchor = copy.find("uuid") if copy.find("uuid") is not None else copy.find("name")
-        if anchor is None:
-            copy.insert(0, metadata)
-        else:
-            anchor.addnext(metadata)
+        copy.insert(0 if anchor is None else list(copy).index(anchor) + 1, metadata)
     for el in list(metadata):
-        if isinstance(el.tag, str) and etree.QName(el).namespace == NAMESPACE:
+        if el.tag.startswith(_OURS):
             metadata.remove(el)
     if forwards:
         metadata.append(_forwards_element(forwards))
@@ -311,28 +310,28 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs,
             live_model = parse_network(_with_forwards(live_root, live))
             ops.network_arriving(live_model)
             previous = state.network_override(name)
-            state.save_network_override(name, etree.tostring(_forwards_element(live)))
+            state.save_network_override(name, _xml(_forwards_element(live)).encode())
             try:
-                ops.network_started(live_model, etree.tostring(live_root), log=log)
+                ops.network_started(live_model, _xml(live_root).encode(), log=log)
             except BaseException:  # refused or failed: no override, no definition
                 if previous is None:
                     state.forget_network_override(name)
                 else:
                     state.save_network_override(name, previous)
                 raise
-        conn.networkDefineXML(etree.tostring(new_persistent).decode())
+        conn.networkDefineXML(_xml(new_persistent))
         return _done(what, action, spec, live_root is not None, "the network starts")
 
 
-def _running_forwards(name: str, live_root: etree._Element) -> list[Attrs]:
+def _running_forwards(name: str, live_root: Element) -> list[Attrs]:
     """The running network's forwards: the override's, if ``forward add`` left one."""
     data = state.network_override(name)
     if data is None:
         return _forwards_of(live_root)
     root = load(data, f"network {shown(name)}: override")
-    if etree.QName(root).localname == "forwards":
-        holder = etree.Element("network")
-        etree.SubElement(holder, "metadata").append(root)
+    if root.tag.rpartition("}")[2] == "forwards":
+        holder = Element("network")
+        SubElement(holder, "metadata").append(root)
         root = holder
     return _forwards_of(root)
 
@@ -340,7 +339,7 @@ def _running_forwards(name: str, live_root: etree._Element) -> list[Attrs]:
 def validate_spec(spec: Attrs, network: bool, label: str) -> None:
     """The attributes alone, before libvirt is asked anything."""
     allowed = NETWORK_ATTRS if network else DOMAIN_ATTRS
-    element = etree.Element("metadata")
+    element = Element("metadata")
     element.append(_forwards_element([spec]))
     parse_forwards(element, label, allowed)
 

@@ -5,10 +5,19 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLES
-from hookrun import HOOKS, default_started_xml, kvmufw_lines, owners, run_hook, sample
+from conftest import ROOT, SAMPLES, need_root_tools
+from hookrun import (
+    HOOKS,
+    default_started_xml,
+    kvmufw_lines,
+    owners,
+    port_created,
+    run_hook,
+    sample,
+)
 
 
 def test_whole_lifecycle_of_the_samples(netns, state_env):
@@ -260,14 +269,38 @@ def test_a_guest_stop_loads_only_the_modules_of_its_budget(netns, state_env):
     assert not {m for m in imported if m.startswith("kvmufw_hook.backends")}, imported
 
 
-def test_a_guest_start_finds_lxml_without_site(netns, state_env):
-    """lxml from the distribution's directory, not through site (``site`` and its .pth
-    files cost more than the interpreter's own start-up)."""
-    run_hook(*sample("16-network.lab.started"), state_env, netns)
+BACKEND_MODULES = {"iptables": "iptables", "nftables": "nft"}
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_a_guest_start_loads_only_the_modules_of_its_budget(backend, netns, state_env):
+    """start: the XML parsed, the forwards checked and applied, loading only what the
+    start budget (``hook.START_MODULES``, ``hook.START_STDLIB``) allows: nothing outside
+    the standard library and the package, no ``site``, ``inspect`` or ``typing``."""
+    from kvmufw_hook.hook import START_MODULES, START_STDLIB
+    if backend != "iptables":
+        need_root_tools("nft")
+        Path(state_env["KVMUFW_CONFIG"]).write_text(f'firewall_backend = "{backend}"\n')
+    assert run_hook(*sample("16-network.lab.started"), state_env, netns).returncode == 0
+    # another guest's port on the network: the start reads the neighbour table too
+    other = port_created((SAMPLES / "16-network.lab.started.xml").read_bytes(), "db2",
+                         "52:54:00:00:00:21")
+    assert run_hook("network", ["lab", "port-created", "begin", "-"], other, state_env,
+                    netns).returncode == 0
     imported = shim_imports(*sample("04-qemu.web1.start"), state_env, netns)
-    assert {"lxml.etree", "kvmufw_hook.ops"} <= imported
-    assert not imported & {"site", "sitecustomize"}, imported & {"site", "sitecustomize"}
-    assert len([l for l in kvmufw_lines(netns) if "d=web1" in l]) == 15
+    assert {"kvmufw_hook.ops", "kvmufw_hook.neighbours",
+            f"kvmufw_hook.backends.{BACKEND_MODULES[backend]}"} <= imported
+    ours = {m for m in imported if m.partition(".")[0] == "kvmufw_hook"}
+    assert ours <= START_MODULES, sorted(ours - START_MODULES)
+    beyond = imported - ours - interpreter_modules() - {"imported package"}
+    assert beyond <= START_STDLIB, sorted(beyond - START_STDLIB)
+    assert not START_STDLIB & {"inspect", "typing", "site", "sitecustomize"}
+    if backend == "iptables":
+        assert len([l for l in kvmufw_lines(netns) if "d=web1" in l]) == 15
+    else:
+        listed = subprocess.run([*netns.prefix, "nft", "list", "table", "inet", "kvmufw"],
+                                capture_output=True, text=True, check=True).stdout
+        assert "d=web1" in listed, listed
 
 
 def test_prepare_reads_no_stdin(state_env):

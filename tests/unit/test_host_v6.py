@@ -14,7 +14,13 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import pytest
 from host_addresses import GUEST_V4, GUEST_V6, OTHER_V6, V4, V6, forward, refusal
 
-from kvmufw_hook.host import HostFacts, Listener, check_forwards, read_ipv6_addresses
+from kvmufw_hook.host import (
+    HostFacts,
+    Listener,
+    check_forwards,
+    read_ipv4_addresses,
+    read_ipv6_addresses,
+)
 
 
 def sock(addr, port=8443, proto="tcp", v6only=False):
@@ -149,6 +155,20 @@ def test_if_inet6_is_read_with_duplicates_apart(tmp_path):
     assert duplicates == {IPv6Address("2001:db8:1::dad")}
     (tmp_path / "net" / "if_inet6").unlink()  # IPv6 disabled at boot
     assert read_ipv6_addresses(str(tmp_path)) == (frozenset(), frozenset())
+
+
+def test_an_interface_named_in_any_bytes_does_not_stop_the_reading(tmp_path):
+    """The kernel takes any bytes but '/', ':' and whitespace in an interface's name, and
+    /proc shows them as they are: a name that is not ASCII (nor UTF-8) is not ours to
+    read, the addresses on its line still count."""
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "if_inet6").write_bytes(
+        b"20010db8000100000000000000000001 02 40 00 80  caf\xc3\xa9\n"
+        b"20010db8000100000000000000000002 03 40 00 80  x\xff\xfe\n")
+    (tmp_path / "net" / "fib_trie").write_bytes(
+        b"Local:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 192.0.2.1\n        /32 host LOCAL\n")
+    assert read_ipv6_addresses(str(tmp_path))[0] == {V6, OTHER_V6}
+    assert read_ipv4_addresses(str(tmp_path)) == {IPv4Address("192.0.2.1")}
 
 
 def test_reading_the_host_stays_light():

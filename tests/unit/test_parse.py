@@ -87,6 +87,13 @@ def test_other_namespaces_are_not_ours():
         <app:forwards xmlns:app="urn:other:1"><app:forward host-port="x"/></app:forwards>
         </metadata></domain>""")
     assert dom.forwards == ()
+    # a '}' in a namespace URI would make ``{URI}local`` ambiguous (ours, followed by
+    # more?): expat refuses the separator in a URI, so the document is refused, never read
+    for lookalike in ("urn:kvmufw:1}x", "urn:kvmufw:1}"):
+        with pytest.raises(InputError, match="not well-formed"):
+            parse_domain_xml(f"""<domain><name>d</name><metadata>
+                <k:forwards xmlns:k="{lookalike}"><k:forward host-port="22"/></k:forwards>
+                </metadata></domain>""".encode())
 
 
 def _dom(forwards: str, extra: str = "") -> bytes:

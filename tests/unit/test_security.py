@@ -53,7 +53,7 @@ def _refused_fast(data: bytes) -> str:
     verdict, seconds, peak_kib = lines[0], float(lines[1]), int(lines[2])
     assert verdict.startswith("REFUSED domain XML: "), verdict
     assert seconds < 0.5, (verdict, seconds)
-    assert peak_kib < 100 * 1024, (verdict, peak_kib)  # the interpreter and lxml: ~30 MiB
+    assert peak_kib < 100 * 1024, (verdict, peak_kib)  # the interpreter and the parser: ~30 MiB
     return verdict
 
 
