@@ -404,8 +404,8 @@ def replay(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes], dry_run:
                          {n: dom for n, (dom, _r) in domains.items()},
                          holders=backend.claims(before), broken=broken,
                          facts=read_facts(backend),
-                         reserved=[domain_owner(n) for n in state.load_domains()
-                                   if n in domains],
+                         reserved=[domain_owner(n) for n in state.domain_names(
+                             {n: raw for n, (_dom, raw) in domains.items()}) if n in domains],
                          ports=state.network_ports, neighbours=neighbours_of(backend))
         problems += planned.problems
 
@@ -538,9 +538,11 @@ def _clear_others(backend: AnyBackend, log: Log = _quiet, flushing: bool = False
     after ``backend`` holds every forward, so none is lost meanwhile; their conntrack
     flows stay (the same forwards carry them on). ``flushing``: ``backend`` was just
     cleared too, and nothing of it is put back."""
-    from .backends import others
+    from .backends import others, proved_empty
     text = ""
     for name, other in others(backend):
+        if proved_empty(name, backend.prefix):  # most often: no process to read it
+            continue
         before = other.read()
         if other.has_rules(before):
             change = other.clear(before)

@@ -325,6 +325,30 @@ def load_domains(log: Log = None, known: frozenset[str] = frozenset()) -> dict[s
     return {dom.name: dom for dom in _parsed(paths, parse_domain_xml, log)}
 
 
+def domain_names(live: dict[str, bytes], log: Log = None) -> set[str]:
+    """The names ``load_domains`` keys by, without parsing again the files that hold
+    exactly a guest's XML as ``live`` has it (name -> XML that parsed as that name):
+    ``replay`` of hundreds of guests knows them all already."""
+    from .parse import parse_domain_xml
+    by_path = {domain_path(name): (name, raw) for name, raw in live.items()}
+    names, rest = set(), []
+    for path in _files(os.path.join(state_dir(), "domains")):
+        name, raw = by_path.get(path, ("", None))
+        if raw is not None and _unchanged(path, raw):
+            names.add(name)
+        else:
+            rest.append(path)
+    return names | {dom.name for dom in _parsed(rest, parse_domain_xml, log)}
+
+
+def _unchanged(path: str, data: bytes) -> bool:
+    """Whether ``path`` is a plain file holding exactly ``data``."""
+    try:
+        return _read(path) == data
+    except InputError:  # a symlink, unreadable: not the same
+        return False
+
+
 def has_domain(name: str) -> bool:
     """Whether a stop of the guest has anything to remove: its state, or the marker of
     a removal that failed."""
@@ -531,7 +555,8 @@ def replace_all(networks: dict[str, bytes], domains: dict[str, bytes],
             if path not in paths and path not in kept:
                 _remove(path)
         for path, raw in paths.items():
-            _write(path, raw)
+            if not _unchanged(path, raw):  # most are: the hooks wrote them
+                _write(path, raw)
 
 
 # --------------------------------------------------------------------------- hairpin

@@ -115,6 +115,35 @@ def switched() -> bool:
                for family, table, chain in traces)
 
 
+# Everything each backend may hold, as netlink requests can tell (``proved_empty``):
+# every chain of the iptables backend in both families (iptables.JUMPS', held equal by a
+# unit test), and libvirt's nftables tables, where its accepts go; our table.
+_IPTABLES_CHAINS = (("filter", "INPUT"), ("filter", "FORWARD"), ("nat", "PREROUTING"),
+                    ("nat", "OUTPUT"), ("nat", "POSTROUTING"))
+HOLDINGS: dict[str, tuple[tuple[int, str, str], ...]] = {
+    "iptables": (*((family, table, f"KVMUFW-{chain}") for family in (2, 10)
+                   for table, chain in _IPTABLES_CHAINS),
+                 (2, "libvirt_network", ""), (10, "libvirt_network", "")),
+    "nftables": TRACES["nftables"],
+}
+
+
+def proved_empty(name: str, prefix: Iterable[str] = ()) -> bool:
+    """Whether netlink requests prove that backend ``name`` holds nothing of ours in
+    this namespace (none of its ``HOLDINGS`` there), so that nobody needs to read it with
+    a process (``replay`` and ``flush`` clear the backends not selected). False where
+    they cannot tell: elsewhere (``prefix``), legacy iptables, nf_tables not answering."""
+    from .nftprobe import chain_in_kernel, generation, table_in_kernel
+    if tuple(prefix) or name not in HOLDINGS or generation() is None:
+        return False
+    if name == "iptables":
+        from .iptables import nft_based
+        if not (nft_based(4) and nft_based(6)):
+            return False  # legacy: not in nf_tables
+    return not any(chain_in_kernel(family, table, chain) if chain else
+                   table_in_kernel(family, table) for family, table, chain in HOLDINGS[name])
+
+
 def others(backend: Backend[Any, Any]) -> list[tuple[str, Backend[Any, Any]]]:
     """(name, backend) of every registered backend but ``backend``'s, running where it
     runs (its ``prefix``): where rules of ours may be left from before a switch of

@@ -414,6 +414,15 @@ def find_tool(name: str) -> str:
     raise ApplyError(f"{name} not found: install the iptables package")
 
 
+def nft_based(family: int) -> bool:
+    """Whether this host's iptables of ``family`` is iptables-nft (its rules are in
+    nf_tables, where nft and netlink requests reach them too; legacy iptables' are not)."""
+    try:
+        return "nft" in os.path.basename(os.path.realpath(find_tool(TOOLS[family][0])))
+    except ApplyError:
+        return False
+
+
 def ipv6_unavailable() -> str | None:
     """Why this host has no IPv6 firewall to write to, or None when it has one."""
     if not os.path.exists("/proc/sys/net/ipv6"):

@@ -38,7 +38,7 @@ from ..errors import ApplyError
 from ..names import Tag
 from ..process import run
 from .iptables import LIBVIRT_CHAINS as LIBVIRT_IPTABLES_CHAINS
-from .iptables import TOOLS, find_tool, ip_text, net_text
+from .iptables import TOOLS, find_tool, ip_text, net_text, nft_based
 from .tags import comment as tag_comment
 from .tags import parse_comment
 
@@ -74,6 +74,8 @@ IPT_GLUE = {  # (iptables chain) -> the glue line as iptables-save prints it
     chain: f'-A {chain} -m mark --mark 0x{MARK:x}/0x{MARK:x} -m comment '
            f'--comment "{GLUE_COMMENT}" -j ACCEPT' for chain in ("INPUT", "FORWARD")}
 LIBVIRT_TABLE = "libvirt_network"
+# the glue rule as nft writes and prints it: in libvirt's chains, and in iptables-nft's
+# filter INPUT and FORWARD, where iptables-save prints it as ``IPT_GLUE`` exactly
 LIBVIRT_GLUE = f'meta mark & 0x{MARK:08x} == 0x{MARK:08x} accept comment "{GLUE_COMMENT}"'
 LIBVIRT_CHAINS = ("guest_input", "guest_output")
 
@@ -204,8 +206,8 @@ def _range_rule(chain: str) -> str:
 
 def _range_chains(items: Iterable[Element]) -> set[str]:
     """The range chains these elements jump to."""
-    return {e.value.split()[1] for e in items
-            if e.set.startswith("masqp") and e.value is not None}
+    return {e[2].split()[1] for e in items  # (set, key, value, …): thousands, no property
+            if e[0].startswith("masqp") and e[2] is not None}
 
 
 class Element(tuple):  # type: ignore[type-arg]
@@ -315,22 +317,32 @@ def elements(rule: Rule) -> list[Element]:
     return [el("b2b", f"{_if(rule.iif)} . {_if(rule.oif)}")]
 
 
-def forward_elements(fw: Forward) -> list[Element]:
+def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[Element]:
     """A forward's elements, straight from its intent (the same as ``elements`` gives for
     its rules, measured twice as fast: a replay of thousands renders these): DNAT per
     source, the accept of its DNAT'd packets both ways, its hairpin masquerade. Sources
-    are collapsed first (overlapping intervals cannot share a set)."""
-    from ipaddress import collapse_addresses
-    f, comment, guest = fw.family, tag_comment(fw.tag), ip_text(fw.guest)
+    are collapsed first (overlapping intervals cannot share a set). ``texts``: the text
+    of each owner's tag and of each address object already written, kept across the
+    forwards of one rendering (a guest's forwards share the objects: keyed by identity,
+    which only holds while they all live, as the intents of one ``wanted`` do)."""
+    known = {} if texts is None else texts
+    f, owned = fw.family, (fw.owner, fw.bridge, id(fw.subnet))
+    comment = known.get(owned) or known.setdefault(owned, tag_comment(fw.tag))
+    guest = known.get(id(fw.guest)) or known.setdefault(id(fw.guest), ip_text(fw.guest))
     host = ip_text(fw.host_ip) if fw.host_ip is not None else ANY[f]
-    sources = [ANY[f]] if not fw.sources or any(s.prefixlen == 0 for s in fw.sources) \
-        else [_addr(s) for s in (fw.sources if len(fw.sources) == 1
-                                 else collapse_addresses(fw.sources))]  # type: ignore[type-var]
-    bridge = _if(fw.bridge)
+    if not fw.sources or any(s.prefixlen == 0 for s in fw.sources):
+        sources = [ANY[f]]
+    elif len(fw.sources) == 1:
+        sources = [_addr(fw.sources[0])]
+    else:
+        from ipaddress import collapse_addresses
+        sources = [_addr(s) for s in collapse_addresses(fw.sources)]  # type: ignore[type-var]
     assert fw.subnet is not None
+    subnet = known.get(id(fw.subnet)) or known.setdefault(id(fw.subnet), _addr(fw.subnet))
+    bridge = f'"{fw.bridge}"'
     return [*_dnat(f, host, sources, fw.proto, fw.host_ports, guest, fw.guest_ports, comment),
             _accept(f, bridge, guest, fw.proto, fw.guest_ports, comment),
-            *_hairpin(f, bridge, guest, fw.proto, fw.guest_ports, _addr(fw.subnet), comment)]
+            *_hairpin(f, bridge, guest, fw.proto, fw.guest_ports, subnet, comment)]
 
 
 def _dnat(f: int, host: str, sources: Iterable[str], proto: str, hp: PortRange, guest: str,
@@ -389,10 +401,11 @@ def wanted(intents: Owners) -> dict[Element, None]:
         return {}
     from ..intents import Forward
     out: dict[Element, None] = {}
+    texts: dict[Any, str] = {}
     for owner in sorted(intents):
         for intent in intents[owner]:
             if isinstance(intent, Forward):
-                out.update(dict.fromkeys(forward_elements(intent)))
+                out.update(dict.fromkeys(forward_elements(intent, texts)))
             else:
                 from .rules import expand
                 for rule in expand(intent):
@@ -479,10 +492,17 @@ class Table:
 class Glue:
     """The glue rules outside our table as read: per iptables family, the filter table's
     INPUT and FORWARD rules (and libvirt's chains); per libvirt nft family
-    (``ip``/``ip6``), libvirt's table as ``nft -a list`` printed it."""
+    (``ip``/``ip6``), libvirt's table as ``nft -a list`` printed it. ``nft_families``:
+    the iptables families whose filter INPUT and FORWARD are iptables-nft's (in
+    nf_tables), where glue can be inserted by the ``nft -f`` that writes our table;
+    ``nft_chains``: which of their INPUT and FORWARD chains are in nf_tables (iptables-nft
+    adds a built-in chain only once a rule or policy needs it, iptables-save prints it
+    all the same); None where that was not asked (``prefix``)."""
 
     def __init__(self) -> None:
         self.iptables: dict[int, dict[str, list[str]]] = {}
+        self.nft_families: set[int] = set()
+        self.nft_chains: dict[int, set[str]] | None = None
         self.libvirt_chains: set[str] = set()
         self.libvirt: dict[str, dict[str, list[tuple[int, str]]]] = {}
         self.other: dict[int, Any] = {}  # family -> iptables Snapshot
@@ -583,11 +603,11 @@ def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element
     another owner's comment) is not added again, and each key is added once."""
     have_set, want_set = dict.fromkeys(have), dict.fromkeys(want)
     deletes = [e for e in have_set if e not in want_set]
-    taken = {(e.set, e.key) for e in have_set if e in want_set}
+    taken = {e[:2] for e in have_set if e in want_set}  # (set, key): thousands, no property
     adds = []
     for e in want_set:
-        if e not in have_set and (e.set, e.key) not in taken:
-            taken.add((e.set, e.key))
+        if e not in have_set and e[:2] not in taken:
+            taken.add(e[:2])
             adds.append(e)
     return deletes, adds
 
@@ -789,13 +809,20 @@ class NftBackend:
             except ApplyError:
                 continue
             snap = Snapshot.parse(text)
-            rules = snap.tables["filter"].rules
-            glue.iptables[family] = {c: list(rules.get(c, [])) for c in IPT_GLUE}
+            table = snap.tables["filter"]
+            glue.iptables[family] = {c: list(table.rules.get(c, [])) for c in IPT_GLUE}
             glue.other[family] = snap
+            if nft_based(family):
+                glue.nft_families.add(family)
+                if not self.prefix:
+                    from .nftprobe import chain_in_kernel
+                    number = 2 if family == 4 else 10  # NFPROTO_IPV4, NFPROTO_IPV6
+                    chains = {c for c in IPT_GLUE if chain_in_kernel(number, "filter", c)}
+                    glue.nft_chains = {**(glue.nft_chains or {}), family: chains}
             if family == 4:
                 glue.libvirt_chains = {c for t in snap.tables.values() for c in t.chains
                                        if c.startswith("LIBVIRT_")}
-        for fam in ("ip", "ip6"):
+        for fam in self._libvirt_tables():
             try:
                 text = self._run([self._nft(), "-a", "list", "table", fam, LIBVIRT_TABLE])
             except ApplyError:
@@ -803,32 +830,41 @@ class NftBackend:
             glue.libvirt[fam] = _libvirt_chains(text)
         return glue
 
+    def _libvirt_tables(self) -> list[str]:
+        """The families (``ip``, ``ip6``) in which libvirt's table is there: one netlink
+        request each (most hosts have none: no process then), or one ``nft list
+        tables`` elsewhere (``prefix``). nft 1.0.6 lists one table per process."""
+        if self.prefix:
+            listed = self._run([self._nft(), "list", "tables"]).splitlines()
+            return [fam for fam in ("ip", "ip6") if f"table {fam} {LIBVIRT_TABLE}" in listed]
+        from .nftprobe import IPV4, IPV6, table_in_kernel
+        return [fam for fam, number in (("ip", IPV4), ("ip6", IPV6))
+                if table_in_kernel(number, LIBVIRT_TABLE)]
+
     def write(self, change: Change) -> None:
-        """Our table in one ``nft -f`` (one transaction), then the glue: one
-        ``iptables-restore --noflush`` per family that needs it, one ``nft -f`` for
-        libvirt's tables. Afterwards our table as written is recorded (``Record``) when
+        """Our table and the glue nft can write (in libvirt's tables, in iptables-nft's
+        filter chains) in one ``nft -f`` (one transaction: all of it or nothing), then
+        one ``iptables-restore --noflush`` per family whose glue nft cannot write
+        (legacy iptables; a glue rule to move or remove; the iptables backend's rules to
+        take out). Afterwards our table as written is recorded (``Record``) when
         nf_tables' generation proves nobody else changed anything meanwhile."""
         base = change.base
         start = base.generation if base is not None else None
         if start is not None and self._generation() != start:
             start = None
+        transaction = change.script + change.glue.get("nft", "")
+        restores = {w: p for w, p in sorted(change.glue.items()) if w != "nft" and p}
         try:
-            if change.script:
-                self._run([self._nft(), "-f", "-"], stdin=change.script)
-            for where, payload in sorted(change.glue.items()):
-                if not payload:
-                    continue
-                if where == "nft":
-                    self._run([self._nft(), "-f", "-"], stdin=payload)
-                else:
-                    restore = TOOLS[int(where)][1]
-                    self._run([self._tool(restore), "--noflush", "-w"], stdin=payload,
-                              name=restore)
+            if transaction:
+                self._run([self._nft(), "-f", "-"], stdin=transaction)
+            for where, payload in restores.items():
+                restore = TOOLS[int(where)][1]
+                self._run([self._tool(restore), "--noflush", "-w"], stdin=payload,
+                          name=restore)
         except ApplyError:
             Record.forget()
             raise
-        glued = any(change.glue.values())
-        if (start is None or change.after is None or glued or not change.script
+        if (start is None or change.after is None or restores or not transaction
                 or self._generation() != start + 1):
             if change:
                 Record.forget()
@@ -845,10 +881,15 @@ class NftBackend:
         is not as it should be. A guest's start or stop reads no glue: the glue is per
         host, not per forward."""
         have = ruleset.table.elements
+        judged: dict[str, bool] = {}  # comment -> replaced: thousands share a few hundred
 
         def replaced(e: Element) -> bool:
-            tag = e.tag
-            return tag is not None and (tag.owner in intents or bool(drop and drop(tag)))
+            found = judged.get(e.comment)
+            if found is None:
+                tag = e.tag
+                found = judged[e.comment] = tag is not None and (
+                    tag.owner in intents or bool(drop and drop(tag)))
+            return found
 
         kept = [e for e in have if not replaced(e)]
         deletes, adds = diff(have, kept + list(wanted(intents)))
@@ -1042,9 +1083,13 @@ def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
     out what the iptables backend left of ours (``keep``: switching backends with guests
     running loses nothing, the next network change or replay leaves nothing of the
     other), or take every glue rule out (and nothing of the iptables backend's: a switch
-    the other way clears this backend first, then writes its own)."""
+    the other way clears this backend first, then writes its own). A glue rule that is
+    only missing from iptables-nft's chain is inserted by nft (``"nft"``: in the same
+    transaction as our table); the rest goes through iptables-restore ("4", "6"),
+    which can delete a rule by its text."""
     from .iptables import transition
     out: dict[str, str] = {}
+    nft = []
     for family, chains in glue.iptables.items():
         other = glue.other.get(family)  # the iptables backend's chains and jumps go
         cleared = transition(other, {}) if other is not None and keep else ""
@@ -1058,9 +1103,18 @@ def _glue_change(glue: Glue, keep: bool) -> dict[str, str]:
             lines += ["-D" + line[2:]] * rules.count(line)
             if keep:
                 lines.append(f"-I {chain} 1" + line[len(f"-A {chain}"):])
-        if lines:
+        if lines and not cleared and family in glue.nft_families and all(
+                line.startswith("-I ") for line in lines):
+            a = ADDR[family]
+            for chain in (line.split()[1] for line in lines):
+                if glue.nft_chains is None or chain not in glue.nft_chains.get(family, ()):
+                    # added as iptables-nft adds it (one that is there stays as it is,
+                    # its policy too; but that costs the kernel milliseconds)
+                    nft += [f"add table {a} filter", f"add chain {a} filter {chain} "
+                            f"{{ type filter hook {chain.lower()} priority filter; }}"]
+                nft.append(f"insert rule {a} filter {chain} {LIBVIRT_GLUE}")
+        elif lines:
             out[str(family)] = cleared + "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
-    nft = []
     for fam, guest_chains in sorted(glue.libvirt.items()):
         for chain in LIBVIRT_CHAINS:
             if chain not in guest_chains:

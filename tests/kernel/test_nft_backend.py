@@ -282,6 +282,87 @@ def test_switching_from_iptables_keeps_every_forward_and_leaves_none_of_its_rule
     assert probes(topo)["dnat"] == "203.0.113.2"
 
 
+REPLAYED = r"""
+import os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook import ops
+started = []
+real_spawn, real_init = os.posix_spawn, subprocess.Popen.__init__
+os.posix_spawn = lambda path, argv, *a, **k: started.append(argv[0]) or real_spawn(path, argv, *a, **k)
+def popen(self, argv, *a, **k):
+    started.append(argv[0])
+    real_init(self, argv, *a, **k)
+subprocess.Popen.__init__ = popen
+net, dom = open(sys.argv[2], "rb").read(), open(sys.argv[3], "rb").read()
+for _ in range(2):
+    started.clear()
+    assert not ops.replay([net], [dom]).problems
+    print(" ".join(os.path.basename(p) for p in started))
+"""
+
+
+def test_replay_reads_each_iptables_family_once_and_writes_everything_in_one_nft(
+        topo, state_env, tmp_path):
+    """Where iptables is iptables-nft, a replay writes our table and the glue in
+    iptables' filter INPUT and FORWARD (both families) in one ``nft -f`` transaction:
+    one read per family and one write, and iptables-save prints the glue as iptables
+    writes it, without a warning; nothing is read of the iptables backend that a
+    netlink request proves empty. Once the glue is there, a replay writes nothing."""
+    import os
+    import pathlib
+    import sys
+
+    from kvmufw_hook import state
+    (tmp_path / "net.xml").write_bytes(state.network_element(LAB_NET))
+    (tmp_path / "dom.xml").write_bytes(GUEST)
+    pathlib.Path(state_env["KVMUFW_CONFIG"]).write_text('firewall_backend = "nftables"\n')
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    out = topo.host.run(sys.executable, "-c", REPLAYED, root, str(tmp_path / "net.xml"),
+                        str(tmp_path / "dom.xml"), env={**os.environ, **state_env})
+    assert out.stdout.splitlines() == ["iptables-save ip6tables-save nft",
+                                       "iptables-save ip6tables-save"]
+    glue = ('-m mark --mark 0x1000000/0x1000000 -m comment --comment "kvmufw:g=glue,b=-,s=-" '
+            "-j ACCEPT")
+    for tool in ("iptables-save", "ip6tables-save"):
+        saved = topo.host.run(tool)
+        assert saved.stderr == "" and "Warning" not in saved.stdout
+        for chain in ("INPUT", "FORWARD"):
+            lines = [l for l in saved.stdout.splitlines() if l.startswith(f"-A {chain} ")]
+            assert lines[0] == f"-A {chain} {glue}" and lines.count(lines[0]) == 1
+    assert probes(topo)["dnat"] == "203.0.113.2"
+    backend = NftBackend(prefix=topo.host.prefix)
+    assert backend.entry_problems(backend.read()) == []
+
+
+EMPTY = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook.backends import proved_empty
+print(proved_empty("iptables"), proved_empty("nftables"))
+"""
+
+
+def test_a_backend_is_proved_empty_only_when_nothing_it_may_hold_is_there(netns):
+    """``replay`` reads the backend not selected only where netlink requests cannot
+    prove it empty: any chain of the iptables backend in either family, libvirt's
+    nftables table (its accepts), our table for this one."""
+    import pathlib
+    import sys
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+
+    def empty() -> str:
+        return netns.run(sys.executable, "-c", EMPTY, root).stdout.strip()
+    assert empty() == "True True"
+    netns.run("ip6tables", "-t", "nat", "-N", "KVMUFW-OUTPUT")
+    assert empty() == "False True"
+    netns.run("ip6tables", "-t", "nat", "-X", "KVMUFW-OUTPUT")
+    netns.run("nft", "add", "table", "ip6", "libvirt_network")
+    assert empty() == "False True"
+    netns.run("nft", "delete", "table", "ip6", "libvirt_network")
+    netns.run("nft", "add", "table", "inet", "kvmufw")
+    assert empty() == "True False"
+
+
 def test_restore_puts_the_glue_back_after_ufw_flushes_the_builtin_chains(topo, state_env):
     """``ufw reload`` with MANAGE_BUILTINS=yes flushes INPUT and FORWARD, our glue with
     them: ``restore --jumps-only`` (UFW's after.init) puts it back, and the forwards pass

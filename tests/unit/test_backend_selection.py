@@ -110,3 +110,13 @@ def test_the_traces_a_hook_probes_are_the_backends_own_names():
     assert {(t, c) for _, t, c in TRACES["iptables"]} <= ours
     assert TRACES["nftables"] == ((1, nft.TABLE, ""),)
     assert set(TRACES) == set(backends.names())
+
+
+def test_what_proves_a_backend_empty_is_every_chain_and_table_it_may_hold():
+    from kvmufw_hook.backends import HOLDINGS, TRACES, iptables
+    chains = {(table, chain) for table, _, chain in iptables.JUMPS}
+    held = HOLDINGS["iptables"]
+    assert {(f, t, c) for f in (2, 10) for t, c in chains} <= set(held)
+    assert {(f, t, c) for f, t, c in held if not c} == {(2, "libvirt_network", ""),
+                                                       (10, "libvirt_network", "")}
+    assert HOLDINGS["nftables"] == TRACES["nftables"] and set(HOLDINGS) == set(TRACES)

@@ -5,10 +5,14 @@ same elements, and a change is element adds and deletes only."""
 from kvmufw_hook.backends.nft import (
     CHAINS,
     EXACT,
+    IPT_GLUE,
+    LIBVIRT_GLUE,
     Element,
+    Glue,
     NftBackend,
     Ruleset,
     Table,
+    _glue_change,
     elements,
     forward_elements,
     wanted,
@@ -165,3 +169,36 @@ def test_a_networks_hairpin_subnet_stays_while_any_of_its_one_port_forwards_does
     assert NftBackend.present(after, theirs)
     assert {e.set for e in after.table.elements if e.comment.startswith("kvmufw:d=g6,")} \
         >= {"hairnet4", "hairnet6", "hairpinx4", "hairpinx6"}
+
+
+def glue_read(nft_families: set[int], nft_chains=None, **rules) -> Glue:
+    """Glue as read: filter INPUT and FORWARD of both iptables families (``rules``:
+    chain -> its lines, the same in both)."""
+    glue = Glue()
+    glue.iptables = {f: {c: list(rules.get(c, [])) for c in IPT_GLUE} for f in (4, 6)}
+    glue.nft_families, glue.nft_chains = nft_families, nft_chains
+    return glue
+
+
+def test_missing_glue_goes_in_through_nft_where_iptables_is_iptables_nft():
+    out = _glue_change(glue_read({4, 6}, {4: {"INPUT", "FORWARD"}, 6: {"FORWARD"}}),
+                       keep=True)
+    assert set(out) == {"nft"}
+    lines = out["nft"].splitlines()
+    assert [l for l in lines if l.startswith("insert")] == [
+        f"insert rule {a} filter {c} {LIBVIRT_GLUE}" for a in ("ip", "ip6")
+        for c in ("INPUT", "FORWARD")]
+    # a chain iptables-nft has not added yet is added as it adds it, the others not
+    assert [l for l in lines if l.startswith("add chain")] == [
+        "add chain ip6 filter INPUT { type filter hook input priority filter; }"]
+
+
+def test_legacy_iptables_and_glue_to_move_go_through_iptables_restore():
+    legacy = _glue_change(glue_read(set()), keep=True)
+    assert set(legacy) == {"4", "6"} and legacy["4"].startswith("*filter\n-I INPUT 1 ")
+    moved = _glue_change(glue_read({4, 6}, {4: set(), 6: set()},
+                                   INPUT=["-A INPUT -j ACCEPT", IPT_GLUE["INPUT"]]), keep=True)
+    assert set(moved) == {"4", "6"} and moved["4"].startswith(
+        "*filter\n-D" + IPT_GLUE["INPUT"][2:] + "\n-I INPUT 1 ")
+    gone = _glue_change(glue_read({4, 6}, None, FORWARD=[IPT_GLUE["FORWARD"]]), keep=False)
+    assert gone == {f: "*filter\n-D" + IPT_GLUE["FORWARD"][2:] + "\nCOMMIT\n" for f in "46"}

@@ -1,0 +1,54 @@
+"""The state files ``replay`` reads and rewrites: the guests our state holds are named
+without parsing again what libvirt's live XML already gave, and a file that already holds
+what it should is left as it is."""
+
+import os
+
+from conftest import SAMPLES
+
+from kvmufw_hook import state
+
+WEB1 = (SAMPLES / "04-qemu.web1.start.xml").read_bytes()
+
+
+def named(xml: bytes, name: str) -> bytes:
+    return xml.replace(b"<name>web1</name>", f"<name>{name}</name>".encode(), 1)
+
+
+def test_domain_names_are_load_domains_names_whatever_the_files_hold(state_env):
+    state.save_domain("web1", WEB1)  # exactly the live XML
+    state.save_domain("web2", named(WEB1, "web2") + b"\n")  # another text of it
+    state.save_domain("gone", named(WEB1, "gone"))  # no longer running
+    state.save_domain("bad", b"<domain>")  # corrupt: reported, not a name
+    live = {"web1": WEB1, "web2": named(WEB1, "web2")}
+    said: list[str] = []
+    assert state.domain_names(live, said.append) == set(state.load_domains(said.append))
+    assert state.domain_names(live) == {"web1", "web2", "gone"}
+    assert len(said) == 2 and all("bad.xml" in line for line in said)
+
+
+def test_a_file_the_same_as_the_live_xml_is_not_parsed_again(state_env, monkeypatch):
+    from kvmufw_hook import parse
+    state.save_domain("web1", WEB1)
+    state.save_domain("web2", named(WEB1, "web2") + b"\n")
+    parsed: list[bytes] = []
+    real = parse.parse_domain_xml
+    monkeypatch.setattr(parse, "parse_domain_xml", lambda xml: parsed.append(xml) or real(xml))
+    assert state.domain_names({"web1": WEB1, "web2": named(WEB1, "web2")}) == {"web1", "web2"}
+    assert parsed == [named(WEB1, "web2") + b"\n"]
+
+
+def test_replace_all_rewrites_only_what_differs_and_never_keeps_a_symlink(state_env, tmp_path):
+    state.replace_all({}, {"web1": WEB1, "web2": named(WEB1, "web2")})
+    path1, path2 = state.domain_path("web1"), state.domain_path("web2")
+    inode1 = os.stat(path1).st_ino
+    os.unlink(path2)
+    target = tmp_path / "elsewhere"
+    target.write_bytes(named(WEB1, "web2"))
+    os.symlink(target, path2)  # planted, holding the very same bytes
+    state.replace_all({}, {"web1": WEB1, "web2": named(WEB1, "web2")})
+    assert os.stat(path1).st_ino == inode1  # the same file: not written again
+    assert not os.path.islink(path2) and open(path2, "rb").read() == named(WEB1, "web2")
+    assert target.read_bytes() == named(WEB1, "web2")
+    state.replace_all({}, {"web1": named(WEB1, "web1") + b" "})
+    assert open(path1, "rb").read() == WEB1 + b" " and not os.path.exists(path2)
