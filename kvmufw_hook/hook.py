@@ -235,6 +235,9 @@ def _lazy_dataclass_methods() -> None:
             nonlocal compiled
             if compiled is None:
                 compiled = create(name, args, body, **options)
+                # named as dataclasses named the stand-in (``Domain.__init__``): a
+                # TypeError of a wrong call says the same as with methods compiled at once
+                compiled.__qualname__ = method.__qualname__
             return compiled(*args_, **kwargs)
 
         method.__name__ = name

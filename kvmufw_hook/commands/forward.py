@@ -83,7 +83,11 @@ _OURS = f"{{{NAMESPACE}}}"
 
 
 def _xml(element: Element) -> str:
-    return ElementTree.tostring(element, encoding="unicode")
+    """The element as text libvirt reads back the same. ElementTree writes a carriage
+    return in text raw, which the next parse reads as a newline; in attribute values
+    it writes ``&#13;``, so every raw one is text's (comments and processing
+    instructions are dropped when read)."""
+    return ElementTree.tostring(element, encoding="unicode").replace("\r", "&#13;")
 
 
 def _forwards_of(root: Element) -> list[Attrs]:

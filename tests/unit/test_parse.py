@@ -121,6 +121,10 @@ BAD_FORWARDS = [
     ('<forward host-port="22" colour="red"/>', "unknown attribute 'colour'"),
     ('<forward host-port="22" guest-mac="52:54:00:00:00:01"/>', "unknown attribute 'guest-mac'"),
     ('<rule host-port="22"/>', "unknown element 'rule'"),
+    # one attribute twice, plain and in our namespace: the forward would be one thing to
+    # a reader of the XML and its error lines (host-port 22), another to the rules (8080)
+    ('<forward xmlns:k="urn:kvmufw:1" host-port="22" k:host-port="8080"/>',
+     "attribute 'host-port' given twice"),
 ]
 
 

@@ -73,6 +73,11 @@ try:
                      b"<forward host-port='x'/></forwards></metadata></domain>")
 except InputError as exc:
     print(exc)
+for call in (lambda: dataclasses.replace(dom, nosuch=1), lambda: type(rules[0])()):
+    try:
+        call()
+    except TypeError as exc:  # a bug's message names the class's method, as at once
+        print("type error", exc)
 print(sys.modules.get("inspect") is None or type(sys.modules["inspect"]).__name__)
 """
 
