@@ -186,11 +186,15 @@ def parse_rules(reply: bytes) -> list[Rule]:
     return out
 
 
-def dump(request: int, family: int) -> bytes:
-    """One whole netlink dump of ``family`` (every table): the replies joined. Raises
-    Doubt where nf_tables cannot be asked."""
-    header = struct.pack("=IHHII", 20, _SUBSYS | request, _DUMP, 1, 0)
+def dump(request: int, family: int, table: str | None = None) -> bytes:
+    """One whole netlink dump of ``family`` (of one table, else of every table): the
+    replies joined. Raises Doubt where nf_tables cannot be asked."""
     body = struct.pack("=BBH", family, 0, 0)
+    if table is not None:  # NFTA_RULE_TABLE (= NFTA_CHAIN_TABLE)
+        name = table.encode() + b"\0"
+        body += struct.pack("=HH", 4 + len(name), _RULE_TABLE) + name
+        body += b"\0" * (-len(body) % 4)
+    header = struct.pack("=IHHII", 16 + len(body), _SUBSYS | request, _DUMP, 1, 0)
     try:
         sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
     except OSError as exc:
@@ -223,6 +227,15 @@ def _ends(part: bytes) -> bool:
 
 
 def read(family: int) -> tuple[set[tuple[str, str]], list[Rule]]:
-    """The chains and rules of every table of ``family`` (NFPROTO_IPV4 2, NFPROTO_IPV6
-    10): two dumps. Raises Doubt."""
-    return parse_chains(dump(_GETCHAIN, family)), parse_rules(dump(_GETRULE, family))
+    """The chains of every table of ``family`` (NFPROTO_IPV4 2, NFPROTO_IPV6 10) and
+    the rules of its ``filter`` table: two dumps, between two reads of nf_tables'
+    generation that must agree (nothing changed between the dumps). Raises Doubt."""
+    from .nftprobe import generation
+    before = generation()
+    rules = parse_rules(dump(_GETRULE, family, "filter"))
+    chains = parse_chains(dump(_GETCHAIN, family))
+    if before is None or generation() != before:
+        raise Doubt("the ruleset changed while read")
+    if any(r.table != "filter" for r in rules):
+        raise Doubt("a rule of another table")
+    return chains, rules
