@@ -804,6 +804,8 @@ class NftBackend:
         from .iptables import Snapshot
         glue = Glue()
         for family in (4, 6):
+            if not self.prefix and nft_based(family) and _glue_by_netlink(glue, family):
+                continue
             try:
                 text = self._run([self._tool(TOOLS[family][0])], name=TOOLS[family][0])
             except ApplyError:
@@ -1059,6 +1061,34 @@ def _libvirt_chains(text: str) -> dict[str, list[tuple[int, str]]]:
             if not body.startswith(("type ", "policy ")):
                 out[chain].append((int(handle), body))
     return out
+
+
+def _glue_by_netlink(glue: Glue, family: int) -> bool:
+    """iptables-nft's filter INPUT and FORWARD of ``family`` (and, for IPv4, whether
+    libvirt's iptables chains are there) read in-process with two netlink dumps instead
+    of an ``iptables-save``: each glue rule as iptables-save prints it, any other rule
+    as a line it never prints. False, with ``glue`` untouched, where that is not sure
+    (nf_tables cannot be asked, a reply or a rule with our glue's comment not read for
+    sure) or the iptables backend's chains are there (switching backends: they go with
+    the glue, through iptables-save and iptables-restore)."""
+    from . import nftrules
+    from .iptables import PREFIX, TABLES
+    try:
+        chains, rules = nftrules.read(2 if family == 4 else 10)  # NFPROTO_IPV4, _IPV6
+        read = {c: [IPT_GLUE[c] if nftrules.is_glue(r, GLUE_COMMENT) else f"# {r.handle}"
+                    for r in rules if r.table == "filter" and r.chain == c]
+                for c in IPT_GLUE}
+    except nftrules.Doubt:
+        return False
+    if any(c.startswith(PREFIX) for _t, c in chains):
+        return False
+    glue.iptables[family] = read
+    glue.nft_families.add(family)
+    glue.nft_chains = {**(glue.nft_chains or {}),
+                       family: {c for c in IPT_GLUE if ("filter", c) in chains}}
+    if family == 4:
+        glue.libvirt_chains = {c for t, c in chains if t in TABLES and c.startswith("LIBVIRT_")}
+    return True
 
 
 def _glue_bad(glue: Glue) -> list[str]:
