@@ -9,7 +9,8 @@ Each variant is a whole process as a hook is one (``python3 -IS``, as the shims 
 - ``nft -f``: the interpreter spawns one ``nft -f FILE`` (``os.posix_spawn``, as
   ``process.py`` does) and waits;
 - ``libnftables``: the interpreter imports ``nftables`` (from the distribution's
-  dist-packages, as hook.py reaches lxml), makes a context and runs ``cmd`` on the text.
+  dist-packages, which the hooks, run with -S, do not have on sys.path), makes a
+  context and runs ``cmd`` on the text.
 A third process imports ``json`` only (which imports ``re``, as a hook that parses XML
 does anyway): libnftables' cost beyond it is what a start would pay. Each alternates an
 add and a delete of the same 20 elements, interleaved with a bare

@@ -21,7 +21,6 @@ from .intents import (
     Fence,
     Forward,
     HostServices,
-    Intent,
     NetworkIntent,
 )
 from .model import (
@@ -33,7 +32,7 @@ from .model import (
     Network,
     PortRange,
 )
-from .names import domain_owner, network_owner
+from .names import network_owner
 
 DEFAULT_NAT_PORTS = PortRange(1024, 65535)  # libvirt's default for <nat>
 
@@ -406,18 +405,6 @@ def resolved_specs(specs: Iterable[ForwardSpec],
         ips = tuple(found.get(id(spec), ()))
         out.append(spec if not ips or ips == spec.guest_ips else replace(spec, guest_ips=ips))
     return out
-
-
-def plan_network_owner(net: Network,
-                       others: Mapping[str, Network] | None = None) -> tuple[Intent, ...]:
-    """Everything the network owns: its bridge rules and its metadata forwards
-    (``others``: the other active networks, see ``resolve_network_forwards``)."""
-    return plan_network(net, others) + plan_forwards(network_owner(net.name),
-                                             resolve_network_forwards(net, others))
-
-
-def plan_domain_owner(dom: Domain, networks: Mapping[str, Network]) -> tuple[Forward, ...]:
-    return plan_forwards(domain_owner(dom.name), resolve_domain_forwards(dom, networks))
 
 
 # --------------------------------------------------------------------------- conflicts

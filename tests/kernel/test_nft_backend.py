@@ -218,19 +218,19 @@ RECORDED = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from kvmufw_hook.backends import nft
-from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 from kvmufw_hook.apply import apply_rules
 net, _ = parse_hookdata(open(sys.argv[2], "rb").read())
 dom = parse_domain_xml(open(sys.argv[3], "rb").read())
 backend = nft.NftBackend()
-apply_rules({"n=lab": plan_network_owner(net)}, backend=backend)
-apply_rules({"d=g5": plan_domain_owner(dom, {"lab": net})}, backend=backend)
+apply_rules({"n=lab": owner_rules(net)}, backend=backend)
+apply_rules({"d=g5": owner_rules(dom, {"lab": net})}, backend=backend)
 calls = []
 real = nft.run
 nft.run = lambda argv, **kw: calls.append(argv[-1]) or real(argv, **kw)
 apply_rules({"d=g5": ()}, backend=backend)  # a stop: recorded table, one nft -f
-apply_rules({"d=g5": plan_domain_owner(dom, {"lab": net})}, backend=backend)  # a start
+apply_rules({"d=g5": owner_rules(dom, {"lab": net})}, backend=backend)  # a start
 print(calls)
 before = backend.read()
 import subprocess
@@ -262,10 +262,10 @@ def test_switching_from_iptables_keeps_every_forward_and_leaves_none_of_its_rule
     applied again): the forwards work throughout and no ``KVMUFW-`` chain or jump stays.
     Back the other way: this backend's ``clear``, then the iptables backend's apply."""
     from kvmufw_hook.backends import backend_only
-    from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
+    from kvmufw_hook.hostplan import owner_rules
     net, _ = parse_hookdata(LAB_NET)
     dom = parse_domain_xml(GUEST)
-    owners = {"n=lab": plan_network_owner(net), "d=g5": plan_domain_owner(dom, {"lab": net})}
+    owners = {"n=lab": owner_rules(net), "d=g5": owner_rules(dom, {"lab": net})}
     iptables = backend_only("iptables", topo.host.prefix)
     nft = backend_only("nftables", topo.host.prefix)
     ops.apply_rules(owners, backend=iptables)
@@ -414,12 +414,12 @@ def test_the_plan_text_is_accepted_by_nft_check(netns):
     from conftest import SAMPLES
 
     from kvmufw_hook import backends
+    from kvmufw_hook.hostplan import owner_rules
     from kvmufw_hook.parse import parse_network_xml
-    from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
     lab = parse_network_xml((SAMPLES / "net-lab.xml").read_bytes())
     web1 = parse_domain_xml((SAMPLES / "dom-web1.xml").read_bytes())
     text = backends.backend_only("nftables").render(
-        {"n=lab": plan_network_owner(lab), "d=web1": plan_domain_owner(web1, {"lab": lab})})
+        {"n=lab": owner_rules(lab), "d=web1": owner_rules(web1, {"lab": lab})})
     assert "add element inet kvmufw dnat4" in text and "dnat6" in text
     netns.run("nft", "-c", "-f", "-", input=text)
 

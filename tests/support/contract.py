@@ -20,9 +20,9 @@ from conftest import FIXTURES, need_root_tools
 
 from kvmufw_hook import backends
 from kvmufw_hook.errors import ApplyError
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.intents import Forward
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
-from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
 
 DUAL = parse_network_xml((FIXTURES / "net-dual.xml").read_bytes())  # bridge virbr6
 WEB1 = parse_domain_xml((FIXTURES / "dom-dual.xml").read_bytes())
@@ -32,7 +32,7 @@ BOTH = (4, 6)
 
 def owners():
     """A nat network with forwards of its own and a guest's forwards, in both families."""
-    return {NETWORK: plan_network_owner(DUAL), DOMAIN: plan_domain_owner(WEB1, {"dual": DUAL})}
+    return {NETWORK: owner_rules(DUAL), DOMAIN: owner_rules(WEB1, {"dual": DUAL})}
 
 
 class Subject:

@@ -8,10 +8,10 @@ import pytest
 from conftest import FIXTURES, SAMPLES
 
 from kvmufw_hook import backends
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.intents import BridgeLocal, Claim, Egress, Fence, Forward, HostServices
 from kvmufw_hook.model import PortRange
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
-from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
 
 FIREWALL_WORDS = ("ACCEPT", "DNAT", "MASQUERADE", "RETURN", "ctstate", "conntrack", "KVMUFW-",
                   "PREROUTING", "POSTROUTING", "-j ", "verdict", "stage")
@@ -21,8 +21,8 @@ def owners():
     lab = parse_network_xml((SAMPLES / "net-lab.xml").read_bytes())
     dual = parse_network_xml((FIXTURES / "net-dual.xml").read_bytes())
     nets = {lab.name: lab}
-    return {"lab": plan_network_owner(lab), "dual": plan_network_owner(dual),
-            "all": plan_domain_owner(parse_domain_xml((FIXTURES / "dom-all.xml").read_bytes()),
+    return {"lab": owner_rules(lab), "dual": owner_rules(dual),
+            "all": owner_rules(parse_domain_xml((FIXTURES / "dom-all.xml").read_bytes()),
                                      nets)}
 
 

@@ -18,8 +18,8 @@ from kvmufw_hook.backends.nft import (
     wanted,
 )
 from kvmufw_hook.backends.rules import expand
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
-from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
 
 NET = parse_network_xml(b"""<network><name>lab</name><forward mode='nat' dev='eth0'/>
   <bridge name='virbr1'/><ip address='10.0.0.1' prefix='24'><dhcp>
@@ -33,7 +33,7 @@ DOM = parse_domain_xml(b"""<domain><name>g5</name><metadata><forwards xmlns="urn
   </forwards></metadata><devices><interface type='network'>
     <source network='lab' bridge='virbr1'/><mac address='52:54:00:00:00:05'/>
   </interface></devices></domain>""")
-RULES = {"n=lab": plan_network_owner(NET), "d=g5": plan_domain_owner(DOM, {"lab": NET})}
+RULES = {"n=lab": owner_rules(NET), "d=g5": owner_rules(DOM, {"lab": NET})}
 
 
 def dnat(owner: str = "d=g5") -> list[Element]:
@@ -136,7 +136,7 @@ def test_a_networks_own_nat_port_range_is_a_chain_that_lives_while_an_element_ju
     xml = b"""<network><name>p</name><forward mode='nat' dev='eth0'><nat>
       <port start='2000' end='2009'/></nat></forward><bridge name='virbr2'/>
       <ip address='10.0.2.1' prefix='24'/></network>"""
-    owners = {"n=p": plan_network_owner(parse_network_xml(xml))}
+    owners = {"n=p": owner_rules(parse_network_xml(xml))}
     found = {(e.set, e.key, e.value) for e in wanted(owners)}
     assert ("masqp4", '10.0.2.0/24 . "eth0"', "jump masq_2000_2009") in found
     script = NftBackend().change(Ruleset(Table()), owners).script

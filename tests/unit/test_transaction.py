@@ -9,8 +9,8 @@ from fakebackend import FakeBackend
 from kvmufw_hook.apply import Stale, apply_rules
 from kvmufw_hook.backends.transaction import Transaction
 from kvmufw_hook.errors import ApplyError
+from kvmufw_hook.hostplan import owner_rules
 from kvmufw_hook.parse import parse_domain_xml, parse_network_xml
-from kvmufw_hook.plan import plan_domain_owner, plan_network_owner
 
 DUAL = parse_network_xml((FIXTURES / "net-dual.xml").read_bytes())
 WEB1 = parse_domain_xml((FIXTURES / "dom-dual.xml").read_bytes())
@@ -96,7 +96,7 @@ class Kept:
 
 
 def owners():
-    return {"n=dual": plan_network_owner(DUAL), "d=web1": plan_domain_owner(WEB1, {"dual": DUAL})}
+    return {"n=dual": owner_rules(DUAL), "d=web1": owner_rules(WEB1, {"dual": DUAL})}
 
 
 def test_both_participants_get_the_change_and_applying_twice_writes_nothing():
