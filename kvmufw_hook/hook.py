@@ -246,6 +246,12 @@ def _lazy_dataclass_methods() -> None:
     setattr(dataclasses, "_create_fn", lazy)  # noqa: B010 - private: not in the stubs
 
 
+def _before_the_model() -> None:
+    """The start path's two tricks, before the model's dataclasses load."""
+    _defer_inspect()
+    _lazy_dataclass_methods()
+
+
 def _finish_switch(log: Callable[[str], None]) -> None:
     """``firewall_backend`` was switched and nothing has run ``replay`` since: ``restore``
     first moves every owner of our state into the selected backend and clears the other
@@ -258,8 +264,7 @@ def _finish_switch(log: Callable[[str], None]) -> None:
             return
     except ConfigError:
         return
-    _defer_inspect()
-    _lazy_dataclass_methods()
+    _before_the_model()
     from .ops import restore
     restore(log=log)
     log("firewall backend switched: every owner moved by restore")
@@ -272,8 +277,7 @@ def _dispatch(kind: str, name: str, op: str, data: bytes) -> None:
         from .apply import domain_stopped
         domain_stopped(name, log=log)
         return
-    _defer_inspect()  # before the model's dataclasses
-    _lazy_dataclass_methods()
+    _before_the_model()
     if kind == "qemu" and op == "restore":
         from .parse import parse_domain_xml
         from .plan import validate_domain
