@@ -540,13 +540,18 @@ class Ruleset:
 
 
 class Change:
-    """One ``nft -f`` script on our table, the glue payloads ("4"/"6": iptables-restore,
-    "nft": libvirt's tables), the DNAT elements it deletes (their flows end), what it
-    was made from and our elements once it is written."""
+    """One ``nft -f`` script on our table (and its element changes alone where that is
+    all it is), the glue payloads ("4"/"6": iptables-restore, "nft": libvirt's tables),
+    the DNAT elements it deletes (their flows end), what it was made from and our
+    elements once it is written."""
 
     def __init__(self, script: str = "", ended: list[Element] | None = None,
-                 base: Ruleset | None = None, after: list[Element] | None = None) -> None:
+                 base: Ruleset | None = None, after: list[Element] | None = None,
+                 elements: tuple[list[Element], list[Element]] | None = None) -> None:
         self.script = script
+        # (deletes, adds) where the script is those element changes and nothing else:
+        # what ``nftwrite`` may write in-process instead
+        self.elements = elements
         self.glue: dict[str, str] = {}
         self.ended = ended or []
         self.skipped: dict[int, str] = {}
@@ -684,13 +689,29 @@ def adopted(deletes: Sequence[Element], remaining: Sequence[Element]) -> list[El
     return out
 
 
+def _range_chains_change(table: Table, deletes: Sequence[Element],
+                         adds: Sequence[Element]) -> tuple[set[str], set[str]]:
+    """(the range chains needed after these changes, those there now)."""
+    gone = set(deletes)
+    needed = _range_chains([*(e for e in table.elements if e not in gone), *adds])
+    return needed, {c for c in table.chains if c.startswith(RANGE_CHAIN)}
+
+
+def element_changes(table: Table, deletes: list[Element],
+                    adds: list[Element]) -> tuple[list[Element], list[Element]] | None:
+    """(deletes, adds) where they are the whole change (the skeleton as it should be, no
+    range chain added or deleted): what ``nftwrite`` may write; else None."""
+    if not (deletes or adds) or not table.skeleton_ok():
+        return None
+    needed, have = _range_chains_change(table, deletes, adds)
+    return (deletes, adds) if needed == have else None
+
+
 def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) -> str:
     """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds."""
     if not deletes and not adds and table.skeleton_ok():
         return ""
-    gone = set(deletes)
-    needed = _range_chains([*(e for e in table.elements if e not in gone), *adds])
-    have = {c for c in table.chains if c.startswith(RANGE_CHAIN)}
+    needed, have = _range_chains_change(table, deletes, adds)
     lines = []
     # a range chain goes ahead of the maps (a verdict map new in the same transaction
     # cannot jump to a chain added after it), and away once nothing jumps to it
@@ -852,10 +873,14 @@ class NftBackend:
         nf_tables' generation proves nobody else changed anything meanwhile."""
         base = change.base
         start = base.generation if base is not None else None
-        if start is not None and self._generation() != start:
-            start = None
         transaction = change.script + change.glue.get("nft", "")
         restores = {w: p for w, p in sorted(change.glue.items()) if w != "nft" and p}
+        if (change.elements is not None and start is not None and not self.prefix
+                and transaction == change.script and not restores
+                and self._write_elements(start, change)):
+            return
+        if start is not None and self._generation() != start:
+            start = None
         try:
             if transaction:
                 self._run([self._nft(), "-f", "-"], stdin=transaction)
@@ -872,6 +897,31 @@ class NftBackend:
                 Record.forget()
             return
         Record.save(start + 1, change.after)
+
+    @staticmethod
+    def _write_elements(start: int, change: Change) -> bool:
+        """The change, element adds and deletes only, in one netlink batch that the
+        kernel takes only at generation ``start`` (``nftwrite``); then nf_tables'
+        generation is ``start + 1`` (recorded). False, with nothing sent, where it
+        cannot be written exactly as nft would (``nft -f`` writes it then)."""
+        from . import nftwrite
+        assert change.elements is not None
+        try:
+            payload, sets = nftwrite.batch(TABLE, nftwrite.set_types(SETS, EXACT), start,
+                                           *change.elements)
+        except nftwrite.Unencodable:
+            return False
+        try:
+            sock = nftwrite.send(payload, sets, TABLE)
+        except ApplyError:
+            Record.forget()
+            raise
+        if change.after is not None:
+            Record.save(start + 1, change.after)
+        else:
+            Record.forget()
+        sock.close()
+        return True
 
     # ------------------------------------------------------------------ changes
 
@@ -900,7 +950,7 @@ class NftBackend:
         after = [e for e in have if e not in gone] + adds
         out = Change(script(ruleset.table, deletes, adds),
                      ended=[e for e in deletes if e.set.startswith("dnat")], base=ruleset,
-                     after=after)
+                     after=after, elements=element_changes(ruleset.table, deletes, adds))
         networks = any(o.startswith("n=") for o in intents)
         repair = not intents  # nothing to replace: ``restore --jumps-only`` (UFW's reload)
         if networks or repair or drop is not None or not ruleset.table.skeleton_ok():
