@@ -552,6 +552,8 @@ class Change:
         # (deletes, adds) where the script is those element changes and nothing else:
         # what ``nftwrite`` may write in-process instead
         self.elements = elements
+        # the netlink socket of the batch that wrote it, kept for ``end_flows``
+        self.held: Any = None
         self.glue: dict[str, str] = {}
         self.ended = ended or []
         self.skipped: dict[int, str] = {}
@@ -920,7 +922,10 @@ class NftBackend:
             Record.save(start + 1, change.after)
         else:
             Record.forget()
-        sock.close()
+        if change.ended:  # ``end_flows`` asks ctnetlink through it, then releases it
+            change.held = sock
+        else:
+            nftwrite.release(sock, deleted=bool(change.elements[0]))
         return True
 
     # ------------------------------------------------------------------ changes
@@ -1067,13 +1072,18 @@ class NftBackend:
                           inet_pton(af, e.value.split(" . ")[0]), host))
         if not flows:
             return
+        held, change.held = change.held, None
         if self.prefix:
             _end_elsewhere(self.prefix, flows, log)
             return
         try:
-            end_flows(flows)
+            end_flows(flows, held)
         except OSError as exc:
             log(f"conntrack flows of removed forwards not ended: {exc}")
+        finally:
+            if held is not None:  # after every request on it: see nftwrite.release
+                from .nftwrite import release
+                release(held, deleted=True)
 
 
 def _end_elsewhere(prefix: list[str], flows: list[Flow], log: Callable[[str], None]) -> None:

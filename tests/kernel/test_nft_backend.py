@@ -2,6 +2,8 @@
 creates: real ``nft``, real iptables with UFW's DROP policy and libvirt's rejects, real
 packets through veth pairs. Root only; CI runs them."""
 
+import pathlib
+
 import pytest
 from netlab import SEED, TOPOLOGY_LIBVIRT_NFT, TOPOLOGY_NET, Topology
 
@@ -9,6 +11,7 @@ from kvmufw_hook import ops
 from kvmufw_hook.backends.nft import GLUE_COMMENT, NftBackend
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 
+ROOT = str(pathlib.Path(__file__).resolve().parent.parent)  # what tests put on sys.path
 LAB_NET = TOPOLOGY_NET  # bridge virbr1, 10.0.0.0/24, a network forward 8080 -> .5:80
 GUEST = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
     <forward host-port="2222" guest-port="22"/>
@@ -394,21 +397,50 @@ print(len(conntrack._dump(sock, 9, 4, [flow])))
 """
 
 
-def test_a_stop_ends_the_conntrack_flows_its_dnat_elements_made(topo, state_env):
-    """A UDP client that keeps sending would keep its translation forever: the elements
-    a stop deletes name the flows to end (host port, guest)."""
-    import pathlib
+def _with_a_flow(topo):
+    """The guest started (by ``nft -f`` elsewhere) and one UDP flow DNAT'd to it; how
+    many flows to it conntrack holds, as a function."""
     import sys
     backend = NftBackend(prefix=topo.host.prefix)
     net, _ = parse_hookdata(LAB_NET)
     ops.network_started(net, LAB_NET, backend=backend)
     ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
     assert topo.inet.ask("udp", "203.0.113.1", 6000) == "203.0.113.2"
-    root = str(pathlib.Path(__file__).resolve().parent.parent)
-    flows = lambda: topo.host.run(sys.executable, "-c", FLOWS, root).stdout.strip()  # noqa: E731
+    flows = lambda: topo.host.run(sys.executable, "-c", FLOWS, ROOT).stdout.strip()  # noqa: E731
     assert flows() == "1"
+    return backend, flows
+
+
+def test_a_stop_ends_the_conntrack_flows_its_dnat_elements_made(topo, state_env):
+    """A UDP client that keeps sending would keep its translation forever: the elements
+    a stop deletes name the flows to end (host port, guest)."""
+    backend, flows = _with_a_flow(topo)
     ops.domain_stopped("g5", backend=backend)
     assert flows() == "0"
+
+
+STOPPED_HERE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook import apply
+from kvmufw_hook.backends import nft, nftwrite
+apply.domain_stopped("g5", backend=nft.NftBackend())
+print(len(nftwrite._CLOSERS))
+"""
+
+
+def test_a_stop_by_netlink_ends_the_flows_through_its_batch_socket(topo, state_env):
+    """The stop in the namespace itself (as the hook runs it): its elements go in one
+    netlink batch, and the flows they made end through the same socket, which a child
+    then releases (``nftwrite.release``)."""
+    import os
+    import sys
+    _backend, flows = _with_a_flow(topo)
+    out = topo.host.run(sys.executable, "-c", STOPPED_HERE, ROOT,
+                        env={**os.environ, **state_env})
+    assert out.stdout == "1\n" and out.stderr == ""
+    assert flows() == "0"
+    assert "d=g5" not in table(topo)
 
 
 def test_the_plan_text_is_accepted_by_nft_check(netns):

@@ -236,3 +236,40 @@ def test_a_refused_batch_applies_nothing_and_says_which_set(tools, tmp_path, sta
     assert error == ("nf_tables refused the change of table inet kvmufw (set guestx4): "
                      "No such file or directory (errno 2)")
     assert unchanged == "True True"
+
+
+# A socket whose close takes a second, released as after a batch that deleted elements,
+# by a process whose stdout and stderr are pipes and which holds a flock: it exits at
+# once, and neither its pipes nor its lock outlive it in the child that closes the socket.
+RELEASED = r"""
+import fcntl, os, socket, sys, time
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook.backends import nftwrite
+lock = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT)
+fcntl.flock(lock, fcntl.LOCK_EX)
+class Slow(socket.socket):
+    def close(self):
+        time.sleep(1 if os.getpid() != parent else 0)
+        super().close()
+parent = os.getpid()
+nftwrite.release(Slow(socket.AF_UNIX, socket.SOCK_DGRAM), deleted=True)
+print(len(nftwrite._CLOSERS))
+"""
+
+
+def test_the_socket_is_released_by_a_child_that_holds_no_pipe_and_no_lock(tmp_path):
+    """What a guest's stop leaves behind to close its batch's socket: libvirt reads the
+    hook's stdout and stderr to their end, and the next hook takes the state lock; the
+    child waits for neither."""
+    import fcntl
+    import subprocess
+    import time
+    lock = tmp_path / "lock"
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", RELEASED, ROOT, str(lock)],
+                          capture_output=True, text=True, timeout=30)
+    took = time.monotonic() - began
+    assert proc.returncode == 0 and proc.stdout == "1\n", proc.stderr
+    assert took < 0.9, took  # the pipes reached their end before the child's close ended
+    with open(lock, "rb") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if held
