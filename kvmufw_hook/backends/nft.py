@@ -17,8 +17,9 @@ Promises:
   source prefix or a port range goes to interval maps, looked up after the exact ones.
   A network is elements too (fences, egress, replies, masquerade, DHCP/DNS to the
   host), and its source-port range a chain that lives while an element jumps to it. A
-  guest's start or stop is one ``nft -f`` transaction of element adds and deletes:
-  never a rule walk, never a flush.
+  guest's start or stop is one transaction of element adds and deletes (a netlink batch
+  in-process, ``nftwrite``; ``nft -f`` for what it does not write): never a rule walk,
+  never a flush.
 - Every element carries its owner tag as its comment (``backends/tags.py``), so that
   removal by owner is exact and derives from the kernel alone (after a crash, with our
   state files lost, ``nft list table inet kvmufw`` still says whose each element is);
@@ -867,7 +868,8 @@ class NftBackend:
                 if table_in_kernel(number, LIBVIRT_TABLE)]
 
     def write(self, change: Change) -> None:
-        """Our table and the glue nft can write (in libvirt's tables, in iptables-nft's
+        """Element changes alone in one netlink batch in-process (``_write_elements``);
+        else our table and the glue nft can write (in libvirt's tables, in iptables-nft's
         filter chains) in one ``nft -f`` (one transaction: all of it or nothing), then
         one ``iptables-restore --noflush`` per family whose glue nft cannot write
         (legacy iptables; a glue rule to move or remove; the iptables backend's rules to

@@ -20,6 +20,10 @@ Promises:
 - What it cannot encode exactly (a single-field interval set: nft writes those as
   interval-end pairs; a text it does not know) raises ``Unencodable`` before anything is
   sent, and the whole change goes to ``nft -f`` (never half one way, half the other).
+- The socket's close does not hold up the hook: after a batch that deleted elements the
+  close waits for nf_tables' deferred destroy work (an RCU grace period, ~10 ms here), so
+  its last reference goes to a short-lived child that has closed everything else first
+  (stdio, the state lock), once the kernel has acknowledged the batch (``release``).
 """
 
 from __future__ import annotations
