@@ -443,6 +443,41 @@ def test_a_stop_by_netlink_ends_the_flows_through_its_batch_socket(topo, state_e
     assert "d=g5" not in table(topo)
 
 
+STARTED_HERE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook import ops
+from kvmufw_hook.backends import nft, nftwrite
+from kvmufw_hook.parse import parse_domain_xml
+sent = []
+real = nftwrite.send
+nftwrite.send = lambda *a: sent.append(a[1]) or real(*a)
+xml = open(sys.argv[2], "rb").read()
+ops.domain_started(parse_domain_xml(xml), xml, backend=nft.NftBackend())
+print(sorted(set(sent[0].values())))
+"""
+
+
+def test_forwards_written_by_netlink_pass_packets(topo, state_env, tmp_path):
+    """The guest's start in the namespace itself (as the hook runs it): its elements go
+    in one netlink batch, and packets take them as they take ``nft -f``'s: DNAT, port
+    ranges kept and shifted, the hairpin, the host's own connections, the source refused."""
+    import os
+    import sys
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    (tmp_path / "dom.xml").write_bytes(GUEST)
+    out = topo.host.run(sys.executable, "-c", STARTED_HERE, ROOT, str(tmp_path / "dom.xml"),
+                        env={**os.environ, **state_env})
+    assert out.stdout == ("['dnat4_addr', 'dnat4_any', 'dnat4_port', 'guest4', 'guestx4', "
+                          "'hairpin4', 'hairpinx4']\n"), out.stderr
+    assert probes(topo) == {
+        "egress": "203.0.113.1", "dnat": "203.0.113.2", "network_forward": "203.0.113.2",
+        "udp_shifted": ["203.0.113.2"] * 2, "udp_same_range": ["203.0.113.2"] * 2,
+        "hairpin": "10.0.0.1", "host_local": "203.0.113.1", "source_refused": None}
+
+
 def test_the_plan_text_is_accepted_by_nft_check(netns):
     """What ``plan`` prints for this backend is a script ``nft -c -f`` accepts."""
     from conftest import SAMPLES
