@@ -370,3 +370,38 @@ def test_a_start_without_our_metadata_imports_only_the_namespace(tmp_path):
     ours = {m for m in imported if m.startswith("kvmufw_hook")}
     assert ours == {"kvmufw_hook", "kvmufw_hook.hook", "kvmufw_hook.names"}, ours
     assert "os" not in imported
+
+
+def test_the_installed_hook_refuses_a_start_removes_on_stop_and_ends_release_in_the_shell(
+        netns, state_env, tmp_path):
+    """The installed qemu hook (a shell script) against real rules: a start and a refused
+    start reach Python with libvirt's exit codes, the stop removes every rule, and the
+    release after it has nothing left: no interpreter starts (no import lines)."""
+    hook = installed_hook("qemu", tmp_path, python=f"{PYTHON} -X importtime")
+    clean = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "LC_ALL": "C", **state_env}
+
+    def call(name: str, op: str, data: bytes) -> tuple[int, list[str], bool]:
+        proc = subprocess.run([*netns.prefix, str(hook), name, op, "begin", "-"], input=data,
+                              capture_output=True, env=clean, timeout=60, check=False)
+        assert proc.stdout == b""
+        lines = proc.stderr.decode().splitlines()
+        said = [l for l in lines if not l.startswith("import time:")]
+        return proc.returncode, said, len(said) < len(lines)
+
+    run_hook(*sample("16-network.lab.started"), state_env, netns)
+    base = kvmufw_lines(netns)
+    assert call("web1", "start", (SAMPLES / "04-qemu.web1.start.xml").read_bytes()) \
+        == (0, [], True)
+    running = kvmufw_lines(netns)
+    assert running != base
+    held = _web1('<kvmufw:forward proto="udp" host-port="5001-5010" '
+                 'mac="52:54:00:00:00:20" guest-ip="10.0.0.9"/>', name="web2")
+    status, said, python = call("web2", "start", held)
+    assert (status, len(said), python) == (2, 1, True)
+    assert said[0].startswith("kvmufw_hook: qemu start web2: domain 'web2': forward udp")
+    assert kvmufw_lines(netns) == running
+    assert call("web1", "stopped", b"") == (0, [], True)
+    assert kvmufw_lines(netns) == base
+    assert call("web1", "release", b"") == (0, [], False)
+    assert call("web2", "stopped", b"") == (0, [], False)  # refused: it never had state

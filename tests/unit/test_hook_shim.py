@@ -11,8 +11,10 @@ import pytest
 from conftest import ROOT, SAMPLES
 from hookrun import installed_hook
 
+from kvmufw_hook import state
 from kvmufw_hook.commands.install_files import Layout, hook_script
 from kvmufw_hook.hook import QEMU_OPS
+from kvmufw_hook.names import MAX_ENCODED, domain_owner, safe_name, state_dir
 
 PREPARE_XML = (SAMPLES / "01-qemu.web1.prepare.xml").read_bytes()
 # every qemu op of libvirt's (virHookQemuOpType), and calls a libvirt never makes
@@ -101,3 +103,55 @@ def test_a_start_without_our_metadata_reaches_the_package_and_returns_0(tmp_path
                           input=b"<domain><name>plain</name></domain>", capture_output=True,
                           env={"PATH": "/usr/bin:/bin"}, timeout=30, check=False)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+
+
+# ------------------------------------------------------------------ a stop with nothing to do
+
+NAMES = ["web1", "web-1_2.x", ".", "..", "-web1", "W" * MAX_ENCODED, "W" * (MAX_ENCODED + 1),
+         "web 1", "web1~20", "wéb1", "web1\u00a0", "d=web1", "web/1", ""]
+
+
+def state_of(kind: str, name: str) -> None:
+    """One kind of state left in KVMUFW_STATE_DIR: a guest's state file, the marker of a
+    failed removal (of this guest or of another), another guest's state, or none."""
+    if kind == "domain":
+        state.save_domain(name, b"<domain/>")
+    elif kind == "marker":
+        state.mark_stopped(domain_owner(name))
+    elif kind == "other marker":
+        state.mark_stopped(domain_owner("other"))
+    elif kind == "other domain":
+        state.save_domain("other", b"<domain/>")
+
+
+@pytest.mark.parametrize("op", ["stopped", "release"])
+@pytest.mark.parametrize("kind", ["none", "domain", "marker", "other marker", "other domain"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_stop_goes_to_python_whenever_the_package_has_something_to_remove(
+        op, kind, name, tmp_path, monkeypatch):
+    """The shell ends a stop only where hook.py would return at once (no
+    ``state.has_domain``), and does for a plain name with no state and no marker."""
+    monkeypatch.setenv("KVMUFW_STATE_DIR", str(tmp_path / "state"))
+    state_of(kind, name)
+    fake, out = recorder(tmp_path)
+    hook = installed_hook("qemu", tmp_path, python=fake)
+    proc = subprocess.run([str(hook), name, op, "end", "-"], input=b"", capture_output=True,
+                          env={"PATH": "/usr/bin:/bin", "KVMUFW_STATE_DIR": str(tmp_path / "state")},
+                          timeout=30, check=False)
+    python_ran = Path(f"{out}.argv").exists()
+    assert proc.returncode == (7 if python_ran else 0) and proc.stdout == b""
+    if state.has_domain(name):
+        assert python_ran
+    plain = 0 < len(name) <= MAX_ENCODED and safe_name(name) == name
+    if kind in ("none", "other domain") and plain:
+        assert not python_ran
+
+
+def test_the_shell_knows_the_state_directory_and_the_longest_plain_name(monkeypatch):
+    text = (ROOT / "hooks" / "qemu").read_text()
+    monkeypatch.delenv("KVMUFW_STATE_DIR", raising=False)
+    assert f"state=${{KVMUFW_STATE_DIR:-{state_dir()}}}\n" in text
+    assert f"[ ${{#1}} -le {MAX_ENCODED} ] || return 1\n" in text
+    assert "'' | *[!A-Za-z0-9._-]*) return 1 ;;" in text
+    assert {ch for ch in map(chr, range(128)) if safe_name(ch) == ch} == set(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
