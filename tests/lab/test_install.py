@@ -134,10 +134,11 @@ def test_an_upgrade_from_the_previous_install_sh(host):
     is recognised as ours: the new install replaces it without a refusal, and uninstall
     then leaves the host as it was before either. (tests/fixtures/install-16cd8a7.sh is
     install.sh as of commit 16cd8a7, run here beside today's package and network hook, and
-    the Python qemu hook of tests/fixtures/hook-qemu-da4016f.)"""
+    the qemu hook of that commit, tests/fixtures/hook-qemu-16cd8a7: it recorded nothing,
+    so that hook is known by its sha256, install_files.LEGACY_SHA256.)"""
     old = f"{host.dir}/old"
     host.sh(f"mkdir -p {old} && cp -a {ROOT}/kvmufw_hook {ROOT}/hooks {old}/ && "
-            f"cp {ROOT}/tests/fixtures/hook-qemu-da4016f {old}/hooks/qemu && "
+            f"cp {ROOT}/tests/fixtures/hook-qemu-16cd8a7 {old}/hooks/qemu && "
             f"cp {ROOT}/tests/fixtures/install-16cd8a7.sh {old}/install.sh")
     pristine = digest(host)
     host.run(f"{old}/install.sh")
@@ -154,12 +155,12 @@ def test_an_upgrade_from_the_bash_install_sh_changes_nothing_and_keeps_every_rul
         libvirt_host):
     """install.sh in bash (tests/fixtures/install-095cef3.sh, the last one) and the Python
     installer write the same bytes: installing over it rewrites only the qemu hook, which
-    was Python then (tests/fixtures/hook-qemu-da4016f) and is a shell script now, sends no
+    was Python then (tests/fixtures/hook-qemu-095cef3) and is a shell script now, sends no
     SIGHUP, keeps the network's rules, and uninstall leaves the host as it was."""
     lab = libvirt_host
     old = f"{lab.dir}/old"
     lab.sh(f"mkdir -p {old} && cp -a {ROOT}/kvmufw_hook {ROOT}/hooks {old}/ && "
-           f"cp {ROOT}/tests/fixtures/hook-qemu-da4016f {old}/hooks/qemu && "
+           f"cp {ROOT}/tests/fixtures/hook-qemu-095cef3 {old}/hooks/qemu && "
            f"cp {ROOT}/tests/fixtures/install-095cef3.sh {old}/install.sh")
     lab.run(f"{old}/install.sh")
     lab.define_network(NET)
