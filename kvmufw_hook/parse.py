@@ -158,9 +158,6 @@ class Node:
     def __len__(self) -> int:
         return len(self.children)
 
-    def __repr__(self) -> str:
-        return f"<Node {self.tag!r}>"
-
 
 class NodeBuilder:
     """Builds ``Node``s as ElementTree's ``TreeBuilder`` builds its elements: an
@@ -181,8 +178,8 @@ class NodeBuilder:
         self._flush()
         node = Node(tag, attrs)
         if self._open:
-            self._open[-1].children.append(node)
-        elif self._root is None:
+            self._open[-1].append(node)
+        else:  # expat allows one root
             self._root = node
         self._open.append(node)
         self._texting = node
