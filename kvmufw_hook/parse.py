@@ -3,8 +3,8 @@
 Only UTF-8 is read; a document with a DOCTYPE is refused outright (libvirt never sends
 one); the parser never resolves entities, never loads a DTD, never touches the network,
 and is bounded in bytes, elements and time (see ``load``). The parser is the standard
-library's expat, and every command reads XML through it. It builds a ``Node`` of ours: a
-guest's start needs a tree to read, not ElementTree (its load is ~8 ms of the start);
+library's expat, and every command reads XML through it. It builds ``Node``s of our own:
+a guest's start needs a tree to read, not ElementTree (loading it cost a start ~5 ms);
 ``forward`` edits and writes XML back, and hands the same parser ElementTree's
 ``TreeBuilder`` (``load_into``). The model reads either tree the same way (``Tree``).
 """
