@@ -26,8 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "tests" / "fixtures" / "samples"
-HOOKS = ROOT / "hooks"
-PY = "/usr/bin/python3"  # the interpreter the hooks run with (their shebang)
+PY = "/usr/bin/python3"  # the interpreter the hooks run (network's shebang, qemu's exec)
 BARE = [PY, "-c", "pass"]
 # the command as install.sh writes it; and a process that only loads the state status reads
 CLI = [PY, "-I", "-c", ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -180,13 +179,13 @@ INSTALLED: dict[str, str] = {}  # kind -> the hook as install.sh writes it
 
 
 def install_hooks(scratch: str) -> None:
-    """The hooks as install.sh installs them: LIB is a constant there (the repository's
-    shims find it with realpath, which an installed hook never runs)."""
+    """The hooks as install.sh installs them (``install_files.hook_text``): LIB is a
+    constant there (the repository's hooks find it with realpath, which an installed hook
+    never runs)."""
+    from kvmufw_hook.commands.install_files import hook_text
     for kind in ("network", "qemu"):
-        text = (HOOKS / kind).read_text().splitlines(keepends=True)
-        text = [f'LIB = "{ROOT}"\n' if line.startswith("LIB = ") else line for line in text]
         path = Path(scratch, f"hook-{kind}")
-        path.write_text("".join(text))
+        path.write_text(hook_text(str(ROOT), kind, str(ROOT)))
         path.chmod(0o755)
         INSTALLED[kind] = str(path)
 

@@ -3,15 +3,16 @@
 Only UTF-8 is read; a document with a DOCTYPE is refused outright (libvirt never sends
 one); the parser never resolves entities, never loads a DTD, never touches the network,
 and is bounded in bytes, elements and time (see ``load``). The parser is the standard
-library's expat building ``xml.etree.ElementTree`` elements: a guest's start loads it in
-a fraction of lxml's time, and every command reads XML the same way.
+library's expat, and every command reads XML through it. It builds ``Node``s of our own:
+a guest's start needs a tree to read, not ElementTree (loading it cost a start ~5 ms);
+``forward`` edits and writes XML back, and hands the same parser ElementTree's
+``TreeBuilder`` (``load_into``). The model reads either tree the same way (``Tree``).
 """
 
 from __future__ import annotations
 
 import re
 from ipaddress import IPv4Interface, IPv6Address, IPv6Interface, ip_address, ip_network
-from xml.etree.ElementTree import Element, TreeBuilder
 from xml.parsers import expat
 
 from .errors import InputError, shown
@@ -31,7 +32,28 @@ from .names import NAMESPACE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: a guest's start parses
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
+    from typing import Protocol, Self, TypeVar
+
+    class Tree(Protocol):
+        """What the model reads of an element: a ``Node`` or ElementTree's ``Element``."""
+        tag: str
+        text: str | None
+        attrib: dict[str, str]
+
+        def get(self, key: str) -> str | None: ...  # with a default: ``attrib.get``
+        def find(self, path: str) -> Self | None: ...
+        def findall(self, path: str) -> list[Self]: ...
+        def __iter__(self) -> Iterator[Self]: ...
+
+    T = TypeVar("T", covariant=True)
+
+    class Builder(Protocol[T]):
+        """ElementTree's ``TreeBuilder`` interface, which ``NodeBuilder`` also has."""
+        def start(self, tag: str, attrs: dict[str, str], /) -> object: ...
+        def end(self, tag: str, /) -> object: ...
+        def data(self, data: str, /) -> object: ...
+        def close(self) -> T: ...
 
 MAX_XML_BYTES = 16 * 1024 * 1024
 MAX_ELEMENTS = 200_000  # libvirt's largest documents hold a few thousand
@@ -100,8 +122,93 @@ def _utf8_only(data: bytes, what: str) -> bytes:
     return data
 
 
-def load(data: bytes | str, what: str = "input") -> Element:
-    """Parse XML safely; InputError with one line if it is not acceptable.
+class Node:
+    """An element as the parser reads it: its tag (``{URI}local``), attributes, the text
+    before its first child, and its children; ElementTree's ``get``, ``find`` and
+    ``findall`` on a path of plain child tags (``devices/interface``), iteration, ``len``.
+    Text after a child, comments and processing instructions are not kept."""
+
+    __slots__ = ("attrib", "children", "tag", "text")
+
+    def __init__(self, tag: str, attrib: dict[str, str] | None = None) -> None:
+        self.tag = tag
+        self.attrib = {} if attrib is None else attrib
+        self.text: str | None = None
+        self.children: list[Node] = []
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.attrib.get(key, default)
+
+    def findall(self, path: str) -> list[Node]:
+        found = [self]
+        for tag in path.split("/"):
+            found = [child for node in found for child in node.children if child.tag == tag]
+        return found
+
+    def find(self, path: str) -> Node | None:
+        found = self.findall(path)
+        return found[0] if found else None
+
+    def append(self, child: Node) -> None:
+        self.children.append(child)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.children)
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+
+class NodeBuilder:
+    """Builds ``Node``s as ElementTree's ``TreeBuilder`` builds its elements: an
+    element's text is the character data between its start and its first child or end."""
+
+    def __init__(self) -> None:
+        self._open: list[Node] = []
+        self._root: Node | None = None
+        self._text: list[str] = []
+        self._texting: Node | None = None  # started, no child or end since
+
+    def _flush(self) -> None:
+        if self._texting is not None and self._text:
+            self._texting.text = "".join(self._text)
+        self._text.clear()
+
+    def start(self, tag: str, attrs: dict[str, str], /) -> Node:
+        self._flush()
+        node = Node(tag, attrs)
+        if self._open:
+            self._open[-1].append(node)
+        else:  # expat allows one root
+            self._root = node
+        self._open.append(node)
+        self._texting = node
+        return node
+
+    def end(self, tag: str, /) -> Node:
+        self._flush()
+        self._texting = None
+        return self._open.pop()
+
+    def data(self, data: str, /) -> None:
+        if self._texting is not None:
+            self._text.append(data)
+
+    def close(self) -> Node:
+        if self._root is None or self._open:
+            raise InputError("XML ended inside an element")  # expat refuses it first
+        return self._root
+
+
+def load(data: bytes | str, what: str = "input") -> Node:
+    """Parse XML safely into ``Node``s; InputError with one line if it is not acceptable
+    (see ``load_into``)."""
+    return load_into(data, what, NodeBuilder())
+
+
+def load_into(data: bytes | str, what: str, builder: Builder[T]) -> T:
+    """Parse XML safely into what ``builder`` builds (``NodeBuilder``, ElementTree's
+    ``TreeBuilder``); InputError with one line if it is not acceptable.
 
     Refused before the parser sees a byte: more than MAX_XML_BYTES, anything but UTF-8,
     a DOCTYPE or ENTITY declaration (libvirt never sends one; with the encoding fixed to
@@ -121,7 +228,7 @@ def load(data: bytes | str, what: str = "input") -> Element:
         raise InputError(f"{what}: an XML tag with more than {MAX_TAG_CHARS} characters "
                          "besides its attribute values")
     try:
-        return _bounded_parse(data, what)
+        return _bounded_parse(data, what, builder)
     except expat.ExpatError as exc:
         raise InputError(f"{what}: not well-formed XML: {exc}") from None
 
@@ -132,9 +239,8 @@ def _clark(name: str) -> str:
     return "{" + name if "}" in name else name
 
 
-def _bounded_parse(data: bytes, what: str) -> Element:
+def _bounded_parse(data: bytes, what: str, builder: Builder[T]) -> T:
     import time
-    builder = TreeBuilder()
     parser = expat.ParserCreate("UTF-8", "}")
     parser.buffer_text = True
     elements = 0
@@ -164,7 +270,7 @@ def _bounded_parse(data: bytes, what: str) -> Element:
     return builder.close()
 
 
-def _local(el: Element) -> str:
+def _local(el: Tree) -> str:
     return el.tag.rpartition("}")[2]
 
 
@@ -173,7 +279,7 @@ def _namespace(name: str) -> str | None:
     return name[1:].partition("}")[0] if name.startswith("{") else None
 
 
-def _text(el: Element | None, path: str) -> str | None:
+def _text(el: Tree | None, path: str) -> str | None:
     if el is None:
         return None
     found = el.find(path)
@@ -182,7 +288,7 @@ def _text(el: Element | None, path: str) -> str | None:
     return found.text.strip() or None
 
 
-def _exact_text(el: Element, path: str) -> str | None:
+def _exact_text(el: Tree, path: str) -> str | None:
     """A name as libvirt keeps it: ``web1``, ``web1 `` and ``web1\t`` are three objects."""
     found = el.find(path)
     return found.text or None if found is not None else None
@@ -308,7 +414,7 @@ def _unmapped(net: IPNetwork) -> IPNetwork:
 
 # --------------------------------------------------------------------------- forwards
 
-def _forwards_element(metadata: Element | None, owner: str) -> Element | None:
+def _forwards_element(metadata: Tree | None, owner: str) -> Tree | None:
     if metadata is None:
         return None
     found = [c for c in metadata if _namespace(c.tag) == NAMESPACE]
@@ -319,7 +425,7 @@ def _forwards_element(metadata: Element | None, owner: str) -> Element | None:
     return found[0]
 
 
-def parse_forwards(metadata: Element | None, owner: str,
+def parse_forwards(metadata: Tree | None, owner: str,
                    allowed: frozenset[str]) -> tuple[ForwardSpec, ...]:
     """The ``<forwards>`` of a ``<metadata>`` element (prefixed or unprefixed children)."""
     root = _forwards_element(metadata, owner)
@@ -345,10 +451,10 @@ def parse_forwards(metadata: Element | None, owner: str,
 def parse_forward_attrs(attrs: dict[str, str], where: str,
                         allowed: frozenset[str]) -> ForwardSpec:
     """One forward from its attributes (``forward add/remove``), checked as in XML."""
-    return _parse_forward(Element("forward", attrs), where, allowed)
+    return _parse_forward(Node("forward", attrs), where, allowed)
 
 
-def _parse_forward(el: Element, where: str, allowed: frozenset[str]) -> ForwardSpec:
+def _parse_forward(el: Tree, where: str, allowed: frozenset[str]) -> ForwardSpec:
     if el.get("host-port") is not None:
         where = f"{where} (host-port {shown(el.get('host-port'), 20)})"
     attrs: dict[str, str] = {}
@@ -408,7 +514,7 @@ def _yes_no(value: str, what: str) -> bool:
     return value.strip().lower() == "yes"
 
 
-def _named(el: Element, kind: str) -> tuple[str, str]:
+def _named(el: Tree, kind: str) -> tuple[str, str]:
     """The object's name, and how messages call it: ``domain 'web1'``."""
     if _local(el) != kind:
         raise InputError(f"expected <{kind}>, found <{_local(el)}>")
@@ -420,7 +526,7 @@ def _named(el: Element, kind: str) -> tuple[str, str]:
 
 # --------------------------------------------------------------------------- network
 
-def parse_network(el: Element) -> Network:
+def parse_network(el: Tree) -> Network:
     """A ``<network>`` element (live or persistent definition)."""
     name, what = _named(el, "network")
     fwd = el.find("forward")
@@ -428,7 +534,7 @@ def parse_network(el: Element) -> Network:
         mode = "isolated"
         dev = None
     else:
-        mode = fwd.get("mode", "nat")
+        mode = fwd.attrib.get("mode", "nat")
         dev = _ifname(fwd.get("dev"), f"{what}: forward dev")
     bridge_el = el.find("bridge")
     bridge = _ifname(bridge_el.get("name") if bridge_el is not None else None,
@@ -473,7 +579,7 @@ def parse_network(el: Element) -> Network:
                    forwards=forwards, nat_ports=nat_ports, nat_ipv6=nat_ipv6)
 
 
-def parse_networkport(el: Element) -> NetworkPort:
+def parse_networkport(el: Tree) -> NetworkPort:
     plug = el.find("plug")
     mac_el = el.find("mac")
     return NetworkPort(
@@ -500,11 +606,11 @@ def parse_hookdata(data: bytes | str) -> tuple[Network, NetworkPort | None]:
 
 # --------------------------------------------------------------------------- domain
 
-def parse_domain(el: Element) -> Domain:
+def parse_domain(el: Tree) -> Domain:
     name, what = _named(el, "domain")
     nics: list[Nic] = []
     for iface in el.findall("devices/interface"):
-        kind = iface.get("type", "")
+        kind = iface.attrib.get("type", "")
         if kind not in ("network", "bridge"):
             continue
         source = iface.find("source")
@@ -526,7 +632,7 @@ def parse_domain(el: Element) -> Domain:
 _WRAPPERS = {"networkstatus": "network", "hookData": "network", "domstatus": "domain"}
 
 
-def _unwrap(root: Element, what: str) -> Element:
+def _unwrap(root: Tree, what: str) -> Tree:
     """The ``<network>``/``<domain>`` inside libvirt's status and hook wrappers."""
     inner_name = _WRAPPERS.get(_local(root))
     if inner_name is None:
@@ -574,7 +680,7 @@ def parse_override(data: bytes | str, what: str) -> tuple[ForwardSpec, ...]:
     included."""
     root = load(data, what)
     if _local(root) == "forwards" and _namespace(root.tag) == NAMESPACE:
-        holder = Element("metadata")
+        holder = Node("metadata")
         holder.append(root)
         return parse_forwards(holder, what, NETWORK_ATTRS)
     return parse_network(_unwrap(root, what)).forwards

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
 from xml.etree import ElementTree
-from xml.etree.ElementTree import Element, SubElement
+from xml.etree.ElementTree import Element, SubElement, TreeBuilder
 
 from .. import ops, state
 from ..errors import InputError, shown
@@ -28,6 +28,7 @@ from ..parse import (
     DOMAIN_ATTRS,
     NETWORK_ATTRS,
     load,
+    load_into,
     parse_domain,
     parse_forward_attrs,
     parse_forwards,
@@ -88,6 +89,12 @@ def _xml(element: Element) -> str:
     it writes ``&#13;``, so every raw one is text's (comments and processing
     instructions are dropped when read)."""
     return ElementTree.tostring(element, encoding="unicode").replace("\r", "&#13;")
+
+
+def _tree(data: str | bytes, what: str) -> Element:
+    """A document as ElementTree's elements, to edit and write back: read by the same
+    bounded parser as every other document (``parse.load_into``)."""
+    return load_into(data, what, TreeBuilder())
 
 
 def _forwards_of(root: Element) -> list[Attrs]:
@@ -259,8 +266,8 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs,
     what = f"domain {shown(name)}"
     with _editing(uri, "domain", name) as (libvirt, conn, dom):
         running, persistent = bool(dom.isActive()), bool(dom.isPersistent())
-        live_root = load(dom.XMLDesc(0), what) if running else None
-        config_root = (load(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), what)
+        live_root = _tree(dom.XMLDesc(0), what) if running else None
+        config_root = (_tree(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), what)
                        if persistent else None)
         live, config = _change_each(
             _change(action, spec, what, DOMAIN_ATTRS),
@@ -301,8 +308,8 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs,
     hooks, replay, status and doctor apply until then) are changed each as they are."""
     what = f"network {shown(name)}"
     with _editing(uri, "network", name) as (libvirt, conn, net):
-        persistent = load(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE), what)
-        live_root = load(net.XMLDesc(0), what) if net.isActive() else None
+        persistent = _tree(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE), what)
+        live_root = _tree(net.XMLDesc(0), what) if net.isActive() else None
         live, config = _change_each(
             _change(action, spec, what, NETWORK_ATTRS),
             [_running_forwards(name, live_root) if live_root is not None else None,
@@ -332,7 +339,7 @@ def _running_forwards(name: str, live_root: Element) -> list[Attrs]:
     data = state.network_override(name)
     if data is None:
         return _forwards_of(live_root)
-    root = load(data, f"network {shown(name)}: override")
+    root = _tree(data, f"network {shown(name)}: override")
     if root.tag.rpartition("}")[2] == "forwards":
         holder = Element("network")
         SubElement(holder, "metadata").append(root)
@@ -364,7 +371,7 @@ def list_forwards(uri: str, domain: str | None, network: str | None) -> list[dic
             inactive = (libvirt.VIR_NETWORK_XML_INACTIVE if kind == "network"
                         else libvirt.VIR_DOMAIN_XML_INACTIVE)
             xml = obj.XMLDesc(0 if obj.isActive() and kind == "domain" else inactive)
-            for attrs in _forwards_of(load(xml, f"{kind} {obj.name()}")):
+            for attrs in _forwards_of(_tree(xml, f"{kind} {obj.name()}")):
                 rows.append({"owner": f"{kind} {obj.name()}", "active": bool(obj.isActive()),
                              **attrs})
         return rows

@@ -8,6 +8,7 @@ daemon, to systemd or to libvirt (``install.py`` does)."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -143,12 +144,23 @@ def hook_sha(lay: Layout, driver: str) -> str:
 
 def hook_script(lay: Layout, driver: str) -> bytes:
     """hooks/DRIVER of the source tree, marked, with the package's directory filled in."""
-    with open(os.path.join(lay.source, "hooks", driver), encoding="utf-8") as fh:
+    return hook_text(lay.source, driver, lay.lib, lay.mark).encode()
+
+
+def hook_text(source: str, driver: str, lib: str, mark: str = "") -> str:
+    """hooks/DRIVER of ``source`` as installed: LIB, the package's directory, a constant
+    (qemu's hook is a shell script, ``LIB=``; network's is Python, ``LIB = ``), and
+    ``mark`` on the line after the shebang."""
+    with open(os.path.join(source, "hooks", driver), encoding="utf-8") as fh:
         lines = fh.read().splitlines(keepends=True)
-    out = [*lines[:1], lay.mark + "\n"]
-    out += [f"LIB = \"{lay.lib}\"\n" if line.startswith("LIB = ") else line
-            for line in lines[1:]]
-    return "".join(out).encode()
+    out = [*lines[:1], *([mark + "\n"] if mark else [])]
+    for line in lines[1:]:
+        if line.startswith("LIB = "):
+            line = f"LIB = \"{lib}\"\n"
+        elif line.startswith("LIB="):
+            line = f"LIB={shlex.quote(lib)}\n"
+        out.append(line)
+    return "".join(out)
 
 
 def after_init_block(lay: Layout) -> str:

@@ -24,7 +24,7 @@ SUITE = "bookworm"
 PACKAGES = [
     "systemd", "systemd-sysv", "libpam-systemd", "udev", "dbus", "kmod", "linux-image-amd64",
     "libvirt-daemon-system", "libvirt-clients", "qemu-system-x86", "dnsmasq-base",
-    "ufw", "iptables", "python3", "python3-lxml", "python3-libvirt", "iproute2", "procps",
+    "ufw", "iptables", "python3", "python3-libvirt", "iproute2", "procps",
     "nftables",  # the package kvmufw-hook depends on it; the VM has no network to fetch it
 ]
 SIZE = "8G"

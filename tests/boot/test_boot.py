@@ -38,7 +38,8 @@ TOOLS = ("debootstrap", "mkfs.ext4", "debugfs", "unshare", "losetup", "mount",
          "qemu-system-x86_64")
 STATE = "/var/lib/kvmufw-boot"
 
-PHASE1 = ["boot-finished", "ufw-service-start", "install", "ufw-entry-add", "ufw-enable",
+PHASE1 = ["boot-finished", "ufw-service-start", "install", "no-lxml", "ufw-entry-add",
+          "ufw-enable",
           "net-define",
           "net-autostart", "net-start", "dom-define", "dom-autostart", "dom-start",
           "dnat-2222-phase1", "egress-masquerade-phase1", "dom-destroy"]

@@ -6,7 +6,6 @@ iptables and nft. Root only; CI runs them."""
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -104,9 +103,8 @@ GUEST6 = b"""<domain><name>g6</name><metadata><forwards xmlns="urn:kvmufw:1">
 
 def hook(topo, kind: str, *argv: str, stdin: bytes = b"") -> None:
     """The installed-style hook as libvirt calls it, in the namespace (one process)."""
-    proc = subprocess.run([*topo.host.prefix, sys.executable, "-IS", str(ROOT / "hooks" / kind),
-                           *argv], input=stdin, capture_output=True, env=dict(os.environ),
-                          check=False)
+    proc = subprocess.run([*topo.host.prefix, str(ROOT / "hooks" / kind), *argv], input=stdin,
+                          capture_output=True, env=dict(os.environ), check=False)
     assert proc.returncode == 0 and not proc.stdout, proc.stderr.decode()
 
 

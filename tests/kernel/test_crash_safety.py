@@ -17,6 +17,7 @@ import time
 
 import pytest
 from conftest import ROOT, SAMPLES
+from hookrun import installed_hook
 from lifecycle import LAB, WEB1
 
 from kvmufw_hook import ops, state
@@ -347,9 +348,7 @@ def test_a_hook_during_a_package_replacement_exits_0_quietly(netns, state_env, t
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     for kind in ("qemu", "network"):
-        text = (HOOKS / kind).read_text().replace("LIB = None", f"LIB = {str(lib)!r}", 1)
-        (hooks / kind).write_text(text)
-        (hooks / kind).chmod(0o755)
+        installed_hook(kind, hooks, lib=lib)
     target = lib / missing
     if target.is_dir():
         shutil.rmtree(target)

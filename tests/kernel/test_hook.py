@@ -4,6 +4,7 @@ a real libvirt 9.0 lifecycle, rules in a network namespace this test creates."""
 import os
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import pytest
 from conftest import ROOT, SAMPLES, need_root_tools
 from hookrun import (
     HOOKS,
+    PYTHON,
     default_started_xml,
+    installed_hook,
     kvmufw_lines,
     owners,
     port_created,
@@ -229,13 +232,17 @@ def test_repeated_ops_change_nothing(netns, state_env):
 
 
 def shim_imports(kind, argv, stdin: bytes, env: dict, netns) -> set[str]:
-    """The modules the real shim imports for one call, run as libvirt runs it (the
-    shebang's ``-IS`` and ``-X importtime``); asserts that the call succeeds."""
+    """The modules the installed hook imports for one call, run as libvirt runs it (its
+    ``python3 -IS``, with ``-X importtime``); asserts that the call succeeds."""
     clean = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              "LC_ALL": "C", **env}
-    proc = subprocess.run([*netns.prefix, "/usr/bin/python3", "-IS", "-X", "importtime",
-                           str(HOOKS / kind), *argv], input=stdin, capture_output=True,
-                          env=clean, timeout=60, check=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        if kind == "qemu":  # a shell script that execs python3 for the ops that matter
+            command = [str(installed_hook(kind, scratch, python=f"{PYTHON} -X importtime"))]
+        else:
+            command = [*PYTHON.split(), "-X", "importtime", str(installed_hook(kind, scratch))]
+        proc = subprocess.run([*netns.prefix, *command, *argv], input=stdin,
+                              capture_output=True, env=clean, timeout=60, check=False)
     assert proc.returncode == 0 and proc.stdout == b"", proc.stderr[-2000:]
     lines = proc.stderr.decode().splitlines()
     return {l.rsplit("|", 1)[1].strip() for l in lines if l.startswith("import time:")}
@@ -289,7 +296,8 @@ def test_a_guest_stop_loads_only_the_modules_of_its_budget(backend, netns, state
 def test_a_guest_start_loads_only_the_modules_of_its_budget(backend, netns, state_env):
     """start: the XML parsed, the forwards checked and applied, loading only what the
     start budget (``hook.START_MODULES``, ``hook.START_STDLIB``) allows: nothing outside
-    the standard library and the package, no ``site``, ``inspect`` or ``typing``."""
+    the standard library and the package, no ``site``, ``inspect``, ``typing`` or
+    ElementTree (the parser builds ``parse.Node``s)."""
     from kvmufw_hook.hook import START_MODULES, START_STDLIB
     if backend != "iptables":
         need_root_tools("nft")
@@ -307,7 +315,7 @@ def test_a_guest_start_loads_only_the_modules_of_its_budget(backend, netns, stat
     assert ours <= START_MODULES, sorted(ours - START_MODULES)
     beyond = imported - ours - interpreter_modules() - {"imported package"}
     assert beyond <= START_STDLIB, sorted(beyond - START_STDLIB)
-    assert not START_STDLIB & {"inspect", "typing", "site", "sitecustomize"}
+    assert not START_STDLIB & {"inspect", "typing", "site", "sitecustomize", "xml.etree"}
     if backend == "iptables":
         assert len([l for l in kvmufw_lines(netns) if "d=web1" in l]) == 15
     else:
@@ -338,20 +346,19 @@ def test_prepare_reads_no_stdin(state_env):
 
 @pytest.mark.parametrize("argv", [["web1", "prepare", "begin", "-"],
                                   ["web1", "started", "begin", "-"]])
-def test_an_installed_hook_that_needs_nothing_imports_nothing(argv, tmp_path):
-    """install.sh writes LIB as a constant: a call that needs nothing then loads the
-    hook entry and nothing else, not even os (libvirt waits for each call)."""
-    shim = tmp_path / "qemu"
-    shim.write_text("".join(f'LIB = "{ROOT}"\n' if line.startswith("LIB = ") else line
-                            for line in (HOOKS / "qemu").read_text().splitlines(True)))
-    proc = subprocess.run(["/usr/bin/python3", "-IS", "-X", "importtime", str(shim), *argv],
+def test_an_installed_hook_that_needs_nothing_starts_no_python(argv, tmp_path):
+    """The installed qemu hook answers a call that needs nothing in the shell: the
+    interpreter it would exec only leaves a mark, and none is left."""
+    mark = tmp_path / "python-ran"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {mark}\nexit 9\n")
+    fake.chmod(0o755)
+    hook = installed_hook("qemu", tmp_path, python=str(fake))
+    proc = subprocess.run([str(hook), *argv],
                           input=(SAMPLES / "01-qemu.web1.prepare.xml").read_bytes(),
                           capture_output=True, timeout=60, check=False)
-    assert proc.returncode == 0 and proc.stdout == b""
-    imported = {l.rsplit("|", 1)[1].strip() for l in proc.stderr.decode().splitlines()
-                if l.startswith("import time:") and "|" in l}
-    assert "kvmufw_hook.hook" in imported
-    assert not imported & {"os", "kvmufw_hook.log", "kvmufw_hook.state"}, imported
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    assert not mark.exists()
 
 
 def test_the_namespace_has_one_definition():
@@ -367,11 +374,8 @@ def test_the_namespace_has_one_definition():
 def test_a_start_without_our_metadata_imports_only_the_namespace(tmp_path):
     """A guest without forwards is the common start: the hook reads stdin, looks for
     names.NAMESPACE and returns; it loads names for that, and nothing else (not os)."""
-    shim = tmp_path / "qemu"
-    shim.write_text("".join(f'LIB = "{ROOT}"\n' if line.startswith("LIB = ") else line
-                            for line in (HOOKS / "qemu").read_text().splitlines(True)))
-    proc = subprocess.run(["/usr/bin/python3", "-IS", "-X", "importtime", str(shim),
-                           "plain", "start", "begin", "-"],
+    shim = installed_hook("qemu", tmp_path, python=f"{PYTHON} -X importtime")
+    proc = subprocess.run([str(shim), "plain", "start", "begin", "-"],
                           input=b"<domain><name>plain</name></domain>",
                           capture_output=True, timeout=60, check=False)
     assert proc.returncode == 0 and proc.stdout == b""
@@ -380,3 +384,38 @@ def test_a_start_without_our_metadata_imports_only_the_namespace(tmp_path):
     ours = {m for m in imported if m.startswith("kvmufw_hook")}
     assert ours == {"kvmufw_hook", "kvmufw_hook.hook", "kvmufw_hook.names"}, ours
     assert "os" not in imported
+
+
+def test_the_installed_hook_refuses_a_start_removes_on_stop_and_ends_release_in_the_shell(
+        netns, state_env, tmp_path):
+    """The installed qemu hook (a shell script) against real rules: a start and a refused
+    start reach Python with libvirt's exit codes, the stop removes every rule, and the
+    release after it has nothing left: no interpreter starts (no import lines)."""
+    hook = installed_hook("qemu", tmp_path, python=f"{PYTHON} -X importtime")
+    clean = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "LC_ALL": "C", **state_env}
+
+    def call(name: str, op: str, data: bytes) -> tuple[int, list[str], bool]:
+        proc = subprocess.run([*netns.prefix, str(hook), name, op, "begin", "-"], input=data,
+                              capture_output=True, env=clean, timeout=60, check=False)
+        assert proc.stdout == b""
+        lines = proc.stderr.decode().splitlines()
+        said = [l for l in lines if not l.startswith("import time:")]
+        return proc.returncode, said, len(said) < len(lines)
+
+    run_hook(*sample("16-network.lab.started"), state_env, netns)
+    base = kvmufw_lines(netns)
+    assert call("web1", "start", (SAMPLES / "04-qemu.web1.start.xml").read_bytes()) \
+        == (0, [], True)
+    running = kvmufw_lines(netns)
+    assert running != base
+    held = _web1('<kvmufw:forward proto="udp" host-port="5001-5010" '
+                 'mac="52:54:00:00:00:20" guest-ip="10.0.0.9"/>', name="web2")
+    status, said, python = call("web2", "start", held)
+    assert (status, len(said), python) == (2, 1, True)
+    assert said[0].startswith("kvmufw_hook: qemu start web2: domain 'web2': forward udp")
+    assert kvmufw_lines(netns) == running
+    assert call("web1", "stopped", b"") == (0, [], True)
+    assert kvmufw_lines(netns) == base
+    assert call("web1", "release", b"") == (0, [], False)
+    assert call("web2", "stopped", b"") == (0, [], False)  # refused: it never had state

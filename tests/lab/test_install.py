@@ -13,6 +13,8 @@ import pytest
 from conftest import ROOT
 from lab import AFTER_INIT, content, install
 
+from kvmufw_hook.installation import MANIFEST
+
 LIB = "/usr/local/lib/kvmufw_hook"
 BIN = "/usr/local/sbin/kvmufw_hook"
 QEMU_HOOK = "/etc/libvirt/hooks/qemu.d/kvmufw_hook"
@@ -37,6 +39,17 @@ def digest(lab) -> str:
                   "while read f; do stat -c '%n %a %U %F' \"$f\"; "
                   "[ -L \"$f\" ] && readlink \"$f\"; "
                   "[ -f \"$f\" ] && [ ! -L \"$f\" ] && sha256sum < \"$f\"; done; true").stdout
+
+
+def without(digest_text: str, *paths: str) -> list[str]:
+    """``digest``'s lines but those of ``paths`` (regular files)."""
+    out, skip = [], False
+    for line in digest_text.splitlines():
+        if line.startswith("/"):
+            skip = line.split(" ", 1)[0] in paths
+        if not skip:
+            out.append(line)
+    return out
 
 
 def mode(lab, path: str) -> str:
@@ -120,9 +133,12 @@ def test_an_upgrade_from_the_previous_install_sh(host):
     """Everything the previous install.sh wrote (hooks, command, package, after.init block)
     is recognised as ours: the new install replaces it without a refusal, and uninstall
     then leaves the host as it was before either. (tests/fixtures/install-16cd8a7.sh is
-    install.sh as of commit 16cd8a7, run here beside today's package and hooks.)"""
+    install.sh as of commit 16cd8a7, run here beside today's package and network hook, and
+    the qemu hook of that commit, tests/fixtures/hook-qemu-16cd8a7: it recorded nothing,
+    so that hook is known by its sha256, install_files.LEGACY_SHA256.)"""
     old = f"{host.dir}/old"
     host.sh(f"mkdir -p {old} && cp -a {ROOT}/kvmufw_hook {ROOT}/hooks {old}/ && "
+            f"cp {ROOT}/tests/fixtures/hook-qemu-16cd8a7 {old}/hooks/qemu && "
             f"cp {ROOT}/tests/fixtures/install-16cd8a7.sh {old}/install.sh")
     pristine = digest(host)
     host.run(f"{old}/install.sh")
@@ -138,11 +154,13 @@ def test_an_upgrade_from_the_previous_install_sh(host):
 def test_an_upgrade_from_the_bash_install_sh_changes_nothing_and_keeps_every_rule(
         libvirt_host):
     """install.sh in bash (tests/fixtures/install-095cef3.sh, the last one) and the Python
-    installer write the same bytes: installing over it rewrites nothing, sends no SIGHUP,
-    keeps the network's rules, and uninstall leaves the host as it was."""
+    installer write the same bytes: installing over it rewrites only the qemu hook, which
+    was Python then (tests/fixtures/hook-qemu-095cef3) and is a shell script now, sends no
+    SIGHUP, keeps the network's rules, and uninstall leaves the host as it was."""
     lab = libvirt_host
     old = f"{lab.dir}/old"
     lab.sh(f"mkdir -p {old} && cp -a {ROOT}/kvmufw_hook {ROOT}/hooks {old}/ && "
+           f"cp {ROOT}/tests/fixtures/hook-qemu-095cef3 {old}/hooks/qemu && "
            f"cp {ROOT}/tests/fixtures/install-095cef3.sh {old}/install.sh")
     lab.run(f"{old}/install.sh")
     lab.define_network(NET)
@@ -150,9 +168,12 @@ def test_an_upgrade_from_the_bash_install_sh_changes_nothing_and_keeps_every_rul
     assert rules
     installed = digest(lab)
     out = install(lab).stdout
-    assert "wrote" not in out and "sent" not in out, out
-    assert "already installed: nothing to change" in out
-    assert digest(lab) == installed and network_rules(lab) == rules
+    assert [l for l in out.splitlines() if "wrote" in l] == [
+        f"kvmufw_hook install: wrote {QEMU_HOOK}"] and "sent" not in out, out
+    assert without(digest(lab), QEMU_HOOK, MANIFEST) == without(installed, QEMU_HOOK, MANIFEST)
+    assert network_rules(lab) == rules
+    assert lab.run(QEMU_HOOK, "web1", "prepare", "begin", "-").returncode == 0
+    assert install(lab).stdout.startswith("kvmufw_hook install: already installed")
     install(lab, "--uninstall")
     assert not network_rules(lab)
 

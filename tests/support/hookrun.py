@@ -22,6 +22,24 @@ def run_hook(kind, argv, stdin: bytes, env: dict, netns=None):
                           capture_output=True, env=clean, timeout=60, check=False)
 
 
+PYTHON = "/usr/bin/python3 -IS"  # what qemu's hook (a shell script) execs for the ops that matter
+
+
+def installed_hook(kind: str, directory, lib=ROOT, python: str = PYTHON) -> Path:
+    """hooks/KIND as the installer writes it (``install_files.hook_text``: LIB a constant,
+    here ``lib``) in ``directory``; ``python`` stands for the interpreter qemu's hook execs
+    (say with ``-X importtime``, or a program that records that it ran)."""
+    from kvmufw_hook.commands.install_files import hook_text
+    text = hook_text(str(ROOT), kind, str(lib))
+    if python != PYTHON:
+        assert f"exec {PYTHON} " in text, kind
+        text = text.replace(f"exec {PYTHON} ", f"exec {python} ", 1)
+    path = Path(directory, kind)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
 def sample(name):
     argv = (SAMPLES / f"{name}.argv").read_text().split()
     kind = name.split("-", 1)[1].split(".")[0]

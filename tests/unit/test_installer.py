@@ -78,7 +78,7 @@ def test_install_writes_the_package_command_hooks_and_after_init_entry_and_recor
     for path in (BIN, QEMU_HOOK, f"{LIB}/kvmufw_hook/commands/install.py", f"{LIB}/.kvmufw_hook"):
         digest = hashlib.sha256(open(root + path, "rb").read()).hexdigest()
         assert record.files()[path] == digest, path
-    assert f'LIB = "{LIB}"' in read(root, QEMU_HOOK)
+    assert f"\nLIB={LIB}\n" in read(root, QEMU_HOOK)
     text = read(root, AFTER_INIT)
     assert text.startswith("#!/bin/sh\n# BEGIN kvmufw_hook\n")
     assert f"timeout -k 2 20 {BIN} restore >/dev/null" in text and text.endswith(

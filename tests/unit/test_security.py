@@ -145,8 +145,8 @@ def test_forward_edit_hands_libvirt_back_the_same_document():
               "<x xmlns='http://app2/'><y xmlns=''>v&#13;</y></x></metadata>"
               "<bridge name='virbr7'/><dnsmasq:options><dnsmasq:option value='x=1'/>"
               "</dnsmasq:options></network>")
-    root = load(source, "network XML")
-    assert _tree(load(edit._xml(root).encode(), "again")) == _tree(root)
+    root = edit._tree(source, "network XML")
+    assert _tree(edit._tree(edit._xml(root).encode(), "again")) == _tree(root)
     assert "\r" in root.find("description").text
 
 
