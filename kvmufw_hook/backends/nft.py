@@ -700,21 +700,25 @@ def _range_chains_change(table: Table, deletes: Sequence[Element],
     return needed, {c for c in table.chains if c.startswith(RANGE_CHAIN)}
 
 
-def element_changes(table: Table, deletes: list[Element],
-                    adds: list[Element]) -> tuple[list[Element], list[Element]] | None:
+def element_changes(table: Table, deletes: list[Element], adds: list[Element],
+                    chains: tuple[set[str], set[str]]
+                    ) -> tuple[list[Element], list[Element]] | None:
     """(deletes, adds) where they are the whole change (the skeleton as it should be, no
-    range chain added or deleted): what ``nftwrite`` may write; else None."""
+    range chain added or deleted: ``chains``, as ``_range_chains_change`` gives them):
+    what ``nftwrite`` may write; else None."""
     if not (deletes or adds) or not table.skeleton_ok():
         return None
-    needed, have = _range_chains_change(table, deletes, adds)
+    needed, have = chains
     return (deletes, adds) if needed == have else None
 
 
-def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) -> str:
-    """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds."""
+def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element],
+           chains: tuple[set[str], set[str]] | None = None) -> str:
+    """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds
+    (``chains``: the range chains needed and there, if known)."""
     if not deletes and not adds and table.skeleton_ok():
         return ""
-    needed, have = _range_chains_change(table, deletes, adds)
+    needed, have = chains or _range_chains_change(table, deletes, adds)
     lines = []
     # a range chain goes ahead of the maps (a verdict map new in the same transaction
     # cannot jump to a chain added after it), and away once nothing jumps to it
@@ -955,9 +959,10 @@ class NftBackend:
         adds += adopted(deletes, kept + adds)
         gone = set(deletes)
         after = [e for e in have if e not in gone] + adds
-        out = Change(script(ruleset.table, deletes, adds),
+        chains = _range_chains_change(ruleset.table, deletes, adds)
+        out = Change(script(ruleset.table, deletes, adds, chains),
                      ended=[e for e in deletes if e.set.startswith("dnat")], base=ruleset,
-                     after=after, elements=element_changes(ruleset.table, deletes, adds))
+                     after=after, elements=element_changes(ruleset.table, deletes, adds, chains))
         networks = any(o.startswith("n=") for o in intents)
         repair = not intents  # nothing to replace: ``restore --jumps-only`` (UFW's reload)
         if networks or repair or drop is not None or not ruleset.table.skeleton_ok():
