@@ -892,6 +892,21 @@ def _quick_owner(line: str) -> str | None:
     return owner if "=" in owner and '"' not in owner and " " not in owner else None
 
 
+def far_test(near: Iterable[HostPort]) -> Callable[[str, int, int], bool]:
+    """Whether (protocol, first port, last port) overlaps none of ``near``'s host ports:
+    asked of each of thousands of DNAT entries on a start amid many guests, so a single
+    port is one set lookup while ``near`` holds single ports only (as it mostly does)."""
+    wanted = [(spec.proto, spec.host_port.first, spec.host_port.last) for spec in near]
+    singles = {(p, a) for p, a, b in wanted if a == b}
+    ranged = len(singles) < len(wanted)
+
+    def far(proto: str, first: int, last: int) -> bool:
+        if first == last and not ranged:
+            return (proto, first) not in singles
+        return not any(p == proto and a <= last and first <= b for p, a, b in wanted)
+    return far
+
+
 def kernel_claims(snapshot: Snapshot, near: Iterable[HostPort] | None = None,
                   mine: str | None = None) -> dict[str, list[Claim]]:
     """owner -> the host ports its DNAT rules in the kernel hold right now (proto, port
@@ -902,8 +917,7 @@ def kernel_claims(snapshot: Snapshot, near: Iterable[HostPort] | None = None,
     from ..intents import Claim
     from ..model import PortRange
     seen: dict[str, dict[Claim, None]] = {}
-    wanted = None if near is None else [(spec.proto, spec.host_port.first, spec.host_port.last)
-                                         for spec in near]
+    far_from = None if near is None else far_test(near)
     for line in snapshot.tables["nat"].rules.get(STAGE_CHAIN["prerouting"][1], []):
         if " -j DNAT " not in line:
             continue
@@ -913,8 +927,7 @@ def kernel_claims(snapshot: Snapshot, near: Iterable[HostPort] | None = None,
             continue
         first_text, _, last_text = dport.partition(":")
         first, last = int(first_text), int(last_text or first_text)
-        far = wanted is not None and not any(p == proto and a <= last and first <= b
-                                             for p, a, b in wanted)
+        far = far_from is not None and far_from(proto, first, last)
         owner = (_quick_owner(line) if far else None) or line_owner(line)
         if owner is None:
             continue

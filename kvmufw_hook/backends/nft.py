@@ -39,7 +39,7 @@ from ..errors import ApplyError
 from ..names import Tag
 from ..process import run
 from .iptables import LIBVIRT_CHAINS as LIBVIRT_IPTABLES_CHAINS
-from .iptables import TOOLS, find_tool, ip_text, net_text, nft_based
+from .iptables import TOOLS, far_test, find_tool, ip_text, net_text, nft_based
 from .tags import comment as tag_comment
 from .tags import parse_comment
 
@@ -1029,8 +1029,7 @@ class NftBackend:
 
         from ..intents import Claim
         from ..model import PortRange
-        wanted_near = None if near is None else [
-            (s.proto, s.host_port.first, s.host_port.last) for s in near]
+        far_from = None if near is None else far_test(near)
         # (owner, proto, host, guest, shift) -> runs of ports
         runs: dict[tuple[str, str, str, str, int], list[list[int]]] = {}
         out: dict[str, dict[Claim, None]] = {}
@@ -1046,8 +1045,7 @@ class NftBackend:
             daddr, _saddr, proto, ports = _dnat_key(e)
             first_text, _, last_text = ports.partition("-")
             first, last = int(first_text), int(last_text or first_text)
-            if wanted_near is not None and tag.owner != mine and not any(
-                    p == proto and a <= last and first <= b for p, a, b in wanted_near):
+            if far_from is not None and tag.owner != mine and far_from(proto, first, last):
                 continue
             guest, _, port = e.value.partition(" . ")
             shift = int(port) - first if port else 0
