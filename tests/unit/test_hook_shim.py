@@ -155,3 +155,14 @@ def test_the_shell_knows_the_state_directory_and_the_longest_plain_name(monkeypa
     assert "'' | *[!A-Za-z0-9._-]*) return 1 ;;" in text
     assert {ch for ch in map(chr, range(128)) if safe_name(ch) == ch} == set(
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def test_an_empty_state_directory_variable_is_the_default_as_in_the_shell(monkeypatch):
+    """KVMUFW_STATE_DIR set but empty: the shell's ``${KVMUFW_STATE_DIR:-...}`` looks in
+    the default directory, so the package must too (it looked relative to the working
+    directory, where a stop the shell ended could have had state to remove, and a start
+    recursed without end making the directory "")."""
+    monkeypatch.delenv("KVMUFW_STATE_DIR", raising=False)
+    default = state_dir()
+    monkeypatch.setenv("KVMUFW_STATE_DIR", "")
+    assert state_dir() == default == "/run/kvmufw_hook"
