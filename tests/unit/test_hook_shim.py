@@ -166,3 +166,14 @@ def test_an_empty_state_directory_variable_is_the_default_as_in_the_shell(monkey
     default = state_dir()
     monkeypatch.setenv("KVMUFW_STATE_DIR", "")
     assert state_dir() == default == "/run/kvmufw_hook"
+
+
+@pytest.mark.parametrize("lib", ['/opt/a "quoted" dir', "/opt/back\\slash", "/opt/x\\n", "/opt/é"])
+def test_the_network_hook_names_any_package_directory_exactly(lib, tmp_path):
+    """network's hook is Python: LIB is a string literal there, whatever --prefix gave
+    (a quote was a syntax error, a backslash another directory)."""
+    import ast
+    text = installed_hook("network", tmp_path, lib=lib).read_text()
+    line = next(line for line in text.splitlines() if line.startswith("LIB = "))
+    assert ast.literal_eval(line.removeprefix("LIB = ")) == lib
+    compile(text, "network", "exec")
