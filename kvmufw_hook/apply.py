@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import state
 from .backends import default_backend
 from .backends.bridgeports import BridgePorts
-from .errors import ApplyError, shown
+from .errors import ApplyError, Stale, shown
 from .names import domain_owner
 
 TYPE_CHECKING = False
@@ -37,10 +37,6 @@ def _quiet(_msg: str) -> None:
 # attempts are spaced out (BACKOFF, doubling) so that one reload cannot fail them all.
 ATTEMPTS = 5
 BACKOFF = 0.02
-
-
-class Stale(ApplyError):
-    """A write failed (everything of it put back); reading again may succeed."""
 
 
 def retrying(nothing: Callable[[], T]) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -122,6 +118,8 @@ def apply_rules(rules: Mapping[str, Sequence[Intent]],
         return Applied("", change.skipped)
     try:
         backend.write(change)
+    except Stale:
+        raise  # refused whole, before anything of it was in (nf_tables: ERESTART)
     except ApplyError as exc:
         try:  # every participant and family back as it was, those written before too
             backend.write(backend.revert(backend.read(before.families), before))

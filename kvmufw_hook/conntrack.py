@@ -101,13 +101,17 @@ def _reply_filter(family: int, guest: bytes) -> bytes:
             + _attr(CTA_FILTER | NLA_F_NESTED, _attr(CTA_FILTER_REPLY_FLAGS, flags)))
 
 
-def end_flows(flows: list[Flow]) -> int:
+def end_flows(flows: list[Flow], sock: Any = None) -> int:
     """Delete every conntrack entry one of ``flows`` describes; the number deleted.
-    OSError if the kernel has no ctnetlink (no conntrack at all: no flow to end)."""
+    OSError if the kernel has no ctnetlink (no conntrack at all: no flow to end).
+    ``sock``: a NETLINK_NETFILTER socket to ask through, left open (the caller's: the
+    nftables backend's batch socket, whose release must not wait, ``nftwrite.release``)."""
     if not _tracking():
         return 0
     deleted = 0
-    sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM, NETLINK_NETFILTER)
+    own = sock is None
+    if own:
+        sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM, NETLINK_NETFILTER)
     try:
         sock.settimeout(5)
         for seq, (family, guest, mine) in enumerate(_dumps(flows), start=1):
@@ -125,7 +129,8 @@ def end_flows(flows: list[Flow]) -> int:
                                        NLM_F_REQUEST | NLM_F_ACK, number, 0) + payload)
             deleted += _acks(sock, len(doomed))
     finally:
-        sock.close()
+        if own:
+            sock.close()
     return deleted
 
 

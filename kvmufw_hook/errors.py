@@ -37,6 +37,11 @@ class ApplyError(KvmufwError):
     """The firewall (iptables-save/-restore) failed or refused the change."""
 
 
+class Stale(ApplyError):
+    """A write failed and nothing of it is in (a write that failed half way has been
+    put back): reading again may succeed (``apply.retrying``)."""
+
+
 # Control (C0, DEL, C1 such as U+009B CSI), format (bidi overrides), line and paragraph
 # separators, surrogates, private use and unassigned characters: a terminal acts on them or
 # a reader cannot see them, so text from XML that reaches a person never carries them raw.

@@ -43,8 +43,9 @@ STOP_MODULES = frozenset({
     "kvmufw_hook.backends.tags", "kvmufw_hook.backends.transaction",
     "kvmufw_hook.backends.accepts",
     # root's configuration names the backend (firewall_backend), hence its parser, and
-    # with "nftables" that backend instead of iptables'
-    "kvmufw_hook.config", "kvmufw_hook.backends.nft"})
+    # with "nftables" that backend instead of iptables', and its element changes
+    # written by netlink in-process
+    "kvmufw_hook.config", "kvmufw_hook.backends.nft", "kvmufw_hook.backends.nftwrite"})
 STOP_STDLIB = frozenset({
     "__future__", "os", "posixpath", "genericpath", "stat", "_stat", "_collections_abc",
     "errno", "fcntl", "time", "select", "_socket", "struct", "_struct", "syslog",

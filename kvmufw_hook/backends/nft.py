@@ -17,8 +17,9 @@ Promises:
   source prefix or a port range goes to interval maps, looked up after the exact ones.
   A network is elements too (fences, egress, replies, masquerade, DHCP/DNS to the
   host), and its source-port range a chain that lives while an element jumps to it. A
-  guest's start or stop is one ``nft -f`` transaction of element adds and deletes:
-  never a rule walk, never a flush.
+  guest's start or stop is one transaction of element adds and deletes (a netlink batch
+  in-process, ``nftwrite``; ``nft -f`` for what it does not write): never a rule walk,
+  never a flush.
 - Every element carries its owner tag as its comment (``backends/tags.py``), so that
   removal by owner is exact and derives from the kernel alone (after a crash, with our
   state files lost, ``nft list table inet kvmufw`` still says whose each element is);
@@ -540,13 +541,20 @@ class Ruleset:
 
 
 class Change:
-    """One ``nft -f`` script on our table, the glue payloads ("4"/"6": iptables-restore,
-    "nft": libvirt's tables), the DNAT elements it deletes (their flows end), what it
-    was made from and our elements once it is written."""
+    """One ``nft -f`` script on our table (and its element changes alone where that is
+    all it is), the glue payloads ("4"/"6": iptables-restore, "nft": libvirt's tables),
+    the DNAT elements it deletes (their flows end), what it was made from and our
+    elements once it is written."""
 
     def __init__(self, script: str = "", ended: list[Element] | None = None,
-                 base: Ruleset | None = None, after: list[Element] | None = None) -> None:
+                 base: Ruleset | None = None, after: list[Element] | None = None,
+                 elements: tuple[list[Element], list[Element]] | None = None) -> None:
         self.script = script
+        # (deletes, adds) where the script is those element changes and nothing else:
+        # what ``nftwrite`` may write in-process instead
+        self.elements = elements
+        # the netlink socket of the batch that wrote it, kept for ``end_flows``
+        self.held: Any = None
         self.glue: dict[str, str] = {}
         self.ended = ended or []
         self.skipped: dict[int, str] = {}
@@ -684,13 +692,33 @@ def adopted(deletes: Sequence[Element], remaining: Sequence[Element]) -> list[El
     return out
 
 
-def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element]) -> str:
-    """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds."""
-    if not deletes and not adds and table.skeleton_ok():
-        return ""
+def _range_chains_change(table: Table, deletes: Sequence[Element],
+                         adds: Sequence[Element]) -> tuple[set[str], set[str]]:
+    """(the range chains needed after these changes, those there now)."""
     gone = set(deletes)
     needed = _range_chains([*(e for e in table.elements if e not in gone), *adds])
-    have = {c for c in table.chains if c.startswith(RANGE_CHAIN)}
+    return needed, {c for c in table.chains if c.startswith(RANGE_CHAIN)}
+
+
+def element_changes(table: Table, deletes: list[Element], adds: list[Element],
+                    chains: tuple[set[str], set[str]]
+                    ) -> tuple[list[Element], list[Element]] | None:
+    """(deletes, adds) where they are the whole change (the skeleton as it should be, no
+    range chain added or deleted: ``chains``, as ``_range_chains_change`` gives them):
+    what ``nftwrite`` may write; else None."""
+    if not (deletes or adds) or not table.skeleton_ok():
+        return None
+    needed, have = chains
+    return (deletes, adds) if needed == have else None
+
+
+def script(table: Table, deletes: Sequence[Element], adds: Sequence[Element],
+           chains: tuple[set[str], set[str]] | None = None) -> str:
+    """One ``nft -f`` transaction: the skeleton where needed, deletes, then adds
+    (``chains``: the range chains needed and there, if known)."""
+    if not deletes and not adds and table.skeleton_ok():
+        return ""
+    needed, have = chains or _range_chains_change(table, deletes, adds)
     lines = []
     # a range chain goes ahead of the maps (a verdict map new in the same transaction
     # cannot jump to a chain added after it), and away once nothing jumps to it
@@ -844,7 +872,8 @@ class NftBackend:
                 if table_in_kernel(number, LIBVIRT_TABLE)]
 
     def write(self, change: Change) -> None:
-        """Our table and the glue nft can write (in libvirt's tables, in iptables-nft's
+        """Element changes alone in one netlink batch in-process (``_write_elements``);
+        else our table and the glue nft can write (in libvirt's tables, in iptables-nft's
         filter chains) in one ``nft -f`` (one transaction: all of it or nothing), then
         one ``iptables-restore --noflush`` per family whose glue nft cannot write
         (legacy iptables; a glue rule to move or remove; the iptables backend's rules to
@@ -852,10 +881,14 @@ class NftBackend:
         nf_tables' generation proves nobody else changed anything meanwhile."""
         base = change.base
         start = base.generation if base is not None else None
-        if start is not None and self._generation() != start:
-            start = None
         transaction = change.script + change.glue.get("nft", "")
         restores = {w: p for w, p in sorted(change.glue.items()) if w != "nft" and p}
+        if (change.elements is not None and start is not None and not self.prefix
+                and transaction == change.script and not restores
+                and self._write_elements(start, change)):
+            return
+        if start is not None and self._generation() != start:
+            start = None
         try:
             if transaction:
                 self._run([self._nft(), "-f", "-"], stdin=transaction)
@@ -872,6 +905,34 @@ class NftBackend:
                 Record.forget()
             return
         Record.save(start + 1, change.after)
+
+    @staticmethod
+    def _write_elements(start: int, change: Change) -> bool:
+        """The change, element adds and deletes only, in one netlink batch that the
+        kernel takes only at generation ``start`` (``nftwrite``); then nf_tables'
+        generation is ``start + 1`` (recorded). False, with nothing sent, where it
+        cannot be written exactly as nft would (``nft -f`` writes it then)."""
+        from . import nftwrite
+        assert change.elements is not None
+        try:
+            payload, sets = nftwrite.batch(TABLE, nftwrite.set_types(SETS, EXACT), start,
+                                           *change.elements)
+        except nftwrite.Unencodable:
+            return False
+        try:
+            sock = nftwrite.send(payload, sets, TABLE)
+        except ApplyError:
+            Record.forget()
+            raise
+        if change.after is not None:
+            Record.save(start + 1, change.after)
+        else:
+            Record.forget()
+        if change.ended:  # ``end_flows`` asks ctnetlink through it, then releases it
+            change.held = sock
+        else:
+            nftwrite.release(sock, deleted=bool(change.elements[0]))
+        return True
 
     # ------------------------------------------------------------------ changes
 
@@ -898,9 +959,10 @@ class NftBackend:
         adds += adopted(deletes, kept + adds)
         gone = set(deletes)
         after = [e for e in have if e not in gone] + adds
-        out = Change(script(ruleset.table, deletes, adds),
+        chains = _range_chains_change(ruleset.table, deletes, adds)
+        out = Change(script(ruleset.table, deletes, adds, chains),
                      ended=[e for e in deletes if e.set.startswith("dnat")], base=ruleset,
-                     after=after)
+                     after=after, elements=element_changes(ruleset.table, deletes, adds, chains))
         networks = any(o.startswith("n=") for o in intents)
         repair = not intents  # nothing to replace: ``restore --jumps-only`` (UFW's reload)
         if networks or repair or drop is not None or not ruleset.table.skeleton_ok():
@@ -1017,13 +1079,18 @@ class NftBackend:
                           inet_pton(af, e.value.split(" . ")[0]), host))
         if not flows:
             return
+        held, change.held = change.held, None
         if self.prefix:
             _end_elsewhere(self.prefix, flows, log)
             return
         try:
-            end_flows(flows)
+            end_flows(flows, held)
         except OSError as exc:
             log(f"conntrack flows of removed forwards not ended: {exc}")
+        finally:
+            if held is not None:  # after every request on it: see nftwrite.release
+                from .nftwrite import release
+                release(held, deleted=True)
 
 
 def _end_elsewhere(prefix: list[str], flows: list[Flow], log: Callable[[str], None]) -> None:

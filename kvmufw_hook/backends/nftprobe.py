@@ -1,7 +1,9 @@
 """Whether an nftables table or chain is in the kernel, asked without a process and
 without importing anything heavy: every change (a guest's stop included) asks, and only
 where the answer is yes does a backend read the ruleset with a process (and, for
-libvirt's table, ``libvirt_nft`` get imported)."""
+libvirt's table, ``libvirt_nft`` get imported). Also the netlink pieces the other
+nf_tables modules share (``nftrules`` reads, ``nftwrite`` writes): an attribute, a
+string, the messages of a reply."""
 
 from __future__ import annotations
 
@@ -10,14 +12,38 @@ import struct
 
 TABLE = "libvirt_network"
 IPV4, IPV6 = 2, 10  # nfgenmsg families: NFPROTO_IPV4, NFPROTO_IPV6 (= AF_INET, AF_INET6)
-_SUBSYS = 10 << 8  # NFNL_SUBSYS_NFTABLES
+SUBSYS = _SUBSYS = 10 << 8  # NFNL_SUBSYS_NFTABLES
 _GETTABLE, _NEWTABLE, _GETCHAIN, _NEWCHAIN, _NEWGEN, _GETGEN = 1, 0, 4, 3, 15, 16
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes."""
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def strz(text: str) -> bytes:
+    """A string as nf_tables takes it: NUL-terminated."""
+    return text.encode() + b"\0"
 
 
 def _attr(kind: int, text: str) -> bytes:
-    data = text.encode() + b"\0"
-    out = struct.pack("=HH", 4 + len(data), kind) + data
-    return out + b"\0" * (-len(out) % 4)
+    return attr(kind, strz(text))
+
+
+def messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """(type, flags, sequence number, start of its payload, end) of each netlink message
+    in ``data``, up to the first that does not fit."""
+    at = 0
+    while at + 16 <= len(data):
+        length, kind, flags, seq = struct.unpack_from("=IHHI", data, at)
+        if length < 16 or at + length > len(data):
+            return
+        yield kind, flags, seq, at + 16, at + length
+        at += (length + 3) & ~3
 
 
 def _ask(request: int, family: int, attrs: bytes = b"") -> bytes | None:

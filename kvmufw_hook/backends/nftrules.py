@@ -9,7 +9,9 @@ from __future__ import annotations
 import _socket
 import struct
 
-_SUBSYS = 10 << 8  # NFNL_SUBSYS_NFTABLES
+from .nftprobe import SUBSYS as _SUBSYS
+from .nftprobe import attr, messages, strz
+
 _GETCHAIN, _NEWCHAIN, _GETRULE, _NEWRULE = 4, 3, 7, 6
 _DONE, _ERROR = 3, 2  # NLMSG_DONE, NLMSG_ERROR
 _DUMP = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
@@ -56,21 +58,17 @@ def _attrs(data: bytes, at: int, end: int) -> dict[int, bytes]:
 
 
 def _messages(reply: bytes, answer: int) -> list[dict[int, bytes]]:
-    """The attributes of each ``answer`` message of a whole dump (up to NLMSG_DONE)."""
+    """The attributes of each ``answer`` message of a whole dump (up to NLMSG_DONE; a
+    message past the reply ends it too soon: a doubt)."""
     out: list[dict[int, bytes]] = []
-    at = 0
-    while at + 16 <= len(reply):
-        length, kind, flags = struct.unpack_from("=IHH", reply, at)
-        if length < 16 or at + length > len(reply):
-            raise Doubt("message past the reply")
+    for kind, flags, _seq, start, end in messages(reply):
         if flags & 0x10:  # NLM_F_DUMP_INTR: the ruleset changed while dumped
             raise Doubt("dump interrupted")
         if kind == _DONE:
             return out
         if kind != _SUBSYS | answer:
             raise Doubt(f"message type {kind:#x}")  # an error (EPERM, ...) included
-        out.append(_attrs(reply, at + 20, at + length))  # nlmsghdr 16 + nfgenmsg 4
-        at += (length + 3) & ~3
+        out.append(_attrs(reply, start + 4, end))  # nfgenmsg 4
     raise Doubt("dump without its end")
 
 
@@ -191,9 +189,7 @@ def dump(request: int, family: int, table: str | None = None) -> bytes:
     replies joined. Raises Doubt where nf_tables cannot be asked."""
     body = struct.pack("=BBH", family, 0, 0)
     if table is not None:  # NFTA_RULE_TABLE (= NFTA_CHAIN_TABLE)
-        name = table.encode() + b"\0"
-        body += struct.pack("=HH", 4 + len(name), _RULE_TABLE) + name
-        body += b"\0" * (-len(body) % 4)
+        body += attr(_RULE_TABLE, strz(table))
     header = struct.pack("=IHHII", 16 + len(body), _SUBSYS | request, _DUMP, 1, 0)
     try:
         sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
@@ -217,13 +213,7 @@ def dump(request: int, family: int, table: str | None = None) -> bytes:
 
 def _ends(part: bytes) -> bool:
     """Whether this piece of a dump holds its last message (NLMSG_DONE or an error)."""
-    at = 0
-    while at + 16 <= len(part):
-        length, kind = struct.unpack_from("=IH", part, at)
-        if kind in (_DONE, _ERROR) or length < 16:
-            return True
-        at += (length + 3) & ~3
-    return False
+    return any(kind in (_DONE, _ERROR) for kind, *_ in messages(part))
 
 
 def read(family: int) -> tuple[set[tuple[str, str]], list[Rule]]:

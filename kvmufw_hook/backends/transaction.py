@@ -13,6 +13,8 @@ A guest's stop imports this module: plain classes, no dataclasses or typing at r
 
 from __future__ import annotations
 
+from ..errors import ApplyError, Stale
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -88,9 +90,16 @@ class Transaction:
     def write(self, change: Changes) -> None:
         """Each participant's part in order; ApplyError from the first that fails (those
         before it stay written: ``revert``)."""
+        wrote = False
         for member, part in self._each(change):
             if part:
-                member.write(part)
+                try:
+                    member.write(part)
+                except Stale as exc:
+                    if wrote:  # those before it are in: not stale, to be reverted
+                        raise ApplyError(str(exc)) from None
+                    raise
+                wrote = True
 
     def change(self, ruleset: Rulesets, intents: Owners,
                drop: Callable[[Tag], bool] | None = None) -> Changes:

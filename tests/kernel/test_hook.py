@@ -256,27 +256,40 @@ def interpreter_modules() -> set[str]:
             if l.startswith("import time:")}
 
 
-def test_a_guest_stop_loads_only_the_modules_of_its_budget(netns, state_env):
+BACKEND_MODULES = {"iptables": "iptables", "nftables": "nft"}
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_a_guest_stop_loads_only_the_modules_of_its_budget(backend, netns, state_env):
     """stopped: the rules go by the guest's name, loading only what the stop budget
-    (``hook.STOP_MODULES``, ``hook.STOP_STDLIB``) allows: no XML, lxml or planner."""
+    (``hook.STOP_MODULES``, ``hook.STOP_STDLIB``) allows: no XML, lxml or planner. With
+    the nftables backend the elements go by netlink in-process (``nftwrite``)."""
     from kvmufw_hook.hook import STOP_MODULES, STOP_STDLIB
+    if backend != "iptables":
+        need_root_tools("nft")
+        Path(state_env["KVMUFW_CONFIG"]).write_text(f'firewall_backend = "{backend}"\n')
+    def lines() -> list[str]:
+        if backend == "iptables":
+            return kvmufw_lines(netns)
+        return subprocess.run([*netns.prefix, "nft", "list", "table", "inet", "kvmufw"],
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+
     run_hook(*sample("16-network.lab.started"), state_env, netns)
-    base = kvmufw_lines(netns)
+    base = lines()
     assert run_hook(*sample("04-qemu.web1.start"), state_env, netns).returncode == 0
-    assert kvmufw_lines(netns) != base
+    assert lines() != base
     stopped = (SAMPLES / "09-qemu.web1.stopped.xml").read_bytes()
     imported = shim_imports("qemu", ["web1", "stopped", "end", "-"], stopped, state_env, netns)
-    assert "kvmufw_hook.backends.iptables" in imported  # it did remove rules
-    assert kvmufw_lines(netns) == base
+    assert f"kvmufw_hook.backends.{BACKEND_MODULES[backend]}" in imported  # it did remove
+    if backend != "iptables":
+        assert "kvmufw_hook.backends.nftwrite" in imported
+    assert lines() == base
     ours = {m for m in imported if m.partition(".")[0] == "kvmufw_hook"}
     assert ours <= STOP_MODULES, sorted(ours - STOP_MODULES)
     beyond = imported - ours - interpreter_modules() - {"imported package"}
     assert beyond <= STOP_STDLIB, sorted(beyond - STOP_STDLIB)
     imported = shim_imports("qemu", ["web1", "release", "end", "-"], b"", state_env, netns)
     assert not {m for m in imported if m.startswith("kvmufw_hook.backends")}, imported
-
-
-BACKEND_MODULES = {"iptables": "iptables", "nftables": "nft"}
 
 
 @pytest.mark.parametrize("backend", ["iptables", "nftables"])

@@ -2,6 +2,8 @@
 creates: real ``nft``, real iptables with UFW's DROP policy and libvirt's rejects, real
 packets through veth pairs. Root only; CI runs them."""
 
+import pathlib
+
 import pytest
 from netlab import SEED, TOPOLOGY_LIBVIRT_NFT, TOPOLOGY_NET, Topology
 
@@ -9,6 +11,7 @@ from kvmufw_hook import ops
 from kvmufw_hook.backends.nft import GLUE_COMMENT, NftBackend
 from kvmufw_hook.parse import parse_domain_xml, parse_hookdata
 
+ROOT = str(pathlib.Path(__file__).resolve().parent.parent)  # what tests put on sys.path
 LAB_NET = TOPOLOGY_NET  # bridge virbr1, 10.0.0.0/24, a network forward 8080 -> .5:80
 GUEST = b"""<domain><name>g5</name><metadata><forwards xmlns="urn:kvmufw:1">
     <forward host-port="2222" guest-port="22"/>
@@ -229,21 +232,23 @@ apply_rules({"d=g5": owner_rules(dom, {"lab": net})}, backend=backend)
 calls = []
 real = nft.run
 nft.run = lambda argv, **kw: calls.append(argv[-1]) or real(argv, **kw)
-apply_rules({"d=g5": ()}, backend=backend)  # a stop: recorded table, one nft -f
+apply_rules({"d=g5": ()}, backend=backend)  # a stop: recorded table, one batch
 apply_rules({"d=g5": owner_rules(dom, {"lab": net})}, backend=backend)  # a start
 print(calls)
 before = backend.read()
 import subprocess
 subprocess.run(["nft", "add", "element", "inet", "kvmufw", "b2b4", '{ "x" . "y" }'], check=True)
-print(len(calls), len(backend.read().table.elements) - len(before.table.elements))
+grew = len(backend.read().table.elements) - len(before.table.elements)
+print(calls, grew)
 """
 
 
-def test_a_start_and_a_stop_after_our_own_write_run_one_nft_and_read_nothing(
+def test_a_start_and_a_stop_after_our_own_write_run_no_process_and_read_nothing(
         topo, state_env, tmp_path):
     """nf_tables' generation proves nobody changed anything since our last write: our
-    record of the table stands for a read; anyone's change (here a hand-added element)
-    makes the next read go to the kernel again."""
+    record of the table stands for a read, and the start's and the stop's element
+    changes are one netlink batch each (``nftwrite``), no ``nft`` process; anyone's
+    change (here a hand-added element) makes the next read go to the kernel again."""
     import pathlib
     import sys
     (tmp_path / "net.xml").write_bytes(LAB_NET)
@@ -252,8 +257,8 @@ def test_a_start_and_a_stop_after_our_own_write_run_one_nft_and_read_nothing(
     out = topo.host.run(sys.executable, "-c", RECORDED, root, str(tmp_path / "net.xml"),
                         str(tmp_path / "dom.xml"),
                         env={**__import__("os").environ, **state_env}).stdout.splitlines()
-    assert out[0] == "['-', '-']"  # nft -f -, twice: no list, no probe by process
-    assert out[1] == "2 1"  # a change by someone else is seen: the kernel was read
+    assert out[0] == "[]"  # no nft -f, no list, no probe by process
+    assert out[1] == "['kvmufw'] 1"  # someone else's change is seen: nft list read it
 
 
 def test_switching_from_iptables_keeps_every_forward_and_leaves_none_of_its_rules(
@@ -392,21 +397,85 @@ print(len(conntrack._dump(sock, 9, 4, [flow])))
 """
 
 
-def test_a_stop_ends_the_conntrack_flows_its_dnat_elements_made(topo, state_env):
-    """A UDP client that keeps sending would keep its translation forever: the elements
-    a stop deletes name the flows to end (host port, guest)."""
-    import pathlib
+def _with_a_flow(topo):
+    """The guest started (by ``nft -f`` elsewhere) and one UDP flow DNAT'd to it; how
+    many flows to it conntrack holds, as a function."""
     import sys
     backend = NftBackend(prefix=topo.host.prefix)
     net, _ = parse_hookdata(LAB_NET)
     ops.network_started(net, LAB_NET, backend=backend)
     ops.domain_started(parse_domain_xml(GUEST), GUEST, backend=backend)
     assert topo.inet.ask("udp", "203.0.113.1", 6000) == "203.0.113.2"
-    root = str(pathlib.Path(__file__).resolve().parent.parent)
-    flows = lambda: topo.host.run(sys.executable, "-c", FLOWS, root).stdout.strip()  # noqa: E731
+    flows = lambda: topo.host.run(sys.executable, "-c", FLOWS, ROOT).stdout.strip()  # noqa: E731
     assert flows() == "1"
+    return backend, flows
+
+
+def test_a_stop_ends_the_conntrack_flows_its_dnat_elements_made(topo, state_env):
+    """A UDP client that keeps sending would keep its translation forever: the elements
+    a stop deletes name the flows to end (host port, guest)."""
+    backend, flows = _with_a_flow(topo)
     ops.domain_stopped("g5", backend=backend)
     assert flows() == "0"
+
+
+STOPPED_HERE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook import apply
+from kvmufw_hook.backends import nft, nftwrite
+apply.domain_stopped("g5", backend=nft.NftBackend())
+print(len(nftwrite._CLOSERS))
+"""
+
+
+def test_a_stop_by_netlink_ends_the_flows_through_its_batch_socket(topo, state_env):
+    """The stop in the namespace itself (as the hook runs it): its elements go in one
+    netlink batch, and the flows they made end through the same socket, which a child
+    then releases (``nftwrite.release``)."""
+    import os
+    import sys
+    _backend, flows = _with_a_flow(topo)
+    out = topo.host.run(sys.executable, "-c", STOPPED_HERE, ROOT,
+                        env={**os.environ, **state_env})
+    assert out.stdout == "1\n" and out.stderr == ""
+    assert flows() == "0"
+    assert "d=g5" not in table(topo)
+
+
+STARTED_HERE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from kvmufw_hook import ops
+from kvmufw_hook.backends import nft, nftwrite
+from kvmufw_hook.parse import parse_domain_xml
+sent = []
+real = nftwrite.send
+nftwrite.send = lambda *a: sent.append(a[1]) or real(*a)
+xml = open(sys.argv[2], "rb").read()
+ops.domain_started(parse_domain_xml(xml), xml, backend=nft.NftBackend())
+print(sorted(set(sent[0].values())))
+"""
+
+
+def test_forwards_written_by_netlink_pass_packets(topo, state_env, tmp_path):
+    """The guest's start in the namespace itself (as the hook runs it): its elements go
+    in one netlink batch, and packets take them as they take ``nft -f``'s: DNAT, port
+    ranges kept and shifted, the hairpin, the host's own connections, the source refused."""
+    import os
+    import sys
+    backend = NftBackend(prefix=topo.host.prefix)
+    net, _ = parse_hookdata(LAB_NET)
+    ops.network_started(net, LAB_NET, backend=backend)
+    (tmp_path / "dom.xml").write_bytes(GUEST)
+    out = topo.host.run(sys.executable, "-c", STARTED_HERE, ROOT, str(tmp_path / "dom.xml"),
+                        env={**os.environ, **state_env})
+    assert out.stdout == ("['dnat4_addr', 'dnat4_any', 'dnat4_port', 'guest4', 'guestx4', "
+                          "'hairpin4', 'hairpinx4']\n"), out.stderr
+    assert probes(topo) == {
+        "egress": "203.0.113.1", "dnat": "203.0.113.2", "network_forward": "203.0.113.2",
+        "udp_shifted": ["203.0.113.2"] * 2, "udp_same_range": ["203.0.113.2"] * 2,
+        "hairpin": "10.0.0.1", "host_local": "203.0.113.1", "source_refused": None}
 
 
 def test_the_plan_text_is_accepted_by_nft_check(netns):

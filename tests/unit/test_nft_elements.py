@@ -103,6 +103,27 @@ def test_a_stop_deletes_exactly_its_owner_elements_by_key():
     assert sorted(change.after or [], key=repr) == sorted(set(everything) - mine, key=repr)
 
 
+def test_only_a_change_of_elements_alone_is_offered_to_the_netlink_writer():
+    """A stop or a start on a table as it should be: its deletes and adds, exactly the
+    script's; where the skeleton must be written, or a range chain comes or goes, none
+    (``nft -f`` writes the whole change)."""
+    everything = list(wanted(RULES))
+    table = Table.parse(listing(everything))
+    stop = NftBackend().change(Ruleset(table), {"d=g5": ()})
+    assert stop.elements is not None
+    deletes, adds = stop.elements
+    assert not adds and {e.key for e in deletes} == {
+        e.key for e in everything if e.comment.startswith("kvmufw:d=g5,")}
+    start = NftBackend().change(Ruleset(Table.parse(listing(stop.after or []))),
+                                {"d=g5": RULES["d=g5"]})
+    assert start.elements is not None and not start.elements[0]
+    assert len(start.elements[1]) == len(start.script.split(" comment ")) - 1
+    assert NftBackend().change(Ruleset(Table()), RULES).elements is None  # the skeleton
+    network_gone = NftBackend().change(Ruleset(table), {"n=lab": ()})
+    assert "delete chain inet kvmufw masq_" in network_gone.script
+    assert network_gone.elements is None  # its range chain goes too
+
+
 def test_a_forward_renders_straight_from_its_intent_as_through_its_rules():
     forwards = list(RULES["d=g5"]) + [i for i in RULES["n=lab"] if hasattr(i, "guest")]
     for fw in forwards:

@@ -1,0 +1,113 @@
+"""The netlink batch of element changes (``backends/nftwrite.py``), as bytes: what each
+field of a key becomes, what is left to ``nft -f``, how the batch is framed. That the
+kernel takes these bytes as nft's own is tests/kernel/test_nft_write.py's to prove."""
+
+import struct
+
+import pytest
+
+from kvmufw_hook.backends import nftwrite
+from kvmufw_hook.backends.nft import EXACT, SETS, Element
+from kvmufw_hook.backends.nftprobe import messages
+
+TYPES = nftwrite.set_types(SETS, EXACT)
+TAG = "kvmufw:d=web1,b=virbr1,s=10.0.0.0/24"
+
+
+def test_each_field_is_the_kernels_bytes_first_and_last():
+    assert nftwrite._field("ipv4_addr", "10.0.0.0/24") == (bytes([10, 0, 0, 0]),
+                                                          bytes([10, 0, 0, 255]))
+    assert nftwrite._field("ipv4_addr", "0.0.0.0/0") == (b"\0" * 4, b"\xff" * 4)
+    assert nftwrite._field("ipv6_addr", "fd00::5") == (bytes.fromhex("fd00" + "0" * 26 + "05"),) * 2
+    assert nftwrite._field("inet_service", "5000-5002") == (b"\x13\x88", b"\x13\x8a")
+    assert nftwrite._field("inet_proto", "sctp") == (b"\x84", b"\x84")
+    assert nftwrite._field("ifname", '"virbr1"') == (b"virbr1" + b"\0" * 10,) * 2
+
+
+@pytest.mark.parametrize("kind,text", [
+    ("ipv4_addr", "10.0.0.1/24"),  # host bits: nft refuses it
+    ("ipv4_addr", "10.0.0.256"), ("ipv6_addr", "fd00::/129"),
+    ("inet_service", "70000"), ("inet_service", "9-3"), ("inet_service", "http"),
+    ("inet_proto", "gre?"), ("ifname", "virbr1"), ('ifname', '"virbr*"'),
+    ("ifname", '"' + "x" * 16 + '"'), ("ether_addr", "52:54:00:00:00:05")])
+def test_what_it_does_not_know_is_left_to_nft(kind, text):
+    with pytest.raises(nftwrite.Unencodable):
+        nftwrite._field(kind, text)
+
+
+def test_single_field_interval_sets_stay_with_nft():
+    """nft writes their elements as interval-end pairs: not these sets' business."""
+    assert {"masq_any4", "masqp_any4", "masq_any6", "masqp_any6"}.isdisjoint(TYPES)
+    assert set(TYPES) == set(SETS) - {"masq_any4", "masqp_any4", "masq_any6", "masqp_any6"}
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    out, at = {}, 0
+    while at + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, at)
+        out[kind & 0x3FFF] = data[at + 4:at + length]
+        at += (length + 3) & ~3
+    return out
+
+
+def test_an_exact_element_is_its_padded_key_value_and_comment():
+    e = Element("dnat4_any", "tcp . 2222", "10.0.0.5 . 22", TAG)
+    elem = _attrs(_attrs(TYPES["dnat4_any"].element(e, add=True))[1])
+    assert _attrs(elem[1])[1] == b"\x06\0\0\0" + b"\x08\xae\0\0"  # KEY: tcp . 2222
+    assert 10 not in elem  # no KEY_END in a hash
+    assert _attrs(elem[2])[1] == bytes([10, 0, 0, 5]) + b"\0\x16\0\0"  # DATA: 10.0.0.5 . 22
+    text = TAG.encode() + b"\0"
+    assert elem[6] == bytes([0, len(text)]) + text  # USERDATA: nftnl's comment TLV
+    deleted = _attrs(_attrs(TYPES["dnat4_any"].element(e, add=False))[1])
+    assert set(deleted) == {1}  # a delete names the key only
+
+
+def test_an_interval_element_has_its_key_end():
+    e = Element("guest4", '"virbr1" . 10.0.0.5 . udp . 5000-5002', None, TAG)
+    elem = _attrs(_attrs(TYPES["guest4"].element(e, add=True))[1])
+    name = b"virbr1" + b"\0" * 10
+    assert _attrs(elem[1])[1] == name + bytes([10, 0, 0, 5]) + b"\x11\0\0\0" + b"\x13\x88\0\0"
+    assert _attrs(elem[10])[1] == name + bytes([10, 0, 0, 5]) + b"\x11\0\0\0" + b"\x13\x8a\0\0"
+
+
+def test_a_verdict_map_element_jumps_to_its_chain():
+    e = Element("masqp4", '10.0.0.0/24 . "eth0"', "jump masq_1024_65535", TAG)
+    data = _attrs(_attrs(_attrs(TYPES["masqp4"].element(e, add=True))[1])[2])[2]
+    verdict = _attrs(data)
+    assert struct.unpack("!i", verdict[1])[0] == -3  # NFT_JUMP
+    assert verdict[2] == b"masq_1024_65535\0"
+    with pytest.raises(nftwrite.Unencodable):
+        TYPES["masqp4"].element(Element(e.set, e.key, "accept", TAG), add=True)
+
+
+@pytest.mark.parametrize("e", [
+    Element("guestx4", '"virbr1" . 10.0.0.5 . tcp . 80-81', None, TAG),  # a range in a hash
+    Element("dnat4_any", "tcp . 2222", None, TAG),  # a map element without its value
+    Element("b2b4", '"virbr1" . "virbr1"', "10.0.0.5", TAG),  # a set element with one
+])
+def test_an_element_its_set_cannot_hold_is_left_to_nft(e):
+    with pytest.raises(nftwrite.Unencodable):
+        TYPES[e.set].element(e, add=True)
+
+
+def test_the_batch_is_begin_with_the_generation_each_sets_messages_and_end():
+    adds = [Element("guestx4", f'"virbr1" . 10.0.{i // 250}.{i % 250 + 1} . tcp . 22', None,
+                    TAG) for i in range(1000)]
+    deletes = [Element("dnat4_any", "tcp . 2222", None, TAG)]
+    payload, sets = nftwrite.batch("kvmufw", TYPES, 77, deletes, adds)
+    parts = list(messages(payload))
+    kinds = [kind for kind, *_ in parts]
+    assert kinds[0] == 16 and kinds[-1] == 17  # NFNL_MSG_BATCH_BEGIN, _END
+    begin = parts[0]
+    assert payload[begin[3]:begin[3] + 4] == b"\0\0\x00\x0a"  # AF_UNSPEC, res_id nftables
+    assert _attrs(payload[begin[3] + 4:begin[4]])[1] == struct.pack("!I", 77)  # GENID
+    assert kinds[1] == (10 << 8) | 14 and all(k == (10 << 8) | 12 for k in kinds[2:-1])
+    assert len(kinds) > 4  # a thousand elements take more than one message
+    assert all(end - start < 65536 for _k, _f, _s, start, end in parts)
+    assert sets == {seq: "dnat4_any" if seq == 2 else "guestx4"
+                    for _k, _f, seq, _st, _e in parts[1:-1]}
+    assert [seq for _k, _f, seq, *_ in parts] == list(range(1, len(parts) + 1))
+    flags = [f for _k, f, *_ in parts]
+    assert flags[1] == 0x5 and set(flags[2:-1]) == {0x405}  # ACK; adds with NLM_F_CREATE
+    with pytest.raises(nftwrite.Unencodable):
+        nftwrite.batch("kvmufw", TYPES, 77, [], [Element("masq_any4", "10.0.0.0/24", None, TAG)])
