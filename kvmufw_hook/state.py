@@ -304,8 +304,13 @@ def load_networks(log: Log = None) -> dict[str, Network]:
     """name -> Network of every active network we know of (overrides applied)."""
     from .parse import parse_network_xml
     networks: dict[str, Network] = {}
-    paths = _files(os.path.join(state_dir(), "networks")) + _files(libvirt_network_dir())
-    for net in _parsed(paths, parse_network_xml, log):
+    for net in _parsed(_files(os.path.join(state_dir(), "networks")), parse_network_xml, log):
+        networks.setdefault(net.name, net)
+    # libvirt's own status files (NAME.xml) of networks our state does not hold: the
+    # others are not parsed again only to be dropped (a network's reservations are many)
+    theirs = [path for path in _files(libvirt_network_dir())
+              if os.path.basename(path)[:-4] not in networks]
+    for net in _parsed(theirs, parse_network_xml, log):
         networks.setdefault(net.name, net)
     for name, net in networks.items():
         try:

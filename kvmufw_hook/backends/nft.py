@@ -1034,9 +1034,13 @@ class NftBackend:
         # (owner, proto, host, guest, shift) -> runs of ports
         runs: dict[tuple[str, str, str, str, int], list[list[int]]] = {}
         out: dict[str, dict[Claim, None]] = {}
+        tags: dict[str, Tag | None] = {}  # an owner's elements share one comment
         for e in ruleset.table.elements:
-            tag = e.tag
-            if not e.set.startswith("dnat") or tag is None or e.value is None:
+            if e.value is None or not e.set.startswith("dnat"):
+                continue
+            tag = tags[e.comment] if e.comment in tags else tags.setdefault(
+                e.comment, parse_comment(e.comment))
+            if tag is None:
                 continue
             out.setdefault(tag.owner, {})
             daddr, _saddr, proto, ports = _dnat_key(e)

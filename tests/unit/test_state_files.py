@@ -52,3 +52,32 @@ def test_replace_all_rewrites_only_what_differs_and_never_keeps_a_symlink(state_
     assert target.read_bytes() == named(WEB1, "web2")
     state.replace_all({}, {"web1": named(WEB1, "web1") + b" "})
     assert open(path1, "rb").read() == WEB1 + b" " and not os.path.exists(path2)
+
+
+def _network(name: str, bridge: str) -> bytes:
+    return (f"<network><name>{name}</name><forward mode='nat'/><bridge name='{bridge}'/>"
+            "<ip address='10.7.0.1' prefix='24'/></network>").encode()
+
+
+def test_networks_come_from_our_state_first_then_from_libvirts_files(state_env, monkeypatch):
+    """Our state's copy wins; libvirt's status file of a network we hold is not parsed
+    only to be dropped, but is read where our copy is missing or corrupt."""
+    from pathlib import Path
+
+    from kvmufw_hook import parse
+    theirs = Path(state_env["KVMUFW_LIBVIRT_NETWORK_DIR"])
+    state.save_network("ours", _network("ours", "virbr1"))
+    (theirs / "ours.xml").write_bytes(_network("ours", "virbr9"))  # libvirt's, older
+    state.save_network("broken", b"<network>")  # corrupt: libvirt's copy stands in
+    (theirs / "broken.xml").write_bytes(_network("broken", "virbr2"))
+    (theirs / "only.xml").write_bytes(_network("only", "virbr3"))  # not in our state
+    parsed: list[bytes] = []
+    real = parse.parse_network_xml
+    monkeypatch.setattr(parse, "parse_network_xml",
+                        lambda xml: parsed.append(xml) or real(xml))
+    said: list[str] = []
+    networks = state.load_networks(said.append)
+    assert {name: net.bridge for name, net in networks.items()} == {
+        "ours": "virbr1", "broken": "virbr2", "only": "virbr3"}
+    assert _network("ours", "virbr9") not in parsed
+    assert len(said) == 1 and "broken" in said[0]
