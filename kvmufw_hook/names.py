@@ -110,7 +110,8 @@ class Tag:
 # environment of hooks, so in production the defaults always apply.
 def state_dir() -> str:
     import os  # here: a start without our metadata needs the namespace, not os
-    return os.environ.get("KVMUFW_STATE_DIR", "/run/kvmufw_hook")
+    # empty is unset, as in qemu's hook (${KVMUFW_STATE_DIR:-...}): both look in one place
+    return os.environ.get("KVMUFW_STATE_DIR") or "/run/kvmufw_hook"
 
 
 def libvirt_network_dir() -> str:

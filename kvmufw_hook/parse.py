@@ -428,11 +428,24 @@ def _forwards_element(metadata: Tree | None, owner: str) -> Tree | None:
 def parse_forwards(metadata: Tree | None, owner: str,
                    allowed: frozenset[str]) -> tuple[ForwardSpec, ...]:
     """The ``<forwards>`` of a ``<metadata>`` element (prefixed or unprefixed children)."""
-    root = _forwards_element(metadata, owner)
-    if root is None:
-        return ()
     specs: list[ForwardSpec] = []
     rules = 0
+    for index, el in forward_elements(metadata, owner):
+        specs.append(_parse_forward(el, f"{owner}: forward #{index}", allowed))
+        rules += 2 * max(1, len(specs[-1].sources)) + 3
+        if rules > MAX_RULES:
+            raise InputError(f"{owner}: forwards that need more than {MAX_RULES} rules "
+                             f"(forward #{index}); use fewer sources or port ranges")
+    return tuple(specs)
+
+
+def forward_elements(metadata: Tree | None, owner: str) -> Iterator[tuple[int, Tree]]:
+    """Each ``<forward>`` of our ``<forwards>`` in ``metadata`` and its number, checked
+    one by one as it comes (InputError for an element that is not one); ``forward``
+    edits read our metadata through this and ``forward_attrs``, as the hooks do."""
+    root = _forwards_element(metadata, owner)
+    if root is None:
+        return
     for index, el in enumerate(root, start=1):
         ns = _namespace(el.tag)
         if _local(el) != "forward" or ns not in (None, NAMESPACE):
@@ -440,12 +453,26 @@ def parse_forwards(metadata: Tree | None, owner: str,
                              f"{shown(_local(el))} in <forwards>")
         if index > MAX_FORWARDS:
             raise InputError(f"{owner}: more than {MAX_FORWARDS} forwards")
-        specs.append(_parse_forward(el, f"{owner}: forward #{index}", allowed))
-        rules += 2 * max(1, len(specs[-1].sources)) + 3
-        if rules > MAX_RULES:
-            raise InputError(f"{owner}: forwards that need more than {MAX_RULES} rules "
-                             f"(forward #{index}); use fewer sources or port ranges")
-    return tuple(specs)
+        yield index, el
+
+
+def forward_attrs(el: Tree, where: str,
+                  allowed: frozenset[str] | None) -> tuple[str, dict[str, str]]:
+    """Where a ``<forward>`` is (``where`` and its host-port) and its attributes by local
+    name: InputError for one of another namespace, one given twice (plain and in ours)
+    or, unless ``allowed`` is None, one not in ``allowed``."""
+    if el.get("host-port") is not None:
+        where = f"{where} (host-port {shown(el.get('host-port'), 20)})"
+    attrs: dict[str, str] = {}
+    for key, value in el.attrib.items():
+        local = key.rpartition("}")[2]
+        if _namespace(key) not in (None, NAMESPACE) or (allowed is not None
+                                                          and local not in allowed):
+            raise InputError(f"{where}: unknown attribute {shown(local)}")
+        if local in attrs:  # plain and in our namespace: which one would be meant?
+            raise InputError(f"{where}: attribute {shown(local)} given twice")
+        attrs[local] = value
+    return where, attrs
 
 
 def parse_forward_attrs(attrs: dict[str, str], where: str,
@@ -455,16 +482,7 @@ def parse_forward_attrs(attrs: dict[str, str], where: str,
 
 
 def _parse_forward(el: Tree, where: str, allowed: frozenset[str]) -> ForwardSpec:
-    if el.get("host-port") is not None:
-        where = f"{where} (host-port {shown(el.get('host-port'), 20)})"
-    attrs: dict[str, str] = {}
-    for key, value in el.attrib.items():
-        local = key.rpartition("}")[2]
-        if _namespace(key) not in (None, NAMESPACE) or local not in allowed:
-            raise InputError(f"{where}: unknown attribute {shown(local)}")
-        if local in attrs:  # plain and in our namespace: which one would be meant?
-            raise InputError(f"{where}: attribute {shown(local)} given twice")
-        attrs[local] = value
+    where, attrs = forward_attrs(el, where, allowed)
     if "host-port" not in attrs:
         raise InputError(f"{where}: host-port is required")
     proto = attrs.get("proto", "tcp").strip().lower()

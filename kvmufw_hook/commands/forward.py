@@ -27,6 +27,8 @@ from ..names import NAMESPACE
 from ..parse import (
     DOMAIN_ATTRS,
     NETWORK_ATTRS,
+    forward_attrs,
+    forward_elements,
     load,
     load_into,
     parse_domain,
@@ -97,11 +99,18 @@ def _tree(data: str | bytes, what: str) -> Element:
     return load_into(data, what, TreeBuilder())
 
 
-def _forwards_of(root: Element) -> list[Attrs]:
-    """The attributes of each ``<forward>`` in our metadata, as written."""
+def _forwards_of(root: Element, what: str | None = None) -> list[Attrs]:
+    """The attributes of each ``<forward>`` in our metadata, as written. With ``what``
+    (an edit, which writes them back as ours), read as the hooks read them: what they
+    refuse but a value (another element, an attribute of another namespace or given
+    twice) is refused here, with their line, not rewritten into forwards nobody wrote;
+    a broken value is kept (``forward remove`` removes it, the rest is refused later)."""
     metadata = root.find("metadata")
     if metadata is None:
         return []
+    if what is not None:
+        return [forward_attrs(el, f"{what}: forward #{index}", None)[1]
+                for index, el in forward_elements(metadata, what)]
     return [{key.rpartition("}")[2]: value for key, value in fwd.attrib.items()}
             for el in metadata if el.tag.startswith(_OURS) for fwd in el]
 
@@ -271,7 +280,7 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs,
                        if persistent else None)
         live, config = _change_each(
             _change(action, spec, what, DOMAIN_ATTRS),
-            [_forwards_of(r) if r is not None else None for r in (live_root, config_root)])
+            [_forwards_of(r, what) if r is not None else None for r in (live_root, config_root)])
         if live_root is not None and live is not None:
             # the start hook's own checks, and nothing else: no state, no rule
             ops.domain_arriving(parse_domain(_with_forwards(live_root, live)))
@@ -287,7 +296,7 @@ def edit_domain(uri: str, name: str, action: str, spec: Attrs,
                 _set_forwards(libvirt, dom, live, libvirt.VIR_DOMAIN_AFFECT_LIVE)
             except libvirt.libvirtError:
                 if config is not None and config_root is not None:
-                    _set_forwards(libvirt, dom, _forwards_of(config_root),
+                    _set_forwards(libvirt, dom, _forwards_of(config_root, what),
                                   libvirt.VIR_DOMAIN_AFFECT_CONFIG)
                 raise
             raw = dom.XMLDesc(0).encode()
@@ -312,8 +321,8 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs,
         live_root = _tree(net.XMLDesc(0), what) if net.isActive() else None
         live, config = _change_each(
             _change(action, spec, what, NETWORK_ATTRS),
-            [_running_forwards(name, live_root) if live_root is not None else None,
-             _forwards_of(persistent)])
+            [_running_forwards(name, live_root, what) if live_root is not None else None,
+             _forwards_of(persistent, what)])
         new_persistent = _with_forwards(persistent, config or [])
         resolve_network_forwards(parse_network(new_persistent))
         if live_root is not None and live is not None:
@@ -334,17 +343,17 @@ def edit_network(uri: str, name: str, action: str, spec: Attrs,
         return _done(what, action, spec, live_root is not None, "the network starts")
 
 
-def _running_forwards(name: str, live_root: Element) -> list[Attrs]:
+def _running_forwards(name: str, live_root: Element, what: str) -> list[Attrs]:
     """The running network's forwards: the override's, if ``forward add`` left one."""
     data = state.network_override(name)
     if data is None:
-        return _forwards_of(live_root)
+        return _forwards_of(live_root, what)
     root = _tree(data, f"network {shown(name)}: override")
     if root.tag.rpartition("}")[2] == "forwards":
         holder = Element("network")
         SubElement(holder, "metadata").append(root)
         root = holder
-    return _forwards_of(root)
+    return _forwards_of(root, what)
 
 
 def validate_spec(spec: Attrs, network: bool, label: str) -> None:

@@ -7,6 +7,7 @@ daemon, to systemd or to libvirt (``install.py`` does)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -156,7 +157,8 @@ def hook_text(source: str, driver: str, lib: str, mark: str = "") -> str:
     out = [*lines[:1], *([mark + "\n"] if mark else [])]
     for line in lines[1:]:
         if line.startswith("LIB = "):
-            line = f"LIB = \"{lib}\"\n"
+            # a JSON string is a Python literal: "/usr/lib/..." as ever, a quote escaped
+            line = f"LIB = {json.dumps(lib, ensure_ascii=False)}\n"
         elif line.startswith("LIB="):
             line = f"LIB={shlex.quote(lib)}\n"
         out.append(line)

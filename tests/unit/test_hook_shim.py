@@ -155,3 +155,25 @@ def test_the_shell_knows_the_state_directory_and_the_longest_plain_name(monkeypa
     assert "'' | *[!A-Za-z0-9._-]*) return 1 ;;" in text
     assert {ch for ch in map(chr, range(128)) if safe_name(ch) == ch} == set(
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def test_an_empty_state_directory_variable_is_the_default_as_in_the_shell(monkeypatch):
+    """KVMUFW_STATE_DIR set but empty: the shell's ``${KVMUFW_STATE_DIR:-...}`` looks in
+    the default directory, so the package must too (it looked relative to the working
+    directory, where a stop the shell ended could have had state to remove, and a start
+    recursed without end making the directory "")."""
+    monkeypatch.delenv("KVMUFW_STATE_DIR", raising=False)
+    default = state_dir()
+    monkeypatch.setenv("KVMUFW_STATE_DIR", "")
+    assert state_dir() == default == "/run/kvmufw_hook"
+
+
+@pytest.mark.parametrize("lib", ['/opt/a "quoted" dir', "/opt/back\\slash", "/opt/x\\n", "/opt/é"])
+def test_the_network_hook_names_any_package_directory_exactly(lib, tmp_path):
+    """network's hook is Python: LIB is a string literal there, whatever --prefix gave
+    (a quote was a syntax error, a backslash another directory)."""
+    import ast
+    text = installed_hook("network", tmp_path, lib=lib).read_text()
+    line = next(line for line in text.splitlines() if line.startswith("LIB = "))
+    assert ast.literal_eval(line.removeprefix("LIB = ")) == lib
+    compile(text, "network", "exec")

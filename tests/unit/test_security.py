@@ -9,10 +9,10 @@ import time
 
 import pytest
 from conftest import ROOT, SAMPLES
-from hostile_input import START, xml_text
+from hostile_input import START, domain_with, xml_text
 
 from kvmufw_hook.errors import InputError
-from kvmufw_hook.parse import load, parse_domain_xml
+from kvmufw_hook.parse import load, parse_domain, parse_domain_xml
 
 # --------------------------------------------------------------------------- XML
 
@@ -471,3 +471,25 @@ def test_printable_keeps_ordinary_text():
     from kvmufw_hook.errors import printable
     assert printable("café ☃ web-1 (ssh)") == "café ☃ web-1 (ssh)"
     assert printable("a\u00a0b\u2028c\td") == "a\\xa0b\\u2028c\\td"
+
+
+@pytest.mark.parametrize("forwards", [
+    # an element the hooks refuse (not a <forward>) would be written back as one
+    '<kvmufw:forward host-port="80"/><kvmufw:bogus host-port="22"/>',
+    '<kvmufw:forward host-port="80"/><other:forward xmlns:other="http://o/" host-port="22"/>',
+    # an attribute of another namespace would be written back as ours
+    '<kvmufw:forward host-port="80" o:guest-ip="192.168.100.99" xmlns:o="http://o/"/>',
+    # two spellings of one attribute: the hooks refuse which one is meant
+    '<kvmufw:forward host-port="80" kvmufw:host-port="22"/>',
+])
+def test_forward_edits_read_our_metadata_as_the_hooks_do(forwards):
+    """``forward add/remove`` rewrite our metadata from what they read of it: what the
+    hooks refuse must stay refused (one line), never become forwards nobody wrote."""
+    from kvmufw_hook.commands import forward as edit
+    data = domain_with(forwards)
+    with pytest.raises(InputError) as refused:
+        parse_domain_xml(data)
+    root = edit._tree(data, "domain XML")
+    with pytest.raises(InputError) as exc:
+        parse_domain(edit._with_forwards(root, edit._forwards_of(root, "domain 'web1'")))
+    assert str(exc.value) == str(refused.value)
