@@ -304,10 +304,20 @@ def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
                 owner, []).append(line)
     target: Chains = {}
     owner_of = _owner_finder(rules) if drop is None else line_tag
+    # where lines are told apart by their owners' marks alone (``_owner_finder``), a
+    # chain with no mark of a changed owner keeps every line as it is
+    marks = [f"{TAG_PREFIX}{owner}," for owner in rules] if (
+        drop is None and len(rules) <= QUICK_OWNERS) else None
     for table, chains in snapshot.ours().items():
         target[table] = {}
         for chain, lines in chains.items():
             new = rendered.get((table, chain), {})
+            if marks is not None and not _holds_any(lines, marks):
+                # none of the changed owners has a line here (a start amid thousands of
+                # rules): everything stays, the new lines go at the end
+                target[table][chain] = [*lines, *(line for owned in new.values()
+                                                  for line in owned)]
+                continue
             tagged = [(line, owner_of(line)) for line in lines]
             old: dict[str, list[str]] = {}
             for line, parsed in tagged:
@@ -324,12 +334,25 @@ def compose(snapshot: Snapshot, rules: Mapping[str, Sequence[Rule]],
     return target
 
 
+QUICK_OWNERS = 4  # a change of up to this many owners finds their lines by a search
+
+
+def _holds_any(lines: list[str], marks: list[str]) -> bool:
+    """Whether a line holds one of ``marks`` (``kvmufw:OWNER,``, what ``_owner_finder``
+    looks for), with one search of the whole chain per owner. Joined with NUL, which
+    neither a line nor a mark holds: no match spans two lines."""
+    if not lines:
+        return False
+    joined = "\0".join(lines)
+    return any(mark in joined for mark in marks)
+
+
 def _owner_finder(rules: Mapping[str, Sequence[Rule]]) -> Callable[[str], Tag | None]:
     """How ``compose`` tells whose a line is when only the owners of ``rules`` matter (no
     ``drop``; the tag's bridge and subnet are left empty): a search for ``kvmufw:OWNER,``
     (owners never hold a comma) instead of parsing every comment, for a change of a few
     owners amid thousands of rules; the full parse otherwise."""
-    if len(rules) > 4:
+    if len(rules) > QUICK_OWNERS:
         return line_tag
     from ..names import Tag
     marks = [(f"{TAG_PREFIX}{owner},", Tag(owner, "", "")) for owner in rules]

@@ -724,6 +724,14 @@ def forget_record(lay: Layout, record: Record) -> None:
 
 # --------------------------------------------------------------------------- command
 
+def _plain_path(path: str) -> bool:
+    """An absolute path that needs no quoting in sh (after.init) nor in a systemd unit
+    (no space, quote, backslash, ``$`` or ``%``), and no ``..`` component."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-/")
+    return (path.startswith("/") and set(path) <= allowed
+            and ".." not in path.split("/"))
+
+
 def run(action: str, root: str = "", source: str = "", prefix: str = "/usr/local",
         packaged: bool = False, outside: Outside | None = None) -> int:
     """``action``: install, uninstall, ufw-entry-add, ufw-entry-remove. A refusal is one
@@ -732,6 +740,11 @@ def run(action: str, root: str = "", source: str = "", prefix: str = "/usr/local
         print("kvmufw_hook install: error: say what to install: --source DIR (install.sh "
               "does), or --packaged (the Debian package's postinst does)", file=sys.stderr)
         return 2
+    if not _plain_path(prefix):
+        print(f"kvmufw_hook install: error: --prefix {prefix!r}: an absolute path of letters, "
+              "digits and . _ + - / only (it is written into shell scripts and a systemd "
+              "unit)", file=sys.stderr)
+        return 1
     packaged = not source and (packaged or Record.load(root).packaged)
     lay = host_layout(root, os.path.abspath(source) if source else "", prefix, packaged)
     outside = outside or (Offline() if root else Outside())

@@ -245,3 +245,14 @@ def test_under_a_root_nothing_reaches_this_hosts_daemons_or_firewall(root, capsy
     out = capsys.readouterr().out
     assert "SIGHUP" not in out and "replay" not in out and "flush" not in out
     assert "libvirt is not running" in out and "uninstalled" in out and not flushed
+
+
+@pytest.mark.parametrize("prefix", ["/opt/my tools", "/opt/$HOME", "/opt/a'b", "opt/kvm",
+                                    "/opt/100%", "/opt/../etc", '/opt/a"b', "/opt/a\\b"])
+def test_a_prefix_that_shell_or_systemd_would_read_otherwise_is_refused_with_one_line(
+        root, prefix, capsys):
+    before = tree(root)
+    assert inst.run("install", root=root, source=str(ROOT), prefix=prefix) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prefix" in err
+    assert tree(root) == before
