@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -74,14 +75,16 @@ class ForwardSpec:
             return False
         return not self.sources or bool(self.sources_in(family))
 
-    @property
+    # cached: asked several times of each forward by every check; the dataclass is frozen
+    # (no slots), so the cache, in the instance's own dict, never goes stale
+    @cached_property
     def families(self) -> tuple[int, ...]:
         """The families in which the forward may take a host port: known from the
         metadata alone (a guest address from a reservation is learnt only later, so
         without guest-ip, host-ip or source a forward may take both)."""
         return tuple(f for f in FAMILIES if self.allows(f))
 
-    @property
+    @cached_property
     def label(self) -> str:
         """How messages name this forward: ``forward tcp 2222->22``."""
         text = f"forward {self.proto} {self.host_port}"
@@ -134,12 +137,14 @@ class Network:
         """Whether we keep rules for the network: managed or bridged."""
         return self.managed or self.bridged
 
-    @property
+    # cached (frozen, no slots: the cache in the instance's dict never goes stale):
+    # every guest on the network asks, and a network may hold thousands of reservations
+    @cached_property
     def interfaces(self) -> tuple[IPInterface, ...]:
         """The network's own addresses on its bridge, IPv4 first."""
         return (*self.ipv4, *self.ipv6)
 
-    @property
+    @cached_property
     def subnets(self) -> tuple[IPNetwork, ...]:
         return tuple(i.network for i in self.interfaces)
 
@@ -150,18 +155,29 @@ class Network:
         return None
 
     def reservation(self, mac: str) -> IPAddress | None:
-        """The IPv4 address reserved for ``mac`` (IPv6 reservations carry no MAC)."""
-        for host in self.hosts:
-            if host.mac == mac:
-                return host.ip
-        return None
+        """The IPv4 address reserved for ``mac`` (IPv6 reservations carry no MAC): the
+        first ``<host>`` with it."""
+        return self._by_mac.get(mac)
 
     def named_reservation(self, name: str, family: int) -> IPAddress | None:
-        """The address of ``family`` of the ``<host>`` entry named exactly ``name``."""
+        """The address of ``family`` of the first ``<host>`` entry named exactly ``name``."""
+        return self._by_name.get((name, family))
+
+    @cached_property
+    def _by_mac(self) -> dict[str, IPAddress]:
+        found: dict[str, IPAddress] = {}
         for host in self.hosts:
-            if host.name == name and host.ip.version == family:
-                return host.ip
-        return None
+            if host.mac is not None:
+                found.setdefault(host.mac, host.ip)
+        return found
+
+    @cached_property
+    def _by_name(self) -> dict[tuple[str, int], IPAddress]:
+        found: dict[tuple[str, int], IPAddress] = {}
+        for host in self.hosts:
+            if host.name is not None:
+                found.setdefault((host.name, host.ip.version), host.ip)
+        return found
 
 
 @dataclass(frozen=True)
