@@ -431,7 +431,8 @@ def parse_forwards(metadata: Tree | None, owner: str,
     specs: list[ForwardSpec] = []
     rules = 0
     for index, el in forward_elements(metadata, owner):
-        specs.append(_parse_forward(el, f"{owner}: forward #{index}", allowed))
+        specs.append(_plain_forward(el.attrib, allowed)
+                     or _parse_forward(el, f"{owner}: forward #{index}", allowed))
         rules += 2 * max(1, len(specs[-1].sources)) + 3
         if rules > MAX_RULES:
             raise InputError(f"{owner}: forwards that need more than {MAX_RULES} rules "
@@ -479,6 +480,38 @@ def parse_forward_attrs(attrs: dict[str, str], where: str,
                         allowed: frozenset[str]) -> ForwardSpec:
     """One forward from its attributes (``forward add/remove``), checked as in XML."""
     return _parse_forward(Node("forward", attrs), where, allowed)
+
+
+_PLAIN = frozenset({"proto", "host-port", "guest-port", "comment"})
+
+
+def _plain_forward(attrs: dict[str, str], allowed: frozenset[str]) -> ForwardSpec | None:
+    """The common forward (proto, ports, comment, every one valid as written), exactly as
+    ``_parse_forward`` reads it, without building its messages; None for anything
+    else, which ``_parse_forward`` reads (or refuses, with its one line)."""
+    if not attrs.keys() <= _PLAIN or not attrs.keys() <= allowed or "host-port" not in attrs:
+        return None
+    proto = attrs.get("proto", "tcp").strip().lower()
+    host_port = _plain_ports(attrs["host-port"])
+    guest = attrs.get("guest-port")
+    guest_port = host_port if guest is None else _plain_ports(guest)
+    if (proto not in PROTOCOLS or host_port is None or guest_port is None
+            or guest_port.last - guest_port.first != host_port.last - host_port.first):
+        return None
+    return ForwardSpec(proto=proto, host_port=host_port, guest_port=guest_port,
+                       comment=attrs.get("comment"))
+
+
+def _plain_ports(value: str) -> PortRange | None:
+    """``_ports`` of a value it accepts with nothing to strip; None otherwise."""
+    match = _PORTS.fullmatch(value)
+    if not match:
+        return None
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    if not (1 <= first <= last <= 65535):
+        return None
+    return PortRange(first, last)
 
 
 def _parse_forward(el: Tree, where: str, allowed: frozenset[str]) -> ForwardSpec:

@@ -1,0 +1,112 @@
+"""The shortcuts a replay of hundreds of guests takes (indexes, caches, a fast path for
+the common forward) answer exactly as the slow way they stand for, on random input."""
+
+import random
+from dataclasses import fields, replace
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from kvmufw_hook.errors import InputError
+from kvmufw_hook.model import DhcpHost, ForwardSpec, Network, PortRange
+from kvmufw_hook.parse import (
+    DOMAIN_ATTRS,
+    NETWORK_ATTRS,
+    Node,
+    _parse_forward,
+    _plain_forward,
+    parse_domain_xml,
+)
+from kvmufw_hook.plan import with_guest_ips
+
+MACS = [f"52:54:00:00:00:{i:02x}" for i in range(6)]
+NAMES = ["a", "b", "web1", "web1 "]
+
+
+def _slow_reservation(net: Network, mac: str):
+    return next((h.ip for h in net.hosts if h.mac == mac), None)
+
+
+def _slow_named(net: Network, name: str, family: int):
+    return next((h.ip for h in net.hosts if h.name == name and h.ip.version == family), None)
+
+
+def test_reservation_indexes_answer_as_scanning_every_host():
+    rng = random.Random(8)
+    for _ in range(300):
+        hosts = []
+        for i in range(rng.randrange(0, 9)):
+            v6 = rng.random() < 0.4
+            ip = ip_address(f"fd00::{i + 1}" if v6 else f"10.0.0.{i + 1}")
+            hosts.append(DhcpHost(None if v6 or rng.random() < 0.2 else rng.choice(MACS), ip,
+                                  rng.choice([None, *NAMES])))
+        net = Network("n", None, "nat", "virbr0", None, hosts=tuple(hosts))
+        for mac in MACS:
+            assert net.reservation(mac) == _slow_reservation(net, mac), (hosts, mac)
+        for name in NAMES:
+            for family in (4, 6):
+                assert net.named_reservation(name, family) == _slow_named(net, name, family)
+
+
+PORTS = ["22", "0", "1", "65535", "65536", "80-90", "90-80", "8080 ", " 22", "2a", "",
+         "1-2-3", "00022", "22-22", "١٢", "6000-6002"]
+
+
+def _outcome(attrs, allowed):
+    try:
+        return _parse_forward(Node("forward", dict(attrs)), "w", allowed)
+    except InputError as exc:
+        return str(exc)
+
+
+def test_the_plain_forward_reads_as_the_full_parser():
+    rng = random.Random(21)
+    keys = ["proto", "host-port", "guest-port", "comment", "guest-ip", "mac", "guest-mac",
+            "{urn:kvmufw:1}host-port", "{urn:other}x", "bogus"]
+    for _ in range(3000):
+        attrs = {}
+        for key in rng.sample(keys, rng.randrange(0, 5)):
+            if key.endswith("port"):
+                attrs[key] = rng.choice(PORTS)
+            elif key == "proto":
+                attrs[key] = rng.choice(["tcp", "UDP", " sctp", "icmp", ""])
+            elif key == "guest-ip":
+                attrs[key] = rng.choice(["10.0.0.5", "x"])
+            elif key.endswith("mac"):
+                attrs[key] = rng.choice(MACS)
+            else:
+                attrs[key] = rng.choice(["", "c", "x y"])
+        if rng.random() < 0.5:
+            attrs.setdefault("host-port", rng.choice(PORTS))
+        for allowed in (DOMAIN_ATTRS, NETWORK_ATTRS):
+            fast = _plain_forward(dict(attrs), allowed)
+            slow = _outcome(attrs, allowed)
+            if fast is not None:  # taken only where the full parser takes it, the same
+                assert fast == slow and fast.families == slow.families, attrs
+    # the common forward is taken by the fast path
+    assert _plain_forward({"host-port": "2222", "guest-port": "22"}, DOMAIN_ATTRS) == \
+        ForwardSpec("tcp", PortRange(2222, 2222), PortRange(22, 22))
+
+
+def test_forward_messages_are_the_full_parsers():
+    xml = ('<domain><name>g</name><metadata><forwards xmlns="urn:kvmufw:1">'
+           '<forward host-port="22"/><forward host-port=" 80 " guest-port="8o"/>'
+           '</forwards></metadata></domain>')
+    with pytest.raises(InputError, match=r"^domain 'g': forward #2 \(host-port ' 80 '\): "
+                                         r"guest-port: '8o' is not a port or range"):
+        parse_domain_xml(xml)
+
+
+def test_with_guest_ips_is_replace():
+    rng = random.Random(3)
+    for _ in range(200):
+        spec = ForwardSpec(
+            rng.choice(["tcp", "udp"]), PortRange(1, 2), PortRange(3, 4),
+            rng.choice([(), (ip_address("10.0.0.2"),)]), rng.choice([None, MACS[0]]),
+            rng.choice([None, MACS[1]]), rng.choice([None, ip_address("192.0.2.1")]),
+            rng.choice([(), (ip_network("198.51.100.0/24"),)]), rng.choice([None, "c"]),
+            rng.random() < 0.5)
+        ips = (ip_address("10.0.0.9"), ip_address("fd00::9"))
+        made, want = with_guest_ips(spec, ips), replace(spec, guest_ips=ips)
+        assert [getattr(made, f.name) for f in fields(ForwardSpec)] == \
+            [getattr(want, f.name) for f in fields(ForwardSpec)]
