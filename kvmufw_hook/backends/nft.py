@@ -330,6 +330,19 @@ def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[E
     f, owned = fw.family, (fw.owner, fw.bridge, id(fw.subnet))
     comment = known.get(owned) or known.setdefault(owned, tag_comment(fw.tag))
     guest = known.get(id(fw.guest)) or known.setdefault(id(fw.guest), ip_text(fw.guest))
+    assert fw.subnet is not None
+    subnet = known.get(id(fw.subnet)) or known.setdefault(id(fw.subnet), _addr(fw.subnet))
+    bridge = f'"{fw.bridge}"'
+    proto, hp, gp = fw.proto, fw.host_ports, fw.guest_ports
+    if (not fw.sources and fw.host_ip is None and hp.first == hp.last
+            and gp.first == gp.last):  # the common forward, written out: as below
+        port = gp.first
+        return [_element(_NAMES[f][0], f"{proto} . {hp.first}", f"{guest} . {port}", comment),
+                _element(_NAMES[f][1], f"{bridge} . {guest} . {proto} . {port}", None,
+                         comment),
+                _element(_NAMES[f][2], f"{guest} . {bridge} . {proto} . {port}", None,
+                         comment),
+                _element(_NAMES[f][3], f"{bridge} . {subnet}", None, comment)]
     host = ip_text(fw.host_ip) if fw.host_ip is not None else ANY[f]
     if not fw.sources or any(s.prefixlen == 0 for s in fw.sources):
         sources = [ANY[f]]
@@ -338,12 +351,19 @@ def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[E
     else:
         from ipaddress import collapse_addresses
         sources = [_addr(s) for s in collapse_addresses(fw.sources)]  # type: ignore[type-var]
-    assert fw.subnet is not None
-    subnet = known.get(id(fw.subnet)) or known.setdefault(id(fw.subnet), _addr(fw.subnet))
-    bridge = f'"{fw.bridge}"'
-    return [*_dnat(f, host, sources, fw.proto, fw.host_ports, guest, fw.guest_ports, comment),
-            _accept(f, bridge, guest, fw.proto, fw.guest_ports, comment),
-            *_hairpin(f, bridge, guest, fw.proto, fw.guest_ports, subnet, comment)]
+    return [*_dnat(f, host, sources, proto, hp, guest, gp, comment),
+            _accept(f, bridge, guest, proto, gp, comment),
+            *_hairpin(f, bridge, guest, proto, gp, subnet, comment)]
+
+
+# per family: the sets of the common forward (its DNAT, accept, hairpin and hairpin net)
+_NAMES = {f: (f"dnat{f}_any", f"guestx{f}", f"hairpinx{f}", f"hairnet{f}") for f in (4, 6)}
+
+
+def _element(*fields: str | None) -> Element:
+    """``Element(set, key, value, comment)`` without the call through ``__new__``:
+    thousands per replay."""
+    return tuple.__new__(Element, fields)
 
 
 def _dnat(f: int, host: str, sources: Iterable[str], proto: str, hp: PortRange, guest: str,
@@ -401,17 +421,17 @@ def wanted(intents: Owners) -> dict[Element, None]:
     if not any(intents.values()):
         return {}
     from ..intents import Forward
-    out: dict[Element, None] = {}
+    out: list[Element] = []  # in order, with repeats: the first of each is kept
     texts: dict[Any, str] = {}
     for owner in sorted(intents):
         for intent in intents[owner]:
             if isinstance(intent, Forward):
-                out.update(dict.fromkeys(forward_elements(intent, texts)))
+                out += forward_elements(intent, texts)
             else:
                 from .rules import expand
                 for rule in expand(intent):
-                    out.update(dict.fromkeys(elements(rule)))
-    return out
+                    out += elements(rule)
+    return dict.fromkeys(out)
 
 
 # --------------------------------------------------------------------------- read back
@@ -599,8 +619,14 @@ def skeleton() -> str:
 
 def _by_set(items: Iterable[Element], verb: str) -> list[str]:
     grouped: dict[str, list[str]] = {}
-    for e in items:
-        grouped.setdefault(e.set, []).append(e.text if verb == "add" else e.key)
+    for name, key, value, comment in items:  # ``Element.text`` inline: thousands
+        text = key if verb != "add" else f'{key} comment "{comment}"' if value is None \
+            else f'{key} comment "{comment}" : {value}'
+        found = grouped.get(name)
+        if found is None:
+            grouped[name] = [text]
+        else:
+            found.append(text)
     return [f"{verb} element inet {TABLE} {name} {{ {', '.join(texts)} }}"
             for name, texts in grouped.items()]
 

@@ -110,3 +110,41 @@ def test_with_guest_ips_is_replace():
         made, want = with_guest_ips(spec, ips), replace(spec, guest_ips=ips)
         assert [getattr(made, f.name) for f in fields(ForwardSpec)] == \
             [getattr(want, f.name) for f in fields(ForwardSpec)]
+
+
+def test_the_common_forwards_elements_are_the_general_ones():
+    """``forward_elements`` writes the common forward (any source, every host address,
+    one port) out by hand: the same elements, in the same order, as the general way and
+    as through its rules."""
+    from kvmufw_hook.backends.iptables import ip_text
+    from kvmufw_hook.backends.nft import ANY, _accept, _addr, _dnat, _hairpin, elements
+    from kvmufw_hook.backends.nft import forward_elements as render
+    from kvmufw_hook.backends.rules import expand
+    from kvmufw_hook.backends.tags import comment
+    from kvmufw_hook.intents import Forward
+
+    rng = random.Random(5)
+    for _ in range(300):
+        family = rng.choice((4, 6))
+        subnet = ip_network("10.0.0.0/24" if family == 4 else "fd00::/64")
+        guest = subnet[rng.randrange(2, 200)]
+        first = rng.randrange(1, 65000)
+        width = 1 if rng.random() < 0.7 else rng.randrange(1, 4)
+        shift = 0 if rng.random() < 0.5 else rng.randrange(1, 100)
+        host_ip = rng.choice([None, ip_address("192.0.2.1" if family == 4 else "2001:db8::1")])
+        sources = rng.choice([(), (ip_network("198.51.100.0/24" if family == 4
+                                              else "2001:db8:1::/48"),)])
+        fw = Forward(rng.choice(["d=g", "n=lab"]), family, "virbr0", subnet,
+                     proto=rng.choice(["tcp", "udp", "sctp"]),
+                     host_ports=PortRange(first, first + width - 1), guest=guest,
+                     guest_ports=PortRange(first + shift, first + shift + width - 1),
+                     host_ip=host_ip, sources=sources)
+        tag, bridge, g = comment(fw.tag), '"virbr0"', ip_text(guest)
+        general = [*_dnat(family, ip_text(host_ip) if host_ip else ANY[family],
+                          [_addr(sources[0])] if sources else [ANY[family]], fw.proto,
+                          fw.host_ports, g, fw.guest_ports, tag),
+                   _accept(family, bridge, g, fw.proto, fw.guest_ports, tag),
+                   *_hairpin(family, bridge, g, fw.proto, fw.guest_ports, _addr(subnet), tag)]
+        assert render(fw) == general, fw
+        assert set(render(fw)) == {e for rule in expand(fw) for e in elements(rule)}, fw
+        assert all(type(e).__name__ == "Element" and len(e) == 4 for e in render(fw))
