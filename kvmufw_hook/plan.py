@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from ipaddress import IPv6Network
 
 from .errors import InputError, Unavailable, shown
@@ -47,7 +48,7 @@ class Resolved:
     network: Network
     subnet: IPNetwork
 
-    @property
+    @cached_property  # frozen, no slots: the cache in the instance's dict never goes stale
     def family(self) -> int:
         return self.guest_ip.version
 
@@ -306,7 +307,8 @@ def resolve_domain_forwards(dom: Domain,
     what = f"domain {shown(dom.name)}"
     attached = domain_networks(dom, networks)
     others: dict[IPAddress, str] | None = None
-    booked: dict[tuple[str, int], dict[int, IPAddress]] = {}  # once per NIC, not per forward
+    # once per NIC, not per forward
+    booked: dict[tuple[str, int], list[tuple[int, IPAddress, IPNetwork]]] = {}
     passed: set[tuple[IPAddress, int, IPNetwork]] = set()  # guest addresses proven
     out: list[Resolved] = []
 
@@ -347,12 +349,15 @@ def resolve_domain_forwards(dom: Domain,
             allowed = spec.families
             for mac, net in candidates:
                 key = (mac, id(net))
-                if key not in booked:
-                    booked[key] = _booked_for(dom, mac, net)
-                ips = [ip for family, ip in sorted(booked[key].items()) if family in allowed]
-                if ips:
-                    targets = [Resolved(spec, ip, net, net.subnet_of(ip))  # type: ignore[arg-type]
-                               for ip in ips]
+                reserved = booked.get(key)
+                if reserved is None:  # (family, address, its subnet), by family
+                    reserved = booked[key] = [
+                        (family, ip, sub) for family, ip in sorted(
+                            _booked_for(dom, mac, net).items())
+                        if (sub := net.subnet_of(ip)) is not None]  # each is in one
+                targets = [Resolved(spec, ip, net, subnet)
+                           for family, ip, subnet in reserved if family in allowed]
+                if targets:
                     break
             if not targets:
                 macs = ", ".join(f"{mac} on {net.name}" for mac, net in candidates)
@@ -382,12 +387,11 @@ def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Forward, ...
     that family."""
     out = []
     for t in targets:
-        spec, bridge = t.spec, t.network.bridge
+        spec, bridge, family = t.spec, t.network.bridge, t.family
         assert bridge is not None
-        out.append(Forward(owner, t.family, bridge, t.subnet, proto=spec.proto,
-                           host_ports=spec.host_port, guest=t.guest_ip,
-                           guest_ports=spec.guest_port, host_ip=spec.host_ip,
-                           sources=spec.sources_in(t.family)))
+        out.append(Forward(owner, family, bridge, t.subnet, spec.proto, spec.host_port,
+                           t.guest_ip, spec.guest_port, spec.host_ip,
+                           spec.sources_in(family) if spec.sources else ()))
     return tuple(out)
 
 

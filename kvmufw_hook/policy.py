@@ -121,9 +121,10 @@ def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
     seen: dict[str, dict[IPAddress, str]] = {}
     for t in targets:
         net = t.network
-        if net.name not in seen:
-            seen[net.name] = _theirs(dom, net, ports, leases, neighbours)
-        holder = seen[net.name].get(t.guest_ip)
+        theirs = seen.get(net.name)
+        if theirs is None:
+            theirs = seen[net.name] = _theirs(dom, net, ports, leases, neighbours)
+        holder = theirs.get(t.guest_ip) if theirs else None
         if holder is not None:
             raise InputError(f"domain {shown(dom.name)}: {t.spec.label}: guest "
                              f"{t.guest_ip} on network {shown(net.name)} is another "
