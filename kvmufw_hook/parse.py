@@ -175,10 +175,11 @@ class NodeBuilder:
         self._text.clear()
 
     def start(self, tag: str, attrs: dict[str, str], /) -> Node:
-        self._flush()
+        if self._text:  # thousands of elements per replay: no call when there is none
+            self._flush()
         node = Node(tag, attrs)
         if self._open:
-            self._open[-1].append(node)
+            self._open[-1].children.append(node)
         else:  # expat allows one root
             self._root = node
         self._open.append(node)
@@ -186,7 +187,8 @@ class NodeBuilder:
         return node
 
     def end(self, tag: str, /) -> Node:
-        self._flush()
+        if self._text:
+            self._flush()
         self._texting = None
         return self._open.pop()
 
@@ -250,13 +252,19 @@ def _bounded_parse(data: bytes, what: str, builder: Builder[T]) -> T:
         elements += 1
         if elements > MAX_ELEMENTS:
             raise InputError(f"{what}: XML with more than {MAX_ELEMENTS} elements")
-        builder.start(_clark(name), {_clark(k): v for k, v in attrs.items()})
+        for key in attrs:  # most have no namespaced attribute: expat's dict as it is
+            if "}" in key:
+                attrs = {_clark(k): v for k, v in attrs.items()}
+                break
+        builder.start("{" + name if "}" in name else name, attrs)
 
     def declared(*_args: object) -> None:  # cannot happen after the byte search: belt
         raise InputError(f"{what}: a DOCTYPE or entity declaration is not allowed")
 
     parser.StartElementHandler = start
-    parser.EndElementHandler = lambda name: builder.end(_clark(name))
+    # a Node's end needs no tag (expat has matched it): no call to spell it
+    parser.EndElementHandler = (builder.end if isinstance(builder, NodeBuilder)
+                                else lambda name: builder.end(_clark(name)))
     parser.CharacterDataHandler = builder.data
     parser.StartDoctypeDeclHandler = declared
     parser.EntityDeclHandler = declared
