@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -19,6 +18,26 @@ from ipaddress import (
 MANAGED_MODES = ("nat", "route", "open", "isolated")
 PROTOCOLS = ("tcp", "udp", "sctp")
 FAMILIES = (4, 6)  # IPv4, IPv6: an address's family is its ``version``, as in libvirt
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # to mypy, what it is: a read-only property
+    cached = property
+else:
+    class cached:
+        """A property computed once per object, kept in the object's own ``__dict__``
+        (a frozen dataclass without slots: the fields never change, so neither does
+        it): ``functools.cached_property`` without its lock, which costs more than
+        the little it caches here, thousands of times per replay."""
+
+        def __init__(self, compute):
+            self.compute, self.name, self.__doc__ = compute, compute.__name__, compute.__doc__
+
+        def __get__(self, obj, owner=None):
+            if obj is None:
+                return self
+            value = obj.__dict__[self.name] = self.compute(obj)
+            return value
+
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -75,16 +94,15 @@ class ForwardSpec:
             return False
         return not self.sources or bool(self.sources_in(family))
 
-    # cached: asked several times of each forward by every check; the dataclass is frozen
-    # (no slots), so the cache, in the instance's own dict, never goes stale
-    @cached_property
+    # cached: asked several times of each forward by every check
+    @cached
     def families(self) -> tuple[int, ...]:
         """The families in which the forward may take a host port: known from the
         metadata alone (a guest address from a reservation is learnt only later, so
         without guest-ip, host-ip or source a forward may take both)."""
         return tuple(f for f in FAMILIES if self.allows(f))
 
-    @cached_property
+    @cached
     def label(self) -> str:
         """How messages name this forward: ``forward tcp 2222->22``."""
         text = f"forward {self.proto} {self.host_port}"
@@ -137,14 +155,14 @@ class Network:
         """Whether we keep rules for the network: managed or bridged."""
         return self.managed or self.bridged
 
-    # cached (frozen, no slots: the cache in the instance's dict never goes stale):
-    # every guest on the network asks, and a network may hold thousands of reservations
-    @cached_property
+    # cached: every guest on the network asks, and a network may hold thousands of
+    # reservations
+    @cached
     def interfaces(self) -> tuple[IPInterface, ...]:
         """The network's own addresses on its bridge, IPv4 first."""
         return (*self.ipv4, *self.ipv6)
 
-    @cached_property
+    @cached
     def subnets(self) -> tuple[IPNetwork, ...]:
         return tuple(i.network for i in self.interfaces)
 
@@ -163,7 +181,7 @@ class Network:
         """The address of ``family`` of the first ``<host>`` entry named exactly ``name``."""
         return self._by_name.get((name, family))
 
-    @cached_property
+    @cached
     def _by_mac(self) -> dict[str, IPAddress]:
         found: dict[str, IPAddress] = {}
         for host in self.hosts:
@@ -171,7 +189,7 @@ class Network:
                 found.setdefault(host.mac, host.ip)
         return found
 
-    @cached_property
+    @cached
     def _by_name(self) -> dict[tuple[str, int], IPAddress]:
         found: dict[tuple[str, int], IPAddress] = {}
         for host in self.hosts:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from ipaddress import IPv6Network
 
 from .errors import InputError, Unavailable, shown
@@ -48,7 +47,7 @@ class Resolved:
     network: Network
     subnet: IPNetwork
 
-    @cached_property  # frozen, no slots: the cache in the instance's dict never goes stale
+    @property
     def family(self) -> int:
         return self.guest_ip.version
 
