@@ -512,6 +512,9 @@ def _plain_forward(attrs: dict[str, str], allowed: frozenset[str]) -> ForwardSpe
 
 def _plain_ports(value: str) -> PortRange | None:
     """``_ports`` of a value it accepts with nothing to strip; None otherwise."""
+    if value.isdigit() and value.isascii() and len(value) <= 5:  # one port, most often
+        port = int(value)
+        return PortRange(port, port) if 1 <= port <= 65535 else None
     match = _PORTS.fullmatch(value)
     if not match:
         return None

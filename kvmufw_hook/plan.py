@@ -9,7 +9,7 @@ rules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv6Network
 
@@ -180,26 +180,31 @@ def _booked_by_mac(net: Network, mac: str) -> dict[int, IPAddress]:
     return {}
 
 
-def _checked(where: str, spec: ForwardSpec, targets: list[Resolved],
+def _checked(where: str | Callable[[], str], spec: ForwardSpec, targets: list[Resolved],
              networks: Mapping[str, Network] | None = None,
              passed: set[tuple[IPAddress, int, IPNetwork]] | None = None) -> list[Resolved]:
     """The resolved targets, each a real guest of its own network; InputError when none
     is left in a family the forward is limited to (host-ip or sources of one family).
+    ``where``: how messages name the forward (or how to spell it, only when needed);
     ``passed``: the (address, id of its network, subnet) already proven a guest's
     against the same ``networks`` (a guest's forwards mostly reach one address)."""
     if not targets:
         wanted = " or ".join(map(_family_name, spec.families)) or "any family"
-        raise InputError(f"{where}: the guest has no {wanted} address to forward to "
-                         "(host-ip and source limit the family)")
+        raise InputError(f"{_spelt(where)}: the guest has no {wanted} address to forward "
+                         "to (host-ip and source limit the family)")
     for t in targets:
         key = (t.guest_ip, id(t.network), t.subnet)
         if passed is not None and key in passed:
             continue
-        _check_guest_address(where, t.guest_ip, t.network, t.subnet)
-        _routed_elsewhere(where, t, networks or {})
+        _check_guest_address(_spelt(where), t.guest_ip, t.network, t.subnet)
+        _routed_elsewhere(_spelt(where), t, networks or {})
         if passed is not None:
             passed.add(key)
     return targets
+
+
+def _spelt(where: str | Callable[[], str]) -> str:
+    return where if isinstance(where, str) else where()
 
 
 def _routed_elsewhere(where: str, t: Resolved, networks: Mapping[str, Network]) -> None:
@@ -313,17 +318,19 @@ def resolve_domain_forwards(dom: Domain,
 
     def one(index: int, spec: ForwardSpec) -> list[Resolved]:
         nonlocal others
-        where = f"{what}: forward #{index} ({spec.label})"
+
+        def where() -> str:  # only for a refusal: thousands of forwards pass
+            return f"{what}: forward #{index} ({spec.label})"
         candidates = attached
         if spec.mac is not None:
             candidates = [(mac, net) for mac, net in attached if mac == spec.mac]
             if not candidates:
                 if any(nic.mac == spec.mac for nic in dom.nics):
-                    raise Unavailable(f"{where}: NIC {spec.mac} is not on a nat, route, open "
+                    raise Unavailable(f"{where()}: NIC {spec.mac} is not on a nat, route, open "
                                       "or isolated network with a bridge that is active")
-                raise InputError(f"{where}: the domain has no NIC with mac {spec.mac}")
+                raise InputError(f"{where()}: the domain has no NIC with mac {spec.mac}")
         if not attached:
-            raise Unavailable(f"{where}: the domain has no NIC on a nat, route, open or "
+            raise Unavailable(f"{where()}: the domain has no NIC on a nat, route, open or "
                               "isolated network that is active")
         targets: list[Resolved] = []
         if spec.guest_ips:
@@ -336,11 +343,11 @@ def resolve_domain_forwards(dom: Domain,
                               if (sub := net.subnet_of(guest)) is not None), None)
                 if found is None:
                     nets = ", ".join(f"{net.name} ({_subnets(net)})" for _m, net in candidates)
-                    raise InputError(f"{where}: guest-ip {guest} is outside the subnets "
+                    raise InputError(f"{where()}: guest-ip {guest} is outside the subnets "
                                      f"of the networks the guest is attached to: {nets}")
                 holder = others.get(guest)
                 if holder is not None:
-                    raise InputError(f"{where}: guest-ip {guest} is reserved for "
+                    raise InputError(f"{where()}: guest-ip {guest} is reserved for "
                                      f"another guest ({holder}); a domain forwards only "
                                      "to its own addresses")
                 targets.append(Resolved(spec, guest, *found))
@@ -360,7 +367,7 @@ def resolve_domain_forwards(dom: Domain,
                     break
             if not targets:
                 macs = ", ".join(f"{mac} on {net.name}" for mac, net in candidates)
-                raise InputError(f"{where}: cannot resolve the guest address: no <dhcp><host> "
+                raise InputError(f"{where()}: cannot resolve the guest address: no <dhcp><host> "
                                  f"reservation for {macs} (IPv4: by MAC; IPv6: by the name "
                                  f"{shown(dom.name)}); add one or set guest-ip")
         return _checked(where, spec, targets, networks, passed)

@@ -148,3 +148,57 @@ def test_the_common_forwards_elements_are_the_general_ones():
         assert render(fw) == general, fw
         assert set(render(fw)) == {e for rule in expand(fw) for e in elements(rule)}, fw
         assert all(type(e).__name__ == "Element" and len(e) == 4 for e in render(fw))
+
+
+def _every_checked(facts, specs) -> str | None:
+    try:
+        for index, spec in enumerate(specs, start=1):
+            facts.check(f"o: forward #{index} ({spec.label})", spec, (), None, "d=g")
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def test_the_host_check_passes_over_only_forwards_no_listener_could_refuse():
+    """``host.check_forwards`` spells no message for a forward on every address whose
+    port range holds no listener's port: it refuses exactly what checking every forward
+    refuses, with the same line."""
+    from kvmufw_hook import host
+
+    rng = random.Random(11)
+    refused = 0
+    for _ in range(400):
+        listeners = tuple(
+            host.Listener(rng.choice(["tcp", "udp"]),
+                          ip_address(rng.choice(["0.0.0.0", "::", "127.0.0.1", "192.0.2.1"])),
+                          rng.randrange(1, 60), inode=i, uid=rng.choice([0, 1000]))
+            for i in range(rng.randrange(0, 5)))
+        facts = host.HostFacts(frozenset({ip_address("192.0.2.1")}), listeners)
+        specs = []
+        for _ in range(rng.randrange(1, 6)):
+            first = rng.randrange(1, 60)
+            specs.append(ForwardSpec(rng.choice(["tcp", "udp", "sctp"]),
+                                     PortRange(first, first + rng.choice([0, 0, 3])),
+                                     PortRange(first, first + 3),
+                                     host_ip=rng.choice([None, None, ip_address("192.0.2.1"),
+                                                         ip_address("127.0.0.1")])))
+        specs = [replace(s, guest_port=s.host_port) for s in specs]
+        try:
+            host.check_forwards("o", specs, facts, owner="d=g")
+            got = None
+        except InputError as exc:
+            got = str(exc)
+        assert got == _every_checked(facts, specs), (listeners, specs)
+        refused += got is not None
+    assert refused > 50  # the listeners do refuse some
+
+
+def test_safe_names_of_plain_names_are_the_names():
+    from kvmufw_hook.names import _escaped, safe_name
+
+    rng = random.Random(2)
+    for _ in range(2000):
+        name = "".join(rng.choice("ab.-_~ é\t9Z") for _ in range(rng.randrange(0, 70)))
+        slow = "".join(_escaped(ch) for ch in name)
+        if 0 < len(slow) <= 64:  # longer: a hashed token, the same way as before
+            assert safe_name(name) == slow, name
