@@ -182,18 +182,20 @@ def _booked_by_mac(net: Network, mac: str) -> dict[int, IPAddress]:
 
 def _checked(where: str | Callable[[], str], spec: ForwardSpec, targets: list[Resolved],
              networks: Mapping[str, Network] | None = None,
-             passed: set[tuple[IPAddress, int, IPNetwork]] | None = None) -> list[Resolved]:
+             passed: set[tuple[int, int, int]] | None = None) -> list[Resolved]:
     """The resolved targets, each a real guest of its own network; InputError when none
     is left in a family the forward is limited to (host-ip or sources of one family).
     ``where``: how messages name the forward (or how to spell it, only when needed);
-    ``passed``: the (address, id of its network, subnet) already proven a guest's
-    against the same ``networks`` (a guest's forwards mostly reach one address)."""
+    ``passed``: the ids of (address, network, subnet) already proven a guest's against
+    the same ``networks`` (a guest's forwards mostly reach one address: the objects are
+    its network's reservations and subnets, or its forwards' guest-ip, all alive as long
+    as the caller's ``passed`` is)."""
     if not targets:
         wanted = " or ".join(map(_family_name, spec.families)) or "any family"
         raise InputError(f"{_spelt(where)}: the guest has no {wanted} address to forward "
                          "to (host-ip and source limit the family)")
     for t in targets:
-        key = (t.guest_ip, id(t.network), t.subnet)
+        key = (id(t.guest_ip), id(t.network), id(t.subnet))  # alive while ``passed`` is
         if passed is not None and key in passed:
             continue
         _check_guest_address(_spelt(where), t.guest_ip, t.network, t.subnet)
@@ -313,7 +315,7 @@ def resolve_domain_forwards(dom: Domain,
     others: dict[IPAddress, str] | None = None
     # once per NIC, not per forward
     booked: dict[tuple[str, int], list[tuple[int, IPAddress, IPNetwork]]] = {}
-    passed: set[tuple[IPAddress, int, IPNetwork]] = set()  # guest addresses proven
+    passed: set[tuple[int, int, int]] = set()  # guest addresses proven
     out: list[Resolved] = []
 
     def one(index: int, spec: ForwardSpec) -> list[Resolved]:
