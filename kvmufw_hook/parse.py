@@ -448,6 +448,9 @@ def parse_forwards(metadata: Tree | None, owner: str,
     return tuple(specs)
 
 
+_FORWARD = "{" + NAMESPACE + "}forward"
+
+
 def forward_elements(metadata: Tree | None, owner: str) -> Iterator[tuple[int, Tree]]:
     """Each ``<forward>`` of our ``<forwards>`` in ``metadata`` and its number, checked
     one by one as it comes (InputError for an element that is not one); ``forward``
@@ -456,8 +459,8 @@ def forward_elements(metadata: Tree | None, owner: str) -> Iterator[tuple[int, T
     if root is None:
         return
     for index, el in enumerate(root, start=1):
-        ns = _namespace(el.tag)
-        if _local(el) != "forward" or ns not in (None, NAMESPACE):
+        if el.tag != _FORWARD and el.tag != "forward" and (  # the common tags: no split
+                _local(el) != "forward" or _namespace(el.tag) not in (None, NAMESPACE)):
             raise InputError(f"{owner}: forward #{index}: unknown element "
                              f"{shown(_local(el))} in <forwards>")
         if index > MAX_FORWARDS:
@@ -499,7 +502,8 @@ def _plain_forward(attrs: dict[str, str], allowed: frozenset[str]) -> ForwardSpe
     else, which ``_parse_forward`` reads (or refuses, with its one line)."""
     if not attrs.keys() <= _PLAIN or not attrs.keys() <= allowed or "host-port" not in attrs:
         return None
-    proto = attrs.get("proto", "tcp").strip().lower()
+    proto = attrs.get("proto")
+    proto = "tcp" if proto is None else proto.strip().lower()
     host_port = _plain_ports(attrs["host-port"])
     guest = attrs.get("guest-port")
     guest_port = host_port if guest is None else _plain_ports(guest)
