@@ -202,3 +202,28 @@ def test_safe_names_of_plain_names_are_the_names():
         slow = "".join(_escaped(ch) for ch in name)
         if 0 < len(slow) <= 64:  # longer: a hashed token, the same way as before
             assert safe_name(name) == slow, name
+
+
+def test_replay_pauses_the_collector_and_always_resumes_it():
+    import gc
+
+    from kvmufw_hook.ops import _uncollected, replay
+
+    seen = []
+
+    def failing():
+        seen.append(gc.isenabled())
+        raise ValueError("refused")
+
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        _uncollected(failing)()
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # paused by the caller: left so
+    try:
+        with pytest.raises(ValueError):
+            _uncollected(failing)()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert replay.__name__ == "replay" and "Re-derive" in (replay.__doc__ or "")
