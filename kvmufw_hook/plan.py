@@ -407,10 +407,7 @@ def forward_families(specs: Iterable[ForwardSpec],
                      targets: Iterable[Resolved]) -> list[tuple[int, ...]]:
     """For each of ``specs``, in order, the families it was resolved in (the host's own
     ports it takes: ``host.check_forwards``)."""
-    found: dict[int, set[int]] = {}
-    for t in targets:
-        found.setdefault(id(t.spec), set()).add(t.family)
-    return [tuple(sorted(found.get(id(s), ()))) for s in specs]
+    return resolved_with_families(specs, targets)[1]
 
 
 def resolved_specs(specs: Iterable[ForwardSpec],
@@ -418,14 +415,24 @@ def resolved_specs(specs: Iterable[ForwardSpec],
     """Each forward limited to the addresses it resolved to, so that its ``families``
     are the ones it takes host ports in (a forward without guest-ip may take both by its
     metadata, and takes only those its guest has an address in)."""
+    return resolved_with_families(specs, targets)[0]
+
+
+def resolved_with_families(specs: Iterable[ForwardSpec], targets: Iterable[Resolved]
+                           ) -> tuple[list[ForwardSpec], list[tuple[int, ...]]]:
+    """``resolved_specs`` and ``forward_families`` in one pass over the targets (every
+    check of an owner needs both: thousands of forwards in a replay)."""
     found: dict[int, list[IPAddress]] = {}
     for t in targets:
         found.setdefault(id(t.spec), []).append(t.guest_ip)
-    out = []
+    out: list[ForwardSpec] = []
+    families: list[tuple[int, ...]] = []
     for spec in specs:
         ips = tuple(found.get(id(spec), ()))
         out.append(spec if not ips or ips == spec.guest_ips else with_guest_ips(spec, ips))
-    return out
+        families.append((ips[0].version,) if len(ips) == 1
+                        else tuple(sorted({ip.version for ip in ips})))
+    return out, families
 
 
 def with_guest_ips(spec: ForwardSpec, ips: tuple[IPAddress, ...]) -> ForwardSpec:

@@ -25,10 +25,9 @@ from .plan import (
     _booked_for,
     check_conflicts,
     eui64_address,
-    forward_families,
     plan_forwards,
     resolve_domain_forwards,
-    resolved_specs,
+    resolved_with_families,
 )
 
 Claims = list[tuple[str, Iterable[ForwardSpec | Claim]]]
@@ -253,13 +252,12 @@ def check_forwards(label: str, owner: str, specs: Sequence[ForwardSpec],
     them), None for XML files that describe no host (``plan``: only what XML alone
     decides); ``held``: what the owner's rules take now. Returns the forwards in the
     families they take (what the owner claims once its rules are in)."""
-    mine = resolved_specs(specs, targets)
+    mine, families = resolved_with_families(specs, targets)
     check_conflicts(label, mine, others(mine))
     if facts is None:
         check_libvirt_ports(label, specs, networks)
     else:
-        check_host(label, owner, specs, facts, networks, held,
-                   forward_families(specs, targets))
+        check_host(label, owner, specs, facts, networks, held, families)
     return mine
 
 

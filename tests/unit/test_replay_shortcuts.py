@@ -227,3 +227,22 @@ def test_replay_pauses_the_collector_and_always_resumes_it():
     finally:
         gc.enable()
     assert replay.__name__ == "replay" and "Re-derive" in (replay.__doc__ or "")
+
+
+def test_resolved_specs_and_their_families_in_one_pass_are_the_two_answers():
+    from kvmufw_hook.plan import Resolved, resolved_with_families
+
+    net = Network("n", None, "nat", "virbr0", None)
+    addresses = [ip_address("10.0.0.5"), ip_address("fd00::5"), ip_address("10.0.0.6")]
+    rng = random.Random(4)
+    for _ in range(300):
+        specs = [ForwardSpec("tcp", PortRange(i + 1, i + 1), PortRange(i + 1, i + 1),
+                             guest_ips=rng.choice([(), (addresses[0],)]))
+                 for i in range(rng.randrange(0, 5))]
+        targets = [Resolved(spec, ip, net, ip_network("10.0.0.0/24"))
+                   for spec in specs for ip in rng.sample(addresses, rng.randrange(0, 3))]
+        mine, families = resolved_with_families(specs, targets)
+        for spec, resolved, fams in zip(specs, mine, families, strict=True):
+            ips = tuple(t.guest_ip for t in targets if t.spec is spec)
+            assert resolved == (replace(spec, guest_ips=ips) if ips else spec)
+            assert fams == tuple(sorted({ip.version for ip in ips}))
