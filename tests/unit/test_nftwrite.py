@@ -111,3 +111,42 @@ def test_the_batch_is_begin_with_the_generation_each_sets_messages_and_end():
     assert flags[1] == 0x5 and set(flags[2:-1]) == {0x405}  # ACK; adds with NLM_F_CREATE
     with pytest.raises(nftwrite.Unencodable):
         nftwrite.batch("kvmufw", TYPES, 77, [], [Element("masq_any4", "10.0.0.0/24", None, TAG)])
+
+
+def test_elements_that_share_fields_encode_each_as_it_would_alone():
+    """The batch's memo (fields, key heads, values, comments shared by thousands of
+    elements) changes no byte: each element is what it is encoded alone, in every set
+    kind (hash, interval, map, verdict map, both families)."""
+    items = [Element("dnat4_any", f"tcp . {2000 + i}", f"10.0.0.{i % 3 + 5} . {22 + i % 2}",
+                     f"kvmufw:d=g{i % 3},b=virbr1,s=10.0.0.0/24") for i in range(9)]
+    items += [Element("guestx4", f'"virbr{i % 2}" . 10.0.0.{i % 3 + 5} . tcp . {22 + i}',
+                      None, TAG) for i in range(6)]
+    items += [Element("guest6", f'"virbr1" . fd00::{i % 2 + 5} . udp . {i}-{i + 2}', None,
+                      TAG) for i in range(4)]
+    items += [Element("dnat6_port", f"::/0 . 2001:db8::/32 . tcp . {i}", f"fd00::5 . {i}",
+                      "") for i in range(3)]
+    items += [Element("masqp4", f'10.0.{i}.0/24 . "eth0"', "jump masq_1024_65535", TAG)
+              for i in range(3)]
+    items += [Element("hairpinx4", '10.0.0.5 . "virbr1" . tcp . 22', None, TAG)]
+    for add in (True, False):
+        memo: dict = {}
+        by_set: dict[str, list[Element]] = {}
+        for e in items:
+            by_set.setdefault(e.set, []).append(e)
+        for name, elements in by_set.items():
+            assert TYPES[name].elements(elements, add, memo) == [
+                TYPES[name].element(e, add) for e in elements], name
+
+
+@pytest.mark.parametrize("e", [
+    Element("guestx4", '"virbr1" . 10.0.0.5 . tcp . 80-81', None, TAG),  # its head is known
+    Element("guestx4", '"virbr1" . 10.0.0.5 . tcp', None, TAG),  # a field short
+    Element("guestx4", '"virbr1" . 10.0.0.5 . tcp . 80 . 81', None, TAG),  # one too many
+    Element("dnat4_any", "tcp . 2222", "10.0.0.5 . 22-23", TAG),  # a range as a value
+])
+def test_a_remembered_field_lets_no_wrong_element_through(e):
+    known = [Element("guestx4", '"virbr1" . 10.0.0.5 . tcp . 80', None, TAG),
+             Element("dnat4_any", "tcp . 2222", "10.0.0.5 . 22", TAG)]
+    nftwrite.batch("kvmufw", TYPES, 1, [], known)
+    with pytest.raises(nftwrite.Unencodable):
+        nftwrite.batch("kvmufw", TYPES, 1, [], [*known, e])
