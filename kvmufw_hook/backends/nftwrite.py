@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     # key's fields but its last, joined, per tuple of kinds); value -> data; comment ->
     # user data. Thousands of elements share a few hundred bridges, guests, ports, owners.
     Memo = dict[Any, dict[Any, Any]]
+    Groups = list[tuple[int, str, list[bytes]]]  # (verb, set, its elements encoded)
 
 NFPROTO_INET = 1
 _NEWSETELEM, _DELSETELEM = 12, 14
@@ -290,19 +291,58 @@ def batch(table: str, types: dict[str, SetType], genid: int,
     """The whole batch (deletes, then adds, each set's elements in the order given,
     as ``nft -f`` sends ``delete element`` then ``add element`` lines) and the set each
     element message's sequence number writes. Unencodable before anything is sent."""
-    groups: list[tuple[int, str, list[bytes]]] = []
     memo: Memo = {}
-    for verb, items in ((_DELSETELEM, deletes), (_NEWSETELEM, adds)):
-        by_set: dict[str, list[Element]] = {}
-        for e in items:
-            found = by_set.get(e[0])  # its set
-            if found is None:
-                if e[0] not in types:
+    return framed(table, genid, _groups(types, _DELSETELEM, deletes, memo)
+                  + _groups(types, _NEWSETELEM, adds, memo))
+
+
+def separate(types: dict[str, SetType], adds: Iterable[Element]
+             ) -> tuple[Groups, list[Element]]:
+    """The adds this module encodes, as ``framed`` takes them, and the others (``nft -f``
+    writes those), each in the order given."""
+    rest: list[Element] = []
+    return _groups(types, _NEWSETELEM, adds, {}, rest), rest
+
+
+def _groups(types: dict[str, SetType], verb: int, items: Iterable[Element], memo: Memo,
+            rest: list[Element] | None = None) -> Groups:
+    """(verb, set, its elements encoded) per set; an element it cannot encode raises
+    Unencodable, or goes to ``rest`` where given."""
+    add = verb == _NEWSETELEM
+    by_set: dict[str, list[Element]] = {}
+    for e in items:
+        found = by_set.get(e[0])  # its set
+        if found is None:
+            if e[0] not in types:
+                if rest is None:
                     raise Unencodable(e[0])
-                found = by_set[e[0]] = []
-            found.append(e)
-        groups += [(verb, name, types[name].elements(elements, verb == _NEWSETELEM, memo))
-                   for name, elements in by_set.items()]
+                rest.append(e)
+                continue
+            found = by_set[e[0]] = []
+        found.append(e)
+    out: Groups = []
+    for name, elements in by_set.items():
+        kind = types[name]
+        try:
+            out.append((verb, name, kind.elements(elements, add, memo)))
+        except Unencodable:
+            if rest is None:
+                raise
+            encoded = []
+            for e in elements:  # rare: one by one, to find those it cannot
+                try:
+                    encoded += kind.elements([e], add, memo)
+                except Unencodable:
+                    rest.append(e)
+            if encoded:
+                out.append((verb, name, encoded))
+    return out
+
+
+def framed(table: str, genid: int, groups: Groups) -> tuple[bytes, dict[int, str]]:
+    """The batch of these encoded elements (``batch``): BEGIN with ``genid``, each set's
+    messages (at most ``_MESSAGE`` bytes of elements each), END; and the set each
+    element message's sequence number writes."""
     head = attr(_LIST_TABLE, strz(table))
     out = [_message(_BATCH_BEGIN, _REQUEST, 1, 0, _socket.htons(SUBSYS >> 8),
                     attr(_BATCH_GENID, struct.pack("!I", genid)))]
