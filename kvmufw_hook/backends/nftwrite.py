@@ -298,8 +298,9 @@ def batch(table: str, types: dict[str, SetType], genid: int,
 
 def separate(types: dict[str, SetType], adds: Iterable[Element]
              ) -> tuple[Groups, list[Element]]:
-    """The adds this module encodes, as ``framed`` takes them, and the others (``nft -f``
-    writes those), each in the order given."""
+    """The adds this module encodes, as ``framed`` takes them (each set's in the order
+    given), and the others (``nft -f`` writes those): of sets it does not write, then
+    texts it does not know."""
     rest: list[Element] = []
     return _groups(types, _NEWSETELEM, adds, {}, rest), rest
 

@@ -150,3 +150,21 @@ def test_a_remembered_field_lets_no_wrong_element_through(e):
     nftwrite.batch("kvmufw", TYPES, 1, [], known)
     with pytest.raises(nftwrite.Unencodable):
         nftwrite.batch("kvmufw", TYPES, 1, [], [*known, e])
+
+
+def test_separate_leaves_what_it_cannot_encode_to_nft():
+    """A created table's adds: those of sets it writes encoded per set (one by one only
+    where a set holds a text it does not know), the others left for T1's nft -f."""
+    odd = Element("host_in4", '"virbr1" . tcp . http', None, TAG)  # a service name
+    adds = [Element("masq_any4", "10.0.0.0/24", None, TAG),
+            Element("host_in4", '"virbr1" . udp . 67', None, TAG), odd,
+            Element("dnat4_any", "tcp . 2222", "10.0.0.5 . 22", TAG),
+            Element("host_in4", '"virbr1" . udp . 53', None, TAG),
+            Element("masqp_any4", "10.0.0.0/24", "jump masq_1024_65535", TAG)]
+    groups, rest = nftwrite.separate(TYPES, adds)
+    assert rest == [adds[0], adds[5], odd]
+    assert [(verb, name) for verb, name, _ in groups] == [(12, "host_in4"), (12, "dnat4_any")]
+    assert groups[0][2] == [TYPES["host_in4"].element(e, True) for e in (adds[1], adds[4])]
+    payload, sets = nftwrite.framed("kvmufw", 9, groups)
+    assert (payload, sets) == nftwrite.batch("kvmufw", TYPES, 9, [],
+                                             [adds[1], adds[4], adds[3]])
