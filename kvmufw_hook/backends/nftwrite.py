@@ -15,14 +15,21 @@ Promises:
 - Exactly what nft writes: keys and values encoded from the element texts by the set's
   type (``nft.SETS``), each field of a concatenation padded to 4 bytes, an interval
   concatenation (pipapo) with KEY and KEY_END, the comment as the element's user data
-  (nftnl's TLV). A kernel test writes the same changes by netlink and by ``nft -f`` into
+  (nftnl's TLV). A single-field interval set (rbtree: ``masq_anyF``, ``masqp_anyF``) as
+  nft 1.0.6 sends it: each interval its start and the address after it flagged
+  INTERVAL_END, and an add first an INTERVAL_END at the zero address (nft sends it
+  where the set has none; where it has one, the kernel takes ours as the same, without
+  NLM_F_EXCL). A kernel test writes the same changes by netlink and by ``nft -f`` into
   two fresh tables and compares ``nft list`` and ``nft --json`` byte for byte.
 - Cheap per element (a replay sends 6,000): each distinct field text, key head (all
   fields but the last), value and comment is encoded once per batch (``Memo``), and the
   attribute headers of a set's keys and values, all of fixed size, once per set type.
-- What it cannot encode exactly (a single-field interval set: nft writes those as
-  interval-end pairs; a text it does not know) raises ``Unencodable`` before anything is
-  sent, and the whole change goes to ``nft -f`` (never half one way, half the other).
+- What it cannot encode exactly (a single-field interval from the zero address, where
+  nft sends no zero end, or to the last one, which nft marks open in its user data; a
+  text it does not know) raises ``Unencodable`` before anything is sent, and the whole
+  change goes to ``nft -f`` (never half one way, half the other). Not known: a set that
+  nft -f gave an interval from the zero address and no zero end, then added to by
+  netlink (our masquerade sets hold networks' subnets: none starts there).
 - The socket's close does not hold up the hook: after a batch that deleted elements the
   close waits for nf_tables' deferred destroy work (an RCU grace period, ~10 ms here), so
   its last reference goes to a short-lived child that has closed everything else first
@@ -62,6 +69,7 @@ _LIST_TABLE, _LIST_SET, _LIST_ELEMENTS, _LIST_ELEM = 1, 2, 3, 1
 _KEY, _DATA, _USERDATA, _KEY_END = 1, 2, 6, 10
 _VALUE, _VERDICT, _CODE, _CHAIN = 1, 2, 1, 2
 _JUMP = -3  # NFT_JUMP
+_ENDS = struct.pack("=HH", 8, 3) + struct.pack("!I", 1)  # NFTA_SET_ELEM_FLAGS: INTERVAL_END
 _COMMENT = 0  # NFTNL_UDATA_SET_ELEM_COMMENT
 ERESTART = 85
 # an attribute's length is 16 bits: a set's elements go in messages of at most this much
@@ -174,13 +182,19 @@ class SetType:
         self.key = tuple(key.split(" . "))
         self.value = tuple(value.split(" . ")) if value else ()
         self.interval = interval
-        if interval and len(self.key) == 1:
-            raise Unencodable("a single-field interval set (nft writes interval ends)")
         if not set(self.key) <= set(_SIZE):
             raise Unencodable(key)
         size = sum(_SIZE[k] for k in self.key)  # the key's bytes, every field padded
         self._key = struct.pack("=HHHH", 8 + size, _KEY | _NESTED, 4 + size, _VALUE)
         self._end = struct.pack("=HHHH", 8 + size, _KEY_END | _NESTED, 4 + size, _VALUE)
+        # a single-field interval set (rbtree): nft 1.0.6 writes an interval as two
+        # elements, its start and the address after it flagged INTERVAL_END, and the
+        # set's first add also an INTERVAL_END element at the zero address (``zero``)
+        self.ends = interval and len(self.key) == 1
+        if self.ends and self.key[0] not in ("ipv4_addr", "ipv6_addr"):
+            raise Unencodable(key)
+        self.size = size
+        self.zero = _list_elem(_ENDS + self._key + b"\0" * size)
         self._value = b""  # a value's DATA headers, where it is one (not a verdict)
         if self.value and self.value != ("verdict",):
             if not set(self.value) <= set(_SIZE):
@@ -196,6 +210,8 @@ class SetType:
         """One NFTA_LIST_ELEM each: KEY (and KEY_END in an interval set), on an add the
         value and the comment, in libnftnl's order. Every field has a fixed size: the
         attribute headers are the same for every element of the set."""
+        if self.ends:
+            return self._ends(items, add, memo)
         kinds, interval, nested = self.key, self.interval, _LIST_ELEM | _NESTED
         key_head, end_head = self._key, self._end
         values: dict[str | None, bytes] = memo.setdefault(("value", self.value), {})
@@ -233,6 +249,24 @@ class SetType:
             out.append(pack("=HH", 4 + len(body), nested) + body)
         return out
 
+    def _ends(self, items: Iterable[Element], add: bool, memo: Memo) -> list[bytes]:
+        """A single-field interval set's elements: the start (on an add with the value
+        and the comment) and the end (the address after the interval, flagged
+        INTERVAL_END) of each. An interval that starts at the zero address or reaches
+        the last one (nft marks it open in its user data) is nft's."""
+        out = []
+        for e in items:
+            low, high = _concat(self.key, e.key, memo)
+            after = int.from_bytes(high, "big") + 1
+            if not any(low) or after >> (8 * self.size):
+                raise Unencodable(e.key)
+            start = self._key + low
+            if add:
+                start += self._data(e, memo) + _userdata(e.comment)
+            out += [_list_elem(start),
+                    _list_elem(_ENDS + self._key + after.to_bytes(self.size, "big"))]
+        return out
+
     def _data(self, e: Element, memo: Memo) -> bytes:
         """The element's NFTA_SET_ELEM_DATA: a verdict, a value, or nothing (a set)."""
         if self.value == ("verdict",):
@@ -255,6 +289,10 @@ class SetType:
 
 # each field kind's size in a key, padded to 4 bytes
 _SIZE = {"ipv4_addr": 4, "ipv6_addr": 16, "inet_service": 4, "inet_proto": 4, "ifname": 16}
+
+
+def _list_elem(payload: bytes) -> bytes:
+    return _nest(_LIST_ELEM, payload)
 
 
 def _userdata(comment: str) -> bytes:
@@ -325,7 +363,7 @@ def _groups(types: dict[str, SetType], verb: int, items: Iterable[Element], memo
     for name, elements in by_set.items():
         kind = types[name]
         try:
-            out.append((verb, name, kind.elements(elements, add, memo)))
+            encoded = kind.elements(elements, add, memo)
         except Unencodable:
             if rest is None:
                 raise
@@ -335,8 +373,8 @@ def _groups(types: dict[str, SetType], verb: int, items: Iterable[Element], memo
                     encoded += kind.elements([e], add, memo)
                 except Unencodable:
                     rest.append(e)
-            if encoded:
-                out.append((verb, name, encoded))
+        if encoded:
+            out.append((verb, name, [kind.zero, *encoded] if add and kind.ends else encoded))
     return out
 
 

@@ -92,7 +92,7 @@ LAB = net_xml('host-port="8080" guest-port="80" guest-ip="10.0.0.20"',
               'proto="udp" host-port="7000-7001" guest-port="7100-7101" guest-ip="10.0.0.30"',
               'host-port="8088" guest-port="80" guest-ip="fd00:10::30"'
               ).replace(b"<forward mode='nat'>", DEV.encode())
-# no dev: its masquerade is a single-field interval set, which T1 writes
+# no dev: its masquerade is in single-field interval sets
 OPEN = (b"<network><name>nodev</name><forward mode='nat'/><bridge name='virbr3'/>"
         b"<ip address='10.0.3.1' prefix='24'/></network>")
 WEB1 = dom_xml("web1", WEB1_MAC,
@@ -153,7 +153,7 @@ def given():
 
 def test_a_replay_from_empty_in_two_steps_is_one_nft_f_byte_for_byte(tools, tmp_path, given):
     """Forwards of both families, sourced and ranged, hairpins, a network with a range
-    chain and one whose masquerade T1 writes, 800 forwards more: one nft process and one
+    chain and one without a dev (single-field interval sets), 800 forwards more: one nft process and one
     batch, and the table nft -f writes whole, as text and as JSON."""
     split = _replay("split", tmp_path, "split", *given)
     whole = _replay("whole", tmp_path, "whole", *given)

@@ -35,10 +35,35 @@ def test_what_it_does_not_know_is_left_to_nft(kind, text):
         nftwrite._field(kind, text)
 
 
-def test_single_field_interval_sets_stay_with_nft():
-    """nft writes their elements as interval-end pairs: not these sets' business."""
-    assert {"masq_any4", "masqp_any4", "masq_any6", "masqp_any6"}.isdisjoint(TYPES)
-    assert set(TYPES) == set(SETS) - {"masq_any4", "masqp_any4", "masq_any6", "masqp_any6"}
+def test_every_set_is_written():
+    assert set(TYPES) == set(SETS)
+
+
+def test_a_single_field_interval_is_its_start_and_the_address_after_it_flagged_end():
+    """As nft 1.0.6 sends it (``nft --debug=netlink``): the start with the value and the
+    comment, the end flagged NFTA_SET_ELEM_FLAGS INTERVAL_END, and on the set's adds an
+    end at the zero address first."""
+    e = Element("masqp_any4", "10.0.0.0/24", "jump masq_1024_65535", TAG)
+    start, end = (_attrs(_attrs(x)[1]) for x in TYPES["masqp_any4"].elements([e], True, {}))
+    assert _attrs(start[1])[1] == bytes([10, 0, 0, 0]) and 3 not in start
+    assert _attrs(_attrs(start[2])[2])[2] == b"masq_1024_65535\0" and 6 in start
+    assert _attrs(end[1])[1] == bytes([10, 0, 1, 0]) and end[3] == struct.pack("!I", 1)
+    assert set(end) == {1, 3}  # no value, no comment on an end
+    six = Element("masq_any6", "fd00:10::/64", None, TAG)
+    _start, end = (_attrs(_attrs(x)[1]) for x in TYPES["masq_any6"].elements([six], False, {}))
+    assert _attrs(end[1])[1] == bytes.fromhex("fd000010000000010000000000000000")
+    zero = _attrs(_attrs(TYPES["masq_any6"].zero)[1])
+    assert _attrs(zero[1])[1] == b"\0" * 16 and zero[3] == struct.pack("!I", 1)
+    groups, rest = nftwrite.separate(TYPES, [six])
+    assert rest == [] and groups[0][2][0] == TYPES["masq_any6"].zero  # adds only
+    assert nftwrite._groups(TYPES, 14, [six], {})[0][2][0] != TYPES["masq_any6"].zero
+
+
+@pytest.mark.parametrize("key", ["0.0.0.0/8", "255.255.255.0/24", "0.0.0.0/0"])
+def test_an_interval_from_zero_or_to_the_last_address_is_nfts(key):
+    """nft marks one open (its user data) or needs no zero end: left to nft -f."""
+    with pytest.raises(nftwrite.Unencodable):
+        TYPES["masq_any4"].element(Element("masq_any4", key, None, TAG), add=True)
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:
@@ -110,7 +135,7 @@ def test_the_batch_is_begin_with_the_generation_each_sets_messages_and_end():
     flags = [f for _k, f, *_ in parts]
     assert flags[1] == 0x5 and set(flags[2:-1]) == {0x405}  # ACK; adds with NLM_F_CREATE
     with pytest.raises(nftwrite.Unencodable):
-        nftwrite.batch("kvmufw", TYPES, 77, [], [Element("masq_any4", "10.0.0.0/24", None, TAG)])
+        nftwrite.batch("kvmufw", TYPES, 77, [], [Element("masq_any4", "0.0.0.0/8", None, TAG)])
 
 
 def test_elements_that_share_fields_encode_each_as_it_would_alone():
@@ -156,13 +181,13 @@ def test_separate_leaves_what_it_cannot_encode_to_nft():
     """A created table's adds: those of sets it writes encoded per set (one by one only
     where a set holds a text it does not know), the others left for T1's nft -f."""
     odd = Element("host_in4", '"virbr1" . tcp . http', None, TAG)  # a service name
-    adds = [Element("masq_any4", "10.0.0.0/24", None, TAG),
+    adds = [Element("masq_any4", "255.255.255.0/24", None, TAG),  # open: nft's
             Element("host_in4", '"virbr1" . udp . 67', None, TAG), odd,
             Element("dnat4_any", "tcp . 2222", "10.0.0.5 . 22", TAG),
             Element("host_in4", '"virbr1" . udp . 53', None, TAG),
-            Element("masqp_any4", "10.0.0.0/24", "jump masq_1024_65535", TAG)]
+            Element("nosuchset", "10.0.0.0/24", None, TAG)]
     groups, rest = nftwrite.separate(TYPES, adds)
-    assert rest == [adds[0], adds[5], odd]
+    assert rest == [adds[5], adds[0], odd]
     assert [(verb, name) for verb, name, _ in groups] == [(12, "host_in4"), (12, "dnat4_any")]
     assert groups[0][2] == [TYPES["host_in4"].element(e, True) for e in (adds[1], adds[4])]
     payload, sets = nftwrite.framed("kvmufw", 9, groups)
