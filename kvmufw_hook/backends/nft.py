@@ -319,7 +319,7 @@ def elements(rule: Rule) -> list[Element]:
     return [el("b2b", f"{_if(rule.iif)} . {_if(rule.oif)}")]
 
 
-def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[Element]:
+def forward_elements(fw: Forward, texts: dict[Any, Any] | None = None) -> list[Element]:
     """A forward's elements, straight from its intent (the same as ``elements`` gives for
     its rules, measured twice as fast: a replay of thousands renders these): DNAT per
     source, the accept of its DNAT'd packets both ways, its hairpin masquerade. Sources
@@ -329,21 +329,25 @@ def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[E
     which only holds while they all live, as the intents of one ``wanted`` do)."""
     known = {} if texts is None else texts
     f, owned = fw.family, (fw.owner, fw.bridge, id(fw.subnet))
-    comment = known.get(owned) or known.setdefault(owned, tag_comment(fw.tag))
+    shared = known.get(owned)  # what all of an owner's forwards on one subnet share
+    if shared is None:
+        assert fw.subnet is not None
+        subnet = known.get(id(fw.subnet)) or known.setdefault(id(fw.subnet),
+                                                              _addr(fw.subnet))
+        shared = known[owned] = (tag_comment(fw.tag), f'"{fw.bridge}"', subnet)
+    comment, bridge, subnet = shared
     guest = known.get(id(fw.guest)) or known.setdefault(id(fw.guest), ip_text(fw.guest))
-    assert fw.subnet is not None
-    subnet = known.get(id(fw.subnet)) or known.setdefault(id(fw.subnet), _addr(fw.subnet))
-    bridge = f'"{fw.bridge}"'
     proto, hp, gp = fw.proto, fw.host_ports, fw.guest_ports
     if (not fw.sources and fw.host_ip is None and hp.first == hp.last
             and gp.first == gp.last):  # the common forward, written out: as below
-        port = gp.first
-        return [_element(_NAMES[f][0], f"{proto} . {hp.first}", f"{guest} . {port}", comment),
-                _element(_NAMES[f][1], f"{bridge} . {guest} . {proto} . {port}", None,
-                         comment),
-                _element(_NAMES[f][2], f"{guest} . {bridge} . {proto} . {port}", None,
-                         comment),
-                _element(_NAMES[f][3], f"{bridge} . {subnet}", None, comment)]
+        port, names, new = gp.first, _NAMES[f], tuple.__new__
+        return [new(Element, (names[0], f"{proto} . {hp.first}", f"{guest} . {port}",
+                              comment)),
+                new(Element, (names[1], f"{bridge} . {guest} . {proto} . {port}", None,
+                              comment)),
+                new(Element, (names[2], f"{guest} . {bridge} . {proto} . {port}", None,
+                              comment)),
+                new(Element, (names[3], f"{bridge} . {subnet}", None, comment))]
     host = ip_text(fw.host_ip) if fw.host_ip is not None else ANY[f]
     if not fw.sources or any(s.prefixlen == 0 for s in fw.sources):
         sources = [ANY[f]]
@@ -357,14 +361,10 @@ def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[E
             *_hairpin(f, bridge, guest, proto, gp, subnet, comment)]
 
 
-# per family: the sets of the common forward (its DNAT, accept, hairpin and hairpin net)
+# per family: the sets of the common forward (its DNAT, accept, hairpin and hairpin net),
+# whose elements are built by ``tuple.__new__`` without the call through
+# ``Element.__new__``: thousands per replay
 _NAMES = {f: (f"dnat{f}_any", f"guestx{f}", f"hairpinx{f}", f"hairnet{f}") for f in (4, 6)}
-
-
-def _element(*fields: str | None) -> Element:
-    """``Element(set, key, value, comment)`` without the call through ``__new__``:
-    thousands per replay."""
-    return tuple.__new__(Element, fields)
 
 
 def _dnat(f: int, host: str, sources: Iterable[str], proto: str, hp: PortRange, guest: str,
@@ -423,7 +423,7 @@ def wanted(intents: Owners) -> dict[Element, None]:
         return {}
     from ..intents import Forward
     out: list[Element] = []  # in order, with repeats: the first of each is kept
-    texts: dict[Any, str] = {}
+    texts: dict[Any, Any] = {}
     for owner in sorted(intents):
         for intent in intents[owner]:
             if isinstance(intent, Forward):
@@ -641,9 +641,11 @@ def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element
     taken = {e[:2] for e in have_set if e in want_set}  # (set, key): thousands, no property
     adds = []
     for e in want_set:
-        if e not in have_set and e[:2] not in taken:
-            taken.add(e[:2])
-            adds.append(e)
+        if e not in have_set:
+            key = e[:2]
+            if key not in taken:
+                taken.add(key)
+                adds.append(e)
     return deletes, adds
 
 

@@ -246,3 +246,28 @@ def test_resolved_specs_and_their_families_in_one_pass_are_the_two_answers():
             ips = tuple(t.guest_ip for t in targets if t.spec is spec)
             assert resolved == (replace(spec, guest_ips=ips) if ips else spec)
             assert fams == tuple(sorted({ip.version for ip in ips}))
+
+
+def test_texts_shared_across_a_rendering_change_no_element():
+    """``wanted`` keeps the text of each owner's comment, bridge and subnet, and of each
+    guest address, across all the forwards it renders: the elements are those of each
+    forward rendered alone."""
+    from kvmufw_hook.backends.nft import forward_elements as render
+    from kvmufw_hook.backends.nft import wanted
+    from kvmufw_hook.intents import Forward
+
+    rng = random.Random(9)
+    subnets = [ip_network("10.0.0.0/24"), ip_network("10.0.1.0/24"), ip_network("fd00::/64")]
+    for _ in range(100):
+        intents: dict[str, list[Forward]] = {}
+        for i in range(rng.randrange(1, 30)):
+            subnet = rng.choice(subnets)
+            owner = rng.choice(["d=a", "d=b", "n=lab"])
+            intents.setdefault(owner, []).append(Forward(
+                owner, subnet.version, rng.choice(["virbr0", "virbr1"]), subnet,
+                proto="tcp", host_ports=PortRange(i + 1, i + 1), guest=subnet[rng.randrange(2, 5)],
+                guest_ports=PortRange(22, 22),
+                host_ip=None, sources=()))
+        alone = dict.fromkeys(e for owner in sorted(intents) for fw in intents[owner]
+                              for e in render(fw))
+        assert list(wanted(intents)) == list(alone)
