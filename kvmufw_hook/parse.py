@@ -510,8 +510,8 @@ def _plain_forward(attrs: dict[str, str], allowed: frozenset[str]) -> ForwardSpe
     if (proto not in PROTOCOLS or host_port is None or guest_port is None
             or guest_port.last - guest_port.first != host_port.last - host_port.first):
         return None
-    return ForwardSpec(proto=proto, host_port=host_port, guest_port=guest_port,
-                       comment=attrs.get("comment"))
+    return ForwardSpec(proto, host_port, guest_port, (), None, None, None, (),
+                       attrs.get("comment"))
 
 
 def _plain_ports(value: str) -> PortRange | None:

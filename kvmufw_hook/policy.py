@@ -279,6 +279,8 @@ def captured(net: Network, held: Held) -> set[str]:
 
 
 LIBVIRT_PORTS = (("udp", 53), ("tcp", 53), ("udp", 67), ("udp", 547))  # dnsmasq's
+_LIBVIRT_LOWEST = min(port for _proto, port in LIBVIRT_PORTS)
+_LIBVIRT_HIGHEST = max(port for _proto, port in LIBVIRT_PORTS)
 
 
 def check_libvirt_ports(label: str, forwards: Iterable[ForwardSpec],
@@ -290,6 +292,8 @@ def check_libvirt_ports(label: str, forwards: Iterable[ForwardSpec],
     network would get the forward's answers."""
     bridged = {iface.ip for net in networks.values() for iface in net.interfaces}
     for index, spec in enumerate(forwards, start=1):
+        if spec.host_port.first > _LIBVIRT_HIGHEST or spec.host_port.last < _LIBVIRT_LOWEST:
+            continue  # most forwards: none of those ports (the loop below says the same)
         if spec.host_ip is not None and spec.host_ip not in bridged:
             continue
         for proto, port in LIBVIRT_PORTS:
