@@ -271,3 +271,15 @@ def test_texts_shared_across_a_rendering_change_no_element():
         alone = dict.fromkeys(e for owner in sorted(intents) for fw in intents[owner]
                               for e in render(fw))
         assert list(wanted(intents)) == list(alone)
+
+
+def test_remembered_slaac_addresses_are_computed_ones():
+    from kvmufw_hook.plan import eui64_address
+
+    rng = random.Random(6)
+    for _ in range(500):
+        subnet = ip_network(f"fd00:{rng.randrange(0, 4):x}::/64")
+        mac = ":".join(f"{rng.randrange(0, 256):02x}" for _ in range(6))
+        assert eui64_address(subnet, mac) == eui64_address.__wrapped__(subnet, mac)
+    assert str(eui64_address.__wrapped__(ip_network("fd00::/64"), "52:54:00:12:34:56")) == \
+        "fd00::5054:ff:fe12:3456"
