@@ -183,20 +183,20 @@ def _booked_by_mac(net: Network, mac: str) -> dict[int, IPAddress]:
 
 def _checked(where: str | Callable[[], str], spec: ForwardSpec, targets: list[Resolved],
              networks: Mapping[str, Network] | None = None,
-             passed: set[tuple[int, int, int]] | None = None) -> list[Resolved]:
+             passed: set[tuple[IPAddress, int, IPNetwork]] | None = None) -> list[Resolved]:
     """The resolved targets, each a real guest of its own network; InputError when none
     is left in a family the forward is limited to (host-ip or sources of one family).
     ``where``: how messages name the forward (or how to spell it, only when needed);
-    ``passed``: the ids of (address, network, subnet) already proven a guest's against
-    the same ``networks`` (a guest's forwards mostly reach one address: the objects are
-    its network's reservations and subnets, or its forwards' guest-ip, all alive as long
-    as the caller's ``passed`` is)."""
+    ``passed``: the (address, id of its network, subnet) already proven a guest's
+    against the same ``networks`` (a guest's forwards mostly reach one address). Keyed
+    by value, not by the ids of the address and subnet objects: an id can be reused once
+    its object is freed, and a reused id would let an unproven address through."""
     if not targets:
         wanted = " or ".join(map(_family_name, spec.families)) or "any family"
         raise InputError(f"{_spelt(where)}: the guest has no {wanted} address to forward "
                          "to (host-ip and source limit the family)")
     for t in targets:
-        key = (id(t.guest_ip), id(t.network), id(t.subnet))  # alive while ``passed`` is
+        key = (t.guest_ip, id(t.network), t.subnet)  # the network: alive with ``networks``
         if passed is not None and key in passed:
             continue
         _check_guest_address(_spelt(where), t.guest_ip, t.network, t.subnet)
@@ -319,7 +319,7 @@ def resolve_domain_forwards(dom: Domain,
     others: dict[IPAddress, str] | None = None
     # once per NIC, not per forward
     booked: dict[tuple[str, int], list[tuple[int, IPAddress, IPNetwork]]] = {}
-    passed: set[tuple[int, int, int]] = set()  # guest addresses proven
+    passed: set[tuple[IPAddress, int, IPNetwork]] = set()  # guest addresses proven
     out: list[Resolved] = []
 
     def one(index: int, spec: ForwardSpec) -> list[Resolved]:
