@@ -787,8 +787,8 @@ class Record:
     @classmethod
     def save(cls, generation: int, elements: list[Element]) -> None:
         from .. import state
-        state.write_recorded(cls.NAME, generation,
-                             [(e.set, e.key, e.value, e.comment) for e in elements])
+        # plain tuples (marshal takes no subclass), each (set, key, value, comment)
+        state.write_recorded(cls.NAME, generation, list(map(tuple, elements)))
 
     @classmethod
     def forget(cls) -> None:
