@@ -16,18 +16,21 @@ from .errors import ApplyError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import Any
 
 CHUNK = 65536
 
 
-def communicate(argv: list[str], stdin: bytes | None = None,
-                timeout: float = 60) -> tuple[int, bytes, bytes]:
+def communicate(argv: list[str], stdin: bytes | None = None, timeout: float = 60,
+                meanwhile: Callable[[], object] | None = None) -> tuple[int, bytes, bytes]:
     """(exit status, stdout, stderr) of ``argv`` (found on PATH unless it has a ``/``).
     Without ``stdin`` the command reads /dev/null, never the caller's stdin. A negative
     status is the signal that ended it. FileNotFoundError when there is no such command,
-    TimeoutError (the command killed and reaped) when it runs longer than ``timeout``."""
+    TimeoutError (the command killed and reaped) when it runs longer than ``timeout``.
+    ``meanwhile`` runs while the command does (on the other core), once the first
+    pipeful of ``stdin`` is written; the command is waited for and reaped whatever it
+    raises, and what it raises is raised then."""
     out_r, out_w = os.pipe()  # os.pipe() fds are close-on-exec: only the dups reach it
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if stdin is not None else (-1, -1)
@@ -43,9 +46,27 @@ def communicate(argv: list[str], stdin: bytes | None = None,
             for fd in (out_w, err_w, in_r):
                 if fd >= 0:
                     os.close(fd)
-        output = _exchange(pid, out_r, err_r, in_w, stdin or b"", time.monotonic() + timeout,
-                           ours)
+        data = stdin or b""
+        failed: BaseException | None = None
+        if meanwhile is not None:
+            if in_w >= 0:
+                os.set_blocking(in_w, False)
+                try:
+                    data = data[os.write(in_w, data[:CHUNK]):]
+                except (BlockingIOError, BrokenPipeError):
+                    pass  # _exchange writes it, or learns it stopped reading
+                if not data:  # all of it: the end of its input, before our work
+                    os.close(in_w)
+                    ours.discard(in_w)
+                    in_w = -1
+            try:
+                meanwhile()
+            except BaseException as exc:  # the command still runs: reap it first
+                failed = exc
+        output = _exchange(pid, out_r, err_r, in_w, data, time.monotonic() + timeout, ours)
         _, status = os.waitpid(pid, 0)
+        if failed is not None:
+            raise failed
         return os.waitstatus_to_exitcode(status), output[out_r], output[err_r]
     finally:
         for fd in ours:
@@ -94,13 +115,14 @@ def _exchange(pid: int, out_r: int, err_r: int, in_w: int, data: bytes, deadline
 
 
 def run(argv: Sequence[str], stdin: str | None = None, timeout: float = 60,
-        name: str | None = None) -> str:
+        name: str | None = None, meanwhile: Callable[[], object] | None = None) -> str:
     """The one place that runs a firewall command. ApplyError with one line on failure,
-    naming the tool (``name``, when argv starts with a wrapper such as ``ip netns exec``)."""
+    naming the tool (``name``, when argv starts with a wrapper such as ``ip netns exec``).
+    ``meanwhile``: work of ours done while it runs (``communicate``)."""
     name = name or argv[0].rsplit("/", 1)[-1]
     data = stdin.encode("utf-8", "surrogateescape") if stdin is not None else None
     try:
-        status, out, err = communicate(list(argv), data, timeout)
+        status, out, err = communicate(list(argv), data, timeout, meanwhile)
     except FileNotFoundError:
         raise ApplyError(f"{name} not found") from None
     except TimeoutError:

@@ -828,8 +828,9 @@ class NftBackend:
         except ApplyError:
             raise ApplyError("nft not found: install the nftables package") from None
 
-    def _run(self, argv: list[str], stdin: str | None = None, name: str = "nft") -> str:
-        return run([*self.prefix, *argv], stdin=stdin, name=name)
+    def _run(self, argv: list[str], stdin: str | None = None, name: str = "nft",
+             meanwhile: Callable[[], object] | None = None) -> str:
+        return run([*self.prefix, *argv], stdin=stdin, name=name, meanwhile=meanwhile)
 
     def _table_present(self) -> bool:
         if not self.prefix:
@@ -956,34 +957,46 @@ class NftBackend:
         """A change that creates our table (a replay after a boot or a ``flush``, the
         first start on a host), read at generation ``start``, still current: nft's own
         parsing of thousands of element lines costs more than their netlink batch. So
-        two transactions: T1, one ``nft -f`` of all but the elements ``nftwrite``
-        encodes (the range chains, the skeleton, the glue nft writes, the others'
-        elements); T2, those elements in one batch that the kernel takes only at the
-        generation T1 left. Refused with ERESTART (someone wrote in between): ``Stale``,
-        and the operation's retry, reading our table there, writes the elements alone
-        by netlink. Refused otherwise: ApplyError, and ``apply_rules``' revert deletes
-        the table and the glue (``clear``). Killed in between: the skeleton holds none of
-        the elements T2 had (nothing is marked for the glue to accept but what T1 wrote)
-        until the next write of their owners (``replay``, ``restore``, their start)
-        completes it. False, with nothing written, where there is nothing to encode."""
+        two transactions: T1, one ``nft -f`` of all but the elements of the sets
+        ``nftwrite`` writes (the range chains, the skeleton, the glue nft writes, the
+        others' elements), those elements encoded while it runs; T2, them in one batch
+        that the kernel takes only at the generation T1 left. Refused with ERESTART
+        (someone wrote in between): ``Stale``, and the operation's retry, reading our
+        table there, writes the elements alone by netlink. Refused otherwise: ApplyError,
+        and ``apply_rules``' revert deletes the table and the glue (``clear``). Killed in
+        between: the skeleton holds none of the elements T2 had (nothing is marked for
+        the glue to accept but what T1 wrote) until the next write of their owners
+        (``replay``, ``restore``, their start) completes it. An element whose text
+        ``nftwrite`` does not encode (rare: an interval from the zero address) is added
+        after T2 by one more ``nft -f``. False, with nothing written, where no set of
+        the change is one ``nftwrite`` writes."""
         from . import nftwrite
         assert change.after is not None
-        groups, rest = nftwrite.separate(_set_types(), change.after)
-        if not groups:
+        types = _set_types()
+        ours = [e for e in change.after if e[0] in types]
+        if not ours:
             return False
+        rest = [e for e in change.after if e[0] not in types]
         chains = _range_chains_change(Table(), [], change.after)
         first = script(Table(), [], rest, chains) + change.glue.get("nft", "")
-        try:
-            self._run([self._nft(), "-f", "-"], stdin=first)
+        encoded: list[tuple[nftwrite.Groups, list[Element]]] = []
+        try:  # T1, our elements encoded meanwhile (nft runs on the other core)
+            self._run([self._nft(), "-f", "-"], stdin=first,
+                      meanwhile=lambda: encoded.append(nftwrite.separate(types, ours)))
+            groups, late = encoded[0]
             at = self._generation()
             if at is None:
                 raise ApplyError("nf_tables' generation cannot be read after nft -f")
-            nftwrite.release(nftwrite.send(*nftwrite.framed(TABLE, at, groups), TABLE),
-                             deleted=False)
+            if groups:  # T2
+                nftwrite.release(nftwrite.send(*nftwrite.framed(TABLE, at, groups), TABLE),
+                                 deleted=False)
+            if late:
+                self._run([self._nft(), "-f", "-"],
+                          stdin="".join(line + "\n" for line in _by_set(late, "add")))
         except ApplyError:
             Record.forget()
             raise
-        if at == start + 1:  # T1 was the only change since our read
+        if at == start + 1 and not late:  # T1 was the only change since our read
             Record.save(at + 1, change.after)
         else:
             Record.forget()
