@@ -19,6 +19,7 @@ KVMUFW_EARLY=0 starts nothing early: each run starts when its test does, as befo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -36,6 +37,14 @@ _LOCK = threading.Lock()
 
 def enabled() -> bool:
     return os.environ.get("KVMUFW_EARLY", "1") != "0"
+
+
+def can_enter_root() -> bool:
+    """Root, with what ensure_root() and run_in_root() need (a test without them skips or
+    fails by need_root_tools(), and begins no run)."""
+    return os.geteuid() == 0 and all(
+        shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin")
+        for tool in ("debootstrap", "unshare", "pivot_root"))
 
 
 @dataclass

@@ -4,9 +4,6 @@ nftables 1.1, Python 3.13), inside a debootstrapped root entered with unshare + 
 suite already runs natively and this test skips. KVMUFW_* variables (KVMUFW_REQUIRE_LAB)
 pass in. The inner run's summary is printed; on failure its whole output is the message."""
 
-import os
-import shutil
-
 import pytest
 from conftest import need_root_tools
 
@@ -71,9 +68,7 @@ def test_the_lab_entered_with_nsenter_inside_the_root_is_debian13():
 def start_inner_suite() -> early.Run | None:
     """The inner suite's run, begun at collection (tests/debian13/early.py: it overlaps
     the host's tests) or when the test starts; None where the test skips or fails first."""
-    if why_no_debian13_run() or os.geteuid() != 0 or not all(
-            shutil.which(t, path="/usr/sbin:/sbin:/usr/bin:/bin")
-            for t in ("debootstrap", "unshare", "pivot_root")):
+    if why_no_debian13_run() or not early.can_enter_root():
         return None
     return early.run("inner suite",
                      ["python3", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra",
