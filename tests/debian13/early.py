@@ -82,9 +82,11 @@ class Run:
             self._out = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
             self._err = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
             # a session (process group) of its own: stop() kills unshare and, through its
-            # --kill-child, the namespace's PID 1 and everything in it
+            # --kill-child, the namespace's PID 1 and everything in it; so does the end of
+            # this thread, which waits for it: pytest killed (SIGTERM) leaves nothing behind
             self._proc = subprocess.Popen(
-                root_command(["bash", "-c", 'cd /src && exec "$@"', "cd", *self.argv]),
+                ["setpriv", "--pdeathsig", "KILL", "--",
+                 *root_command(["bash", "-c", 'cd /src && exec "$@"', "cd", *self.argv])],
                 env=root_env(), stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
                 start_new_session=True)
             try:
