@@ -53,7 +53,7 @@ class Result:
     stdout: str
     stderr: str
     ready: float            # seconds until the root was ready (ensure_root)
-    ran: float              # seconds the command ran
+    ran: float              # seconds the command ran, from the root ready to its end
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Run:
     timeout: float
     began: float = field(default_factory=time.monotonic)
     _ready: float | None = None
+    _ended: float | None = None
     _proc: subprocess.Popen | None = None
     _error: BaseException | None = None
     _done: threading.Event = field(default_factory=threading.Event)
@@ -93,6 +94,7 @@ class Run:
                 self._proc.wait(timeout=max(0.0, self.began + self.timeout - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.stop()
+            self._ended = time.monotonic()
         except BaseException as exc:  # handed to the test that waits: its failure
             self._error = exc
         finally:
@@ -113,16 +115,16 @@ class Run:
         self._done.wait()
         if self._error is not None:
             raise self._error
-        assert self._proc is not None and self._ready is not None
+        assert self._proc is not None and self._ready is not None and self._ended is not None
         killed = self._proc.returncode == -signal.SIGKILL and \
-            time.monotonic() >= self.began + self.timeout
+            self._ended >= self.began + self.timeout
         outputs = []
         for f in (self._out, self._err):
             assert f is not None
             f.seek(0)
             outputs.append(f.read())
         return Result(None if killed else self._proc.returncode, outputs[0], outputs[1],
-                      self._ready - self.began, time.monotonic() - self._ready)
+                      self._ready - self.began, self._ended - self._ready)
 
 
 def run(name: str, argv: list[str], timeout: float) -> Run:

@@ -15,7 +15,8 @@ tests/packages.txt (+ nftables) inside it: downloads from a mount-only namespace
 host's network, installation without a network. It also fetches libvirt 11's source for the
 corpus test into the root's own /var/tmp (the test's own code, run inside). A stamp keyed on
 the package list makes later calls return at once; a changed list installs what is new. A
-lock file serialises concurrent callers.
+lock file serialises concurrent callers. Every call also puts this machine's hostname in the
+root's /etc/hosts (libvirt looks it up; see _hostname_in_hosts).
 
 ``run_in_root(argv, network=False, cwd="/src", env=None, **kw)`` runs argv inside the root:
 ``unshare --mount --net --pid --fork`` (no ``--net`` with network=True), the tree bind-mounted
