@@ -119,7 +119,10 @@ def apply_rules(rules: Mapping[str, Sequence[Intent]],
     try:
         backend.write(change)
     except Stale:
-        raise  # refused whole, before anything of it was in (nf_tables: ERESTART)
+        # refused whole, before anything of it was in (nf_tables: ERESTART); except a
+        # table created in two steps, whose skeleton (the first) stays: the retry reads
+        # it and adds the rest (nft.NftBackend._write_created)
+        raise
     except ApplyError as exc:
         try:  # every participant and family back as it was, those written before too
             backend.write(backend.revert(backend.read(before.families), before))

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from ..intents import Claim, Forward, Intent
     from ..model import IPNetwork, PortRange
     from .base import Backend, HostPort, Log, Owners
+    from .nftwrite import SetType
     from .rules import Rule
 
 TABLE = "kvmufw"
@@ -769,6 +770,17 @@ class Record:
 
 # --------------------------------------------------------------------------- backend
 
+_TYPES: dict[str, SetType] = {}  # nftwrite.set_types(SETS, EXACT), made on first use
+
+
+def _set_types() -> dict[str, SetType]:
+    """The sets and maps ``nftwrite`` writes (by their types: ``nftwrite.SetType``)."""
+    if not _TYPES:
+        from . import nftwrite
+        _TYPES.update(nftwrite.set_types(SETS, EXACT))
+    return _TYPES
+
+
 class NftBackend:
     """Our ``table inet kvmufw``. ``prefix`` runs the commands elsewhere, e.g. ``ip netns
     exec NS``."""
@@ -873,12 +885,14 @@ class NftBackend:
 
     def write(self, change: Change) -> None:
         """Element changes alone in one netlink batch in-process (``_write_elements``);
-        else our table and the glue nft can write (in libvirt's tables, in iptables-nft's
-        filter chains) in one ``nft -f`` (one transaction: all of it or nothing), then
-        one ``iptables-restore --noflush`` per family whose glue nft cannot write
-        (legacy iptables; a glue rule to move or remove; the iptables backend's rules to
-        take out). Afterwards our table as written is recorded (``Record``) when
-        nf_tables' generation proves nobody else changed anything meanwhile."""
+        a change that creates our table in two steps (``_write_created``: its skeleton
+        by ``nft -f``, then its elements by netlink); else our table and the glue nft
+        can write (in libvirt's tables, in iptables-nft's filter chains) in one ``nft
+        -f`` (one transaction: all of it or nothing), then one ``iptables-restore
+        --noflush`` per family whose glue nft cannot write (legacy iptables; a glue rule
+        to move or remove; the iptables backend's rules to take out). Afterwards our
+        table as written is recorded (``Record``) when nf_tables' generation proves
+        nobody else changed anything meanwhile."""
         base = change.base
         start = base.generation if base is not None else None
         transaction = change.script + change.glue.get("nft", "")
@@ -889,6 +903,10 @@ class NftBackend:
             return
         if start is not None and self._generation() != start:
             start = None
+        if (start is not None and base is not None and not base.table.present
+                and change.after and not self.prefix and not restores
+                and self._write_created(start, change)):
+            return
         try:
             if transaction:
                 self._run([self._nft(), "-f", "-"], stdin=transaction)
@@ -906,6 +924,43 @@ class NftBackend:
             return
         Record.save(start + 1, change.after)
 
+    def _write_created(self, start: int, change: Change) -> bool:
+        """A change that creates our table (a replay after a boot or a ``flush``, the
+        first start on a host), read at generation ``start``, still current: nft's own
+        parsing of thousands of element lines costs more than their netlink batch. So
+        two transactions: T1, one ``nft -f`` of all but the elements ``nftwrite``
+        encodes (the range chains, the skeleton, the glue nft writes, the others'
+        elements); T2, those elements in one batch that the kernel takes only at the
+        generation T1 left. Refused with ERESTART (someone wrote in between): ``Stale``,
+        and the operation's retry, reading our table there, writes the elements alone
+        by netlink. Refused otherwise: ApplyError, and ``apply_rules``' revert deletes
+        the table and the glue (``clear``). Killed in between: the skeleton holds none of
+        the elements T2 had (nothing is marked for the glue to accept but what T1 wrote)
+        until the next write of their owners (``replay``, ``restore``, their start)
+        completes it. False, with nothing written, where there is nothing to encode."""
+        from . import nftwrite
+        assert change.after is not None
+        groups, rest = nftwrite.separate(_set_types(), change.after)
+        if not groups:
+            return False
+        chains = _range_chains_change(Table(), [], change.after)
+        first = script(Table(), [], rest, chains) + change.glue.get("nft", "")
+        try:
+            self._run([self._nft(), "-f", "-"], stdin=first)
+            at = self._generation()
+            if at is None:
+                raise ApplyError("nf_tables' generation cannot be read after nft -f")
+            nftwrite.release(nftwrite.send(*nftwrite.framed(TABLE, at, groups), TABLE),
+                             deleted=False)
+        except ApplyError:
+            Record.forget()
+            raise
+        if at == start + 1:  # T1 was the only change since our read
+            Record.save(at + 1, change.after)
+        else:
+            Record.forget()
+        return True
+
     @staticmethod
     def _write_elements(start: int, change: Change) -> bool:
         """The change, element adds and deletes only, in one netlink batch that the
@@ -915,8 +970,7 @@ class NftBackend:
         from . import nftwrite
         assert change.elements is not None
         try:
-            payload, sets = nftwrite.batch(TABLE, nftwrite.set_types(SETS, EXACT), start,
-                                           *change.elements)
+            payload, sets = nftwrite.batch(TABLE, _set_types(), start, *change.elements)
         except nftwrite.Unencodable:
             return False
         try:

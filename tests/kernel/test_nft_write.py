@@ -63,7 +63,7 @@ LAB = net_xml('host-port="8080" guest-port="80" guest-ip="10.0.0.20"',
 LAB2 = (b"<network><name>lab2</name>" + DEV.encode() + b"</forward><bridge name='virbr2'/>"
         b"<ip address='10.0.2.1' prefix='24'/>"
         b"<ip family='ipv6' address='fd00:20::1' prefix='64'/></network>")
-# no dev: its masquerade is a single-field interval set, which nft -f writes
+# no dev: its masquerade is in single-field interval sets (start and end elements)
 OPEN = (b"<network><name>nodev</name><forward mode='nat'/><bridge name='virbr3'/>"
         b"<ip address='10.0.3.1' prefix='24'/></network>")
 WEB1 = dom_xml("web1", WEB1_MAC,
@@ -79,10 +79,21 @@ WEB1 = dom_xml("web1", WEB1_MAC,
                'host-port="2401" guest-port="25" host-ip="2001:db8:1::1"')
 DB = dom_xml("db", DB_MAC, 'host-port="3306"', 'proto="udp" host-port="5353" guest-port="53"',
              'host-port="9100-9102"')
+# no dev, both families masqueraded (NAT66), source ports of their own: single-field
+# interval sets of both families and their range chain
+NAT66 = ("<network><name>{0}</name><forward mode='nat'><nat ipv6='yes'>"
+         "<port start='2000' end='2009'/></nat></forward><bridge name='virbr{1}'/>"
+         "<ip address='10.0.{1}.1' prefix='24'/>"
+         "<ip family='ipv6' address='fd00:{1}::1' prefix='64'/></network>")
 STEPS = [("n=lab", "net", LAB), ("d=web1", "dom", WEB1), ("d=db", "dom", DB),
          ("n=lab2", "net", LAB2), ("d=web1", "stop", b""), ("d=web1", "dom", WEB1),
          ("n=nodev", "net", OPEN), ("n=lab", "stop", b""), ("d=db", "stop", b""),
-         ("n=nodev", "stop", b""), ("n=lab2", "stop", b""), ("d=web1", "stop", b"")]
+         ("n=nodev", "stop", b""),
+         ("n=six", "net", NAT66.format("six", 4).encode()),
+         ("n=seven", "net", NAT66.format("seven", 7).encode()),
+         ("n=nodev", "net", OPEN),  # masq_any4 emptied before: added to again
+         ("n=seven", "stop", b""), ("n=six", "stop", b""), ("n=nodev", "stop", b""),
+         ("n=lab2", "stop", b""), ("d=web1", "stop", b"")]
 
 
 def _steps(tmp_path, steps) -> str:
@@ -117,9 +128,10 @@ def tools():
 def test_element_changes_by_netlink_are_what_nft_writes(tools, tmp_path):
     """Forwards of both families (any source, sourced, host address, port ranges kept
     and shifted, sctp), hairpins and their shared accepts taken over on a stop, a
-    network's elements, deletes: after every step the two tables list the same, byte
-    for byte, as text and as JSON. Every step but those that need the skeleton, a range
-    chain or a single-field interval set went by netlink."""
+    network's elements (single-field interval sets of both families among them: started,
+    stopped, emptied and added to again), deletes: after every step the two tables list
+    the same, byte for byte, as text and as JSON. Every step but those that need the
+    skeleton or add or delete a range chain went by netlink."""
     steps = _steps(tmp_path, STEPS)
     by_netlink = _drive("netlink", steps, tmp_path, "nlw")
     by_nft = _drive("nft", steps, tmp_path, "nft")
@@ -132,8 +144,12 @@ def test_element_changes_by_netlink_are_what_nft_writes(tools, tmp_path):
     assert [s["by"] for s in by_netlink] == [
         "nft",  # the skeleton and lab's source-port range chain
         "netlink", "netlink", "netlink", "netlink", "netlink",
-        "nft",  # nodev: masq_any4 is a single-field interval set
-        "netlink", "netlink", "nft",  # nodev's stop: masq_any4 again
+        "netlink",  # nodev: masq_any4 and masqp_any4, single-field interval sets
+        "netlink", "netlink", "netlink",
+        "nft",  # six: its source-port range chain
+        "netlink", "netlink", "netlink",
+        "nft",  # six's stop deletes that chain
+        "netlink",
         "nft", "netlink"]  # lab2's stop deletes the range chain
     started = by_netlink[3]["list"]  # what the steps wrote is there
     for text in ('"virbr2" . 10.0.2.0/24', "198.51.100.0/24", "2001:db8::/32",
@@ -143,6 +159,9 @@ def test_element_changes_by_netlink_are_what_nft_writes(tools, tmp_path):
     # lab's stop: web1's forward to the same guest port takes the shared accept over
     assert ('"virbr1" . 10.0.0.20 . tcp . 80 comment "kvmufw:d=web1'
             in by_netlink[7]["list"])
+    both = by_netlink[11]["list"]  # six and seven: both families' single-field intervals
+    for text in ("10.0.4.0/24", "fd00:4::/64", "fd00:7::/64", "jump masq_2000_2009"):
+        assert text in both, text
 
 
 # In the namespace: web1 started; then its stop, with someone else's element added
