@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -314,7 +315,16 @@ def check_forwards(label: str, specs: Sequence[ForwardSpec], facts: HostFacts | 
     taken: dict[tuple[str, PortRange, IPAddress | None], set[int]] = {}
     for h in held:
         taken.setdefault((h.proto, h.host_port, h.host_ip), set()).update(h.families)
+    # a forward on every address is refused only for a listener's port in its range:
+    # the others (nearly all, on a host of thousands of forwards) need no message spelt
+    listening: dict[str, list[int]] = {}  # proto -> the listeners' ports, sorted
+    for sock in facts.listeners:
+        insort(listening.setdefault(sock.proto, []), sock.port)
     for index, spec in enumerate(specs, start=1):
+        ports = listening.get(spec.proto, ())
+        if spec.host_ip is None and bisect_left(ports, spec.host_port.first) == bisect_right(
+                ports, spec.host_port.last):
+            continue
         facts.check(f"{label}: forward #{index} ({spec.label})", spec,
                     taken.get((spec.proto, spec.host_port, spec.host_ip), ()),
                     None if families is None else families[index - 1], owner)

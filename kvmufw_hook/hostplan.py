@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from . import host, state
 from .errors import InputError, shown
 from .intents import Claim, Held, Intent
-from .model import Domain, ForwardSpec, Network
+from .model import Domain, ForwardSpec, IPAddress, Network
 from .names import domain_owner, network_owner
 from .parse import object_name, parse_domain_xml, parse_network_xml
 from .plan import (
@@ -184,7 +184,9 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
         if o in held:
             claimed.add(owner_label(o), held[o])
     # plan: XML files, not this host: no records of its ports or leases
-    leases: Leases = host.network_leases if ports is not None else no_leases
+    leases: Leases = _leases_once() if ports is not None else no_leases
+    if ports is not None:
+        ports = _ports_once(ports)
 
     def check(label: str, owner: str, specs: Sequence[ForwardSpec],
               targets: Sequence[Resolved]) -> None:
@@ -217,6 +219,30 @@ def plan_host(networks: Mapping[str, Network], domains: Mapping[str, Domain],
     for subject in owners:
         add(subject)
     return result
+
+
+def _ports_once(ports: Ports) -> Ports:
+    """``ports``, each network's read once per plan (not once per guest): the state
+    is locked meanwhile, so the file is the same on every read."""
+    seen: dict[str, list[tuple[str, str]]] = {}
+
+    def once(network: str) -> list[tuple[str, str]]:
+        if network not in seen:
+            seen[network] = ports(network)
+        return seen[network]
+    return once
+
+
+def _leases_once() -> Leases:
+    """``host.network_leases``, each bridge's dnsmasq record read once per plan (not
+    once per guest on it): one snapshot for every guest."""
+    seen: dict[str | None, tuple[tuple[IPAddress, str | None], ...]] = {}
+
+    def once(net: Network) -> tuple[tuple[IPAddress, str | None], ...]:
+        if net.bridge not in seen:
+            seen[net.bridge] = host.network_leases(net)
+        return seen[net.bridge]
+    return once
 
 
 def _parse_all(network_xmls: Iterable[bytes], domain_xmls: Iterable[bytes],

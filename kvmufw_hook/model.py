@@ -19,6 +19,26 @@ MANAGED_MODES = ("nat", "route", "open", "isolated")
 PROTOCOLS = ("tcp", "udp", "sctp")
 FAMILIES = (4, 6)  # IPv4, IPv6: an address's family is its ``version``, as in libvirt
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # to mypy, what it is: a read-only property
+    cached = property
+else:
+    class cached:
+        """A property computed once per object, kept in the object's own ``__dict__``
+        (a frozen dataclass without slots: the fields never change, so neither does
+        it): ``functools.cached_property`` without its lock, which costs more than
+        the little it caches here, thousands of times per replay."""
+
+        def __init__(self, compute):
+            self.compute, self.name, self.__doc__ = compute, compute.__name__, compute.__doc__
+
+        def __get__(self, obj, owner=None):
+            if obj is None:
+                return self
+            value = obj.__dict__[self.name] = self.compute(obj)
+            return value
+
+
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 IPInterface = IPv4Interface | IPv6Interface
@@ -74,14 +94,15 @@ class ForwardSpec:
             return False
         return not self.sources or bool(self.sources_in(family))
 
-    @property
+    # cached: asked several times of each forward by every check
+    @cached
     def families(self) -> tuple[int, ...]:
         """The families in which the forward may take a host port: known from the
         metadata alone (a guest address from a reservation is learnt only later, so
         without guest-ip, host-ip or source a forward may take both)."""
         return tuple(f for f in FAMILIES if self.allows(f))
 
-    @property
+    @cached
     def label(self) -> str:
         """How messages name this forward: ``forward tcp 2222->22``."""
         text = f"forward {self.proto} {self.host_port}"
@@ -134,12 +155,14 @@ class Network:
         """Whether we keep rules for the network: managed or bridged."""
         return self.managed or self.bridged
 
-    @property
+    # cached: every guest on the network asks, and a network may hold thousands of
+    # reservations
+    @cached
     def interfaces(self) -> tuple[IPInterface, ...]:
         """The network's own addresses on its bridge, IPv4 first."""
         return (*self.ipv4, *self.ipv6)
 
-    @property
+    @cached
     def subnets(self) -> tuple[IPNetwork, ...]:
         return tuple(i.network for i in self.interfaces)
 
@@ -150,18 +173,29 @@ class Network:
         return None
 
     def reservation(self, mac: str) -> IPAddress | None:
-        """The IPv4 address reserved for ``mac`` (IPv6 reservations carry no MAC)."""
-        for host in self.hosts:
-            if host.mac == mac:
-                return host.ip
-        return None
+        """The IPv4 address reserved for ``mac`` (IPv6 reservations carry no MAC): the
+        first ``<host>`` with it."""
+        return self._by_mac.get(mac)
 
     def named_reservation(self, name: str, family: int) -> IPAddress | None:
-        """The address of ``family`` of the ``<host>`` entry named exactly ``name``."""
+        """The address of ``family`` of the first ``<host>`` entry named exactly ``name``."""
+        return self._by_name.get((name, family))
+
+    @cached
+    def _by_mac(self) -> dict[str, IPAddress]:
+        found: dict[str, IPAddress] = {}
         for host in self.hosts:
-            if host.name == name and host.ip.version == family:
-                return host.ip
-        return None
+            if host.mac is not None:
+                found.setdefault(host.mac, host.ip)
+        return found
+
+    @cached
+    def _by_name(self) -> dict[tuple[str, int], IPAddress]:
+        found: dict[tuple[str, int], IPAddress] = {}
+        for host in self.hosts:
+            if host.name is not None:
+                found.setdefault((host.name, host.ip.version), host.ip)
+        return found
 
 
 @dataclass(frozen=True)

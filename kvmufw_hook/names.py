@@ -37,6 +37,8 @@ def safe_name(name: str) -> str:
     only if they share those (no one finds such a pair). 128 bits, not 256, so that the
     longest owner tag fits the 128 bytes nft keeps of a rule's comment.
     """
+    if 0 < len(name) <= MAX_ENCODED and _SAFE.issuperset(name):
+        return name  # every character its own token: most names, asked per rule
     parts = [_escaped(ch) for ch in name]
     encoded = "".join(parts)
     if 0 < len(encoded) <= MAX_ENCODED:

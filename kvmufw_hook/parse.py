@@ -175,10 +175,11 @@ class NodeBuilder:
         self._text.clear()
 
     def start(self, tag: str, attrs: dict[str, str], /) -> Node:
-        self._flush()
+        if self._text:  # thousands of elements per replay: no call when there is none
+            self._flush()
         node = Node(tag, attrs)
         if self._open:
-            self._open[-1].append(node)
+            self._open[-1].children.append(node)
         else:  # expat allows one root
             self._root = node
         self._open.append(node)
@@ -186,7 +187,8 @@ class NodeBuilder:
         return node
 
     def end(self, tag: str, /) -> Node:
-        self._flush()
+        if self._text:
+            self._flush()
         self._texting = None
         return self._open.pop()
 
@@ -250,13 +252,19 @@ def _bounded_parse(data: bytes, what: str, builder: Builder[T]) -> T:
         elements += 1
         if elements > MAX_ELEMENTS:
             raise InputError(f"{what}: XML with more than {MAX_ELEMENTS} elements")
-        builder.start(_clark(name), {_clark(k): v for k, v in attrs.items()})
+        for key in attrs:  # most have no namespaced attribute: expat's dict as it is
+            if "}" in key:
+                attrs = {_clark(k): v for k, v in attrs.items()}
+                break
+        builder.start("{" + name if "}" in name else name, attrs)
 
     def declared(*_args: object) -> None:  # cannot happen after the byte search: belt
         raise InputError(f"{what}: a DOCTYPE or entity declaration is not allowed")
 
     parser.StartElementHandler = start
-    parser.EndElementHandler = lambda name: builder.end(_clark(name))
+    # a Node's end needs no tag (expat has matched it): no call to spell it
+    parser.EndElementHandler = (builder.end if isinstance(builder, NodeBuilder)
+                                else lambda name: builder.end(_clark(name)))
     parser.CharacterDataHandler = builder.data
     parser.StartDoctypeDeclHandler = declared
     parser.EntityDeclHandler = declared
@@ -431,12 +439,16 @@ def parse_forwards(metadata: Tree | None, owner: str,
     specs: list[ForwardSpec] = []
     rules = 0
     for index, el in forward_elements(metadata, owner):
-        specs.append(_parse_forward(el, f"{owner}: forward #{index}", allowed))
+        specs.append(_plain_forward(el.attrib, allowed)
+                     or _parse_forward(el, f"{owner}: forward #{index}", allowed))
         rules += 2 * max(1, len(specs[-1].sources)) + 3
         if rules > MAX_RULES:
             raise InputError(f"{owner}: forwards that need more than {MAX_RULES} rules "
                              f"(forward #{index}); use fewer sources or port ranges")
     return tuple(specs)
+
+
+_FORWARD = "{" + NAMESPACE + "}forward"
 
 
 def forward_elements(metadata: Tree | None, owner: str) -> Iterator[tuple[int, Tree]]:
@@ -447,8 +459,8 @@ def forward_elements(metadata: Tree | None, owner: str) -> Iterator[tuple[int, T
     if root is None:
         return
     for index, el in enumerate(root, start=1):
-        ns = _namespace(el.tag)
-        if _local(el) != "forward" or ns not in (None, NAMESPACE):
+        if el.tag != _FORWARD and el.tag != "forward" and (  # the common tags: no split
+                _local(el) != "forward" or _namespace(el.tag) not in (None, NAMESPACE)):
             raise InputError(f"{owner}: forward #{index}: unknown element "
                              f"{shown(_local(el))} in <forwards>")
         if index > MAX_FORWARDS:
@@ -479,6 +491,42 @@ def parse_forward_attrs(attrs: dict[str, str], where: str,
                         allowed: frozenset[str]) -> ForwardSpec:
     """One forward from its attributes (``forward add/remove``), checked as in XML."""
     return _parse_forward(Node("forward", attrs), where, allowed)
+
+
+_PLAIN = frozenset({"proto", "host-port", "guest-port", "comment"})
+
+
+def _plain_forward(attrs: dict[str, str], allowed: frozenset[str]) -> ForwardSpec | None:
+    """The common forward (proto, ports, comment, every one valid as written), exactly as
+    ``_parse_forward`` reads it, without building its messages; None for anything
+    else, which ``_parse_forward`` reads (or refuses, with its one line)."""
+    if not attrs.keys() <= _PLAIN or not attrs.keys() <= allowed or "host-port" not in attrs:
+        return None
+    proto = attrs.get("proto")
+    proto = "tcp" if proto is None else proto.strip().lower()
+    host_port = _plain_ports(attrs["host-port"])
+    guest = attrs.get("guest-port")
+    guest_port = host_port if guest is None else _plain_ports(guest)
+    if (proto not in PROTOCOLS or host_port is None or guest_port is None
+            or guest_port.last - guest_port.first != host_port.last - host_port.first):
+        return None
+    return ForwardSpec(proto, host_port, guest_port, (), None, None, None, (),
+                       attrs.get("comment"))
+
+
+def _plain_ports(value: str) -> PortRange | None:
+    """``_ports`` of a value it accepts with nothing to strip; None otherwise."""
+    if value.isdigit() and value.isascii() and len(value) <= 5:  # one port, most often
+        port = int(value)
+        return PortRange(port, port) if 1 <= port <= 65535 else None
+    match = _PORTS.fullmatch(value)
+    if not match:
+        return None
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    if not (1 <= first <= last <= 65535):
+        return None
+    return PortRange(first, last)
 
 
 def _parse_forward(el: Tree, where: str, allowed: frozenset[str]) -> ForwardSpec:

@@ -9,8 +9,9 @@ rules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from ipaddress import IPv6Network
 
 from .errors import InputError, Unavailable, shown
@@ -180,18 +181,33 @@ def _booked_by_mac(net: Network, mac: str) -> dict[int, IPAddress]:
     return {}
 
 
-def _checked(where: str, spec: ForwardSpec, targets: list[Resolved],
-             networks: Mapping[str, Network] | None = None) -> list[Resolved]:
+def _checked(where: str | Callable[[], str], spec: ForwardSpec, targets: list[Resolved],
+             networks: Mapping[str, Network] | None = None,
+             passed: set[tuple[IPAddress, int, IPNetwork]] | None = None) -> list[Resolved]:
     """The resolved targets, each a real guest of its own network; InputError when none
-    is left in a family the forward is limited to (host-ip or sources of one family)."""
+    is left in a family the forward is limited to (host-ip or sources of one family).
+    ``where``: how messages name the forward (or how to spell it, only when needed);
+    ``passed``: the (address, id of its network, subnet) already proven a guest's
+    against the same ``networks`` (a guest's forwards mostly reach one address). Keyed
+    by value, not by the ids of the address and subnet objects: an id can be reused once
+    its object is freed, and a reused id would let an unproven address through."""
     if not targets:
         wanted = " or ".join(map(_family_name, spec.families)) or "any family"
-        raise InputError(f"{where}: the guest has no {wanted} address to forward to "
-                         "(host-ip and source limit the family)")
+        raise InputError(f"{_spelt(where)}: the guest has no {wanted} address to forward "
+                         "to (host-ip and source limit the family)")
     for t in targets:
-        _check_guest_address(where, t.guest_ip, t.network, t.subnet)
-        _routed_elsewhere(where, t, networks or {})
+        key = (t.guest_ip, id(t.network), t.subnet)  # the network: alive with ``networks``
+        if passed is not None and key in passed:
+            continue
+        _check_guest_address(_spelt(where), t.guest_ip, t.network, t.subnet)
+        _routed_elsewhere(_spelt(where), t, networks or {})
+        if passed is not None:
+            passed.add(key)
     return targets
+
+
+def _spelt(where: str | Callable[[], str]) -> str:
+    return where if isinstance(where, str) else where()
 
 
 def _routed_elsewhere(where: str, t: Resolved, networks: Mapping[str, Network]) -> None:
@@ -255,6 +271,9 @@ def _reserved_by_others(dom: Domain,
     return held
 
 
+# remembered: each guest's check computes those of every other guest's port and
+# reservation on its network (8 us each; 200 dual-stack guests: 40,000 per replay)
+@lru_cache(maxsize=8192)
 def eui64_address(subnet: IPNetwork, mac: str) -> IPAddress:
     """The address a NIC with ``mac`` autoconfigures in a /64 by SLAAC with a modified
     EUI-64 interface ID (RFC 4291, appendix A): ifupdown's and many appliances' default,
@@ -298,22 +317,26 @@ def resolve_domain_forwards(dom: Domain,
     what = f"domain {shown(dom.name)}"
     attached = domain_networks(dom, networks)
     others: dict[IPAddress, str] | None = None
-    booked: dict[tuple[str, int], dict[int, IPAddress]] = {}  # once per NIC, not per forward
+    # once per NIC, not per forward
+    booked: dict[tuple[str, int], list[tuple[int, IPAddress, IPNetwork]]] = {}
+    passed: set[tuple[IPAddress, int, IPNetwork]] = set()  # guest addresses proven
     out: list[Resolved] = []
 
     def one(index: int, spec: ForwardSpec) -> list[Resolved]:
         nonlocal others
-        where = f"{what}: forward #{index} ({spec.label})"
+
+        def where() -> str:  # only for a refusal: thousands of forwards pass
+            return f"{what}: forward #{index} ({spec.label})"
         candidates = attached
         if spec.mac is not None:
             candidates = [(mac, net) for mac, net in attached if mac == spec.mac]
             if not candidates:
                 if any(nic.mac == spec.mac for nic in dom.nics):
-                    raise Unavailable(f"{where}: NIC {spec.mac} is not on a nat, route, open "
+                    raise Unavailable(f"{where()}: NIC {spec.mac} is not on a nat, route, open "
                                       "or isolated network with a bridge that is active")
-                raise InputError(f"{where}: the domain has no NIC with mac {spec.mac}")
+                raise InputError(f"{where()}: the domain has no NIC with mac {spec.mac}")
         if not attached:
-            raise Unavailable(f"{where}: the domain has no NIC on a nat, route, open or "
+            raise Unavailable(f"{where()}: the domain has no NIC on a nat, route, open or "
                               "isolated network that is active")
         targets: list[Resolved] = []
         if spec.guest_ips:
@@ -326,11 +349,11 @@ def resolve_domain_forwards(dom: Domain,
                               if (sub := net.subnet_of(guest)) is not None), None)
                 if found is None:
                     nets = ", ".join(f"{net.name} ({_subnets(net)})" for _m, net in candidates)
-                    raise InputError(f"{where}: guest-ip {guest} is outside the subnets "
+                    raise InputError(f"{where()}: guest-ip {guest} is outside the subnets "
                                      f"of the networks the guest is attached to: {nets}")
                 holder = others.get(guest)
                 if holder is not None:
-                    raise InputError(f"{where}: guest-ip {guest} is reserved for "
+                    raise InputError(f"{where()}: guest-ip {guest} is reserved for "
                                      f"another guest ({holder}); a domain forwards only "
                                      "to its own addresses")
                 targets.append(Resolved(spec, guest, *found))
@@ -338,19 +361,22 @@ def resolve_domain_forwards(dom: Domain,
             allowed = spec.families
             for mac, net in candidates:
                 key = (mac, id(net))
-                if key not in booked:
-                    booked[key] = _booked_for(dom, mac, net)
-                ips = [ip for family, ip in sorted(booked[key].items()) if family in allowed]
-                if ips:
-                    targets = [Resolved(spec, ip, net, net.subnet_of(ip))  # type: ignore[arg-type]
-                               for ip in ips]
+                reserved = booked.get(key)
+                if reserved is None:  # (family, address, its subnet), by family
+                    reserved = booked[key] = [
+                        (family, ip, sub) for family, ip in sorted(
+                            _booked_for(dom, mac, net).items())
+                        if (sub := net.subnet_of(ip)) is not None]  # each is in one
+                targets = [Resolved(spec, ip, net, subnet)
+                           for family, ip, subnet in reserved if family in allowed]
+                if targets:
                     break
             if not targets:
                 macs = ", ".join(f"{mac} on {net.name}" for mac, net in candidates)
-                raise InputError(f"{where}: cannot resolve the guest address: no <dhcp><host> "
+                raise InputError(f"{where()}: cannot resolve the guest address: no <dhcp><host> "
                                  f"reservation for {macs} (IPv4: by MAC; IPv6: by the name "
                                  f"{shown(dom.name)}); add one or set guest-ip")
-        return _checked(where, spec, targets, networks)
+        return _checked(where, spec, targets, networks, passed)
 
     # every forward is resolved: one whose network is down (Unavailable) must not hide
     # another that now reaches someone else's address (that refusal withdraws, so wins)
@@ -373,12 +399,11 @@ def plan_forwards(owner: str, targets: Iterable[Resolved]) -> tuple[Forward, ...
     that family."""
     out = []
     for t in targets:
-        spec, bridge = t.spec, t.network.bridge
+        spec, bridge, family = t.spec, t.network.bridge, t.family
         assert bridge is not None
-        out.append(Forward(owner, t.family, bridge, t.subnet, proto=spec.proto,
-                           host_ports=spec.host_port, guest=t.guest_ip,
-                           guest_ports=spec.guest_port, host_ip=spec.host_ip,
-                           sources=spec.sources_in(t.family)))
+        out.append(Forward(owner, family, bridge, t.subnet, spec.proto, spec.host_port,
+                           t.guest_ip, spec.guest_port, spec.host_ip,
+                           spec.sources_in(family) if spec.sources else ()))
     return tuple(out)
 
 
@@ -386,10 +411,7 @@ def forward_families(specs: Iterable[ForwardSpec],
                      targets: Iterable[Resolved]) -> list[tuple[int, ...]]:
     """For each of ``specs``, in order, the families it was resolved in (the host's own
     ports it takes: ``host.check_forwards``)."""
-    found: dict[int, set[int]] = {}
-    for t in targets:
-        found.setdefault(id(t.spec), set()).add(t.family)
-    return [tuple(sorted(found.get(id(s), ()))) for s in specs]
+    return resolved_with_families(specs, targets)[1]
 
 
 def resolved_specs(specs: Iterable[ForwardSpec],
@@ -397,14 +419,31 @@ def resolved_specs(specs: Iterable[ForwardSpec],
     """Each forward limited to the addresses it resolved to, so that its ``families``
     are the ones it takes host ports in (a forward without guest-ip may take both by its
     metadata, and takes only those its guest has an address in)."""
+    return resolved_with_families(specs, targets)[0]
+
+
+def resolved_with_families(specs: Iterable[ForwardSpec], targets: Iterable[Resolved]
+                           ) -> tuple[list[ForwardSpec], list[tuple[int, ...]]]:
+    """``resolved_specs`` and ``forward_families`` in one pass over the targets (every
+    check of an owner needs both: thousands of forwards in a replay)."""
     found: dict[int, list[IPAddress]] = {}
     for t in targets:
         found.setdefault(id(t.spec), []).append(t.guest_ip)
-    out = []
+    out: list[ForwardSpec] = []
+    families: list[tuple[int, ...]] = []
     for spec in specs:
         ips = tuple(found.get(id(spec), ()))
-        out.append(spec if not ips or ips == spec.guest_ips else replace(spec, guest_ips=ips))
-    return out
+        out.append(spec if not ips or ips == spec.guest_ips else with_guest_ips(spec, ips))
+        families.append((ips[0].version,) if len(ips) == 1
+                        else tuple(sorted({ip.version for ip in ips})))
+    return out, families
+
+
+def with_guest_ips(spec: ForwardSpec, ips: tuple[IPAddress, ...]) -> ForwardSpec:
+    """``replace(spec, guest_ips=ips)``, built directly (thousands per replay)."""
+    return ForwardSpec(spec.proto, spec.host_port, spec.guest_port, ips, spec.mac,
+                       spec.guest_mac, spec.host_ip, spec.sources, spec.comment,
+                       spec.allow_host_service)
 
 
 # --------------------------------------------------------------------------- conflicts

@@ -25,10 +25,9 @@ from .plan import (
     _booked_for,
     check_conflicts,
     eui64_address,
-    forward_families,
     plan_forwards,
     resolve_domain_forwards,
-    resolved_specs,
+    resolved_with_families,
 )
 
 Claims = list[tuple[str, Iterable[ForwardSpec | Claim]]]
@@ -121,9 +120,10 @@ def check_own_addresses(dom: Domain, targets: Iterable[Resolved], ports: Ports,
     seen: dict[str, dict[IPAddress, str]] = {}
     for t in targets:
         net = t.network
-        if net.name not in seen:
-            seen[net.name] = _theirs(dom, net, ports, leases, neighbours)
-        holder = seen[net.name].get(t.guest_ip)
+        theirs = seen.get(net.name)
+        if theirs is None:
+            theirs = seen[net.name] = _theirs(dom, net, ports, leases, neighbours)
+        holder = theirs.get(t.guest_ip) if theirs else None
         if holder is not None:
             raise InputError(f"domain {shown(dom.name)}: {t.spec.label}: guest "
                              f"{t.guest_ip} on network {shown(net.name)} is another "
@@ -252,13 +252,12 @@ def check_forwards(label: str, owner: str, specs: Sequence[ForwardSpec],
     them), None for XML files that describe no host (``plan``: only what XML alone
     decides); ``held``: what the owner's rules take now. Returns the forwards in the
     families they take (what the owner claims once its rules are in)."""
-    mine = resolved_specs(specs, targets)
+    mine, families = resolved_with_families(specs, targets)
     check_conflicts(label, mine, others(mine))
     if facts is None:
         check_libvirt_ports(label, specs, networks)
     else:
-        check_host(label, owner, specs, facts, networks, held,
-                   forward_families(specs, targets))
+        check_host(label, owner, specs, facts, networks, held, families)
     return mine
 
 
@@ -280,6 +279,8 @@ def captured(net: Network, held: Held) -> set[str]:
 
 
 LIBVIRT_PORTS = (("udp", 53), ("tcp", 53), ("udp", 67), ("udp", 547))  # dnsmasq's
+_LIBVIRT_LOWEST = min(port for _proto, port in LIBVIRT_PORTS)
+_LIBVIRT_HIGHEST = max(port for _proto, port in LIBVIRT_PORTS)
 
 
 def check_libvirt_ports(label: str, forwards: Iterable[ForwardSpec],
@@ -291,6 +292,8 @@ def check_libvirt_ports(label: str, forwards: Iterable[ForwardSpec],
     network would get the forward's answers."""
     bridged = {iface.ip for net in networks.values() for iface in net.interfaces}
     for index, spec in enumerate(forwards, start=1):
+        if spec.host_port.first > _LIBVIRT_HIGHEST or spec.host_port.last < _LIBVIRT_LOWEST:
+            continue  # most forwards: none of those ports (the loop below says the same)
         if spec.host_ip is not None and spec.host_ip not in bridged:
             continue
         for proto, port in LIBVIRT_PORTS:

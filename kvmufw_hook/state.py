@@ -330,10 +330,12 @@ def load_domains(log: Log = None, known: frozenset[str] = frozenset()) -> dict[s
     return {dom.name: dom for dom in _parsed(paths, parse_domain_xml, log)}
 
 
-def domain_names(live: dict[str, bytes], log: Log = None) -> set[str]:
+def domain_names(live: dict[str, bytes], log: Log = None,
+                 same: set[str] | None = None) -> set[str]:
     """The names ``load_domains`` keys by, without parsing again the files that hold
     exactly a guest's XML as ``live`` has it (name -> XML that parsed as that name):
-    ``replay`` of hundreds of guests knows them all already."""
+    ``replay`` of hundreds of guests knows them all already. ``same`` gets the paths of
+    those files (``replace_all``'s ``unchanged``, while the state stays locked)."""
     from .parse import parse_domain_xml
     by_path = {domain_path(name): (name, raw) for name, raw in live.items()}
     names, rest = set(), []
@@ -341,6 +343,8 @@ def domain_names(live: dict[str, bytes], log: Log = None) -> set[str]:
         name, raw = by_path.get(path, ("", None))
         if raw is not None and _unchanged(path, raw):
             names.add(name)
+            if same is not None:
+                same.add(path)
         else:
             rest.append(path)
     return names | {dom.name for dom in _parsed(rest, parse_domain_xml, log)}
@@ -549,10 +553,12 @@ class locked:
 
 
 def replace_all(networks: dict[str, bytes], domains: dict[str, bytes],
-                keep: set[tuple[str, str]] | None = None) -> None:
+                keep: set[tuple[str, str]] | None = None,
+                unchanged: set[str] | None = None) -> None:
     """Make the state files exactly these (``replay``), leaving alone the files in
     ``keep`` ((kind, name) of owners whose XML did not parse: their rules stay, and so
-    must what lets their stop remove them)."""
+    must what lets their stop remove them). ``unchanged``: paths found holding exactly
+    their XML already under the same lock (``domain_names``' ``same``): not read again."""
     for kind, wanted in (("networks", networks), ("domains", domains)):
         paths = {_path(kind, name): raw for name, raw in wanted.items()}
         kept = {_path(k, name) for k, name in keep or () if k == kind}
@@ -560,6 +566,8 @@ def replace_all(networks: dict[str, bytes], domains: dict[str, bytes],
             if path not in paths and path not in kept:
                 _remove(path)
         for path, raw in paths.items():
+            if unchanged is not None and path in unchanged:
+                continue
             if not _unchanged(path, raw):  # most are: the hooks wrote them
                 _write(path, raw)
 

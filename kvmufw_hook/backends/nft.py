@@ -319,7 +319,7 @@ def elements(rule: Rule) -> list[Element]:
     return [el("b2b", f"{_if(rule.iif)} . {_if(rule.oif)}")]
 
 
-def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[Element]:
+def forward_elements(fw: Forward, texts: dict[Any, Any] | None = None) -> list[Element]:
     """A forward's elements, straight from its intent (the same as ``elements`` gives for
     its rules, measured twice as fast: a replay of thousands renders these): DNAT per
     source, the accept of its DNAT'd packets both ways, its hairpin masquerade. Sources
@@ -329,8 +329,25 @@ def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[E
     which only holds while they all live, as the intents of one ``wanted`` do)."""
     known = {} if texts is None else texts
     f, owned = fw.family, (fw.owner, fw.bridge, id(fw.subnet))
-    comment = known.get(owned) or known.setdefault(owned, tag_comment(fw.tag))
+    shared = known.get(owned)  # what all of an owner's forwards on one subnet share
+    if shared is None:
+        assert fw.subnet is not None
+        subnet = known.get(id(fw.subnet)) or known.setdefault(id(fw.subnet),
+                                                              _addr(fw.subnet))
+        shared = known[owned] = (tag_comment(fw.tag), f'"{fw.bridge}"', subnet)
+    comment, bridge, subnet = shared
     guest = known.get(id(fw.guest)) or known.setdefault(id(fw.guest), ip_text(fw.guest))
+    proto, hp, gp = fw.proto, fw.host_ports, fw.guest_ports
+    if (not fw.sources and fw.host_ip is None and hp.first == hp.last
+            and gp.first == gp.last):  # the common forward, written out: as below
+        port, names, new = gp.first, _NAMES[f], tuple.__new__
+        return [new(Element, (names[0], f"{proto} . {hp.first}", f"{guest} . {port}",
+                              comment)),
+                new(Element, (names[1], f"{bridge} . {guest} . {proto} . {port}", None,
+                              comment)),
+                new(Element, (names[2], f"{guest} . {bridge} . {proto} . {port}", None,
+                              comment)),
+                new(Element, (names[3], f"{bridge} . {subnet}", None, comment))]
     host = ip_text(fw.host_ip) if fw.host_ip is not None else ANY[f]
     if not fw.sources or any(s.prefixlen == 0 for s in fw.sources):
         sources = [ANY[f]]
@@ -339,12 +356,15 @@ def forward_elements(fw: Forward, texts: dict[Any, str] | None = None) -> list[E
     else:
         from ipaddress import collapse_addresses
         sources = [_addr(s) for s in collapse_addresses(fw.sources)]  # type: ignore[type-var]
-    assert fw.subnet is not None
-    subnet = known.get(id(fw.subnet)) or known.setdefault(id(fw.subnet), _addr(fw.subnet))
-    bridge = f'"{fw.bridge}"'
-    return [*_dnat(f, host, sources, fw.proto, fw.host_ports, guest, fw.guest_ports, comment),
-            _accept(f, bridge, guest, fw.proto, fw.guest_ports, comment),
-            *_hairpin(f, bridge, guest, fw.proto, fw.guest_ports, subnet, comment)]
+    return [*_dnat(f, host, sources, proto, hp, guest, gp, comment),
+            _accept(f, bridge, guest, proto, gp, comment),
+            *_hairpin(f, bridge, guest, proto, gp, subnet, comment)]
+
+
+# per family: the sets of the common forward (its DNAT, accept, hairpin and hairpin net),
+# whose elements are built by ``tuple.__new__`` without the call through
+# ``Element.__new__``: thousands per replay
+_NAMES = {f: (f"dnat{f}_any", f"guestx{f}", f"hairpinx{f}", f"hairnet{f}") for f in (4, 6)}
 
 
 def _dnat(f: int, host: str, sources: Iterable[str], proto: str, hp: PortRange, guest: str,
@@ -402,17 +422,17 @@ def wanted(intents: Owners) -> dict[Element, None]:
     if not any(intents.values()):
         return {}
     from ..intents import Forward
-    out: dict[Element, None] = {}
-    texts: dict[Any, str] = {}
+    out: list[Element] = []  # in order, with repeats: the first of each is kept
+    texts: dict[Any, Any] = {}
     for owner in sorted(intents):
         for intent in intents[owner]:
             if isinstance(intent, Forward):
-                out.update(dict.fromkeys(forward_elements(intent, texts)))
+                out += forward_elements(intent, texts)
             else:
                 from .rules import expand
                 for rule in expand(intent):
-                    out.update(dict.fromkeys(elements(rule)))
-    return out
+                    out += elements(rule)
+    return dict.fromkeys(out)
 
 
 # --------------------------------------------------------------------------- read back
@@ -600,8 +620,14 @@ def skeleton() -> str:
 
 def _by_set(items: Iterable[Element], verb: str) -> list[str]:
     grouped: dict[str, list[str]] = {}
-    for e in items:
-        grouped.setdefault(e.set, []).append(e.text if verb == "add" else e.key)
+    for name, key, value, comment in items:  # ``Element.text`` inline: thousands
+        text = key if verb != "add" else f'{key} comment "{comment}"' if value is None \
+            else f'{key} comment "{comment}" : {value}'
+        found = grouped.get(name)
+        if found is None:
+            grouped[name] = [text]
+        else:
+            found.append(text)
     return [f"{verb} element inet {TABLE} {name} {{ {', '.join(texts)} }}"
             for name, texts in grouped.items()]
 
@@ -615,9 +641,11 @@ def diff(have: Iterable[Element], want: Iterable[Element]) -> tuple[list[Element
     taken = {e[:2] for e in have_set if e in want_set}  # (set, key): thousands, no property
     adds = []
     for e in want_set:
-        if e not in have_set and e[:2] not in taken:
-            taken.add(e[:2])
-            adds.append(e)
+        if e not in have_set:
+            key = e[:2]
+            if key not in taken:
+                taken.add(key)
+                adds.append(e)
     return deletes, adds
 
 
@@ -759,8 +787,8 @@ class Record:
     @classmethod
     def save(cls, generation: int, elements: list[Element]) -> None:
         from .. import state
-        state.write_recorded(cls.NAME, generation,
-                             [(e.set, e.key, e.value, e.comment) for e in elements])
+        # plain tuples (marshal takes no subclass), each (set, key, value, comment)
+        state.write_recorded(cls.NAME, generation, list(map(tuple, elements)))
 
     @classmethod
     def forget(cls) -> None:

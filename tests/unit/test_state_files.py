@@ -54,6 +54,23 @@ def test_replace_all_rewrites_only_what_differs_and_never_keeps_a_symlink(state_
     assert open(path1, "rb").read() == WEB1 + b" " and not os.path.exists(path2)
 
 
+def test_the_files_domain_names_found_the_same_are_not_read_again(state_env, monkeypatch):
+    """``replay`` hands ``replace_all`` the files ``domain_names`` found holding their
+    live XML under the same lock: only the others are read (and rewritten) again."""
+    state.save_domain("web1", WEB1)
+    state.save_domain("web2", named(WEB1, "web2") + b"\n")
+    live = {"web1": WEB1, "web2": named(WEB1, "web2")}
+    same: set[str] = set()
+    assert state.domain_names(live, same=same) == {"web1", "web2"}
+    assert same == {state.domain_path("web1")}
+    read: list[str] = []
+    real = state._read
+    monkeypatch.setattr(state, "_read", lambda path: read.append(path) or real(path))
+    state.replace_all({}, live, unchanged=same)
+    assert read == [state.domain_path("web2")]
+    assert open(state.domain_path("web2"), "rb").read() == named(WEB1, "web2")
+
+
 def _network(name: str, bridge: str) -> bytes:
     return (f"<network><name>{name}</name><forward mode='nat'/><bridge name='{bridge}'/>"
             "<ip address='10.7.0.1' prefix='24'/></network>").encode()
