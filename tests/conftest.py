@@ -109,7 +109,9 @@ ROOT_FIXTURES = {"netns", "lab", "guest", "host", "hook_ns", "topo"}
 def pytest_collection_modifyitems(items):
     """Tiers by folder: ``unit`` (no root, milliseconds: the quick loop is ``pytest -m
     unit``), ``kernel`` (a network namespace, real iptables/nft), ``lab`` (a real
-    libvirtd), ``boot``, ``corpus``."""
+    libvirtd), ``boot``, ``corpus``. A test whose run in the Debian 13 root starts early
+    (tests/debian13/early.py) goes last: by then its run has had the whole session."""
+    items.sort(key=lambda item: hasattr(getattr(item, "obj", None), "start_early"))
     for item in items:
         folder = item.path.parent.name
         callspec = getattr(item, "callspec", None)
@@ -124,3 +126,24 @@ def pytest_collection_modifyitems(items):
                                     f"for {', '.join(sorted(wants_root))}: tests/kernel "
                                     "or tests/lab is its place")
         item.add_marker(getattr(pytest.mark, tier))
+
+
+def pytest_collection_finish(session):
+    """Begin the Debian 13 root's runs of the selected tests now, beside the rest of the
+    session (tests/debian13/early.py)."""
+    if session.config.option.collectonly or not any(
+            hasattr(getattr(item, "obj", None), "start_early") for item in session.items):
+        return
+    from debian13 import early
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for nodeid in early.start_selected(session.items):
+        if reporter is not None:
+            reporter.write_line(f"{nodeid}: its run in the Debian 13 root begins now, "
+                                "beside the other tests")
+
+
+def pytest_sessionfinish(session):
+    """A run begun early and not waited for (^C, -x, a failed session) ends with it."""
+    early = sys.modules.get("debian13.early")
+    if early is not None:
+        early.stop_all()

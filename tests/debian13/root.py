@@ -15,7 +15,8 @@ tests/packages.txt (+ nftables) inside it: downloads from a mount-only namespace
 host's network, installation without a network. It also fetches libvirt 11's source for the
 corpus test into the root's own /var/tmp (the test's own code, run inside). A stamp keyed on
 the package list makes later calls return at once; a changed list installs what is new. A
-lock file serialises concurrent callers.
+lock file serialises concurrent callers. Every call also puts this machine's hostname in the
+root's /etc/hosts (libvirt looks it up; see _hostname_in_hosts).
 
 ``run_in_root(argv, network=False, cwd="/src", env=None, **kw)`` runs argv inside the root:
 ``unshare --mount --net --pid --fork`` (no ``--net`` with network=True), the tree bind-mounted
@@ -37,6 +38,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -196,10 +198,31 @@ def _docker_debs(log) -> None:
     _step("fetch Docker's debs for test_docker_beside", ["python3", "-c", fetch], True, log)
 
 
+def _hostname_in_hosts() -> None:
+    """This machine's name in the root's /etc/hosts (127.0.1.1, as Debian's installer
+    writes it): the root shares the machine's hostname, which debootstrap's /etc/hosts does
+    not hold, and libvirt looks it up (virGetHostname, several times per live migration).
+    Inside a lab, whose default route leads to a namespace that never answers, each DNS
+    lookup then waits 6 s: a migration took 60 s there instead of 5. Checked at every
+    ensure_root(): the root may move to a machine of another name."""
+    name = socket.gethostname()
+    hosts = ROOT / "etc" / "hosts"
+    text = hosts.read_text() if hosts.is_file() else ""
+    for line in text.splitlines():
+        if name in line.split("#", 1)[0].split()[1:]:
+            return
+    new = hosts.with_name(f".hosts.kvmufw.{os.getpid()}")
+    new.write_text(text + ("" if text.endswith("\n") or not text else "\n")
+                   + f"127.0.1.1\t{name}\n")
+    new.chmod(0o644)
+    new.replace(hosts)  # whole, for a reader in another run at the same time
+
+
 def ensure_root(log=sys.stderr) -> Path:
     """Build the root if needed (see the module docstring) and return its path."""
     if STAMP.is_file() and STAMP.read_text() == stamp_text():
         _docker_debs(log)
+        _hostname_in_hosts()
         return ROOT
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / "debian13-root.lock", "w") as lock:
@@ -223,6 +246,7 @@ def ensure_root(log=sys.stderr) -> Path:
         _step("fetch libvirt's source for the corpus test", ["python3", "-c", fetch], True, log)
         _docker_debs(log)
         STAMP.write_text(stamp_text())
+        _hostname_in_hosts()
         print(f"debian13 root: ready in {time.monotonic() - started:.0f}s", file=log, flush=True)
     return ROOT
 

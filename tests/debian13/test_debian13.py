@@ -4,15 +4,13 @@ nftables 1.1, Python 3.13), inside a debootstrapped root entered with unshare + 
 suite already runs natively and this test skips. KVMUFW_* variables (KVMUFW_REQUIRE_LAB)
 pass in. The inner run's summary is printed; on failure its whole output is the message."""
 
-import subprocess
-import time
-
 import pytest
 from conftest import need_root_tools
 
+from debian13 import early
 from debian13.root import os_release
 
-INNER_TIMEOUT = 40 * 60
+INNER_TIMEOUT = 40 * 60  # from the run's start: at collection, beside the host's tests
 # What runs again inside the root: what depends on the release. Unit tests (Python 3.13,
 # cheap), every kernel test (iptables 1.8.11 prints and restores rules its own way, nft
 # 1.1, conntrack, the shims on Python 3.13), libvirt 11's own corpus, and the labs of
@@ -24,13 +22,21 @@ INNER = ["tests/unit", "tests/kernel", "tests/corpus", "tests/lab"]
 NOT_INNER = ["tests/lab/test_lab_nft.py", "tests/lab/test_adversarial.py"]
 
 
-def need_debian13_root() -> None:
+def why_no_debian13_run() -> str | None:
+    """Why the suite does not run again in a Debian 13 root here (None: it does)."""
     release = os_release()
     if release.get("ID") != "debian":
-        pytest.skip("the Debian 13 root is built from Debian's archive; "
-                    f"this is {release.get('ID')}")
+        return ("the Debian 13 root is built from Debian's archive; "
+                f"this is {release.get('ID')}")
     if release.get("VERSION_ID") == "13":
-        pytest.skip("this machine is Debian 13: the suite ran natively")
+        return "this machine is Debian 13: the suite ran natively"
+    return None
+
+
+def need_debian13_root() -> None:
+    why = why_no_debian13_run()
+    if why:
+        pytest.skip(why)
     need_root_tools("debootstrap", "unshare", "pivot_root")
 
 
@@ -59,25 +65,30 @@ def test_the_lab_entered_with_nsenter_inside_the_root_is_debian13():
     assert python == "(3, 13)"
 
 
+def start_inner_suite() -> early.Run | None:
+    """The inner suite's run, begun at collection (tests/debian13/early.py: it overlaps
+    the host's tests) or when the test starts; None where the test skips or fails first."""
+    if why_no_debian13_run() or not early.can_enter_root():
+        return None
+    return early.run("inner suite",
+                     ["python3", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra",
+                      *(f"--ignore={path}" for path in NOT_INNER), *INNER], INNER_TIMEOUT)
+
+
+@early.starts_early(start_inner_suite)
 def test_the_release_dependent_suite_passes_in_a_debian13_root(capsys):
     need_debian13_root()
-    from debian13.root import ensure_root, pytest_in_root
-    started = time.monotonic()
-    ensure_root()
-    built = time.monotonic()
-    try:
-        proc = pytest_in_root(["-q", "-ra", *(f"--ignore={path}" for path in NOT_INNER),
-                               *INNER], capture_output=True, text=True, timeout=INNER_TIMEOUT)
-    except subprocess.TimeoutExpired as timeout:
-        output = timeout.stdout or ""
-        output = output.decode(errors="replace") if isinstance(output, bytes) else output
+    inner = start_inner_suite()
+    assert inner is not None
+    result = inner.wait()
+    if result.returncode is None:
         pytest.fail(f"the suite inside the Debian 13 root took over {INNER_TIMEOUT}s:\n"
-                    f"{output[-30000:]}", pytrace=False)
-    lines = proc.stdout.rstrip().splitlines()
+                    f"{result.stdout[-30000:]}", pytrace=False)
+    lines = result.stdout.rstrip().splitlines()
     summary = lines[-1] if lines else "(no output)"
     with capsys.disabled():
-        print(f"\nDebian 13 root: root ready in {built - started:.0f}s, inner suite "
-              f"{time.monotonic() - built:.0f}s: {summary}")
-    assert proc.returncode == 0, (f"the suite failed inside the Debian 13 root "
-                                  f"(exit {proc.returncode}):\n{proc.stdout[-30000:]}\n"
-                                  f"{proc.stderr[-5000:]}")
+        print(f"\nDebian 13 root: root ready in {result.ready:.0f}s, inner suite "
+              f"{result.ran:.0f}s: {summary}")
+    assert result.returncode == 0, (f"the suite failed inside the Debian 13 root "
+                                    f"(exit {result.returncode}):\n{result.stdout[-30000:]}\n"
+                                    f"{result.stderr[-5000:]}")

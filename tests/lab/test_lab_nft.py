@@ -24,6 +24,8 @@ import time
 
 import pytest
 from conftest import ROOT, need_root_tools
+from debian13 import early
+from debian13.root import os_release
 
 lab_module = pytest.importorskip("lab")
 forwards, kvmufw = lab_module.forwards, lab_module.kvmufw
@@ -92,26 +94,34 @@ native_only = pytest.mark.skipif(not NATIVE, reason=f"needs libvirt >= 10.4 (her
 
 # --------------------------------------------------------------------------- Debian 12 host
 
+def start_in_debian13_root() -> early.Run | None:
+    """This module's run inside the Debian 13 root, begun at collection (it overlaps the
+    other tests: tests/debian13/early.py) or when the test starts; None where the test
+    skips or fails first."""
+    if NATIVE or os_release().get("ID") != "debian" or not early.can_enter_root():
+        return None
+    return early.run("nftables lab", ["python3", "-m", "pytest", "-q", "-ra", "-p",
+                                      "no:cacheprovider", "tests/lab/test_lab_nft.py"], 1800)
+
+
+@early.starts_early(start_in_debian13_root)
 def test_in_a_debian13_root(capsys):
     """On a host with an older libvirt, this module inside the Debian 13 root."""
     if NATIVE:
         pytest.skip("libvirt >= 10.4 here: the lab tests ran natively")
-    from debian13.root import os_release
     release = os_release()
     if release.get("ID") != "debian":
         pytest.skip(f"the Debian 13 root is built from Debian's archive; this is "
                     f"{release.get('ID')} with libvirt {'.'.join(map(str, libvirt_version()))}")
     need_root_tools("debootstrap", "unshare", "pivot_root")
-    from debian13.root import ensure_root, run_in_root
-    ensure_root()
-    started = time.monotonic()
-    proc = run_in_root(["python3", "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider",
-                        "tests/lab/test_lab_nft.py"], capture_output=True, text=True, timeout=1800)
-    lines = proc.stdout.rstrip().splitlines()
+    run = start_in_debian13_root()
+    assert run is not None
+    result = run.wait()
+    lines = result.stdout.rstrip().splitlines()
     with capsys.disabled():
-        print(f"\nnftables lab in the Debian 13 root ({time.monotonic() - started:.0f}s): "
+        print(f"\nnftables lab in the Debian 13 root ({result.ran:.0f}s): "
               f"{lines[-1] if lines else '(no output)'}")
-    assert proc.returncode == 0, f"{proc.stdout[-30000:]}\n{proc.stderr[-5000:]}"
+    assert result.returncode == 0, f"{result.stdout[-30000:]}\n{result.stderr[-5000:]}"
     # inside, only this test skips (libvirt 11.3 there): every lab test ran
     assert " passed" in lines[-1] and "1 skipped" in lines[-1], lines[-1]
 
