@@ -41,6 +41,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -207,15 +209,22 @@ def _hostname_in_hosts() -> None:
     ensure_root(): the root may move to a machine of another name."""
     name = socket.gethostname()
     hosts = ROOT / "etc" / "hosts"
-    text = hosts.read_text() if hosts.is_file() else ""
-    for line in text.splitlines():
-        if name in line.split("#", 1)[0].split()[1:]:
-            return
-    new = hosts.with_name(f".hosts.kvmufw.{os.getpid()}")
-    new.write_text(text + ("" if text.endswith("\n") or not text else "\n")
-                   + f"127.0.1.1\t{name}\n")
-    new.chmod(0o644)
-    new.replace(hosts)  # whole, for a reader in another run at the same time
+    with _HOSTS_LOCK:  # the early runs' threads: one adds it, the other then finds it
+        text = hosts.read_text() if hosts.is_file() else ""
+        for line in text.splitlines():
+            if name in line.split("#", 1)[0].split()[1:]:
+                return
+        # a name of this writer's own (another run may write at the same time)
+        fd, temp = tempfile.mkstemp(prefix=".hosts.kvmufw.", dir=hosts.parent)
+        new = Path(temp)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text + ("" if text.endswith("\n") or not text else "\n")
+                     + f"127.0.1.1\t{name}\n")
+        new.chmod(0o644)
+        new.replace(hosts)  # whole, for a reader in another run at the same time
+
+
+_HOSTS_LOCK = threading.Lock()
 
 
 def ensure_root(log=sys.stderr) -> Path:
