@@ -189,10 +189,14 @@ def _configure(mirror: str) -> None:
     policy.chmod(0o755)
 
 
+def _docker_ready() -> bool:
+    return (ROOT / "var/tmp/kvmufw-test-cache/docker/root/usr/sbin/dockerd").exists()
+
+
 def _docker_debs(log) -> None:
     """test_docker_beside's own fetch of Docker's debs into the root's /var/tmp cache,
     with the network (the suite inside has none); a file check when they are there."""
-    if (ROOT / "var/tmp/kvmufw-test-cache/docker/root/usr/sbin/dockerd").exists():
+    if _docker_ready():
         return
     fetch = ("import sys; sys.path[:0] = ['/src/tests', '/src/tests/support', '/src/tests/lab']; "
              "import test_docker_beside; "
@@ -230,7 +234,10 @@ _HOSTS_LOCK = threading.Lock()
 def ensure_root(log=sys.stderr) -> Path:
     """Build the root if needed (see the module docstring) and return its path."""
     if STAMP.is_file() and STAMP.read_text() == stamp_text():
-        _docker_debs(log)
+        if not _docker_ready():  # under the lock: the early runs' threads fetch once
+            with open(CACHE / "debian13-root.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                _docker_debs(log)
         _hostname_in_hosts()
         return ROOT
     CACHE.mkdir(parents=True, exist_ok=True)
