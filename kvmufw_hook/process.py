@@ -63,7 +63,13 @@ def communicate(argv: list[str], stdin: bytes | None = None, timeout: float = 60
                 meanwhile()
             except BaseException as exc:  # the command still runs: reap it first
                 failed = exc
-        output = _exchange(pid, out_r, err_r, in_w, data, time.monotonic() + timeout, ours)
+        try:
+            output = _exchange(pid, out_r, err_r, in_w, data, time.monotonic() + timeout,
+                               ours)
+        except BaseException:  # killed and reaped: meanwhile's failure came first
+            if failed is None:
+                raise
+            raise failed from None  # the timeout stays its __context__
         _, status = os.waitpid(pid, 0)
         if failed is not None:
             raise failed

@@ -112,14 +112,15 @@ def _field(kind: str, text: str) -> tuple[bytes, bytes]:
         return _address(_socket.AF_INET6, text)
     if kind == "inet_service":
         first, _, last = text.partition("-")
-        if not first.isdigit() or not (last or first).isdigit():
+        if not (first + last).isascii() or not first.isdigit() or not (last or first).isdigit():
+            # (isdigit alone: "²" raised ValueError, "٨٠" was port 80; nft takes neither)
             raise Unencodable(text)
         low, high = int(first), int(last or first)
         if not low <= high <= 0xFFFF:
             raise Unencodable(text)
         return struct.pack("!H", low), struct.pack("!H", high)
     if kind == "inet_proto":
-        number = PROTOCOLS.get(text, int(text) if text.isdigit() else None)
+        number = PROTOCOLS.get(text, int(text) if text.isascii() and text.isdigit() else None)
         if number is None or number > 255:
             raise Unencodable(text)
         return bytes((number,)), bytes((number,))

@@ -68,6 +68,8 @@ class Run:
     _ready: float | None = None
     _ended: float | None = None
     _proc: subprocess.Popen | None = None
+    _stopped: bool = False  # stop() called: no command begins after it
+    _guard: threading.Lock = field(default_factory=threading.Lock)
     _error: BaseException | None = None
     _done: threading.Event = field(default_factory=threading.Event)
     _out: IO[str] | None = None
@@ -85,11 +87,14 @@ class Run:
             # a session (process group) of its own: stop() kills unshare and, through its
             # --kill-child, the namespace's PID 1 and everything in it; so does the end of
             # this thread, which waits for it: pytest killed (SIGTERM) leaves nothing behind
-            self._proc = subprocess.Popen(
-                ["setpriv", "--pdeathsig", "KILL", "--",
-                 *root_command(["bash", "-c", 'cd /src && exec "$@"', "cd", *self.argv])],
-                env=root_env(), stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
-                start_new_session=True)
+            with self._guard:  # stop() while the root was made ready: nothing begins
+                if self._stopped:
+                    raise RuntimeError(f"{self.name}: stopped before its command began")
+                self._proc = subprocess.Popen(
+                    ["setpriv", "--pdeathsig", "KILL", "--",
+                     *root_command(["bash", "-c", 'cd /src && exec "$@"', "cd", *self.argv])],
+                    env=root_env(), stdin=subprocess.DEVNULL, stdout=self._out,
+                    stderr=self._err, start_new_session=True)
             try:
                 self._proc.wait(timeout=max(0.0, self.began + self.timeout - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -101,7 +106,9 @@ class Run:
             self._done.set()
 
     def stop(self) -> None:
-        proc = self._proc
+        with self._guard:
+            self._stopped = True
+            proc = self._proc
         if proc is not None and proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -41,6 +41,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -187,10 +189,14 @@ def _configure(mirror: str) -> None:
     policy.chmod(0o755)
 
 
+def _docker_ready() -> bool:
+    return (ROOT / "var/tmp/kvmufw-test-cache/docker/root/usr/sbin/dockerd").exists()
+
+
 def _docker_debs(log) -> None:
     """test_docker_beside's own fetch of Docker's debs into the root's /var/tmp cache,
     with the network (the suite inside has none); a file check when they are there."""
-    if (ROOT / "var/tmp/kvmufw-test-cache/docker/root/usr/sbin/dockerd").exists():
+    if _docker_ready():
         return
     fetch = ("import sys; sys.path[:0] = ['/src/tests', '/src/tests/support', '/src/tests/lab']; "
              "import test_docker_beside; "
@@ -207,21 +213,31 @@ def _hostname_in_hosts() -> None:
     ensure_root(): the root may move to a machine of another name."""
     name = socket.gethostname()
     hosts = ROOT / "etc" / "hosts"
-    text = hosts.read_text() if hosts.is_file() else ""
-    for line in text.splitlines():
-        if name in line.split("#", 1)[0].split()[1:]:
-            return
-    new = hosts.with_name(f".hosts.kvmufw.{os.getpid()}")
-    new.write_text(text + ("" if text.endswith("\n") or not text else "\n")
-                   + f"127.0.1.1\t{name}\n")
-    new.chmod(0o644)
-    new.replace(hosts)  # whole, for a reader in another run at the same time
+    with _HOSTS_LOCK:  # the early runs' threads: one adds it, the other then finds it
+        text = hosts.read_text() if hosts.is_file() else ""
+        for line in text.splitlines():
+            if name in line.split("#", 1)[0].split()[1:]:
+                return
+        # a name of this writer's own (another run may write at the same time)
+        fd, temp = tempfile.mkstemp(prefix=".hosts.kvmufw.", dir=hosts.parent)
+        new = Path(temp)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text + ("" if text.endswith("\n") or not text else "\n")
+                     + f"127.0.1.1\t{name}\n")
+        new.chmod(0o644)
+        new.replace(hosts)  # whole, for a reader in another run at the same time
+
+
+_HOSTS_LOCK = threading.Lock()
 
 
 def ensure_root(log=sys.stderr) -> Path:
     """Build the root if needed (see the module docstring) and return its path."""
     if STAMP.is_file() and STAMP.read_text() == stamp_text():
-        _docker_debs(log)
+        if not _docker_ready():  # under the lock: the early runs' threads fetch once
+            with open(CACHE / "debian13-root.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                _docker_debs(log)
         _hostname_in_hosts()
         return ROOT
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,10 @@ def test_each_field_is_the_kernels_bytes_first_and_last():
     ("ipv4_addr", "10.0.0.256"), ("ipv6_addr", "fd00::/129"),
     ("inet_service", "70000"), ("inet_service", "9-3"), ("inet_service", "http"),
     ("inet_proto", "gre?"), ("ifname", "virbr1"), ('ifname', '"virbr*"'),
-    ("ifname", '"' + "x" * 16 + '"'), ("ether_addr", "52:54:00:00:00:05")])
+    ("ifname", '"' + "x" * 16 + '"'), ("ether_addr", "52:54:00:00:00:05"),
+    # digits Python's int() reads and nft does not: Unencodable, never ValueError or a port
+    ("inet_service", "\u00b2"), ("inet_service", "\u0668\u0660"), ("inet_service", "1-\u00b3"),
+    ("inet_proto", "\u0666"), ("inet_proto", "\u00b9")])
 def test_what_it_does_not_know_is_left_to_nft(kind, text):
     with pytest.raises(nftwrite.Unencodable):
         nftwrite._field(kind, text)
