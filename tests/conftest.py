@@ -128,12 +128,30 @@ def pytest_collection_modifyitems(items):
         item.add_marker(getattr(pytest.mark, tier))
 
 
+# The Debian 13 root's runs wait for the boot test: its VM (TCG, two vCPUs) takes both
+# cores, and a run beside it starved its vCPUs once (the guest hung in its first phase).
+_EARLY: list = []  # the session's items until the runs begin
+
+
 def pytest_collection_finish(session):
-    """Begin the Debian 13 root's runs of the selected tests now, beside the rest of the
-    session (tests/debian13/early.py)."""
+    """Begin the Debian 13 root's runs of the selected tests beside the rest of the
+    session (tests/debian13/early.py): now, or when the first test outside tests/boot
+    starts, where the boot test is selected."""
     if session.config.option.collectonly or not any(
             hasattr(getattr(item, "obj", None), "start_early") for item in session.items):
         return
+    _EARLY[:] = [session]
+    if not any(item.path.parent.name == "boot" for item in session.items):
+        _start_early()
+
+
+def pytest_runtest_setup(item):
+    if _EARLY and item.path.parent.name != "boot":
+        _start_early()
+
+
+def _start_early() -> None:
+    session = _EARLY.pop()
     from debian13 import early
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     for nodeid in early.start_selected(session.items):
